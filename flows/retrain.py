@@ -1,0 +1,144 @@
+"""The retraining flow: validate -> train on Ray -> evaluate vs base -> register -> gate -> promote.
+
+Tasks are thin wrappers around `lora_tasks`; retries sit only on the tasks that talk to MLflow.
+Every step writes into the run folder under the storage path, so a failure keeps what came before.
+"""
+
+from __future__ import annotations
+
+from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from lora_tasks import registry
+from lora_tasks.config import PipelineConfig, load_config
+from lora_tasks.evaluation import EvalReport, evaluate_adapter
+from lora_tasks.modeling import BaseModelInfo, describe_base_model
+from lora_tasks.pipeline import PreparedData, lineage_tags, new_run_dir, prepare_data, summary_markdown
+from lora_tasks.promotion import Candidate, Decision, decide_promotion
+
+MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(cfg: PipelineConfig, run_dir: str) -> PreparedData:
+    data = prepare_data(cfg, run_dir)
+    get_run_logger().info("data contract: %s (fingerprint %s)", data.report.summary(), data.fingerprint[:12])
+    if data.quarantine_path:
+        get_run_logger().warning("invalid rows quarantined to %s", data.quarantine_path)
+    return data
+
+
+@task(name="describe-base-model", cache_policy=NO_CACHE)
+def describe_base(cfg: PipelineConfig) -> BaseModelInfo:
+    return describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
+
+
+@task(name="start-mlflow-run", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> str:
+    return registry.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
+
+
+@task(name="train-adapter", cache_policy=NO_CACHE)
+def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
+    from lora_tasks.distributed import train_adapter
+
+    result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id)
+    get_run_logger().info("adapter trained: %s", result.metrics)
+    return result
+
+
+@task(name="evaluate-vs-base", cache_policy=NO_CACHE)
+def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData) -> EvalReport:
+    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows)
+    get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
+    return report
+
+
+@task(name="log-to-mlflow", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedData, report: EvalReport) -> None:
+    import json
+    from pathlib import Path
+
+    uri = cfg.tracking.tracking_uri
+    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": len(data.train_rows), "eval_rows": len(data.eval_rows)})
+    eval_path = Path(run_dir) / "eval_report.json"
+    eval_path.write_text(json.dumps(report.to_dict(), indent=2))
+    registry.log_artifact(uri, run_id, eval_path, "reports")
+    for path in (*data.files.values(), data.quarantine_path):
+        if path:
+            registry.log_artifact(uri, run_id, path, "reports")
+
+
+@task(name="register-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base: BaseModelInfo, tags: dict[str, str]) -> str:
+    model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base.name_or_path)
+    return registry.register_version(cfg.tracking.tracking_uri, cfg.model_name, model_uri, run_id, tags)
+
+
+@task(name="read-champion", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def read_champion(cfg: PipelineConfig):
+    return registry.get_alias(cfg.tracking.tracking_uri, cfg.model_name, registry.CHAMPION)
+
+
+@task(name="decide-promotion", cache_policy=NO_CACHE)
+def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> Decision:
+    m = report.primary_metric
+    candidate = Candidate(m, report.higher_is_better, report.base.get(m), report.adapted.get(m), report.forgetting, version)
+    incumbent = None
+    if champion is not None:
+        incumbent = Candidate(m, report.higher_is_better, champion.metrics.get(f"base_{m}"),
+                              champion.metrics.get(f"adapted_{m}"), {}, champion.version)
+    decision = decide_promotion(candidate, incumbent, cfg.promotion)
+    get_run_logger().info("promotion %s: %s", "passed" if decision.promote else "refused", "; ".join(decision.reasons))
+    return decision
+
+
+@task(name="apply-decision", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id: str, summary: str) -> None:
+    uri = cfg.tracking.tracking_uri
+    registry.record_decision(uri, cfg.model_name, version, decision.promote, decision.reasons)
+    registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if decision.promote else "rejected",
+                                        "mlflow.note.content": summary})
+    registry.end_run(uri, run_id)
+
+
+@flow(name="lora-retrain", log_prints=True)
+def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it."""
+    cfg = load_config(config_path, overrides)
+    run_dir = str(new_run_dir(cfg))
+    data = validate_data(cfg, run_dir)
+    base = describe_base(cfg)
+    tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
+            "run_dir": run_dir}
+    run_id = start_mlflow_run(cfg, run_dir, tags)
+    try:
+        trained = train(cfg, data, run_dir, run_id)
+        report = evaluate(cfg, trained.adapter_dir, data)
+        log_results(cfg, run_id, run_dir, data, report)
+        champion = read_champion(cfg)
+        version = register(cfg, run_id, trained.adapter_dir, base, tags)
+        decision = decide(cfg, report, version, champion)
+    except BaseException:
+        registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+        raise
+    summary = summary_markdown(cfg, data, report, decision, version, run_id, champion.version if champion else None)
+    apply_decision(cfg, version, decision, run_id, summary)
+    create_markdown_artifact(key=f"retrain-{cfg.model_name.lower().replace('_', '-').replace('.', '-')}",
+                             markdown=summary, description=f"{cfg.model_name} v{version}")
+    return {
+        "model_name": cfg.model_name,
+        "version": version,
+        "promoted": decision.promote,
+        "reasons": decision.reasons,
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "metrics": report.flat_metrics(),
+        "champion_before": champion.version if champion else None,
+        "tracking_uri": cfg.tracking.tracking_uri,
+        "summary": summary,
+    }

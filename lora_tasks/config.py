@@ -1,0 +1,334 @@
+"""Typed pipeline config, loaded from YAML with every problem reported at once.
+
+Relative filesystem paths in a config (data, reference corpus, local base model, storage) are
+resolved against the current working directory when the config is loaded, so Ray workers,
+whose working directory differs, see the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+TaskType = Literal["causal_lm", "sequence_classification"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class BaseModelConfig(_Section):
+    name_or_path: str
+    """Hugging Face hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), a local folder, or
+    `builtin:tiny-llama` (a 2-layer Llama built in code, for smoke tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; ignored for local folders."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the repository."""
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype of the loaded weights; LoRA matrices train in float32 either way."""
+
+
+class ValidationPolicy(_Section):
+    policy: Literal["fail", "quarantine"] = "fail"
+    """`fail` stops on any invalid row; `quarantine` writes invalid rows to a file and goes on."""
+    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """With `quarantine`: the largest share of invalid rows (per split) that still continues."""
+    min_chars: int = Field(1, ge=1)
+    """Shortest text (after stripping) that counts as a real example."""
+    max_chars: int = Field(20_000, ge=1)
+    """Longest text accepted; longer rows are reported (they would be truncated anyway)."""
+    check_duplicates: bool = True
+    """Report rows repeated within a split."""
+    check_overlap: bool = True
+    """Report eval rows whose input also appears in the train split (leakage)."""
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class DataConfig(_Section):
+    train_path: str
+    """CSV, TSV, JSONL, Parquet file, or a folder saved by `datasets.Dataset.save_to_disk`."""
+    eval_path: str | None = None
+    """Held-out split; when absent, `eval_fraction` of the train rows are split off."""
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "datasets"] = "auto"
+    """File format; `auto` picks it from the file extension."""
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of rows held out for evaluation when there is no `eval_path`."""
+    text_column: str = "text"
+    """Input text (classification) or the whole text to model (causal LM without a prompt)."""
+    prompt_column: str | None = None
+    """Causal LM: the prompt; the loss is taken on the completion only."""
+    completion_column: str | None = None
+    """Causal LM: the target text that follows the prompt."""
+    label_column: str = "label"
+    """Classification: the label column."""
+    labels: list[str | int] | None = None
+    """Classification: the declared label set, in class-index order. Required for classification."""
+    max_train_rows: int | None = Field(None, ge=1)
+    """Use at most this many train rows (a seeded sample), e.g. for quick runs."""
+    max_eval_rows: int | None = Field(None, ge=1)
+    """Use at most this many eval rows (a seeded sample)."""
+    validation: ValidationPolicy = Field(default_factory=ValidationPolicy)
+    """The data contract's policy."""
+
+    @model_validator(mode="after")
+    def _check_columns(self):
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError("prompt_column and completion_column go together: set both or neither")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of the LoRA update matrices."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear`."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train along with the adapter."""
+
+
+class TrainingConfig(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train; takes precedence over `epochs`."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the train split, used when `max_steps` is not set."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on the LoRA weights."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to the peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per worker per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_seq_length: int = Field(256, ge=8)
+    """Tokens per example; longer ones are truncated (causal LM keeps the prompt's end)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping; null turns it off."""
+    seed: int = 42
+    """Seeds data order, LoRA init and dropout."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Save the adapter every N optimizer steps (always at the end)."""
+    log_every: int = Field(1, ge=1)
+    """Log loss and learning rate every N optimizer steps."""
+
+    @model_validator(mode="after")
+    def _check_length(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set training.max_steps or training.epochs")
+        if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one DDP process each)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL backend; otherwise CPU with gloo."""
+    cpus_per_worker: int = Field(1, ge=1)
+    """CPUs (and torch threads) per worker."""
+    address: str | None = None
+    """Ray cluster address (`ray://...` or `auto`); null starts a local Ray (or uses RAY_ADDRESS)."""
+    storage_path: str = ".prefect-lora/runs"
+    """Where checkpoints, adapters and reports of each run are kept (local path or URI)."""
+
+
+class ReferenceConfig(_Section):
+    path: str
+    """Plain-text corpus of general text (one passage per line; blank lines are skipped)."""
+    max_tokens: int = Field(4096, ge=16)
+    """Token budget read from the corpus for forgetting metrics."""
+
+
+class EvaluationConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    """Examples per forward pass during evaluation."""
+    reference: ReferenceConfig | None = None
+    """General corpus for forgetting metrics; without it no forgetting is measured."""
+
+
+class PromotionPolicy(_Section):
+    min_task_gain: float = 0.0
+    """Smallest improvement of the primary metric over the base model (in its own units;
+    loss improvements are base minus adapted)."""
+    max_perplexity_ratio: float | None = Field(1.2, gt=0)
+    """Largest allowed reference perplexity ratio adapted/base (causal LM); null skips it."""
+    max_kl: float | None = Field(0.5, ge=0)
+    """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM)."""
+    max_representation_drift: float | None = Field(0.2, ge=0)
+    """Largest allowed mean cosine distance of hidden states base vs adapted (classification)."""
+    require_forgetting_metrics: bool = True
+    """Refuse promotion when no forgetting metric was measured."""
+    beat_champion: bool = True
+    """The candidate must be at least as good as the current champion on the primary metric."""
+    champion_tolerance: float = Field(0.0, ge=0)
+    """How much worse than the champion still counts as not worse."""
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = "sqlite:///.prefect-lora/mlflow.db"
+    """MLflow tracking URI: a SQLite file (default) or a server `http://host:5000`."""
+    experiment: str | None = None
+    """MLflow experiment name; defaults to the registered model name."""
+    artifact_location: str = ".prefect-lora/mlartifacts"
+    """Artifact root for a new experiment (ignored when the experiment exists)."""
+
+
+class PipelineConfig(_Section):
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    """Registered model name in MLflow (letters, digits, `_ . -`)."""
+    task: TaskType
+    """`causal_lm` or `sequence_classification`."""
+    base_model: BaseModelConfig
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_task(self):
+        if self.task == "sequence_classification":
+            if not self.data.labels or len(self.data.labels) < 2:
+                raise ValueError("sequence_classification needs data.labels with at least two labels")
+            if len(set(map(str, self.data.labels))) != len(self.data.labels):
+                raise ValueError("data.labels has duplicates")
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.model_name
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of this config: equal configs give equal hashes."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _format_error(err: dict) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (check its spelling and section)"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if kind != "value_error" and not isinstance(value, (dict, list)):
+        return f"{path}: {msg} (got {value!r})"
+    return f"{path}: {msg}"
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
+    """Parse `key.path=value` strings; values are read as YAML (numbers, booleans, lists)."""
+    parsed, problems = [], []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+            problems.append(f"--set {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})")
+            continue
+        parsed.append((key.strip().split("."), value))
+    if problems:
+        raise ConfigError(problems, source="overrides")
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of `raw` with every `key.path=value` override applied."""
+    data = json.loads(json.dumps(raw))
+    problems = []
+    for keys, value in parse_overrides(overrides):
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    if problems:
+        raise ConfigError(problems, source="overrides")
+    return data
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path or path.startswith("builtin:"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
+    cfg.data.train_path = _absolute(cfg.data.train_path)
+    cfg.data.eval_path = _absolute(cfg.data.eval_path)
+    if cfg.evaluation.reference:
+        cfg.evaluation.reference.path = _absolute(cfg.evaluation.reference.path)
+    bm = cfg.base_model.name_or_path
+    if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():
+        cfg.base_model.name_or_path = _absolute(bm)
+    cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path)
+    cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location)
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.tracking.tracking_uri = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
+    if cfg.scaling.address is None and os.environ.get("RAY_ADDRESS"):
+        cfg.scaling.address = os.environ["RAY_ADDRESS"]
+    return cfg
+
+
+def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate a raw mapping (plus overrides) into a PipelineConfig, raising one ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    raw = apply_overrides(raw, overrides)
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()], source) from None
+    return _resolve_paths(cfg)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and validate a YAML config file; `overrides` are `key.path=value` strings."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"no such file: {p} (give the path to a YAML config, e.g. configs/tiny.yaml)"], str(p))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(["file is not UTF-8 text"], str(p)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], str(p)) from None
+    return config_from_dict(raw if raw is not None else {}, source=str(p), overrides=overrides)

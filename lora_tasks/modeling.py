@@ -1,0 +1,191 @@
+"""Load a base model and tokenizer, apply LoRA, and describe the base for lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LoraTaskError
+
+BUILTIN_PREFIX = "builtin:"
+TINY_LLAMA = "builtin:tiny-llama"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def cache_dir() -> Path:
+    """Where prefect-lora materialises built-in models (PREFECT_LORA_CACHE overrides)."""
+    return Path(os.environ.get("PREFECT_LORA_CACHE", Path.home() / ".cache" / "prefect-lora"))
+
+
+def build_byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus <s>, </s>, <pad>.
+
+    Needs no corpus and no download, so tiny test models are fully reproducible."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(alphabet)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="right"
+    )
+
+
+def build_tiny_llama(path: str | Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Write a randomly initialised 2-layer Llama (hidden 64) with a byte tokenizer to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(path) if not path.exists() else None
+    return path
+
+
+def resolve_base_model(name_or_path: str) -> str:
+    """Turn `builtin:*` names into a materialised local folder; pass hub ids and folders through."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    if name_or_path != TINY_LLAMA:
+        raise LoraTaskError(f"unknown built-in model {name_or_path!r}; the built-in is {TINY_LLAMA!r}")
+    folder = cache_dir() / "models" / "tiny-llama-v1"
+    if not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_llama(folder)
+    return str(folder)
+
+
+def folder_hash(folder: str | Path) -> str:
+    """sha256 over the names and bytes of a local model folder's weight, config and tokenizer files."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(str(p.relative_to(folder)).encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What the adapter was trained on: enough to reload the exact same base."""
+
+    name_or_path: str
+    revision: str | None
+    content_hash: str | None
+
+
+def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseModelInfo:
+    """Lineage of the base: local folders are hashed; hub ids keep their pinned revision."""
+    resolved = resolve_base_model(name_or_path)
+    if Path(resolved).is_dir():
+        return BaseModelInfo(resolved, None, folder_hash(resolved))
+    return BaseModelInfo(resolved, revision or "main", None)
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer; give it a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            resolve_base_model(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise LoraTaskError(
+            f"cannot load tokenizer of base model {name_or_path!r}: {exc}. Give a local folder or a hub id "
+            "reachable from this machine."
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    name_or_path: str,
+    task: str,
+    *,
+    revision: str | None = None,
+    num_labels: int | None = None,
+    torch_dtype: str = "float32",
+    trust_remote_code: bool = False,
+    pad_token_id: int | None = None,
+):
+    """Load the base model for the task: a causal LM, or a sequence classifier with `num_labels`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, logging
+
+    logging.set_verbosity_error()  # the new classifier head's "newly initialized" warning is expected
+    kwargs = dict(revision=revision, dtype=_DTYPES[torch_dtype], trust_remote_code=trust_remote_code)
+    path = resolve_base_model(name_or_path)
+    try:
+        if task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    except OSError as exc:
+        raise LoraTaskError(f"cannot load base model {name_or_path!r}: {exc}") from None
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def apply_lora(model, task: str, *, r: int, alpha: float, dropout: float, target_modules, bias: str = "none"):
+    """Wrap the base model in a PEFT LoRA model; only the adapter (and a classifier head) trains."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_task = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    config = LoraConfig(
+        task_type=peft_task,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias=bias,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise LoraTaskError(f"cannot apply LoRA (lora.target_modules={target_modules!r}): {exc}") from None
+
+
+def load_adapted_model(base_model, adapter_dir: str | Path):
+    """Attach a saved PEFT adapter (safetensors only) to a loaded base model for inference."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,164 @@
+"""Steps shared by every entry point: the run folder, data preparation, lineage and the summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import PipelineConfig
+from .data import fingerprint, load_table, sample_rows, split_train_eval
+from .evaluation import EvalReport
+from .modeling import BaseModelInfo
+from .promotion import Decision
+from .validation import ValidationReport, enforce_policy, validate_splits
+
+
+def new_run_dir(cfg: PipelineConfig, now: float | None = None) -> Path:
+    """A fresh folder for one pipeline run under `storage_path/model_name/`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    base = Path(cfg.scaling.storage_path) / cfg.model_name
+    for i in range(1000):
+        path = base / (f"{stamp}-{cfg.config_hash()[:6]}" + (f"-{i}" if i else ""))
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run folder under {base}")
+
+
+def _columns(cfg: PipelineConfig) -> list[str]:
+    d = cfg.data
+    if cfg.task == "sequence_classification":
+        return [d.text_column, d.label_column]
+    return [d.prompt_column, d.completion_column] if d.prompt_column else [d.text_column]
+
+
+@dataclass
+class PreparedData:
+    """The validated splits as plain records, their fingerprint and the contract's report."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    fingerprint: str
+    report: ValidationReport
+    quarantine_path: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
+    """Load, split, sample and validate the data; write the report (and quarantine) to `out_dir`.
+
+    Raises ValidationFailed (with the report) when the contract's policy stops the run."""
+    d = cfg.data
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.training.seed
+    train = load_table(d.train_path, d.format)
+    if d.eval_path:
+        eval_ = load_table(d.eval_path, d.format)
+    else:
+        train, eval_ = split_train_eval(train, d.eval_fraction, seed)
+    train = sample_rows(train, d.max_train_rows, seed)
+    eval_ = sample_rows(eval_, d.max_eval_rows, seed)
+    v = d.validation
+    result = validate_splits(
+        train, eval_, task=cfg.task, text_column=d.text_column, prompt_column=d.prompt_column,
+        completion_column=d.completion_column, label_column=d.label_column, labels=d.labels,
+        min_chars=v.min_chars, max_chars=v.max_chars, check_duplicates=v.check_duplicates,
+        check_overlap=v.check_overlap,
+    )
+    report_path = out_dir / "validation_report.json"
+    report_path.write_text(json.dumps(result.report.to_dict(), indent=2, default=str))
+    (out_dir / "validation_report.md").write_text(result.report.to_markdown())
+    result, quarantine = enforce_policy(
+        result, policy=v.policy, max_invalid_fraction=v.max_invalid_fraction, quarantine_dir=out_dir
+    )
+    cols = _columns(cfg)
+    train_v, eval_v = result.train[cols], result.eval[cols]
+    return PreparedData(
+        train_rows=train_v.to_dict("records"),
+        eval_rows=eval_v.to_dict("records"),
+        fingerprint=fingerprint(train_v, eval_v),
+        report=result.report,
+        quarantine_path=str(quarantine) if quarantine else None,
+        files={"report_json": str(report_path), "report_md": str(out_dir / "validation_report.md")},
+    )
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def lineage_tags(cfg: PipelineConfig, base: BaseModelInfo, data_fingerprint: str) -> dict[str, str]:
+    """What every registered version carries to say exactly where it came from."""
+    return {
+        "lineage.base_model": base.name_or_path,
+        "lineage.base_model_revision": base.revision or "",
+        "lineage.base_model_hash": base.content_hash or "",
+        "lineage.data_fingerprint": data_fingerprint,
+        "lineage.config_hash": cfg.config_hash(),
+        "lineage.code_version": code_version(),
+        "lineage.task": cfg.task,
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "–" if v is None else str(v)
+
+
+def summary_markdown(
+    cfg: PipelineConfig,
+    data: PreparedData,
+    report: EvalReport,
+    decision: Decision,
+    version: str,
+    run_id: str,
+    champion_version: str | None,
+) -> str:
+    """The run's one-page summary, for the Prefect artifact and the MLflow run."""
+    rows = "\n".join(
+        f"| {k} | {_fmt(report.base.get(k))} | {_fmt(v)} |" for k, v in report.adapted.items()
+    )
+    forgetting = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report.forgetting.items()) or "| (no reference corpus) | |"
+    reasons = "\n".join(f"- {r}" for r in decision.reasons)
+    verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
+    champ = f"version {champion_version}" if champion_version else "none"
+    ui = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
+    return f"""# {cfg.model_name}: version {version} {verdict}
+
+## Data
+- train rows: {len(data.train_rows)}, eval rows: {len(data.eval_rows)}
+- contract: {data.report.summary()}
+- fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
+
+## Task metrics ({report.eval_rows} eval examples; primary: `{report.primary_metric}`, gain {report.task_gain:.4g})
+| metric | base | adapted |
+| --- | --- | --- |
+{rows}
+
+## Forgetting (reference corpus)
+| metric | value |
+| --- | --- |
+{forgetting}
+
+## Decision (champion before this run: {champ})
+{reasons}
+
+## Tracking
+- MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
+- open the UI: `{ui}`
+"""

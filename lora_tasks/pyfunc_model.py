@@ -1,0 +1,64 @@
+"""The MLflow pyfunc flavour of a registered adapter.
+
+The logged model carries only the PEFT adapter (safetensors) and a reference to its base
+(hub id and revision, or local folder and content hash); loading resolves the base, attaches
+the adapter and predicts. `mlflow.pyfunc.load_model("models:/NAME@champion")` gives one.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+
+INPUT_COLUMN = {"causal_lm": "prompt", "sequence_classification": "text"}
+
+
+def _texts(model_input, column: str) -> list[str]:
+    if isinstance(model_input, pd.DataFrame):
+        if column not in model_input.columns:
+            raise ValueError(f"input needs a {column!r} column; got columns {list(model_input.columns)}")
+        return [str(x) for x in model_input[column].tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, dict):
+        value = model_input[column]
+        return [value] if isinstance(value, str) else [str(x) for x in value]
+    return [str(x) for x in model_input]
+
+
+class LoraAdapterModel(mlflow.pyfunc.PythonModel):
+    """Base model + LoRA adapter, loaded lazily from the model's config and artifacts."""
+
+    def load_context(self, context) -> None:
+        from .modeling import load_adapted_model, load_base_model, load_tokenizer
+
+        cfg = context.model_config
+        self.task = cfg["task"]
+        self.labels = cfg.get("labels")
+        self.tokenizer = load_tokenizer(cfg["base_model"], cfg.get("revision"))
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        base = load_base_model(
+            cfg["base_model"], self.task, revision=cfg.get("revision"),
+            num_labels=len(self.labels) if self.labels else None,
+            torch_dtype=cfg.get("torch_dtype", "float32"), pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.model = load_adapted_model(base, context.artifacts["adapter"])
+        self.max_length = int(cfg.get("max_seq_length", 512))
+
+    @torch.no_grad()
+    def predict(self, context, model_input, params=None):
+        texts = _texts(model_input, INPUT_COLUMN[self.task])
+        if self.task == "sequence_classification":
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            probs = self.model(**enc).logits.softmax(-1)
+            score, idx = probs.max(-1)
+            return pd.DataFrame({"label": [str(self.labels[i]) for i in idx.tolist()], "score": score.tolist()})
+        max_new = int((params or {}).get("max_new_tokens", 64))
+        self.tokenizer.padding_side = "left"  # batched generation continues from the real last token
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = self.model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
+        completions = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return pd.DataFrame({"completion": completions})

@@ -1,0 +1,274 @@
+"""One worker's LoRA training loop. It knows nothing of its launcher.
+
+The launcher (``distributed.py`` under Ray Train, or a test calling it directly) hands in a
+`WorkerContext`: rank, world size, device, and callbacks to log metrics and to report a
+checkpoint. When ``torch.distributed`` is initialised the model is wrapped in DDP and every
+rank trains on its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import PipelineConfig
+from .modeling import apply_lora, load_base_model, load_tokenizer
+
+IGNORE_INDEX = -100
+ADAPTER_DIR = "adapter"
+STATE_FILE = "trainer_state.pt"
+
+
+def _no_log(metrics: dict, step: int) -> None:
+    pass
+
+
+def _no_report(metrics: dict, checkpoint_dir: str | None) -> None:
+    pass
+
+
+@dataclass
+class WorkerContext:
+    """What a launcher tells the loop about where it runs and how results leave it."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    log: Callable[[dict, int], None] = _no_log
+    """Called on rank 0 with step metrics (loss, learning rate) every `training.log_every` steps."""
+    report: Callable[[dict, str | None], None] = _no_report
+    """Called on every rank at each checkpoint; `checkpoint_dir` is set on rank 0 only."""
+    resume_from: str | None = None
+    """A checkpoint folder written by this loop to continue from."""
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[dict]:
+    """Turn validated rows into token ids and labels for the task."""
+    d, max_len = cfg.data, cfg.training.max_seq_length
+    if cfg.task == "sequence_classification":
+        index = {str(label): i for i, label in enumerate(d.labels)}
+        enc = tokenizer([r[d.text_column] for r in rows], truncation=True, max_length=max_len)
+        return [
+            {"input_ids": ids, "labels": index[str(r[d.label_column])]}
+            for ids, r in zip(enc["input_ids"], rows)
+        ]
+    eos = tokenizer.eos_token_id
+    if d.prompt_column:
+        prompts = tokenizer([r[d.prompt_column] for r in rows], add_special_tokens=True)["input_ids"]
+        answers = tokenizer([r[d.completion_column] for r in rows], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, a in zip(prompts, answers):
+            a = (a + [eos])[:max_len - 1] if eos is not None else a[:max_len - 1]
+            p = p[-(max_len - len(a)):]  # keep the end of a long prompt, next to the answer
+            out.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
+        return out
+    texts = tokenizer([r[d.text_column] for r in rows], add_special_tokens=True)["input_ids"]
+    return [{"input_ids": (t + [eos])[:max_len], "labels": (t + [eos])[:max_len]} for t in texts]
+
+
+def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions carry no loss."""
+    width = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+        mask[i, : len(x["input_ids"])] = 1
+    if task == "sequence_classification":
+        labels = torch.tensor([x["labels"] for x in batch], dtype=torch.long)
+    else:
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for i, x in enumerate(batch):
+            labels[i, : len(x["labels"])] = torch.tensor(x["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def plan_steps(num_examples: int, cfg: PipelineConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batches per epoch on each worker, total optimizer steps)."""
+    t = cfg.training
+    per_worker = num_examples // world_size
+    if per_worker == 0:
+        raise ValueError(f"{num_examples} training examples cannot be shared by {world_size} workers")
+    batches_per_epoch = math.ceil(per_worker / t.batch_size)
+    if t.max_steps is not None:
+        return batches_per_epoch, t.max_steps
+    return batches_per_epoch, max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def iterate_batches(n: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless micro-batches of example indices for one rank, skipping the first `start`.
+
+    Each epoch is a seeded permutation shared by all ranks; rank r takes every world_size-th
+    example of it, cut to equal length so every rank runs the same number of batches."""
+    per_worker = n // world_size
+    per_epoch = math.ceil(per_worker / batch_size)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        shard = perm[rank::world_size][:per_worker]
+        for b in range(skip, per_epoch):
+            yield shard[b * batch_size : (b + 1) * batch_size].tolist()
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _mean_across_ranks(value: float, ctx: WorkerContext) -> float:
+    if ctx.world_size > 1 and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / ctx.world_size
+    return value
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path) -> Path:
+    """Write the adapter (PEFT safetensors) and the trainer state needed to resume exactly."""
+    folder = Path(folder)
+    _unwrap(model).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        folder / STATE_FILE,
+    )
+    return folder
+
+
+def _load_checkpoint(model, optimizer, scheduler, folder: str | Path) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+    set_peft_model_state_dict(_unwrap(model), weights)
+    state = torch.load(folder / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> dict:
+    """Train a LoRA adapter on `rows` (this worker's view of the train split); return final metrics.
+
+    Rank 0 reports a checkpoint folder holding `adapter/` and `trainer_state.pt` every
+    `training.checkpoint_every` steps and at the end."""
+    t = cfg.training
+    _seed_everything(t.seed)
+    tokenizer = load_tokenizer(cfg.base_model.name_or_path, cfg.base_model.revision, cfg.base_model.trust_remote_code)
+    model = load_base_model(
+        cfg.base_model.name_or_path,
+        cfg.task,
+        revision=cfg.base_model.revision,
+        num_labels=len(cfg.data.labels) if cfg.data.labels else None,
+        torch_dtype=cfg.base_model.torch_dtype,
+        trust_remote_code=cfg.base_model.trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = apply_lora(
+        model, cfg.task, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
+    )
+    for p in model.parameters():  # LoRA weights train in fp32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.to(ctx.device)
+    if ctx.world_size > 1 and dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    model.train()
+
+    examples = encode_examples(rows, tokenizer, cfg)
+    _, total_steps = plan_steps(len(examples), cfg, ctx.world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule)
+    )
+    step = _load_checkpoint(model, optimizer, scheduler, ctx.resume_from) if ctx.resume_from else 0
+
+    accum = t.gradient_accumulation_steps
+    batches = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=step * accum)
+    pad_id = tokenizer.pad_token_id
+    started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+    while step < total_steps:
+        loss_sum = 0.0
+        for micro in range(accum):
+            batch = collate([examples[i] for i in next(batches)], pad_id, cfg.task)
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            tokens_seen += int(batch["attention_mask"].sum())
+            sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with (torch.enable_grad() if sync else model.no_sync()):
+                loss = model(**batch).loss / accum
+                loss.backward()
+            loss_sum += loss.item()
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = _mean_across_ranks(loss_sum, ctx)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower training.learning_rate")
+        if ctx.rank == 0 and (step % t.log_every == 0 or step == total_steps):
+            ctx.log({"train_loss": last_loss, "learning_rate": lr}, step)
+        if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            metrics = {
+                "step": step,
+                "train_loss": last_loss,
+                "train_tokens_per_s": tokens_seen * ctx.world_size / (time.perf_counter() - started),
+            }
+            tmp = tempfile.mkdtemp(prefix="lora-ckpt-") if ctx.rank == 0 else None
+            try:
+                if tmp:
+                    save_checkpoint(model, optimizer, scheduler, step, tmp)
+                ctx.report(metrics, tmp)
+            finally:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return {"step": step, "train_loss": last_loss, "total_steps": total_steps}

@@ -1,0 +1,36 @@
+"""Shared fixtures: isolated homes for Prefect, MLflow, Ray and the model cache per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before prefect, ray or transformers are imported by any test module.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ.setdefault("PREFECT_LORA_CACHE", str(Path(tempfile.gettempdir()) / "prefect-lora-test-cache"))
+os.environ["PREFECT_LORA_RAY_TMP"] = "/tmp/plray-test"
+
+import flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets beside the checkout; tests that need them skip when they are absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (they sit beside the checkout in CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    """The built-in 2-layer Llama (hidden 64) with a byte tokenizer, materialised once."""
+    from lora_tasks.modeling import TINY_LLAMA, resolve_base_model
+
+    return resolve_base_model(TINY_LLAMA)

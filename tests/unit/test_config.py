@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
+from lora_tasks.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+MINIMAL = {
+    "model_name": "m",
+    "task": "causal_lm",
+    "base_model": {"name_or_path": "builtin:tiny-llama"},
+    "data": {"train_path": "x.jsonl"},
+    "training": {"max_steps": 5},
+}
+
+
+def test_every_shipped_config_loads():
+    assert CONFIGS, "configs/ holds at least one scenario"
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert isinstance(cfg, PipelineConfig), path
+
+
+def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict(MINIMAL)
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.data.train_path == str(tmp_path / "x.jsonl")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/.prefect-lora/mlflow.db"
+    assert cfg.experiment_name == "m"
+
+
+def test_all_problems_reported_at_once_with_key_paths():
+    raw = {
+        "model_name": "bad name!",
+        "task": "translation",
+        "base_model": {"name_or_path": "x", "colour": "red"},
+        "data": {"train_path": "x", "eval_fraction": 1.5},
+        "lora": {"r": 0},
+        "training": {"max_steps": 5, "learning_rate": -1},
+        "extra_section": {},
+    }
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="bad.yaml")
+    text = str(err.value)
+    for path in ("model_name", "task", "base_model.colour", "data.eval_fraction", "lora.r",
+                 "training.learning_rate", "extra_section"):
+        assert path in text, (path, text)
+    assert "unknown key" in text
+    assert len(err.value.problems) == 7
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"training": {}}, "set training.max_steps or training.epochs"),
+        ({"training": {"max_steps": 5, "warmup_steps": 5}}, "warmup_steps (5) must be below max_steps (5)"),
+        ({"task": "sequence_classification"}, "needs data.labels"),
+        ({"data": {"train_path": "x", "prompt_column": "p"}}, "prompt_column and completion_column go together"),
+        ({"data": {"train_path": "x", "validation": {"min_chars": 10, "max_chars": 5}}}, "min_chars (10) is larger"),
+        ({"task": "sequence_classification", "data": {"train_path": "x", "labels": [1, "1"]}}, "duplicates"),
+    ],
+)
+def test_cross_field_checks(patch, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        config_from_dict({**MINIMAL, **patch})
+    assert message in str(err.value)
+
+
+def test_overrides_apply_typed_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["training.max_steps=9", "lora.target_modules=[q_proj, v_proj]",
+                             "scaling.use_gpu=true", "promotion.max_kl=null"])
+    assert cfg.training.max_steps == 9
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.scaling.use_gpu is True
+    assert cfg.promotion.max_kl is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.max_steps", "expected key.path=value"),
+    ("=3", "expected key.path=value"),
+    ("model_name.x=1", "model_name is not a section"),
+    ("training.nope=1", "training.nope: unknown key"),
+])
+def test_bad_overrides_are_named(override, message, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"model_name: [unclosed", "not valid YAML at line 1"),
+    (b"\xff\xfe\x00bad", "not UTF-8"),
+    (b"- a\n- b\n", "top level must be a mapping"),
+])
+def test_unreadable_files(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_hash_tracks_content():
+    a, b = config_from_dict(MINIMAL), config_from_dict(MINIMAL)
+    c = config_from_dict(apply_overrides(MINIMAL, ["training.max_steps=6"]))
+    assert a.config_hash() == b.config_hash() != c.config_hash()

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from lora_tasks.forgetting import chunk_reference, read_reference_texts, token_kl
+from lora_tasks.errors import DataError
+
+
+def test_kl_of_identical_logits_is_zero():
+    logits = torch.randn(2, 5, 7)
+    s, n = token_kl(logits, logits.clone(), torch.ones(2, 5))
+    assert n == 10
+    assert abs(s) < 1e-5
+
+
+def test_kl_matches_closed_form():
+    # p = (0.5, 0.5), q = (0.9, 0.1): KL(p||q) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1)
+    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    s, n = token_kl(p, q, torch.ones(1, 1))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert n == 1 and s == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_is_asymmetric_and_base_first():
+    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    forward, _ = token_kl(p, q, torch.ones(1, 1))
+    backward, _ = token_kl(q, p, torch.ones(1, 1))
+    assert forward == pytest.approx(0.5108, abs=1e-3)
+    assert backward == pytest.approx(0.3681, abs=1e-3)
+
+
+def test_kl_ignores_masked_positions():
+    base = torch.zeros(1, 3, 4)
+    adapted = torch.tensor([[[0.0] * 4, [0.0] * 4, [50.0, 0, 0, 0]]])
+    s, n = token_kl(base, adapted, torch.tensor([[1, 1, 0]]))
+    assert n == 2 and abs(s) < 1e-6
+
+
+def test_reference_skips_blank_lines(tmp_path):
+    path = tmp_path / "ref.txt"
+    path.write_text("\n = Heading = \n\n  some text  \n\n")
+    assert read_reference_texts(path) == ["= Heading =", "some text"]
+
+
+@pytest.mark.parametrize("content, message", [(b"\n\n  \n", "no non-blank line"), (b"\xff\xfe bad", "not UTF-8")])
+def test_reference_errors(tmp_path, content, message):
+    path = tmp_path / "ref.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_reference_texts(path)
+
+
+def test_chunking_respects_budget_and_length(tiny_model_dir):
+    from lora_tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    blocks = chunk_reference(["abcdefghij"] * 20, tok, max_tokens=50, seq_len=16)
+    assert sum(map(len, blocks)) == 50
+    assert all(len(b) <= 16 for b in blocks)
+    assert len(blocks) == 4  # 16 + 16 + 16 + 2
+
+
+def test_reference_on_real_wikitext(shared_data):
+    texts = read_reference_texts(shared_data / "wikitext2" / "valid.txt")
+    assert texts and all(t == t.strip() and t for t in texts)

@@ -1,0 +1,70 @@
+import math
+
+import pytest
+
+from lora_tasks.config import PromotionPolicy
+from lora_tasks.promotion import Candidate, decide_promotion
+
+POLICY = PromotionPolicy(min_task_gain=0.05, max_perplexity_ratio=1.2, max_kl=0.5, champion_tolerance=0.0)
+GOOD_FORGETTING = {"reference_perplexity_ratio": 1.05, "reference_kl": 0.1}
+
+
+def loss_candidate(base=2.0, adapted=1.5, forgetting=GOOD_FORGETTING, version="2"):
+    return Candidate("eval_loss", False, base, adapted, dict(forgetting), version)
+
+
+def acc_candidate(base=0.5, adapted=0.8, forgetting=None, version="2"):
+    return Candidate("accuracy", True, base, adapted, forgetting or {"reference_representation_drift": 0.05}, version)
+
+
+# (name, candidate, champion, promote, failed checks)
+CASES = [
+    ("sound adapter, no champion", loss_candidate(), None, True, []),
+    ("gain below minimum", loss_candidate(adapted=1.99), None, False, ["task_gain"]),
+    ("worse than base", loss_candidate(adapted=2.5), None, False, ["task_gain"]),
+    ("perplexity ratio too high", loss_candidate(forgetting={"reference_perplexity_ratio": 1.5, "reference_kl": 0.1}), None, False, ["reference_perplexity_ratio"]),
+    ("kl too high", loss_candidate(forgetting={"reference_perplexity_ratio": 1.0, "reference_kl": 0.9}), None, False, ["reference_kl"]),
+    ("both forgetting limits broken", loss_candidate(forgetting={"reference_perplexity_ratio": 3.0, "reference_kl": 2.0}), None, False, ["reference_perplexity_ratio", "reference_kl"]),
+    ("no forgetting measured", loss_candidate(forgetting={}), None, False, ["forgetting"]),
+    ("nan adapted metric", loss_candidate(adapted=math.nan), None, False, ["task_gain"]),
+    ("missing base metric", loss_candidate(base=None), None, False, ["task_gain"]),
+    ("nan forgetting", loss_candidate(forgetting={"reference_perplexity_ratio": math.nan, "reference_kl": 0.1}), None, False, ["reference_perplexity_ratio"]),
+    ("inf kl", loss_candidate(forgetting={"reference_perplexity_ratio": 1.0, "reference_kl": math.inf}), None, False, ["reference_kl"]),
+    ("beats champion", loss_candidate(adapted=1.4), loss_candidate(adapted=1.5, version="1"), True, []),
+    ("ties champion", loss_candidate(adapted=1.5), loss_candidate(adapted=1.5, version="1"), True, []),
+    ("worse than champion though better than base", loss_candidate(adapted=1.6), loss_candidate(adapted=1.5, version="1"), False, ["champion"]),
+    ("champion without metric is not compared", loss_candidate(), loss_candidate(adapted=None, version="1"), True, []),
+    ("classifier better", acc_candidate(), acc_candidate(adapted=0.75, version="1"), True, []),
+    ("classifier worse than champion", acc_candidate(adapted=0.7), acc_candidate(adapted=0.75, version="1"), False, ["champion"]),
+    ("classifier drifts too far", acc_candidate(forgetting={"reference_representation_drift": 0.5}), None, False, ["reference_representation_drift"]),
+]
+
+
+@pytest.mark.parametrize("name, candidate, champion, promote, failed", CASES, ids=[c[0] for c in CASES])
+def test_promotion_table(name, candidate, champion, promote, failed):
+    decision = decide_promotion(candidate, champion, POLICY)
+    assert decision.promote is promote
+    assert decision.failed_checks == failed
+    assert len(decision.reasons) >= 2  # every check that ran says why
+
+
+def test_tolerance_admits_small_regression():
+    policy = POLICY.model_copy(update={"champion_tolerance": 0.2})
+    d = decide_promotion(loss_candidate(adapted=1.6), loss_candidate(adapted=1.5, version="1"), policy)
+    assert d.promote
+
+
+def test_forgetting_optional_when_policy_allows():
+    policy = POLICY.model_copy(update={"require_forgetting_metrics": False})
+    assert decide_promotion(loss_candidate(forgetting={}), None, policy).promote
+
+
+def test_disabled_limit_is_not_checked():
+    policy = POLICY.model_copy(update={"max_kl": None})
+    d = decide_promotion(loss_candidate(forgetting={"reference_perplexity_ratio": 1.0, "reference_kl": 99.0}), None, policy)
+    assert d.promote
+
+
+def test_reasons_name_numbers():
+    d = decide_promotion(loss_candidate(adapted=1.99), None, POLICY)
+    assert any("0.01" in r and "0.05" in r for r in d.reasons)

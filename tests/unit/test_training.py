@@ -1,0 +1,129 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_tasks.config import config_from_dict
+from lora_tasks.training import (
+    IGNORE_INDEX, WorkerContext, collate, encode_examples, iterate_batches, lr_lambda, plan_steps, train_worker,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
+
+
+def make_cfg(task="causal_lm", **training):
+    data = {"train_path": "x.jsonl"}
+    if task == "causal_lm":
+        data.update(prompt_column="prompt", completion_column="completion")
+    else:
+        data.update(labels=["neg", "pos"])
+    return config_from_dict({
+        "model_name": "t", "task": task, "base_model": {"name_or_path": "builtin:tiny-llama"},
+        "data": data, "lora": {"r": 4, "dropout": 0.0},
+        "training": {"max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "max_seq_length": 48, **training},
+    })
+
+
+def test_prompt_tokens_carry_no_loss_and_eos_is_learned(tiny_model_dir):
+    from lora_tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    ex = encode_examples([{"prompt": "1 + 2 =", "completion": " 3"}], tok, make_cfg())[0]
+    n_prompt = len(tok("1 + 2 =")["input_ids"])
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex["labels"][n_prompt:] == tok(" 3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_long_prompt_is_cut_from_the_left(tiny_model_dir):
+    from lora_tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    ex = encode_examples([{"prompt": "x" * 200 + "END", "completion": " ok"}], tok, make_cfg())[0]
+    assert len(ex["input_ids"]) == 48
+    assert tok.decode(ex["input_ids"]).endswith("END ok</s>")
+
+
+def test_collate_pads_without_loss():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, "causal_lm")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("cosine", 0, 0.25), ("cosine", 3, 1.0), ("cosine", 14, 0.0), ("cosine", 9, 0.5),
+    ("linear", 9, 0.5), ("constant", 14, 1.0),
+])
+def test_lr_schedule(schedule, step, expected):
+    assert lr_lambda(step, warmup=4, total=14, schedule=schedule) == pytest.approx(expected, abs=1e-9)
+
+
+def test_shards_are_disjoint_equal_and_resumable():
+    n, bs = 23, 4
+    a = iterate_batches(n, bs, 0, 2, seed=1)
+    b = iterate_batches(n, bs, 1, 2, seed=1)
+    first = [next(a) for _ in range(3)]  # one epoch: 11 examples per rank -> 3 batches
+    second = [next(b) for _ in range(3)]
+    flat_a, flat_b = sum(first, []), sum(second, [])
+    assert len(flat_a) == len(flat_b) == 11
+    assert not set(flat_a) & set(flat_b)
+    cont = [next(a) for _ in range(4)]
+    resumed = iterate_batches(n, bs, 0, 2, seed=1, start=3)
+    assert [next(resumed) for _ in range(4)] == cont
+
+
+def test_plan_steps_from_epochs():
+    cfg = make_cfg(max_steps=None, epochs=2, gradient_accumulation_steps=2)
+    assert plan_steps(100, cfg, world_size=2) == (7, 7)  # 50 per worker / 8 -> 7 batches; 14 micro / 2
+    with pytest.raises(ValueError, match="cannot be shared"):
+        plan_steps(1, cfg, world_size=2)
+
+
+def _run(cfg, rows, tmp_path, name, resume=None):
+    reports, logs = [], []
+
+    def report(metrics, folder):
+        if folder:
+            dest = tmp_path / f"{name}-{metrics['step']}"
+            shutil.copytree(folder, dest)
+            reports.append(dest)
+
+    out = train_worker(cfg, rows, WorkerContext(report=report, log=lambda m, s: logs.append((s, m)), resume_from=resume))
+    return out, reports, logs
+
+
+def test_training_lowers_loss_and_checkpoints_adapter(tiny_model_dir, tmp_path):
+    cfg = make_cfg(max_steps=30, checkpoint_every=10, warmup_steps=3)
+    out, reports, logs = _run(cfg, ROWS, tmp_path, "a")
+    assert out["step"] == 30
+    assert [p.name for p in reports] == ["a-10", "a-20", "a-30"]
+    assert (reports[-1] / "adapter" / "adapter_model.safetensors").exists()
+    assert (reports[-1] / "adapter" / "adapter_config.json").exists()
+    assert [s for s, _ in logs] == list(range(1, 31))
+    first, last = logs[0][1]["train_loss"], logs[-1][1]["train_loss"]
+    assert last < first - 0.3, (first, last)
+    assert logs[1][1]["learning_rate"] > logs[0][1]["learning_rate"]  # warmup
+
+
+def test_resume_from_checkpoint_is_exact(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(max_steps=8, checkpoint_every=4)
+    _, straight, straight_logs = _run(cfg, ROWS, tmp_path, "s")
+    out, resumed, resumed_logs = _run(cfg, ROWS, tmp_path, "r", resume=straight[0])
+    assert out["step"] == 8
+    assert [s for s, _ in resumed_logs] == [5, 6, 7, 8]  # no step trained twice
+    assert [m["train_loss"] for _, m in resumed_logs] == pytest.approx([m["train_loss"] for _, m in straight_logs[4:]], rel=1e-5)
+    a = load_file(straight[-1] / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed[-1] / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_classification_trains_head_and_adapter(tiny_model_dir, tmp_path):
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} thing {i}", "label": "pos" if i % 2 else "neg"} for i in range(64)]
+    out, reports, logs = _run(make_cfg("sequence_classification", max_steps=20), rows, tmp_path, "c")
+    assert out["step"] == 20 and reports
+    assert logs[-1][1]["train_loss"] < logs[0][1]["train_loss"]
