@@ -22,6 +22,8 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 
 def _fail(exc: Exception, code: int = 1) -> None:
+    if isinstance(exc, ValidationFailed) and exc.report is not None:
+        Console().print(Markdown(exc.report.to_markdown(50)))
     console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
     raise typer.Exit(code)
 
@@ -37,8 +39,6 @@ def validate(config: Path, set_: SetOption = None) -> None:
         out = Path(cfg.scaling.storage_path) / cfg.model_name / "validate"
         data = prepare_data(cfg, out)
     except ValidationFailed as exc:
-        if exc.report is not None:
-            Console().print(Markdown(exc.report.to_markdown()))
         _fail(exc, 2)
     except LoraTaskError as exc:
         _fail(exc)
@@ -55,11 +55,11 @@ def run(config: Path, set_: SetOption = None) -> None:
     try:
         load_config(config, set_)  # config errors before any engine starts
         from flows.retrain import retrain
+        from flows.settings import hide_expected_tracebacks
 
+        hide_expected_tracebacks()
         result = retrain(str(config), set_ or [])
     except ValidationFailed as exc:
-        if exc.report is not None:
-            Console().print(Markdown(exc.report.to_markdown()))
         _fail(exc, 2)
     except LoraTaskError as exc:
         _fail(exc)
@@ -82,8 +82,8 @@ def _print_summary(result: dict) -> None:
     out.print(f"decision: {verdict}")
     for reason in result["reasons"]:
         out.print(f"  - {reason}", highlight=False)
-    out.print(f"MLflow run {result['run_id']}; run folder {result['run_dir']}", highlight=False)
-    out.print(f"open the UI: mlflow ui --backend-store-uri {result['tracking_uri']}", highlight=False)
+    out.print(f"MLflow run {result['run_id']}; run folder {result['run_dir']}", highlight=False, soft_wrap=True)
+    out.print(f"open the UI: mlflow ui --backend-store-uri {result['tracking_uri']}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

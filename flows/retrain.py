@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from lora_tasks import registry
 from lora_tasks.config import PipelineConfig, load_config
+from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
 from lora_tasks.pipeline import PreparedData, lineage_tags, new_run_dir, prepare_data, summary_markdown
@@ -23,9 +24,20 @@ from lora_tasks.promotion import Candidate, Decision, decide_promotion
 MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 
 
+def _artifact_key(kind: str, cfg: PipelineConfig) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in cfg.model_name.lower())
+
+
 @task(name="validate-data", cache_policy=NO_CACHE)
 def validate_data(cfg: PipelineConfig, run_dir: str) -> PreparedData:
-    data = prepare_data(cfg, run_dir)
+    try:
+        data = prepare_data(cfg, run_dir)
+    except ValidationFailed as exc:
+        if exc.report is not None:  # the full report, row by row, where the Prefect UI shows it
+            create_markdown_artifact(key=_artifact_key("validation", cfg), markdown=exc.report.to_markdown(50),
+                                     description=f"{cfg.model_name}: data contract failed")
+        raise
     get_run_logger().info("data contract: %s (fingerprint %s)", data.report.summary(), data.fingerprint[:12])
     if data.quarantine_path:
         get_run_logger().warning("invalid rows quarantined to %s", data.quarantine_path)
@@ -128,7 +140,7 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
         raise
     summary = summary_markdown(cfg, data, report, decision, version, run_id, champion.version if champion else None)
     apply_decision(cfg, version, decision, run_id, summary)
-    create_markdown_artifact(key=f"retrain-{cfg.model_name.lower().replace('_', '-').replace('.', '-')}",
+    create_markdown_artifact(key=_artifact_key("retrain", cfg),
                              markdown=summary, description=f"{cfg.model_name} v{version}")
     return {
         "model_name": cfg.model_name,

@@ -15,6 +15,7 @@ DEFAULTS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     # Library deprecation chatter (also in Ray workers, which inherit this environment).
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
@@ -27,3 +28,30 @@ import warnings  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def hide_expected_tracebacks() -> None:
+    """Log expected errors (LoraTaskError: bad config, bad data...) as one line, not a traceback.
+
+    Prefect logs every failed task and flow with its traceback; for errors that are the user's
+    to fix, the message already says what and where, so the stack only hides it."""
+    import logging
+
+    from lora_tasks.errors import LoraTaskError
+
+    def expected(exc: BaseException | None) -> bool:
+        while exc is not None:
+            if isinstance(exc, LoraTaskError):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and expected(record.exc_info[1]):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_Filter())

@@ -58,11 +58,10 @@ def load_table(path: str | os.PathLike, format: str = "auto") -> pd.DataFrame:
     if len(df.columns) == 0:
         raise DataError(f"{p}: no columns found. Fix: give the file a header row or named fields.")
     if len(df) == 0:
-        raise DataError(f"{p}: has columns {list(map(str, df.columns))} but no data rows. Fix: add rows or point to another file.")
-    if "index" not in df.attrs:
-        df.index = pd.RangeIndex(1, len(df) + 1)
-    df.index.name = None
-    df.attrs.pop("index", None)
+        raise DataError(
+            f"{p}: has columns {list(map(str, df.columns))} but no data rows. Fix: add rows or point to another file."
+        )
+    df.index = pd.RangeIndex(1, len(df) + 1)
     return df
 
 
@@ -82,7 +81,10 @@ def _detect_format(p: Path, format: str) -> str:
             )
         return "datasets"
     if format == "datasets":
-        raise DataError(f"{p}: format 'datasets' needs a folder saved by `save_to_disk`, got a file. Fix: set format to the file's type.")
+        raise DataError(
+            f"{p}: format 'datasets' needs a folder saved by `save_to_disk`, got a file. "
+            f"Fix: set format to the file's type."
+        )
     if format != "auto":
         return format
     fmt = _EXTENSIONS.get(p.suffix.lower())
@@ -99,7 +101,9 @@ def _read_text(p: Path) -> str:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise DataError(f"{p}: cannot be read ({exc.strerror or exc}). Fix: check the path and its permissions.") from exc
+        raise DataError(
+            f"{p}: cannot be read ({exc.strerror or exc}). Fix: check the path and its permissions."
+        ) from exc
     if not raw.strip():
         raise DataError(f"{p}: is empty. Fix: point to a file with a header and data rows.")
     try:
@@ -116,6 +120,7 @@ def _read_text(p: Path) -> str:
 def _read_delimited(p: Path, text: str, fmt: str) -> pd.DataFrame:
     """Parse CSV (quoted fields allowed) or TSV (quotes are literal, as in SST-2)."""
     options = {"sep": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {"sep": ","}
+    _check_header_unique(p, text, options)
     try:
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[], **options)
     except Exception as exc:  # pandas raises ParserError, ValueError, EmptyDataError, ...
@@ -127,6 +132,20 @@ def _read_delimited(p: Path, text: str, fmt: str) -> pd.DataFrame:
         ) from exc
 
 
+def _check_header_unique(p: Path, text: str, options: dict) -> None:
+    """Refuse repeated column names, which pandas would silently rename to `name.1`."""
+    try:
+        header = next(
+            csv.reader(io.StringIO(text), delimiter=options["sep"], quoting=options.get("quoting", csv.QUOTE_MINIMAL)),
+            [],
+        )
+    except (csv.Error, StopIteration):
+        return  # the parser reports malformed input below
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{p}: the header repeats column name(s) {repeated}. Fix: give every column a unique name.")
+
+
 def _read_jsonl(p: Path, text: str) -> pd.DataFrame:
     """Parse one JSON object per line; blank lines are skipped and not counted as rows."""
     records = []
@@ -136,7 +155,7 @@ def _read_jsonl(p: Path, text: str) -> pd.DataFrame:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:100]}"
             column = f", column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
             raise DataError(
                 f"{p}: line {number} is not valid JSON ({reason}{column}). "
@@ -201,12 +220,12 @@ def split_train_eval(df: pd.DataFrame, eval_fraction: float, seed: int) -> tuple
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}.")
     n = len(df)
-    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
     if n < 2:
         raise DataError(
             f"cannot split {n} row(s) into train and eval: both need at least one row. "
             f"Fix: add rows or give data.eval_path."
         )
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
     eval_pos = np.sort(order[:n_eval])
     train_pos = np.sort(order[n_eval:])
@@ -235,7 +254,7 @@ def fingerprint(*frames: pd.DataFrame) -> str:
         h.update(_dump([str(c) for c in df.columns]) + b"\n")
         h.update(f"rows:{len(df)}\n".encode())
         for row in df.itertuples(index=False, name=None):
-            h.update(_dump([_canonical(v) for v in row]) + b"\n")
+            h.update(_dump([canonical_value(v) for v in row]) + b"\n")
     return h.hexdigest()
 
 
@@ -243,12 +262,12 @@ def _dump(value) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8")
 
 
-def _canonical(v):
-    """A JSON-able, dtype-independent form of one cell."""
+def canonical_value(v):
+    """A JSON-able, dtype-independent form of one cell (1 == 1.0 == np.int64(1); None == NaN == NA)."""
     if isinstance(v, (list, tuple, np.ndarray)):
-        return {"list": [_canonical(x) for x in v]}
+        return {"list": [canonical_value(x) for x in v]}
     if isinstance(v, dict):
-        return {"dict": sorted((str(k), _canonical(x)) for k, x in v.items())}
+        return {"dict": sorted(((str(k), canonical_value(x)) for k, x in v.items()), key=lambda kv: kv[0])}
     if v is None or v is pd.NA or v is pd.NaT:
         return None
     if isinstance(v, (bool, np.bool_)):

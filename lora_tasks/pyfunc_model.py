@@ -1,4 +1,4 @@
-"""The MLflow pyfunc flavour of a registered adapter.
+"""The MLflow pyfunc flavour of a registered adapter, logged as a model from code (no pickle).
 
 The logged model carries only the PEFT adapter (safetensors) and a reference to its base
 (hub id and revision, or local folder and content hash); loading resolves the base, attaches
@@ -7,7 +7,9 @@ the adapter and predicts. `mlflow.pyfunc.load_model("models:/NAME@champion")` gi
 
 from __future__ import annotations
 
+import mlflow.models
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 import torch
 
@@ -18,7 +20,10 @@ def _texts(model_input, column: str) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if column not in model_input.columns:
             raise ValueError(f"input needs a {column!r} column; got columns {list(model_input.columns)}")
-        return [str(x) for x in model_input[column].tolist()]
+        texts = []
+        for cell in model_input[column].tolist():  # MLflow turns {"prompt": [a, b]} into one row holding a list
+            texts.extend(str(x) for x in cell) if isinstance(cell, (list, tuple, np.ndarray)) else texts.append(str(cell))
+        return texts
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, dict):
@@ -31,7 +36,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + LoRA adapter, loaded lazily from the model's config and artifacts."""
 
     def load_context(self, context) -> None:
-        from .modeling import load_adapted_model, load_base_model, load_tokenizer
+        from lora_tasks.modeling import load_adapted_model, load_base_model, load_tokenizer
 
         cfg = context.model_config
         self.task = cfg["task"]
@@ -62,3 +67,6 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         )
         completions = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return pd.DataFrame({"completion": completions})
+
+
+mlflow.models.set_model(LoraAdapterModel())

@@ -117,7 +117,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from .pyfunc_model import INPUT_COLUMN, LoraAdapterModel
+    from . import pyfunc_model
 
     client(cfg.tracking.tracking_uri)
     if cfg.task == "causal_lm":
@@ -126,7 +126,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
     else:
         outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
         params = None
-    signature = ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN[cfg.task])]), outputs=outputs, params=params)
+    signature = ModelSignature(inputs=Schema([ColSpec("string", pyfunc_model.INPUT_COLUMN[cfg.task])]), outputs=outputs, params=params)
     model_config = {
         "task": cfg.task,
         "base_model": base_name_or_path,
@@ -139,7 +139,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="adapter",
-            python_model=LoraAdapterModel(),
+            python_model=pyfunc_model.__file__,  # model from code: loading unpickles nothing
             artifacts={"adapter": str(adapter_dir)},
             model_config=model_config,
             signature=signature,

@@ -1,0 +1,30 @@
+# Two commands for a new user:  `make demo` (set up + run the demo) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Elsewhere: make setup TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first: the CPU build when no CUDA GPU is present (a bare `torch` pulls a CUDA build of several GB).
+setup: $(BIN)/python
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	 else $(BIN)/pip install -q $(TORCH_CPU); fi
+	$(BIN)/pip install -q -e ".[dev]"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/prefect-lora run configs/tiny.yaml
+
+clean:
+	rm -rf .prefect-lora .pytest_cache

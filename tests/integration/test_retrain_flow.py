@@ -1,0 +1,178 @@
+"""The real flow end to end: Prefect (test harness), a local Ray with 2 workers, SQLite MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flow")
+
+
+def write_config(workdir: Path, name: str, **sections) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    raw["scaling"]["storage_path"] = str(workdir / "runs")
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "artifact_location": str(workdir / "mlartifacts")}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(harness, workdir):
+    from flows.retrain import retrain
+
+    return retrain(str(write_config(workdir, "tiny")))
+
+
+def test_first_run_registers_and_promotes_version_1(first_run, workdir):
+    from mlflow import MlflowClient
+
+    assert first_run["promoted"] is True, first_run["reasons"]
+    assert first_run["version"] == "1"
+    client = MlflowClient(first_run["tracking_uri"])
+    champion = client.get_model_version_by_alias("tiny-sums", "champion")
+    assert str(champion.version) == "1"
+    assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "1"
+    tags = champion.tags
+    for key in ("lineage.base_model", "lineage.base_model_hash", "lineage.data_fingerprint",
+                "lineage.config_hash", "lineage.code_version"):
+        assert tags.get(key), key
+    assert len(tags["lineage.data_fingerprint"]) == 64
+    assert tags["promotion.decision"] == "promoted"
+
+    run = client.get_run(first_run["run_id"])
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert m["adapted_eval_loss"] < m["base_eval_loss"]
+    assert m["reference_perplexity_ratio"] > 0 and m["reference_kl"] >= 0
+    assert run.data.params["training.max_steps"] == "60"
+    history = client.get_metric_history(first_run["run_id"], "train_loss")
+    assert [h.step for h in history] == list(range(1, 61))  # per-step loss from the worker
+    assert history[-1].value < history[0].value
+    artifacts = {a.path for a in client.list_artifacts(first_run["run_id"], "reports")}
+    assert {"reports/validation_report.json", "reports/validation_report.md", "reports/eval_report.json"} <= artifacts
+
+
+def test_champion_loads_and_predicts_through_pyfunc(first_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(first_run["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/tiny-sums@champion")
+    out = model.predict({"prompt": ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:"]}, params={"max_new_tokens": 4})
+    assert list(out.columns) == ["completion"] and len(out) == 2
+    assert all(isinstance(x, str) for x in out["completion"])
+
+
+def test_run_folder_keeps_every_result(first_run):
+    run_dir = Path(first_run["run_dir"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "validation_report.json").exists()
+    assert json.loads((run_dir / "eval_report.json").read_text())["task_gain"] > 0
+    assert list((run_dir / "train").glob("checkpoint_*/adapter/adapter_config.json"))
+
+
+def test_summary_artifact_published(first_run):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-tiny-sums"])))
+
+    artifacts = asyncio.run(read())
+    assert artifacts and "version 1" in artifacts[0].data and "promoted" in artifacts[0].data
+
+
+def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    result = retrain(str(write_config(workdir, "tiny")), ["promotion.min_task_gain=100"])
+    assert result["promoted"] is False and result["version"] == "2"
+    client = MlflowClient(result["tracking_uri"])
+    assert str(client.get_model_version_by_alias("tiny-sums", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "2"
+    v2 = client.get_model_version("tiny-sums", "2")
+    assert v2.tags["promotion.decision"] == "rejected"
+    assert "below the required 100" in v2.tags["promotion.reasons"]
+
+
+def test_classification_flow_on_two_workers(harness, workdir):
+    from flows.retrain import retrain
+
+    rows = [{"text": f"{w} review number {i}", "label": int(w == "great")} for i, w in
+            enumerate(["great", "awful"] * 60)]
+    data = workdir / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_config(
+        workdir, "cls", model_name="tiny-cls", task="sequence_classification",
+        data={"train_path": str(data), "text_column": "text", "label_column": "label", "labels": [0, 1],
+              "prompt_column": None, "completion_column": None, "eval_fraction": 0.2},
+        training={"max_steps": 30, "learning_rate": 5e-3, "batch_size": 8},
+    )
+    result = retrain(str(path))
+    m = result["metrics"]
+    assert m["adapted_accuracy"] >= 0.9, m
+    assert 0 <= m["reference_representation_drift"] <= 2
+    assert result["version"] == "1"
+
+
+def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):
+    bad = workdir / "bad.jsonl"
+    rows = [{"text": "fine text one", "label": 0}, {"text": None, "label": 1}, {"text": "   ", "label": 0},
+            {"text": "unknown label row", "label": 7}, {"text": "repeated across splits", "label": 1},
+            {"text": "fine text two", "label": 1}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad_eval = workdir / "bad_eval.jsonl"
+    bad_eval.write_text(json.dumps({"text": "repeated across splits", "label": 1}) + "\n"
+                        + json.dumps({"text": "an eval row", "label": 0}) + "\n")
+    path = write_config(
+        workdir, "bad", model_name="bad-data", task="sequence_classification",
+        data={"train_path": str(bad), "eval_path": str(bad_eval), "labels": [0, 1],
+              "prompt_column": None, "completion_column": None},
+    )
+    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home")}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=workdir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    # every offending row (split, 1-based row, column) and every check is named
+    for split, row, column, check in [("train", 2, "text", "null_value"), ("train", 3, "text", "blank_text"),
+                                      ("train", 4, "label", "label_not_in_set"),
+                                      ("eval", 1, "text", "train_eval_overlap")]:
+        assert re.search(rf"{split}\s+{row}\s+{column}\b", out), (split, row, out)
+        assert check in out, (check, out)
+    assert "4 of 8 rows are invalid" in out
