@@ -116,6 +116,7 @@ def train_adapter(
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
     try:

@@ -1,0 +1,64 @@
+"""The CLI's `validate` command and its error handling; `run` is covered by the integration tests."""
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _config(tmp_path, **data):
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["data"].update(data)
+    raw["scaling"]["storage_path"] = str(tmp_path / "runs")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_validate_passes_on_the_tiny_config(tmp_path):
+    result = runner.invoke(app, ["validate", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "340 train and 60 eval rows valid" in result.output
+    assert (tmp_path / "runs" / "tiny-sums" / "validate" / "validation_report.json").exists()
+
+
+def test_config_errors_are_one_message_without_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name: x\ntask: causal_lm\ntraining: {max_steps: 0}\nsurprise: 1\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    for needle in ("base_model: required key is missing", "data: required key is missing",
+                   "training.max_steps", "surprise: unknown key"):
+        assert needle in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_set_overrides_reach_the_config(tmp_path):
+    result = runner.invoke(app, ["validate", str(_config(tmp_path)), "--set", "data.eval_fraction=0.5"])
+    assert result.exit_code == 0, result.output
+    assert "200 train and 200 eval rows valid" in result.output
+
+
+def test_bad_data_exits_2_with_rows_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "ok prompt", "completion": " 1"}, {"prompt": None, "completion": " 2"},
+        {"prompt": "another", "completion": "   "}, {"prompt": "third one", "completion": " 3"},
+    ]))
+    result = runner.invoke(app, ["validate", str(_config(tmp_path, train_path=str(bad), eval_fraction=0.25))])
+    assert result.exit_code == 2, result.output
+    assert "null_value" in result.output and "blank_text" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["validate", str(_config(tmp_path, train_path=str(tmp_path / "nope.jsonl")))])
+    assert result.exit_code == 1
+    assert "nope.jsonl" in result.output and "Traceback" not in result.output
