@@ -73,6 +73,10 @@ class DataConfig(_Section):
     """Causal LM: the prompt; the loss is taken on the completion only."""
     completion_column: str | None = None
     """Causal LM: the target text that follows the prompt."""
+    chat_template: bool = False
+    """Causal LM: wrap each prompt in the tokenizer's chat template as a user turn (instruct models)."""
+    system_prompt: str | None = None
+    """With `chat_template`: the system turn (set it, or the template may add its own default)."""
     label_column: str = "label"
     """Classification: the label column."""
     labels: list[str | int] | None = None
@@ -88,6 +92,8 @@ class DataConfig(_Section):
     def _check_columns(self):
         if (self.prompt_column is None) != (self.completion_column is None):
             raise ValueError("prompt_column and completion_column go together: set both or neither")
+        if self.chat_template and self.prompt_column is None:
+            raise ValueError("chat_template needs prompt_column and completion_column")
         return self
 
 
@@ -127,6 +133,8 @@ class TrainingConfig(_Section):
     """Gradient clipping; null turns it off."""
     seed: int = 42
     """Seeds data order, LoRA init and dropout."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32."""
     checkpoint_every: int | None = Field(None, ge=1)
     """Save the adapter every N optimizer steps (always at the end)."""
     log_every: int = Field(1, ge=1)
@@ -161,9 +169,20 @@ class ReferenceConfig(_Section):
     """Token budget read from the corpus for forgetting metrics."""
 
 
+class GenerationEvalConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens generated per eval prompt (greedy)."""
+    max_rows: int | None = Field(200, ge=1)
+    """Eval rows scored by generation (the slow part); null scores all."""
+    metric: Literal["exact", "json"] = "exact"
+    """`exact`: answer equals the completion after stripping; `json`: also per-field accuracy."""
+
+
 class EvaluationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """Examples per forward pass during evaluation."""
+    generation: GenerationEvalConfig | None = None
+    """Causal LM: score greedy generations against the completions; `exact_match` becomes the primary metric."""
     reference: ReferenceConfig | None = None
     """General corpus for forgetting metrics; without it no forgetting is measured."""
 
@@ -216,6 +235,12 @@ class PipelineConfig(_Section):
                 raise ValueError("sequence_classification needs data.labels with at least two labels")
             if len(set(map(str, self.data.labels))) != len(self.data.labels):
                 raise ValueError("data.labels has duplicates")
+        return self
+
+    @model_validator(mode="after")
+    def _check_generation(self):
+        if self.evaluation.generation and (self.task != "causal_lm" or self.data.prompt_column is None):
+            raise ValueError("evaluation.generation needs task causal_lm with prompt_column and completion_column")
         return self
 
     @property

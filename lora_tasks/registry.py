@@ -135,6 +135,8 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         "torch_dtype": cfg.base_model.torch_dtype,
         "max_seq_length": cfg.training.max_seq_length,
         "seed": cfg.training.seed,
+        "chat_template": cfg.data.chat_template,
+        "system_prompt": cfg.data.system_prompt,
     }
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -8,6 +8,7 @@ rank trains on its own shard of the data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -55,6 +56,23 @@ class WorkerContext:
 # ----------------------------------------------------------------------------- tokenization
 
 
+def format_prompts(prompts: list[str], tokenizer, data) -> tuple[list[str], bool]:
+    """Prompts as the model sees them, and whether the tokenizer should add special tokens.
+
+    With `data.chat_template` each prompt becomes a user turn (after the system prompt, when
+    set) followed by the assistant header, and the template already holds the special tokens."""
+    if not data.chat_template:
+        return prompts, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template is set but the tokenizer has no chat template")
+    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
+    texts = [
+        tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return texts, False
+
+
 def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[dict]:
     """Turn validated rows into token ids and labels for the task."""
     d, max_len = cfg.data, cfg.training.max_seq_length
@@ -67,7 +85,8 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
         ]
     eos = tokenizer.eos_token_id
     if d.prompt_column:
-        prompts = tokenizer([r[d.prompt_column] for r in rows], add_special_tokens=True)["input_ids"]
+        texts, special = format_prompts([r[d.prompt_column] for r in rows], tokenizer, d)
+        prompts = tokenizer(texts, add_special_tokens=special)["input_ids"]
         answers = tokenizer([r[d.completion_column] for r in rows], add_special_tokens=False)["input_ids"]
         out = []
         for p, a in zip(prompts, answers):
@@ -231,6 +250,10 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     step = _load_checkpoint(model, optimizer, scheduler, ctx.resume_from) if ctx.resume_from else 0
 
     accum = t.gradient_accumulation_steps
+    def autocast():
+        if t.precision == "bf16":
+            return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
     batches = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=step * accum)
     pad_id = tokenizer.pad_token_id
     started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
@@ -241,8 +264,9 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             tokens_seen += int(batch["attention_mask"].sum())
             sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with (torch.enable_grad() if sync else model.no_sync()):
-                loss = model(**batch).loss / accum
+            with contextlib.nullcontext() if sync else model.no_sync():  # DDP syncs on the last micro-batch
+                with autocast():
+                    loss = model(**batch).loss / accum
                 loss.backward()
             loss_sum += loss.item()
         if t.max_grad_norm:
