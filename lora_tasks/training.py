@@ -99,20 +99,48 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
 
 
 def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions carry no loss."""
+    """Pad a batch; padded positions carry no loss.
+
+    Causal LM batches are left-padded with explicit position ids, so every row's target tokens
+    sit at the end and logits are computed only there (see `causal_lm_loss`). Classification
+    batches are right-padded, where the classifier reads the last real token."""
     width = max(len(x["input_ids"]) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
-        mask[i, : len(x["input_ids"])] = 1
     if task == "sequence_classification":
-        labels = torch.tensor([x["labels"] for x in batch], dtype=torch.long)
-    else:
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for i, x in enumerate(batch):
-            labels[i, : len(x["labels"])] = torch.tensor(x["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+            mask[i, : len(x["input_ids"])] = 1
+        labels = torch.tensor([x["labels"] for x in batch], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, width - n :] = torch.tensor(x["input_ids"])
+        mask[i, width - n :] = 1
+        labels[i, width - n :] = torch.tensor(x["labels"])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of target tokens) of a left-padded batch.
+
+    Only the last positions that predict a target token get logits: with prompt-masked
+    labels that skips the vocabulary projection (and its softmax) over every prompt token."""
+    labels = batch["labels"]
+    has_label = (labels != IGNORE_INDEX).any(0)
+    first = int(has_label.nonzero()[0]) if has_label.any() else labels.shape[1] - 1
+    keep = labels.shape[1] - first + 1  # the position before the first target predicts it
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"], logits_to_keep=keep,
+    ).logits
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -266,7 +294,11 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
             sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():  # DDP syncs on the last micro-batch
                 with autocast():
-                    loss = model(**batch).loss / accum
+                    if cfg.task == "causal_lm":
+                        token_loss, n_tokens = causal_lm_loss(model, batch)
+                        loss = token_loss / max(n_tokens, 1) / accum
+                    else:
+                        loss = model(**batch).loss / accum
                 loss.backward()
             loss_sum += loss.item()
         if t.max_grad_norm:

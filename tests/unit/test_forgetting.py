@@ -66,3 +66,25 @@ def test_chunking_respects_budget_and_length(tiny_model_dir):
 def test_reference_on_real_wikitext(shared_data):
     texts = read_reference_texts(shared_data / "wikitext2" / "valid.txt")
     assert texts and all(t == t.strip() and t for t in texts)
+
+
+def test_probe_answers_are_cached_and_scored_on_answers_only(tiny_model_dir, tmp_path, monkeypatch):
+    from lora_tasks import probes
+    from lora_tasks.forgetting import causal_lm_forgetting
+    from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer
+
+    monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(probes, "GENERAL_PROBES", probes.GENERAL_PROBES[:4])
+    tok = load_tokenizer(tiny_model_dir)
+    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=2, alpha=4, dropout=0.0,
+                       target_modules="all-linear")
+    rows = probes.base_answers(model, tok, "h" * 16, max_new_tokens=8)
+    assert rows and all(r["answer"] for r in rows)
+    cached = list((tmp_path / "probes").glob("*.jsonl"))
+    assert len(cached) == 1
+    assert probes.base_answers(None, tok, "h" * 16, max_new_tokens=8) == rows  # no model needed: cache hit
+    blocks, starts = probes.probe_blocks(rows, tok, 256)
+    assert all(0 < s < len(b) for b, s in zip(blocks, starts))
+    out = causal_lm_forgetting(model, tok, blocks, 2, score_from=starts)
+    assert out["reference_tokens"] == sum(len(b) - s for b, s in zip(blocks, starts))
+    assert out["reference_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapter: B = 0

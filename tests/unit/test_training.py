@@ -46,11 +46,31 @@ def test_long_prompt_is_cut_from_the_left(tiny_model_dir):
     assert tok.decode(ex["input_ids"]).endswith("END ok</s>")
 
 
-def test_collate_pads_without_loss():
+def test_collate_left_pads_causal_batches_without_loss():
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, "causal_lm")
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+
+
+def test_completion_only_logits_give_the_full_loss(tiny_model_dir):
+    """The left-padded, logits-only-where-needed loss equals HF's loss on the unpadded rows."""
+    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from lora_tasks.training import causal_lm_loss
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_base_model(tiny_model_dir, "causal_lm")
+    examples = encode_examples(ROWS[:6], tok, make_cfg())
+    loss_sum, n = causal_lm_loss(model, collate(examples, tok.pad_token_id, "causal_lm"))
+    ref_sum, ref_n = 0.0, 0
+    for ex in examples:  # one row at a time: no padding at all
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        k = int((labels[0, 1:] != IGNORE_INDEX).sum())
+        ref_sum += float(model(input_ids=ids, labels=labels).loss) * k
+        ref_n += k
+    assert n == ref_n
+    assert float(loss_sum) == pytest.approx(ref_sum, rel=1e-4)
 
 
 @pytest.mark.parametrize("schedule, step, expected", [

@@ -1,0 +1,91 @@
+"""A built-in general probe set: forgetting measured on the base model's own answers.
+
+The base model answers a few dozen general prompts once (greedy); the answers are cached next
+to the model cache, keyed by the base's content hash. Forgetting is then the adapted model's
+NLL and KL on those answers against the base: a model that kept what it knew still finds its
+old answers likely. Needs no download and no corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from .modeling import cache_dir
+
+GENERAL_PROBES = [
+    "Explain why the sky looks blue during the day.",
+    "Give three tips for staying focused while studying.",
+    "What is the difference between weather and climate?",
+    "Write a short, friendly email declining a meeting invitation.",
+    "How does a refrigerator keep food cold?",
+    "Summarise the plot of a typical detective story in two sentences.",
+    "What are the main causes of the seasons on Earth?",
+    "Suggest a simple recipe for a vegetable soup.",
+    "Why do people learn foreign languages?",
+    "Describe how a bill becomes a law in a parliament, in general terms.",
+    "What is photosynthesis?",
+    "List some ways to reduce household energy use.",
+    "Explain what a computer program is to a ten-year-old.",
+    "What should someone pack for a weekend hiking trip?",
+    "Why is sleep important for health?",
+    "Translate 'good morning, how are you?' into French.",
+    "What is 15 multiplied by 12? Explain your steps.",
+    "Write a haiku about autumn leaves.",
+    "What are the benefits of regular exercise?",
+    "How do vaccines help the immune system?",
+    "Give an example of a metaphor and explain it.",
+    "What is the capital of Japan, and what is it known for?",
+    "Describe the water cycle.",
+    "How can a small business find new customers?",
+    "Explain the rules of chess for the pawn.",
+    "What is the difference between a virus and a bacterium?",
+    "Write two sentences encouraging a friend before an exam.",
+    "Why do leaves change colour in the autumn?",
+    "What makes a good password?",
+    "Explain supply and demand in simple terms.",
+    "How does a bicycle stay upright when moving?",
+    "Name three famous painters and one work by each.",
+]
+
+
+def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
+    key = hashlib.sha256(json.dumps([GENERAL_PROBES, max_new_tokens]).encode()).hexdigest()[:12]
+    return cache_dir() / "probes" / f"{base_hash[:16]}-{key}.jsonl"
+
+
+def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
+    """The base model's greedy answers to the probes, generated once per base and cached."""
+    from .evaluation import generate_answers
+
+    path = _cache_file(base_hash, max_new_tokens)
+    if path.exists():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    chat = SimpleNamespace(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=None)
+    with model.disable_adapter():
+        answers = generate_answers(model, tokenizer, GENERAL_PROBES, chat, max_new_tokens, batch_size)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(GENERAL_PROBES, answers) if a.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return rows
+
+
+def probe_blocks(rows: list[dict], tokenizer, max_len: int) -> tuple[list[list[int]], list[int]]:
+    """Token blocks prompt+answer, and where each answer starts (only answers are scored)."""
+    from .training import format_prompts
+
+    chat = SimpleNamespace(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=None)
+    texts, special = format_prompts([r["prompt"] for r in rows], tokenizer, chat)
+    blocks, starts = [], []
+    for text, row in zip(texts, rows):
+        p = tokenizer(text, add_special_tokens=special)["input_ids"]
+        a = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        ids = (p + a)[:max_len]
+        if len(ids) > len(p):
+            blocks.append(ids)
+            starts.append(len(p))
+    return blocks, starts
