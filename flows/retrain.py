@@ -80,6 +80,7 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedDa
     eval_path = Path(run_dir) / "eval_report.json"
     eval_path.write_text(json.dumps(report.to_dict(), indent=2))
     registry.log_artifact(uri, run_id, eval_path, "reports")
+    registry.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
     for path in (*data.files.values(), data.quarantine_path):
         if path:
             registry.log_artifact(uri, run_id, path, "reports")

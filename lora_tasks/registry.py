@@ -92,6 +92,14 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
     (c.log_artifacts if p.is_dir() else c.log_artifact)(run_id, str(p), artifact_path)
 
 
+def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Log rows as an MLflow table (shown in the run's Artifacts and the evaluation view)."""
+    if rows:
+        import pandas as pd
+
+        MlflowClient(tracking_uri).log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = MlflowClient(tracking_uri)
     for k, v in tags.items():
