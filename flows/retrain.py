@@ -64,8 +64,8 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
 
 
 @task(name="evaluate-vs-base", cache_policy=NO_CACHE)
-def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData) -> EvalReport:
-    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows)
+def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo) -> EvalReport:
+    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base=base)
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     return report
 
@@ -131,7 +131,7 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
     run_id = start_mlflow_run(cfg, run_dir, tags)
     try:
         trained = train(cfg, data, run_dir, run_id)
-        report = evaluate(cfg, trained.adapter_dir, data)
+        report = evaluate(cfg, trained.adapter_dir, data, base)
         log_results(cfg, run_id, run_dir, data, report)
         champion = read_champion(cfg)
         version = register(cfg, run_id, trained.adapter_dir, base, tags)

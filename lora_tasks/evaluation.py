@@ -14,7 +14,7 @@ import torch
 
 from .config import PipelineConfig
 from .forgetting import causal_lm_forgetting, chunk_reference, read_reference_texts, representation_drift
-from .modeling import describe_base_model, load_adapted_model, load_base_model, load_tokenizer
+from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
 from .probes import GENERAL_PROBES, base_answers, probe_blocks
 from .training import causal_lm_loss, collate, encode_examples, format_prompts
 
@@ -154,8 +154,12 @@ def _task_metrics(model, cfg: PipelineConfig, examples, rows, tokenizer, device)
     return metrics, answers
 
 
-def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu") -> EvalReport:
-    """Score base and adapted on the eval split, and measure forgetting when a reference is set."""
+def evaluate_adapter(
+    cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base: BaseModelInfo | None = None
+) -> EvalReport:
+    """Score base and adapted on the eval split, and measure forgetting when a reference is set.
+
+    `base` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
     started = time.perf_counter()
     bm = cfg.base_model
     tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
@@ -187,8 +191,8 @@ def evaluate_adapter(cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict
     bs, max_len = cfg.evaluation.batch_size, cfg.training.max_seq_length
     with autocast():
         if ref is not None and ref.probes and cfg.task == "causal_lm":
-            base_id = describe_base_model(bm.name_or_path, bm.revision)
-            rows = base_answers(model, tokenizer, base_id.content_hash or f"{base_id.name_or_path}@{base_id.revision}", batch_size=bs)
+            base = base or describe_base_model(bm.name_or_path, bm.revision)
+            rows = base_answers(model, tokenizer, base.content_hash or f"{base.name_or_path}@{base.revision}", batch_size=bs)
             blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
             forgetting = causal_lm_forgetting(model, tokenizer, blocks, bs, device, score_from=starts)
         elif ref is not None:
