@@ -65,7 +65,7 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
 
 @task(name="evaluate-vs-base", cache_policy=NO_CACHE)
 def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo) -> EvalReport:
-    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base=base)
+    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base)
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     return report
 

@@ -155,11 +155,11 @@ def _task_metrics(model, cfg: PipelineConfig, examples, rows, tokenizer, device)
 
 
 def evaluate_adapter(
-    cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base: BaseModelInfo | None = None
+    cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None
 ) -> EvalReport:
     """Score base and adapted on the eval split, and measure forgetting when a reference is set.
 
-    `base` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
+    `base_info` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
     started = time.perf_counter()
     bm = cfg.base_model
     tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
@@ -191,8 +191,8 @@ def evaluate_adapter(
     bs, max_len = cfg.evaluation.batch_size, cfg.training.max_seq_length
     with autocast():
         if ref is not None and ref.probes and cfg.task == "causal_lm":
-            base = base or describe_base_model(bm.name_or_path, bm.revision)
-            rows = base_answers(model, tokenizer, base.content_hash or f"{base.name_or_path}@{base.revision}", batch_size=bs)
+            info = base_info or describe_base_model(bm.name_or_path, bm.revision)
+            rows = base_answers(model, tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
             blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
             forgetting = causal_lm_forgetting(model, tokenizer, blocks, bs, device, score_from=starts)
         elif ref is not None:

@@ -62,3 +62,18 @@ def test_classifier_report_has_accuracy_f1_and_drift(tiny_model_dir, tmp_path):
     assert 0.0 <= report.adapted["accuracy"] <= 1.0 and 0.0 <= report.adapted["macro_f1"] <= 1.0
     assert report.adapted["accuracy"] == pytest.approx(report.base["accuracy"])  # same head, B = 0
     assert report.forgetting["reference_representation_drift"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, monkeypatch):
+    from lora_tasks import probes
+    from lora_tasks.modeling import describe_base_model
+
+    monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(probes, "GENERAL_PROBES", probes.GENERAL_PROBES[:3])
+    cfg = _cfg("causal_lm", tmp_path)
+    cfg.evaluation.reference = type(cfg.evaluation.reference)(probes="general")
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(4)]
+    info = describe_base_model(cfg.base_model.name_or_path)
+    report = evaluate_adapter(cfg, _fresh_adapter(cfg, tmp_path / "ad"), rows, base_info=info)
+    assert report.forgetting["reference_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert list((tmp_path / "probes").glob(f"{info.content_hash[:16]}-*.jsonl"))
