@@ -3,7 +3,7 @@
     python bench/demo_run.py [--config configs/demo.yaml] [--out bench/results/demo.json]
 
 Runs `prefect-lora run CONFIG` as a user would (after `prefect-lora demo prepare`), samples the
-resident memory of the whole process tree (driver, Prefect server, Ray workers) every 0.2 s,
+memory of the whole process tree (driver, Prefect server, Ray workers) every 0.5 s,
 then reads the run's metrics from MLflow. Targets (issue 3): demo run <= 8 min, exact match
 base <= 20% and adapted >= 70% on >= 100 eval rows, promoted on the first run, peak <= 8 GiB.
 """
@@ -22,14 +22,17 @@ from pathlib import Path
 import psutil
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over the process tree; PSS shares common pages (torch's
+    libraries, Ray's shared memory) between processes instead of counting them in each."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
 def main() -> None:
@@ -41,13 +44,14 @@ def main() -> None:
     exe = Path(sys.executable).with_name("prefect-lora")
     started = time.perf_counter()
     proc = subprocess.Popen([str(exe), "run", args.config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, peak_pss = psutil.Process(proc.pid), 0, 0
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
-        time.sleep(0.2)
+        rss, pss = tree_memory(ps)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
+        time.sleep(0.5)
     reader.join()
     wall = time.perf_counter() - started
     text = "".join(output)
@@ -66,7 +70,8 @@ def main() -> None:
     result = {
         "config": args.config,
         "wall_s": round(wall, 1),
-        "peak_rss_gib": round(peak / 2**30, 2),
+        "peak_rss_sum_gib": round(peak / 2**30, 2),
+        "peak_pss_sum_gib": round(peak_pss / 2**30, 2),
         "promoted": "promoted to champion" in text,
         "version": version,
         **{k: round(v, 4) for k, v in sorted(metrics.items()) if not k.startswith(("train_loss", "learning_rate"))},
