@@ -19,7 +19,7 @@ from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
 from lora_tasks.pipeline import PreparedData, lineage_tags, new_run_dir, prepare_data, summary_markdown
-from lora_tasks.promotion import Candidate, Decision, decide_promotion
+from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 
 MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
 
@@ -99,12 +99,9 @@ def read_champion(cfg: PipelineConfig):
 
 @task(name="decide-promotion", cache_policy=NO_CACHE)
 def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> Decision:
-    m = report.primary_metric
-    candidate = Candidate(m, report.higher_is_better, report.base.get(m), report.adapted.get(m), report.forgetting, version)
-    incumbent = None
-    if champion is not None:
-        incumbent = Candidate(m, report.higher_is_better, champion.metrics.get(f"base_{m}"),
-                              champion.metrics.get(f"adapted_{m}"), {}, champion.version)
+    m, higher = report.primary_metric, report.higher_is_better
+    candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
+    incumbent = candidate_from_metrics(champion.metrics, m, higher, version=champion.version) if champion else None
     decision = decide_promotion(candidate, incumbent, cfg.promotion)
     get_run_logger().info("promotion %s: %s", "passed" if decision.promote else "refused", "; ".join(decision.reasons))
     return decision

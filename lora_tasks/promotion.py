@@ -27,6 +27,17 @@ class Candidate:
         return d if self.higher_is_better else -d
 
 
+def candidate_from_metrics(
+    metrics: dict[str, float], primary_metric: str, higher_is_better: bool,
+    forgetting: dict[str, float] | None = None, version: str | None = None,
+) -> Candidate:
+    """A candidate from flat run metrics (`base_<metric>`, `adapted_<metric>`), as logged to MLflow."""
+    return Candidate(
+        primary_metric, higher_is_better, metrics.get(f"base_{primary_metric}"),
+        metrics.get(f"adapted_{primary_metric}"), dict(forgetting or {}), version,
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """Whether to promote, and every reason that led there (passed checks included)."""

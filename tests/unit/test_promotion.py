@@ -68,3 +68,14 @@ def test_disabled_limit_is_not_checked():
 def test_reasons_name_numbers():
     d = decide_promotion(loss_candidate(adapted=1.99), None, POLICY)
     assert any("0.01" in r and "0.05" in r for r in d.reasons)
+
+
+def test_candidate_from_logged_metrics():
+    from lora_tasks.promotion import candidate_from_metrics
+
+    c = candidate_from_metrics({"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "other": 9.0}, "eval_loss", False,
+                               GOOD_FORGETTING, "3")
+    assert c == loss_candidate(version="3")
+    missing = candidate_from_metrics({}, "accuracy", True)
+    assert missing.task_gain is None
+    assert not decide_promotion(missing, None, POLICY).promote
