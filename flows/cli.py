@@ -5,7 +5,6 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (quiet defaults first)
 
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 

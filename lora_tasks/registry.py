@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -64,8 +65,6 @@ def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log numeric metrics in one batch; non-numbers are skipped."""
-    import time
-
     now = int(time.time() * 1000)
     items = [
         Metric(k, float(v), now, step)
