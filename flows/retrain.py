@@ -108,12 +108,37 @@ def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> D
 
 
 @task(name="apply-decision", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
-def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id: str, summary: str) -> None:
-    uri = cfg.tracking.tracking_uri
-    registry.record_decision(uri, cfg.model_name, version, decision.promote, decision.reasons)
-    registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if decision.promote else "rejected",
+def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id: str, summary: str,
+                   report: EvalReport, champion) -> tuple[Decision, str]:
+    """Act on the gate with compare-and-set on `champion`; if another run moved it since the
+    evaluation, decide again (the same pure gate) against the new champion. Returns the final
+    decision and the summary, which then names the MLflow run for the Prefect side."""
+    uri, name = cfg.tracking.tracking_uri, cfg.model_name
+    m, higher = report.primary_metric, report.higher_is_better
+    candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
+
+    def redecide(current):
+        incumbent = candidate_from_metrics(current.metrics, m, higher, version=current.version) if current else None
+        again = decide_promotion(candidate, incumbent, cfg.promotion)
+        get_run_logger().warning("champion moved to version %s during this run; decided again: %s",
+                                 current.version if current else None, "promote" if again.promote else "refuse")
+        return again
+
+    registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
+    final, against, record = registry.settle_decision(
+        uri, name, version, decision, champion, redecide,
+        actor=registry.default_actor(str(flow_run.id or "") or None), run_id=run_id,
+    )
+    if final is not decision:
+        summary += (f"\n## Decided again\nThe champion moved to version {against.version if against else None} "
+                    f"during this run; the gate was re-run against it: "
+                    f"**{'promoted' if final.promote else 'not promoted'}**.\n" + "\n".join(f"- {r}" for r in final.reasons) + "\n")
+    summary += f"\n## MLflow\n- run `{run_id}`: {registry.run_url(uri, run_id)}\n- audit: {record.action}, " \
+               f"champion {record.from_version} -> {record.to_version}\n"
+    registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
                                         "mlflow.note.content": summary})
     registry.end_run(uri, run_id)
+    return final, summary
 
 
 @flow(name="lora-retrain", log_prints=True)
@@ -137,7 +162,7 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
         registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
         raise
     summary = summary_markdown(cfg, data, report, decision, version, run_id, champion.version if champion else None)
-    apply_decision(cfg, version, decision, run_id, summary)
+    decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
     create_markdown_artifact(key=_artifact_key("retrain", cfg),
                              markdown=summary, description=f"{cfg.model_name} v{version}")
     return {
