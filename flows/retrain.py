@@ -18,7 +18,7 @@ from lora_tasks.config import PipelineConfig, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
-from lora_tasks.pipeline import PreparedData, lineage_tags, new_run_dir, prepare_data, summary_markdown
+from lora_tasks.pipeline import PreparedData, lineage_tags, prepare_data, run_dir_for, summary_markdown
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 
 MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
@@ -54,12 +54,18 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
     return registry.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE)
+# A retry (Ray gave up after scaling.max_failures) continues from the latest checkpoint in the run folder.
+@task(name="train-adapter", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     from lora_tasks.distributed import train_adapter
 
     result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id)
-    get_run_logger().info("adapter trained: %s", result.metrics)
+    m = result.metrics
+    if m.get("start_step"):
+        get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
+    get_run_logger().info("adapter trained: step %s, loss %s, on nodes %s", m.get("step"), m.get("train_loss"), m.get("worker_nodes"))
+    names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s"}
+    registry.log_metrics(cfg.tracking.tracking_uri, run_id, {names[k]: v for k, v in m.items() if k in names})
     return result
 
 
@@ -145,11 +151,11 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
 def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
     """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it."""
     cfg = load_config(config_path, overrides)
-    run_dir = str(new_run_dir(cfg))
+    run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
     data = validate_data(cfg, run_dir)
     base = describe_base(cfg)
     tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
-            "run_dir": run_dir}
+            "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
     run_id = start_mlflow_run(cfg, run_dir, tags)
     try:
         trained = train(cfg, data, run_dir, run_id)

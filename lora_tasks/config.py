@@ -159,7 +159,12 @@ class ScalingConfig(_Section):
     address: str | None = None
     """Ray cluster address (`ray://...` or `auto`); null starts a local Ray (or uses RAY_ADDRESS)."""
     storage_path: str = ".prefect-lora/runs"
-    """Where checkpoints, adapters and reports of each run are kept (local path or URI)."""
+    """Where checkpoints, adapters and reports of each run are kept: a local or NFS path, or a
+    URI that pyarrow reads (`s3://bucket/prefix`, `gs://...`). With a URI, checkpoints go there
+    and reports and the final adapter also stay in a local folder under `.prefect-lora/runs`."""
+    max_failures: int = Field(2, ge=0)
+    """Worker failures (a killed process, a lost node) that Ray Train recovers from by restarting
+    the workers from the latest checkpoint; `training.checkpoint_every` bounds the lost work."""
 
 
 class ReferenceConfig(_Section):
@@ -257,8 +262,20 @@ class PipelineConfig(_Section):
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of this config: equal configs give equal hashes."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return _sha256_json(self.model_dump(mode="json"))
+
+    def training_hash(self) -> str:
+        """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
+        training, worker count), not of where it runs, how it is evaluated or gated, or where
+        results go. A run is identified by this hash and the data's fingerprint."""
+        d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training"})
+        d["num_workers"] = self.scaling.num_workers
+        return _sha256_json(d)
+
+
+def _sha256_json(obj) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _format_error(err: dict) -> str:

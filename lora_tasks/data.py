@@ -258,6 +258,46 @@ def fingerprint(*frames: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(*paths: str | os.PathLike | None) -> str:
+    """sha256 hex of the raw sources as stored: file bytes, or every file of a folder with its
+    relative path; for a URI (`s3://...`), each object's path, size and modification time.
+
+    Cheap to compute before any parsing, so a run can be named by its inputs before validation."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            h.update(b"none\n")
+            continue
+        path = str(path)
+        if "://" in path:
+            _hash_uri(path, h)
+            continue
+        p = Path(path).expanduser()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f"file:{f.relative_to(p) if p.is_dir() else f.name}\n".encode())
+            try:
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+            except OSError as exc:
+                raise DataError(f"{f}: cannot be read ({exc.strerror}). Fix: check data.train_path / data.eval_path.") from None
+    return h.hexdigest()
+
+
+def _hash_uri(uri: str, h) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True)) if info.type == pafs.FileType.Directory else [info]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot be listed ({exc}). Fix: check the URI and the storage credentials.") from None
+    for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        h.update(f"object:{i.path}:{i.size}:{i.mtime_ns}\n".encode())
+
+
 def _dump(value) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8")
 

@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import PipelineConfig
+from .pipeline import checkpoint_storage
 from .errors import TrainingError
 from .training import ADAPTER_DIR, WorkerContext, train_worker
 
@@ -51,9 +52,17 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def _runtime_env() -> dict:
-    """Ship this package to the cluster's workers along with the job."""
+    """What an existing cluster's workers get with the job: this package's code (uploaded, so the
+    cluster needs only the dependencies, not a copy of the project) and quiet, offline-safe
+    settings. The config and in-memory data travel in the trainer's `train_loop_config`."""
     root = Path(__file__).resolve().parents[1]
-    return {"py_modules": [str(root / "lora_tasks")]}
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    return {"py_modules": [str(root / "lora_tasks")], "env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}
+
+
+# Settings of the driver that workers elsewhere must see too (model cache, hub access, logging).
+_FORWARDED_ENV = ("PREFECT_LORA_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
+                  "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def _ray_worker_loop(config: dict) -> None:
@@ -73,16 +82,40 @@ def _ray_worker_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     log = metric_logger(config["tracking_uri"], config["mlflow_run_id"]) if config.get("mlflow_run_id") else None
+    rank = ctx.get_world_rank()
+    # Where each rank runs (node, host, pid) goes out with every report, for the run's record.
+    placement = _gather_placement(rank, ctx.get_world_size())
+
+    def report_with_placement(metrics: dict, checkpoint_dir: str | None) -> None:
+        report({**metrics, **placement}, checkpoint_dir)
+
     resume_dir = None
     with tempfile.TemporaryDirectory(prefix="lora-resume-") as tmp:
         if checkpoint is not None:
             resume_dir = checkpoint.to_directory(tmp)
         worker_ctx = WorkerContext(
-            rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
-            report=report, resume_from=resume_dir,
-            **({"log": log} if log and ctx.get_world_rank() == 0 else {}),
+            rank=rank, world_size=ctx.get_world_size(), device=device,
+            report=report_with_placement, resume_from=resume_dir,
+            **({"log": log} if log and rank == 0 else {}),
         )
         train_worker(cfg, config["rows"], worker_ctx)
+
+
+def _gather_placement(rank: int, world_size: int) -> dict[str, str]:
+    import socket
+
+    import torch.distributed as dist
+
+    me = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid())
+    every = [me]
+    if world_size > 1 and dist.is_initialized():
+        every = [None] * world_size
+        dist.all_gather_object(every, me)
+    return {
+        "worker_nodes": ",".join(n for n, _, _ in every),
+        "worker_hosts": ",".join(h for _, h, _ in every),
+        "worker_pids": ",".join(str(p) for _, _, p in every),
+    }
 
 
 def train_adapter(
@@ -91,15 +124,18 @@ def train_adapter(
     run_dir: str | Path,
     *,
     mlflow_run_id: str | None = None,
-    max_failures: int = 0,
+    max_failures: int | None = None,
 ) -> TrainResult:
     """Train on Ray Train with `cfg.scaling`; copy the final adapter to `run_dir/adapter`.
 
-    Checkpoints go to `run_dir/train/` (under the storage path), so a failed step leaves them
-    for the next attempt."""
+    Checkpoints go to `train/` under the run's checkpoint storage (the run folder, or its place
+    under a storage URI). Ray Train restarts failed workers from the latest checkpoint up to
+    `max_failures` times (default `scaling.max_failures`); a new attempt with the same run folder
+    (a Prefect retry, or the same config and data run again) continues from it too."""
     s = cfg.scaling
     ensure_ray(s.address, num_cpus=None if s.address else max(os.cpu_count() or 1, s.num_workers * s.cpus_per_worker))
     run_dir = Path(run_dir)
+    storage = checkpoint_storage(cfg, run_dir)
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={
@@ -113,8 +149,8 @@ def train_adapter(
         ),
         run_config=RunConfig(
             name="train",
-            storage_path=str(run_dir),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=s.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
@@ -122,7 +158,7 @@ def train_adapter(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {run_dir / 'train'}") from exc
+        raise TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {storage}/train") from exc
     if result.checkpoint is None:
         raise TrainingError("training finished without reporting a checkpoint")
     adapter_dir = run_dir / ADAPTER_DIR

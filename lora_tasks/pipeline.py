@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .config import PipelineConfig
-from .data import fingerprint, load_table, sample_rows, split_train_eval
+from .data import fingerprint, load_table, sample_rows, source_fingerprint, split_train_eval
 from .evaluation import EvalReport
 from .modeling import BaseModelInfo
 from .promotion import Decision
 from .validation import ValidationReport, enforce_policy, validate_splits
 
 
-def new_run_dir(cfg: PipelineConfig, now: float | None = None) -> Path:
-    """A fresh folder for one pipeline run under `storage_path/model_name/`."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-    base = Path(cfg.scaling.storage_path) / cfg.model_name
-    for i in range(1000):
-        path = base / (f"{stamp}-{cfg.config_hash()[:6]}" + (f"-{i}" if i else ""))
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a run folder under {base}")
+LOCAL_RUNS = ".prefect-lora/runs"
+"""Local home of reports and adapters when `scaling.storage_path` is a URI."""
+
+
+def run_key(cfg: PipelineConfig) -> str:
+    """A run's identity: its training settings and the raw bytes of its data.
+
+    A retried or re-run flow with the same config and data gets the same key, hence the same run
+    folder, where Ray Train finds the latest checkpoint and continues from it."""
+    blob = f"{cfg.training_hash()}:{source_fingerprint(cfg.data.train_path, cfg.data.eval_path)}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_dir_for(cfg: PipelineConfig) -> Path:
+    """The local folder of the run `run_key(cfg)`: `storage_path/MODEL/run-KEY` (created).
+
+    With a URI storage path it is the same relative folder under `.prefect-lora/runs`; the
+    checkpoints themselves go to the URI (see `checkpoint_storage`)."""
+    root = cfg.scaling.storage_path
+    base = Path(LOCAL_RUNS).resolve() if "://" in root else Path(root)
+    path = base / cfg.model_name / f"run-{run_key(cfg)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoint_storage(cfg: PipelineConfig, run_dir: str | Path) -> str:
+    """Where Ray Train keeps this run's checkpoints: the run folder, or the same place under a URI."""
+    root = cfg.scaling.storage_path
+    if "://" in root:
+        return f"{root.rstrip('/')}/{cfg.model_name}/{Path(run_dir).name}"
+    return str(run_dir)
 
 
 def _columns(cfg: PipelineConfig) -> list[str]:

@@ -55,12 +55,31 @@ def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
     """Create the pipeline's MLflow run with the config as params; returns the run id."""
     c = client(cfg.tracking.tracking_uri)
     exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    unfinished = _unfinished_run(c, exp_id, tags)
+    if unfinished:  # an earlier attempt of this very run died: continue its record
+        c.update_run(unfinished, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(unfinished, k, v)
+        return unfinished
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
     params = flatten(cfg.model_dump(mode="json"))
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The latest run of the same run key and config hash that did not finish, if any."""
+    key, config_hash = tags.get("lora.run_key"), tags.get("lineage.config_hash")
+    if not key or not config_hash:
+        return None
+    runs = c.search_runs(
+        [exp_id],
+        filter_string=f"tags.`lora.run_key` = '{key}' and tags.`lineage.config_hash` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -207,8 +207,18 @@ def _mean_across_ranks(value: float, ctx: WorkerContext) -> float:
     return value
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path) -> Path:
-    """Write the adapter (PEFT safetensors) and the trainer state needed to resume exactly."""
+def _gather(value, ctx: WorkerContext) -> list:
+    """`value` from every rank, in rank order (just `[value]` outside torch.distributed)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        out = [None] * ctx.world_size
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, rng_states: list | None = None) -> Path:
+    """Write the adapter (PEFT safetensors) and the trainer state needed to resume exactly:
+    optimizer and scheduler state, the step (which fixes the data position) and each rank's RNG."""
     folder = Path(folder)
     _unwrap(model).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
     torch.save(
@@ -216,14 +226,14 @@ def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path) 
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rng_states or [torch.get_rng_state()],
         },
         folder / STATE_FILE,
     )
     return folder
 
 
-def _load_checkpoint(model, optimizer, scheduler, folder: str | Path) -> int:
+def _load_checkpoint(model, optimizer, scheduler, folder: str | Path, rank: int = 0) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -233,7 +243,9 @@ def _load_checkpoint(model, optimizer, scheduler, folder: str | Path) -> int:
     state = torch.load(folder / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    rng = state["torch_rng"]
+    rng = rng if isinstance(rng, list) else [rng]
+    torch.set_rng_state(rng[rank] if rank < len(rng) else rng[0])  # a resized job keeps going, not exactly
     return int(state["step"])
 
 
@@ -275,7 +287,9 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule)
     )
-    step = _load_checkpoint(model, optimizer, scheduler, ctx.resume_from) if ctx.resume_from else 0
+    torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
+    step = _load_checkpoint(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
+    start_step = step
 
     accum = t.gradient_accumulation_steps
     def autocast():
@@ -314,17 +328,23 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         if ctx.rank == 0 and (step % t.log_every == 0 or step == total_steps):
             ctx.log({"train_loss": last_loss, "learning_rate": lr}, step)
         if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            metrics = {
-                "step": step,
-                "train_loss": last_loss,
+            _checkpoint(model, optimizer, scheduler, step, ctx, {
+                "train_loss": last_loss, "start_step": start_step,
                 "train_tokens_per_s": tokens_seen * ctx.world_size / (time.perf_counter() - started),
-            }
-            tmp = tempfile.mkdtemp(prefix="lora-ckpt-") if ctx.rank == 0 else None
-            try:
-                if tmp:
-                    save_checkpoint(model, optimizer, scheduler, step, tmp)
-                ctx.report(metrics, tmp)
-            finally:
-                if tmp:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    return {"step": step, "train_loss": last_loss, "total_steps": total_steps}
+            })
+    if start_step == total_steps:  # resumed from the final checkpoint: report it again as the result
+        _checkpoint(model, optimizer, scheduler, step, ctx, {"start_step": start_step})
+    return {"step": step, "train_loss": last_loss, "total_steps": total_steps, "start_step": start_step}
+
+
+def _checkpoint(model, optimizer, scheduler, step: int, ctx: WorkerContext, metrics: dict) -> None:
+    """Every rank reports `metrics` at `step`; rank 0 also writes the checkpoint folder."""
+    rng_states = _gather(torch.get_rng_state(), ctx)
+    tmp = tempfile.mkdtemp(prefix="lora-ckpt-") if ctx.rank == 0 else None
+    try:
+        if tmp:
+            save_checkpoint(model, optimizer, scheduler, step, tmp, rng_states)
+        ctx.report({"step": step, **metrics}, tmp)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

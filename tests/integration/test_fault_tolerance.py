@@ -1,0 +1,164 @@
+"""Failures that clusters have, on a real local Ray: a training worker SIGKILLed mid-run, and the
+driver (the whole `prefect-lora run` process) killed mid-training and run again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 80
+
+
+def tiny_raw(workdir: Path, **training) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    raw["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore every rank's RNG
+    raw["training"].update({"max_steps": STEPS, "checkpoint_every": 5, **training})
+    raw["scaling"]["storage_path"] = str(workdir / "runs")
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "artifact_location": str(workdir / "art")}
+    return raw
+
+
+def checkpoints(train_dir: Path) -> list[Path]:
+    return sorted(train_dir.glob("checkpoint_*/trainer_state.pt"))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def final_state(checkpoint_path: str) -> dict:
+    return torch.load(Path(checkpoint_path) / "trainer_state.pt", weights_only=False)
+
+
+def optimizer_steps(state: dict) -> set[int]:
+    """AdamW's own step counter of every trained tensor: how many updates really happened."""
+    return {int(s["step"]) for s in state["optimizer"]["state"].values()}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_sigkill_of_a_worker_resumes_exactly_from_the_latest_checkpoint(tmp_path, ray_local):
+    """Ray Train restarts the worker group from the latest checkpoint: the run completes with
+    exactly STEPS optimizer updates, and loss and weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.distributed import train_adapter
+    from lora_tasks.pipeline import prepare_data
+
+    cfg = config_from_dict(tiny_raw(tmp_path))
+    rows = prepare_data(cfg, tmp_path / "data").train_rows
+    straight = train_adapter(cfg, rows, tmp_path / "straight", max_failures=0)
+
+    killed: list[tuple[int, int]] = []
+
+    def kill_a_worker_after_first_checkpoint():
+        # Ray's controller registers a reported checkpoint on its next poll: once the second one
+        # is on disk, the first is surely registered and the restart must start from it or later.
+        wait_for(lambda: len(checkpoints(tmp_path / "killed" / "train")) >= 2, 120, "two checkpoints")
+        step = final_state(str(checkpoints(tmp_path / "killed" / "train")[-1].parent))["step"]
+        pid = wait_for(train_worker_pids, 30, "a Ray Train worker process")[-1]
+        os.kill(pid, signal.SIGKILL)
+        killed.append((pid, step))
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    resumed = train_adapter(cfg, rows, tmp_path / "killed", max_failures=1)
+    killer.join(timeout=5)
+
+    assert killed, "no worker was killed"
+    pid, step_at_kill = killed[0]
+    m, s = resumed.metrics, straight.metrics
+    print(f"\nkilled worker pid {pid} after the checkpoint of step {step_at_kill}; resumed from step "
+          f"{m['start_step']}; final step {m['step']}, loss {m['train_loss']:.6f} vs uninterrupted {s['train_loss']:.6f}")
+    assert 5 <= m["start_step"] < STEPS, "the restarted workers did not resume from a checkpoint"
+    assert m["step"] == STEPS == s["step"]
+    state = final_state(resumed.checkpoint_path)
+    assert state["step"] == STEPS
+    assert optimizer_steps(state) == {STEPS}, "some optimizer step was lost or counted twice"
+    assert m["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4, abs=1e-5)
+    a = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(straight.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path):
+    """SIGKILL of `prefect-lora run` (driver, local Ray and all) mid-training; the same command
+    again finds the run folder by config and data, continues from the latest checkpoint and
+    completes the same MLflow run."""
+    from mlflow import MlflowClient
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw(tmp_path, max_steps=60)))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LORA_RAY_TMP": str(tmp_path / "ray")}
+    cli = [str(Path(sys.executable).with_name("prefect-lora")), "run", str(cfg_path)]
+
+    first = subprocess.Popen(cli, env=env, cwd=tmp_path, start_new_session=True,
+                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        ckpts = wait_for(lambda: sorted((tmp_path / "runs").glob("tiny-sums/run-*/train/checkpoint_*/trainer_state.pt")),
+                         240, "the first checkpoint of the first attempt")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        _kill_leftovers(tmp_path)
+    run_dir = ckpts[0].parents[2]
+    steps_before = max(final_state(str(p.parent))["step"] for p in checkpoints(run_dir / "train"))
+    assert steps_before < 60
+
+    second = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    _kill_leftovers(tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
+    assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
+    metrics = runs[0].data.metrics
+    print(f"\nkilled after step >= {steps_before}; re-run resumed from step {metrics['train_start_step']:.0f}, "
+          f"ended at {metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
+    assert runs[0].info.status == "FINISHED"
+    assert steps_before <= metrics["train_start_step"] < 60
+    assert metrics["train_step"] == 60
+    state = final_state(str(checkpoints(run_dir / "train")[-1].parent))
+    assert optimizer_steps(state) == {60}
+    logged = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss")}
+    assert logged == set(range(1, 61)), "every step's loss is in the run's history, from both attempts"
+
+
+def _kill_leftovers(tmp_path: Path) -> None:
+    """Ray processes started by a killed driver live in their own sessions: stop them by their temp dir."""
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "ray")], check=False)
