@@ -108,6 +108,133 @@ def _print_summary(result: dict) -> None:
     out.print(f"open the UI: mlflow ui --backend-store-uri {result['tracking_uri']}", highlight=False, soft_wrap=True)
 
 
+TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: the local SQLite store, sqlite:///.prefect-lora/mlflow.db).")]
+NotifyOption = Annotated[Optional[str], typer.Option("--notify", help="URL of a running `prefect-lora serve` to swap at once (POST /admin/refresh).")]
+
+
+def _tracking(uri: Optional[str]) -> str:
+    from lora_tasks.config import TrackingConfig
+
+    return uri or TrackingConfig().tracking_uri
+
+
+def _print_record(record: dict) -> None:
+    console.print(f"[green]{record['action']}[/]: {record['name']} {record['alias']} "
+                  f"{record['from_version']} -> {record['to_version']} by {record['actor']} at {record['at']}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def promote(
+    name: str,
+    version: str,
+    reason: Annotated[str, typer.Option("--reason", help="Why this version: kept in the audit history.")],
+    tracking_uri: TrackingOption = None,
+    notify: NotifyOption = None,
+) -> None:
+    """Make VERSION of model NAME the champion (manual; audited with --reason)."""
+    try:
+        from flows.promote import promote as promote_flow
+        from flows.settings import hide_expected_tracebacks
+
+        hide_expected_tracebacks()
+        record = promote_flow(name, version, reason, _tracking(tracking_uri), notify)
+    except LoraTaskError as exc:
+        _fail(exc)
+    _print_record(record)
+
+
+@app.command()
+def rollback(
+    name: str,
+    to: Annotated[Optional[str], typer.Option("--to", help="Version to go back to (default: the previous champion).")] = None,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why: kept in the audit history.")] = None,
+    tracking_uri: TrackingOption = None,
+    notify: NotifyOption = None,
+) -> None:
+    """Point NAME's champion back at the previous champion (or --to VERSION); audited."""
+    try:
+        from flows.rollback import rollback as rollback_flow
+        from flows.settings import hide_expected_tracebacks
+
+        hide_expected_tracebacks()
+        record = rollback_flow(name, to, reason, _tracking(tracking_uri), notify)
+    except LoraTaskError as exc:
+        _fail(exc)
+    _print_record(record)
+
+
+@app.command()
+def history(name: str, tracking_uri: TrackingOption = None) -> None:
+    """Print every alias move of NAME (who, when, from, to, why), oldest first."""
+    from lora_tasks import registry
+
+    try:
+        records = registry.alias_history(_tracking(tracking_uri), name)
+    except LoraTaskError as exc:
+        _fail(exc)
+    table = Table(title=f"{name}: alias history")
+    for col in ("when", "alias", "action", "from", "to", "who", "why"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r["at"][:19], r["alias"], r["action"], str(r["from_version"]), str(r["to_version"]), r["actor"],
+                      r["reason"][:120])
+    Console().print(table)
+
+
+@app.command()
+def serve(
+    name: str,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Listen address (0.0.0.0 exposes it).")] = "127.0.0.1",
+    tracking_uri: TrackingOption = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Serve config YAML (limits, canary, token block...).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="adapter (multiplexed on one base) or merged.")] = None,
+    canary_share: Annotated[Optional[float], typer.Option(help="Share of champion traffic sent to the challenger.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
+) -> None:
+    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C."""
+    from deploy.serve_core import load_serve_config
+
+    try:
+        cfg = load_serve_config(config, model_name=name, port=port, host=host, tracking_uri=tracking_uri,
+                                mode=mode, canary_share=canary_share)
+        from lora_tasks import registry
+
+        registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # one clear message before Ray starts
+        from deploy.serve import run_forever
+    except (LoraTaskError, ValueError) as exc:
+        _fail(exc)
+    run_forever(cfg, ray_address=ray_address)
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="NAME@ALIAS (e.g. demo@champion), NAME/VERSION, or NAME (the champion).")],
+    merged: Annotated[Optional[Path], typer.Option("--merged", help="Write a merged model (safetensors) here.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Write the PEFT adapter folder (vLLM-loadable) here.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty target folder.")] = False,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Export a registered adapter: --adapter DIR (PEFT folder) and/or --merged DIR (merged model)."""
+    from lora_tasks import export as exporter
+
+    if not merged and not adapter:
+        _fail(LoraTaskError("say what to write: --adapter DIR, --merged DIR, or both"))
+    uri = _tracking(tracking_uri)
+    try:
+        results = []
+        if adapter:
+            results.append(exporter.export_adapter(uri, ref, adapter, force=force))
+        if merged:
+            results.append(exporter.export_merged(uri, ref, merged, force=force))
+    except LoraTaskError as exc:
+        _fail(exc)
+    for r in results:
+        console.print(f"[green]{r.kind}[/] of {r.name} version {r.version} -> {r.path} ({', '.join(r.files)})",
+                      highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 

@@ -597,3 +597,37 @@ def run_url(tracking_uri: str, run_id: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {tracking_uri}  (then experiment {exp}, run {run_id})"
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """A registered version's files on local disk: its PEFT adapter and the pyfunc model config."""
+
+    name: str
+    version: str
+    model_dir: Path
+    adapter_dir: Path
+    model_config: dict
+
+
+def download_version(tracking_uri: str, name: str, version: str, dst: str | Path | None = None) -> VersionFiles:
+    """Fetch version `version` of `name` (MLmodel + adapter) and check its adapter is safetensors."""
+    import tempfile
+
+    import yaml
+
+    get_version(tracking_uri, name, version)  # a clear error for unknown names and versions
+    client(tracking_uri)
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix=f"pl-{name}-v{version}-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    pyfunc = mlmodel.get("flavors", {}).get("python_function", {}) or {}
+    model_config = pyfunc.get("model_config") or pyfunc.get("config") or {}
+    adapter = local / ((pyfunc.get("artifacts") or {}).get("adapter", {}).get("path") or "artifacts/adapter")
+    if not (adapter / "adapter_model.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
+        raise RegistryError(
+            f"version {version} of {name!r} has no adapter_config.json + adapter_model.safetensors under its "
+            "artifacts/adapter; only safetensors adapters are loaded (no pickle). Re-register it with prefect-lora"
+        )
+    return VersionFiles(name, str(version), local, adapter, dict(model_config))

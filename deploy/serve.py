@@ -1,0 +1,484 @@
+"""Serve a registered model's adapters over HTTP with Ray Serve, following its `champion` alias.
+
+Two deployments:
+
+- `Gateway` (FastAPI ingress): auth, request limits, OpenAI-compatible routes, alias -> version
+  resolution, the optional canary share, and a background poll of the aliases. A swap (poll,
+  `POST /admin/refresh`, or `handle.refresh.remote()`) first loads the new version on a replica
+  and only then points the alias at it; requests already routed to the old version finish on it.
+- `AdapterModel` (or `MergedModel`): loads the base once per replica and attaches adapters by
+  version with `@serve.multiplexed`; the router sends each version to a replica that holds it.
+
+Adapters load from safetensors only; `trust_remote_code` stays off unless configured; the bearer
+token is never logged (it travels as a `Secret`, whose repr is masked).
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from types import SimpleNamespace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deploy.serve_core import (
+    RequestProblem,
+    Secret,
+    ServeConfig,
+    check_auth,
+    check_body_size,
+    choose_alias,
+    parse_chat,
+    parse_classify,
+    parse_completion,
+    parse_json,
+    parse_model_field,
+    resolve_token,
+)
+
+logger = logging.getLogger("ray.serve")
+MAX_ADAPTERS_PER_REPLICA = int(os.environ.get("PREFECT_LORA_SERVE_MAX_ADAPTERS", "4"))
+ROUTE_TASK = {"complete": "causal_lm", "chat": "causal_lm", "classify": "sequence_classification"}
+ROUTE_NAME = {"complete": "/v1/completions", "chat": "/v1/chat/completions", "classify": "/v1/classify"}
+
+
+# ----------------------------------------------------------------------------- model replicas
+
+
+class _Replica:
+    """What both replica kinds share: the version files, the tokenizer, and inference."""
+
+    def _setup(self, cfg: dict) -> None:
+        import torch
+
+        from lora_tasks.modeling import load_tokenizer
+
+        self.cfg = ServeConfig(**cfg)
+        self.device = torch.device(self.cfg.device)
+        self._lock = threading.Lock()  # one forward pass at a time: adapters switch per request
+        self._files: dict[str, object] = {}
+        first = self._first_version()
+        self.base_config = self._files_for(first).model_config
+        self.task = self.base_config["task"]
+        self.tokenizer = load_tokenizer(self.base_config["base_model"], self.base_config.get("revision"),
+                                        trust_remote_code=self.cfg.trust_remote_code)
+
+    def _first_version(self) -> str:
+        from lora_tasks import registry
+
+        c = registry.client(self.cfg.tracking_uri)
+        model = registry._require_model(c, self.cfg.model_name)
+        for alias in ("champion", "challenger"):
+            if alias in model.aliases:
+                return str(model.aliases[alias])
+        versions = c.search_model_versions(f"name = '{self.cfg.model_name}'")
+        if not versions:
+            raise RuntimeError(f"{self.cfg.model_name!r} has no registered versions to serve")
+        return str(max(int(v.version) for v in versions))
+
+    def _files_for(self, version: str):
+        from lora_tasks import registry
+
+        if version not in self._files:
+            files = registry.download_version(self.cfg.tracking_uri, self.cfg.model_name, version)
+            if hasattr(self, "base_config"):
+                mine = (self.base_config.get("base_model"), self.base_config.get("revision"), self.base_config.get("task"))
+                theirs = (files.model_config.get("base_model"), files.model_config.get("revision"), files.model_config.get("task"))
+                if mine != theirs:
+                    raise RequestProblem(409, f"version {version} was trained on {theirs[0]} ({theirs[2]}), not on the "
+                                              f"served base {mine[0]} ({mine[2]}); serve it in its own application")
+            self._files[version] = files
+        return self._files[version]
+
+    async def warm(self) -> str:
+        """Load the request's version (multiplexed model id) so the next request finds it ready."""
+        await self.get_model(serve.get_multiplexed_model_id())
+        return serve.get_multiplexed_model_id()
+
+    async def run(self, op: str, payload: dict) -> dict:
+        """Serve one request for the version named by the multiplexed model id."""
+        from lora_tasks.errors import LoraTaskError, RegistryError
+
+        version = serve.get_multiplexed_model_id()
+        try:
+            if ROUTE_TASK[op] != self.task:
+                route = "/v1/classify" if self.task == "sequence_classification" else "/v1/completions or /v1/chat/completions"
+                raise RequestProblem(400, f"{self.cfg.model_name} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
+            model = await self.get_model(version)
+            return await asyncio.to_thread(self._infer_locked, model, version, op, payload)
+        except RequestProblem as exc:
+            return {"error": exc.message, "status": exc.status, "type": exc.kind}
+        except RegistryError as exc:
+            return {"error": str(exc), "status": 404, "type": "model_not_found"}
+        except LoraTaskError as exc:
+            return {"error": str(exc), "status": 400, "type": "invalid_request_error"}
+        except Exception as exc:  # noqa: BLE001  (one failed request must not take the replica down)
+            logger.exception("inference failed for version %s", version)
+            return {"error": f"internal error ({exc.__class__.__name__})", "status": 500, "type": "server_error"}
+
+    def _infer_locked(self, model, version: str, op: str, payload: dict) -> dict:
+        with self._lock:
+            model = self._activate(model, version)
+            mcfg = self._files_for(version).model_config
+            if op == "classify":
+                return self._classify(model, mcfg, payload["texts"])
+            if op == "chat":
+                texts, special = self._chat_text(mcfg, payload["messages"])
+            else:
+                from lora_tasks.training import format_prompts
+
+                prompting = SimpleNamespace(chat_template=bool(mcfg.get("chat_template")), system_prompt=mcfg.get("system_prompt"))
+                texts, special = format_prompts(payload["prompts"], self.tokenizer, prompting)
+            return self._generate(model, texts, special, payload["max_tokens"], payload["temperature"])
+
+    def _activate(self, model, version: str):
+        return model
+
+    def _chat_text(self, mcfg: dict, messages: list[dict]) -> tuple[list[str], bool]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            if mcfg.get("system_prompt") and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": mcfg["system_prompt"]}] + messages
+            return [tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)], False
+        # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
+        return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
+
+    def _generate(self, model, texts: list[str], special: bool, max_tokens: int, temperature: float) -> dict:
+        import torch
+
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+            lengths = enc["attention_mask"].sum(-1).tolist()
+            if max(lengths) > self.cfg.max_prompt_tokens:
+                raise RequestProblem(400, f"prompt is {max(lengths)} tokens; the limit is {self.cfg.max_prompt_tokens}")
+            enc = enc.to(self.device)
+            sample = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id, **sample)
+        finally:
+            tok.padding_side = side
+        new = out[:, enc["input_ids"].shape[1]:]
+        answers, finish, completion_tokens = [], [], 0
+        for row in new.tolist():
+            n = len(row)
+            if tok.eos_token_id in row:
+                n = row.index(tok.eos_token_id)
+            completion_tokens += n
+            finish.append("stop" if n < len(row) or n < max_tokens else "length")
+            answers.append(tok.decode(row[:n], skip_special_tokens=True))
+        return {"texts": answers, "finish": finish, "prompt_tokens": int(sum(lengths)), "completion_tokens": completion_tokens}
+
+    def _classify(self, model, mcfg: dict, texts: list[str]) -> dict:
+        import torch
+
+        labels = mcfg.get("labels") or []
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=int(mcfg.get("max_seq_length", 512)),
+                             return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            probs = model(**enc).logits.softmax(-1)
+        score, idx = probs.max(-1)
+        return {"labels": [str(labels[i]) if i < len(labels) else str(i) for i in idx.tolist()], "scores": score.tolist()}
+
+
+class _LoadedAdapter:
+    """What the multiplexer caches per version; unloading it detaches the adapter from the base."""
+
+    def __init__(self, owner: "AdapterModel", version: str):
+        self.owner, self.version, self._gone = owner, version, False
+
+    def __del__(self):  # called by Serve on LRU eviction (and later by the GC: idempotent)
+        if not self._gone:
+            self._gone = True
+            self.owner._unload(self.version)
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class AdapterModel(_Replica):
+    """One base model per replica; adapters attached by version and switched per request."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        from lora_tasks.modeling import load_base_model
+
+        self._setup(cfg)
+        labels = self.base_config.get("labels")
+        self.base = load_base_model(
+            self.base_config["base_model"], self.task, revision=self.base_config.get("revision"),
+            num_labels=len(labels) if labels else None, torch_dtype=self.base_config.get("torch_dtype") or "float32",
+            trust_remote_code=self.cfg.trust_remote_code, pad_token_id=self.tokenizer.pad_token_id,
+        ).to(self.device)
+        torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
+        self.peft = None
+        self.loaded: set[str] = set()
+        logger.info("base model %s loaded once for %s", self.base_config["base_model"], self.cfg.model_name)
+
+    def _ensure(self, version: str) -> None:
+        """Attach the version's adapter if it is not attached (lock held)."""
+        from peft import PeftModel
+
+        from lora_tasks.export import copy_safe_adapter
+
+        name = f"v{version}"
+        if name in self.loaded:
+            return
+        files = self._files_for(version)
+        clean = copy_safe_adapter(files.adapter_dir, tempfile.mkdtemp(prefix=f"pl-serve-{name}-"))
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(clean), adapter_name=name, is_trainable=False)
+        else:
+            self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
+        self.peft.eval()
+        self.loaded.add(name)
+        logger.info("adapter of version %s attached", version)
+
+    def _load_sync(self, version: str) -> None:
+        with self._lock:
+            self._ensure(version)
+
+    def _unload(self, version: str) -> None:
+        name = f"v{version}"
+        with self._lock:
+            if name not in self.loaded or len(self.loaded) == 1:
+                return  # keep the last adapter: the PEFT wrapper needs one
+            if self.peft.active_adapter == name:
+                self.peft.set_adapter(next(n for n in self.loaded if n != name))
+            self.peft.delete_adapter(name)
+            self.loaded.discard(name)
+            logger.info("adapter of version %s detached (least recently used)", version)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
+    async def get_model(self, version: str) -> _LoadedAdapter:
+        await asyncio.to_thread(self._load_sync, version)
+        return _LoadedAdapter(self, version)
+
+    def _activate(self, model, version: str):
+        self._ensure(version)  # evicted between routing and now: attach again
+        self.peft.set_adapter(f"v{version}")
+        return self.peft
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class MergedModel(_Replica):
+    """One merged model (base with the adapter folded in) per version: no adapter math per token."""
+
+    def __init__(self, cfg: dict):
+        self._setup(cfg)
+
+    def _build(self, version: str):
+        from lora_tasks.export import load_adapted
+
+        model, _ = load_adapted(self._files_for(version), trust_remote_code=self.cfg.trust_remote_code)
+        merged = model.merge_and_unload().to(self.device)
+        merged.eval()
+        return merged
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, version: str):
+        return await asyncio.to_thread(self._build, version)
+
+
+# ----------------------------------------------------------------------------- HTTP gateway
+
+app = FastAPI(title="prefect-lora", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(RequestProblem)
+async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    async def __init__(self, model, cfg: dict, token: Secret | None):
+        self.model, self.cfg, self.token = model, ServeConfig(**cfg), token
+        self.aliases: dict[str, str] = {}
+        self.swaps = 0
+        self._refresh_lock = asyncio.Lock()
+        await self.refresh()
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    # -- aliases
+
+    def _read_aliases(self) -> dict[str, str]:
+        from lora_tasks import registry
+
+        model = registry._require_model(registry.client(self.cfg.tracking_uri), self.cfg.model_name)
+        return {a: str(v) for a, v in model.aliases.items()}
+
+    async def refresh(self) -> dict:
+        """Re-read the aliases; load each moved alias's new version before pointing at it."""
+        async with self._refresh_lock:
+            new = await asyncio.to_thread(self._read_aliases)
+            ready = dict(self.aliases)
+            for alias, version in new.items():
+                if ready.get(alias) == version:
+                    continue
+                try:
+                    await self.model.options(multiplexed_model_id=version).warm.remote()
+                except Exception as exc:  # noqa: BLE001  (keep serving the old version)
+                    logger.error("alias %s -> version %s not swapped: loading failed (%s)", alias, version, exc)
+                    continue
+                logger.info("alias %s now serves version %s (was %s)", alias, version, ready.get(alias))
+                ready[alias] = version
+                self.swaps += 1
+            for alias in set(ready) - set(new):
+                ready.pop(alias)
+            self.aliases = ready
+            return {"model": self.cfg.model_name, "aliases": dict(ready), "swaps": self.swaps}
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001  (MLflow down: keep serving what we have)
+                logger.warning("alias poll failed: %s", exc)
+
+    # -- request plumbing
+
+    async def _guard(self, request: Request) -> dict:
+        check_auth(request.headers.get("authorization"), self.token)
+        check_body_size(request.headers.get("content-length"), None, self.cfg)
+        body = await request.body()
+        check_body_size(None, body, self.cfg)
+        return parse_json(body)
+
+    def _version(self, ref: str) -> str:
+        if ref.isdigit():
+            return ref
+        if ref not in self.aliases:
+            raise RequestProblem(404, f"{self.cfg.model_name} has no alias {ref!r}; served aliases: "
+                                      f"{sorted(self.aliases) or 'none'} (promote a version first)", "model_not_found")
+        return self.aliases[ref]
+
+    async def _run(self, body: dict, op: str, payload: dict) -> tuple[dict, str]:
+        ref = parse_model_field(body.get("model"), self.cfg.model_name)
+        ref = choose_alias(ref, self.cfg.canary_share, "challenger" in self.aliases
+                           and self.aliases.get("challenger") != self.aliases.get("champion"))
+        version = self._version(ref)
+        result = await self.model.options(multiplexed_model_id=version).run.remote(op, payload)
+        if "error" in result:
+            raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
+        return result, version
+
+    def _usage(self, result: dict) -> dict:
+        p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    # -- routes
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model_name, "aliases": self.aliases, "mode": self.cfg.mode}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        check_auth(request.headers.get("authorization"), self.token)
+        data = [{"id": f"{self.cfg.model_name}@{a}", "object": "model", "version": v, "owned_by": "prefect-lora"}
+                for a, v in sorted(self.aliases.items())]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> dict:
+        body = await self._guard(request)
+        result, version = await self._run(body, "complete", parse_completion(body, self.cfg))
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": f"{self.cfg.model_name}/{version}",
+            "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
+                        for i, (t, f) in enumerate(zip(result["texts"], result["finish"]))],
+            "usage": self._usage(result),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> dict:
+        body = await self._guard(request)
+        result, version = await self._run(body, "chat", parse_chat(body, self.cfg))
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": f"{self.cfg.model_name}/{version}",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["texts"][0]},
+                         "finish_reason": result["finish"][0]}],
+            "usage": self._usage(result),
+        }
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request) -> dict:
+        body = await self._guard(request)
+        result, version = await self._run(body, "classify", parse_classify(body, self.cfg))
+        return {"object": "classification", "model": f"{self.cfg.model_name}/{version}",
+                "data": [{"index": i, "label": lab, "score": s}
+                         for i, (lab, s) in enumerate(zip(result["labels"], result["scores"]))]}
+
+    @app.post("/admin/refresh")
+    async def notify(self, request: Request) -> dict:
+        """Swap now (the promotion step calls this) instead of waiting for the next poll."""
+        check_auth(request.headers.get("authorization"), self.token)
+        return await self.refresh()
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def build_app(cfg: ServeConfig, token: Secret | None = None):
+    """The Serve application graph for `cfg` (not started)."""
+    model_cls = AdapterModel if cfg.mode == "adapter" else MergedModel
+    gpus = 1 if cfg.device.startswith("cuda") else 0
+    model = model_cls.options(num_replicas=cfg.num_replicas,
+                              ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(cfg.model_dump())
+    return Gateway.bind(model, cfg.model_dump(), token)
+
+
+def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str | None = None):
+    """Start (or reuse) Ray and Serve and deploy the app; returns the gateway's handle."""
+    import ray
+
+    from lora_tasks import registry
+
+    registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # a clear error before any actor starts
+    token = resolve_token(cfg)
+    if not ray.is_initialized():
+        kwargs = {"_temp_dir": ray_temp_dir} if ray_temp_dir else {}
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    handle = serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix="/", blocking=False)
+    logger.info("serving %s on http://%s:%s (auth %s)", cfg.model_name, cfg.host, cfg.port, "on" if token else "off")
+    return handle
+
+
+def stop(cfg: ServeConfig | None = None, *, shutdown_ray: bool = True) -> None:
+    """Delete the app (or all of Serve) and, by default, shut Ray down."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.shutdown()
+    finally:
+        if shutdown_ray:
+            ray.shutdown()
+
+
+def run_forever(cfg: ServeConfig, **kwargs) -> None:
+    """`prefect-lora serve`: start, print where, wait for Ctrl-C, stop."""
+    start(cfg, **kwargs)
+    print(f"serving {cfg.model_name} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
+          f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(cfg)

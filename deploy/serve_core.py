@@ -1,0 +1,253 @@
+"""The serving rules that need no Ray: config, request limits, model references, auth, canary.
+
+`deploy/serve.py` wires them into a Ray Serve application; keeping them here lets unit tests
+check every rule without starting anything."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+TOKEN_ENV = "PREFECT_LORA_SERVE_TOKEN"
+ALIASES = ("champion", "challenger")
+
+
+class ServeConfig(BaseModel):
+    """How one registered model is served. Every field has a safe default."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model_name: str
+    """Registered model whose versions are served."""
+    tracking_uri: str = "sqlite:///.prefect-lora/mlflow.db"
+    """MLflow tracking URI holding the registered model."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy listens on (0.0.0.0 to expose it)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    app_name: str = "prefect-lora"
+    """Ray Serve application name (one app per served model)."""
+    mode: Literal["adapter", "merged"] = "adapter"
+    """`adapter`: one base in memory, adapters multiplexed on it; `merged`: one merged model per version."""
+    poll_interval_s: float = Field(10.0, gt=0)
+    """How often the aliases are re-read from MLflow (a notify swaps at once)."""
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of champion-bound requests sent to the `challenger` version instead, when it differs."""
+    max_body_bytes: int = Field(65_536, ge=256)
+    """Largest request body accepted (413 above)."""
+    max_prompt_chars: int = Field(8_000, ge=1)
+    """Longest prompt or message text accepted, in characters (400 above)."""
+    max_prompt_tokens: int = Field(1_024, ge=1)
+    """Longest tokenized prompt accepted (400 above)."""
+    max_tokens_cap: int = Field(256, ge=1)
+    """Largest `max_tokens` a request may ask for (400 above)."""
+    default_max_tokens: int = Field(64, ge=1)
+    """`max_tokens` when a request gives none."""
+    max_batch: int = Field(16, ge=1)
+    """Most prompts (or texts to classify) in one request."""
+    max_adapters_per_replica: int = Field(4, ge=1)
+    """Adapters kept loaded per replica (least recently used ones are unloaded)."""
+    num_replicas: int = Field(1, ge=1)
+    """Model replicas (each holds one copy of the base)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub when loading the base; off unless you trust it."""
+    token_secret_block: str | None = None
+    """Name of a Prefect Secret block holding the bearer token (the env var PREFECT_LORA_SERVE_TOKEN wins)."""
+    device: str = "cpu"
+    """Torch device of the model replicas (`cuda` gives each replica one GPU)."""
+
+
+def load_serve_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
+    """A ServeConfig from an optional YAML file plus keyword overrides (None values are ignored)."""
+    raw: dict = {}
+    if path:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeConfig(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"serve config is invalid: {problems}") from None
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+def resolve_token(cfg: ServeConfig) -> Secret | None:
+    """The bearer token: env PREFECT_LORA_SERVE_TOKEN, else the configured Prefect Secret block, else none."""
+    value = os.environ.get(TOKEN_ENV)
+    if not value and cfg.token_secret_block:
+        try:
+            from prefect.blocks.system import Secret as SecretBlock  # only when a block is configured
+        except ImportError:
+            raise ValueError("token_secret_block is set but prefect is not installed here") from None
+        try:
+            value = SecretBlock.load(cfg.token_secret_block).get()
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(
+                f"cannot load the Prefect Secret block {cfg.token_secret_block!r} ({exc.__class__.__name__}); "
+                f"create it (prefect block create secret) or set {TOKEN_ENV}"
+            ) from None
+    return Secret(str(value)) if value else None
+
+
+class RequestProblem(Exception):
+    """A request the server refuses, with the HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self.status, self.message, self.kind = status, message, kind
+        super().__init__(message)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+
+
+def check_auth(authorization: str | None, token: Secret | None) -> None:
+    """Pass when no token is configured or the header is `Bearer <token>`; else 401."""
+    if token is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise RequestProblem(401, "missing bearer token: send the header 'Authorization: Bearer <token>'",
+                             "authentication_error")
+    if not hmac.compare_digest(given.strip().encode(), token.get().encode()):
+        raise RequestProblem(401, "invalid bearer token", "authentication_error")
+
+
+def check_body_size(content_length: str | None, body: bytes | None, cfg: ServeConfig) -> None:
+    size = len(body) if body is not None else int(content_length or 0)
+    if size > cfg.max_body_bytes:
+        raise RequestProblem(413, f"request body is {size} bytes; the limit is {cfg.max_body_bytes}")
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise RequestProblem(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise RequestProblem(400, "request body must be a JSON object")
+    return data
+
+
+def parse_model_field(model: Any, name: str) -> str:
+    """The alias or version a request's `model` names: NAME, NAME@ALIAS, NAME/VERSION, ALIAS or VERSION.
+
+    Absent means the champion."""
+    if model is None or model == "" or model == name:
+        return "champion"
+    if not isinstance(model, str):
+        raise RequestProblem(400, "'model' must be a string like NAME, NAME@champion or NAME/3")
+    ref = model
+    if "@" in model or "/" in model:
+        sep = "@" if "@" in model else "/"
+        given, _, ref = model.rpartition(sep) if sep == "/" else model.partition(sep)
+        if given != name:
+            raise RequestProblem(404, f"this server serves {name!r}, not {given!r}; use model={name}@champion or {name}/VERSION",
+                                 "model_not_found")
+    ref = ref.removeprefix("v") if ref[1:].isdigit() and ref[:1] == "v" else ref
+    if not ref or not (ref.isdigit() or ref.replace("-", "").replace("_", "").isalnum()):
+        raise RequestProblem(400, f"cannot read model {model!r}: use {name}, {name}@ALIAS or {name}/VERSION")
+    return ref
+
+
+def choose_alias(ref: str, canary_share: float, has_challenger: bool, rng: random.Random | None = None) -> str:
+    """Route a champion-bound request to the challenger with probability `canary_share`."""
+    if ref == "champion" and has_challenger and canary_share > 0 and (rng or random).random() < canary_share:
+        return "challenger"
+    return ref
+
+
+def _texts(value: Any, field: str, cfg: ServeConfig) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+        raise RequestProblem(400, f"'{field}' must be a string or a non-empty list of strings")
+    if len(items) > cfg.max_batch:
+        raise RequestProblem(400, f"'{field}' holds {len(items)} items; at most {cfg.max_batch} per request")
+    for x in items:
+        if len(x) > cfg.max_prompt_chars:
+            raise RequestProblem(400, f"'{field}' has a text of {len(x)} characters; the limit is {cfg.max_prompt_chars}")
+    return items
+
+
+def _max_tokens(body: dict, cfg: ServeConfig) -> int:
+    n = body.get("max_tokens", cfg.default_max_tokens)
+    if n is None:
+        n = cfg.default_max_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RequestProblem(400, "'max_tokens' must be a positive integer")
+    if n > cfg.max_tokens_cap:
+        raise RequestProblem(400, f"'max_tokens' is {n}; this server allows at most {cfg.max_tokens_cap}")
+    return n
+
+
+def _temperature(body: dict) -> float:
+    t = body.get("temperature", 0)
+    if t is None:
+        return 0.0
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
+        raise RequestProblem(400, "'temperature' must be a number from 0 to 2 (0 is greedy)")
+    return float(t)
+
+
+def parse_completion(body: dict, cfg: ServeConfig) -> dict:
+    if "prompt" not in body:
+        raise RequestProblem(400, "'prompt' is required")
+    return {"prompts": _texts(body["prompt"], "prompt", cfg), "max_tokens": _max_tokens(body, cfg),
+            "temperature": _temperature(body)}
+
+
+def parse_chat(body: dict, cfg: ServeConfig) -> dict:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestProblem(400, "'messages' must be a non-empty list of {role, content} objects")
+    clean = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise RequestProblem(400, "each message needs a role (system, user or assistant) and a string content")
+        clean.append({"role": m["role"], "content": m["content"]})
+    total = sum(len(m["content"]) for m in clean)
+    if total > cfg.max_prompt_chars:
+        raise RequestProblem(400, f"messages hold {total} characters; the limit is {cfg.max_prompt_chars}")
+    if not any(m["role"] == "user" for m in clean):
+        raise RequestProblem(400, "'messages' needs at least one user message")
+    return {"messages": clean, "max_tokens": _max_tokens(body, cfg), "temperature": _temperature(body)}
+
+
+def parse_classify(body: dict, cfg: ServeConfig) -> dict:
+    if "input" not in body:
+        raise RequestProblem(400, "'input' is required: a text or a list of texts")
+    return {"texts": _texts(body["input"], "input", cfg)}
+
+
+def notify_server(url: str, token: str | None = None, timeout_s: float = 60.0) -> dict:
+    """Ask a running server to re-read its aliases now (POST /admin/refresh); returns its answer."""
+    import urllib.request
+
+    if not url.rstrip("/").endswith("/admin/refresh"):
+        url = url.rstrip("/") + "/admin/refresh"
+    token = token or os.environ.get(TOKEN_ENV)
+    req = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read() or b"{}")

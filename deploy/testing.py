@@ -1,0 +1,59 @@
+"""Registered adapters made in seconds, for tests, benches and demos of serving.
+
+Each adapter is a PEFT LoRA with random (non-zero) weights on the given base, so every version
+answers differently from the base and from the others; it is logged and registered exactly as
+the retraining flow does (pyfunc model from code, lineage tags, `challenger` alias)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from lora_tasks import registry
+from lora_tasks.config import config_from_dict
+
+
+def tiny_config(name: str, base_dir: str, tracking_uri: str, artifacts: str, task: str = "causal_lm"):
+    raw = {
+        "model_name": name, "task": task, "base_model": {"name_or_path": str(base_dir)},
+        "data": {"train_path": "unused.jsonl", "prompt_column": "prompt", "completion_column": "completion"},
+        "training": {"max_steps": 1, "max_seq_length": 64, "seed": 0},
+        "tracking": {"tracking_uri": tracking_uri, "artifact_location": artifacts},
+    }
+    return config_from_dict(raw, "tiny serving config")
+
+
+def make_random_adapter(base_dir: str, out_dir: str | Path, seed: int, scale: float = 0.5) -> Path:
+    """A LoRA adapter with random A and B (scaled), saved as safetensors."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from lora_tasks.modeling import load_base_model
+
+    torch.manual_seed(seed)
+    base = load_base_model(base_dir, "causal_lm")
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+                                            target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, scale)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds: list[int], workdir: str | Path | None = None) -> list[str]:
+    """Register one version per seed; returns the version numbers."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="pl-adapters-"))
+    cfg = tiny_config(name, base_dir, tracking_uri, str(workdir / "mlartifacts"))
+    versions = []
+    for seed in seeds:
+        adapter = make_random_adapter(base_dir, workdir / f"adapter-{seed}", seed)
+        c = registry.client(tracking_uri)
+        exp = registry.ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+        run_id = c.create_run(exp, run_name=f"random-adapter-{seed}", tags={"seed": str(seed)}).info.run_id
+        registry.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
+        uri = registry.log_adapter_model(cfg, run_id, str(adapter), str(base_dir))
+        versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir), "seed": str(seed)}))
+        registry.end_run(tracking_uri, run_id)
+    return versions
