@@ -64,6 +64,8 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
     get_run_logger().info("adapter trained: step %s, loss %s, on nodes %s", m.get("step"), m.get("train_loss"), m.get("worker_nodes"))
+    registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {
+        f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts") if k in m})
     names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s"}
     registry.log_metrics(cfg.tracking.tracking_uri, run_id, {names[k]: v for k, v in m.items() if k in names})
     return result
