@@ -190,9 +190,10 @@ def _texts(value: Any, field: str, cfg: ServeConfig) -> list[str]:
 
 
 def _max_tokens(body: dict, cfg: ServeConfig) -> int:
-    n = body.get("max_tokens", cfg.default_max_tokens)
+    default = min(cfg.default_max_tokens, cfg.max_tokens_cap)
+    n = body.get("max_tokens", default)
     if n is None:
-        n = cfg.default_max_tokens
+        n = default
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise RequestProblem(400, "'max_tokens' must be a positive integer")
     if n > cfg.max_tokens_cap:

@@ -1,0 +1,171 @@
+"""Ray Serve end to end: serve the champion of a tiny Llama from a SQLite MLflow, swap it under load.
+
+Two registered versions carry LoRA adapters with different random weights, so each answers a
+prompt differently; the answer says which adapter served it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "test-token-6f1c2b9e"
+NAME = "serve-tiny"
+PROMPT = "What is 12 plus 30? Answer:"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    import os
+
+    import httpx
+
+    from deploy import serve as serving
+    from deploy.serve_core import ServeConfig
+    from deploy.testing import register_random_adapters
+    from lora_tasks import registry
+
+    work = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{work}/mlflow.db"
+    v1, v2 = register_random_adapters(uri, NAME, tiny_model_dir, [11, 22], work)
+    registry.promote_version(uri, NAME, v1, reason="first champion")
+    cfg = ServeConfig(model_name=NAME, tracking_uri=uri, port=_free_port(), poll_interval_s=1.0,
+                      max_prompt_chars=400, max_prompt_tokens=64, max_tokens_cap=16, max_body_bytes=2048,
+                      app_name="test-serving")
+    os.environ["PREFECT_LORA_SERVE_TOKEN"] = TOKEN
+    try:
+        serving.start(cfg, ray_temp_dir="/tmp/plray-serve")
+    finally:
+        os.environ.pop("PREFECT_LORA_SERVE_TOKEN", None)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        yield {"uri": uri, "v1": v1, "v2": v2, "client": client, "cfg": cfg}
+    finally:
+        client.close()
+        serving.stop(cfg)
+
+
+def _complete(client, model=None):
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    if model:
+        body["model"] = model
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    return j["model"].rsplit("/", 1)[1], j["choices"][0]["text"]
+
+
+def test_health_models_and_both_versions_answer_differently(server):
+    c = server["client"]
+    assert c.get("/health").json()["aliases"]["champion"] == server["v1"]
+    ids = {m["id"]: m["version"] for m in c.get("/v1/models").json()["data"]}
+    assert ids[f"{NAME}@champion"] == server["v1"] and ids[f"{NAME}@challenger"] == server["v2"]
+    v, a1 = _complete(c)
+    assert v == server["v1"]
+    assert _complete(c, f"{NAME}/{server['v1']}") == (server["v1"], a1)  # greedy: same answer again
+    v, a2 = _complete(c, f"{NAME}@challenger")
+    assert v == server["v2"] and a2 != a1
+    chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == a1
+    server["answers"] = {server["v1"]: a1, server["v2"]: a2}
+
+
+def test_promotion_and_rollback_swap_under_load_without_failures(server):
+    import httpx
+
+    from lora_tasks import registry
+
+    answers = server.get("answers") or {}
+    assert len(answers) == 2, "runs after the test that records each version's answer"
+    uri, v1, v2, cfg = server["uri"], server["v1"], server["v2"], server["cfg"]
+    results: list[tuple[float, int, str, str]] = []  # (sent, status, version, answer)
+    stop = threading.Event()
+
+    def client_loop():
+        with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            while not stop.is_set():
+                sent = time.monotonic()  # requests sent before a swap may finish on the old version
+                r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6})
+                j = r.json() if r.status_code == 200 else {}
+                results.append((sent, r.status_code, j.get("model", "/").rsplit("/", 1)[1],
+                                (j.get("choices") or [{}])[0].get("text")))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        registry.promote_version(uri, NAME, v2, reason="better adapter")
+        swap = server["client"].post("/admin/refresh")  # what `prefect-lora promote --notify URL` does
+        assert swap.status_code == 200 and swap.json()["aliases"]["champion"] == v2
+        t_promoted = time.monotonic()
+        time.sleep(2)
+        t_rolled = time.monotonic()  # before the move: the poll may see it while the audit is still written
+        registry.rollback_champion(uri, NAME, reason="roll back in the test")  # no notify: the poll finds it
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (results and results[-1][0] > t_rolled and results[-1][2] == v1):
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert len(results) > 20
+    failures = [r for r in results if r[1] != 200]
+    assert failures == [], failures[:5]
+    for _, _, version, text in results:  # every answer is the one of the adapter that says it served it
+        assert text == answers[version]
+    after_promotion = [r[2] for r in results if t_promoted < r[0] < t_rolled]
+    assert after_promotion and set(after_promotion) == {v2}
+    assert results[-1][2] == v1  # rolled back: answers switched back
+    assert [r[2] for r in results if r[0] < t_promoted][0] == v1
+
+
+@pytest.mark.parametrize("kwargs, status, needle", [
+    ({"json": {"prompt": "x" * 401}}, 400, "limit is 400"),
+    ({"json": {"prompt": "x" * 100}}, 400, "tokens; the limit is 64"),
+    ({"json": {"prompt": "hi", "max_tokens": 17}}, 400, "at most 16"),
+    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ({"content": b"[1]"}, 400, "JSON object"),
+    ({"content": b'{"prompt": "' + b"x" * 3000 + b'"}'}, 413, "limit is 2048"),
+    ({"json": {"prompt": "hi", "model": "other@champion"}}, 404, "not 'other'"),
+    ({"json": {"prompt": "hi", "model": f"{NAME}@staging"}}, 404, "no alias 'staging'"),
+    ({"json": {"prompt": "hi", "model": f"{NAME}/99"}}, 404, "no version '99'"),
+    ({"json": {"messages": "hello"}, "path": "/v1/chat/completions"}, 400, "'messages'"),
+    ({"json": {"input": "a text"}, "path": "/v1/classify"}, 400, "causal_lm model: use /v1/completions"),
+])
+def test_bad_requests_get_4xx_with_a_message_and_the_server_stays_up(server, kwargs, status, needle):
+    c = server["client"]
+    path = kwargs.pop("path", "/v1/completions")
+    r = c.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert c.get("/health").status_code == 200
+
+
+def test_requests_without_the_token_get_401_and_the_token_is_never_logged(server):
+    import httpx
+
+    base = f"http://127.0.0.1:{server['cfg'].port}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers=headers).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers=headers).status_code == 401
+        assert httpx.post(f"{base}/admin/refresh", headers=headers).status_code == 401
+    assert httpx.get(f"{base}/health").status_code == 200  # health stays open
+    assert _complete(server["client"])[0]  # and the server still answers
+    logs = Path("/tmp/plray-serve/session_latest/logs")
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaked == []

@@ -1,0 +1,141 @@
+"""The serving rules without Ray: limits, model references, auth, canary, token handling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from deploy.serve_core import (
+    RequestProblem,
+    Secret,
+    ServeConfig,
+    check_auth,
+    check_body_size,
+    choose_alias,
+    load_serve_config,
+    parse_chat,
+    parse_classify,
+    parse_completion,
+    parse_json,
+    parse_model_field,
+    resolve_token,
+)
+
+CFG = ServeConfig(model_name="m", max_prompt_chars=20, max_tokens_cap=8, default_max_tokens=4, max_batch=2,
+                  max_body_bytes=300)
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({}, 400, "'prompt' is required"),
+    ({"prompt": 3}, 400, "string or a non-empty list"),
+    ({"prompt": []}, 400, "non-empty list"),
+    ({"prompt": "x" * 21}, 400, "21 characters; the limit is 20"),
+    ({"prompt": ["a", "b", "c"]}, 400, "at most 2 per request"),
+    ({"prompt": "hi", "max_tokens": 9}, 400, "at most 8"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "positive integer"),
+    ({"prompt": "hi", "max_tokens": "5"}, 400, "positive integer"),
+    ({"prompt": "hi", "temperature": 3}, 400, "from 0 to 2"),
+])
+def test_completion_limits(body, status, needle):
+    with pytest.raises(RequestProblem) as exc:
+        parse_completion(body, CFG)
+    assert exc.value.status == status and needle in exc.value.message
+
+
+def test_completion_defaults():
+    assert parse_completion({"prompt": "hi"}, CFG) == {"prompts": ["hi"], "max_tokens": 4, "temperature": 0.0}
+    assert parse_completion({"prompt": ["a", "b"], "max_tokens": 8, "temperature": 0.5}, CFG)["prompts"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("messages, needle", [
+    (None, "non-empty list"),
+    ([{"role": "robot", "content": "x"}], "role"),
+    ([{"role": "user", "content": 1}], "string content"),
+    ([{"role": "system", "content": "be nice"}], "at least one user"),
+    ([{"role": "user", "content": "x" * 15}, {"role": "user", "content": "y" * 10}], "25 characters"),
+])
+def test_chat_limits(messages, needle):
+    with pytest.raises(RequestProblem, match=needle):
+        parse_chat({"messages": messages}, CFG)
+
+
+def test_classify_needs_input():
+    with pytest.raises(RequestProblem, match="'input' is required"):
+        parse_classify({}, CFG)
+    assert parse_classify({"input": "good"}, CFG) == {"texts": ["good"]}
+
+
+@pytest.mark.parametrize("model, ref", [
+    (None, "champion"), ("", "champion"), ("m", "champion"), ("m@champion", "champion"), ("m@challenger", "challenger"),
+    ("m/3", "3"), ("3", "3"), ("v3", "3"), ("challenger", "challenger"),
+])
+def test_model_field(model, ref):
+    assert parse_model_field(model, "m") == ref
+
+
+@pytest.mark.parametrize("model, status", [("other@champion", 404), ("other/2", 404), (5, 400), ("m@", 400), ("m@bad alias!", 400)])
+def test_model_field_errors(model, status):
+    with pytest.raises(RequestProblem) as exc:
+        parse_model_field(model, "m")
+    assert exc.value.status == status
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("Bearer tok", True), ("bearer tok", True), (None, False), ("", False), ("Bearer", False),
+    ("Bearer wrong", False), ("Basic tok", False), ("Bearer tok2", False),
+])
+def test_auth(header, ok):
+    token = Secret("tok")
+    if ok:
+        check_auth(header, token)
+    else:
+        with pytest.raises(RequestProblem) as exc:
+            check_auth(header, token)
+        assert exc.value.status == 401 and "tok" not in exc.value.message.replace("token", "")
+
+
+def test_no_token_configured_means_open():
+    check_auth(None, None)
+
+
+def test_secret_never_shows_itself():
+    s = Secret("hunter2")
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in f"{s}"
+    assert s.get() == "hunter2"
+
+
+def test_token_from_env(monkeypatch):
+    monkeypatch.setenv("PREFECT_LORA_SERVE_TOKEN", "abc")
+    assert resolve_token(ServeConfig(model_name="m")).get() == "abc"
+    monkeypatch.delenv("PREFECT_LORA_SERVE_TOKEN")
+    assert resolve_token(ServeConfig(model_name="m")) is None
+
+
+def test_body_size_and_json():
+    check_body_size("300", None, CFG)
+    with pytest.raises(RequestProblem) as exc:
+        check_body_size("301", None, CFG)
+    assert exc.value.status == 413
+    with pytest.raises(RequestProblem, match="not valid JSON"):
+        parse_json(b"{oops")
+    with pytest.raises(RequestProblem, match="JSON object"):
+        parse_json(b"[1, 2]")
+    assert parse_json(b'{"a": 1}') == {"a": 1}
+
+
+def test_canary_share():
+    rng = random.Random(0)
+    picks = [choose_alias("champion", 0.3, True, rng) for _ in range(2000)]
+    assert 0.25 < picks.count("challenger") / len(picks) < 0.35
+    assert choose_alias("champion", 0.3, False, rng) == "champion"  # no distinct challenger
+    assert choose_alias("3", 1.0, True, rng) == "3"  # an explicit version is never redirected
+    assert choose_alias("champion", 0.0, True, rng) == "champion"
+
+
+def test_serve_config_errors_are_one_message(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("canary_share: 2\nsurprise: 1\n")
+    with pytest.raises(ValueError) as exc:
+        load_serve_config(path, model_name="m")
+    assert "canary_share" in str(exc.value) and "surprise" in str(exc.value)
