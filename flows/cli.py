@@ -133,7 +133,10 @@ def promote(
     notify: NotifyOption = None,
 ) -> None:
     """Make VERSION of model NAME the champion (manual; audited with --reason)."""
+    from lora_tasks import registry
+
     try:
+        registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
         from flows.promote import promote as promote_flow
         from flows.settings import hide_expected_tracebacks
 
@@ -153,7 +156,14 @@ def rollback(
     notify: NotifyOption = None,
 ) -> None:
     """Point NAME's champion back at the previous champion (or --to VERSION); audited."""
+    from lora_tasks import registry
+
     try:
+        uri = _tracking(tracking_uri)
+        if to is None and registry.previous_champion(uri, name) is None:
+            registry.rollback_champion(uri, name)  # raises the clear "no previous champion" message
+        elif to is not None:
+            registry.get_version(uri, name, to)
         from flows.rollback import rollback as rollback_flow
         from flows.settings import hide_expected_tracebacks
 
