@@ -139,3 +139,10 @@ def test_serve_config_errors_are_one_message(tmp_path):
     with pytest.raises(ValueError) as exc:
         load_serve_config(path, model_name="m")
     assert "canary_share" in str(exc.value) and "surprise" in str(exc.value)
+
+
+def test_the_example_serve_config_loads():
+    from pathlib import Path
+
+    cfg = load_serve_config(Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml", model_name="m", port=9000)
+    assert cfg.port == 9000 and cfg.mode == "adapter" and cfg.trust_remote_code is False
