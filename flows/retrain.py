@@ -146,7 +146,23 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
                                         "mlflow.note.content": summary})
     registry.end_run(uri, run_id)
+    _notify_server(final.promote)
     return final, summary
+
+
+def _notify_server(promoted: bool) -> None:
+    """Tell a running `prefect-lora serve` to swap now (PREFECT_LORA_SERVE_URL); it also polls."""
+    import os
+
+    url = os.environ.get("PREFECT_LORA_SERVE_URL")
+    if not (url and promoted):
+        return
+    from deploy.serve_core import notify_server
+
+    try:
+        get_run_logger().info("server at %s now serves %s", url, notify_server(url).get("aliases"))
+    except Exception as exc:  # noqa: BLE001  (the promotion stands; the server swaps at its next poll)
+        get_run_logger().warning("could not notify the server at %s (%s); it swaps at its next alias poll", url, exc)
 
 
 @flow(name="lora-retrain", log_prints=True)

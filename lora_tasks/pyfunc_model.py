@@ -34,6 +34,21 @@ def _texts(model_input, column: str) -> list[str]:
     return [str(x) for x in model_input]
 
 
+def _check_base(cfg: dict) -> None:
+    """A local base folder must still hold the bytes the adapter was trained on (recorded hash)."""
+    import warnings
+    from pathlib import Path
+
+    from lora_tasks.modeling import folder_hash
+
+    expected = cfg.get("base_model_hash")
+    if expected and Path(cfg["base_model"]).is_dir() and folder_hash(cfg["base_model"]) != expected:
+        warnings.warn(
+            f"base model folder {cfg['base_model']} changed since this adapter was trained (content hash differs "
+            "from lineage.base_model_hash); its answers may differ from the evaluated ones", stacklevel=2,
+        )
+
+
 class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + LoRA adapter, loaded lazily from the model's config and artifacts."""
 
@@ -43,6 +58,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         cfg = context.model_config
         self.task = cfg["task"]
         self.labels = cfg.get("labels")
+        _check_base(cfg)
         self.tokenizer = load_tokenizer(cfg["base_model"], cfg.get("revision"))
         torch.manual_seed(int(cfg.get("seed", 0)))
         base = load_base_model(

@@ -163,6 +163,8 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         "seed": cfg.training.seed,
         "chat_template": cfg.data.chat_template,
         "system_prompt": cfg.data.system_prompt,
+        # a local base is pinned by content: loading checks the folder still holds the same bytes
+        "base_model_hash": client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("lineage.base_model_hash") or None,
     }
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
