@@ -169,3 +169,34 @@ def test_requests_without_the_token_get_401_and_the_token_is_never_logged(server
     logs = Path("/tmp/plray-serve/session_latest/logs")
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaked == []
+
+
+@pytest.fixture(scope="module")
+def classifier(server, tiny_model_dir, tmp_path_factory):
+    """A classification model served as a second app beside the first (same Ray, own route prefix)."""
+    import httpx
+    from ray import serve
+
+    from deploy import serve as serving
+    from deploy.serve_core import ServeConfig
+    from deploy.testing import register_random_adapters
+    from lora_tasks import registry
+
+    work = tmp_path_factory.mktemp("serve-cls")
+    uri = f"sqlite:///{work}/mlflow.db"
+    (v1,) = register_random_adapters(uri, "cls-tiny", tiny_model_dir, [3], work, task="sequence_classification")
+    registry.promote_version(uri, "cls-tiny", v1, reason="first")
+    cfg = ServeConfig(model_name="cls-tiny", tracking_uri=uri, port=server["cfg"].port, app_name="test-cls")
+    serve.run(serving.build_app(cfg, None), name=cfg.app_name, route_prefix="/cls", blocking=False)
+    with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}/cls", timeout=60) as c:
+        yield c
+    serve.delete(cfg.app_name)
+
+
+def test_classification_route(classifier):
+    r = classifier.post("/v1/classify", json={"input": ["a great film", "an awful film"]})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1] and all(d["label"] in {"neg", "pos"} and 0.5 <= d["score"] <= 1 for d in data)
+    r = classifier.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 400 and "use /v1/classify" in r.json()["error"]["message"]
