@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import settings  # noqa: E402,F401  (quiet defaults)
+from flows import settings  # noqa: F401  (quiet defaults)
 
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:", "Say hello to the team.", "Sum of 7 and 8 is"]
 
@@ -41,7 +41,7 @@ def _percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def load(port: int, clients: int, seconds: float, max_tokens: int, name: str, challenger_share: float) -> dict:

@@ -118,7 +118,7 @@ class _Replica:
             return {"error": str(exc), "status": 404, "type": "model_not_found"}
         except LoraTaskError as exc:
             return {"error": str(exc), "status": 400, "type": "invalid_request_error"}
-        except Exception as exc:  # noqa: BLE001  (one failed request must not take the replica down)
+        except Exception as exc:  # (one failed request must not take the replica down)
             logger.exception("inference failed for version %s", version)
             return {"error": f"internal error ({exc.__class__.__name__})", "status": 500, "type": "server_error"}
 
@@ -160,7 +160,7 @@ class _Replica:
             if max(lengths) > self.cfg.max_prompt_tokens:
                 raise RequestProblem(400, f"prompt is {max(lengths)} tokens; the limit is {self.cfg.max_prompt_tokens}")
             enc = enc.to(self.device)
-            sample = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+            sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id, **sample)

@@ -301,9 +301,9 @@ def _lock_file(tracking_uri: str, name: str) -> Path:
     if tracking_uri.startswith("file:") or "://" not in tracking_uri:
         root = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
         return root / f".{safe}.alias.lock"
-    from .modeling import cache_dir
-
     import hashlib
+
+    from .modeling import cache_dir
 
     return cache_dir() / "locks" / f"{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}.{safe}.alias.lock"
 

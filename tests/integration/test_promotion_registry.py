@@ -96,7 +96,7 @@ def test_two_racing_promotions_end_with_one_champion_and_both_decisions(uri, mod
     for v in (v2, v3):  # both decisions are on their versions
         assert c.get_model_version(NAME, v).tags["promotion.decision"] in {"promoted", "rejected"}
     history = registry.alias_history(uri, NAME)
-    assert [h["action"] for h in history][0] == "promote"
+    assert history[0]["action"] == "promote"
     assert {h.get("details", {}).get("candidate") or h["to_version"] for h in history[1:]} == {v2, v3}
     assert all(h["at"] and h["actor"] and h["reason"] for h in history)
 

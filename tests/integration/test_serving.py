@@ -131,7 +131,7 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
     after_promotion = [r[2] for r in results if t_promoted < r[0] < t_rolled]
     assert after_promotion and set(after_promotion) == {v2}
     assert results[-1][2] == v1  # rolled back: answers switched back
-    assert [r[2] for r in results if r[0] < t_promoted][0] == v1
+    assert next(r[2] for r in results if r[0] < t_promoted) == v1
 
 
 @pytest.mark.parametrize("kwargs, status, needle", [
