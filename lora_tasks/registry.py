@@ -542,6 +542,10 @@ def settle_decision(
                     _write_audit(c, record)
             return decision, champion, record
         except ChampionChanged as exc:
+            if exc.current is not None and exc.current.version == str(version):  # a retry after our own move
+                return decision, exc.current, AliasRecord(name, CHAMPION, "already-champion", str(version), str(version),
+                                                          "this version is already the champion", actor or default_actor(),
+                                                          _now_iso(), details)
             champion = exc.current
             decision = redecide(champion)
     raise RegistryError(f"the champion of {name!r} kept moving during {max_rounds} attempts to settle version {version}")

@@ -128,3 +128,12 @@ def test_user_errors_name_the_thing_and_the_fix(uri):
         registry.resolve_version(uri, NAME, "champion")
     with pytest.raises(RegistryError, match="no previous champion"):
         registry.rollback_champion(uri, NAME)
+
+
+def test_settling_again_after_our_own_move_changes_nothing(uri):
+    v1 = _add_version(uri, 1.0)
+    _settle(uri, v1, None)
+    before = registry.alias_history(uri, NAME)
+    final, _, record = _settle(uri, v1, None)  # a task retry: decided against "no champion" again
+    assert final.promote and record.action == "already-champion"
+    assert registry.alias_history(uri, NAME) == before

@@ -146,3 +146,27 @@ def test_the_example_serve_config_loads():
 
     cfg = load_serve_config(Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml", model_name="m", port=9000)
     assert cfg.port == 9000 and cfg.mode == "adapter" and cfg.trust_remote_code is False
+
+
+def test_token_from_a_prefect_secret_block(monkeypatch):
+    from prefect.blocks.system import Secret as SecretBlock
+
+    monkeypatch.delenv("PREFECT_LORA_SERVE_TOKEN", raising=False)
+    loaded = []
+    monkeypatch.setattr(SecretBlock, "load", classmethod(lambda cls, name: loaded.append(name) or SecretBlock(value="from-block")))
+    token = resolve_token(ServeConfig(model_name="m", token_secret_block="serve-token"))
+    assert token.get() == "from-block" and loaded == ["serve-token"]
+    monkeypatch.setenv("PREFECT_LORA_SERVE_TOKEN", "env-wins")
+    assert resolve_token(ServeConfig(model_name="m", token_secret_block="serve-token")).get() == "env-wins"
+
+
+def test_a_missing_secret_block_is_one_clear_message(monkeypatch):
+    from prefect.blocks.system import Secret as SecretBlock
+
+    def boom(cls, name):
+        raise ValueError("Unable to find block document named nope")
+
+    monkeypatch.delenv("PREFECT_LORA_SERVE_TOKEN", raising=False)
+    monkeypatch.setattr(SecretBlock, "load", classmethod(boom))
+    with pytest.raises(ValueError, match="Prefect Secret block 'nope'.*PREFECT_LORA_SERVE_TOKEN"):
+        resolve_token(ServeConfig(model_name="m", token_secret_block="nope"))
