@@ -471,14 +471,16 @@ def stop(cfg: ServeConfig | None = None, *, shutdown_ray: bool = True) -> None:
 
 
 def run_forever(cfg: ServeConfig, **kwargs) -> None:
-    """`prefect-lora serve`: start, print where, wait for Ctrl-C, stop."""
-    start(cfg, **kwargs)
-    print(f"serving {cfg.model_name} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
-          f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
+    """`prefect-lora serve`: start, print where, wait for Ctrl-C or SIGTERM, stop Serve and Ray cleanly."""
+    import signal
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        start(cfg, **kwargs)
+        print(f"serving {cfg.model_name} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
+              f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
+        done.wait()
     finally:
         stop(cfg)
