@@ -215,7 +215,10 @@ def get_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionInf
 
 
 def record_decision(tracking_uri: str, name: str, version: str, promote: bool, reasons: list[str]) -> None:
-    """Tag the version with the gate's decision and reasons; move `champion` when it passed."""
+    """Tag the version with the gate's decision and reasons; move `champion` when it passed.
+
+    Unconditional and unaudited: kept for callers that own the alias alone. The pipeline uses
+    `settle_decision` (compare-and-set under a lock, re-decides, audited)."""
     c = client(tracking_uri)
     c.set_model_version_tag(name, version, "promotion.decision", "promoted" if promote else "rejected")
     c.set_model_version_tag(name, version, "promotion.reasons", "\n".join(reasons)[:5000])
