@@ -42,7 +42,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
     except LoraTaskError as exc:
         _fail(exc)
     Console().print(Markdown(data.report.to_markdown()))
-    console.print(f"[green]ok[/]: {len(data.train_rows)} train and {len(data.eval_rows)} eval rows valid; "
+    console.print(f"[green]ok[/]: {data.train_count} train and {len(data.eval_rows)} eval rows valid; "
                   f"fingerprint {data.fingerprint[:16]}")
 
 

@@ -59,7 +59,7 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
 def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     from lora_tasks.distributed import train_adapter
 
-    result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id)
+    result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id, stream=data.train_stream)
     m = result.metrics
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
@@ -84,7 +84,7 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedDa
     from pathlib import Path
 
     uri = cfg.tracking.tracking_uri
-    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": len(data.train_rows), "eval_rows": len(data.eval_rows)})
+    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": len(data.eval_rows)})
     eval_path = Path(run_dir) / "eval_report.json"
     eval_path.write_text(json.dumps(report.to_dict(), indent=2))
     registry.log_artifact(uri, run_id, eval_path, "reports")

@@ -87,6 +87,15 @@ class DataConfig(_Section):
     """Use at most this many eval rows (a seeded sample)."""
     validation: ValidationPolicy = Field(default_factory=ValidationPolicy)
     """The data contract's policy."""
+    loader: Literal["auto", "memory", "ray_data"] = "auto"
+    """How the train split reaches the workers. `memory`: read and validated with pandas on the
+    driver, rows shipped to each worker (exact row numbers in the report, all checks). `ray_data`:
+    streamed through Ray Data (`read_parquet` / `read_json` / `read_csv`), the contract run per
+    batch with `map_batches` on the cluster, every worker reading its share of each batch; for
+    data larger than the driver's memory. `auto` streams when the train source is a URI or larger
+    than `streaming_threshold_mb`."""
+    streaming_threshold_mb: float = Field(1024, gt=0)
+    """Size of the train source above which `loader: auto` streams it through Ray Data."""
 
     @model_validator(mode="after")
     def _check_columns(self):

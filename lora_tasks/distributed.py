@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import PipelineConfig
-from .pipeline import checkpoint_storage
-from .errors import TrainingError
+from .data import load_table, sample_rows, source_fingerprint
+from .errors import DataError, TrainingError, ValidationFailed
+from .pipeline import (
+    PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs, invalid_batch, merge_summaries,
+    stream_format, summarise_batch, valid_batch,
+)
+from .validation import ValidationResult, enforce_policy, validate_splits
 from .training import ADAPTER_DIR, WorkerContext, train_worker
 
 # Ray's default temp dir is long; unix socket paths are limited to 107 bytes.
@@ -38,6 +46,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Quiet, non-interactive runs: no usage stats, no dashboard.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Ray's own INFO/WARNING lines (and the placement-group cleaner's complaint that the state
     # API, which needs the dashboard, is absent) are noise here; errors still come through.
     kwargs = dict(
@@ -49,6 +58,14 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
     else:
         ray.init(num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
+
+
+def ensure_ray_for(cfg: PipelineConfig) -> None:
+    """`ensure_ray` for this config. A local Ray gets one logical CPU more than the workers take,
+    so Ray Data's read and validation tasks can run beside them (on a cluster, leave that room)."""
+    s = cfg.scaling
+    ensure_ray(s.address, num_cpus=None if s.address else max(os.cpu_count() or 1, s.num_workers * s.cpus_per_worker) + 1)
 
 
 def _runtime_env() -> dict:
@@ -61,7 +78,7 @@ def _runtime_env() -> dict:
 
 
 # Settings of the driver that workers elsewhere must see too (model cache, hub access, logging).
-_FORWARDED_ENV = ("PREFECT_LORA_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
+_FORWARDED_ENV = ("PREFECT_LORA_CACHE", "RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
@@ -98,7 +115,114 @@ def _ray_worker_loop(config: dict) -> None:
             report=report_with_placement, resume_from=resume_dir,
             **({"log": log} if log and rank == 0 else {}),
         )
+        stream = config.get("stream")
+        if stream:
+            worker_ctx.stream = _shard_batches(ray.train.get_dataset_shard("train"), cfg, rank, ctx.get_world_size(), stream["num_rows"])
+            worker_ctx.stream_rows = stream["num_rows"]
         train_worker(cfg, config["rows"], worker_ctx)
+
+
+def _shard_batches(shard, cfg: PipelineConfig, rank: int, world_size: int, num_rows: int):
+    """This rank's micro-batches from the streamed train split, resumable at a micro-batch count.
+
+    Every rank reads the same ordered stream (`preserve_order`, a seeded local shuffle per epoch)
+    in global batches of `batch_size * world_size` rows and keeps its own slice of each: the data
+    position is then just a count, so a restart skips exactly what was trained."""
+    t = cfg.training
+    global_batch = t.batch_size * world_size
+    per_epoch = num_rows // global_batch
+    if per_epoch == 0:
+        raise TrainingError(f"{num_rows} streamed train rows cannot fill one batch of {t.batch_size} on {world_size} workers")
+
+    def batches(start: int):
+        epoch, skip = divmod(start, per_epoch)
+        while True:
+            it = shard.iter_batches(batch_size=global_batch, batch_format="pandas", drop_last=True,
+                                    local_shuffle_buffer_size=4 * global_batch, local_shuffle_seed=t.seed + epoch)
+            for j, batch in enumerate(it):
+                if j >= per_epoch:
+                    break
+                if j >= skip:
+                    yield batch.iloc[rank::world_size].to_dict("records")
+            epoch, skip = epoch + 1, 0
+
+    return batches
+
+
+def read_source(path: str, fmt: str):
+    """A Ray Data dataset of the source, each row with the file it came from (`path`)."""
+    if fmt == "jsonl":  # Arrow's reader (JSON lines): keeps JSON types, where lines=True (pandas) turns " 80" into 80
+        return ray.data.read_json(path, include_paths=True)
+    if fmt == "parquet":
+        return ray.data.read_parquet(path, include_paths=True)
+    if fmt == "csv":
+        return ray.data.read_csv(path, include_paths=True)
+    raise DataError(f"{path}: format {fmt!r} cannot be streamed; use jsonl, parquet or csv, or set data.loader: memory")
+
+
+def _streamed_train(cfg: PipelineConfig, spec: StreamSpec):
+    ds = read_source(spec.path, spec.format)
+    if cfg.data.max_train_rows:
+        ds = ds.limit(cfg.data.max_train_rows)
+    return ds
+
+
+def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
+    """Validate the train source on Ray Data (`map_batches`, one summary per batch), apply the
+    policy, set invalid rows aside as JSONL files (quarantine), and collect the eval rows.
+
+    The eval split comes from `eval_path` (read in memory), or else from the rows whose content
+    hash falls below `eval_fraction` (at most `max_eval_rows`, default 1000, are kept)."""
+    d, s = cfg.data, cfg.scaling
+    ensure_ray_for(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fmt = stream_format(cfg)
+    eval_fraction = None if d.eval_path else d.eval_fraction
+    spec = StreamSpec(d.train_path, fmt, 0, eval_fraction)
+    try:
+        ds = _streamed_train(cfg, spec)
+        summaries = ds.map_batches(summarise_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": eval_fraction}).take_all()
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", exc)
+        if isinstance(cause, (DataError, ValidationFailed)):
+            raise cause from None
+        raise DataError(f"{d.train_path}: Ray Data could not read it as {fmt}: {cause}. Fix the file or set data.format") from None
+    report = merge_summaries(summaries, cfg.task)
+    eval_rows: list[dict] = []
+    if d.eval_path:
+        eval_df = load_table(d.eval_path, d.format)
+        eval_df = sample_rows(eval_df, d.max_eval_rows, cfg.training.seed)
+        eval_result = validate_splits(eval_df.iloc[0:0], eval_df, **{**contract_kwargs(cfg), "check_overlap": False})
+        r = eval_result.report
+        report.rows["eval"], report.valid_rows["eval"] = r.rows["eval"], r.valid_rows["eval"]
+        report.issues += r.issues
+        for k, n in r.counts_by_check.items():
+            report.counts_by_check[k] = report.counts_by_check.get(k, 0) + n
+        eval_rows = eval_result.eval[columns(cfg)].to_dict("records")
+    (out_dir / "validation_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    (out_dir / "validation_report.md").write_text(report.to_markdown())
+    quarantine = None
+    if not report.ok and d.validation.policy == "quarantine":
+        quarantine = out_dir / "quarantine"
+        shutil.rmtree(quarantine, ignore_errors=True)
+        ds.map_batches(invalid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": eval_fraction}).write_json(str(quarantine))
+    # The policy on the counts: the same rules, and messages, as the in-memory path.
+    empty = pd.DataFrame(columns=columns(cfg))
+    enforce_policy(ValidationResult(empty, empty, empty, report), policy=d.validation.policy,
+                   max_invalid_fraction=d.validation.max_invalid_fraction, quarantine_dir=out_dir)
+    if not d.eval_path:
+        limit = d.max_eval_rows or 1000
+        eval_ds = ds.map_batches(valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": eval_fraction, "split": "eval"})
+        eval_rows = eval_ds.limit(limit).take_all()
+        eval_rows = [{c: r[c] for c in columns(cfg)} for r in eval_rows]
+    fp = hashlib.sha256(f"{source_fingerprint(d.train_path, d.eval_path)}:{json.dumps(report.to_dict(), sort_keys=True, default=str)}".encode()).hexdigest()
+    return PreparedData(
+        train_rows=[], eval_rows=eval_rows, fingerprint=fp, report=report,
+        quarantine_path=str(quarantine) if quarantine else None,
+        files={"report_json": str(out_dir / "validation_report.json"), "report_md": str(out_dir / "validation_report.md")},
+        train_stream=StreamSpec(spec.path, fmt, report.valid_rows["train"], eval_fraction),
+    )
 
 
 def _gather_placement(rank: int, world_size: int) -> dict[str, str]:
@@ -125,6 +249,7 @@ def train_adapter(
     *,
     mlflow_run_id: str | None = None,
     max_failures: int | None = None,
+    stream: StreamSpec | None = None,
 ) -> TrainResult:
     """Train on Ray Train with `cfg.scaling`; copy the final adapter to `run_dir/adapter`.
 
@@ -133,17 +258,26 @@ def train_adapter(
     `max_failures` times (default `scaling.max_failures`); a new attempt with the same run folder
     (a Prefect retry, or the same config and data run again) continues from it too."""
     s = cfg.scaling
-    ensure_ray(s.address, num_cpus=None if s.address else max(os.cpu_count() or 1, s.num_workers * s.cpus_per_worker))
+    ensure_ray_for(cfg)
     run_dir = Path(run_dir)
     storage = checkpoint_storage(cfg, run_dir)
+    datasets, data_config = {}, None
+    if stream is not None:  # every worker reads the whole ordered stream and keeps its slice
+        train = _streamed_train(cfg, stream).map_batches(
+            valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": stream.eval_fraction, "split": "train"})
+        datasets = {"train": train}
+        data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True))
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
             "rows": rows,
+            "stream": {"num_rows": stream.num_rows} if stream else None,
             "tracking_uri": cfg.tracking.tracking_uri,
             "mlflow_run_id": mlflow_run_id,
         },
+        datasets=datasets or None,
+        **({"dataset_config": data_config} if data_config else {}),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
         ),

@@ -51,6 +51,11 @@ class WorkerContext:
     """Called on every rank at each checkpoint; `checkpoint_dir` is set on rank 0 only."""
     resume_from: str | None = None
     """A checkpoint folder written by this loop to continue from."""
+    stream: Callable[[int], Iterator[list[dict]]] | None = None
+    """Streamed data instead of `rows`: given the number of micro-batches already trained, this
+    rank's next micro-batches of validated rows, endlessly over epochs (Ray Data, for example)."""
+    stream_rows: int = 0
+    """With `stream`: the train rows in one epoch (all ranks together)."""
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -280,8 +285,8 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         )
     model.train()
 
-    examples = encode_examples(rows, tokenizer, cfg)
-    _, total_steps = plan_steps(len(examples), cfg, ctx.world_size)
+    examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
+    _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -296,13 +301,17 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         if t.precision == "bf16":
             return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-    batches = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=step * accum)
+    if ctx.stream is None:
+        order = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=step * accum)
+        batches = ([examples[i] for i in idx] for idx in order)
+    else:
+        batches = (encode_examples(chunk, tokenizer, cfg) for chunk in ctx.stream(step * accum))
     pad_id = tokenizer.pad_token_id
     started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
     while step < total_steps:
         loss_sum = 0.0
         for micro in range(accum):
-            batch = collate([examples[i] for i in next(batches)], pad_id, cfg.task)
+            batch = collate(next(batches), pad_id, cfg.task)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             tokens_seen += int(batch["attention_mask"].sum())
             sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
