@@ -35,6 +35,9 @@ class BaseModelConfig(_Section):
     """Allow model code from the hub; off unless you trust the repository."""
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Dtype of the loaded weights; LoRA matrices train in float32 either way."""
+    quantization: Literal["4bit"] | None = None
+    """`4bit`: QLoRA, the frozen base loaded as 4-bit NF4 with double quantization and bfloat16
+    compute (bitsandbytes; CUDA only, so it needs `scaling.use_gpu`)."""
 
 
 class ValidationPolicy(_Section):
@@ -142,6 +145,9 @@ class TrainingConfig(_Section):
     """Gradient clipping; null turns it off."""
     seed: int = 42
     """Seeds data order, LoRA init and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: much less memory for
+    long sequences, about a third more compute."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32."""
     checkpoint_every: int | None = Field(None, ge=1)
@@ -165,6 +171,9 @@ class ScalingConfig(_Section):
     """One GPU per worker, NCCL backend; otherwise CPU with gloo."""
     cpus_per_worker: int = Field(1, ge=1)
     """CPUs (and torch threads) per worker."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every worker holds the whole model. `fsdp`: the weights are sharded across the
+    workers (FSDP2 `fully_shard` per decoder layer), for base models that do not fit one device."""
     address: str | None = None
     """Ray cluster address (`ray://...` or `auto`); null starts a local Ray (or uses RAY_ADDRESS)."""
     storage_path: str = ".prefect-lora/runs"
@@ -260,6 +269,14 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_hardware(self):
+        if self.base_model.quantization and not self.scaling.use_gpu:
+            raise ValueError("base_model.quantization: 4bit runs on CUDA GPUs only: set scaling.use_gpu: true, or drop it")
+        if self.base_model.quantization and self.scaling.strategy == "fsdp":
+            raise ValueError("base_model.quantization and scaling.strategy: fsdp do not go together here: use ddp with 4bit")
+        return self
+
+    @model_validator(mode="after")
     def _check_generation(self):
         if self.evaluation.generation and (self.task != "causal_lm" or self.data.prompt_column is None):
             raise ValueError("evaluation.generation needs task causal_lm with prompt_column and completion_column")
@@ -278,7 +295,7 @@ class PipelineConfig(_Section):
         training, worker count), not of where it runs, how it is evaluated or gated, or where
         results go. A run is identified by this hash and the data's fingerprint."""
         d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training"})
-        d["num_workers"] = self.scaling.num_workers
+        d["num_workers"], d["strategy"] = self.scaling.num_workers, self.scaling.strategy
         return _sha256_json(d)
 
 

@@ -198,12 +198,18 @@ def load_base_model(
     torch_dtype: str = "float32",
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
+    quantization: str | None = None,
+    device=None,
 ):
-    """Load the base model for the task: a causal LM, or a sequence classifier with `num_labels`."""
+    """Load the base model for the task: a causal LM, or a sequence classifier with `num_labels`.
+
+    `quantization="4bit"` loads it as 4-bit NF4 (bitsandbytes) straight onto CUDA `device`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, logging
 
     logging.set_verbosity_error()  # the new classifier head's "newly initialized" warning is expected
     kwargs = dict(revision=revision, dtype=_DTYPES[torch_dtype], trust_remote_code=trust_remote_code)
+    if quantization:
+        kwargs.update(_four_bit(device))
     path = resolve_base_model(name_or_path)
     try:
         if task == "causal_lm":
@@ -217,9 +223,30 @@ def load_base_model(
     return model
 
 
+def _four_bit(device) -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise LoraTaskError("base_model.quantization: 4bit needs a CUDA GPU (bitsandbytes); none is visible here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraTaskError("base_model.quantization: 4bit needs bitsandbytes: pip install bitsandbytes") from None
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    index = torch.device(device).index if device is not None else torch.cuda.current_device()
+    return {"quantization_config": config, "device_map": {"": index or 0}, "dtype": torch.bfloat16}
+
+
 def apply_lora(model, task: str, *, r: int, alpha: float, dropout: float, target_modules, bias: str = "none"):
-    """Wrap the base model in a PEFT LoRA model; only the adapter (and a classifier head) trains."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    """Wrap the base model in a PEFT LoRA model; only the adapter (and a classifier head) trains.
+
+    A 4-bit base is first made ready for k-bit training (norms in fp32, input grads on)."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     peft_task = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
     config = LoraConfig(

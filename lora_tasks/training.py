@@ -221,15 +221,54 @@ def _gather(value, ctx: WorkerContext) -> list:
     return [value]
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, rng_states: list | None = None) -> Path:
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def wrap_model(model, cfg: PipelineConfig, ctx: WorkerContext):
+    """DDP (every rank a full copy) or FSDP2 (weights sharded per decoder layer) across the ranks;
+    the model as it is on a single worker."""
+    if not (ctx.world_size > 1 and dist.is_initialized()):
+        return model
+    if cfg.scaling.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layer_types = set(getattr(_unwrap(model).get_base_model(), "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _full_states(model, optimizer) -> tuple[dict | None, dict]:
+    """(adapter-model state, optimizer state) as full tensors; a collective under FSDP (every
+    rank calls it), plain `state_dict()`s otherwise (model state None: PEFT reads it itself)."""
+    if not _is_fsdp(model):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model_state = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in trainable}
+    return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, rng_states: list | None = None,
+                    states: tuple[dict | None, dict] | None = None) -> Path:
     """Write the adapter (PEFT safetensors) and the trainer state needed to resume exactly:
     optimizer and scheduler state, the step (which fixes the data position) and each rank's RNG."""
     folder = Path(folder)
-    _unwrap(model).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+    model_state, optimizer_state = states or _full_states(model, optimizer)
+    kwargs = {"state_dict": model_state} if model_state is not None else {}
+    _unwrap(model).save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, **kwargs)
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": rng_states or [torch.get_rng_state()],
         },
@@ -238,15 +277,22 @@ def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, 
     return folder
 
 
-def _load_checkpoint(model, optimizer, scheduler, folder: str | Path, rank: int = 0) -> int:
+def _load_adapter_weights(model, folder: str | Path) -> None:
+    """The checkpoint's adapter into the unwrapped model (before DDP/FSDP wrap it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
-    set_peft_model_state_dict(_unwrap(model), weights)
-    state = torch.load(folder / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
+
+
+def _load_trainer_state(model, optimizer, scheduler, folder: str | Path, rank: int = 0) -> int:
+    state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["torch_rng"]
     rng = rng if isinstance(rng, list) else [rng]
@@ -270,6 +316,8 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         torch_dtype=cfg.base_model.torch_dtype,
         trust_remote_code=cfg.base_model.trust_remote_code,
         pad_token_id=tokenizer.pad_token_id,
+        quantization=cfg.base_model.quantization,
+        device=ctx.device,
     )
     model = apply_lora(
         model, cfg.task, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
@@ -278,11 +326,14 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     for p in model.parameters():  # LoRA weights train in fp32 whatever the base dtype
         if p.requires_grad:
             p.data = p.data.float()
-    model.to(ctx.device)
-    if ctx.world_size > 1 and dist.is_initialized():
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
+    if not cfg.base_model.quantization:  # a 4-bit base is already on its GPU
+        model.to(ctx.device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if ctx.resume_from:
+        _load_adapter_weights(model, ctx.resume_from)
+    model = wrap_model(model, cfg, ctx)
     model.train()
 
     examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
@@ -293,7 +344,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule)
     )
     torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
-    step = _load_checkpoint(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
+    step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
     start_step = step
 
     accum = t.gradient_accumulation_steps
@@ -349,10 +400,11 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
 def _checkpoint(model, optimizer, scheduler, step: int, ctx: WorkerContext, metrics: dict) -> None:
     """Every rank reports `metrics` at `step`; rank 0 also writes the checkpoint folder."""
     rng_states = _gather(torch.get_rng_state(), ctx)
+    states = _full_states(model, optimizer)  # every rank: a collective under FSDP
     tmp = tempfile.mkdtemp(prefix="lora-ckpt-") if ctx.rank == 0 else None
     try:
         if tmp:
-            save_checkpoint(model, optimizer, scheduler, step, tmp, rng_states)
+            save_checkpoint(model, optimizer, scheduler, step, tmp, rng_states, states)
         ctx.report({"step": step, **metrics}, tmp)
     finally:
         if tmp:

@@ -147,3 +147,25 @@ def test_classification_trains_head_and_adapter(tiny_model_dir, tmp_path):
     out, reports, logs = _run(make_cfg("sequence_classification", max_steps=20), rows, tmp_path, "c")
     assert out["step"] == 20 and reports
     assert logs[-1][1]["train_loss"] < logs[0][1]["train_loss"]
+
+
+def _losses(cfg) -> list[float]:
+    seen = []
+    train_worker(cfg, ROWS[:64], WorkerContext(log=lambda m, step: seen.append(m["train_loss"])))
+    return seen
+
+
+def test_gradient_checkpointing_trains_the_same_steps(tiny_model_dir):
+    """Recomputing activations changes memory, not the maths: the same losses step by step."""
+    plain, checkpointed = _losses(make_cfg()), _losses(make_cfg(gradient_checkpointing=True))
+    assert len(plain) == 6
+    assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+def test_gpu_only_options_are_refused_on_a_cpu_config():
+    from lora_tasks.errors import ConfigError
+
+    raw = make_cfg().model_dump()
+    raw["base_model"]["quantization"] = "4bit"
+    with pytest.raises(ConfigError, match="scaling.use_gpu"):
+        config_from_dict(raw)
