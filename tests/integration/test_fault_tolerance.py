@@ -162,3 +162,23 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
 def _kill_leftovers(tmp_path: Path) -> None:
     """Ray processes started by a killed driver live in their own sessions: stop them by their temp dir."""
     subprocess.run(["pkill", "-9", "-f", str(tmp_path / "ray")], check=False)
+
+
+def test_checkpoints_go_to_a_storage_uri_and_reports_stay_local(tmp_path, ray_local, monkeypatch):
+    """A URI storage path (here file://, read through pyarrow like s3:// or gs://): checkpoints
+    land under it, the run's local folder keeps the final adapter."""
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.distributed import train_adapter
+    from lora_tasks.pipeline import prepare_data, run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(tmp_path, max_steps=6)
+    raw["scaling"]["storage_path"] = f"file://{tmp_path}/bucket/prefix"
+    cfg = config_from_dict(raw)
+    run_dir = run_dir_for(cfg)
+    assert run_dir.is_relative_to(tmp_path / ".prefect-lora" / "runs")
+    result = train_adapter(cfg, prepare_data(cfg, run_dir).train_rows, run_dir, max_failures=0)
+    remote = tmp_path / "bucket" / "prefix" / "tiny-sums" / run_dir.name / "train"
+    assert checkpoints(remote), f"no checkpoint under {remote}"
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert Path(result.adapter_dir).is_relative_to(run_dir)
