@@ -89,6 +89,7 @@ def _ray_worker_loop(config: dict) -> None:
     from .registry import metric_logger
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -223,6 +224,18 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
         files={"report_json": str(out_dir / "validation_report.json"), "report_md": str(out_dir / "validation_report.md")},
         train_stream=StreamSpec(spec.path, fmt, report.valid_rows["train"], eval_fraction),
     )
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train V2 logs each report (metrics and all) at INFO, on a logger named by its file
+    path, which `LoggingConfig` does not reach; the metrics go to MLflow anyway."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _gather_placement(rank: int, world_size: int) -> dict[str, str]:
