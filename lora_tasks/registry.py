@@ -214,6 +214,63 @@ def get_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionInf
     return VersionInfo(str(mv.version), mv.run_id, dict(metrics), dict(mv.tags))
 
 
+# ---------------------------------------------------------------------------------------------
+# Alias moves: compare-and-set under a lock, each one with an audit record.
+#
+# MLflow has no compare-and-set on aliases, so a move is: take a lock, re-read the alias, compare
+# it with what the caller decided against, write, re-read to check the write. The lock is an
+# exclusive `flock` on a file next to the SQLite database (or the `file:` store), which serialises
+# every mover on that machine (processes and threads). For a tracking server there is no shared
+# file: movers on one machine still share a local lock file, and movers on different machines take
+# a lease tag on the registered model (write, wait, re-read); that narrows the race to the lease's
+# settle time but is not a true mutex, which MLflow cannot offer. The re-read after the write
+# still reports a concurrent overwrite (`AliasConflict`) instead of hiding it.
+# ---------------------------------------------------------------------------------------------
+
+AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
+_LEASE_TAG = "prefect_lora.alias_lease"
+_LEASE_SETTLE_S = 0.5
+
+
+class ChampionChanged(RegistryError):
+    """The alias no longer points where the caller's decision assumed: decide again against `current`."""
+
+    def __init__(self, name: str, alias: str, expected: str | None, current: VersionInfo | None):
+        self.name, self.alias, self.expected, self.current = name, alias, expected, current
+        now = current.version if current else None
+        super().__init__(
+            f"{alias!r} of {name!r} moved from version {expected} to {now} since the decision was made; "
+            "decide again against the new champion"
+        )
+
+
+class AliasConflict(RegistryError):
+    """A re-read after the write found another writer's value: the lock was bypassed."""
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    """One audit record: an alias move (or a decision that kept the alias where it was)."""
+
+    name: str
+    alias: str
+    action: str
+    """`auto-promote`, `promote`, `rollback`, or `kept` (a gate decision that did not move it)."""
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    actor: str
+    """Who: `user@host`, plus the Prefect flow run when one acted."""
+    at: str
+    """When, UTC ISO-8601."""
+    details: dict
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
 def default_actor(flow_run_id: str | None = None) -> str:
     """`user@host`, and the Prefect flow run id when given."""
     import getpass
