@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -18,7 +20,7 @@ from lora_tasks.config import PipelineConfig, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
-from lora_tasks.pipeline import PreparedData, lineage_tags, prepare_data, run_dir_for, summary_markdown
+from lora_tasks.pipeline import PreparedData, lineage_tags, prepare_data, run_dir_for, same_base, summary_markdown
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 
 MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
@@ -72,8 +74,10 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
 
 
 @task(name="evaluate-vs-base", cache_policy=NO_CACHE)
-def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo) -> EvalReport:
-    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base)
+def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
+             champion_dir: str | None = None, champion_version: str | None = None) -> EvalReport:
+    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base,
+                              champion_adapter_dir=champion_dir, champion_version=champion_version)
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     return report
 
@@ -81,7 +85,6 @@ def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: Ba
 @task(name="log-to-mlflow", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedData, report: EvalReport) -> None:
     import json
-    from pathlib import Path
 
     uri = cfg.tracking.tracking_uri
     registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": len(data.eval_rows)})
@@ -98,6 +101,21 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedDa
 def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base: BaseModelInfo, tags: dict[str, str]) -> str:
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base.name_or_path)
     return registry.register_version(cfg.tracking.tracking_uri, cfg.model_name, model_uri, run_id, tags)
+
+
+@task(name="fetch-champion-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def fetch_champion_adapter(cfg: PipelineConfig, champion, tags: dict[str, str], run_dir: str) -> str | None:
+    """The champion's adapter, to score it beside the new one on the same data; None when there
+    is no champion or it was trained on another base (then its own recorded metrics are used)."""
+    if champion is None:
+        return None
+    if not same_base(champion.tags, tags):
+        get_run_logger().warning("champion version %s was trained on another base model: compared by its recorded metrics",
+                                 champion.version)
+        return None
+    files = registry.download_version(cfg.tracking.tracking_uri, cfg.model_name, champion.version,
+                                      Path(run_dir) / f"champion-v{champion.version}")
+    return str(files.adapter_dir)
 
 
 @task(name="read-champion", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -125,9 +143,9 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     m, higher = report.primary_metric, report.higher_is_better
     candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
 
-    def redecide(current):
+    def redecide(current):  # the new champion was not scored in this run: its recorded metrics count
         incumbent = candidate_from_metrics(current.metrics, m, higher, version=current.version) if current else None
-        again = decide_promotion(candidate, incumbent, cfg.promotion)
+        again = decide_promotion(candidate.without_champion_comparison(), incumbent, cfg.promotion)
         get_run_logger().warning("champion moved to version %s during this run; decided again: %s",
                                  current.version if current else None, "promote" if again.promote else "refuse")
         return again
@@ -177,9 +195,10 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
     run_id = start_mlflow_run(cfg, run_dir, tags)
     try:
         trained = train(cfg, data, run_dir, run_id)
-        report = evaluate(cfg, trained.adapter_dir, data, base)
-        log_results(cfg, run_id, run_dir, data, report)
         champion = read_champion(cfg)
+        champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
+        report = evaluate(cfg, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
+        log_results(cfg, run_id, run_dir, data, report)
         version = register(cfg, run_id, trained.adapter_dir, base, tags)
         decision = decide(cfg, report, version, champion)
     except BaseException:

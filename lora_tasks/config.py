@@ -205,8 +205,9 @@ class GenerationEvalConfig(_Section):
     """Tokens generated per eval prompt (greedy)."""
     max_rows: int | None = Field(200, ge=1)
     """Eval rows scored by generation (the slow part); null scores all."""
-    metric: Literal["exact", "json"] = "exact"
-    """`exact`: answer equals the completion after stripping; `json`: also per-field accuracy."""
+    metric: Literal["exact", "json", "rouge_l"] = "exact"
+    """`exact`: answer equals the completion after stripping; `json`: also per-field accuracy and
+    valid-JSON rate; `rouge_l`: ROUGE-L F1 (summaries), which then is the primary metric."""
 
 
 class EvaluationConfig(_Section):
@@ -216,6 +217,8 @@ class EvaluationConfig(_Section):
     """Causal LM: score greedy generations against the completions; `exact_match` becomes the primary metric."""
     reference: ReferenceConfig | None = None
     """General corpus for forgetting metrics; without it no forgetting is measured."""
+    bootstrap_samples: int = Field(1000, ge=0)
+    """Bootstrap resamples behind every confidence interval (0: intervals collapse to points)."""
 
 
 class PromotionPolicy(_Section):
@@ -234,6 +237,11 @@ class PromotionPolicy(_Section):
     """The candidate must be at least as good as the current champion on the primary metric."""
     champion_tolerance: float = Field(0.0, ge=0)
     """How much worse than the champion still counts as not worse."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """Confidence of the bootstrap intervals the gate compares. The gate promotes only on
+    evidence: the gain's lower bound must reach `min_task_gain`, each forgetting metric's upper
+    bound must stay within its limit, and the lead over the champion's lower bound must not fall
+    below `-champion_tolerance` (all measured on the same eval data in the same run)."""
 
 
 class TrackingConfig(_Section):

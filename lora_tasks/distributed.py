@@ -174,7 +174,7 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
 
     The eval split comes from `eval_path` (read in memory), or else from the rows whose content
     hash falls below `eval_fraction` (at most `max_eval_rows`, default 1000, are kept)."""
-    d, s = cfg.data, cfg.scaling
+    d = cfg.data
     ensure_ray_for(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

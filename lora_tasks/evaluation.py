@@ -10,13 +10,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from .config import PipelineConfig
-from .forgetting import causal_lm_forgetting, chunk_reference, read_reference_texts, representation_drift
+from . import stats
+from .forgetting import causal_lm_forgetting_scores, chunk_reference, read_reference_texts, representation_drift_scores
 from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
 from .probes import GENERAL_PROBES, base_answers, probe_blocks
-from .training import causal_lm_loss, collate, encode_examples, format_prompts
+from .training import causal_lm_row_losses, collate, encode_examples, format_prompts
 
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
@@ -24,7 +26,8 @@ PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": 
 
 @dataclass
 class EvalReport:
-    """Metrics of base and adapted on the same data, and forgetting on the reference corpus."""
+    """Metrics of base, champion (when there is one) and adapted on the same data, forgetting on
+    the reference, and bootstrap intervals `[point, low, high]` of what the gate reads."""
 
     task: str
     primary_metric: str
@@ -36,6 +39,11 @@ class EvalReport:
     seconds: float = 0.0
     samples: list[dict] = field(default_factory=list)
     """Generated answers of base and adapted next to the target (generation scoring only)."""
+    champion: dict[str, float] | None = None
+    champion_version: str | None = None
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    """`task_gain`, `champion_delta` (adapted minus champion, positive = better), per-model primary
+    metric, and each forgetting metric; confidence `promotion.confidence`."""
 
     @property
     def task_gain(self) -> float:
@@ -47,26 +55,38 @@ class EvalReport:
         return {**asdict(self), "task_gain": self.task_gain}
 
     def flat_metrics(self) -> dict[str, float]:
-        """`base_*`, `adapted_*`, forgetting and gain as one flat dict, for MLflow."""
+        """`base_*`, `champion_*`, `adapted_*`, forgetting, gain and `*_ci_low/high`, for MLflow."""
         out = {f"base_{k}": v for k, v in self.base.items()}
+        out.update({f"champion_{k}": v for k, v in (self.champion or {}).items()})
         out.update({f"adapted_{k}": v for k, v in self.adapted.items()})
         out.update(self.forgetting)
         out["task_gain"] = self.task_gain
         out["eval_seconds"] = self.seconds
+        for k, (_, low, high) in self.intervals.items():
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = low, high
+        if "champion_delta" in self.intervals:
+            out["champion_delta"] = self.intervals["champion_delta"][0]
         return out
 
 
 @torch.no_grad()
 def causal_lm_metrics(model, examples: list[dict], pad_id: int, batch_size: int, device="cpu") -> dict:
     """Token-weighted mean loss on the target tokens, and its perplexity."""
-    total, count = 0.0, 0
+    return causal_lm_scores(model, examples, pad_id, batch_size, device)[0]
+
+
+@torch.no_grad()
+def causal_lm_scores(model, examples: list[dict], pad_id: int, batch_size: int, device="cpu") -> tuple[dict, dict]:
+    """(metrics, per-example units: loss sums and target-token counts)."""
+    losses, tokens = [], []
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id, "causal_lm").items()}
-        loss_sum, n = causal_lm_loss(model, batch)
-        total += float(loss_sum)
-        count += n
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+        row_loss, row_tokens = causal_lm_row_losses(model, batch)
+        losses += row_loss.tolist()
+        tokens += row_tokens.tolist()
+    loss = sum(losses) / max(sum(tokens), 1)
+    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": sum(tokens)}
+    return metrics, {"loss_sum": np.array(losses), "tokens": np.array(tokens)}
 
 
 def macro_f1(y_true: list[int], y_pred: list[int], num_labels: int) -> float:
@@ -84,14 +104,39 @@ def macro_f1(y_true: list[int], y_pred: list[int], num_labels: int) -> float:
 @torch.no_grad()
 def classification_metrics(model, examples: list[dict], pad_id: int, num_labels: int, batch_size: int, device="cpu") -> dict:
     """Accuracy and macro-F1 of argmax predictions."""
+    return classification_scores(model, examples, pad_id, num_labels, batch_size, device)[0]
+
+
+@torch.no_grad()
+def classification_scores(model, examples, pad_id: int, num_labels: int, batch_size: int, device="cpu") -> tuple[dict, dict]:
+    """(metrics, per-example units: truth, prediction, correctness)."""
     y_true, y_pred = [], []
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id, "sequence_classification").items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         y_pred += logits.argmax(-1).tolist()
         y_true += batch["labels"].tolist()
-    accuracy = sum(t == p for t, p in zip(y_true, y_pred)) / max(len(y_true), 1)
-    return {"accuracy": accuracy, "macro_f1": macro_f1(y_true, y_pred, num_labels)}
+    correct = np.array([t == p for t, p in zip(y_true, y_pred)], dtype=float)
+    metrics = {"accuracy": float(correct.mean()) if len(correct) else 0.0, "macro_f1": macro_f1(y_true, y_pred, num_labels)}
+    return metrics, {"accuracy": correct, "y_true": np.array(y_true), "y_pred": np.array(y_pred)}
+
+
+def rouge_l(prediction: str, target: str) -> float:
+    """ROUGE-L F1: longest common subsequence of lowercased whitespace tokens."""
+    p, t = prediction.lower().split(), target.lower().split()
+    if not p or not t:
+        return float(p == t)
+    prev = [0] * (len(t) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(t):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(t)
+    return 2 * precision * recall / (precision + recall)
 
 
 def score_json(prediction: str, target: str) -> tuple[bool, float, bool]:
@@ -108,16 +153,22 @@ def score_json(prediction: str, target: str) -> tuple[bool, float, bool]:
 
 
 def generation_metrics(predictions: list[str], targets: list[str], metric: str) -> dict:
-    """Exact match of stripped answers; with `json`, per-field accuracy and valid-JSON rate too."""
-    n = max(len(targets), 1)
-    if metric == "exact":
-        return {"exact_match": sum(p.strip() == t.strip() for p, t in zip(predictions, targets)) / n}
-    scores = [score_json(p, t) for p, t in zip(predictions, targets)]
-    return {
-        "exact_match": sum(s[0] for s in scores) / n,
-        "field_accuracy": sum(s[1] for s in scores) / n,
-        "valid_json": sum(s[2] for s in scores) / n,
-    }
+    """Exact match of stripped answers; with `json`, per-field accuracy and valid-JSON rate too;
+    with `rouge_l`, the mean ROUGE-L F1."""
+    return {k: float(v.mean()) if len(v) else 0.0 for k, v in generation_units(predictions, targets, metric).items()}
+
+
+def generation_units(predictions: list[str], targets: list[str], metric: str) -> dict[str, np.ndarray]:
+    """Per-row scores of the generated answers (see `generation_metrics`)."""
+    out = {"exact_match": np.array([p.strip() == t.strip() for p, t in zip(predictions, targets)], dtype=float)}
+    if metric == "json":
+        scores = [score_json(p, t) for p, t in zip(predictions, targets)]
+        out = {"exact_match": np.array([s[0] for s in scores], dtype=float),
+               "field_accuracy": np.array([s[1] for s in scores], dtype=float),
+               "valid_json": np.array([s[2] for s in scores], dtype=float)}
+    elif metric == "rouge_l":
+        out["rouge_l"] = np.array([rouge_l(p, t) for p, t in zip(predictions, targets)], dtype=float)
+    return out
 
 
 @torch.no_grad()
@@ -139,25 +190,58 @@ def generate_answers(model, tokenizer, prompts: list[str], data, max_new_tokens:
     return answers
 
 
-def _task_metrics(model, cfg: PipelineConfig, examples, rows, tokenizer, device) -> tuple[dict, list[str]]:
+def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device) -> tuple[dict, dict, list[str]]:
+    """(metrics, per-unit values, generated answers) of one model on the eval split."""
     bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
     if cfg.task == "sequence_classification":
-        return classification_metrics(model, examples, pad_id, len(cfg.data.labels), bs, device), []
-    metrics = causal_lm_metrics(model, examples, pad_id, bs, device)
+        return (*classification_scores(model, examples, pad_id, len(cfg.data.labels), bs, device), [])
+    metrics, units = causal_lm_scores(model, examples, pad_id, bs, device)
     gen = cfg.evaluation.generation
     if gen is None:
-        return metrics, []
+        return metrics, units, []
     rows = rows[: gen.max_rows] if gen.max_rows else rows
     answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], cfg.data,
                                gen.max_new_tokens, bs, device)
-    metrics.update(generation_metrics(answers, [r[cfg.data.completion_column] for r in rows], gen.metric))
-    return metrics, answers
+    per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
+    metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
+    return metrics, {**units, **per_row}, answers
+
+
+def primary_metric(cfg: PipelineConfig) -> tuple[str, bool]:
+    """The metric the gate reads and whether larger is better."""
+    gen = cfg.evaluation.generation
+    if gen is not None:
+        return ("rouge_l", True) if gen.metric == "rouge_l" else ("exact_match", True)
+    return PRIMARY_METRIC[cfg.task]
+
+
+def _intervals(metric: str, higher: bool, scores: dict[str, dict], stats_kw: dict) -> dict[str, list[float]]:
+    """Intervals of the primary metric per model, of the gain over base and of the lead over the
+    champion (both oriented so that positive is better)."""
+    out = {}
+    if metric == "eval_loss":
+        t = scores["adapted"]["tokens"]
+        for name, u in scores.items():
+            out[f"{name}_{metric}"] = stats.ratio_ci(u["loss_sum"], t, **stats_kw).to_list()
+        diff = lambda better, worse: stats.paired_ratio_diff_ci(worse["loss_sum"], better["loss_sum"], t, **stats_kw)  # noqa: E731
+    else:
+        for name, u in scores.items():
+            out[f"{name}_{metric}"] = stats.mean_ci(u[metric], **stats_kw).to_list()
+        sign = 1 if higher else -1
+        diff = lambda better, worse: stats.paired_diff_ci(sign * better[metric], sign * worse[metric], **stats_kw)  # noqa: E731
+    out["task_gain"] = diff(scores["adapted"], scores["base"]).to_list()
+    if "champion" in scores:
+        out["champion_delta"] = diff(scores["adapted"], scores["champion"]).to_list()
+    return out
 
 
 def evaluate_adapter(
-    cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None
+    cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
+    champion_adapter_dir: str | None = None, champion_version: str | None = None,
 ) -> EvalReport:
-    """Score base and adapted on the eval split, and measure forgetting when a reference is set.
+    """Score base, champion (when given) and adapted on the eval split with one copy of the base
+    weights (both adapters on one PeftModel; base through `disable_adapter()`), measure
+    forgetting when a reference is set, and bootstrap intervals of what the gate reads.
 
     `base_info` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
     started = time.perf_counter()
@@ -170,21 +254,32 @@ def evaluate_adapter(
         torch_dtype=bm.torch_dtype, trust_remote_code=bm.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
     )
     model = load_adapted_model(base, adapter_dir).to(device)
+    if champion_adapter_dir:
+        model.load_adapter(str(champion_adapter_dir), adapter_name="champion", is_trainable=False)
     examples = encode_examples(eval_rows, tokenizer, cfg)
+    stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence, "seed": cfg.training.seed}
 
     def autocast():  # score in the precision the adapter trained in
         if cfg.training.precision == "bf16":
             return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    metrics, units, answers = {}, {}, {}
     with autocast():
-        adapted, adapted_answers = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
+        if champion_adapter_dir:
+            model.set_adapter("champion")
+            metrics["champion"], units["champion"], answers["champion"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
+        model.set_adapter("default")
+        metrics["adapted"], units["adapted"], answers["adapted"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
         with model.disable_adapter():
-            base_metrics, base_outputs = _task_metrics(model, cfg, examples, eval_rows, tokenizer, device)
+            metrics["base"], units["base"], answers["base"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
     samples = [
-        {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a}
-        for r, b, a in zip(eval_rows, base_outputs, adapted_answers)
+        {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a,
+         **({"champion": answers["champion"][i]} if champion_adapter_dir else {})}
+        for i, (r, b, a) in enumerate(zip(eval_rows, answers["base"], answers["adapted"]))
     ]
+    metric, higher = primary_metric(cfg)
+    intervals = _intervals(metric, higher, units, stats_kw)
 
     forgetting: dict[str, float] = {}
     ref = cfg.evaluation.reference
@@ -194,14 +289,23 @@ def evaluate_adapter(
             info = base_info or describe_base_model(bm.name_or_path, bm.revision)
             rows = base_answers(model, tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
             blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
-            forgetting = causal_lm_forgetting(model, tokenizer, blocks, bs, device, score_from=starts)
+            forgetting, f_units = causal_lm_forgetting_scores(model, tokenizer, blocks, bs, device, score_from=starts)
         elif ref is not None:
             texts = read_reference_texts(ref.path) if ref.path else GENERAL_PROBES
             blocks = chunk_reference(texts, tokenizer, ref.max_tokens, max_len)
-            measure = causal_lm_forgetting if cfg.task == "causal_lm" else representation_drift
-            forgetting = measure(model, tokenizer, blocks, bs, device)
-    metric, higher = ("exact_match", True) if cfg.evaluation.generation else PRIMARY_METRIC[cfg.task]
+            if cfg.task == "causal_lm":
+                forgetting, f_units = causal_lm_forgetting_scores(model, tokenizer, blocks, bs, device)
+            else:
+                forgetting, f_units = representation_drift_scores(model, tokenizer, blocks, bs, device)
+    if "reference_kl" in forgetting:
+        intervals["reference_perplexity_ratio"] = stats.perplexity_ratio_ci(
+            f_units["nll_adapted"], f_units["nll_base"], f_units["tokens"], **stats_kw).to_list()
+        intervals["reference_kl"] = stats.ratio_ci(f_units["kl"], f_units["tokens"], **stats_kw).to_list()
+    elif "reference_representation_drift" in forgetting:
+        intervals["reference_representation_drift"] = stats.ratio_ci(f_units["drift"], f_units["tokens"], **stats_kw).to_list()
     return EvalReport(
-        task=cfg.task, primary_metric=metric, higher_is_better=higher, base=base_metrics, adapted=adapted,
+        task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics["base"], adapted=metrics["adapted"],
         forgetting=forgetting, eval_rows=len(examples), seconds=time.perf_counter() - started, samples=samples,
+        champion=metrics.get("champion"), champion_version=champion_version if champion_adapter_dir else None,
+        intervals=intervals,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -81,31 +82,40 @@ def causal_lm_forgetting(
 
     `score_from[i]` (optional) is the first token of block i that is scored, e.g. where an
     answer starts after its prompt."""
+    return causal_lm_forgetting_scores(peft_model, tokenizer, blocks, batch_size, device, score_from)[0]
+
+
+@torch.no_grad()
+def causal_lm_forgetting_scores(
+    peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu", score_from: list[int] | None = None
+) -> tuple[dict, dict]:
+    """(`causal_lm_forgetting`'s metrics, per-block units: NLL sums of base and adapted, KL sums, tokens)."""
     peft_model.eval()
-    nll = {"base": 0.0, "adapted": 0.0}
-    kl_sum, n_tokens = 0.0, 0
+    units = {"nll_base": [], "nll_adapted": [], "kl": [], "tokens": []}
     for ids, mask, scored in _batches(blocks, batch_size, tokenizer.pad_token_id or 0, score_from):
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
         adapted = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         with peft_model.disable_adapter():
             base = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
-        for name, logits in (("base", base), ("adapted", adapted)):
+        for name, logits in (("nll_base", base), ("nll_adapted", adapted)):
             ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
-            nll[name] += float((ce * tmask).sum())
-        s, n = token_kl(base, adapted, tmask)
-        kl_sum, n_tokens = kl_sum + s, n_tokens + n
+            units[name] += (ce * tmask).sum(1).tolist()
+        units["kl"] += [token_kl(base[j : j + 1], adapted[j : j + 1], tmask[j : j + 1])[0] for j in range(len(ids))]
+        units["tokens"] += tmask.sum(1).tolist()
+    n_tokens = sum(units["tokens"])
     if n_tokens == 0:
         raise DataError("reference corpus gave no tokens to score; give it more text")
-    base_ppl = math.exp(nll["base"] / n_tokens)
-    adapted_ppl = math.exp(nll["adapted"] / n_tokens)
-    return {
+    base_ppl = math.exp(sum(units["nll_base"]) / n_tokens)
+    adapted_ppl = math.exp(sum(units["nll_adapted"]) / n_tokens)
+    metrics = {
         "reference_perplexity_base": base_ppl,
         "reference_perplexity_adapted": adapted_ppl,
         "reference_perplexity_ratio": adapted_ppl / base_ppl,
-        "reference_kl": kl_sum / n_tokens,
+        "reference_kl": sum(units["kl"]) / n_tokens,
         "reference_tokens": n_tokens,
     }
+    return metrics, {k: np.array(v, dtype=float) for k, v in units.items()}
 
 
 @torch.no_grad()
@@ -113,16 +123,24 @@ def representation_drift(peft_model, tokenizer, blocks: list[list[int]], batch_s
     """Mean cosine distance between base and adapted final hidden states on the reference text.
 
     For encoders and classifiers, which have no next-token distribution to compare."""
+    return representation_drift_scores(peft_model, tokenizer, blocks, batch_size, device)[0]
+
+
+@torch.no_grad()
+def representation_drift_scores(peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu") -> tuple[dict, dict]:
+    """(`representation_drift`'s metrics, per-block units: summed cosine distance, tokens)."""
     peft_model.eval()
-    total, count = 0.0, 0
+    drift, tokens = [], []
     for ids, mask, _ in _batches(blocks, batch_size, tokenizer.pad_token_id or 0):
         ids, mask = ids.to(device), mask.to(device)
         adapted = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         with peft_model.disable_adapter():
             base = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         dist = 1.0 - F.cosine_similarity(base.float(), adapted.float(), dim=-1)
-        total += float((dist * mask).sum())
-        count += int(mask.sum())
+        drift += (dist * mask).sum(1).tolist()
+        tokens += mask.sum(1).tolist()
+    count = sum(tokens)
     if count == 0:
         raise DataError("reference corpus gave no tokens to score; give it more text")
-    return {"reference_representation_drift": total / count, "reference_tokens": count}
+    metrics = {"reference_representation_drift": sum(drift) / count, "reference_tokens": count}
+    return metrics, {"drift": np.array(drift, dtype=float), "tokens": np.array(tokens, dtype=float)}

@@ -198,6 +198,14 @@ def lineage_tags(cfg: PipelineConfig, base: BaseModelInfo, data_fingerprint: str
     }
 
 
+def same_base(champion_tags: dict[str, str], lineage: dict[str, str]) -> bool:
+    """Whether a registered version was trained on this run's base model (same id and revision,
+    or same content hash), so its adapter can be scored beside the new one on this base."""
+    keys = ("lineage.base_model_hash",) if lineage.get("lineage.base_model_hash") else (
+        "lineage.base_model", "lineage.base_model_revision")
+    return all(champion_tags.get(k) == lineage.get(k) for k in keys)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .config import PromotionPolicy
 
@@ -18,6 +18,14 @@ class Candidate:
     adapted_score: float | None
     forgetting: dict[str, float] = field(default_factory=dict)
     version: str | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """(low, high) bootstrap bounds by name: `task_gain`, `champion_delta` (this minus the champion
+    on the same data, positive = better) and forgetting metrics. A check without its interval
+    falls back to the point value."""
+
+    def without_champion_comparison(self) -> Candidate:
+        """This candidate without its same-data lead over a champion (when that champion is gone)."""
+        return replace(self, intervals={k: v for k, v in self.intervals.items() if k != "champion_delta"})
 
     @property
     def task_gain(self) -> float | None:
@@ -32,10 +40,24 @@ def candidate_from_metrics(
     forgetting: dict[str, float] | None = None, version: str | None = None,
 ) -> Candidate:
     """A candidate from flat run metrics (`base_<metric>`, `adapted_<metric>`), as logged to MLflow."""
+    intervals = {
+        k: (metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"])
+        for k in (*INTERVAL_NAMES, *FORGETTING_LIMITS)
+        if f"{k}_ci_low" in metrics and f"{k}_ci_high" in metrics
+    }
     return Candidate(
         primary_metric, higher_is_better, metrics.get(f"base_{primary_metric}"),
-        metrics.get(f"adapted_{primary_metric}"), dict(forgetting or {}), version,
+        metrics.get(f"adapted_{primary_metric}"), dict(forgetting or {}), version, intervals,
     )
+
+
+INTERVAL_NAMES = ("task_gain", "champion_delta")
+FORGETTING_LIMITS = {
+    "reference_perplexity_ratio": "max_perplexity_ratio",
+    "reference_kl": "max_kl",
+    "reference_representation_drift": "max_representation_drift",
+}
+"""Forgetting metric -> the policy field that bounds it."""
 
 
 @dataclass(frozen=True)
@@ -54,69 +76,97 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_max(name: str, value, limit, reasons: list[str], failed: list[str], required: bool) -> None:
-    if limit is None:
+def _bounds(candidate: Candidate, name: str, point) -> tuple[float, float] | None:
+    """(low, high) of `name`: its interval, else the point twice; None when not a finite number."""
+    if name in candidate.intervals:
+        low, high = candidate.intervals[name]
+        return (low, high) if _finite(low) and _finite(high) and _finite(point) else None
+    return (point, point) if _finite(point) else None
+
+
+def _show(point, bounds: tuple[float, float]) -> str:
+    return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
+
+
+def _check_forgetting(name: str, candidate: Candidate, limit, reasons: list[str], failed: list[str]) -> None:
+    """Pass when the metric's upper bound is within the limit: forgetting must be shown small."""
+    if limit is None or name not in candidate.forgetting:
         return
-    if value is None:
-        if required:
-            failed.append(name)
-            reasons.append(f"{name}: not measured, and the policy requires forgetting metrics")
-        return
-    if not _finite(value):
+    value = candidate.forgetting[name]
+    bounds = _bounds(candidate, name, value)
+    if bounds is None:
         failed.append(name)
-        reasons.append(f"{name}: value {value} is not a finite number")
-    elif value > limit:
+        reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number")
+    elif bounds[1] > limit:
         failed.append(name)
-        reasons.append(f"{name}: {value:.4g} exceeds the limit {limit:.4g} (forgetting)")
+        reasons.append(f"{name}: {_show(value, bounds)} may exceed the limit {limit:.4g} (forgetting; upper bound checked)")
     else:
-        reasons.append(f"{name}: {value:.4g} within the limit {limit:.4g}")
+        reasons.append(f"{name}: {_show(value, bounds)} within the limit {limit:.4g}")
 
 
 def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy) -> Decision:
-    """Promote only when every check passes; missing, NaN or failed metrics never promote."""
+    """Promote only on evidence that every check passes; missing, NaN or failed metrics never promote.
+
+    Intervals, when the candidate has them, are compared instead of points: the gain's lower
+    bound against `min_task_gain`, each forgetting metric's upper bound against its limit, the
+    lower bound of the lead over the champion (measured on the same data) against
+    `-champion_tolerance`."""
     reasons: list[str] = []
     failed: list[str] = []
     m = candidate.primary_metric
 
     gain = candidate.task_gain
-    if gain is None:
+    bounds = _bounds(candidate, "task_gain", gain)
+    if bounds is None:
         failed.append("task_gain")
         reasons.append(f"task_gain: {m} of base ({candidate.base_score}) or adapted ({candidate.adapted_score}) is missing or not finite")
-    elif gain < policy.min_task_gain:
+    elif bounds[0] < policy.min_task_gain:
         failed.append("task_gain")
-        reasons.append(f"task_gain: {m} improved by {gain:.4g} over base, below the required {policy.min_task_gain:.4g}")
+        reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base; the lower bound is below the required {policy.min_task_gain:.4g}")
     else:
-        reasons.append(f"task_gain: {m} improved by {gain:.4g} over base (required {policy.min_task_gain:.4g})")
+        reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base (required {policy.min_task_gain:.4g})")
 
-    f = candidate.forgetting
-    measured = [k for k in ("reference_perplexity_ratio", "reference_kl", "reference_representation_drift") if k in f]
-    required = policy.require_forgetting_metrics
-    if required and not measured:
+    measured = [k for k in FORGETTING_LIMITS if k in candidate.forgetting]
+    if policy.require_forgetting_metrics and not measured:
         failed.append("forgetting")
         reasons.append("forgetting: no forgetting metric was measured (set evaluation.reference) and the policy requires one")
-    if measured:
-        _check_max("reference_perplexity_ratio", f.get("reference_perplexity_ratio"), policy.max_perplexity_ratio, reasons, failed, False)
-        _check_max("reference_kl", f.get("reference_kl"), policy.max_kl, reasons, failed, False)
-        _check_max("reference_representation_drift", f.get("reference_representation_drift"), policy.max_representation_drift, reasons, failed, False)
+    for name, field_name in FORGETTING_LIMITS.items():
+        _check_forgetting(name, candidate, getattr(policy, field_name), reasons, failed)
 
     if policy.beat_champion:
-        if champion is None:
-            reasons.append("champion: none yet, this version would be the first")
-        elif champion.primary_metric != m or not _finite(champion.adapted_score):
-            reasons.append(f"champion: version {champion.version} has no comparable {m}; not compared")
-        elif not _finite(candidate.adapted_score):
-            failed.append("champion")
-            reasons.append(f"champion: candidate has no finite {m} to compare with version {champion.version}")
-        else:
-            delta = candidate.adapted_score - champion.adapted_score
-            delta = delta if candidate.higher_is_better else -delta
-            if delta < -policy.champion_tolerance:
-                failed.append("champion")
-                reasons.append(
-                    f"champion: {m} {candidate.adapted_score:.4g} is worse than champion version {champion.version} "
-                    f"({champion.adapted_score:.4g}) beyond the tolerance {policy.champion_tolerance:.4g}"
-                )
-            else:
-                reasons.append(f"champion: {m} {candidate.adapted_score:.4g} vs champion version {champion.version} ({champion.adapted_score:.4g})")
-
+        _check_champion(candidate, champion, policy, reasons, failed)
     return Decision(promote=not failed, reasons=reasons, failed_checks=failed)
+
+
+def _check_champion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy, reasons, failed) -> None:
+    m, tol = candidate.primary_metric, policy.champion_tolerance
+    if champion is None:
+        reasons.append("champion: none yet, this version would be the first")
+        return
+    if "champion_delta" in candidate.intervals:  # both scored on the same data in this run
+        low, high = candidate.intervals["champion_delta"]
+        if not (_finite(low) and _finite(high)):
+            failed.append("champion")
+            reasons.append(f"champion: the comparison with version {champion.version} is not a finite number")
+        elif low < -tol:
+            failed.append("champion")
+            reasons.append(f"champion: {m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data; "
+                           f"it may be worse by more than the tolerance {tol:.4g}")
+        else:
+            reasons.append(f"champion: {m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data (tolerance {tol:.4g})")
+        return
+    if champion.primary_metric != m or not _finite(champion.adapted_score):
+        reasons.append(f"champion: version {champion.version} has no comparable {m}; not compared")
+    elif not _finite(candidate.adapted_score):
+        failed.append("champion")
+        reasons.append(f"champion: candidate has no finite {m} to compare with version {champion.version}")
+    else:
+        delta = candidate.adapted_score - champion.adapted_score
+        delta = delta if candidate.higher_is_better else -delta
+        if delta < -tol:
+            failed.append("champion")
+            reasons.append(f"champion: {m} {candidate.adapted_score:.4g} is worse than champion version {champion.version} "
+                           f"({champion.adapted_score:.4g}, its own evaluation) beyond the tolerance {tol:.4g}")
+        else:
+            reasons.append(f"champion: {m} {candidate.adapted_score:.4g} vs champion version {champion.version} "
+                           f"({champion.adapted_score:.4g}, its own evaluation)")

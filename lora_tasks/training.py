@@ -129,13 +129,20 @@ def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of target tokens) of a left-padded batch.
+    """(sum of token losses, number of target tokens) of a left-padded batch."""
+    losses, tokens = causal_lm_row_losses(model, batch)
+    return losses.sum(), int(tokens.sum())
+
+
+def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens).
 
     Only the last positions that predict a target token get logits: with prompt-masked
     labels that skips the vocabulary projection (and its softmax) over every prompt token."""
     labels = batch["labels"]
     has_label = (labels != IGNORE_INDEX).any(0)
-    first = int(has_label.nonzero()[0]) if has_label.any() else labels.shape[1] - 1
+    # The first token has no position before it to predict it: targets start at index 1 or later.
+    first = max(int(has_label.nonzero()[0]), 1) if has_label.any() else labels.shape[1] - 1
     keep = labels.shape[1] - first + 1  # the position before the first target predicts it
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -143,9 +150,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     ).logits
     targets = labels[:, labels.shape[1] - keep + 1 :]
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -79,3 +79,40 @@ def test_candidate_from_logged_metrics():
     missing = candidate_from_metrics({}, "accuracy", True)
     assert missing.task_gain is None
     assert not decide_promotion(missing, None, POLICY).promote
+
+
+# Intervals: the gate reads bounds, not points.
+def with_intervals(c: Candidate, **intervals) -> Candidate:
+    from dataclasses import replace
+
+    return replace(c, intervals=intervals)
+
+
+INTERVAL_CASES = [
+    ("gain clearly above the minimum", dict(task_gain=(0.3, 0.7)), None, True, []),
+    ("gain straddles the minimum (noise)", dict(task_gain=(0.01, 0.9)), None, False, ["task_gain"]),
+    ("ppl ratio point fine, upper bound over the limit",
+     dict(task_gain=(0.3, 0.7), reference_perplexity_ratio=(1.0, 1.3)), None, False, ["reference_perplexity_ratio"]),
+    ("kl interval within the limit", dict(task_gain=(0.3, 0.7), reference_kl=(0.05, 0.2)), None, True, []),
+    ("nan bound never promotes", dict(task_gain=(math.nan, 0.7)), None, False, ["task_gain"]),
+    ("not worse than the champion on the same data",
+     dict(task_gain=(0.3, 0.7), champion_delta=(0.0, 0.2)), loss_candidate(adapted=1.5, version="1"), True, []),
+    ("maybe worse than the champion on the same data, though better than base",
+     dict(task_gain=(0.3, 0.7), champion_delta=(-0.2, 0.1)), loss_candidate(adapted=9.0, version="1"), False, ["champion"]),
+]
+
+
+@pytest.mark.parametrize("name,intervals,champion,promote,failed", INTERVAL_CASES, ids=[c[0] for c in INTERVAL_CASES])
+def test_gate_compares_intervals(name, intervals, champion, promote, failed):
+    d = decide_promotion(with_intervals(loss_candidate(), **intervals), champion, POLICY)
+    assert d.promote is promote, d.reasons
+    assert d.failed_checks == failed
+
+
+def test_candidate_from_flat_metrics_reads_the_intervals():
+    from lora_tasks.promotion import candidate_from_metrics
+
+    flat = {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "task_gain_ci_low": 0.4, "task_gain_ci_high": 0.6,
+            "reference_kl_ci_low": 0.1, "reference_kl_ci_high": 0.2, "champion_delta_ci_low": -0.1}
+    c = candidate_from_metrics(flat, "eval_loss", False, {"reference_kl": 0.15})
+    assert c.intervals == {"task_gain": (0.4, 0.6), "reference_kl": (0.1, 0.2)}  # a half interval is no interval

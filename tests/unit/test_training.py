@@ -169,3 +169,16 @@ def test_gpu_only_options_are_refused_on_a_cpu_config():
     raw["base_model"]["quantization"] = "4bit"
     with pytest.raises(ConfigError, match="scaling.use_gpu"):
         config_from_dict(raw)
+
+
+def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
+    """Without a prompt every token but the first is a target (the first has nothing before it)."""
+    from lora_tasks.modeling import load_base_model
+    from lora_tasks.training import causal_lm_loss
+
+    model = load_base_model(tiny_model_dir, "causal_lm")
+    ids = torch.randint(3, 200, (2, 12))
+    batch = collate([{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids], 0, "causal_lm")
+    total, n = causal_lm_loss(model, batch)
+    assert n == 2 * 11
+    assert float(total) / n == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)

@@ -1,0 +1,87 @@
+"""Bootstrap confidence intervals, so the promotion gate compares intervals and not noisy points.
+
+Every metric here is an estimator over per-example (or per-block) values; an interval comes from
+resampling those units with replacement. Differences (adapted - base, challenger - champion) are
+resampled *paired*: the same units for both sides, which is what makes a small gain detectable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its two-sided percentile-bootstrap interval."""
+
+    point: float
+    low: float
+    high: float
+
+    def to_list(self) -> list[float]:
+        return [self.point, self.low, self.high]
+
+    def __str__(self) -> str:
+        return f"{self.point:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def bootstrap(
+    estimator: Callable[[np.ndarray], float], n_units: int, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> Interval:
+    """Percentile bootstrap of `estimator(indices)` over `n_units` units (rows, blocks).
+
+    `estimator` receives an index array (all units, or a resample) and returns a number. With
+    fewer than 2 units, or non-finite resamples only, the interval is the point itself (or NaN)."""
+    point = float(estimator(np.arange(n_units)))
+    if n_units < 2 or resamples < 1:
+        return Interval(point, point, point)
+    rng = np.random.default_rng(seed)
+    stats = np.array([estimator(rng.integers(0, n_units, n_units)) for _ in range(resamples)], dtype=float)
+    stats = stats[np.isfinite(stats)]
+    if not stats.size:
+        return Interval(point, math.nan, math.nan)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return Interval(point, float(low), float(high))
+
+
+def mean_ci(values, **kw) -> Interval:
+    """Mean of per-unit values (exact match, ROUGE-L, correctness)."""
+    v = np.asarray(values, dtype=float)
+    return bootstrap(lambda i: v[i].mean() if len(i) else math.nan, len(v), **kw)
+
+
+def ratio_ci(numerators, denominators, **kw) -> Interval:
+    """sum(num) / sum(den) over units: token-weighted mean loss or KL with per-example sums."""
+    n, d = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    return bootstrap(lambda i: n[i].sum() / d[i].sum() if d[i].sum() else math.nan, len(n), **kw)
+
+
+def paired_diff_ci(a, b, **kw) -> Interval:
+    """mean(a) - mean(b), the same units resampled on both sides."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return bootstrap(lambda i: a[i].mean() - b[i].mean(), len(a), **kw)
+
+
+def paired_ratio_diff_ci(num_a, num_b, den, **kw) -> Interval:
+    """sum(num_a)/sum(den) - sum(num_b)/sum(den): a token-weighted loss difference, paired."""
+    a, b, d = (np.asarray(x, dtype=float) for x in (num_a, num_b, den))
+    return bootstrap(lambda i: (a[i].sum() - b[i].sum()) / d[i].sum() if d[i].sum() else math.nan, len(a), **kw)
+
+
+def perplexity_ratio_ci(nll_adapted, nll_base, tokens, **kw) -> Interval:
+    """exp(mean NLL adapted - mean NLL base) = perplexity ratio adapted/base, paired over blocks."""
+    a, b, t = (np.asarray(x, dtype=float) for x in (nll_adapted, nll_base, tokens))
+    return bootstrap(lambda i: math.exp(min((a[i].sum() - b[i].sum()) / t[i].sum(), 50.0)) if t[i].sum() else math.nan,
+                     len(a), **kw)
+
+
+def macro_f1_ci(y_true, y_pred, num_labels: int, **kw) -> Interval:
+    from .evaluation import macro_f1
+
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    return bootstrap(lambda i: macro_f1(t[i].tolist(), p[i].tolist(), num_labels), len(t), **kw)

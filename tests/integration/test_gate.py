@@ -1,0 +1,102 @@
+"""The gate on real adapters of the tiny Llama, trained in-process and scored by evaluate_adapter
+with bootstrap intervals: a destructive adapter is blocked for forgetting while a sound one passes;
+a challenger worse than the champion on the same data is refused though it beats the base."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
+
+
+def tiny_cfg(**training):
+    from lora_tasks.config import config_from_dict
+
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    raw["training"].update(training)
+    raw["scaling"]["num_workers"] = 1
+    return config_from_dict(raw)
+
+
+def train(cfg, rows, out: Path) -> str:
+    from lora_tasks.training import WorkerContext, train_worker
+
+    def keep(metrics, checkpoint_dir):
+        if checkpoint_dir:
+            shutil.copytree(Path(checkpoint_dir) / "adapter", out, dirs_exist_ok=True)
+
+    train_worker(cfg, rows, WorkerContext(report=keep))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def split():
+    rows = ROWS[:]
+    random.Random(0).shuffle(rows)
+    return rows[:320], rows[320:]
+
+
+@pytest.fixture(scope="module")
+def sound(tmp_path_factory, split):
+    return train(tiny_cfg(), split[0], tmp_path_factory.mktemp("sound") / "adapter")
+
+
+def decide(cfg, adapter, eval_rows, champion_dir=None, champion_version=None):
+    from lora_tasks.evaluation import evaluate_adapter
+    from lora_tasks.promotion import Candidate, candidate_from_metrics, decide_promotion
+
+    report = evaluate_adapter(cfg, adapter, eval_rows, champion_adapter_dir=champion_dir, champion_version=champion_version)
+    flat = report.flat_metrics()
+    candidate = candidate_from_metrics(flat, report.primary_metric, report.higher_is_better, report.forgetting, "2")
+    champion = Candidate(report.primary_metric, False, None, flat.get(f"champion_{report.primary_metric}"), version="1") if champion_dir else None
+    return report, decide_promotion(candidate, champion, cfg.promotion)
+
+
+def test_destructive_adapter_is_blocked_for_forgetting_and_the_sound_one_passes(tmp_path, split, sound):
+    train_rows, eval_rows = split
+    cfg = tiny_cfg()
+    report, decision = decide(cfg, sound, eval_rows)
+    print(f"\nsound: {report.intervals}")
+    assert decision.promote, decision.reasons
+
+    # Trained to destroy: language modelling of scrambled symbols at 10x the learning rate, with
+    # the output layer adapted too (the tiny model's frozen head keeps its logits near uniform).
+    rng = random.Random(1)
+    noise = [{"text": "".join(rng.choice("qzxjkvwy#@%&") for _ in range(60))} for _ in train_rows]
+    wreck = tiny_cfg(learning_rate=3e-2, max_steps=80)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    wreck = wreck.model_copy(update={
+        "data": wreck.data.model_copy(update={"prompt_column": None, "completion_column": None}),
+        "lora": wreck.lora.model_copy(update={"target_modules": modules}),
+    })
+    destructive = train(wreck, noise, tmp_path / "destructive")
+    report, decision = decide(cfg, destructive, eval_rows)
+    print(f"destructive: {report.intervals}\n{decision.reasons}")
+    assert not decision.promote
+    assert {"reference_perplexity_ratio", "reference_kl"} & set(decision.failed_checks), decision.reasons
+    assert any("forgetting" in r for r in decision.reasons)
+
+
+def test_challenger_worse_than_the_champion_on_the_same_data_is_refused(tmp_path, split, sound):
+    train_rows, eval_rows = split
+    cfg = tiny_cfg()
+    weaker = train(tiny_cfg(max_steps=12), train_rows, tmp_path / "weaker")
+    report, decision = decide(cfg, weaker, eval_rows, champion_dir=sound, champion_version="1")
+    print(f"\nweaker vs champion: {report.intervals}\n{decision.reasons}")
+    assert report.task_gain > cfg.promotion.min_task_gain, "the weaker adapter still beats the base"
+    assert report.champion is not None and report.champion["eval_loss"] < report.adapted["eval_loss"]
+    assert not decision.promote and decision.failed_checks == ["champion"], decision.reasons
+    # The champion scored here is the champion: the same numbers as scoring it alone.
+    alone, _ = decide(cfg, sound, eval_rows)
+    assert report.champion["eval_loss"] == pytest.approx(alone.adapted["eval_loss"], rel=1e-5)
