@@ -89,15 +89,14 @@ def demo_prepare(
 
 
 def _print_summary(result: dict) -> None:
-    m = result["metrics"]
-    table = Table(title=f"{result['model_name']} version {result['version']}")
-    table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("adapted", justify="right")
-    for key in sorted(k.removeprefix("adapted_") for k in m if k.startswith("adapted_")):
-        table.add_row(key, f"{m.get('base_' + key, float('nan')):.4g}", f"{m['adapted_' + key]:.4g}")
-    for key in sorted(k for k in m if k.startswith("reference_")):
-        table.add_row(key, "", f"{m[key]:.4g}")
+    from lora_tasks.pipeline import metrics_table
+
+    columns, rows = metrics_table(result["metrics"])
+    table = Table(title=f"{result['model_name']} version {result['version']}  (bootstrap intervals in brackets)")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     out = Console()
     out.print(table)
     verdict = "[green]promoted to champion[/]" if result["promoted"] else "[yellow]not promoted[/]"

@@ -212,6 +212,27 @@ def _fmt(v) -> str:
     return "–" if v is None else str(v)
 
 
+def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of base / champion / adapted per metric, then forgetting, from flat metrics;
+    a metric with a bootstrap interval shows it as `value [low, high]`."""
+    def cell(key: str) -> str:
+        if key not in flat:
+            return ""
+        lo, hi = flat.get(f"{key}_ci_low"), flat.get(f"{key}_ci_high")
+        return _fmt(flat[key]) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+
+    has_champion = any(k.startswith("champion_") and k != "champion_delta" for k in flat)
+    columns = ["metric", "base", *(["champion"] if has_champion else []), "adapted"]
+    names = sorted({k.removeprefix("adapted_") for k in flat if k.startswith("adapted_") and "_ci_" not in k})
+    rows = [[n, cell(f"base_{n}"), *([cell(f"champion_{n}")] if has_champion else []), cell(f"adapted_{n}")] for n in names]
+    for key in ("task_gain", "champion_delta"):
+        if key in flat:
+            rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    for key in sorted(k for k in flat if k.startswith("reference_") and "_ci_" not in k):
+        rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    return columns, rows
+
+
 def summary_markdown(
     cfg: PipelineConfig,
     data: PreparedData,
@@ -222,10 +243,10 @@ def summary_markdown(
     champion_version: str | None,
 ) -> str:
     """The run's one-page summary, for the Prefect artifact and the MLflow run."""
-    rows = "\n".join(
-        f"| {k} | {_fmt(report.base.get(k))} | {_fmt(v)} |" for k, v in report.adapted.items()
-    )
-    forgetting = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report.forgetting.items()) or "| (no reference corpus) | |"
+    columns, rows = metrics_table(report.flat_metrics())
+    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    confidence = f"{cfg.promotion.confidence:.0%} bootstrap intervals in brackets"
     reasons = "\n".join(f"- {r}" for r in decision.reasons)
     verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
     champ = f"version {champion_version}" if champion_version else "none"
@@ -237,16 +258,9 @@ def summary_markdown(
 - contract: {data.report.summary()}
 - fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
 
-## Task metrics ({report.eval_rows} eval examples; primary: `{report.primary_metric}`, gain {report.task_gain:.4g})
-| metric | base | adapted |
-| --- | --- | --- |
-{rows}
-
-## Forgetting (reference corpus)
-| metric | value |
-| --- | --- |
-{forgetting}
-
+## Evaluation ({report.eval_rows} eval examples, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
+{table}
+{"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
 ## Decision (champion before this run: {champ})
 {reasons}
 
