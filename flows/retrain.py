@@ -97,6 +97,18 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedDa
             registry.log_artifact(uri, run_id, path, "reports")
 
 
+@task(name="publish-reports", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: EvalReport, summary: str) -> None:
+    """Markdown report and PNG plots into the run folder and the MLflow run (`reports/`)."""
+    from lora_tasks.report import write_report
+
+    uri, p = cfg.tracking.tracking_uri, cfg.promotion
+    limits = {"min_task_gain": p.min_task_gain, "reference_perplexity_ratio": p.max_perplexity_ratio,
+              "reference_kl": p.max_kl, "reference_representation_drift": p.max_representation_drift}
+    for path in write_report(report, summary, registry.metric_history(uri, run_id), Path(run_dir) / "reports", limits):
+        registry.log_artifact(uri, run_id, path, "reports")
+
+
 @task(name="register-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base: BaseModelInfo, tags: dict[str, str]) -> str:
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base.name_or_path)
@@ -151,6 +163,7 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
         return again
 
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
+    registry.describe_version(uri, name, version, summary.split("\n## Tracking")[0])
     final, against, record = registry.settle_decision(
         uri, name, version, decision, champion, redecide,
         actor=registry.default_actor(str(flow_run.id or "") or None), run_id=run_id,
@@ -205,6 +218,7 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
         registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
         raise
     summary = summary_markdown(cfg, data, report, decision, version, run_id, champion.version if champion else None)
+    publish_reports(cfg, run_id, run_dir, report, summary)
     decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
     create_markdown_artifact(key=_artifact_key("retrain", cfg),
                              markdown=summary, description=f"{cfg.model_name} v{version}")

@@ -9,16 +9,21 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import PipelineConfig
 from . import stats
-from .forgetting import causal_lm_forgetting_scores, chunk_reference, read_reference_texts, representation_drift_scores
+from .forgetting import (
+    chunk_reference, compare_on_blocks, drift_on_blocks, mc_correct, read_mc_benchmark, read_reference_texts,
+    summarize_comparison,
+)
 from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
-from .probes import GENERAL_PROBES, base_answers, probe_blocks
+from .probes import base_answers, probe_blocks
 from .training import causal_lm_row_losses, collate, encode_examples, format_prompts
+from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
@@ -41,9 +46,19 @@ class EvalReport:
     """Generated answers of base and adapted next to the target (generation scoring only)."""
     champion: dict[str, float] | None = None
     champion_version: str | None = None
+    champion_forgetting: dict[str, float] = field(default_factory=dict)
+    """The champion's forgetting on the same reference, for the report's comparison."""
     intervals: dict[str, list[float]] = field(default_factory=dict)
-    """`task_gain`, `champion_delta` (adapted minus champion, positive = better), per-model primary
-    metric, and each forgetting metric; confidence `promotion.confidence`."""
+    """`[point, low, high]` at confidence `promotion.confidence`: `task_gain` (adapted vs base,
+    paired), `champion_delta` (adapted minus champion, paired, positive = better),
+    `champion_task_gain`, the primary metric per model (`base_<m>`, `champion_<m>`,
+    `adapted_<m>`), each forgetting metric of the adapted model, and `champion_<forgetting>`."""
+    champion_forgetting: dict[str, float] | None = None
+    """The champion's forgetting metrics against the same base on the same reference."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent loading models, scoring the task, measuring forgetting."""
+    method: str = "lora"
+    """`lora` or `full` (`training.method`)."""
 
     @property
     def task_gain(self) -> float:
@@ -60,12 +75,15 @@ class EvalReport:
         out.update({f"champion_{k}": v for k, v in (self.champion or {}).items()})
         out.update({f"adapted_{k}": v for k, v in self.adapted.items()})
         out.update(self.forgetting)
+        out.update({f"champion_{k}": v for k, v in (self.champion_forgetting or {}).items()})
         out["task_gain"] = self.task_gain
         out["eval_seconds"] = self.seconds
+        out.update({f"eval_{k}_seconds": v for k, v in self.timings.items()})
         for k, (_, low, high) in self.intervals.items():
             out[f"{k}_ci_low"], out[f"{k}_ci_high"] = low, high
-        if "champion_delta" in self.intervals:
-            out["champion_delta"] = self.intervals["champion_delta"][0]
+        for k in ("champion_delta", "champion_task_gain"):
+            if k in self.intervals:
+                out[k] = self.intervals[k][0]
         return out
 
 
@@ -232,30 +250,112 @@ def _intervals(metric: str, higher: bool, scores: dict[str, dict], stats_kw: dic
     out["task_gain"] = diff(scores["adapted"], scores["base"]).to_list()
     if "champion" in scores:
         out["champion_delta"] = diff(scores["adapted"], scores["champion"]).to_list()
+        out["champion_task_gain"] = diff(scores["champion"], scores["base"]).to_list()
     return out
+
+
+def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str | None = None, device: str = "cpu",
+               tokenizer=None):
+    """The models to compare, as named views (`base`, `adapted`, `champion` when given).
+
+    LoRA: ONE copy of the base weights, both adapters loaded into the same PeftModel under the
+    names `default` and `champion`; the base is the PeftModel under `disable_adapter()`.
+    Full fine-tuning (`training.method: full`): `adapter_dir` holds a whole model, so the base is
+    loaded separately beside it: two copies of the weights are unavoidable there."""
+    bm = cfg.base_model
+    if tokenizer is None:
+        tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
+    kw = dict(num_labels=len(cfg.data.labels) if cfg.data.labels else None, torch_dtype=bm.torch_dtype,
+              trust_remote_code=bm.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.training.seed)  # a classifier's fresh head starts as it did in training
+    base = load_base_model(bm.name_or_path, cfg.task, revision=bm.revision, **kw)
+    if cfg.training.method == "full":
+        tuned = load_base_model(str(adapter_dir), cfg.task, **kw).to(device)
+        if not champion_adapter_dir:
+            return SeparateViews({BASE: base.to(device), ADAPTED: tuned})
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(champion_adapter_dir), adapter_name="champion", is_trainable=False).to(device)
+        return PeftViews(model, {CHAMPION: "champion"}, separate={ADAPTED: tuned})
+    model = load_adapted_model(base, adapter_dir).to(device)
+    adapters = {ADAPTED: "default"}
+    if champion_adapter_dir:
+        model.load_adapter(str(champion_adapter_dir), adapter_name="champion", is_trainable=False)
+        adapters[CHAMPION] = "champion"
+    return PeftViews(model, adapters)
+
+
+def _safe_name(path: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in Path(path).stem.lower()).strip("_") or "mc"
+
+
+def _forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info, stats_kw) -> tuple[dict, dict]:
+    """Forgetting metrics per non-base view ({view: {metric: value}}) and their intervals
+    ({view: {metric: [point, low, high]}}), on every source the reference section names."""
+    ref = cfg.evaluation.reference
+    others = [n for n in views.names if n != BASE]
+    metrics: dict[str, dict] = {n: {} for n in others}
+    intervals: dict[str, dict] = {n: {} for n in others}
+    if ref is None:
+        return metrics, intervals
+    bs, max_len, pad = cfg.evaluation.batch_size, cfg.training.max_seq_length, tokenizer.pad_token_id or 0
+
+    def compared(units, prefix):
+        for n in others:
+            metrics[n].update(summarize_comparison(units, n, prefix))
+            intervals[n][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
+                units["nll"][n], units["nll"][BASE], units["tokens"], **stats_kw).to_list()
+            intervals[n][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][n], units["tokens"], **stats_kw).to_list()
+
+    if cfg.task != "causal_lm":
+        if ref.path:
+            units = drift_on_blocks(views, chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, max_len),
+                                    bs, pad, device)
+            for n in others:
+                metrics[n]["reference_representation_drift"] = float(units["drift"][n].sum() / units["tokens"].sum())
+                metrics[n]["reference_tokens"] = float(units["tokens"].sum())
+                intervals[n]["reference_representation_drift"] = stats.ratio_ci(units["drift"][n], units["tokens"], **stats_kw).to_list()
+        return metrics, intervals
+    if ref.path:
+        blocks = chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, max_len)
+        compared(compare_on_blocks(views, blocks, bs, pad, device), "reference")
+    if ref.probes:
+        info = base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
+        with views.use(BASE) as m:
+            rows = base_answers(m, tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
+        blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
+        units = compare_on_blocks(views, blocks, bs, pad, device, score_from=starts)
+        compared(units, "self_retention")
+        if not ref.path:  # probes alone: they are the reference too, as before corpora could be combined
+            compared(units, "reference")
+    for path in ref.benchmarks:
+        questions = read_mc_benchmark(path)[: ref.max_benchmark_questions]
+        correct = mc_correct(views, questions, tokenizer, bs, max_len, device)
+        key = f"benchmark_{_safe_name(path)}"
+        for n in others:
+            metrics[n].update({f"{key}_accuracy_base": float(correct[BASE].mean()),
+                               f"{key}_accuracy_adapted": float(correct[n].mean()),
+                               f"{key}_accuracy_drop": float(correct[BASE].mean() - correct[n].mean()),
+                               f"{key}_questions": float(len(questions))})
+            intervals[n][f"{key}_accuracy_drop"] = stats.paired_diff_ci(correct[BASE], correct[n], **stats_kw).to_list()
+    return metrics, intervals
 
 
 def evaluate_adapter(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
     champion_adapter_dir: str | None = None, champion_version: str | None = None,
 ) -> EvalReport:
-    """Score base, champion (when given) and adapted on the eval split with one copy of the base
-    weights (both adapters on one PeftModel; base through `disable_adapter()`), measure
-    forgetting when a reference is set, and bootstrap intervals of what the gate reads.
+    """Score base, champion (when given) and the new model (challenger) on the same eval rows,
+    measure forgetting of each against the base on the reference section's sources, and
+    bootstrap intervals of everything the gate reads.
 
+    LoRA keeps one copy of the base weights (both adapters on one PeftModel, the base through
+    `disable_adapter()`); a fully fine-tuned model is compared with a separately loaded base.
     `base_info` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
     started = time.perf_counter()
     bm = cfg.base_model
     tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
-    torch.manual_seed(cfg.training.seed)  # a classifier's fresh head starts as it did in training
-    base = load_base_model(
-        bm.name_or_path, cfg.task, revision=bm.revision,
-        num_labels=len(cfg.data.labels) if cfg.data.labels else None,
-        torch_dtype=bm.torch_dtype, trust_remote_code=bm.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = load_adapted_model(base, adapter_dir).to(device)
-    if champion_adapter_dir:
-        model.load_adapter(str(champion_adapter_dir), adapter_name="champion", is_trainable=False)
+    views = load_views(cfg, adapter_dir, champion_adapter_dir, device, tokenizer)
     examples = encode_examples(eval_rows, tokenizer, cfg)
     stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence, "seed": cfg.training.seed}
 
@@ -264,48 +364,33 @@ def evaluate_adapter(
             return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    loaded = time.perf_counter()
     metrics, units, answers = {}, {}, {}
     with autocast():
-        if champion_adapter_dir:
-            model.set_adapter("champion")
-            metrics["champion"], units["champion"], answers["champion"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
-        model.set_adapter("default")
-        metrics["adapted"], units["adapted"], answers["adapted"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
-        with model.disable_adapter():
-            metrics["base"], units["base"], answers["base"] = _task_scores(model, cfg, examples, eval_rows, tokenizer, device)
+        for name in (CHAMPION, ADAPTED, BASE):
+            if name in views.names:
+                with views.use(name) as m:
+                    metrics[name], units[name], answers[name] = _task_scores(m, cfg, examples, eval_rows, tokenizer, device)
+    has_champion = CHAMPION in views.names
     samples = [
         {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a,
-         **({"champion": answers["champion"][i]} if champion_adapter_dir else {})}
-        for i, (r, b, a) in enumerate(zip(eval_rows, answers["base"], answers["adapted"]))
+         **({"champion": answers[CHAMPION][i]} if has_champion else {})}
+        for i, (r, b, a) in enumerate(zip(eval_rows, answers[BASE], answers[ADAPTED]))
     ]
     metric, higher = primary_metric(cfg)
     intervals = _intervals(metric, higher, units, stats_kw)
-
-    forgetting: dict[str, float] = {}
-    ref = cfg.evaluation.reference
-    bs, max_len = cfg.evaluation.batch_size, cfg.training.max_seq_length
+    scored = time.perf_counter()
     with autocast():
-        if ref is not None and ref.probes and cfg.task == "causal_lm":
-            info = base_info or describe_base_model(bm.name_or_path, bm.revision)
-            rows = base_answers(model, tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
-            blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
-            forgetting, f_units = causal_lm_forgetting_scores(model, tokenizer, blocks, bs, device, score_from=starts)
-        elif ref is not None:
-            texts = read_reference_texts(ref.path) if ref.path else GENERAL_PROBES
-            blocks = chunk_reference(texts, tokenizer, ref.max_tokens, max_len)
-            if cfg.task == "causal_lm":
-                forgetting, f_units = causal_lm_forgetting_scores(model, tokenizer, blocks, bs, device)
-            else:
-                forgetting, f_units = representation_drift_scores(model, tokenizer, blocks, bs, device)
-    if "reference_kl" in forgetting:
-        intervals["reference_perplexity_ratio"] = stats.perplexity_ratio_ci(
-            f_units["nll_adapted"], f_units["nll_base"], f_units["tokens"], **stats_kw).to_list()
-        intervals["reference_kl"] = stats.ratio_ci(f_units["kl"], f_units["tokens"], **stats_kw).to_list()
-    elif "reference_representation_drift" in forgetting:
-        intervals["reference_representation_drift"] = stats.ratio_ci(f_units["drift"], f_units["tokens"], **stats_kw).to_list()
+        forgetting, f_intervals = _forgetting(cfg, views, tokenizer, device, base_info, stats_kw)
+    intervals.update(f_intervals[ADAPTED])
+    if has_champion:
+        intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
+    done = time.perf_counter()
     return EvalReport(
-        task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics["base"], adapted=metrics["adapted"],
-        forgetting=forgetting, eval_rows=len(examples), seconds=time.perf_counter() - started, samples=samples,
-        champion=metrics.get("champion"), champion_version=champion_version if champion_adapter_dir else None,
-        intervals=intervals,
+        task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
+        forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=done - started, samples=samples,
+        champion=metrics.get(CHAMPION), champion_version=champion_version if has_champion else None,
+        intervals=intervals, champion_forgetting=forgetting.get(CHAMPION),
+        timings={"load": loaded - started, "task": scored - loaded, "forgetting": done - scored},
+        method=cfg.training.method,
     )

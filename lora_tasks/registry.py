@@ -499,6 +499,17 @@ def record_evaluation(tracking_uri: str, name: str, version: str, metrics: dict[
         c.set_model_version_tag(name, version, f"eval.{k}", f"{v:.6g}")
 
 
+def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("train_loss", "learning_rate")) -> dict:
+    """(step, value) pairs per metric of a run, e.g. the loss curve the workers logged."""
+    c = client(tracking_uri)
+    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
+
+
+def describe_version(tracking_uri: str, name: str, version: str, text: str) -> None:
+    """Set a version's description (the MLflow UI shows it on the version page)."""
+    client(tracking_uri).update_model_version(name, version, description=text[:5000])
+
+
 def settle_decision(
     tracking_uri: str, name: str, version: str, decision, champion: VersionInfo | None, redecide,
     *, actor: str | None = None, run_id: str | None = None, max_rounds: int = 5,
