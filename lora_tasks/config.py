@@ -123,6 +123,10 @@ class LoraConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: train a LoRA adapter on the frozen base (the product). `full`: train every weight,
+    a baseline to see what LoRA saves and how much less it forgets; the run is trained, evaluated
+    and logged to MLflow but never registered or promoted, and the `lora` section is ignored."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps to train; takes precedence over `epochs`."""
     epochs: float | None = Field(None, gt=0)
@@ -186,17 +190,31 @@ class ScalingConfig(_Section):
 
 
 class ReferenceConfig(_Section):
+    """What forgetting is measured on: a text corpus, the built-in probes, multiple-choice
+    benchmarks, or any combination of them (at least one)."""
+
     path: str | None = None
-    """Plain-text corpus of general text (one passage per line; blank lines are skipped)."""
+    """Plain-text corpus of general text (one passage per line; blank lines are skipped):
+    `reference_perplexity_ratio` and `reference_kl` are measured on it."""
     probes: Literal["general"] | None = None
-    """`general`: the built-in probe prompts, scored on the base model's own (cached) answers."""
+    """`general`: the built-in probe prompts, scored on the base model's own (cached) greedy
+    answers: `self_retention_perplexity_ratio` (perplexity ratio adapted/base on those answers) and
+    `self_retention_kl`. Without `path`, the `reference_*` metrics are measured on the probes too
+    (as before benchmarks and corpora could be combined)."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Multiple-choice benchmarks, JSONL files of `{"question", "choices", "answer"}` (`answer`:
+    the 0-based index of the right choice, or its text). Each choice is scored by the model's
+    log-likelihood of it after the question; `benchmark_<file stem>_accuracy_drop` is base minus
+    adapted accuracy."""
     max_tokens: int = Field(4096, ge=16)
     """Token budget read from the corpus for forgetting metrics."""
+    max_benchmark_questions: int | None = Field(None, ge=1)
+    """Score at most this many questions of each benchmark (the first ones); null scores all."""
 
     @model_validator(mode="after")
     def _check_source(self):
-        if (self.path is None) == (self.probes is None):
-            raise ValueError("set exactly one of path (a text corpus) or probes: general")
+        if self.path is None and self.probes is None and not self.benchmarks:
+            raise ValueError("set at least one of path (a text corpus), probes: general, or benchmarks (JSONL files)")
         return self
 
 
@@ -224,19 +242,32 @@ class EvaluationConfig(_Section):
 class PromotionPolicy(_Section):
     min_task_gain: float = 0.0
     """Smallest improvement of the primary metric over the base model (in its own units;
-    loss improvements are base minus adapted)."""
+    loss improvements are base minus adapted). The lower bound of the paired gain's interval
+    must reach it: a gain that may be noise does not promote."""
     max_perplexity_ratio: float | None = Field(1.2, gt=0)
-    """Largest allowed reference perplexity ratio adapted/base (causal LM); null skips it."""
+    """Largest allowed reference perplexity ratio adapted/base (causal LM); the upper bound of
+    its interval (paired over reference blocks) is checked; null skips it."""
     max_kl: float | None = Field(0.5, ge=0)
-    """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM)."""
+    """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM); the
+    upper bound of its interval is checked; null skips it."""
     max_representation_drift: float | None = Field(0.2, ge=0)
-    """Largest allowed mean cosine distance of hidden states base vs adapted (classification)."""
+    """Largest allowed mean cosine distance of hidden states base vs adapted (classification);
+    the upper bound of its interval is checked; null skips it."""
     require_forgetting_metrics: bool = True
     """Refuse promotion when no forgetting metric was measured."""
     beat_champion: bool = True
     """The candidate must be at least as good as the current champion on the primary metric."""
     champion_tolerance: float = Field(0.0, ge=0)
-    """How much worse than the champion still counts as not worse."""
+    """How much worse than the champion still counts as not worse: the lower bound of the
+    paired lead (challenger minus champion, same eval rows, oriented so positive is better) must
+    be at least `-champion_tolerance`."""
+    max_self_retention_ratio: float | None = Field(1.2, gt=0)
+    """Largest allowed perplexity ratio adapted/base on the base model's own greedy answers to
+    the probe set (`evaluation.reference.probes`); its upper bound is checked; null skips it."""
+    max_benchmark_accuracy_drop: float | None = Field(0.05, ge=0)
+    """Largest allowed accuracy drop (base minus adapted, a share in [0, 1]) on each
+    multiple-choice benchmark (`evaluation.reference.benchmarks`); the upper bound of the paired
+    drop is checked; null skips it."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     """Confidence of the bootstrap intervals the gate compares. The gate promotes only on
     evidence: the gain's lower bound must reach `min_task_gain`, each forgetting metric's upper
@@ -288,6 +319,16 @@ class PipelineConfig(_Section):
     def _check_generation(self):
         if self.evaluation.generation and (self.task != "causal_lm" or self.data.prompt_column is None):
             raise ValueError("evaluation.generation needs task causal_lm with prompt_column and completion_column")
+        ref = self.evaluation.reference
+        if ref is not None and self.task != "causal_lm" and (ref.probes or ref.benchmarks):
+            raise ValueError("evaluation.reference.probes and benchmarks score generations and choices: causal_lm only "
+                             "(a classifier is compared on a corpus, path)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        if self.training.method == "full" and self.base_model.quantization:
+            raise ValueError("training.method: full trains every weight and cannot train a 4-bit base: drop base_model.quantization")
         return self
 
     @property
@@ -377,6 +418,8 @@ def _resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     cfg.data.eval_path = _absolute(cfg.data.eval_path)
     if cfg.evaluation.reference and cfg.evaluation.reference.path:
         cfg.evaluation.reference.path = _absolute(cfg.evaluation.reference.path)
+    if cfg.evaluation.reference and cfg.evaluation.reference.benchmarks:
+        cfg.evaluation.reference.benchmarks = [_absolute(b) for b in cfg.evaluation.reference.benchmarks]
     bm = cfg.base_model.name_or_path
     if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():
         cfg.base_model.name_or_path = _absolute(bm)

@@ -53,8 +53,6 @@ class EvalReport:
     paired), `champion_delta` (adapted minus champion, paired, positive = better),
     `champion_task_gain`, the primary metric per model (`base_<m>`, `champion_<m>`,
     `adapted_<m>`), each forgetting metric of the adapted model, and `champion_<forgetting>`."""
-    champion_forgetting: dict[str, float] | None = None
-    """The champion's forgetting metrics against the same base on the same reference."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent loading models, scoring the task, measuring forgetting."""
     method: str = "lora"
@@ -390,7 +388,7 @@ def evaluate_adapter(
         task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
         forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=done - started, samples=samples,
         champion=metrics.get(CHAMPION), champion_version=champion_version if has_champion else None,
-        intervals=intervals, champion_forgetting=forgetting.get(CHAMPION),
+        intervals=intervals, champion_forgetting=forgetting.get(CHAMPION, {}),
         timings={"load": loaded - started, "task": scored - loaded, "forgetting": done - scored},
         method=cfg.training.method,
     )

@@ -6,7 +6,9 @@ so only one copy of the base weights is ever in memory.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,157 @@ def representation_drift_scores(peft_model, tokenizer, blocks: list[list[int]], 
         raise DataError("reference corpus gave no tokens to score; give it more text")
     metrics = {"reference_representation_drift": sum(drift) / count, "reference_tokens": count}
     return metrics, {"drift": np.array(drift, dtype=float), "tokens": np.array(tokens, dtype=float)}
+
+
+# ----------------------------------------------------------------------------- several models at once
+
+
+@torch.no_grad()
+def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: int, device="cpu",
+                      score_from: list[int] | None = None) -> dict:
+    """Per-block units of every view against `base` on token blocks: `tokens` (scored), `nll`
+    per view (base included) and `kl` per non-base view (KL(base || view) summed over tokens).
+
+    The base logits of a batch are computed once and compared with each other view in turn."""
+    others = [n for n in views.names if n != "base"]
+    units = {"tokens": [], "nll": {n: [] for n in views.names}, "kl": {n: [] for n in others}}
+    for ids, mask, scored in _batches(blocks, batch_size, pad_id, score_from):
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+        target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
+        with views.use("base") as m:
+            base = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logp = F.log_softmax(base, dim=-1)
+        units["nll"]["base"] += (F.nll_loss(logp.transpose(1, 2), target, reduction="none") * tmask).sum(1).tolist()
+        p = logp.exp()
+        for name in others:
+            with views.use(name) as m:
+                logq = F.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            units["nll"][name] += (F.nll_loss(logq.transpose(1, 2), target, reduction="none") * tmask).sum(1).tolist()
+            units["kl"][name] += ((p * (logp - logq)).sum(-1) * tmask).sum(1).tolist()
+            del logq
+        units["tokens"] += tmask.sum(1).tolist()
+    if sum(units["tokens"]) == 0:
+        raise DataError("the forgetting text gave no tokens to score; give it more text")
+    return {"tokens": np.array(units["tokens"], dtype=float),
+            "nll": {k: np.array(v, dtype=float) for k, v in units["nll"].items()},
+            "kl": {k: np.array(v, dtype=float) for k, v in units["kl"].items()}}
+
+
+def summarize_comparison(units: dict, name: str, prefix: str) -> dict[str, float]:
+    """`<prefix>_perplexity_base/_adapted/_ratio`, `<prefix>_kl`, `<prefix>_tokens` of view `name`."""
+    n = float(units["tokens"].sum())
+    base, other = units["nll"]["base"].sum() / n, units["nll"][name].sum() / n
+    return {
+        f"{prefix}_perplexity_base": math.exp(min(base, 50.0)),
+        f"{prefix}_perplexity_adapted": math.exp(min(other, 50.0)),
+        f"{prefix}_perplexity_ratio": math.exp(min(other - base, 50.0)),
+        f"{prefix}_kl": float(units["kl"][name].sum() / n),
+        f"{prefix}_tokens": n,
+    }
+
+
+@torch.no_grad()
+def drift_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: int, device="cpu") -> dict:
+    """Per-block summed cosine distance of final hidden states, base vs each other view, and tokens."""
+    others = [n for n in views.names if n != "base"]
+    drift, tokens = {n: [] for n in others}, []
+    for ids, mask, _ in _batches(blocks, batch_size, pad_id):
+        ids, mask = ids.to(device), mask.to(device)
+        with views.use("base") as m:
+            base = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        for name in others:
+            with views.use(name) as m:
+                h = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+            drift[name] += ((1.0 - F.cosine_similarity(base, h, dim=-1)) * mask).sum(1).tolist()
+        tokens += mask.sum(1).tolist()
+    if sum(tokens) == 0:
+        raise DataError("reference corpus gave no tokens to score; give it more text")
+    return {"tokens": np.array(tokens, dtype=float), "drift": {k: np.array(v, dtype=float) for k, v in drift.items()}}
+
+
+# ----------------------------------------------------------------------------- multiple-choice benchmarks
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    question: str
+    choices: list[str]
+    answer: int
+    """0-based index of the right choice."""
+
+
+def read_mc_benchmark(path: str | Path) -> list[MCQuestion]:
+    """A JSONL multiple-choice benchmark: one `{"question", "choices", "answer"}` object per line,
+    `answer` the 0-based index of the right choice or its text. Any bad line raises a DataError
+    naming the file, the line and the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"benchmark file {p} does not exist; check evaluation.reference.benchmarks")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"benchmark file {p} is not UTF-8 text (byte {exc.start})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"benchmark file {p}, line {n}"
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with question, choices, answer")
+        q, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where}: field 'question' must be a non-empty string (got {q!r})")
+        if (not isinstance(choices, list) or len(choices) < 2
+                or not all(isinstance(c, str) and c.strip() for c in choices)):
+            raise DataError(f"{where}: field 'choices' must be a list of at least two non-empty strings (got {choices!r})")
+        if isinstance(answer, str) and answer in choices:
+            answer = choices.index(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: field 'answer' must be the index (0..{len(choices) - 1}) or the text of one of "
+                            f"the choices (got {row.get('answer')!r})")
+        out.append(MCQuestion(q.strip(), [c.strip() for c in choices], answer))
+    if not out:
+        raise DataError(f"benchmark file {p} has no question")
+    return out
+
+
+def mc_blocks(questions: list[MCQuestion], tokenizer, max_len: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """(token blocks "Question: ...\\nAnswer: <choice>", where each choice starts, question index
+    of each block). Only the choice's tokens are scored."""
+    blocks, starts, owner = [], [], []
+    for qi, q in enumerate(questions):
+        prompt = tokenizer(f"Question: {q.question}\nAnswer:", add_special_tokens=True)["input_ids"]
+        for choice in q.choices:
+            c = tokenizer(" " + choice, add_special_tokens=False)["input_ids"][: max_len - 1]
+            p = prompt[-(max_len - len(c)):]
+            blocks.append(p + c)
+            starts.append(len(p))
+            owner.append(qi)
+    return blocks, starts, owner
+
+
+@torch.no_grad()
+def mc_correct(views, questions: list[MCQuestion], tokenizer, batch_size: int, max_len: int, device="cpu") -> dict[str, np.ndarray]:
+    """Per view, per question: 1.0 when the right choice has the highest log-likelihood (summed
+    over the choice's tokens; ties go to the first), else 0.0."""
+    blocks, starts, owner = mc_blocks(questions, tokenizer, max_len)
+    pad = tokenizer.pad_token_id or 0
+    loglik: dict[str, list[float]] = {n: [] for n in views.names}
+    for ids, mask, scored in _batches(blocks, batch_size, pad, starts):
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+        target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
+        for name in views.names:
+            with views.use(name) as m:
+                logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            loglik[name] += (-(ce * tmask).sum(1)).tolist()
+    out = {}
+    owner_arr = np.array(owner)
+    for name, ll in loglik.items():
+        ll = np.array(ll)
+        out[name] = np.array([float(int(np.argmax(ll[owner_arr == qi])) == q.answer) for qi, q in enumerate(questions)])
+    return out

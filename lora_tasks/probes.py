@@ -8,6 +8,7 @@ old answers likely. Needs no download and no corpus.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -64,7 +65,8 @@ def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, bat
     if path.exists():
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     chat = SimpleNamespace(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=None)
-    with model.disable_adapter():
+    # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         answers = generate_answers(model, tokenizer, GENERAL_PROBES, chat, max_new_tokens, batch_size)
     rows = [{"prompt": p, "answer": a} for p, a in zip(GENERAL_PROBES, answers) if a.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,10 @@ def candidate_from_metrics(
     forgetting: dict[str, float] | None = None, version: str | None = None,
 ) -> Candidate:
     """A candidate from flat run metrics (`base_<metric>`, `adapted_<metric>`), as logged to MLflow."""
+    names = (*INTERVAL_NAMES, *FORGETTING_LIMITS, *(k for k in (forgetting or {}) if forgetting_limit_field(k)))
     intervals = {
         k: (metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"])
-        for k in (*INTERVAL_NAMES, *FORGETTING_LIMITS)
+        for k in names
         if f"{k}_ci_low" in metrics and f"{k}_ci_high" in metrics
     }
     return Candidate(
@@ -56,8 +57,20 @@ FORGETTING_LIMITS = {
     "reference_perplexity_ratio": "max_perplexity_ratio",
     "reference_kl": "max_kl",
     "reference_representation_drift": "max_representation_drift",
+    "self_retention_perplexity_ratio": "max_self_retention_ratio",
 }
-"""Forgetting metric -> the policy field that bounds it."""
+"""Forgetting metric -> the policy field that bounds it (larger is worse for each)."""
+
+
+def forgetting_limit_field(name: str) -> str | None:
+    """The policy field bounding forgetting metric `name`, or None when nothing bounds it.
+    Every multiple-choice benchmark's `benchmark_<name>_accuracy_drop` is bounded by
+    `max_benchmark_accuracy_drop`."""
+    if name in FORGETTING_LIMITS:
+        return FORGETTING_LIMITS[name]
+    if name.startswith("benchmark_") and name.endswith("_accuracy_drop"):
+        return "max_benchmark_accuracy_drop"
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,10 +120,18 @@ def _check_forgetting(name: str, candidate: Candidate, limit, reasons: list[str]
 def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy) -> Decision:
     """Promote only on evidence that every check passes; missing, NaN or failed metrics never promote.
 
-    Intervals, when the candidate has them, are compared instead of points: the gain's lower
-    bound against `min_task_gain`, each forgetting metric's upper bound against its limit, the
-    lower bound of the lead over the champion (measured on the same data) against
-    `-champion_tolerance`."""
+    Each check is a one-sided test on a bootstrap interval (`promotion.confidence`), compared
+    instead of the point whenever the candidate carries it:
+    - task gain (superiority over base): passes iff the lower bound of the paired gain
+      (adapted vs base, oriented so positive is better) >= `min_task_gain`;
+    - each forgetting metric (non-inferiority): passes iff its upper bound <= its limit
+      (`max_perplexity_ratio`, `max_kl`, `max_representation_drift`, `max_self_retention_ratio`,
+      `max_benchmark_accuracy_drop`); a limit of None skips that metric;
+    - champion (non-inferiority): passes iff the lower bound of the paired lead (challenger minus
+      champion on the same eval rows) >= `-champion_tolerance`; a champion scored elsewhere is
+      compared by its recorded point value.
+    A missing, NaN or infinite value or bound fails its check, so it never promotes. A check
+    without an interval (metrics recorded before intervals existed) compares the point."""
     reasons: list[str] = []
     failed: list[str] = []
     m = candidate.primary_metric
@@ -127,11 +148,12 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
         reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base (required {policy.min_task_gain:.4g})")
 
     measured = [k for k in FORGETTING_LIMITS if k in candidate.forgetting]
+    measured += sorted(k for k in candidate.forgetting if k not in FORGETTING_LIMITS and forgetting_limit_field(k))
     if policy.require_forgetting_metrics and not measured:
         failed.append("forgetting")
         reasons.append("forgetting: no forgetting metric was measured (set evaluation.reference) and the policy requires one")
-    for name, field_name in FORGETTING_LIMITS.items():
-        _check_forgetting(name, candidate, getattr(policy, field_name), reasons, failed)
+    for name in measured:
+        _check_forgetting(name, candidate, getattr(policy, forgetting_limit_field(name)), reasons, failed)
 
     if policy.beat_champion:
         _check_champion(candidate, champion, policy, reasons, failed)

@@ -242,7 +242,9 @@ def wrap_model(model, cfg: PipelineConfig, ctx: WorkerContext):
     if cfg.scaling.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        layer_types = set(getattr(_unwrap(model).get_base_model(), "_no_split_modules", None) or [])
+        inner = _unwrap(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # full fine-tuning: no PEFT
+        layer_types = set(getattr(inner, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in layer_types:
                 fully_shard(module)
@@ -266,7 +268,8 @@ def _full_states(model, optimizer) -> tuple[dict | None, dict]:
 
 def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, rng_states: list | None = None,
                     states: tuple[dict | None, dict] | None = None) -> Path:
-    """Write the adapter (PEFT safetensors) and the trainer state needed to resume exactly:
+    """Write the adapter (PEFT safetensors; with `training.method: full` the whole model, by
+    `save_pretrained`, in the same `adapter/` folder) and the trainer state needed to resume exactly:
     optimizer and scheduler state, the step (which fixes the data position) and each rank's RNG."""
     folder = Path(folder)
     model_state, optimizer_state = states or _full_states(model, optimizer)
@@ -285,10 +288,15 @@ def save_checkpoint(model, optimizer, scheduler, step: int, folder: str | Path, 
 
 
 def _load_adapter_weights(model, folder: str | Path) -> None:
-    """The checkpoint's adapter into the unwrapped model (before DDP/FSDP wrap it)."""
+    """The checkpoint's adapter (or, with `training.method: full`, whole model) into the
+    unwrapped model (before DDP/FSDP wrap it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if not hasattr(model, "peft_config"):  # full fine-tuning: the folder holds save_pretrained's model
+        for shard in sorted((Path(folder) / ADAPTER_DIR).glob("*.safetensors")):
+            model.load_state_dict(load_file(str(shard)), strict=False)  # tied weights are saved once
+        return
     set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors")))
 
 
@@ -308,7 +316,8 @@ def _load_trainer_state(model, optimizer, scheduler, folder: str | Path, rank: i
 
 
 def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> dict:
-    """Train a LoRA adapter on `rows` (this worker's view of the train split); return final metrics.
+    """Train a LoRA adapter (or, with `training.method: full`, every weight) on `rows` (this
+    worker's view of the train split); return final metrics.
 
     Rank 0 reports a checkpoint folder holding `adapter/` and `trainer_state.pt` every
     `training.checkpoint_every` steps and at the end."""
@@ -326,11 +335,14 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         quantization=cfg.base_model.quantization,
         device=ctx.device,
     )
-    model = apply_lora(
-        model, cfg.task, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
-    )
-    for p in model.parameters():  # LoRA weights train in fp32 whatever the base dtype
+    if t.method == "full":  # the baseline: every weight trains, no adapter
+        model.requires_grad_(True)
+    else:
+        model = apply_lora(
+            model, cfg.task, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
+        )
+    for p in model.parameters():  # trained weights (LoRA's, or all) train in fp32 whatever the base dtype
         if p.requires_grad:
             p.data = p.data.float()
     if not cfg.base_model.quantization:  # a 4-bit base is already on its GPU
