@@ -109,7 +109,8 @@ def _check_forgetting(name: str, candidate: Candidate, limit, reasons: list[str]
     bounds = _bounds(candidate, name, value)
     if bounds is None:
         failed.append(name)
-        reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number")
+        reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number; "
+                       f"it cannot be shown within the limit {limit:.4g}")
     elif bounds[1] > limit:
         failed.append(name)
         reasons.append(f"{name}: {_show(value, bounds)} may exceed the limit {limit:.4g} (forgetting; upper bound checked)")

@@ -1,0 +1,235 @@
+"""Forgetting sources beside the corpus: multiple-choice benchmarks, self-retention, the config
+that combines them, the gate limits that bound them, and full fine-tuning's two-model views."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_tasks.config import PromotionPolicy, config_from_dict
+from lora_tasks.errors import DataError
+from lora_tasks.evaluation import evaluate_adapter, rouge_l
+from lora_tasks.forgetting import MCQuestion, mc_blocks, mc_correct, read_mc_benchmark
+from lora_tasks.promotion import Candidate, candidate_from_metrics, decide_promotion
+from lora_tasks.views import SeparateViews
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- ROUGE-L
+
+
+@pytest.mark.parametrize("pred, target, expected", [
+    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
+    ("The Cat  sat", "the cat sat", 1.0),                     # lowercased, whitespace tokens
+    ("dog barks", "the cat sat", 0.0),                        # nothing in common
+    # LCS "the cat the" = 3 of 4 predicted and 3 of 6 target tokens: F1 = 2*.75*.5/(1.25) = 0.6
+    ("the cat on the", "the cat sat by the mat", 0.6),
+    ("a b c d", "d c b a", 2 * 0.25 * 0.25 / 0.5),             # order matters: LCS is 1
+    ("", "", 1.0),
+    ("", "something", 0.0),
+])
+def test_rouge_l(pred, target, expected):
+    assert rouge_l(pred, target) == pytest.approx(expected)
+
+
+def test_rouge_l_is_symmetric_in_f1():
+    assert rouge_l("a b c x", "a c y") == pytest.approx(rouge_l("a c y", "a b c x"))
+
+
+# ----------------------------------------------------------------------------- benchmarks: reading
+
+
+def test_the_shipped_benchmark_reads():
+    qs = read_mc_benchmark(REPO / "configs" / "data" / "mc_general.jsonl")
+    assert len(qs) == 40 and all(0 <= q.answer < len(q.choices) for q in qs)
+
+
+def test_answer_may_be_the_choice_text(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "4"}) + "\n\n")
+    assert read_mc_benchmark(p) == [MCQuestion("2+2?", ["3", "4"], 1)]
+
+
+@pytest.mark.parametrize("line, field", [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "JSON object"),
+    ('{"choices": ["a", "b"], "answer": 0}', "'question'"),
+    ('{"question": "q", "choices": ["only one"], "answer": 0}', "'choices'"),
+    ('{"question": "q", "choices": ["a", ""], "answer": 0}', "'choices'"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "'answer'"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": "c"}', "'answer'"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": true}', "'answer'"),
+])
+def test_a_bad_line_names_file_line_and_field(tmp_path, line, field):
+    p = tmp_path / "bench.jsonl"
+    p.write_text(json.dumps({"question": "fine", "choices": ["a", "b"], "answer": 0}) + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        read_mc_benchmark(p)
+    assert str(p) in str(err.value) and "line 2" in str(err.value) and field in str(err.value)
+
+
+def test_a_missing_benchmark_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_mc_benchmark(tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------------- benchmarks: scoring
+
+
+class _Tok:
+    """Characters as token ids (a = 1, b = 2, ...); enough for choice scoring."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+
+class _Prefers(torch.nn.Module):
+    """A 'model' whose next token is always `token` (logit 10, others 0)."""
+
+    def __init__(self, token: int):
+        super().__init__()
+        self.token = token
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, 64)
+        logits[..., self.token] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_the_choice_with_the_highest_likelihood_wins_per_model():
+    tok = _Tok()
+    x, y = tok(" x")["input_ids"][1], tok(" y")["input_ids"][1]
+    space = tok(" ")["input_ids"][0]
+    assert space not in (x, y)
+    qs = [MCQuestion("pick", ["x", "y"], 0), MCQuestion("pick", ["y", "x"], 0)]
+    blocks, starts, owner = mc_blocks(qs, tok, 64)
+    assert owner == [0, 0, 1, 1] and all(blocks[i][starts[i]:] == tok(" " + c)["input_ids"]
+                                          for i, c in enumerate(["x", "y", "y", "x"]))
+    views = SeparateViews({"base": _Prefers(x), "adapted": _Prefers(y)})
+    correct = mc_correct(views, qs, tok, batch_size=3, max_len=64)
+    assert correct["base"].tolist() == [1.0, 0.0]      # prefers x: right on q0, wrong on q1
+    assert correct["adapted"].tolist() == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _raw(**reference):
+    return {"model_name": "t", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+            "data": {"train_path": "x", "prompt_column": "p", "completion_column": "c"},
+            "training": {"max_steps": 1}, "evaluation": {"reference": reference}}
+
+
+def test_reference_sources_combine_and_old_configs_still_load():
+    both = config_from_dict(_raw(path="ref.txt", probes="general", benchmarks=["configs/data/mc_general.jsonl"]))
+    ref = both.evaluation.reference
+    assert ref.path.endswith("ref.txt") and ref.probes == "general" and Path(ref.benchmarks[0]).is_absolute()
+    assert config_from_dict(_raw(probes="general")).evaluation.reference.benchmarks == []
+    assert config_from_dict(_raw(benchmarks=["b.jsonl"])).evaluation.reference.path is None
+
+
+def test_an_empty_reference_section_is_an_error():
+    from lora_tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least one of"):
+        config_from_dict(_raw())
+
+
+def test_defaults_of_the_new_fields():
+    cfg = config_from_dict(_raw(path="r.txt"))
+    assert cfg.training.method == "lora" and cfg.evaluation.bootstrap_samples == 1000
+    p = cfg.promotion
+    assert (p.confidence, p.max_self_retention_ratio, p.max_benchmark_accuracy_drop) == (0.95, 1.2, 0.05)
+
+
+def test_full_fine_tuning_changes_the_training_hash():
+    raw = _raw(path="r.txt")
+    lora = config_from_dict(raw)
+    raw["training"]["method"] = "full"
+    assert config_from_dict(raw).training_hash() != lora.training_hash()
+
+
+# ----------------------------------------------------------------------------- the gate on the new metrics
+
+
+POLICY = PromotionPolicy(min_task_gain=0.05, max_self_retention_ratio=1.2, max_benchmark_accuracy_drop=0.05)
+GAIN = {"task_gain": (0.3, 0.7)}
+
+
+def cand(forgetting: dict, intervals: dict) -> Candidate:
+    return Candidate("eval_loss", False, 2.0, 1.5, forgetting, "2", {**GAIN, **intervals})
+
+
+BENCH = "benchmark_mc_general_accuracy_drop"
+NEW_CASES = [
+    ("self-retention within the limit", {"self_retention_perplexity_ratio": 1.05}, {"self_retention_perplexity_ratio": (1.0, 1.1)}, True, []),
+    ("self-retention may exceed the limit", {"self_retention_perplexity_ratio": 1.1}, {"self_retention_perplexity_ratio": (1.0, 1.3)}, False, ["self_retention_perplexity_ratio"]),
+    ("benchmark drop straddles the limit", {BENCH: 0.02}, {BENCH: (-0.05, 0.1)}, False, [BENCH]),
+    ("benchmark drop within the limit", {BENCH: 0.0}, {BENCH: (-0.03, 0.03)}, True, []),
+    ("benchmark drop NaN", {BENCH: math.nan}, {BENCH: (math.nan, math.nan)}, False, [BENCH]),
+    ("benchmark bound NaN though the point is fine", {BENCH: 0.0}, {BENCH: (0.0, math.nan)}, False, [BENCH]),
+    ("self-retention KL alone is informative, not a gate", {"self_retention_kl": 9.0, BENCH: 0.0}, {BENCH: (0.0, 0.0)}, True, []),
+]
+
+
+@pytest.mark.parametrize("name, forgetting, intervals, promote, failed", NEW_CASES, ids=[c[0] for c in NEW_CASES])
+def test_gate_on_self_retention_and_benchmarks(name, forgetting, intervals, promote, failed):
+    d = decide_promotion(cand(forgetting, intervals), None, POLICY)
+    assert d.promote is promote, d.reasons
+    assert d.failed_checks == failed
+    for f in failed:  # the reason names the metric, its interval and the limit
+        reason = next(r for r in d.reasons if r.startswith(f))
+        assert "limit" in reason and ("[" in reason or "not a finite" in reason)
+
+
+def test_disabled_benchmark_limit_is_not_checked_but_still_counts_as_measured():
+    policy = POLICY.model_copy(update={"max_benchmark_accuracy_drop": None})
+    assert decide_promotion(cand({BENCH: 0.5}, {BENCH: (0.4, 0.6)}), None, policy).promote
+
+
+def test_only_unbounded_forgetting_metrics_do_not_satisfy_the_requirement():
+    d = decide_promotion(cand({"self_retention_kl": 0.0}, {}), None, POLICY)
+    assert not d.promote and d.failed_checks == ["forgetting"]
+
+
+def test_candidate_from_flat_metrics_reads_benchmark_intervals():
+    flat = {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, f"{BENCH}_ci_low": -0.1, f"{BENCH}_ci_high": 0.2}
+    c = candidate_from_metrics(flat, "eval_loss", False, {BENCH: 0.05})
+    assert c.intervals[BENCH] == (-0.1, 0.2)
+    assert BENCH in decide_promotion(c, None, POLICY).failed_checks
+
+
+# ----------------------------------------------------------------------------- full fine-tuning views
+
+
+def test_full_model_equal_to_its_base_forgets_nothing(tiny_model_dir, tmp_path):
+    from lora_tasks.modeling import load_base_model
+
+    ref = tmp_path / "ref.txt"
+    ref.write_text("General text about rivers and bridges.\nAnother line of ordinary prose.\n" * 5)
+    bench = tmp_path / "mc.jsonl"
+    bench.write_text("".join(json.dumps({"question": f"q{i}?", "choices": ["a", "bb", "c"], "answer": i % 3}) + "\n"
+                             for i in range(6)))
+    raw = _raw(path=str(ref), benchmarks=[str(bench)], max_tokens=200)
+    raw["data"] = {"train_path": "x", "prompt_column": "prompt", "completion_column": "completion"}
+    raw["training"] = {"max_steps": 1, "max_seq_length": 32, "method": "full"}
+    raw["evaluation"]["bootstrap_samples"] = 50
+    cfg = config_from_dict(raw)
+    load_base_model(cfg.base_model.name_or_path, "causal_lm").save_pretrained(tmp_path / "full")  # "trained" = base
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(8)]
+    report = evaluate_adapter(cfg, str(tmp_path / "full"), rows)
+    assert report.method == "full"
+    assert report.task_gain == pytest.approx(0.0, abs=1e-6)
+    assert report.forgetting["reference_perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert report.forgetting["reference_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert report.forgetting["benchmark_mc_accuracy_drop"] == 0.0
+    assert report.intervals["benchmark_mc_accuracy_drop"] == [0.0, 0.0, 0.0]
+    flat = report.flat_metrics()
+    assert {"eval_seconds", "eval_forgetting_seconds", "reference_kl_ci_high", "task_gain_ci_low"} <= set(flat)
