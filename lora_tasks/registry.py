@@ -639,3 +639,9 @@ def download_version(tracking_uri: str, name: str, version: str, dst: str | Path
             "artifacts/adapter; only safetensors adapters are loaded (no pickle). Re-register it with prefect-lora"
         )
     return VersionFiles(name, str(version), local, adapter, dict(model_config))
+
+
+def download_adapter(tracking_uri: str, name: str, version: str, dst_dir: str | Path) -> Path:
+    """The PEFT adapter folder of version `version` of `name`, downloaded under `dst_dir` (e.g.
+    the champion's, to score it beside a new adapter on the same base and data)."""
+    return download_version(tracking_uri, name, version, dst_dir).adapter_dir
