@@ -87,6 +87,7 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedDa
     import json
 
     uri = cfg.tracking.tracking_uri
+    registry.set_run_tags(uri, run_id, {"training.method": cfg.training.method})
     registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": len(data.eval_rows)})
     eval_path = Path(run_dir) / "eval_report.json"
     eval_path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -104,9 +105,13 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
 
     uri, p = cfg.tracking.tracking_uri, cfg.promotion
     limits = {"min_task_gain": p.min_task_gain, "reference_perplexity_ratio": p.max_perplexity_ratio,
-              "reference_kl": p.max_kl, "reference_representation_drift": p.max_representation_drift}
-    for path in write_report(report, summary, registry.metric_history(uri, run_id), Path(run_dir) / "reports", limits):
+              "reference_kl": p.max_kl, "reference_representation_drift": p.max_representation_drift,
+              "self_retention_perplexity_ratio": p.max_self_retention_ratio}
+    files = write_report(report, summary, registry.metric_history(uri, run_id), Path(run_dir) / "reports", limits)
+    for path in files:
         registry.log_artifact(uri, run_id, path, "reports")
+    create_markdown_artifact(key=_artifact_key("evaluation", cfg), markdown=files[0].read_text(encoding="utf-8"),
+                             description=f"{cfg.model_name}: evaluation report ({cfg.training.method})")
 
 
 @task(name="register-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -125,9 +130,8 @@ def fetch_champion_adapter(cfg: PipelineConfig, champion, tags: dict[str, str], 
         get_run_logger().warning("champion version %s was trained on another base model: compared by its recorded metrics",
                                  champion.version)
         return None
-    files = registry.download_version(cfg.tracking.tracking_uri, cfg.model_name, champion.version,
-                                      Path(run_dir) / f"champion-v{champion.version}")
-    return str(files.adapter_dir)
+    return str(registry.download_adapter(cfg.tracking.tracking_uri, cfg.model_name, champion.version,
+                                         Path(run_dir) / f"champion-v{champion.version}"))
 
 
 @task(name="read-champion", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -196,6 +200,20 @@ def _notify_server(promoted: bool) -> None:
         get_run_logger().warning("could not notify the server at %s (%s); it swaps at its next alias poll", url, exc)
 
 
+def _finish_baseline(cfg: PipelineConfig, data: PreparedData, report: EvalReport, run_id: str, run_dir: str, champion) -> dict:
+    """End a `training.method: full` run: reports in MLflow and Prefect, no version, no promotion."""
+    reasons = ["training.method is full: a baseline run, evaluated and logged but never registered or promoted"]
+    summary = summary_markdown(cfg, data, report, Decision(False, reasons, ["baseline"]), "(not registered)", run_id,
+                               champion.version if champion else None)
+    publish_reports(cfg, run_id, run_dir, report, summary)
+    registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
+    registry.end_run(cfg.tracking.tracking_uri, run_id)
+    create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
+    return {"model_name": cfg.model_name, "version": None, "promoted": False, "reasons": reasons, "run_id": run_id,
+            "run_dir": run_dir, "metrics": report.flat_metrics(), "champion_before": champion.version if champion else None,
+            "tracking_uri": cfg.tracking.tracking_uri, "summary": summary, "method": "full"}
+
+
 @flow(name="lora-retrain", log_prints=True)
 def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
     """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it."""
@@ -212,6 +230,8 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
         champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
         report = evaluate(cfg, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
         log_results(cfg, run_id, run_dir, data, report)
+        if cfg.training.method == "full":  # a baseline: evaluated and logged, never registered or promoted
+            return _finish_baseline(cfg, data, report, run_id, run_dir, champion)
         version = register(cfg, run_id, trained.adapter_dir, base, tags)
         decision = decide(cfg, report, version, champion)
     except BaseException:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .evaluation import EvalReport
 
-FORGETTING_AXES = ("reference_perplexity_ratio", "reference_kl", "reference_representation_drift")
+FORGETTING_AXES = ("reference_perplexity_ratio", "reference_kl", "reference_representation_drift",
+                   "self_retention_perplexity_ratio", "self_retention_kl")
 
 
 def _pyplot():
@@ -51,13 +52,13 @@ def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[s
     if key is None:
         return None
     plt = _pyplot()
-    neutral = 1.0 if key == "reference_perplexity_ratio" else 0.0  # where the base model sits
+    neutral = 1.0 if key.endswith("perplexity_ratio") else 0.0  # where the base model sits
     points = [("base", 0.0, None, neutral, None)]
     if report.champion is not None and key in report.champion_forgetting:
         m = report.primary_metric
         lead = report.champion[m] - report.base[m]
-        points.append(("champion", lead if report.higher_is_better else -lead, None,
-                       report.champion_forgetting[key], None))
+        points.append(("champion", lead if report.higher_is_better else -lead, report.intervals.get("champion_task_gain"),
+                       report.champion_forgetting[key], report.intervals.get(f"champion_{key}")))
     points.append(("challenger", report.task_gain, report.intervals.get("task_gain"),
                    report.forgetting[key], report.intervals.get(key)))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
