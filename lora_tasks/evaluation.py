@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PipelineConfig
 from . import stats
+from .config import PipelineConfig
 from .forgetting import (
-    chunk_reference, compare_on_blocks, drift_on_blocks, mc_correct, read_mc_benchmark, read_reference_texts,
+    chunk_reference,
+    compare_on_blocks,
+    drift_on_blocks,
+    mc_correct,
+    read_mc_benchmark,
+    read_reference_texts,
     summarize_comparison,
 )
 from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
@@ -239,12 +244,12 @@ def _intervals(metric: str, higher: bool, scores: dict[str, dict], stats_kw: dic
         t = scores["adapted"]["tokens"]
         for name, u in scores.items():
             out[f"{name}_{metric}"] = stats.ratio_ci(u["loss_sum"], t, **stats_kw).to_list()
-        diff = lambda better, worse: stats.paired_ratio_diff_ci(worse["loss_sum"], better["loss_sum"], t, **stats_kw)  # noqa: E731
+        diff = lambda better, worse: stats.paired_ratio_diff_ci(worse["loss_sum"], better["loss_sum"], t, **stats_kw)
     else:
         for name, u in scores.items():
             out[f"{name}_{metric}"] = stats.mean_ci(u[metric], **stats_kw).to_list()
         sign = 1 if higher else -1
-        diff = lambda better, worse: stats.paired_diff_ci(sign * better[metric], sign * worse[metric], **stats_kw)  # noqa: E731
+        diff = lambda better, worse: stats.paired_diff_ci(sign * better[metric], sign * worse[metric], **stats_kw)
     out["task_gain"] = diff(scores["adapted"], scores["base"]).to_list()
     if "champion" in scores:
         out["champion_delta"] = diff(scores["adapted"], scores["champion"]).to_list()
@@ -263,8 +268,8 @@ def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str 
     bm = cfg.base_model
     if tokenizer is None:
         tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
-    kw = dict(num_labels=len(cfg.data.labels) if cfg.data.labels else None, torch_dtype=bm.torch_dtype,
-              trust_remote_code=bm.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    kw = {"num_labels": len(cfg.data.labels) if cfg.data.labels else None, "torch_dtype": bm.torch_dtype,
+          "trust_remote_code": bm.trust_remote_code, "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(cfg.training.seed)  # a classifier's fresh head starts as it did in training
     base = load_base_model(bm.name_or_path, cfg.task, revision=bm.revision, **kw)
     if cfg.training.method == "full":
