@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -124,7 +125,8 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
 
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_raw(tmp_path, max_steps=60)))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LORA_RAY_TMP": str(tmp_path / "ray")}
+    ray_tmp = tempfile.mkdtemp(prefix="pldk-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LORA_RAY_TMP": ray_tmp}
     cli = [str(Path(sys.executable).with_name("prefect-lora")), "run", str(cfg_path)]
 
     first = subprocess.Popen(cli, env=env, cwd=tmp_path, start_new_session=True,
@@ -135,16 +137,17 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        _kill_leftovers(tmp_path)
+        _kill_leftovers(ray_tmp)
     run_dir = ckpts[0].parents[2]
     steps_before = max(final_state(str(p.parent))["step"] for p in checkpoints(run_dir / "train"))
     assert steps_before < 60
 
     second = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    _kill_leftovers(tmp_path)
+    _kill_leftovers(ray_tmp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)
     runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
     metrics = runs[0].data.metrics
@@ -159,9 +162,9 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     assert logged == set(range(1, 61)), "every step's loss is in the run's history, from both attempts"
 
 
-def _kill_leftovers(tmp_path: Path) -> None:
+def _kill_leftovers(ray_tmp: str) -> None:
     """Ray processes started by a killed driver live in their own sessions: stop them by their temp dir."""
-    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "ray")], check=False)
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
 
 
 def test_checkpoints_go_to_a_storage_uri_and_reports_stay_local(tmp_path, ray_local, monkeypatch):

@@ -63,7 +63,8 @@ def test_flow_runs_on_an_existing_two_node_cluster(tmp_path, two_node_cluster):
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)  # explicit: other tests leave a global registry URI behind
     run = c.search_runs([c.get_experiment_by_name("tiny-sums").experiment_id])[0]
     nodes = run.data.tags["train.worker_nodes"].split(",")
     print(f"\nworkers on nodes {nodes}; steps {run.data.metrics['train_step']:.0f}")
