@@ -108,6 +108,8 @@ def _save_atomically(model, tokenizer, path: Path) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if path.is_dir() and not (path / "config.json").exists():  # a leftover of an interrupted copy
+        shutil.rmtree(path, ignore_errors=True)
     try:
         tmp.rename(path)
     except OSError:  # another process finished first; its copy is identical
