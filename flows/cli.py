@@ -92,14 +92,16 @@ def _print_summary(result: dict) -> None:
     from lora_tasks.pipeline import metrics_table
 
     columns, rows = metrics_table(result["metrics"])
-    table = Table(title=f"{result['model_name']} version {result['version']}  (bootstrap intervals in brackets)")
+    what = "full fine-tuning baseline (not registered)" if result.get("method") == "full" else f"version {result['version']}"
+    table = Table(title=f"{result['model_name']} {what}  (bootstrap intervals in brackets)")
     for i, c in enumerate(columns):
         table.add_column(c, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     out = Console()
     out.print(table)
-    verdict = "[green]promoted to champion[/]" if result["promoted"] else "[yellow]not promoted[/]"
+    verdict = ("[green]promoted to champion[/]" if result["promoted"] else
+               "[cyan]baseline, logged only[/]" if result.get("method") == "full" else "[yellow]not promoted[/]")
     out.print(f"decision: {verdict}")
     for reason in result["reasons"]:
         out.print(f"  - {reason}", highlight=False)
