@@ -62,3 +62,18 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["validate", str(_config(tmp_path, train_path=str(tmp_path / "nope.jsonl")))])
     assert result.exit_code == 1
     assert "nope.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_summary_names_a_version_or_says_a_full_run_is_a_baseline(capsys):
+    from flows.cli import _print_summary
+
+    result = {"model_name": "m", "version": "3", "promoted": True, "reasons": ["eval_loss improved"], "run_id": "r",
+              "run_dir": "d", "tracking_uri": "sqlite:///x.db",
+              "metrics": {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "task_gain": 0.5}}
+    _print_summary(result)
+    out = capsys.readouterr().out
+    assert "m version 3" in out and "promoted to champion" in out and "1.5" in out
+    _print_summary({**result, "version": None, "promoted": False, "method": "full"})
+    out = " ".join(capsys.readouterr().out.split())  # the title wraps at the table's width
+    assert "full fine-tuning baseline (not registered)" in out and "version None" not in out
+    assert "baseline, logged only" in out and "not promoted" not in out
