@@ -52,6 +52,21 @@ def sound(tmp_path_factory, split):
     return train(tiny_cfg(), split[0], tmp_path_factory.mktemp("sound") / "adapter")
 
 
+@pytest.fixture(scope="module")
+def destructive(tmp_path_factory, split):
+    """Trained to destroy: language modelling of scrambled symbols at 10x the learning rate, with
+    the output layer adapted too (the tiny model's frozen head keeps its logits near uniform)."""
+    rng = random.Random(1)
+    noise = [{"text": "".join(rng.choice("qzxjkvwy#@%&") for _ in range(60))} for _ in split[0]]
+    wreck = tiny_cfg(learning_rate=3e-2, max_steps=80)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    wreck = wreck.model_copy(update={
+        "data": wreck.data.model_copy(update={"prompt_column": None, "completion_column": None}),
+        "lora": wreck.lora.model_copy(update={"target_modules": modules}),
+    })
+    return train(wreck, noise, tmp_path_factory.mktemp("destructive") / "adapter")
+
+
 def decide(cfg, adapter, eval_rows, champion_dir=None, champion_version=None):
     from lora_tasks.evaluation import evaluate_adapter
     from lora_tasks.promotion import Candidate, candidate_from_metrics, decide_promotion
@@ -63,24 +78,13 @@ def decide(cfg, adapter, eval_rows, champion_dir=None, champion_version=None):
     return report, decide_promotion(candidate, champion, cfg.promotion)
 
 
-def test_destructive_adapter_is_blocked_for_forgetting_and_the_sound_one_passes(tmp_path, split, sound):
-    train_rows, eval_rows = split
+def test_destructive_adapter_is_blocked_for_forgetting_and_the_sound_one_passes(split, sound, destructive):
+    eval_rows = split[1]
     cfg = tiny_cfg()
     report, decision = decide(cfg, sound, eval_rows)
     print(f"\nsound: {report.intervals}")
     assert decision.promote, decision.reasons
 
-    # Trained to destroy: language modelling of scrambled symbols at 10x the learning rate, with
-    # the output layer adapted too (the tiny model's frozen head keeps its logits near uniform).
-    rng = random.Random(1)
-    noise = [{"text": "".join(rng.choice("qzxjkvwy#@%&") for _ in range(60))} for _ in train_rows]
-    wreck = tiny_cfg(learning_rate=3e-2, max_steps=80)
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    wreck = wreck.model_copy(update={
-        "data": wreck.data.model_copy(update={"prompt_column": None, "completion_column": None}),
-        "lora": wreck.lora.model_copy(update={"target_modules": modules}),
-    })
-    destructive = train(wreck, noise, tmp_path / "destructive")
     report, decision = decide(cfg, destructive, eval_rows)
     print(f"destructive: {report.intervals}\n{decision.reasons}")
     assert not decision.promote
@@ -100,3 +104,32 @@ def test_challenger_worse_than_the_champion_on_the_same_data_is_refused(tmp_path
     # The champion scored here is the champion: the same numbers as scoring it alone.
     alone, _ = decide(cfg, sound, eval_rows)
     assert report.champion["eval_loss"] == pytest.approx(alone.adapted["eval_loss"], rel=1e-5)
+
+
+def test_self_retention_alone_blocks_a_destructive_adapter(split, sound, destructive):
+    """With the corpus limits off, the self-retention probes alone (the base's own greedy answers)
+    refuse the destructive adapter with their own reason; the sound one passes.
+
+    Multiple-choice benchmarks are gated by the same code (tests/unit/test_forgetting_sources.py);
+    the random tiny model knows no answers, so no benchmark could show it forgetting one."""
+    eval_rows, check = split[1], "self_retention_perplexity_ratio"
+    cfg = tiny_cfg()
+    cfg = cfg.model_copy(update={
+        "evaluation": cfg.evaluation.model_copy(update={"reference": cfg.evaluation.reference.model_copy(
+            update={"path": None, "probes": "general"})}),
+        # The random base's greedy answers are arbitrary, and any training moves them: the sound
+        # adapter's self-retention ratio is ~2.2 here (a real base keeps its own answers far
+        # better), the destructive one's ~2800. The limit sits between, at 3.
+        "promotion": cfg.promotion.model_copy(update={
+            "max_perplexity_ratio": None, "max_kl": None, "max_representation_drift": None,
+            "max_self_retention_ratio": 3.0}),
+    })
+    report, kept = decide(cfg, sound, eval_rows)
+    print(f"\nsound: {check} {report.intervals.get(check)} -> {kept.reasons}")
+    assert check in report.forgetting, report.forgetting
+    assert kept.promote, kept.reasons
+    report, decision = decide(cfg, destructive, eval_rows)
+    print(f"destructive: {check} {report.intervals.get(check)} -> {decision.reasons}")
+    assert not decision.promote
+    assert check in decision.failed_checks, decision.reasons
+    assert any(r.startswith(check) and "forgetting" in r for r in decision.reasons)
