@@ -154,6 +154,11 @@ class TrainingConfig(_Section):
     long sequences, about a third more compute."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32."""
+    packing: bool = False
+    """Causal LM: pack each micro-batch's examples into as few rows as fit the longest one,
+    instead of padding every row to it. Position ids restart per example and attention stays
+    within each example (block-diagonal), so the loss is the same; fewer padded tokens go
+    through the model. Same examples per step, so resume and sharding are unchanged."""
     checkpoint_every: int | None = Field(None, ge=1)
     """Save the adapter every N optimizer steps (always at the end)."""
     log_every: int = Field(1, ge=1)
@@ -329,6 +334,12 @@ class PipelineConfig(_Section):
     def _check_method(self):
         if self.training.method == "full" and self.base_model.quantization:
             raise ValueError("training.method: full trains every weight and cannot train a 4-bit base: drop base_model.quantization")
+        return self
+
+    @model_validator(mode="after")
+    def _check_packing(self):
+        if self.training.packing and self.task != "causal_lm":
+            raise ValueError("training.packing packs causal LM examples; a classifier reads one example per row: drop it")
         return self
 
     @property
