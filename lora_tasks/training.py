@@ -128,10 +128,63 @@ def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
 
+def pack(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack causal LM examples into as few rows as fit the longest of them (first fit,
+    longest first), instead of padding each to it.
+
+    Position ids restart at 0 for every example: with no `attention_mask`, transformers reads
+    the restarts as packed sequences and masks attention block-diagonally, so an example sees
+    only itself. Each example's first token carries no label (the previous example's last token
+    must not predict it). The tail of the last rows is padding, a segment of its own with no
+    labels. Rows and examples are in a fixed order for a given batch (exact resume)."""
+    width = max(len(x["input_ids"]) for x in batch)
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for x in sorted(batch, key=lambda x: -len(x["input_ids"])):  # stable: ties keep batch order
+        n = len(x["input_ids"])
+        i = next((j for j, r in enumerate(room) if r >= n), None)
+        if i is None:
+            rows.append([])
+            room.append(width)
+            i = len(rows) - 1
+        rows[i].append(x)
+        room[i] -= n
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for x in row:
+            n = len(x["input_ids"])
+            ids[i, at : at + n] = torch.tensor(x["input_ids"])
+            labels[i, at + 1 : at + n] = torch.tensor(x["labels"][1:])
+            position_ids[i, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[i, at:] = torch.arange(width - at)  # padding: its own segment
+    return {"input_ids": ids, "position_ids": position_ids, "labels": labels}
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of target tokens) of a left-padded batch."""
+    """(sum of token losses, number of target tokens) of a left-padded or packed batch."""
+    if "attention_mask" not in batch:
+        return _packed_loss(model, batch)
     losses, tokens = causal_lm_row_losses(model, batch)
     return losses.sum(), int(tokens.sum())
+
+
+def _packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Loss of a `pack`ed batch: logits only at the positions that predict a target token."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # position p predicts p + 1
+    if keep.numel() == 0:
+        keep = torch.tensor([0])
+    # use_cache=False matters: with a cache transformers does not look for packed sequences
+    # and examples would attend to the ones before them in their row.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   logits_to_keep=keep.to(labels.device), use_cache=False).logits
+    targets = labels[:, keep + 1]
+    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +252,28 @@ def iterate_batches(n: int, batch_size: int, rank: int, world_size: int, seed: i
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def make_optimizer(params: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where torch has it for this device,
+    else the multi-tensor `foreach` version; the one-parameter-at-a-time loop never."""
+    fused = _fused_adamw_available(params, device)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, foreach=None if fused else True)
+
+
+def _fused_adamw_available(params: list, device: torch.device) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):  # FSDP2: stay on the foreach path
+        return False
+    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in params):
+        return False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:  # an older torch: fused on CUDA only
+        return device.type == "cuda"
 
 
 def _seed_everything(seed: int) -> None:
@@ -358,7 +433,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
     _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, t.learning_rate, t.weight_decay, ctx.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule)
     )
@@ -377,13 +452,15 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     else:
         batches = (encode_examples(chunk, tokenizer, cfg) for chunk in ctx.stream(step * accum))
     pad_id = tokenizer.pad_token_id
+    packing = t.packing and cfg.task == "causal_lm"
     started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
     while step < total_steps:
         loss_sum = 0.0
         for micro in range(accum):
-            batch = collate(next(batches), pad_id, cfg.task)
+            examples_now = next(batches)
+            tokens_seen += sum(len(x["input_ids"]) for x in examples_now)
+            batch = pack(examples_now, pad_id) if packing else collate(examples_now, pad_id, cfg.task)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            tokens_seen += int(batch["attention_mask"].sum())
             sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():  # DDP syncs on the last micro-batch
                 with autocast():

@@ -128,10 +128,11 @@ def test_training_lowers_loss_and_checkpoints_adapter(tiny_model_dir, tmp_path):
     assert logs[1][1]["learning_rate"] > logs[0][1]["learning_rate"]  # warmup
 
 
-def test_resume_from_checkpoint_is_exact(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_from_checkpoint_is_exact(tiny_model_dir, tmp_path, packing):
     from safetensors.torch import load_file
 
-    cfg = make_cfg(max_steps=8, checkpoint_every=4)
+    cfg = make_cfg(max_steps=8, checkpoint_every=4, packing=packing)
     _, straight, straight_logs = _run(cfg, ROWS, tmp_path, "s")
     out, resumed, resumed_logs = _run(cfg, ROWS, tmp_path, "r", resume=straight[0])
     assert out["step"] == 8
