@@ -289,6 +289,33 @@ class TrackingConfig(_Section):
     """Artifact root for a new experiment (ignored when the experiment exists)."""
 
 
+class NotificationsConfig(_Section):
+    webhook_url: str | None = None
+    """URL that gets a JSON POST when a run fails (naming the failed step) or promotes a version;
+    the env var PREFECT_LORA_WEBHOOK_URL is used when unset. A failed POST never fails the flow."""
+    on_failure: bool = True
+    """Notify when a run fails or crashes."""
+    on_promotion: bool = True
+    """Notify when a run moves `champion` to its new version."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Seconds to wait for the webhook to answer."""
+
+    @model_validator(mode="after")
+    def _check_url(self):
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook_url must be an http:// or https:// URL, got {self.webhook_url!r}")
+        return self
+
+
+class RetentionConfig(_Section):
+    keep_checkpoints: int | None = Field(None, ge=1)
+    """Checkpoints kept per run folder of this model after a run (the newest); null keeps all.
+    The final adapter is kept apart from the checkpoints (`RUN_DIR/adapter`)."""
+    keep_versions: int | None = Field(None, ge=1)
+    """Registered versions kept after a run (the newest); older ones are deleted from MLflow,
+    except the champion, the previous champion and the challenger. Null keeps all."""
+
+
 class PipelineConfig(_Section):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     """Registered model name in MLflow (letters, digits, `_ . -`)."""
@@ -302,6 +329,8 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionPolicy = Field(default_factory=PromotionPolicy)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _check_task(self):
