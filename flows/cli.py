@@ -65,6 +65,44 @@ def run(config: Path, set_: SetOption = None) -> None:
     _print_summary(result)
 
 
+@app.command("compare-full")
+def compare_full(
+    config: Path,
+    set_: SetOption = None,
+    full_lr: Annotated[Optional[float], typer.Option(help="Learning rate of full fine-tuning (default: the config's, usually too high for it; 2e-5 is usual).")] = None,
+    eval_rows: Annotated[Optional[int], typer.Option(help="Score at most this many eval rows (default: all sampled).")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Memory, speed and size only: skip scoring gain and forgetting.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the JSON here (default: the run folder's compare_full.json).")] = None,
+) -> None:
+    """Train CONFIG with LoRA and with full fine-tuning (same data and steps, in this process, no
+    Ray, no MLflow); print trainable parameters, training-state and peak memory, step time,
+    artifact size, task gain and forgetting side by side."""
+    import json
+
+    from lora_tasks.compare import compare_methods, format_table, to_json
+    from lora_tasks.config import load_config
+    from lora_tasks.pipeline import prepare_data
+
+    try:
+        cfg = load_config(config, set_)
+        folder = Path(cfg.scaling.storage_path) / cfg.model_name / "compare-full"
+        data = prepare_data(cfg, folder / "data")
+        if data.train_stream is not None:
+            raise LoraTaskError("compare-full reads its rows in memory: set data.loader: memory for it")
+        rows = data.eval_rows[:eval_rows] if eval_rows else data.eval_rows
+        results = compare_methods(cfg, data.train_rows, rows, learning_rates={"full": full_lr} if full_lr else None,
+                                  evaluate=not no_eval, log=lambda m: console.print(m, highlight=False))
+    except ValidationFailed as exc:
+        _fail(exc, 2)
+    except LoraTaskError as exc:
+        _fail(exc)
+    Console().print(format_table(results), highlight=False, soft_wrap=True)
+    path = out or folder / "compare_full.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(results), indent=2, default=float))
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo: SmolLM2 learns customer messages -> JSON.")
 app.add_typer(demo_app, name="demo")
 
