@@ -1,0 +1,134 @@
+"""Operating a scheduled model: skip a run that would retrain on the same inputs, choose what
+retention deletes, and keep what a failed registration needs to be completed later.
+
+Pure selection logic and plain files; the MLflow side is in `registry.py`, the wiring in `flows/`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import LoraTaskError
+
+SKIP_KEYS = ("lineage.data_fingerprint", "lineage.config_hash")
+"""The lineage a run must share with the champion to be skipped: same validated data, same config."""
+
+SKIPPED_MESSAGE = "skipped: no new data"
+REGISTRATION_FILE = "registration.json"
+
+
+def unchanged_since(champion_tags: dict[str, str] | None, lineage: dict[str, str]) -> bool:
+    """Whether the champion was trained on exactly this data and config (then retraining is waste).
+
+    Missing or empty values never match: a champion without lineage is always retrained against."""
+    if not champion_tags:
+        return False
+    return all(lineage.get(k) and champion_tags.get(k) == lineage.get(k) for k in SKIP_KEYS)
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def checkpoints_to_delete(checkpoints: list[tuple[str, float]], keep: int | None) -> list[str]:
+    """Of one run's checkpoints `(path, age key)` (higher key = newer), those beyond the newest `keep`.
+
+    `keep` None keeps everything; the newest checkpoint is always kept (a resume starts there)."""
+    if keep is None:
+        return []
+    newest_first = sorted(checkpoints, key=lambda c: c[1], reverse=True)
+    return [path for path, _ in newest_first[max(keep, 1):]]
+
+
+def versions_to_delete(versions: list[str], keep: int | None, protected: set[str | None]) -> list[str]:
+    """Registered versions beyond the newest `keep`, never a protected one (champion, previous
+    champion, challenger, the version this run registered). `keep` None keeps everything."""
+    if keep is None:
+        return []
+    newest_first = sorted({str(v) for v in versions}, key=int, reverse=True)
+    keep_set = set(newest_first[:keep]) | {str(p) for p in protected if p is not None}
+    return [v for v in newest_first if v not in keep_set]
+
+
+# ----------------------------------------------------------------------------- pending registration
+
+
+@dataclass
+class DataSummary:
+    """What the summary and the MLflow run need of the validated data, without the rows."""
+
+    train_count: int
+    eval_count: int
+    fingerprint: str
+    report_summary: str
+    quarantine_path: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data) -> DataSummary:
+        """From a `pipeline.PreparedData`."""
+        return cls(data.train_count, len(data.eval_rows), data.fingerprint, data.report.summary(),
+                   data.quarantine_path, dict(data.files))
+
+
+@dataclass
+class PendingRegistration:
+    """Everything a run had when it reached registration: written to `RUN_DIR/registration.json`
+    before the first MLflow write after training, so `prefect-lora register RUN_DIR` can complete
+    a registration that a tracking-server outage stopped, without training or evaluating again."""
+
+    config: dict
+    """The resolved config (`PipelineConfig.model_dump(mode="json")`, absolute paths)."""
+    run_id: str
+    """The MLflow run opened before training."""
+    run_dir: str
+    adapter_dir: str
+    base_model: str
+    tags: dict[str, str]
+    """Lineage and run tags for the version."""
+    data: DataSummary
+    report: dict
+    """`EvalReport.to_dict()`."""
+    train_metrics: dict = field(default_factory=dict)
+    champion_version: str | None = None
+    """The champion the evaluation compared against (None: there was none)."""
+    created_at: str = ""
+    version: str | None = None
+    """Set once the version is registered (a later `register` does not register it twice)."""
+    status: str = "pending"
+    """`pending`, `registered` (version exists, gate not applied yet) or `done`."""
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / REGISTRATION_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, default=str))
+        tmp.replace(path)  # atomic: a crash never leaves half a file
+        return path
+
+
+def new_pending(config: dict, run_id: str, run_dir: str, adapter_dir: str, base_model: str, tags: dict[str, str],
+                data: DataSummary, report: dict, train_metrics: dict, champion_version: str | None) -> PendingRegistration:
+    numbers = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return PendingRegistration(config, run_id, str(run_dir), str(adapter_dir), base_model, dict(tags), data, report,
+                               numbers, champion_version, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def read_pending(run_dir: str | Path) -> PendingRegistration:
+    """The pending registration of a run folder, or a clear error saying what is missing."""
+    run_dir = Path(run_dir)
+    path = run_dir / REGISTRATION_FILE
+    if not path.is_file():
+        raise LoraTaskError(
+            f"{path} does not exist: RUN_DIR must be a run folder (storage_path/MODEL/run-KEY) whose run "
+            "trained and evaluated an adapter; the flow writes registration.json before registering it"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        raw["data"] = DataSummary(**raw["data"])
+        pending = PendingRegistration(**raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LoraTaskError(f"{path} is not a registration record prefect-lora wrote ({exc}); run the flow again") from None
+    if not (Path(pending.adapter_dir) / "adapter_model.safetensors").is_file():
+        raise LoraTaskError(f"the adapter of {run_dir} is missing ({pending.adapter_dir}); run the flow again to retrain it")
+    return pending
