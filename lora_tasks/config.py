@@ -309,8 +309,9 @@ class NotificationsConfig(_Section):
 
 class RetentionConfig(_Section):
     keep_checkpoints: int | None = Field(None, ge=1)
-    """Checkpoints kept per run folder of this model after a run (the newest); null keeps all.
-    The final adapter is kept apart from the checkpoints (`RUN_DIR/adapter`)."""
+    """Run folders of this model whose training checkpoints (`RUN_DIR/train`) are kept after a
+    run: the newest ones and always the current run; older runs keep their final adapter,
+    reports and registration.json, and would retrain from scratch if run again. Null keeps all."""
     keep_versions: int | None = Field(None, ge=1)
     """Registered versions kept after a run (the newest); older ones are deleted from MLflow,
     except the champion, the previous champion and the challenger. Null keeps all."""
