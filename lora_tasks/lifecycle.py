@@ -31,14 +31,18 @@ def unchanged_since(champion_tags: dict[str, str] | None, lineage: dict[str, str
 # ----------------------------------------------------------------------------- retention
 
 
-def checkpoints_to_delete(checkpoints: list[tuple[str, float]], keep: int | None) -> list[str]:
-    """Of one run's checkpoints `(path, age key)` (higher key = newer), those beyond the newest `keep`.
+def checkpoints_to_delete(runs: list[tuple[str, float]], keep: int | None, current: str | None = None) -> list[str]:
+    """Of the checkpoint folders of a model's runs `(path, age key)` (higher key = newer), those
+    beyond the newest `keep`; never `current` (the run that just finished). `keep` None keeps all.
 
-    `keep` None keeps everything; the newest checkpoint is always kept (a resume starts there)."""
+    Whole `train/` folders go, never single checkpoints: Ray Train refuses to resume from a
+    folder whose snapshot names a checkpoint that is gone."""
     if keep is None:
         return []
-    newest_first = sorted(checkpoints, key=lambda c: c[1], reverse=True)
-    return [path for path, _ in newest_first[max(keep, 1):]]
+    others = [(p, k) for p, k in runs if p != current]
+    newest_first = sorted(others, key=lambda c: c[1], reverse=True)
+    room = max(keep - (1 if current is not None and any(p == current for p, _ in runs) else 0), 0)
+    return [path for path, _ in newest_first[room:]]
 
 
 def versions_to_delete(versions: list[str], keep: int | None, protected: set[str | None]) -> list[str]:

@@ -28,12 +28,17 @@ def test_empty_lineage_never_counts_as_unchanged():
     assert lifecycle.unchanged_since(empty, empty) is False
 
 
-@pytest.mark.parametrize("keep, deleted", [
-    (None, []), (1, ["c2", "c1", "c0"]), (2, ["c1", "c0"]), (4, []), (10, []),
+@pytest.mark.parametrize("keep, current, deleted", [
+    (None, "c1", []),
+    (1, None, ["c2", "c1", "c0"]),
+    (2, None, ["c1", "c0"]),
+    (1, "c1", ["c3", "c2", "c0"]),     # the run that just finished keeps its checkpoints
+    (2, "c1", ["c2", "c0"]),
+    (4, "c1", []), (10, None, []),
 ])
-def test_checkpoints_beyond_the_newest_are_deleted(keep, deleted):
+def test_checkpoint_folders_beyond_the_newest_runs_are_deleted(keep, current, deleted):
     found = [("c1", 1.0), ("c3", 3.0), ("c0", 0.0), ("c2", 2.0)]
-    assert lifecycle.checkpoints_to_delete(found, keep) == deleted
+    assert lifecycle.checkpoints_to_delete(found, keep, current) == deleted
 
 
 @pytest.mark.parametrize("versions, keep, protected, deleted", [

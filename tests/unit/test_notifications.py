@@ -18,7 +18,7 @@ def receiver():
     got: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             code = 500 if got[-1].get("fail") else 200
             self.send_response(code)
