@@ -8,22 +8,41 @@ from __future__ import annotations
 
 from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from lora_tasks import registry
-from lora_tasks.config import PipelineConfig, load_config
+from flows import notifications
+from lora_tasks import lifecycle, registry
+from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
 from lora_tasks.pipeline import PreparedData, lineage_tags, prepare_data, run_dir_for, same_base, summary_markdown
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 
-MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30])
+
+
+def _retry_delays() -> list[float]:
+    """Backoff between attempts of the MLflow tasks: PREFECT_LORA_MLFLOW_RETRY_DELAYS="2,10,30"."""
+    raw = os.environ.get("PREFECT_LORA_MLFLOW_RETRY_DELAYS", "2,10,30")
+    try:
+        delays = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"PREFECT_LORA_MLFLOW_RETRY_DELAYS must be seconds separated by commas, e.g. 2,10,30; got {raw!r}") from None
+    return delays
+
+
+STEP = {"cache_policy": NO_CACHE, "on_failure": [notifications.note_failed_task]}
+"""Every task: no caching, and a failure names its step in the notification."""
+MLFLOW_RETRIES = {**STEP, "retries": len(_retry_delays()), "retry_delay_seconds": _retry_delays()}
+"""Tasks that talk to MLflow retry with backoff (a tracking server restarting, a network blip)."""
 
 
 def _artifact_key(kind: str, cfg: PipelineConfig) -> str:
@@ -31,7 +50,7 @@ def _artifact_key(kind: str, cfg: PipelineConfig) -> str:
     return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in cfg.model_name.lower())
 
 
-@task(name="validate-data", cache_policy=NO_CACHE)
+@task(name="validate-data", **STEP)
 def validate_data(cfg: PipelineConfig, run_dir: str) -> PreparedData:
     try:
         data = prepare_data(cfg, run_dir)
@@ -46,18 +65,20 @@ def validate_data(cfg: PipelineConfig, run_dir: str) -> PreparedData:
     return data
 
 
-@task(name="describe-base-model", cache_policy=NO_CACHE)
+@task(name="describe-base-model", **STEP)
 def describe_base(cfg: PipelineConfig) -> BaseModelInfo:
     return describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
 
 
-@task(name="start-mlflow-run", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
-def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> str:
-    return registry.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
+@task(name="start-mlflow-run", **MLFLOW_RETRIES)
+def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The run's id and where it is seen (the link notifications carry)."""
+    run_id = registry.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
+    return run_id, registry.run_url(cfg.tracking.tracking_uri, run_id)
 
 
 # A retry (Ray gave up after scaling.max_failures) continues from the latest checkpoint in the run folder.
-@task(name="train-adapter", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+@task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10)
 def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     from lora_tasks.distributed import train_adapter
 
@@ -66,14 +87,10 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
     get_run_logger().info("adapter trained: step %s, loss %s, on nodes %s", m.get("step"), m.get("train_loss"), m.get("worker_nodes"))
-    registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {
-        f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts") if k in m})
-    names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s"}
-    registry.log_metrics(cfg.tracking.tracking_uri, run_id, {names[k]: v for k, v in m.items() if k in names})
     return result
 
 
-@task(name="evaluate-vs-base", cache_policy=NO_CACHE)
+@task(name="evaluate-vs-base", **STEP)
 def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
              champion_dir: str | None = None, champion_version: str | None = None) -> EvalReport:
     report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base,
@@ -82,23 +99,27 @@ def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: Ba
     return report
 
 
-@task(name="log-to-mlflow", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
-def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: PreparedData, report: EvalReport) -> None:
+@task(name="log-to-mlflow", **MLFLOW_RETRIES)
+def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.DataSummary, report: EvalReport,
+                train_metrics: dict) -> None:
     import json
 
-    uri = cfg.tracking.tracking_uri
-    registry.set_run_tags(uri, run_id, {"training.method": cfg.training.method})
-    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": len(data.eval_rows)})
+    uri, m = cfg.tracking.tracking_uri, train_metrics
+    registry.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
+                                        **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts") if k in m}})
+    names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s"}
+    registry.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
+    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
     eval_path = Path(run_dir) / "eval_report.json"
     eval_path.write_text(json.dumps(report.to_dict(), indent=2))
     registry.log_artifact(uri, run_id, eval_path, "reports")
     registry.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
     for path in (*data.files.values(), data.quarantine_path):
-        if path:
+        if path and Path(path).exists():
             registry.log_artifact(uri, run_id, path, "reports")
 
 
-@task(name="publish-reports", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+@task(name="publish-reports", **MLFLOW_RETRIES)
 def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: EvalReport, summary: str) -> None:
     """Markdown report and PNG plots into the run folder and the MLflow run (`reports/`)."""
     from lora_tasks.report import write_report
@@ -114,13 +135,13 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
                              description=f"{cfg.model_name}: evaluation report ({cfg.training.method})")
 
 
-@task(name="register-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
-def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base: BaseModelInfo, tags: dict[str, str]) -> str:
-    model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base.name_or_path)
+@task(name="register-adapter", **MLFLOW_RETRIES)
+def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_model: str, tags: dict[str, str]) -> str:
+    model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base_model)
     return registry.register_version(cfg.tracking.tracking_uri, cfg.model_name, model_uri, run_id, tags)
 
 
-@task(name="fetch-champion-adapter", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+@task(name="fetch-champion-adapter", **MLFLOW_RETRIES)
 def fetch_champion_adapter(cfg: PipelineConfig, champion, tags: dict[str, str], run_dir: str) -> str | None:
     """The champion's adapter, to score it beside the new one on the same data; None when there
     is no champion or it was trained on another base (then its own recorded metrics are used)."""
@@ -134,12 +155,12 @@ def fetch_champion_adapter(cfg: PipelineConfig, champion, tags: dict[str, str], 
                                          Path(run_dir) / f"champion-v{champion.version}"))
 
 
-@task(name="read-champion", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+@task(name="read-champion", **MLFLOW_RETRIES)
 def read_champion(cfg: PipelineConfig):
     return registry.get_alias(cfg.tracking.tracking_uri, cfg.model_name, registry.CHAMPION)
 
 
-@task(name="decide-promotion", cache_policy=NO_CACHE)
+@task(name="decide-promotion", **STEP)
 def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> Decision:
     m, higher = report.primary_metric, report.higher_is_better
     candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
@@ -149,7 +170,7 @@ def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> D
     return decision
 
 
-@task(name="apply-decision", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
+@task(name="apply-decision", **MLFLOW_RETRIES)
 def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id: str, summary: str,
                    report: EvalReport, champion) -> tuple[Decision, str]:
     """Act on the gate with compare-and-set on `champion`; if another run moved it since the
@@ -200,11 +221,62 @@ def _notify_server(promoted: bool) -> None:
         get_run_logger().warning("could not notify the server at %s (%s); it swaps at its next alias poll", url, exc)
 
 
-def _finish_baseline(cfg: PipelineConfig, data: PreparedData, report: EvalReport, run_id: str, run_dir: str, champion) -> dict:
+
+
+@task(name="read-version", **MLFLOW_RETRIES)
+def read_version(cfg: PipelineConfig, version: str | None):
+    return registry.get_version(cfg.tracking.tracking_uri, cfg.model_name, version) if version else None
+
+
+@task(name="record-skip", **MLFLOW_RETRIES)
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion) -> tuple[str, str]:
+    """A short MLflow run tagged `promotion.decision=skipped`; returns (run id, reason)."""
+    reason = (f"{lifecycle.SKIPPED_MESSAGE}: data fingerprint {tags['lineage.data_fingerprint'][:12]} and config hash "
+              f"{tags['lineage.config_hash'][:12]} equal those of champion version {champion.version}")
+    get_run_logger().info("%s (pass force=True to retrain anyway)", reason)
+    return registry.record_skip(cfg, tags, champion.version, reason), reason
+
+
+@task(name="apply-retention", **STEP)
+def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> dict:
+    """Delete checkpoints and registered versions beyond `retention`; never the champion, the
+    previous champion or the challenger. A failure here is logged: the run's result stands."""
+    import shutil
+
+    r, uri, name, log = cfg.retention, cfg.tracking.tracking_uri, cfg.model_name, get_run_logger()
+    deleted: dict[str, list[str]] = {"checkpoints": [], "versions": []}
+    try:
+        if r.keep_checkpoints and "://" not in cfg.scaling.storage_path:
+            found = [(str(t), t.stat().st_mtime) for t in (Path(cfg.scaling.storage_path) / name).glob("run-*/train")]
+            for path in lifecycle.checkpoints_to_delete(found, r.keep_checkpoints, str(Path(run_dir) / "train")):
+                shutil.rmtree(path, ignore_errors=True)
+                deleted["checkpoints"].append(path)
+        if r.keep_versions:
+            champion, challenger = (registry.get_alias(uri, name, a) for a in (registry.CHAMPION, registry.CHALLENGER))
+            protected = {champion.version if champion else None, challenger.version if challenger else None,
+                         registry.previous_champion(uri, name), version}
+            doomed = lifecycle.versions_to_delete(registry.list_versions(uri, name), r.keep_versions, protected)
+            deleted["versions"] = registry.delete_versions(uri, name, doomed)
+    except Exception as exc:  # noqa: BLE001  (cleanup is retried by the next run)
+        log.warning("retention stopped early (%s); the next run tries again", exc)
+    if deleted["checkpoints"] or deleted["versions"]:
+        log.info("retention deleted %d checkpoint folder(s) and version(s) %s", len(deleted["checkpoints"]),
+                 deleted["versions"] or "none")
+    return deleted
+
+
+def _md_data(d: lifecycle.DataSummary):
+    """The shape `summary_markdown` reads (it was written for `PreparedData`)."""
+    return SimpleNamespace(train_count=d.train_count, eval_rows=range(d.eval_count), fingerprint=d.fingerprint,
+                           report=SimpleNamespace(summary=lambda: d.report_summary), quarantine_path=d.quarantine_path)
+
+
+def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: EvalReport, run_id: str, run_dir: str,
+                     champion) -> dict:
     """End a `training.method: full` run: reports in MLflow and Prefect, no version, no promotion."""
     reasons = ["training.method is full: a baseline run, evaluated and logged but never registered or promoted"]
-    summary = summary_markdown(cfg, data, report, Decision(False, reasons, ["baseline"]), "(not registered)", run_id,
-                               champion.version if champion else None)
+    summary = summary_markdown(cfg, _md_data(data), report, Decision(False, reasons, ["baseline"]), "(not registered)",
+                               run_id, champion.version if champion else None)
     publish_reports(cfg, run_id, run_dir, report, summary)
     registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
     registry.end_run(cfg.tracking.tracking_uri, run_id)
@@ -214,34 +286,29 @@ def _finish_baseline(cfg: PipelineConfig, data: PreparedData, report: EvalReport
             "tracking_uri": cfg.tracking.tracking_uri, "summary": summary, "method": "full"}
 
 
-@flow(name="lora-retrain", log_prints=True)
-def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
-    """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it."""
-    cfg = load_config(config_path, overrides)
-    run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
-    data = validate_data(cfg, run_dir)
-    base = describe_base(cfg)
-    tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
-            "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
-    run_id = start_mlflow_run(cfg, run_dir, tags)
-    try:
-        trained = train(cfg, data, run_dir, run_id)
-        champion = read_champion(cfg)
-        champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
-        report = evaluate(cfg, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
-        log_results(cfg, run_id, run_dir, data, report)
-        if cfg.training.method == "full":  # a baseline: evaluated and logged, never registered or promoted
-            return _finish_baseline(cfg, data, report, run_id, run_dir, champion)
-        version = register(cfg, run_id, trained.adapter_dir, base, tags)
-        decision = decide(cfg, report, version, champion)
-    except BaseException:
-        registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-        raise
-    summary = summary_markdown(cfg, data, report, decision, version, run_id, champion.version if champion else None)
+def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> dict:
+    """Log, register, gate and promote a trained and evaluated adapter: the end of `retrain` and
+    all of `register_run`. `pending` (registration.json) says how far an earlier attempt got."""
+    run_id, run_dir = pending.run_id, pending.run_dir
+    log_results(cfg, run_id, run_dir, pending.data, report, pending.train_metrics)
+    if cfg.training.method == "full":  # a baseline: evaluated and logged, never registered or promoted
+        return _finish_baseline(cfg, pending.data, report, run_id, run_dir, champion)
+    version = pending.version
+    if version is None:
+        version = register(cfg, run_id, pending.adapter_dir, pending.base_model, pending.tags)
+        pending.version, pending.status = version, "registered"
+        pending.save()
+    decision = decide(cfg, report, version, champion)
+    summary = summary_markdown(cfg, _md_data(pending.data), report, decision, version, run_id,
+                               champion.version if champion else None)
     publish_reports(cfg, run_id, run_dir, report, summary)
     decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
-    create_markdown_artifact(key=_artifact_key("retrain", cfg),
-                             markdown=summary, description=f"{cfg.model_name} v{version}")
+    pending.status = "done"
+    pending.save()
+    create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} v{version}")
+    notifications.remember(flow_run.id, promoted=decision.promote, version=version,
+                           champion_before=champion.version if champion else None)
+    apply_retention(cfg, run_dir, version)
     return {
         "model_name": cfg.model_name,
         "version": version,
@@ -254,3 +321,81 @@ def retrain(config_path: str, overrides: list[str] | None = None) -> dict:
         "tracking_uri": cfg.tracking.tracking_uri,
         "summary": summary,
     }
+
+
+def _mark_failed(cfg: PipelineConfig, run_id: str) -> None:
+    try:
+        registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+    except Exception as exc:  # noqa: BLE001  (the tracking server may be the failure itself)
+        get_run_logger().warning("could not mark MLflow run %s failed (%s)", run_id, exc)
+
+
+def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
+    skip_run, reason = record_skip(cfg, tags, champion)
+    md = (f"# {cfg.model_name}: {lifecycle.SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained; champion "
+          f"version {champion.version} stays. MLflow run `{skip_run}` records this check.\n")
+    create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
+    result = {"model_name": cfg.model_name, "version": champion.version, "promoted": False, "skipped": True,
+              "reasons": [reason], "run_id": skip_run, "run_dir": run_dir, "metrics": {},
+              "champion_before": champion.version, "tracking_uri": cfg.tracking.tracking_uri, "summary": md}
+    return Completed(message=lifecycle.SKIPPED_MESSAGE, data=result)
+
+
+HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.on_failure],
+         "on_completion": [notifications.on_completion]}
+
+
+@flow(name="lora-retrain", log_prints=True, **HOOKS)
+def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it.
+
+    Skipped (a Completed state "skipped: no new data") when the champion was trained on the same
+    data and config, unless `force`."""
+    cfg = load_config(config_path, overrides)
+    run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
+    notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir,
+                           notifications=cfg.notifications.model_dump())
+    data = validate_data(cfg, run_dir)
+    base = describe_base(cfg)
+    tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
+            "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
+    champion = read_champion(cfg)
+    if not force and lifecycle.unchanged_since(champion.tags if champion else None, tags):
+        return _skip(cfg, run_dir, tags, champion)
+    run_id, run_url = start_mlflow_run(cfg, run_dir, tags)
+    notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)
+    try:
+        champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
+        trained = train(cfg, data, run_dir, run_id)
+        report = evaluate(cfg, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
+        # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
+        pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, trained.adapter_dir,
+                                        base.name_or_path, tags, lifecycle.DataSummary.of(data), report.to_dict(),
+                                        trained.metrics, champion.version if champion else None)
+        pending.save()
+        return _complete(cfg, pending, report, champion)
+    except BaseException:
+        _mark_failed(cfg, run_id)
+        raise
+
+
+@flow(name="lora-register", log_prints=True, **HOOKS)
+def register_run(run_dir: str, tracking_uri: str | None = None) -> dict:
+    """Complete the registration of a run that trained and evaluated its adapter but could not
+    register it (e.g. the tracking server was down): log, register, gate, promote. No training."""
+    pending = lifecycle.read_pending(run_dir)
+    raw = dict(pending.config)
+    if tracking_uri:
+        raw["tracking"] = {**raw["tracking"], "tracking_uri": tracking_uri}
+    cfg = config_from_dict(raw, source=str(Path(run_dir) / lifecycle.REGISTRATION_FILE))
+    notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir, mlflow_run_id=pending.run_id,
+                           notifications=cfg.notifications.model_dump())
+    if pending.status == "done":
+        get_run_logger().info("%s: version %s is already registered and gated", run_dir, pending.version)
+    report = EvalReport(**{k: v for k, v in pending.report.items() if k != "task_gain"})
+    champion = read_version(cfg, pending.champion_version)
+    try:
+        return _complete(cfg, pending, report, champion)
+    except BaseException:
+        _mark_failed(cfg, pending.run_id)
+        raise

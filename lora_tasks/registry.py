@@ -645,3 +645,74 @@ def download_adapter(tracking_uri: str, name: str, version: str, dst_dir: str | 
     """The PEFT adapter folder of version `version` of `name`, downloaded under `dst_dir` (e.g.
     the champion's, to score it beside a new adapter on the same base and data)."""
     return download_version(tracking_uri, name, version, dst_dir).adapter_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations: skipped runs, retention deletes, status of every model.
+# ---------------------------------------------------------------------------------------------
+
+
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion_version: str, reason: str) -> str:
+    """A short, finished run tagged `promotion.decision=skipped`: the schedule ran and found nothing
+    new. The champion gets `schedule.last_skip` (when, which run). Returns the run id."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    run = c.create_run(exp_id, run_name=f"skipped-{tags.get('lora.run_key', '')}"[:250], tags={
+        **{k: str(v) for k, v in tags.items()}, "promotion.decision": "skipped", "promotion.reasons": reason,
+        "promotion.champion_compared": str(champion_version), "mlflow.note.content": reason})
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    c.set_model_version_tag(cfg.model_name, str(champion_version), "schedule.last_skip",
+                            json.dumps({"at": _now_iso(), "run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def list_model_names(tracking_uri: str) -> list[str]:
+    """Every registered model in the store, sorted."""
+    return sorted(m.name for m in client(tracking_uri).search_registered_models(max_results=1000))
+
+
+def list_versions(tracking_uri: str, name: str) -> list[str]:
+    """Every version number of `name` (an empty list when the model does not exist)."""
+    c = client(tracking_uri)
+    return sorted((str(v.version) for v in c.search_model_versions(f"name = '{name}'")), key=int)
+
+
+def delete_versions(tracking_uri: str, name: str, versions: list[str]) -> list[str]:
+    """Delete these versions of `name`, refusing any that an alias points at; returns those deleted."""
+    c = client(tracking_uri)
+    aliased = set(c.get_registered_model(name).aliases.values()) if versions else set()
+    done = []
+    for v in versions:
+        if str(v) in {str(a) for a in aliased}:
+            raise RegistryError(f"refusing to delete version {v} of {name!r}: an alias points at it")
+        c.delete_model_version(name, str(v))
+        done.append(str(v))
+    return done
+
+
+def version_status(tracking_uri: str, name: str, alias: str) -> dict | None:
+    """What an operator needs about the version behind `alias`: metrics, lineage, age, decision."""
+    c = client(tracking_uri)
+    try:
+        mv = c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    tags = dict(mv.tags)
+    metrics = dict(c.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    primary = tags.get("eval.primary_metric")
+    key = {k: metrics[k] for k in (f"adapted_{primary}", "task_gain", "reference_perplexity_ratio", "reference_kl",
+                                   "self_retention_perplexity_ratio", "champion_delta") if k in metrics}
+    age_s = time.time() - (mv.creation_timestamp or 0) / 1000
+    return {"alias": alias, "version": str(mv.version), "run_id": mv.run_id, "created_ms": mv.creation_timestamp,
+            "age_s": age_s, "primary_metric": primary, "metrics": key, "decision": tags.get("promotion.decision"),
+            "lineage": {k.removeprefix("lineage."): v for k, v in tags.items() if k.startswith("lineage.")},
+            "last_skip": json.loads(tags["schedule.last_skip"]) if tags.get("schedule.last_skip") else None}
+
+
+def model_status(tracking_uri: str, name: str) -> dict:
+    """Champion and challenger of `name` (None when unset) and its version count."""
+    c = client(tracking_uri)
+    _require_model(c, name)
+    return {"name": name, "versions": len(list_versions(tracking_uri, name)),
+            CHAMPION: version_status(tracking_uri, name, CHAMPION),
+            CHALLENGER: version_status(tracking_uri, name, CHALLENGER)}
