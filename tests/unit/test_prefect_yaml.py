@@ -24,5 +24,13 @@ def test_deployments_are_wired_to_the_flow():
         load_config(REPO / dep["parameters"]["config_path"])
         for schedule in dep["schedules"]:
             CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # raises when invalid
-        assert dep["concurrency_limit"] == 1
+        assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}  # queued, never dropped
         assert dep["work_pool"]["name"]
+
+
+def test_one_deployment_per_registered_model_so_the_limit_is_per_model():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    models = [load_config(REPO / d["parameters"]["config_path"]).model_name for d in spec["deployments"]]
+    assert len(models) == len(set(models)), models
+    for dep in spec["deployments"]:
+        assert dep["parameters"].get("force") is False  # scheduled runs skip when nothing changed
