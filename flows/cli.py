@@ -47,7 +47,11 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
 
 @app.command()
-def run(config: Path, set_: SetOption = None) -> None:
+def run(
+    config: Path,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when data and config equal the champion's.")] = False,
+) -> None:
     """Run the retraining flow for CONFIG: validate, train, evaluate, register, gate."""
     from lora_tasks.config import load_config
 
@@ -57,7 +61,7 @@ def run(config: Path, set_: SetOption = None) -> None:
         from flows.settings import hide_expected_tracebacks
 
         hide_expected_tracebacks()
-        result = retrain(str(config), set_ or [])
+        result = retrain(str(config), set_ or [], force=force)
     except ValidationFailed as exc:
         _fail(exc, 2)
     except LoraTaskError as exc:
@@ -128,6 +132,10 @@ def demo_prepare(
 
 def _print_summary(result: dict) -> None:
     from lora_tasks.pipeline import metrics_table
+
+    if result.get("skipped"):
+        Console().print(f"[cyan]{result['reasons'][0]}[/] (nothing trained; --force retrains)", highlight=False, soft_wrap=True)
+        return
 
     columns, rows = metrics_table(result["metrics"])
     what = "full fine-tuning baseline (not registered)" if result.get("method") == "full" else f"version {result['version']}"
@@ -282,6 +290,74 @@ def export(
     for r in results:
         console.print(f"[green]{r.kind}[/] of {r.name} version {r.version} -> {r.path} ({', '.join(r.files)})",
                       highlight=False, soft_wrap=True)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@app.command()
+def status(
+    name: Annotated[Optional[str], typer.Argument(help="Registered model (default: every model in the store).")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Champion and challenger of each model: version, age, key metrics, lineage, last decision."""
+    from lora_tasks import registry
+
+    uri = _tracking(tracking_uri)
+    try:
+        names = [name] if name else registry.list_model_names(uri)
+        models = [registry.model_status(uri, n) for n in names]
+    except LoraTaskError as exc:
+        _fail(exc)
+    if not models:
+        console.print(f"no registered models in {uri}", highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"prefect-lora models ({uri})")
+    for col in ("model", "alias", "version", "age", "decision", "key metrics", "data / config", "base model"):
+        table.add_column(col)
+    for m in models:
+        for alias in (registry.CHAMPION, registry.CHALLENGER):
+            v = m[alias]
+            if v is None:
+                table.add_row(m["name"], alias, "–", "", "", "", "", "")
+                continue
+            metrics = ", ".join(f"{k} {val:.4g}" for k, val in v["metrics"].items())
+            lin = v["lineage"]
+            skip = f"\nlast skip {v['last_skip']['at'][:16]}" if v.get("last_skip") else ""
+            table.add_row(m["name"], alias, v["version"], _age(v["age_s"]), str(v["decision"] or ""), metrics,
+                          f"{lin.get('data_fingerprint', '')[:12]} / {lin.get('config_hash', '')[:12]}{skip}",
+                          lin.get("base_model", ""))
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+@app.command()
+def register(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (storage_path/MODEL/run-KEY) holding registration.json.")],
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Complete a registration that failed (e.g. MLflow was down): register, gate, promote. No training."""
+    from lora_tasks.lifecycle import read_pending
+
+    try:
+        pending = read_pending(run_dir)  # a clear error before any engine starts
+        from flows.retrain import register_run
+        from flows.settings import hide_expected_tracebacks
+
+        hide_expected_tracebacks()
+        if console.is_terminal:
+            with console.status(f"registering {pending.config.get('model_name')} from {run_dir}"):
+                result = register_run(str(run_dir.resolve()), tracking_uri)
+        else:
+            console.print(f"registering {pending.config.get('model_name')} from {run_dir}", highlight=False, soft_wrap=True)
+            result = register_run(str(run_dir.resolve()), tracking_uri)
+    except LoraTaskError as exc:
+        _fail(exc)
+    _print_summary(result)
 
 
 def main() -> None:
