@@ -17,12 +17,19 @@ DEFAULTS = {
     "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     # Library deprecation chatter (also in Ray workers, which inherit this environment).
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
 
 for key, value in DEFAULTS.items():
     os.environ.setdefault(key, value)
+
+import sys  # noqa: E402
+
+if not (sys.stderr.isatty() and sys.stdout.isatty()):  # scheduled runs under a worker: log lines, no progress bars
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import warnings  # noqa: E402
 
