@@ -26,7 +26,7 @@ DEFAULTS = {
 for key, value in DEFAULTS.items():
     os.environ.setdefault(key, value)
 
-import sys  # noqa: E402
+import sys
 
 if not (sys.stderr.isatty() and sys.stdout.isatty()):  # scheduled runs under a worker: log lines, no progress bars
     os.environ.setdefault("TQDM_DISABLE", "1")
