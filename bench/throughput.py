@@ -10,7 +10,9 @@
    - `worker` the project's loop, `training.train_worker` with a `WorkerContext`: (b);
    each at fp32 and bf16 autocast, and the worker also with `training.packing` and with the
    frozen base weights held in bf16 (`base_model.torch_dtype: bfloat16`).
-Tokens/s counts real (non-pad) tokens from the end of the first step to the end of the last.
+Tokens/s counts real (non-pad) tokens from the end of the first step to the end of the last
+(`overall`, the median over rounds), and per step (`best`: the fastest step of all rounds, the
+figure least disturbed by other load on a shared machine; interference only ever adds time).
 Model FLOPs utilisation (MFU) = tokens/s x 4 N / peak of the precision in use, N = the base's
 parameter count (tied embedding once, as the LM head): forward 2N, backward to the activations
 2N, no weight gradients for the frozen base. Full fine-tuning would be 6N (weight gradients too).
@@ -23,6 +25,7 @@ Prints a table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -198,31 +201,38 @@ def main(argv=None) -> int:
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     names = [v for v in args.variants.split(",") if v]
     runs: dict[str, list[float]] = {n: [] for n in names}
+    best: dict[str, float] = {n: 0.0 for n in names}
     for rnd in range(args.rounds):
         for name in names:
             kind, overrides = VARIANTS[name]
             cfg = load_config(args.config, base + overrides)
+            gc.collect()
             stamps = (run_worker if kind == "worker" else run_plain)(cfg, rows)
             tps = sum(tokens[1:]) / (stamps[-1] - stamps[0])
             runs[name].append(tps)
-            print(f"  round {rnd + 1} {name:30} {tps:7.1f} tok/s", flush=True)
+            best[name] = max(best[name], *(n / (b - a) for n, a, b in zip(tokens[1:], stamps, stamps[1:])))
+            print(f"  round {rnd + 1} {name:30} {tps:7.1f} tok/s (best step {best[name]:.1f})", flush=True)
 
     results = {}
     for name in names:
         precision = "bf16" if "bf16" in name.split("-", 2)[1] else "fp32"
         tps = statistics.median(runs[name])
-        results[name] = {"tokens_per_s": tps, "all_tokens_per_s": runs[name], "precision": precision,
-                         "mfu": tps * 4 * n_params / (peak[precision]["gflops"] * 1e9)}
+        results[name] = {"tokens_per_s": tps, "all_tokens_per_s": runs[name], "best_step_tokens_per_s": best[name],
+                         "precision": precision, "mfu": tps * 4 * n_params / (peak[precision]["gflops"] * 1e9),
+                         "mfu_best_step": best[name] * 4 * n_params / (peak[precision]["gflops"] * 1e9)}
     ref = {p: results.get(f"plain-{p}", {}).get("tokens_per_s") for p in ("fp32", "bf16")}
+    ref_best = {p: results.get(f"plain-{p}", {}).get("best_step_tokens_per_s") for p in ("fp32", "bf16")}
     print(f"\nSmolLM2-135M ({n_params / 1e6:.1f}M params), LoRA r={cfg0.lora.r} {cfg0.lora.target_modules}, "
           f"batch {args.batch_size}, {args.data} data (tokens/example min {lengths[0]}, median "
           f"{lengths[len(lengths) // 2]}, max {lengths[-1]}), {args.steps} steps, median of {args.rounds} rounds")
     print(f"peak: fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, bf16 {peak['bf16']['gflops']:.0f} GFLOP/s ({args.threads} threads)")
-    print(f"{'variant':30} {'tok/s':>8} {'MFU (4N)':>9} {'vs plain same precision':>24}")
+    print(f"{'variant':30} {'tok/s':>8} {'MFU (4N)':>9} {'vs plain':>9} {'best step':>10} {'MFU':>6} {'vs plain':>9}")
     for name, r in results.items():
-        base_tps = ref.get(r["precision"])
+        base_tps, base_best = ref.get(r["precision"]), ref_best.get(r["precision"])
         rel = f"{r['tokens_per_s'] / base_tps:.2f}x" if base_tps else "-"
-        print(f"{name:30} {r['tokens_per_s']:8.1f} {r['mfu']:9.1%} {rel:>24}")
+        rel_best = f"{r['best_step_tokens_per_s'] / base_best:.2f}x" if base_best else "-"
+        print(f"{name:30} {r['tokens_per_s']:8.1f} {r['mfu']:9.1%} {rel:>9} {r['best_step_tokens_per_s']:10.1f} "
+              f"{r['mfu_best_step']:6.1%} {rel_best:>9}")
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"throughput-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "n_params": n_params, "peak": peak, "step_tokens": tokens,
