@@ -91,10 +91,13 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
 
 
 @task(name="evaluate-vs-base", **STEP)
-def evaluate(cfg: PipelineConfig, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
+def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
              champion_dir: str | None = None, champion_version: str | None = None) -> EvalReport:
+    import json
+
     report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base,
                               champion_adapter_dir=champion_dir, champion_version=champion_version)
+    (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     return report
 
@@ -111,7 +114,8 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
     registry.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
     registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
     eval_path = Path(run_dir) / "eval_report.json"
-    eval_path.write_text(json.dumps(report.to_dict(), indent=2))
+    if not eval_path.exists():
+        eval_path.write_text(json.dumps(report.to_dict(), indent=2))
     registry.log_artifact(uri, run_id, eval_path, "reports")
     registry.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
     for path in (*data.files.values(), data.quarantine_path):
@@ -292,7 +296,10 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     run_id, run_dir = pending.run_id, pending.run_dir
     log_results(cfg, run_id, run_dir, pending.data, report, pending.train_metrics)
     if cfg.training.method == "full":  # a baseline: evaluated and logged, never registered or promoted
-        return _finish_baseline(cfg, pending.data, report, run_id, run_dir, champion)
+        result = _finish_baseline(cfg, pending.data, report, run_id, run_dir, champion)
+        pending.status = "done"
+        pending.save()
+        return result
     version = pending.version
     if version is None:
         version = register(cfg, run_id, pending.adapter_dir, pending.base_model, pending.tags)
@@ -341,6 +348,8 @@ def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
     return Completed(message=lifecycle.SKIPPED_MESSAGE, data=result)
 
 
+settings.hide_expected_tracebacks()  # a bad config or bad data is one log line under a worker too
+
 HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.on_failure],
          "on_completion": [notifications.on_completion]}
 
@@ -367,7 +376,7 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     try:
         champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
         trained = train(cfg, data, run_dir, run_id)
-        report = evaluate(cfg, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
+        report = evaluate(cfg, run_dir, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
         # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
         pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, trained.adapter_dir,
                                         base.name_or_path, tags, lifecycle.DataSummary.of(data), report.to_dict(),
@@ -391,7 +400,11 @@ def register_run(run_dir: str, tracking_uri: str | None = None) -> dict:
     notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir, mlflow_run_id=pending.run_id,
                            notifications=cfg.notifications.model_dump())
     if pending.status == "done":
-        get_run_logger().info("%s: version %s is already registered and gated", run_dir, pending.version)
+        reason = f"{run_dir}: already registered as version {pending.version} and gated; nothing to do"
+        get_run_logger().info(reason)
+        return {"model_name": cfg.model_name, "version": pending.version, "promoted": False, "skipped": True,
+                "reasons": [reason], "run_id": pending.run_id, "run_dir": run_dir, "metrics": {},
+                "tracking_uri": cfg.tracking.tracking_uri}
     report = EvalReport(**{k: v for k, v in pending.report.items() if k != "task_gain"})
     champion = read_version(cfg, pending.champion_version)
     try:

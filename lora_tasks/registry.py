@@ -196,7 +196,10 @@ def register_version(tracking_uri: str, name: str, model_uri: str, run_id: str, 
         c.get_registered_model(name)
     except MlflowException:
         c.create_registered_model(name, description="LoRA adapters trained and gated by prefect-lora")
-    mv = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    # A tracking server accepts a `models:/m-...` source only with its model id (a SQLite store does not check).
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                model_id=model_id)
     c.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
 
