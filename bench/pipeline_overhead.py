@@ -82,13 +82,16 @@ def child(args) -> None:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    import mlflow
+
+    logged = mlflow.tracking.MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.metrics
     tasks = sorted(((tr.start_time, tr.name.rsplit("-", 1)[0], (tr.end_time - tr.start_time).total_seconds())
                     for tr in task_runs if tr.start_time and tr.end_time), key=lambda x: x[0])
     flow_s = (flow_run.end_time - flow_run.start_time).total_seconds() if flow_run.end_time else None
     print("CHILD-RESULT " + json.dumps({
         "import_s": imported - t0, "retrain_call_s": done - imported, "flow_run_s": flow_s,
         "tasks": [(name, secs) for _, name, secs in tasks],
-        "metrics": {k: v for k, v in result["metrics"].items() if k.startswith(("eval_", "train_"))},
+        "metrics": {k: v for k, v in {**logged, **result["metrics"]}.items() if k.startswith(("eval_", "train_"))},
     }), flush=True)
 
 
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
         r = run_flow(args, n)
         flows.append(r)
         m = r["metrics"]
-        print(f"(c) flow, {n} worker(s): {r['wall_s']:.1f} s wall, {m.get('train_train_tokens_per_s', m.get('train_tokens_per_s'))} tok/s", flush=True)
+        print(f"(c) flow, {n} worker(s): {r['wall_s']:.1f} s wall, {m.get('train_tokens_per_s', float('nan')):.1f} tok/s (training, from MLflow)", flush=True)
 
     print(f"\nSmolLM2-135M, demo data, {args.steps} steps x {args.batch_size} rows per worker, 1 CPU thread per worker, "
           f"{args.eval_rows} eval rows (no generation)")
