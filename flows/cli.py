@@ -223,7 +223,7 @@ def rollback(
 
 @app.command()
 def history(name: str, tracking_uri: TrackingOption = None) -> None:
-    """Print every alias move of NAME (who, when, from, to, why), oldest first."""
+    """Print every version of NAME, then every alias move (who, when, from, to, why), oldest first."""
     from lora_tasks import registry
 
     try:
@@ -236,7 +236,21 @@ def history(name: str, tracking_uri: TrackingOption = None) -> None:
     for r in records:
         table.add_row(r["at"][:19], r["alias"], r["action"], str(r["from_version"]), str(r["to_version"]), r["actor"],
                       r["reason"][:120])
-    Console().print(table)
+    out = Console(width=None if sys.stdout.isatty() else 200)  # a log or a pipe gets whole lines
+    try:
+        versions = registry.versions_overview(_tracking(tracking_uri), name)
+    except LoraTaskError as exc:
+        _fail(exc)
+    listing = Table(title=f"{name}: versions")
+    for col in ("version", "created", "aliases", "decision", "MLflow run"):
+        listing.add_column(col)
+    for v in versions:
+        from datetime import datetime, timezone
+
+        created = datetime.fromtimestamp((v["created_ms"] or 0) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        listing.add_row(v["version"], created, ", ".join(v["aliases"]), v["decision"], str(v["run_id"]))
+    out.print(listing)
+    out.print(table)
 
 
 @app.command()

@@ -719,3 +719,15 @@ def model_status(tracking_uri: str, name: str) -> dict:
     return {"name": name, "versions": len(list_versions(tracking_uri, name)),
             CHAMPION: version_status(tracking_uri, name, CHAMPION),
             CHALLENGER: version_status(tracking_uri, name, CHALLENGER)}
+
+
+def versions_overview(tracking_uri: str, name: str) -> list[dict]:
+    """Every version of `name`, oldest first: number, creation time (ms), aliases, gate decision, run."""
+    c = client(tracking_uri)
+    model = _require_model(c, name)
+    aliases: dict[str, list[str]] = {}
+    for alias, v in model.aliases.items():
+        aliases.setdefault(str(v), []).append(alias)
+    return [{"version": str(v.version), "created_ms": v.creation_timestamp, "aliases": sorted(aliases.get(str(v.version), [])),
+             "decision": v.tags.get("promotion.decision", ""), "run_id": v.run_id}
+            for v in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))]

@@ -1,0 +1,311 @@
+"""Scheduled retraining in operation, all real and on loopback: `prefect server start`, a process
+work pool, `prefect deploy --all` of this repository's prefect.yaml, `prefect worker start`,
+`prefect deployment run`; `mlflow server` as the tracking server; an http.server webhook.
+
+One trigger registers and promotes version 1; a second one with unchanged data is skipped; a run
+with bad data fails and posts to the webhook naming its step; a run whose tracking server is
+stopped after evaluation fails with everything kept, and `prefect-lora register RUN_DIR`
+completes it once the server is back. Every process the test starts is stopped, even on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "lora-retrain/tiny-sums-nightly"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Service:
+    """A long-running command in its own process group, logged to a file, stopped with its children."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO):
+        self.name, self.cmd, self.env, self.cwd = name, cmd, env, cwd
+        self.log = log_dir / f"{name}.log"
+        self.proc = None
+
+    def start(self) -> Service:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived their leader (the flow run under the worker)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Receiver:
+    """A local webhook: keeps every JSON body it is sent."""
+
+    def __init__(self):
+        got = self.payloads = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, event: str) -> list[dict]:
+        return [p for p in self.payloads if p.get("event") == event]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sched")
+    logs = work / "logs"
+    logs.mkdir()
+    pport, mport = free_port(), free_port()
+    api, mlflow_url = f"http://127.0.0.1:{pport}/api", f"http://127.0.0.1:{mport}"
+    hook = Receiver()
+    env = {**os.environ,
+           "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(pport),
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+           "PREFECT_LORA_PROJECT_DIR": str(REPO), "PREFECT_LORA_WEBHOOK_URL": hook.url,
+           "PREFECT_LORA_MLFLOW_RETRY_DELAYS": "1,2,4",  # backoff, short enough for a test
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+           "PREFECT_LORA_RAY_TMP": "/tmp/plray-sched"}
+    env.pop("PREFECT_PROFILE", None)
+    mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
+                                "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"], env, logs, cwd=work)
+    server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                        "--port", str(pport), "--no-ui"], env, logs)
+    worker = Service("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "lora-process", "--type", "process"],
+                     env, logs)
+    services = [mlflow, server, worker]
+    try:
+        mlflow.start()
+        server.start()
+        wait_for(lambda: healthy(f"{api}/health"), 120, f"prefect server\n{server.tail()}")
+        wait_for(lambda: healthy(f"{mlflow_url}/health"), 120, f"mlflow server\n{mlflow.tail()}")
+        for cmd in (["work-pool", "create", "lora-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+            proc = subprocess.run(check=False, args=[str(BIN / "prefect"), *cmd], env=env, cwd=REPO, capture_output=True, text=True,
+                                  timeout=180)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        worker.start()
+        cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        cfg["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+        cfg["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+        cfg["scaling"].update(num_workers=1, storage_path=str(work / "runs"))
+        cfg["training"].update(max_steps=16, warmup_steps=2)
+        cfg["tracking"] = {"tracking_uri": mlflow_url, "artifact_location": str(work / "mlartifacts")}
+        cfg["retention"] = {"keep_checkpoints": 1}
+        config = work / "tiny.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        yield {"work": work, "env": env, "api": api, "mlflow": mlflow, "mlflow_url": mlflow_url, "hook": hook,
+               "config": config, "worker": worker, "server": server}
+    finally:
+        for service in reversed(services):
+            service.stop()
+        hook.close()
+
+
+def trigger(stack, **params) -> str:
+    args = [str(BIN / "prefect"), "deployment", "run", DEPLOYMENT, "--param", f"config_path={stack['config']}"]
+    for k, v in params.items():
+        args += ["--param", f"{k}={json.dumps(v)}"]
+    proc = subprocess.run(args, check=False, env=stack["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+
+
+def finished(stack, run_id: str, timeout: float = 300) -> dict:
+    def state():
+        run = httpx.get(f"{stack['api']}/flow_runs/{run_id}", timeout=10).json()
+        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    return wait_for(state, timeout, f"flow run {run_id}\nworker log:\n{stack['worker'].tail()}", every=1)
+
+
+def task_runs(stack, run_id: str) -> list[dict]:
+    body = {"flow_runs": {"id": {"any_": [run_id]}}}
+    return httpx.post(f"{stack['api']}/task_runs/filter", json=body, timeout=10).json()
+
+
+def mlflow_client(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(stack["mlflow_url"], registry_uri=stack["mlflow_url"])
+
+
+@pytest.fixture(scope="module")
+def first(stack):
+    run_id = trigger(stack)
+    return finished(stack, run_id)
+
+
+def test_deployed_run_registers_and_promotes_and_notifies(stack, first):
+    assert first["state"]["type"] == "COMPLETED", stack["worker"].tail()
+    c = mlflow_client(stack)
+    champion = c.get_model_version_by_alias("tiny-sums", "champion")
+    assert champion.version == "1" and champion.tags["prefect.flow_run_id"] == first["id"]
+    assert first["deployment_id"]
+    (promo,) = stack["hook"].events("promotion")
+    assert promo["model"] == "tiny-sums" and promo["version"] == "1" and promo["flow_run_id"] == first["id"]
+    assert promo["mlflow_run_url"].startswith(stack["mlflow_url"]) and champion.run_id in promo["mlflow_run_url"]
+    print("promotion payload:", json.dumps(promo))
+    print(f"first run {first['total_run_time']:.1f}s")
+
+
+def test_second_trigger_with_unchanged_data_is_skipped(stack, first):
+    run = finished(stack, trigger(stack))
+    assert run["state"]["type"] == "COMPLETED" and run["state"]["message"] == "skipped: no new data"
+    names = sorted(t["name"].rsplit("-", 1)[0] for t in task_runs(stack, run["id"]))
+    assert "train-adapter" not in names and "record-skip" in names, names
+    c = mlflow_client(stack)
+    assert [v.version for v in c.search_model_versions("name = 'tiny-sums'")] == ["1"]
+    skipped = c.search_runs([c.get_experiment_by_name("tiny-sums").experiment_id],
+                            "tags.`promotion.decision` = 'skipped'")
+    assert len(skipped) == 1 and "champion version 1" in skipped[0].data.tags["promotion.reasons"]
+    assert stack["hook"].events("promotion") and len(stack["hook"].events("promotion")) == 1  # no new promotion
+    print(f"skipped run {run['total_run_time']:.1f}s")
+
+
+def test_failing_run_posts_its_step_to_the_webhook(stack, first):
+    bad = stack["work"] / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": None, "completion": " 1"}] +
+                           [{"prompt": f"What is {i} plus 1?", "completion": f" {i + 1}"} for i in range(30)]))
+    run = finished(stack, trigger(stack, overrides=[f"data.train_path={bad}"]))
+    assert run["state"]["type"] == "FAILED"
+    (fail,) = [p for p in stack["hook"].events("failure") if p["flow_run_id"] == run["id"]]
+    assert fail["model"] == "tiny-sums" and fail["failed_step"] == "validate-data"
+    assert "null_value" in fail["error"] or "contract" in fail["error"], fail
+    print("failure payload:", json.dumps(fail))
+
+
+def test_tracking_server_outage_loses_nothing(stack, first):
+    from lora_tasks.config import load_config
+    from lora_tasks.pipeline import run_dir_for
+
+    overrides = ["training.max_steps=17"]  # new training: not skipped, its own run folder
+    run_dir = run_dir_for(load_config(stack["config"], overrides))
+    run_id = trigger(stack, overrides=overrides)
+    wait_for(lambda: (run_dir / "registration.json").exists(), 300, f"evaluation\n{stack['worker'].tail()}", every=0.05)
+    stack["mlflow"].stop()  # down from registration on
+    run = finished(stack, run_id)
+    assert run["state"]["type"] == "FAILED", stack["worker"].tail()
+    pending = json.loads((run_dir / "registration.json").read_text())
+    assert pending["status"] in ("pending", "registered")  # "registered" only if the stop came late
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists() and (run_dir / "eval_report.json").exists()
+    (fail,) = [p for p in stack["hook"].events("failure") if p["flow_run_id"] == run_id]
+    assert fail["failed_step"] in ("log-to-mlflow", "register-adapter", "publish-reports", "apply-decision"), fail
+    assert pending["run_id"] in fail["mlflow_run_url"]
+    attempts = {t["name"].rsplit("-", 1)[0]: t["run_count"] for t in task_runs(stack, run_id)}
+    assert attempts[fail["failed_step"]] == 4, attempts  # 1 + 3 retries with backoff 1, 2, 4 s
+    print("outage failure payload:", json.dumps(fail), "attempts:", attempts)
+
+    stack["mlflow"].start()
+    wait_for(lambda: healthy(f"{stack['mlflow_url']}/health"), 120, "mlflow server restart")
+    started = time.monotonic()
+    proc = subprocess.run(check=False, args=[str(BIN / "prefect-lora"), "register", str(run_dir)], env=stack["env"], cwd=stack["work"],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "version 2" in out and "Traceback" not in out
+    print(f"register RUN_DIR took {time.monotonic() - started:.1f}s")
+    c = mlflow_client(stack)
+    v2 = c.get_model_version("tiny-sums", "2")
+    assert v2.run_id == pending["run_id"] and v2.tags["lineage.data_fingerprint"] == pending["tags"]["lineage.data_fingerprint"]
+    metrics = c.get_run(v2.run_id).data.metrics
+    assert metrics["adapted_eval_loss"] == pytest.approx(pending["report"]["adapted"]["eval_loss"])
+    assert v2.tags["promotion.decision"] in ("promoted", "rejected")
+    assert c.get_run(v2.run_id).info.status == "FINISHED"
+    assert json.loads((run_dir / "registration.json").read_text())["status"] == "done"
+    again = subprocess.run([str(BIN / "prefect-lora"), "register", str(run_dir)], check=False, env=stack["env"],
+                           cwd=stack["work"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr, again.stdout + again.stderr
+    assert [v.version for v in c.search_model_versions("name = 'tiny-sums'")].count("3") == 0  # not registered twice
+    # the first run's checkpoints went (keep_checkpoints: 1), its adapter stayed
+    first_dir = Path(c.get_model_version("tiny-sums", "1").tags["run_dir"])
+    assert not (first_dir / "train").exists() and (first_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "train").exists()
+
+
+def test_status_and_history_for_operators(stack, first):
+    def cli(*args):
+        proc = subprocess.run([str(BIN / "prefect-lora"), *args, "--tracking-uri", stack["mlflow_url"]], check=False,
+                              env=stack["env"], cwd=stack["work"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    out = cli("status")
+    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if line.count("│") > 3 and "tiny-sums" in line}
+    c = mlflow_client(stack)
+    champion = c.get_model_version_by_alias("tiny-sums", "champion")
+    assert set(rows) == {"champion", "challenger"}, out
+    assert f"│ {champion.version} " in rows["champion"] and champion.tags["lineage.data_fingerprint"][:12] in rows["champion"]
+    assert "eval_loss" in out and "task_gain" in out, out
+    history = cli("history", "tiny-sums")
+    assert "auto-promote" in history, history
+    versions = [line.split("│")[1].strip() for line in history.split("alias history")[0].splitlines() if line.count("│") > 3]
+    assert versions == ["version", "1", "2"] or versions == ["1", "2"], history
