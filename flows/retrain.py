@@ -256,9 +256,7 @@ def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> d
                 shutil.rmtree(path, ignore_errors=True)
                 deleted["checkpoints"].append(path)
         if r.keep_versions:
-            champion, challenger = (registry.get_alias(uri, name, a) for a in (registry.CHAMPION, registry.CHALLENGER))
-            protected = {champion.version if champion else None, challenger.version if challenger else None,
-                         registry.previous_champion(uri, name), version}
+            protected = registry.protected_versions(uri, name) | {version}
             doomed = lifecycle.versions_to_delete(registry.list_versions(uri, name), r.keep_versions, protected)
             deleted["versions"] = registry.delete_versions(uri, name, doomed)
     except Exception as exc:  # noqa: BLE001  (cleanup is retried by the next run)

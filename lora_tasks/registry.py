@@ -731,3 +731,9 @@ def versions_overview(tracking_uri: str, name: str) -> list[dict]:
     return [{"version": str(v.version), "created_ms": v.creation_timestamp, "aliases": sorted(aliases.get(str(v.version), [])),
              "decision": v.tags.get("promotion.decision", ""), "run_id": v.run_id}
             for v in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))]
+
+
+def protected_versions(tracking_uri: str, name: str) -> set[str]:
+    """Versions retention never deletes: the champion, the previous champion, the challenger."""
+    found = [get_alias(tracking_uri, name, a) for a in (CHAMPION, CHALLENGER)]
+    return {v.version for v in found if v is not None} | {v for v in [previous_champion(tracking_uri, name)] if v}
