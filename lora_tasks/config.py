@@ -377,8 +377,10 @@ class PipelineConfig(_Section):
         return self.tracking.experiment or self.model_name
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of this config: equal configs give equal hashes."""
-        return _sha256_json(self.model_dump(mode="json"))
+        """sha256 of the canonical JSON of this config: equal configs give equal hashes. The
+        operational sections (`notifications`, `retention`) are left out: changing where alerts go
+        or how much is kept does not make a new model, so a scheduled run still skips."""
+        return _sha256_json(self.model_dump(mode="json", exclude={"notifications", "retention"}))
 
     def training_hash(self) -> str:
         """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
