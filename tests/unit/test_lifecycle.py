@@ -82,3 +82,14 @@ def test_read_pending_names_what_is_missing(tmp_path):
     (tmp_path / "registration.json").write_text(json.dumps({"run_id": "x"}))
     with pytest.raises(LoraTaskError, match="not a registration record"):
         lifecycle.read_pending(tmp_path)
+
+
+def test_operational_sections_do_not_change_the_config_hash():
+    from pathlib import Path
+
+    from lora_tasks.config import load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    base = load_config(tiny).config_hash()
+    assert load_config(tiny, ["notifications.webhook_url=http://h/x", "retention.keep_versions=3"]).config_hash() == base
+    assert load_config(tiny, ["training.max_steps=61"]).config_hash() != base
