@@ -380,7 +380,7 @@ class PipelineConfig(_Section):
         """sha256 of the canonical JSON of this config: equal configs give equal hashes. The
         operational sections (`notifications`, `retention`) are left out: changing where alerts go
         or how much is kept does not make a new model, so a scheduled run still skips."""
-        return _sha256_json(self.model_dump(mode="json", exclude={"notifications", "retention"}))
+        return _sha256_json(_without_defaults_added_later(self.model_dump(mode="json", exclude={"notifications", "retention"})))
 
     def training_hash(self) -> str:
         """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
@@ -388,7 +388,16 @@ class PipelineConfig(_Section):
         results go. A run is identified by this hash and the data's fingerprint."""
         d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training"})
         d["num_workers"], d["strategy"] = self.scaling.num_workers, self.scaling.strategy
-        return _sha256_json(d)
+        return _sha256_json(_without_defaults_added_later(d))
+
+
+def _without_defaults_added_later(d: dict) -> dict:
+    """`d` without settings added after configs were first hashed, while they hold their
+    default: a config that does not use them keeps the hash it had (and its run folder, and the
+    scheduled run still skips)."""
+    if d.get("training", {}).get("packing") is False:
+        d = {**d, "training": {k: v for k, v in d["training"].items() if k != "packing"}}
+    return d
 
 
 def _sha256_json(obj) -> str:
