@@ -123,3 +123,16 @@ def test_fused_adamw_is_chosen_where_torch_has_it():
     p.grad = torch.ones(3)
     opt.step()
     assert (p.detach() < 0).all()
+
+
+def test_packing_off_leaves_config_hashes_as_before_the_setting_existed():
+    import hashlib
+
+    cfg = _cfg()
+    d = cfg.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training"})
+    d["num_workers"], d["strategy"] = cfg.scaling.num_workers, cfg.scaling.strategy
+    del d["training"]["packing"]
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    assert cfg.training_hash() == hashlib.sha256(blob.encode()).hexdigest()
+    assert _cfg(packing=True).training_hash() != cfg.training_hash()
+    assert _cfg(packing=True).config_hash() != cfg.config_hash()
