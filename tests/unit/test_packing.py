@@ -2,12 +2,12 @@
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from test_training import ROWS
+from test_training import make_cfg as _cfg
 
-from lora_tasks.config import config_from_dict
 from lora_tasks.errors import ConfigError
 from lora_tasks.training import (
     WorkerContext,
@@ -18,22 +18,6 @@ from lora_tasks.training import (
     pack,
     train_worker,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
-
-
-def _cfg(task="causal_lm", **training):
-    data = {"train_path": "x.jsonl"}
-    if task == "causal_lm":
-        data.update(prompt_column="prompt", completion_column="completion")
-    else:
-        data.update(labels=["neg", "pos"])
-    return config_from_dict({
-        "model_name": "t", "task": task, "base_model": {"name_or_path": "builtin:tiny-llama"},
-        "data": data, "lora": {"r": 4, "dropout": 0.0},
-        "training": {"max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "max_seq_length": 48, **training},
-    })
 
 
 def _examples(tok, n=8):
