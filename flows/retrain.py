@@ -77,10 +77,11 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
     return run_id, registry.run_url(cfg.tracking.tracking_uri, run_id)
 
 
-# A retry (Ray gave up after scaling.max_failures) continues from the latest checkpoint in the run folder.
+# A retry (Ray gave up after scaling.max_failures, or training in this process failed) continues
+# from the latest checkpoint in the run folder.
 @task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10)
 def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
-    from lora_tasks.distributed import train_adapter
+    from lora_tasks.launcher import train_adapter
 
     result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id, stream=data.train_stream)
     m = result.metrics
@@ -110,7 +111,8 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
     uri, m = cfg.tracking.tracking_uri, train_metrics
     registry.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
                                         **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts") if k in m}})
-    names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s"}
+    names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s",
+             "train_loop_seconds": "train_loop_seconds"}
     registry.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
     registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
     eval_path = Path(run_dir) / "eval_report.json"

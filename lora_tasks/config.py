@@ -192,6 +192,13 @@ class ScalingConfig(_Section):
     max_failures: int = Field(2, ge=0)
     """Worker failures (a killed process, a lost node) that Ray Train recovers from by restarting
     the workers from the latest checkpoint; `training.checkpoint_every` bounds the lost work."""
+    launcher: Literal["auto", "ray", "local"] = "auto"
+    """How training starts. `ray`: Ray Train, on a local Ray instance or the cluster at `address`.
+    `local`: the same training loop in the flow's own process, for one worker on this machine:
+    no Ray start-up (~20 s a run saved on a small machine); a retry of the flow's training task
+    continues from the latest checkpoint, but there are no in-run restarts (`max_failures`).
+    `auto`: `local` for one worker with no cluster address, no storage URI and no streamed
+    data; `ray` otherwise."""
 
 
 class ReferenceConfig(_Section):
@@ -367,6 +374,15 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_launcher(self):
+        s = self.scaling
+        if s.launcher == "local" and (s.num_workers != 1 or s.address or "://" in s.storage_path or self.data.loader == "ray_data"):
+            raise ValueError("scaling.launcher: local trains one worker in this process: it needs scaling.num_workers: 1, "
+                             "no scaling.address, a local scaling.storage_path and data.loader other than ray_data; "
+                             "set scaling.launcher: ray (or auto)")
+        return self
+
+    @model_validator(mode="after")
     def _check_packing(self):
         if self.training.packing and self.task != "causal_lm":
             raise ValueError("training.packing packs causal LM examples; a classifier reads one example per row: drop it")
@@ -395,9 +411,14 @@ def _without_defaults_added_later(d: dict) -> dict:
     """`d` without settings added after configs were first hashed, while they hold their
     default: a config that does not use them keeps the hash it had (and its run folder, and the
     scheduled run still skips)."""
-    if d.get("training", {}).get("packing") is False:
-        d = {**d, "training": {k: v for k, v in d["training"].items() if k != "packing"}}
+    for section, key, default in _ADDED_LATER:
+        if key in d.get(section, {}) and d[section][key] == default:
+            d = {**d, section: {k: v for k, v in d[section].items() if k != key}}
     return d
+
+
+# (section, setting, default) of settings added after configs were first hashed
+_ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"))
 
 
 def _sha256_json(obj) -> str:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,20 +22,12 @@ from .pipeline import (
     PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs, invalid_batch, merge_summaries,
     stream_format, summarise_batch, valid_batch,
 )
+from .launcher import TrainResult
 from .validation import ValidationResult, enforce_policy, validate_splits
 from .training import ADAPTER_DIR, WorkerContext, train_worker
 
 # Ray's default temp dir is long; unix socket paths are limited to 107 bytes.
 RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where the trained adapter and the last checkpoint are, and the final training metrics."""
-
-    adapter_dir: str
-    checkpoint_path: str
-    metrics: dict
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -265,7 +256,7 @@ def train_adapter(
     max_failures: int | None = None,
     stream: StreamSpec | None = None,
 ) -> TrainResult:
-    """Train on Ray Train with `cfg.scaling`; copy the final adapter to `run_dir/adapter`.
+    """Train on Ray Train with `cfg.scaling` (whatever `scaling.launcher` says); copy the final adapter to `run_dir/adapter`.
 
     Checkpoints go to `train/` under the run's checkpoint storage (the run folder, or its place
     under a storage URI). Ray Train restarts failed workers from the latest checkpoint up to

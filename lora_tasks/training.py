@@ -487,6 +487,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
             _checkpoint(model, optimizer, scheduler, step, ctx, {
                 "train_loss": last_loss, "start_step": start_step,
                 "train_tokens_per_s": tokens_seen * ctx.world_size / (time.perf_counter() - started),
+                "train_loop_seconds": time.perf_counter() - started,
             })
     if start_step == total_steps:  # resumed from the final checkpoint: report it again as the result
         _checkpoint(model, optimizer, scheduler, step, ctx, {"start_step": start_step})

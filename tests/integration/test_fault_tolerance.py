@@ -130,14 +130,29 @@ def test_sigkill_of_a_worker_resumes_exactly_from_the_latest_checkpoint(tmp_path
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path):
-    """SIGKILL of `prefect-lora run` (driver, local Ray and all) mid-training; the same command
-    again finds the run folder by config and data, continues from the latest checkpoint and
-    completes the same MLflow run."""
+def saved_step(train_dir: Path, launcher: str) -> int | None:
+    """The step a new attempt would continue from: Ray's registered checkpoint, or the newest
+    complete checkpoint of the in-process launcher."""
+    from lora_tasks.launcher import latest_checkpoint
+
+    if launcher == "ray":
+        return registered_step(train_dir)
+    latest = latest_checkpoint(train_dir) if train_dir.is_dir() else None
+    return int(latest.name.rsplit("_", 1)[1]) if latest else None
+
+
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path, launcher):
+    """SIGKILL of `prefect-lora run` (driver, local Ray and all; or the process training one
+    worker itself) mid-training; the same command again finds the run folder by config and
+    data, continues from the latest checkpoint and completes the same MLflow run."""
     from mlflow import MlflowClient
 
+    raw = tiny_raw(tmp_path, max_steps=60)
+    if launcher == "local":  # one worker: `scaling.launcher: auto` trains it in the flow's process
+        raw["scaling"]["num_workers"] = 1
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_raw(tmp_path, max_steps=60)))
+    cfg_path.write_text(yaml.safe_dump(raw))
     ray_tmp = tempfile.mkdtemp(prefix="pldk-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LORA_RAY_TMP": ray_tmp}
     cli = [str(Path(sys.executable).with_name("prefect-lora")), "run", str(cfg_path)]
@@ -146,13 +161,13 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
                              stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
         train_dirs = lambda: sorted((tmp_path / "runs").glob("tiny-sums/run-*/train"))
-        wait_for(lambda: train_dirs() and registered_step(train_dirs()[0]), 240, "a checkpoint of the first attempt registered by Ray")
+        wait_for(lambda: train_dirs() and saved_step(train_dirs()[0], launcher), 240, "a checkpoint of the first attempt")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         _kill_leftovers(ray_tmp)
     run_dir = train_dirs()[0].parent
-    steps_before = registered_step(run_dir / "train")  # what the dead attempt left for the next one
+    steps_before = saved_step(run_dir / "train", launcher)  # what the dead attempt left for the next one
     assert steps_before < 60
 
     second = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
@@ -164,10 +179,10 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
     metrics = runs[0].data.metrics
-    print(f"\nkilled with the checkpoint of step {steps_before} registered; re-run resumed from step {metrics['train_start_step']:.0f}, "
-          f"ended at {metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
+    print(f"\n[{launcher}] killed with the checkpoint of step {steps_before} saved; re-run resumed from step "
+          f"{metrics['train_start_step']:.0f}, ended at {metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
     assert runs[0].info.status == "FINISHED"
-    assert metrics["train_start_step"] == steps_before, "the re-run must continue from the latest registered checkpoint"
+    assert metrics["train_start_step"] == steps_before, "the re-run must continue from the latest saved checkpoint"
     assert metrics["train_step"] == 60
     state = final_state(str(checkpoints(run_dir / "train")[-1].parent))
     assert optimizer_steps(state) == {60}

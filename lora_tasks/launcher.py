@@ -1,0 +1,139 @@
+"""How training starts: Ray Train (`distributed.py`), or the same loop in this process.
+
+One worker on this machine needs no Ray: starting a local Ray instance, a Ray Train controller
+and a worker process that imports torch and loads the model again costs ~20 s a run on a small
+machine, more than short trainings take. `scaling.launcher: auto` runs such jobs here; a job
+with more workers, a cluster address, streamed data or a storage URI goes to Ray Train."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PipelineConfig
+from .errors import TrainingError
+from .pipeline import StreamSpec, checkpoint_storage
+from .training import ADAPTER_DIR, WorkerContext, train_worker
+
+CHECKPOINT_NAME = "checkpoint_step_{:06d}"  # beside Ray's `checkpoint_<timestamp>`, never mistaken for one
+_CHECKPOINT_RE = re.compile(r"checkpoint_step_(\d+)$")
+_KEEP = 2  # checkpoints kept, as Ray Train's CheckpointConfig(num_to_keep=2) on the other path
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained adapter and the last checkpoint are, and the final training metrics."""
+
+    adapter_dir: str
+    checkpoint_path: str
+    metrics: dict
+
+
+def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:
+    """`local` or `ray`: what `scaling.launcher` means for this config."""
+    s = cfg.scaling
+    why_not_local = _why_not_local(cfg, streaming)
+    if s.launcher == "local" and why_not_local:
+        raise TrainingError(f"scaling.launcher: local trains one worker in this process, but {why_not_local}; "
+                            "set scaling.launcher: ray (or auto)")
+    if s.launcher == "auto":
+        return "ray" if why_not_local else "local"
+    return s.launcher
+
+
+def _why_not_local(cfg: PipelineConfig, streaming: bool) -> str | None:
+    s = cfg.scaling
+    if s.num_workers != 1:
+        return f"scaling.num_workers is {s.num_workers}"
+    if s.address:
+        return f"a Ray cluster is set (scaling.address or RAY_ADDRESS: {s.address})"
+    if "://" in s.storage_path:
+        return f"checkpoints go to {s.storage_path}, which Ray Train writes"
+    if streaming:
+        return "the train data streams through Ray Data (data.loader)"
+    return None
+
+
+def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, mlflow_run_id: str | None = None,
+                  max_failures: int | None = None, stream: StreamSpec | None = None) -> TrainResult:
+    """Train with the launcher `scaling.launcher` picks; the adapter ends in `run_dir/adapter`.
+
+    Either way, a new attempt with the same run folder (a Prefect retry, or the same config and
+    data run again) continues from the latest checkpoint."""
+    if launcher_for(cfg, streaming=stream is not None) == "local":
+        return train_in_process(cfg, rows, run_dir, mlflow_run_id=mlflow_run_id)
+    from .distributed import train_adapter as train_on_ray
+
+    return train_on_ray(cfg, rows, run_dir, mlflow_run_id=mlflow_run_id, max_failures=max_failures, stream=stream)
+
+
+def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *,
+                     mlflow_run_id: str | None = None) -> TrainResult:
+    """One worker, here: `scaling.cpus_per_worker` torch threads (as a Ray worker gets), the
+    device `scaling.use_gpu` asks for, checkpoints in `run_dir/train/checkpoint_step_NNNNNN`
+    (written whole, then renamed into place, so the latest one is always complete)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    train_dir = Path(checkpoint_storage(cfg, run_dir)) / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise TrainingError("scaling.use_gpu is set but this machine has no CUDA GPU; set scaling.use_gpu: false")
+    device = torch.device("cuda", 0) if cfg.scaling.use_gpu else torch.device("cpu")
+    latest = latest_checkpoint(train_dir)
+    last: dict = {}
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        last["metrics"] = metrics
+        if checkpoint_dir:
+            last["path"] = _keep_checkpoint(train_dir, checkpoint_dir, int(metrics["step"]))
+
+    log = None
+    if mlflow_run_id:
+        from .registry import metric_logger
+
+        log = metric_logger(cfg.tracking.tracking_uri, mlflow_run_id)
+    ctx = WorkerContext(device=device, report=report, resume_from=str(latest) if latest else None,
+                        **({"log": log} if log else {}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    try:
+        train_worker(cfg, rows, ctx)
+    finally:
+        torch.set_num_threads(threads)
+        gc.collect()  # the model and optimizer are garbage now: free them before evaluation loads the base again
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "path" not in last:
+        raise TrainingError("training finished without writing a checkpoint")
+    adapter_dir = run_dir / ADAPTER_DIR
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    shutil.copytree(last["path"] / ADAPTER_DIR, adapter_dir)
+    placement = {"worker_nodes": "local", "worker_hosts": socket.gethostname(), "worker_pids": str(os.getpid())}
+    return TrainResult(str(adapter_dir), str(last["path"]), {**last["metrics"], **placement})
+
+
+def latest_checkpoint(train_dir: Path) -> Path | None:
+    """The newest complete checkpoint this launcher wrote in `train_dir`, if any."""
+    found = [(int(m.group(1)), p) for p in train_dir.glob("checkpoint_step_*") if (m := _CHECKPOINT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def _keep_checkpoint(train_dir: Path, folder: str, step: int) -> Path:
+    """Copy the loop's checkpoint folder in under its step, atomically; keep the newest few."""
+    final = train_dir / CHECKPOINT_NAME.format(step)
+    partial = train_dir / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(folder, partial)
+    if final.exists():  # the same step again (resumed from the final checkpoint)
+        shutil.rmtree(final)
+    partial.rename(final)
+    kept = sorted(p for p in train_dir.glob("checkpoint_step_*") if _CHECKPOINT_RE.search(p.name))
+    for old in kept[:-_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

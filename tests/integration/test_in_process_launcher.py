@@ -1,0 +1,45 @@
+"""One worker trained in the flow's process gives what Ray Train gives with one worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_fault_tolerance import tiny_raw
+
+pytestmark = pytest.mark.slow
+
+
+def test_in_process_training_equals_one_ray_train_worker(tmp_path):
+    import ray
+    from safetensors.torch import load_file
+
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.launcher import train_adapter
+    from lora_tasks.pipeline import prepare_data
+
+    raw = tiny_raw(tmp_path, max_steps=12)
+    raw["scaling"]["num_workers"] = 1
+    results = {}
+    ray.shutdown()
+    try:
+        for launcher in ("local", "ray"):
+            raw["scaling"]["launcher"] = launcher
+            cfg = config_from_dict(raw)
+            rows = prepare_data(cfg, tmp_path / "data").train_rows
+            results[launcher] = train_adapter(cfg, rows, tmp_path / launcher)
+            assert ray.is_initialized() == (launcher == "ray")
+    finally:
+        ray.shutdown()
+    on_ray, here = results["ray"], results["local"]
+    print(f"\nray: step {on_ray.metrics['step']} loss {on_ray.metrics['train_loss']:.6f}; "
+          f"in-process: step {here.metrics['step']} loss {here.metrics['train_loss']:.6f}")
+    assert here.metrics["step"] == on_ray.metrics["step"] == 12
+    assert here.metrics["train_loss"] == pytest.approx(on_ray.metrics["train_loss"], rel=1e-5)
+    assert Path(here.checkpoint_path).parent == tmp_path / "local" / "train"
+    a = load_file(str(Path(here.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(on_ray.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
