@@ -57,10 +57,13 @@ def run(
 
     try:
         load_config(config, set_)  # config errors before any engine starts
+        from flows.settings import hide_expected_tracebacks, start_prefect_api_early
+
+        api_ready = start_prefect_api_early()
         from flows.retrain import retrain
-        from flows.settings import hide_expected_tracebacks
 
         hide_expected_tracebacks()
+        api_ready()
         result = retrain(str(config), set_ or [], force=force)
     except ValidationFailed as exc:
         _fail(exc, 2)

@@ -62,3 +62,29 @@ def hide_expected_tracebacks() -> None:
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_Filter())
+
+
+def start_prefect_api_early():
+    """Start Prefect's ephemeral API server (what runs when no PREFECT_API_URL is set) in a
+    thread now, so its 3-8 s boot overlaps the ~4 s of importing torch, transformers, MLflow and
+    the flows; return a function that waits for it. Call it after `import prefect`, before the
+    flows are imported. With a Prefect server configured, it does nothing."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer  # the client imports it anyway in this mode
+
+    failed: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except BaseException as exc:  # noqa: BLE001  (the flow's own client starts it, or reports why not)
+            failed.append(exc)
+
+    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
+    thread.start()
+    return thread.join
