@@ -8,8 +8,10 @@
    interleaved round by round (the machine is shared: compare ratios, not absolutes):
    - `plain`  a plain single-process PEFT loop (right padding, HF's loss, stock AdamW): (a);
    - `worker` the project's loop, `training.train_worker` with a `WorkerContext`: (b);
-   each at fp32 and bf16 autocast, and the worker also with `training.packing` and with the
-   frozen base weights held in bf16 (`base_model.torch_dtype: bfloat16`).
+   each at fp32 and bf16 autocast, and the worker also with `training.packing`, with the
+   frozen base weights held in bf16 (`base_model.torch_dtype: bfloat16`), and in bf16 with
+   torch's sdpa attention instead of what `training.attention: auto` picks (eager, for short
+   examples on CPU).
 Tokens/s counts real (non-pad) tokens from the end of the first step to the end of the last
 (`overall`, the median over rounds), and per step (`best`: the fastest step of all rounds, the
 figure least disturbed by other load on a shared machine; interference only ever adds time).
@@ -40,6 +42,7 @@ VARIANTS = {
     "worker-fp32": ("worker", []),
     "plain-bf16": ("plain", ["training.precision=bf16"]),
     "worker-bf16": ("worker", ["training.precision=bf16"]),
+    "worker-bf16-sdpa": ("worker", ["training.precision=bf16", "training.attention=sdpa"]),
     "worker-bf16-packed": ("worker", ["training.precision=bf16", "training.packing=true"]),
     "worker-bf16-packed-bf16base": ("worker", ["training.precision=bf16", "training.packing=true", "base_model.torch_dtype=bfloat16"]),
     "worker-fp32-packed": ("worker", ["training.packing=true"]),

@@ -390,6 +390,23 @@ def _load_trainer_state(model, optimizer, scheduler, folder: str | Path, rank: i
     return int(state["step"])
 
 
+EAGER_MAX_TOKENS = 192
+"""`training.attention: auto` uses eager attention up to this example length (CPU, bf16)."""
+
+
+def attention_kernel(cfg: PipelineConfig, device: torch.device, longest: int) -> str:
+    """The attention implementation to train with (`training.attention`).
+
+    `auto`: eager for short causal LM examples in bf16 on CPU, where torch's flash-attention
+    kernel for CPU is slow in bf16 (1.2x the tokens/s on SmolLM2 with 100-120 tokens; equal at
+    256 tokens, 0.85x and a third more memory at 512); sdpa everywhere else."""
+    choice = cfg.training.attention
+    if choice != "auto":
+        return choice
+    short_bf16_cpu = device.type == "cpu" and cfg.training.precision == "bf16" and longest <= EAGER_MAX_TOKENS
+    return "eager" if short_bf16_cpu and cfg.task == "causal_lm" else "sdpa"
+
+
 def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> dict:
     """Train a LoRA adapter (or, with `training.method: full`, every weight) on `rows` (this
     worker's view of the train split); return final metrics.
@@ -399,6 +416,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     t = cfg.training
     _seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.base_model.name_or_path, cfg.base_model.revision, cfg.base_model.trust_remote_code)
+    examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
     model = load_base_model(
         cfg.base_model.name_or_path,
         cfg.task,
@@ -410,6 +428,9 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         quantization=cfg.base_model.quantization,
         device=ctx.device,
     )
+    longest = max((len(x["input_ids"]) for x in examples), default=t.max_seq_length)
+    if (kernel := attention_kernel(cfg, ctx.device, longest)) != model.config._attn_implementation:
+        model.set_attn_implementation(kernel)
     if t.method == "full":  # the baseline: every weight trains, no adapter
         model.requires_grad_(True)
     else:
@@ -430,7 +451,6 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     model = wrap_model(model, cfg, ctx)
     model.train()
 
-    examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
     _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t.learning_rate, t.weight_decay, ctx.device)

@@ -163,6 +163,29 @@ def test_gradient_checkpointing_trains_the_same_steps(tiny_model_dir):
     assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-6)
 
 
+def test_eager_attention_trains_the_same_steps_as_sdpa(tiny_model_dir):
+    """The attention kernel changes speed, not the maths (fp32: same losses to rounding)."""
+    sdpa, eager = _losses(make_cfg(attention="sdpa")), _losses(make_cfg(attention="eager"))
+    assert len(sdpa) == 6
+    assert eager == pytest.approx(sdpa, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("device, precision, longest, task, expected", [
+    ("cpu", "bf16", 120, "causal_lm", "eager"),   # where torch's CPU flash kernel is slow
+    ("cpu", "bf16", 192, "causal_lm", "eager"),
+    ("cpu", "bf16", 193, "causal_lm", "sdpa"),    # longer: eager is no faster and holds T^2 scores
+    ("cpu", "fp32", 120, "causal_lm", "sdpa"),    # fp32: no difference measured
+    ("cuda", "bf16", 120, "causal_lm", "sdpa"),   # GPU: flash kernels
+    ("cpu", "bf16", 120, "sequence_classification", "sdpa"),  # not measured: left as it was
+])
+def test_auto_attention_is_eager_only_for_short_bf16_causal_lm_on_cpu(device, precision, longest, task, expected):
+    from lora_tasks.training import attention_kernel
+
+    cfg = make_cfg(task, precision=precision)
+    assert attention_kernel(cfg, torch.device(device), longest) == expected
+    assert attention_kernel(make_cfg(task, precision=precision, attention="sdpa"), torch.device(device), longest) == "sdpa"
+
+
 def test_gpu_only_options_are_refused_on_a_cpu_config():
     from lora_tasks.errors import ConfigError
 
