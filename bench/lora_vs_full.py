@@ -40,6 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--full-lr", type=float, default=2e-5)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's)")
+    ap.add_argument("--lora-targets", default=None, help="comma-separated target modules (default: the config's)")
     ap.add_argument("--methods", default="lora,full", help="comma-separated: lora, full, or both")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
@@ -55,6 +57,10 @@ def _config(args, method: str):
                            learning_rate=args.lora_lr if method == "lora" else args.full_lr,
                            warmup_steps=min(2, args.steps - 1), checkpoint_every=None)
     raw["scaling"]["num_workers"] = 1
+    if args.lora_r:
+        raw["lora"]["r"] = args.lora_r
+    if args.lora_targets:
+        raw["lora"]["target_modules"] = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     raw["evaluation"] = {"batch_size": 8, "bootstrap_samples": args.bootstrap,
                          "reference": {"path": args.reference, "max_tokens": args.ref_tokens}}
     return config_from_dict(raw)
