@@ -77,13 +77,11 @@ def start_prefect_api_early():
         return lambda: None
     from prefect.server.api.server import SubprocessASGIServer  # the client imports it anyway in this mode
 
-    failed: list[BaseException] = []
-
     def boot() -> None:
         try:
             SubprocessASGIServer().start()
-        except BaseException as exc:  # noqa: BLE001  (the flow's own client starts it, or reports why not)
-            failed.append(exc)
+        except Exception:  # noqa: BLE001  (the flow's own client tries again, and says why if it fails)
+            pass
 
     thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
     thread.start()
