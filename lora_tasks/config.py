@@ -380,8 +380,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_launcher(self):
-        s = self.scaling
-        if s.launcher == "local" and (s.num_workers != 1 or s.address or "://" in s.storage_path or self.data.loader == "ray_data"):
+        if self.scaling.launcher == "local" and self.why_not_in_process(streaming=self.data.loader == "ray_data"):
             raise ValueError("scaling.launcher: local trains one worker in this process: it needs scaling.num_workers: 1, "
                              "no scaling.address, a local scaling.storage_path and data.loader other than ray_data; "
                              "set scaling.launcher: ray (or auto)")
@@ -392,6 +391,19 @@ class PipelineConfig(_Section):
         if self.training.packing and self.task != "causal_lm":
             raise ValueError("training.packing packs causal LM examples; a classifier reads one example per row: drop it")
         return self
+
+    def why_not_in_process(self, streaming: bool = False) -> str | None:
+        """Why training cannot run in the flow's own process (`scaling.launcher: local`), or None."""
+        s = self.scaling
+        if s.num_workers != 1:
+            return f"scaling.num_workers is {s.num_workers}"
+        if s.address:
+            return f"a Ray cluster is set (scaling.address or RAY_ADDRESS: {s.address})"
+        if "://" in s.storage_path:
+            return f"checkpoints go to {s.storage_path}, which Ray Train writes"
+        if streaming:
+            return "the train data streams through Ray Data (data.loader)"
+        return None
 
     @property
     def experiment_name(self) -> str:

@@ -36,27 +36,13 @@ class TrainResult:
 
 def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:
     """`local` or `ray`: what `scaling.launcher` means for this config."""
-    s = cfg.scaling
-    why_not_local = _why_not_local(cfg, streaming)
-    if s.launcher == "local" and why_not_local:
+    why_not_local = cfg.why_not_in_process(streaming)
+    if cfg.scaling.launcher == "local" and why_not_local:
         raise TrainingError(f"scaling.launcher: local trains one worker in this process, but {why_not_local}; "
                             "set scaling.launcher: ray (or auto)")
-    if s.launcher == "auto":
+    if cfg.scaling.launcher == "auto":
         return "ray" if why_not_local else "local"
-    return s.launcher
-
-
-def _why_not_local(cfg: PipelineConfig, streaming: bool) -> str | None:
-    s = cfg.scaling
-    if s.num_workers != 1:
-        return f"scaling.num_workers is {s.num_workers}"
-    if s.address:
-        return f"a Ray cluster is set (scaling.address or RAY_ADDRESS: {s.address})"
-    if "://" in s.storage_path:
-        return f"checkpoints go to {s.storage_path}, which Ray Train writes"
-    if streaming:
-        return "the train data streams through Ray Data (data.loader)"
-    return None
+    return cfg.scaling.launcher
 
 
 def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, mlflow_run_id: str | None = None,
@@ -120,8 +106,14 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
 
 def latest_checkpoint(train_dir: Path) -> Path | None:
     """The newest complete checkpoint this launcher wrote in `train_dir`, if any."""
+    saved = _saved_checkpoints(train_dir)
+    return saved[-1] if saved else None
+
+
+def _saved_checkpoints(train_dir: Path) -> list[Path]:
+    """This launcher's complete checkpoints in `train_dir`, oldest first."""
     found = [(int(m.group(1)), p) for p in train_dir.glob("checkpoint_step_*") if (m := _CHECKPOINT_RE.search(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
 
 
 def _keep_checkpoint(train_dir: Path, folder: str, step: int) -> Path:
@@ -133,7 +125,6 @@ def _keep_checkpoint(train_dir: Path, folder: str, step: int) -> Path:
     if final.exists():  # the same step again (resumed from the final checkpoint)
         shutil.rmtree(final)
     partial.rename(final)
-    kept = sorted(p for p in train_dir.glob("checkpoint_step_*") if _CHECKPOINT_RE.search(p.name))
-    for old in kept[:-_KEEP]:
+    for old in _saved_checkpoints(train_dir)[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -504,10 +504,10 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         if ctx.rank == 0 and (step % t.log_every == 0 or step == total_steps):
             ctx.log({"train_loss": last_loss, "learning_rate": lr}, step)
         if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            elapsed = time.perf_counter() - started
             _checkpoint(model, optimizer, scheduler, step, ctx, {
                 "train_loss": last_loss, "start_step": start_step,
-                "train_tokens_per_s": tokens_seen * ctx.world_size / (time.perf_counter() - started),
-                "train_loop_seconds": time.perf_counter() - started,
+                "train_tokens_per_s": tokens_seen * ctx.world_size / elapsed, "train_loop_seconds": elapsed,
             })
     if start_step == total_steps:  # resumed from the final checkpoint: report it again as the result
         _checkpoint(model, optimizer, scheduler, step, ctx, {"start_step": start_step})
