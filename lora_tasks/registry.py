@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -166,7 +167,9 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         # a local base is pinned by content: loading checks the folder still holds the same bytes
         "base_model_hash": client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("lineage.base_model_hash") or None,
     }
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is given; MLflow's advice to add an input example or type hints is noise here.
+        warnings.filterwarnings("ignore", message=r".*(input example was not provided|Add type hints)", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="adapter",
             python_model=pyfunc_model.__file__,  # model from code: loading unpickles nothing
