@@ -44,7 +44,7 @@ def main(steps: int = 8) -> int:
         return 1
     from lora_tasks.config import load_config
     from lora_tasks.distributed import train_adapter
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     gpus = torch.cuda.device_count()
     print(f"{gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}")

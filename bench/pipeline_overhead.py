@@ -62,7 +62,7 @@ def run_worker(args) -> dict:
 
     torch.set_num_threads(1)
     from lora_tasks.config import load_config
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
     from lora_tasks.training import WorkerContext, train_worker
 
     cfg = load_config(args.config, overrides(args))

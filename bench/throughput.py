@@ -143,7 +143,8 @@ def run_plain(cfg, rows) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     from lora_tasks.modeling import load_tokenizer, resolve_base_model
-    from lora_tasks.training import IGNORE_INDEX, encode_examples, iterate_batches
+    from lora_tasks.encoding import IGNORE_INDEX, encode_examples
+    from lora_tasks.training import iterate_batches
 
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from lora_tasks.config import load_config
     from lora_tasks.modeling import count_parameters, load_base_model, load_tokenizer
-    from lora_tasks.training import encode_examples
+    from lora_tasks.encoding import encode_examples
 
     base = ["scaling.num_workers=1", f"training.max_steps={args.steps}", f"training.batch_size={args.batch_size}",
             f"training.max_seq_length={args.seq_len}", "training.log_every=1", "training.checkpoint_every=null",

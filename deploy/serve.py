@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 import uuid
-from types import SimpleNamespace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -131,10 +130,10 @@ class _Replica:
             if op == "chat":
                 texts, special = self._chat_text(mcfg, payload["messages"])
             else:
-                from lora_tasks.training import format_prompts
+                from lora_tasks.encoding import format_prompts
 
-                prompting = SimpleNamespace(chat_template=bool(mcfg.get("chat_template")), system_prompt=mcfg.get("system_prompt"))
-                texts, special = format_prompts(payload["prompts"], self.tokenizer, prompting)
+                texts, special = format_prompts(payload["prompts"], self.tokenizer, bool(mcfg.get("chat_template")),
+                                                mcfg.get("system_prompt"))
             return self._generate(model, texts, special, payload["max_tokens"], payload["temperature"])
 
     def _activate(self, model, version: str):

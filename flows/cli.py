@@ -31,7 +31,7 @@ def _fail(exc: Exception, code: int = 1) -> None:
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check CONFIG and its data against the contract; print the report. Trains nothing."""
     from lora_tasks.config import load_config
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     try:
         cfg = load_config(config, set_)
@@ -88,7 +88,7 @@ def compare_full(
 
     from lora_tasks.compare import compare_methods, format_table, to_json
     from lora_tasks.config import load_config
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     try:
         cfg = load_config(config, set_)

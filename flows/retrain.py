@@ -24,7 +24,8 @@ from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
-from lora_tasks.pipeline import PreparedData, lineage_tags, prepare_data, run_dir_for, same_base, summary_markdown
+from lora_tasks.launcher import prepare_data
+from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_base, summary_markdown
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 
 

@@ -91,7 +91,8 @@ def training_state_bytes(cfg: PipelineConfig, rows: list[dict]) -> tuple[dict[st
     import torch
 
     from .modeling import apply_lora, count_parameters, load_base_model, load_tokenizer
-    from .training import causal_lm_loss, collate, encode_examples, make_optimizer
+    from .encoding import causal_lm_loss, collate, encode_examples
+    from .training import make_optimizer
 
     bm, t = cfg.base_model, cfg.training
     tok = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)

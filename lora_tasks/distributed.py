@@ -18,13 +18,10 @@ from ray.train.torch import TorchTrainer
 from .config import PipelineConfig
 from .data import load_table, sample_rows, source_fingerprint
 from .errors import DataError, TrainingError, ValidationFailed
-from .pipeline import (
-    PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs, invalid_batch, merge_summaries,
-    stream_format, summarise_batch, valid_batch,
-)
-from .launcher import TrainResult
-from .validation import ValidationResult, enforce_policy, validate_splits
-from .training import ADAPTER_DIR, WorkerContext, train_worker
+from .pipeline import PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs
+from .streaming import invalid_batch, merge_summaries, stream_format, summarise_batch, valid_batch
+from .training import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
+from .validation import ValidationReport, ValidationResult, enforce_policy, validate_splits
 
 # Ray's default temp dir is long; unix socket paths are limited to 107 bytes.
 RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
@@ -183,18 +180,12 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
         raise DataError(f"{d.train_path}: Ray Data could not read it as {fmt}: {cause}. Fix the file or set data.format") from None
     report = merge_summaries(summaries, cfg.task)
     eval_rows: list[dict] = []
-    if d.eval_path:
-        eval_df = load_table(d.eval_path, d.format)
-        eval_df = sample_rows(eval_df, d.max_eval_rows, cfg.training.seed)
+    if d.eval_path:  # read and checked in memory, as on the other path; the stream is all train rows then
+        eval_df = sample_rows(load_table(d.eval_path, d.format), d.max_eval_rows, cfg.training.seed)
         eval_result = validate_splits(eval_df.iloc[0:0], eval_df, **{**contract_kwargs(cfg), "check_overlap": False})
-        r = eval_result.report
-        report.rows["eval"], report.valid_rows["eval"] = r.rows["eval"], r.valid_rows["eval"]
-        report.issues += r.issues
-        for k, n in r.counts_by_check.items():
-            report.counts_by_check[k] = report.counts_by_check.get(k, 0) + n
+        report = ValidationReport.combine(cfg.task, [report, eval_result.report])
         eval_rows = eval_result.eval[columns(cfg)].to_dict("records")
-    (out_dir / "validation_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    (out_dir / "validation_report.md").write_text(report.to_markdown())
+    files = report.write(out_dir)
     quarantine = None
     if not report.ok and d.validation.policy == "quarantine":
         quarantine = out_dir / "quarantine"
@@ -213,7 +204,7 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
     return PreparedData(
         train_rows=[], eval_rows=eval_rows, fingerprint=fp, report=report,
         quarantine_path=str(quarantine) if quarantine else None,
-        files={"report_json": str(out_dir / "validation_report.json"), "report_md": str(out_dir / "validation_report.md")},
+        files=files,
         train_stream=StreamSpec(spec.path, fmt, report.valid_rows["train"], eval_fraction),
     )
 

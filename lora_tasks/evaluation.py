@@ -27,7 +27,7 @@ from .forgetting import (
 )
 from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
 from .probes import base_answers, probe_blocks
-from .training import causal_lm_row_losses, collate, encode_examples, format_prompts
+from .encoding import causal_lm_row_losses, collate, encode_examples, generate_answers
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
@@ -110,18 +110,6 @@ def causal_lm_scores(model, examples: list[dict], pad_id: int, batch_size: int, 
     return metrics, {"loss_sum": np.array(losses), "tokens": np.array(tokens)}
 
 
-def macro_f1(y_true: list[int], y_pred: list[int], num_labels: int) -> float:
-    """Unweighted mean of per-class F1; a class absent from both truth and prediction is skipped."""
-    scores = []
-    for c in range(num_labels):
-        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
-        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred))
-        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
 @torch.no_grad()
 def classification_metrics(model, examples: list[dict], pad_id: int, num_labels: int, batch_size: int, device="cpu") -> dict:
     """Accuracy and macro-F1 of argmax predictions."""
@@ -138,7 +126,7 @@ def classification_scores(model, examples, pad_id: int, num_labels: int, batch_s
         y_pred += logits.argmax(-1).tolist()
         y_true += batch["labels"].tolist()
     correct = np.array([t == p for t, p in zip(y_true, y_pred)], dtype=float)
-    metrics = {"accuracy": float(correct.mean()) if len(correct) else 0.0, "macro_f1": macro_f1(y_true, y_pred, num_labels)}
+    metrics = {"accuracy": float(correct.mean()) if len(correct) else 0.0, "macro_f1": stats.macro_f1(y_true, y_pred, num_labels)}
     return metrics, {"accuracy": correct, "y_true": np.array(y_true), "y_pred": np.array(y_pred)}
 
 
@@ -192,25 +180,6 @@ def generation_units(predictions: list[str], targets: list[str], metric: str) ->
     return out
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], data, max_new_tokens: int, batch_size: int, device="cpu") -> list[str]:
-    """Greedy answers to `prompts`, batched with left padding so every row continues from its last token."""
-    texts, special = format_prompts(prompts, tokenizer, data)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return answers
-
-
 def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device) -> tuple[dict, dict, list[str]]:
     """(metrics, per-unit values, generated answers) of one model on the eval split."""
     bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
@@ -221,8 +190,8 @@ def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device) 
     if gen is None:
         return metrics, units, []
     rows = rows[: gen.max_rows] if gen.max_rows else rows
-    answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], cfg.data,
-                               gen.max_new_tokens, bs, device)
+    answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], gen.max_new_tokens, bs,
+                               device, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
     per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
     metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
     return metrics, {**units, **per_row}, answers

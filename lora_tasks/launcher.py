@@ -1,4 +1,6 @@
-"""How training starts: Ray Train (`distributed.py`), or the same loop in this process.
+"""How data and work reach the workers: in memory or streamed through Ray Data, trained on Ray
+Train (`distributed.py`) or by the same loop in this process. The launcher pair is the only place
+that decides this, and `distributed.py` the only module that imports Ray.
 
 One worker on this machine needs no Ray: starting a local Ray instance, a Ray Train controller
 and a worker process that imports torch and loads the model again costs ~20 s a run on a small
@@ -12,26 +14,29 @@ import os
 import re
 import shutil
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig
 from .errors import TrainingError
-from .pipeline import StreamSpec, checkpoint_storage
-from .training import ADAPTER_DIR, WorkerContext, train_worker
+from .pipeline import PreparedData, StreamSpec, checkpoint_storage, prepare_in_memory
+from .streaming import streams_train_data
+from .training import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
 
 CHECKPOINT_NAME = "checkpoint_step_{:06d}"  # beside Ray's `checkpoint_<timestamp>`, never mistaken for one
 _CHECKPOINT_RE = re.compile(r"checkpoint_step_(\d+)$")
 _KEEP = 2  # checkpoints kept, as Ray Train's CheckpointConfig(num_to_keep=2) on the other path
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    """Where the trained adapter and the last checkpoint are, and the final training metrics."""
+def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
+    """Load, split, sample and validate the data; write the report (and quarantine) to `out_dir`.
 
-    adapter_dir: str
-    checkpoint_path: str
-    metrics: dict
+    Raises ValidationFailed (with the report) when the contract's policy stops the run. Large
+    sources (see `data.loader`) are validated on Ray Data instead and stream to the workers."""
+    if streams_train_data(cfg):
+        from .distributed import prepare_streaming_data
+
+        return prepare_streaming_data(cfg, out_dir)
+    return prepare_in_memory(cfg, out_dir)
 
 
 def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:

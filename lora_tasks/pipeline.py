@@ -1,24 +1,19 @@
-"""Steps shared by every entry point: the run folder, data preparation, lineage and the summary."""
+"""Steps shared by every entry point: the run folder, in-memory data preparation, lineage and the summary."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
 
 from . import __version__
 from .config import PipelineConfig
-from .data import canonical_value, fingerprint, load_table, sample_rows, source_fingerprint, split_train_eval
+from .data import fingerprint, load_table, sample_rows, source_fingerprint, split_train_eval
 from .evaluation import EvalReport
 from .modeling import BaseModelInfo
 from .promotion import Decision
-from .errors import ValidationFailed
-from .validation import Issue, ValidationReport, ValidationResult, enforce_policy, validate_splits
+from .validation import ValidationReport, enforce_policy, validate_splits
 
 
 LOCAL_RUNS = ".prefect-lora/runs"
@@ -91,38 +86,6 @@ class PreparedData:
         return self.train_stream.num_rows if self.train_stream else len(self.train_rows)
 
 
-STREAM_FORMATS = ("jsonl", "parquet", "csv")
-
-
-def streams_train_data(cfg: PipelineConfig) -> bool:
-    """Whether the train split goes through Ray Data (see `data.loader`)."""
-    d = cfg.data
-    if d.loader != "auto":
-        return d.loader == "ray_data"
-    if "://" in d.train_path:
-        return True
-    p = Path(d.train_path)
-    if not p.exists() or stream_format(cfg) not in STREAM_FORMATS:
-        return False
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return size > d.streaming_threshold_mb * 2**20
-
-
-def stream_format(cfg: PipelineConfig) -> str:
-    """The train source's format for Ray Data (from `data.format` or the file extensions)."""
-    d = cfg.data
-    if d.format != "auto":
-        return d.format
-    name = d.train_path.rstrip("/")
-    p = Path(name)
-    if "://" not in name and p.is_dir():
-        exts = {f.suffix.lower() for f in p.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))}
-        name = "x" + (exts.pop() if len(exts) == 1 else "")
-    suffix = Path(name).suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
-            ".csv": "csv"}.get(suffix, "unknown")
-
-
 def contract_kwargs(cfg: PipelineConfig) -> dict:
     """The data contract's settings, as `validate_splits` takes them."""
     d, v = cfg.data, cfg.data.validation
@@ -134,18 +97,11 @@ def contract_kwargs(cfg: PipelineConfig) -> dict:
     )
 
 
-def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
-    """Load, split, sample and validate the data; write the report (and quarantine) to `out_dir`.
-
-    Raises ValidationFailed (with the report) when the contract's policy stops the run. Large
-    sources (see `data.loader`) are validated on Ray Data instead and stream to the workers."""
-    if streams_train_data(cfg):
-        from .distributed import prepare_streaming_data  # the only module that imports ray
-
-        return prepare_streaming_data(cfg, out_dir)
+def prepare_in_memory(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
+    """Load, split, sample and validate the data in memory (pandas); write the report (and
+    quarantine) to `out_dir`. Raises ValidationFailed (with the report) when the contract's policy
+    stops the run. `launcher.prepare_data` decides between this and streaming on Ray Data."""
     d = cfg.data
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg.training.seed
     train = load_table(d.train_path, d.format)
     if d.eval_path:
@@ -156,9 +112,7 @@ def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
     eval_ = sample_rows(eval_, d.max_eval_rows, seed)
     v = d.validation
     result = validate_splits(train, eval_, **contract_kwargs(cfg))
-    report_path = out_dir / "validation_report.json"
-    report_path.write_text(json.dumps(result.report.to_dict(), indent=2, default=str))
-    (out_dir / "validation_report.md").write_text(result.report.to_markdown())
+    files = result.report.write(out_dir)
     result, quarantine = enforce_policy(
         result, policy=v.policy, max_invalid_fraction=v.max_invalid_fraction, quarantine_dir=out_dir
     )
@@ -170,7 +124,7 @@ def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
         fingerprint=fingerprint(train_v, eval_v),
         report=result.report,
         quarantine_path=str(quarantine) if quarantine else None,
-        files={"report_json": str(report_path), "report_md": str(out_dir / "validation_report.md")},
+        files=files,
     )
 
 
@@ -268,91 +222,3 @@ def summary_markdown(
 - MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
 - open the UI: `{ui}`
 """
-
-
-# ----------------------------------------------------------------------------- streamed data, per batch
-# Pure functions of one pandas batch: Ray Data runs them with `map_batches` (see distributed.py).
-
-PATH_COLUMN = "path"
-"""Column Ray Data adds with `include_paths=True`: the source file of each row."""
-
-
-def eval_mask(df: pd.DataFrame, cols: list[str], eval_fraction: float | None) -> np.ndarray:
-    """Rows in the eval split: those whose content hash falls below `eval_fraction`.
-
-    A row's split depends on its content alone, so it is the same in every pass and on every
-    worker, and identical rows always land in the same split (no train/eval overlap)."""
-    if not eval_fraction:
-        return np.zeros(len(df), dtype=bool)
-    keys = [_dump_row([canonical_value(v) for v in row]) for row in df[cols].itertuples(index=False, name=None)]
-    return np.array([int.from_bytes(hashlib.sha256(k).digest()[:8], "big") / 2**64 < eval_fraction for k in keys])
-
-
-def _dump_row(values: list) -> bytes:
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str).encode()
-
-
-def check_batch(
-    df: pd.DataFrame, cfg: PipelineConfig, eval_fraction: float | None
-) -> tuple[ValidationResult, pd.DataFrame, pd.DataFrame]:
-    """The contract on one batch, split by content hash: (result, train part, eval part).
-
-    Duplicates and overlap are not checked across batches (the hash split keeps identical rows
-    in one split)."""
-    cols = columns(cfg)
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValidationFailed(
-            f"the train source has no column(s) {missing} (columns: {[c for c in df.columns if c != PATH_COLUMN]}). "
-            "Fix: rename the columns or set data.text_column / prompt_column / completion_column / label_column."
-        )
-    is_eval = eval_mask(df, cols, eval_fraction)
-    train, eval_ = df[~is_eval].reset_index(drop=True), df[is_eval].reset_index(drop=True)
-    train.index, eval_.index = pd.RangeIndex(1, len(train) + 1), pd.RangeIndex(1, len(eval_) + 1)
-    kwargs = {**contract_kwargs(cfg), "check_duplicates": False, "check_overlap": False}
-    return validate_splits(train.drop(columns=[PATH_COLUMN], errors="ignore"),
-                           eval_.drop(columns=[PATH_COLUMN], errors="ignore"), **kwargs), train, eval_
-
-
-def summarise_batch(df: pd.DataFrame, cfg: PipelineConfig, eval_fraction: float | None, max_issues: int = 20) -> pd.DataFrame:
-    """One row per batch: rows and valid rows per split, failing rows per check, the first issues
-    (each naming its source file, since Ray Data keeps no row numbers)."""
-    result, train, eval_ = check_batch(df, cfg, eval_fraction)
-    parts = {"train": train, "eval": eval_}
-    issues = []
-    for i in result.report.issues[:max_issues]:
-        part = parts[i.split]
-        where = f" (in {part[PATH_COLUMN].iloc[i.row - 1]})" if i.row and PATH_COLUMN in part else ""
-        issues.append({**asdict(i), "row": None, "reason": i.reason + where})
-    r = result.report
-    return pd.DataFrame([{
-        "rows": json.dumps(r.rows), "valid": json.dumps(r.valid_rows), "counts": json.dumps(r.counts_by_check),
-        "issues": json.dumps(issues, default=str),
-    }])
-
-
-def merge_summaries(summaries: list[dict], task: str, max_issues: int = 1000) -> ValidationReport:
-    """One report from the per-batch summaries of `summarise_batch`."""
-    rows, valid, counts, issues = {"train": 0, "eval": 0}, {"train": 0, "eval": 0}, {}, []
-    for s in summaries:
-        for k, n in json.loads(s["rows"]).items():
-            rows[k] += n
-        for k, n in json.loads(s["valid"]).items():
-            valid[k] += n
-        for k, n in json.loads(s["counts"]).items():
-            counts[k] = counts.get(k, 0) + n
-        if len(issues) < max_issues:
-            issues += [Issue(**i) for i in json.loads(s["issues"])][: max_issues - len(issues)]
-    return ValidationReport(task=task, rows=rows, valid_rows=valid, issues=issues, counts_by_check=counts)
-
-
-def valid_batch(df: pd.DataFrame, cfg: PipelineConfig, eval_fraction: float | None, split: str) -> pd.DataFrame:
-    """The valid rows of one split in a batch, cleaned as the contract cleans them, model columns only."""
-    result, _, _ = check_batch(df, cfg, eval_fraction)
-    return (result.train if split == "train" else result.eval)[columns(cfg)].reset_index(drop=True)
-
-
-def invalid_batch(df: pd.DataFrame, cfg: PipelineConfig, eval_fraction: float | None) -> pd.DataFrame:
-    """The invalid rows of a batch with the checks they failed, for the quarantine files."""
-    result, _, _ = check_batch(df, cfg, eval_fraction)
-    return result.invalid.drop(columns=["row"]).astype(str).reset_index(drop=True)

@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
+from .encoding import format_prompts, generate_answers
 from .modeling import cache_dir
 
 GENERAL_PROBES = [
@@ -52,6 +52,11 @@ GENERAL_PROBES = [
 ]
 
 
+def _has_chat_template(tokenizer) -> bool:
+    """Probes are asked as a user turn wherever the tokenizer has a chat template (instruct models)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
     key = hashlib.sha256(json.dumps([GENERAL_PROBES, max_new_tokens]).encode()).hexdigest()[:12]
     return cache_dir() / "probes" / f"{base_hash[:16]}-{key}.jsonl"
@@ -59,15 +64,13 @@ def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
 
 def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
     """The base model's greedy answers to the probes, generated once per base and cached."""
-    from .evaluation import generate_answers
-
     path = _cache_file(base_hash, max_new_tokens)
     if path.exists():
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    chat = SimpleNamespace(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=None)
     # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-        answers = generate_answers(model, tokenizer, GENERAL_PROBES, chat, max_new_tokens, batch_size)
+        answers = generate_answers(model, tokenizer, GENERAL_PROBES, max_new_tokens, batch_size,
+                                   chat_template=_has_chat_template(tokenizer))
     rows = [{"prompt": p, "answer": a} for p, a in zip(GENERAL_PROBES, answers) if a.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -78,10 +81,7 @@ def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, bat
 
 def probe_blocks(rows: list[dict], tokenizer, max_len: int) -> tuple[list[list[int]], list[int]]:
     """Token blocks prompt+answer, and where each answer starts (only answers are scored)."""
-    from .training import format_prompts
-
-    chat = SimpleNamespace(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=None)
-    texts, special = format_prompts([r["prompt"] for r in rows], tokenizer, chat)
+    texts, special = format_prompts([r["prompt"] for r in rows], tokenizer, _has_chat_template(tokenizer))
     blocks, starts = [], []
     for text, row in zip(texts, rows):
         p = tokenizer(text, add_special_tokens=special)["input_ids"]

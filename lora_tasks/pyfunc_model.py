@@ -7,7 +7,6 @@ the adapter and predicts. `mlflow.pyfunc.load_model("models:/NAME@champion")` gi
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import mlflow.models
 import mlflow.pyfunc
@@ -69,7 +68,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.model = load_adapted_model(base, context.artifacts["adapter"])
         self.max_length = int(cfg.get("max_seq_length", 512))
         # Prompts are wrapped exactly as in training (chat template and system prompt).
-        self.prompting = SimpleNamespace(chat_template=bool(cfg.get("chat_template")), system_prompt=cfg.get("system_prompt"))
+        self.prompting = {"chat_template": bool(cfg.get("chat_template")), "system_prompt": cfg.get("system_prompt")}
 
     @torch.no_grad()
     def predict(self, context, model_input, params=None):
@@ -79,10 +78,10 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             probs = self.model(**enc).logits.softmax(-1)
             score, idx = probs.max(-1)
             return pd.DataFrame({"label": [str(self.labels[i]) for i in idx.tolist()], "score": score.tolist()})
-        from lora_tasks.evaluation import generate_answers
+        from lora_tasks.encoding import generate_answers
 
         max_new = int((params or {}).get("max_new_tokens", 64))
-        return pd.DataFrame({"completion": generate_answers(self.model, self.tokenizer, texts, self.prompting, max_new, 8)})
+        return pd.DataFrame({"completion": generate_answers(self.model, self.tokenizer, texts, max_new, 8, **self.prompting)})
 
 
 mlflow.models.set_model(LoraAdapterModel())

@@ -80,8 +80,18 @@ def perplexity_ratio_ci(nll_adapted, nll_base, tokens, **kw) -> Interval:
                      len(a), **kw)
 
 
-def macro_f1_ci(y_true, y_pred, num_labels: int, **kw) -> Interval:
-    from .evaluation import macro_f1
+def macro_f1(y_true: list[int], y_pred: list[int], num_labels: int) -> float:
+    """Unweighted mean of per-class F1; a class absent from both truth and prediction is skipped."""
+    scores = []
+    for c in range(num_labels):
+        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
+        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred))
+        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
 
+
+def macro_f1_ci(y_true, y_pred, num_labels: int, **kw) -> Interval:
     t, p = np.asarray(y_true), np.asarray(y_pred)
     return bootstrap(lambda i: macro_f1(t[i].tolist(), p[i].tolist(), num_labels), len(t), **kw)

@@ -90,6 +90,28 @@ class ValidationReport:
             "issues": [asdict(i) for i in self.issues],
         }
 
+    @classmethod
+    def combine(cls, task: str, parts: list[ValidationReport], max_issues: int | None = None) -> ValidationReport:
+        """One report of several parts of the same data (the batches of a stream, an eval split
+        read on its own): rows, valid rows and failing counts add up; issues keep their order, the
+        first `max_issues` of them."""
+        rows, valid, counts, issues = {"train": 0, "eval": 0}, {"train": 0, "eval": 0}, {}, []
+        for part in parts:
+            for total, own in ((rows, part.rows), (valid, part.valid_rows), (counts, part.counts_by_check)):
+                for k, n in own.items():
+                    total[k] = total.get(k, 0) + n
+            issues += part.issues[: None if max_issues is None else max(max_issues - len(issues), 0)]
+        return cls(task=task, rows=rows, valid_rows=valid, issues=issues, counts_by_check=counts)
+
+    def write(self, out_dir: str | Path) -> dict[str, str]:
+        """`validation_report.json` and `.md` in `out_dir`: their paths, by kind."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"report_json": out / "validation_report.json", "report_md": out / "validation_report.md"}
+        files["report_json"].write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        files["report_md"].write_text(self.to_markdown())
+        return {k: str(v) for k, v in files.items()}
+
     def summary(self) -> str:
         """One paragraph: verdict, invalid rows per split, failing rows per check."""
         total, invalid = sum(self.rows.values()), sum(self.invalid_rows.values())

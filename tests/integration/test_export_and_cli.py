@@ -26,11 +26,9 @@ def store(tmp_path_factory, tiny_model_dir):
 
 
 def _greedy(model, tokenizer, prompts, n=6):
-    from types import SimpleNamespace
+    from lora_tasks.encoding import generate_answers
 
-    from lora_tasks.evaluation import generate_answers
-
-    return generate_answers(model, tokenizer, prompts, SimpleNamespace(chat_template=False, system_prompt=None), n, 8)
+    return generate_answers(model, tokenizer, prompts, n, 8)
 
 
 def test_champion_loads_through_pyfunc_with_a_signature(store):

@@ -92,7 +92,7 @@ def test_sigkill_of_a_worker_resumes_exactly_from_the_latest_checkpoint(tmp_path
 
     from lora_tasks.config import config_from_dict
     from lora_tasks.distributed import train_adapter
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     cfg = config_from_dict(tiny_raw(tmp_path))
     rows = prepare_data(cfg, tmp_path / "data").train_rows
@@ -223,7 +223,8 @@ def test_checkpoints_go_to_a_storage_uri_and_reports_stay_local(tmp_path, ray_lo
     land under it, the run's local folder keeps the final adapter."""
     from lora_tasks.config import config_from_dict
     from lora_tasks.distributed import train_adapter
-    from lora_tasks.pipeline import prepare_data, run_dir_for
+    from lora_tasks.launcher import prepare_data
+    from lora_tasks.pipeline import run_dir_for
 
     monkeypatch.chdir(tmp_path)
     raw = tiny_raw(tmp_path, max_steps=6)

@@ -28,7 +28,7 @@ def test_fsdp_trains_like_ddp_and_resumes(tmp_path, ray_session):
 
     from lora_tasks.config import config_from_dict
     from lora_tasks.distributed import train_adapter
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")

@@ -17,7 +17,7 @@ def test_in_process_training_equals_one_ray_train_worker(tmp_path):
 
     from lora_tasks.config import config_from_dict
     from lora_tasks.launcher import train_adapter
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     raw = tiny_raw(tmp_path, max_steps=12)
     raw["scaling"]["num_workers"] = 1

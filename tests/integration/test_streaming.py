@@ -55,7 +55,7 @@ def rows() -> list[dict]:
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_streamed_contract_agrees_with_the_in_memory_one_and_quarantines(tmp_path, ray_session, rows, fmt):
     from lora_tasks.config import config_from_dict
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     bad = [dict(r) for r in rows]
     bad[3]["completion"] = "   "          # blank text
@@ -84,7 +84,7 @@ def test_streamed_contract_agrees_with_the_in_memory_one_and_quarantines(tmp_pat
 
 def test_broken_streamed_data_fails_naming_the_file(tmp_path, ray_session, rows):
     from lora_tasks.errors import ValidationFailed
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     bad = [dict(r) for r in rows]
     bad[7]["completion"] = "  "
@@ -103,7 +103,7 @@ def test_two_workers_train_from_the_stream_deterministically(tmp_path, ray_sessi
     from safetensors.torch import load_file
 
     from lora_tasks.distributed import train_adapter
-    from lora_tasks.pipeline import prepare_data
+    from lora_tasks.launcher import prepare_data
 
     src = shard_rows(tmp_path / "src", rows, 3, "parquet")
     cfg = config(tmp_path, src)

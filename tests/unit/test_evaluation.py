@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lora_tasks.config import config_from_dict
-from lora_tasks.evaluation import evaluate_adapter, macro_f1
+from lora_tasks.evaluation import evaluate_adapter
+from lora_tasks.stats import macro_f1
 
 
 @pytest.mark.parametrize("y_true, y_pred, n, expected", [

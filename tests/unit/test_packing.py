@@ -9,15 +9,8 @@ from test_training import ROWS
 from test_training import make_cfg as _cfg
 
 from lora_tasks.errors import ConfigError
-from lora_tasks.training import (
-    WorkerContext,
-    causal_lm_loss,
-    collate,
-    encode_examples,
-    make_optimizer,
-    pack,
-    train_worker,
-)
+from lora_tasks.encoding import causal_lm_loss, collate, encode_examples, pack
+from lora_tasks.training import WorkerContext, make_optimizer, train_worker
 
 
 def _examples(tok, n=8):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lora_tasks.config import config_from_dict
-from lora_tasks.training import (
-    IGNORE_INDEX, WorkerContext, collate, encode_examples, iterate_batches, lr_lambda, plan_steps, train_worker,
-)
+from lora_tasks.encoding import IGNORE_INDEX, collate, encode_examples
+from lora_tasks.training import WorkerContext, iterate_batches, lr_lambda, plan_steps, train_worker
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
@@ -57,7 +56,7 @@ def test_collate_left_pads_causal_batches_without_loss():
 def test_completion_only_logits_give_the_full_loss(tiny_model_dir):
     """The left-padded, logits-only-where-needed loss equals HF's loss on the unpadded rows."""
     from lora_tasks.modeling import load_base_model, load_tokenizer
-    from lora_tasks.training import causal_lm_loss
+    from lora_tasks.encoding import causal_lm_loss
 
     tok = load_tokenizer(tiny_model_dir)
     model = load_base_model(tiny_model_dir, "causal_lm")
@@ -198,7 +197,7 @@ def test_gpu_only_options_are_refused_on_a_cpu_config():
 def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
     """Without a prompt every token but the first is a target (the first has nothing before it)."""
     from lora_tasks.modeling import load_base_model
-    from lora_tasks.training import causal_lm_loss
+    from lora_tasks.encoding import causal_lm_loss
 
     model = load_base_model(tiny_model_dir, "causal_lm")
     ids = torch.randint(3, 200, (2, 12))

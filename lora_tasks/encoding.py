@@ -1,0 +1,185 @@
+"""Text to tokens and back, shared by training, evaluation, probes, comparison and serving.
+
+Prompt formatting (chat template or plain), encoding rows into ids and labels, collation
+(left-padded with explicit positions, or packed), the token losses computed only where there
+are targets, and batched greedy generation. Plain arguments only: no config stand-ins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PipelineConfig
+
+IGNORE_INDEX = -100
+
+
+
+
+def format_prompts(prompts: list[str], tokenizer, chat_template: bool = False,
+                   system_prompt: str | None = None) -> tuple[list[str], bool]:
+    """Prompts as the model sees them, and whether the tokenizer should add special tokens.
+
+    With `chat_template` each prompt becomes a user turn (after `system_prompt`, when set)
+    followed by the assistant header, and the template already holds the special tokens."""
+    if not chat_template:
+        return prompts, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template is set but the tokenizer has no chat template")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    texts = [
+        tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return texts, False
+
+
+def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[dict]:
+    """Turn validated rows into token ids and labels for the task."""
+    d, max_len = cfg.data, cfg.training.max_seq_length
+    if cfg.task == "sequence_classification":
+        index = {str(label): i for i, label in enumerate(d.labels)}
+        enc = tokenizer([r[d.text_column] for r in rows], truncation=True, max_length=max_len)
+        return [
+            {"input_ids": ids, "labels": index[str(r[d.label_column])]}
+            for ids, r in zip(enc["input_ids"], rows)
+        ]
+    eos = tokenizer.eos_token_id
+    if d.prompt_column:
+        texts, special = format_prompts([r[d.prompt_column] for r in rows], tokenizer, d.chat_template, d.system_prompt)
+        prompts = tokenizer(texts, add_special_tokens=special)["input_ids"]
+        answers = tokenizer([r[d.completion_column] for r in rows], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, a in zip(prompts, answers):
+            a = (a + [eos])[:max_len - 1] if eos is not None else a[:max_len - 1]
+            p = p[-(max_len - len(a)):]  # keep the end of a long prompt, next to the answer
+            out.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
+        return out
+    texts = tokenizer([r[d.text_column] for r in rows], add_special_tokens=True)["input_ids"]
+    return [{"input_ids": (t + [eos])[:max_len], "labels": (t + [eos])[:max_len]} for t in texts]
+
+
+def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Pad a batch; padded positions carry no loss.
+
+    Causal LM batches are left-padded with explicit position ids, so every row's target tokens
+    sit at the end and logits are computed only there (see `causal_lm_loss`). Classification
+    batches are right-padded, where the classifier reads the last real token."""
+    width = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    if task == "sequence_classification":
+        for i, x in enumerate(batch):
+            ids[i, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+            mask[i, : len(x["input_ids"])] = 1
+        labels = torch.tensor([x["labels"] for x in batch], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, width - n :] = torch.tensor(x["input_ids"])
+        mask[i, width - n :] = 1
+        labels[i, width - n :] = torch.tensor(x["labels"])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+
+
+def pack(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack causal LM examples into as few rows as fit the longest of them (first fit,
+    longest first), instead of padding each to it.
+
+    Position ids restart at 0 for every example: with no `attention_mask`, transformers reads
+    the restarts as packed sequences and masks attention block-diagonally, so an example sees
+    only itself. Each example's first token carries no label (the previous example's last token
+    must not predict it). The tail of the last rows is padding, a segment of its own with no
+    labels. Rows and examples are in a fixed order for a given batch (exact resume)."""
+    width = max(len(x["input_ids"]) for x in batch)
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for x in sorted(batch, key=lambda x: -len(x["input_ids"])):  # stable: ties keep batch order
+        n = len(x["input_ids"])
+        i = next((j for j, r in enumerate(room) if r >= n), None)
+        if i is None:
+            rows.append([])
+            room.append(width)
+            i = len(rows) - 1
+        rows[i].append(x)
+        room[i] -= n
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for x in row:
+            n = len(x["input_ids"])
+            ids[i, at : at + n] = torch.tensor(x["input_ids"])
+            labels[i, at + 1 : at + n] = torch.tensor(x["labels"][1:])
+            position_ids[i, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[i, at:] = torch.arange(width - at)  # padding: its own segment
+    return {"input_ids": ids, "position_ids": position_ids, "labels": labels}
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of target tokens) of a left-padded or packed batch."""
+    if "attention_mask" not in batch:
+        return _packed_loss(model, batch)
+    losses, tokens = causal_lm_row_losses(model, batch)
+    return losses.sum(), int(tokens.sum())
+
+
+def _packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Loss of a `pack`ed batch: logits only at the positions that predict a target token."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # position p predicts p + 1
+    if keep.numel() == 0:
+        keep = torch.tensor([0])
+    # use_cache=False matters: with a cache transformers does not look for packed sequences
+    # and examples would attend to the ones before them in their row.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   logits_to_keep=keep.to(labels.device), use_cache=False).logits
+    targets = labels[:, keep + 1]
+    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens).
+
+    Only the last positions that predict a target token get logits: with prompt-masked
+    labels that skips the vocabulary projection (and its softmax) over every prompt token."""
+    labels = batch["labels"]
+    has_label = (labels != IGNORE_INDEX).any(0)
+    # The first token has no position before it to predict it: targets start at index 1 or later.
+    first = max(int(has_label.nonzero()[0]), 1) if has_label.any() else labels.shape[1] - 1
+    keep = labels.shape[1] - first + 1  # the position before the first target predicts it
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"], logits_to_keep=keep,
+    ).logits
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return loss.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device="cpu", *,
+                     chat_template: bool = False, system_prompt: str | None = None) -> list[str]:
+    """Greedy answers to `prompts` (formatted by `format_prompts`), batched with left padding so
+    every row continues from its last token."""
+    texts, special = format_prompts(prompts, tokenizer, chat_template, system_prompt)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
