@@ -7,6 +7,8 @@ are targets, and batched greedy generation. Plain arguments only: no config stan
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import PipelineConfig
@@ -14,6 +16,13 @@ from .config import PipelineConfig
 IGNORE_INDEX = -100
 
 
+
+
+def autocast(precision: str, device: torch.device | str):
+    """bfloat16 autocast for `precision: bf16`, nothing otherwise: training and scoring share it."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def format_prompts(prompts: list[str], tokenizer, chat_template: bool = False,

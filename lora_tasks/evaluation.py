@@ -4,7 +4,6 @@ The adapter is loaded onto the base once; base scores come from `disable_adapter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from .forgetting import (
 )
 from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
 from .probes import base_answers, probe_blocks
-from .encoding import causal_lm_row_losses, collate, encode_examples, generate_answers
+from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
@@ -331,14 +330,9 @@ def evaluate_adapter(
     examples = encode_examples(eval_rows, tokenizer, cfg)
     stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence, "seed": cfg.training.seed}
 
-    def autocast():  # score in the precision the adapter trained in
-        if cfg.training.precision == "bf16":
-            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     loaded = time.perf_counter()
     metrics, units, answers = {}, {}, {}
-    with autocast():
+    with autocast(cfg.training.precision, device):  # the precision the adapter trained in
         for name in (CHAMPION, ADAPTED, BASE):
             if name in views.names:
                 with views.use(name) as m:
@@ -352,7 +346,7 @@ def evaluate_adapter(
     metric, higher = primary_metric(cfg)
     intervals = _intervals(metric, higher, units, stats_kw)
     scored = time.perf_counter()
-    with autocast():
+    with autocast(cfg.training.precision, device):
         forgetting, f_intervals = _forgetting(cfg, views, tokenizer, device, base_info, stats_kw)
     intervals.update(f_intervals[ADAPTED])
     if has_champion:

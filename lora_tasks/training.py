@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
-from .encoding import causal_lm_loss, collate, encode_examples, pack
+from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack
 from .modeling import apply_lora, load_base_model, load_tokenizer
 
 ADAPTER_DIR = "adapter"
@@ -276,87 +276,17 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     _seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.base_model.name_or_path, cfg.base_model.revision, cfg.base_model.trust_remote_code)
     examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
-    model = load_base_model(
-        cfg.base_model.name_or_path,
-        cfg.task,
-        revision=cfg.base_model.revision,
-        num_labels=len(cfg.data.labels) if cfg.data.labels else None,
-        torch_dtype=cfg.base_model.torch_dtype,
-        trust_remote_code=cfg.base_model.trust_remote_code,
-        pad_token_id=tokenizer.pad_token_id,
-        quantization=cfg.base_model.quantization,
-        device=ctx.device,
-    )
     longest = max((len(x["input_ids"]) for x in examples), default=t.max_seq_length)
-    if (kernel := attention_kernel(cfg, ctx.device, longest)) != model.config._attn_implementation:
-        model.set_attn_implementation(kernel)
-    if t.method == "full":  # the baseline: every weight trains, no adapter
-        model.requires_grad_(True)
-    else:
-        model = apply_lora(
-            model, cfg.task, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, bias=cfg.lora.bias,
-        )
-    for p in model.parameters():  # trained weights (LoRA's, or all) train in fp32 whatever the base dtype
-        if p.requires_grad:
-            p.data = p.data.float()
-    if not cfg.base_model.quantization:  # a 4-bit base is already on its GPU
-        model.to(ctx.device)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if ctx.resume_from:
-        _load_adapter_weights(model, ctx.resume_from)
-    model = wrap_model(model, cfg, ctx)
-    model.train()
-
+    model = _setup_model(cfg, ctx, tokenizer.pad_token_id, longest)
     _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t.learning_rate, t.weight_decay, ctx.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule)
-    )
+    optimizer, scheduler = _setup_optimizer(cfg, model, ctx, total_steps)
     torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
     step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
-    start_step = step
-
-    accum = t.gradient_accumulation_steps
-    def autocast():
-        if t.precision == "bf16":
-            return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-    if ctx.stream is None:
-        order = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=step * accum)
-        batches = ([examples[i] for i in idx] for idx in order)
-    else:
-        batches = (encode_examples(chunk, tokenizer, cfg) for chunk in ctx.stream(step * accum))
-    pad_id = tokenizer.pad_token_id
-    packing = t.packing and cfg.task == "causal_lm"
-    started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+    batches = _setup_batches(cfg, ctx, examples, tokenizer, start=step * t.gradient_accumulation_steps)
+    start_step, started, tokens_seen, last_loss = step, time.perf_counter(), 0, float("nan")
     while step < total_steps:
-        loss_sum = 0.0
-        for micro in range(accum):
-            examples_now = next(batches)
-            tokens_seen += sum(len(x["input_ids"]) for x in examples_now)
-            batch = pack(examples_now, pad_id) if packing else collate(examples_now, pad_id, cfg.task)
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else model.no_sync():  # DDP syncs on the last micro-batch
-                with autocast():
-                    if cfg.task == "causal_lm":
-                        token_loss, n_tokens = causal_lm_loss(model, batch)
-                        loss = token_loss / max(n_tokens, 1) / accum
-                    else:
-                        loss = model(**batch).loss / accum
-                loss.backward()
-            loss_sum += loss.item()
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        loss_sum, tokens, lr = _train_step(cfg, ctx, model, optimizer, scheduler, batches, tokenizer.pad_token_id)
+        step, tokens_seen = step + 1, tokens_seen + tokens
         last_loss = _mean_across_ranks(loss_sum, ctx)
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower training.learning_rate")
@@ -371,6 +301,91 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     if start_step == total_steps:  # resumed from the final checkpoint: report it again as the result
         _checkpoint(model, optimizer, scheduler, step, ctx, {"start_step": start_step})
     return {"step": step, "train_loss": last_loss, "total_steps": total_steps, "start_step": start_step}
+
+
+def _setup_model(cfg: PipelineConfig, ctx: WorkerContext, pad_token_id: int | None, longest: int):
+    """The base model with LoRA applied (or every weight trainable), trainable weights in fp32,
+    on the worker's device, resumed weights loaded, wrapped for DDP/FSDP, in train mode."""
+    bm, t = cfg.base_model, cfg.training
+    model = load_base_model(
+        bm.name_or_path, cfg.task, revision=bm.revision, num_labels=len(cfg.data.labels) if cfg.data.labels else None,
+        torch_dtype=bm.torch_dtype, trust_remote_code=bm.trust_remote_code, pad_token_id=pad_token_id,
+        quantization=bm.quantization, device=ctx.device,
+    )
+    if (kernel := attention_kernel(cfg, ctx.device, longest)) != model.config._attn_implementation:
+        model.set_attn_implementation(kernel)
+    if t.method == "full":  # the baseline: every weight trains, no adapter
+        model.requires_grad_(True)
+    else:
+        lc = cfg.lora
+        model = apply_lora(model, cfg.task, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                           bias=lc.bias)
+    for p in model.parameters():  # trained weights (LoRA's, or all) train in fp32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    if not bm.quantization:  # a 4-bit base is already on its GPU
+        model.to(ctx.device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if ctx.resume_from:
+        _load_adapter_weights(model, ctx.resume_from)
+    model = wrap_model(model, cfg, ctx)
+    model.train()
+    return model
+
+
+def _setup_optimizer(cfg: PipelineConfig, model, ctx: WorkerContext, total_steps: int):
+    """AdamW over the trainable weights and the warmup + decay schedule of `training`."""
+    t = cfg.training
+    optimizer = make_optimizer(_trainable(model), t.learning_rate, t.weight_decay, ctx.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t.warmup_steps, total_steps, t.lr_schedule))
+    return optimizer, scheduler
+
+
+def _trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _setup_batches(cfg: PipelineConfig, ctx: WorkerContext, examples: list[dict], tokenizer, start: int) -> Iterator[list[dict]]:
+    """This rank's encoded micro-batches from micro-batch `start` on: a seeded shard of the rows
+    in memory, or the launcher's stream encoded as it arrives."""
+    t = cfg.training
+    if ctx.stream is None:
+        order = iterate_batches(len(examples), t.batch_size, ctx.rank, ctx.world_size, t.seed, start=start)
+        return ([examples[i] for i in idx] for idx in order)
+    return (encode_examples(chunk, tokenizer, cfg) for chunk in ctx.stream(start))
+
+
+def _train_step(cfg: PipelineConfig, ctx: WorkerContext, model, optimizer, scheduler, batches, pad_id: int | None
+                ) -> tuple[float, int, float]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches: (summed loss, tokens
+    seen, learning rate used). DDP syncs gradients on the last micro-batch only."""
+    t = cfg.training
+    accum, packing = t.gradient_accumulation_steps, t.packing and cfg.task == "causal_lm"
+    loss_sum, tokens = 0.0, 0
+    for micro in range(accum):
+        examples = next(batches)
+        tokens += sum(len(x["input_ids"]) for x in examples)
+        batch = pack(examples, pad_id) if packing else collate(examples, pad_id, cfg.task)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(t.precision, ctx.device):
+                if cfg.task == "causal_lm":
+                    token_loss, n_tokens = causal_lm_loss(model, batch)
+                    loss = token_loss / max(n_tokens, 1) / accum
+                else:
+                    loss = model(**batch).loss / accum
+            loss.backward()
+        loss_sum += loss.item()
+    if t.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(_trainable(model), t.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens, lr
 
 
 def _checkpoint(model, optimizer, scheduler, step: int, ctx: WorkerContext, metrics: dict) -> None:
