@@ -20,7 +20,7 @@ from prefect.states import Completed
 
 from flows import notifications
 from lora_tasks import lifecycle, registry
-from lora_tasks.config import PipelineConfig, config_from_dict, load_config
+from lora_tasks.config import PipelineConfig, config_from_dict, forgetting_limits, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
@@ -131,10 +131,8 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
     """Markdown report and PNG plots into the run folder and the MLflow run (`reports/`)."""
     from lora_tasks.report import write_report
 
-    uri, p = cfg.tracking.tracking_uri, cfg.promotion
-    limits = {"min_task_gain": p.min_task_gain, "reference_perplexity_ratio": p.max_perplexity_ratio,
-              "reference_kl": p.max_kl, "reference_representation_drift": p.max_representation_drift,
-              "self_retention_perplexity_ratio": p.max_self_retention_ratio}
+    uri = cfg.tracking.tracking_uri
+    limits = {"min_task_gain": cfg.promotion.min_task_gain, **forgetting_limits(cfg.promotion, report.forgetting)}
     files = write_report(report, summary, registry.metric_history(uri, run_id), Path(run_dir) / "reports", limits)
     for path in files:
         registry.log_artifact(uri, run_id, path, "reports")

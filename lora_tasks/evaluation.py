@@ -8,24 +8,14 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import stats
 from .config import PipelineConfig
-from .forgetting import (
-    chunk_reference,
-    compare_on_blocks,
-    drift_on_blocks,
-    mc_correct,
-    read_mc_benchmark,
-    read_reference_texts,
-    summarize_comparison,
-)
-from .modeling import BaseModelInfo, describe_base_model, load_adapted_model, load_base_model, load_tokenizer
-from .probes import base_answers, probe_blocks
+from .forgetting import measure_forgetting
+from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
 from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
@@ -256,62 +246,6 @@ def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str 
     return PeftViews(model, adapters)
 
 
-def _safe_name(path: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in Path(path).stem.lower()).strip("_") or "mc"
-
-
-def _forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info, stats_kw) -> tuple[dict, dict]:
-    """Forgetting metrics per non-base view ({view: {metric: value}}) and their intervals
-    ({view: {metric: [point, low, high]}}), on every source the reference section names."""
-    ref = cfg.evaluation.reference
-    others = [n for n in views.names if n != BASE]
-    metrics: dict[str, dict] = {n: {} for n in others}
-    intervals: dict[str, dict] = {n: {} for n in others}
-    if ref is None:
-        return metrics, intervals
-    bs, max_len, pad = cfg.evaluation.batch_size, cfg.training.max_seq_length, tokenizer.pad_token_id or 0
-
-    def compared(units, prefix):
-        for n in others:
-            metrics[n].update(summarize_comparison(units, n, prefix))
-            intervals[n][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
-                units["nll"][n], units["nll"][BASE], units["tokens"], **stats_kw).to_list()
-            intervals[n][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][n], units["tokens"], **stats_kw).to_list()
-
-    if cfg.task != "causal_lm":
-        if ref.path:
-            units = drift_on_blocks(views, chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, max_len),
-                                    bs, pad, device)
-            for n in others:
-                metrics[n]["reference_representation_drift"] = float(units["drift"][n].sum() / units["tokens"].sum())
-                metrics[n]["reference_tokens"] = float(units["tokens"].sum())
-                intervals[n]["reference_representation_drift"] = stats.ratio_ci(units["drift"][n], units["tokens"], **stats_kw).to_list()
-        return metrics, intervals
-    if ref.path:
-        blocks = chunk_reference(read_reference_texts(ref.path), tokenizer, ref.max_tokens, max_len)
-        compared(compare_on_blocks(views, blocks, bs, pad, device), "reference")
-    if ref.probes:
-        info = base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
-        with views.use(BASE) as m:
-            rows = base_answers(m, tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
-        blocks, starts = probe_blocks(rows, tokenizer, max(max_len, 256))
-        units = compare_on_blocks(views, blocks, bs, pad, device, score_from=starts)
-        compared(units, "self_retention")
-        if not ref.path:  # probes alone: they are the reference too, as before corpora could be combined
-            compared(units, "reference")
-    for path in ref.benchmarks:
-        questions = read_mc_benchmark(path)[: ref.max_benchmark_questions]
-        correct = mc_correct(views, questions, tokenizer, bs, max_len, device)
-        key = f"benchmark_{_safe_name(path)}"
-        for n in others:
-            metrics[n].update({f"{key}_accuracy_base": float(correct[BASE].mean()),
-                               f"{key}_accuracy_adapted": float(correct[n].mean()),
-                               f"{key}_accuracy_drop": float(correct[BASE].mean() - correct[n].mean()),
-                               f"{key}_questions": float(len(questions))})
-            intervals[n][f"{key}_accuracy_drop"] = stats.paired_diff_ci(correct[BASE], correct[n], **stats_kw).to_list()
-    return metrics, intervals
-
-
 def evaluate_adapter(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
     champion_adapter_dir: str | None = None, champion_version: str | None = None,
@@ -347,7 +281,7 @@ def evaluate_adapter(
     intervals = _intervals(metric, higher, units, stats_kw)
     scored = time.perf_counter()
     with autocast(cfg.training.precision, device):
-        forgetting, f_intervals = _forgetting(cfg, views, tokenizer, device, base_info, stats_kw)
+        forgetting, f_intervals = measure_forgetting(cfg, views, tokenizer, device, base_info, stats_kw)
     intervals.update(f_intervals[ADAPTED])
     if has_champion:
         intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import stats
+from .config import PipelineConfig
 from .errors import DataError
+from .modeling import BaseModelInfo, describe_base_model
+from .probes import base_answers, probe_blocks
+from .views import BASE
 
 
 def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -300,3 +305,102 @@ def mc_correct(views, questions: list[MCQuestion], tokenizer, batch_size: int, m
         ll = np.array(ll)
         out[name] = np.array([float(int(np.argmax(ll[owner_arr == qi])) == q.answer) for qi, q in enumerate(questions)])
     return out
+
+
+# ----------------------------------------------------------------------------- every source a config names
+
+
+@dataclass
+class _Measurement:
+    """What one evaluation measures forgetting with, and what it found so far, per non-base view."""
+
+    cfg: PipelineConfig
+    views: object
+    tokenizer: object
+    device: str
+    stats_kw: dict
+    base_info: BaseModelInfo | None
+    metrics: dict[str, dict] = field(default_factory=dict)
+    intervals: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.others = [n for n in self.views.names if n != BASE]
+        self.metrics = {n: {} for n in self.others}
+        self.intervals = {n: {} for n in self.others}
+
+    def add_comparison(self, units: dict, prefix: str) -> None:
+        """`<prefix>_perplexity_*`, `<prefix>_kl` of every view, with intervals of the ratio and the KL."""
+        for n in self.others:
+            self.metrics[n].update(summarize_comparison(units, n, prefix))
+            self.intervals[n][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
+                units["nll"][n], units["nll"][BASE], units["tokens"], **self.stats_kw).to_list()
+            self.intervals[n][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][n], units["tokens"], **self.stats_kw).to_list()
+
+
+def _measure_corpus(m: _Measurement) -> None:
+    """`evaluation.reference.path`: perplexity ratio and KL (causal LM), or representation drift."""
+    cfg, ref = m.cfg, m.cfg.evaluation.reference
+    bs, pad = cfg.evaluation.batch_size, m.tokenizer.pad_token_id or 0
+    blocks = chunk_reference(read_reference_texts(ref.path), m.tokenizer, ref.max_tokens, cfg.training.max_seq_length)
+    if cfg.task == "causal_lm":
+        m.add_comparison(compare_on_blocks(m.views, blocks, bs, pad, m.device), "reference")
+        return
+    units = drift_on_blocks(m.views, blocks, bs, pad, m.device)
+    for n in m.others:
+        m.metrics[n]["reference_representation_drift"] = float(units["drift"][n].sum() / units["tokens"].sum())
+        m.metrics[n]["reference_tokens"] = float(units["tokens"].sum())
+        m.intervals[n]["reference_representation_drift"] = stats.ratio_ci(
+            units["drift"][n], units["tokens"], **m.stats_kw).to_list()
+
+
+def _measure_probes(m: _Measurement) -> None:
+    """`evaluation.reference.probes`: self-retention on the base model's own (cached) answers."""
+    cfg, bs = m.cfg, m.cfg.evaluation.batch_size
+    info = m.base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
+    with m.views.use(BASE) as model:
+        rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
+    blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
+    units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts)
+    m.add_comparison(units, "self_retention")
+    if not cfg.evaluation.reference.path:  # probes alone: they are the reference too, as before corpora could be combined
+        m.add_comparison(units, "reference")
+
+
+def _measure_benchmarks(m: _Measurement) -> None:
+    """`evaluation.reference.benchmarks`: accuracy drop base minus adapted, per file."""
+    cfg, ref = m.cfg, m.cfg.evaluation.reference
+    for path in ref.benchmarks:
+        questions = read_mc_benchmark(path)[: ref.max_benchmark_questions]
+        correct = mc_correct(m.views, questions, m.tokenizer, cfg.evaluation.batch_size, cfg.training.max_seq_length, m.device)
+        key = f"benchmark_{_safe_name(path)}"
+        for n in m.others:
+            m.metrics[n].update({f"{key}_accuracy_base": float(correct[BASE].mean()),
+                                 f"{key}_accuracy_adapted": float(correct[n].mean()),
+                                 f"{key}_accuracy_drop": float(correct[BASE].mean() - correct[n].mean()),
+                                 f"{key}_questions": float(len(questions))})
+            m.intervals[n][f"{key}_accuracy_drop"] = stats.paired_diff_ci(correct[BASE], correct[n], **m.stats_kw).to_list()
+
+
+def _safe_name(path: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in Path(path).stem.lower()).strip("_") or "mc"
+
+
+SOURCES = {
+    "corpus": (lambda ref: bool(ref.path), _measure_corpus),
+    "probes": (lambda ref: bool(ref.probes), _measure_probes),
+    "benchmark": (lambda ref: bool(ref.benchmarks), _measure_benchmarks),
+}
+"""The `source` column of `config.FORGETTING_METRICS`: whether the reference section turns the
+source on, and what measures it. Probes and benchmarks score causal LMs only (a config check)."""
+
+
+def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
+                       stats_kw: dict) -> tuple[dict, dict]:
+    """Forgetting of every non-base view against the base on each source `evaluation.reference`
+    turns on: ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
+    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info)
+    ref = cfg.evaluation.reference
+    for enabled, measure in SOURCES.values():
+        if ref is not None and enabled(ref):
+            measure(m)
+    return m.metrics, m.intervals

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .config import PromotionPolicy
+from .config import FORGETTING_METRICS, ForgettingMetric, PromotionPolicy, forgetting_metric
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def candidate_from_metrics(
     forgetting: dict[str, float] | None = None, version: str | None = None,
 ) -> Candidate:
     """A candidate from flat run metrics (`base_<metric>`, `adapted_<metric>`), as logged to MLflow."""
-    names = (*INTERVAL_NAMES, *FORGETTING_LIMITS, *(k for k in (forgetting or {}) if forgetting_limit_field(k)))
+    names = (*INTERVAL_NAMES, *(k for k in {*metrics, *(forgetting or {})} if forgetting_metric(k)))
     intervals = {
         k: (metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"])
         for k in names
@@ -53,24 +53,6 @@ def candidate_from_metrics(
 
 
 INTERVAL_NAMES = ("task_gain", "champion_delta")
-FORGETTING_LIMITS = {
-    "reference_perplexity_ratio": "max_perplexity_ratio",
-    "reference_kl": "max_kl",
-    "reference_representation_drift": "max_representation_drift",
-    "self_retention_perplexity_ratio": "max_self_retention_ratio",
-}
-"""Forgetting metric -> the policy field that bounds it (larger is worse for each)."""
-
-
-def forgetting_limit_field(name: str) -> str | None:
-    """The policy field bounding forgetting metric `name`, or None when nothing bounds it.
-    Every multiple-choice benchmark's `benchmark_<name>_accuracy_drop` is bounded by
-    `max_benchmark_accuracy_drop`."""
-    if name in FORGETTING_LIMITS:
-        return FORGETTING_LIMITS[name]
-    if name.startswith("benchmark_") and name.endswith("_accuracy_drop"):
-        return "max_benchmark_accuracy_drop"
-    return None
 
 
 @dataclass(frozen=True)
@@ -101,19 +83,21 @@ def _show(point, bounds: tuple[float, float]) -> str:
     return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
 
 
-def _check_forgetting(name: str, candidate: Candidate, limit, reasons: list[str], failed: list[str]) -> None:
-    """Pass when the metric's upper bound is within the limit: forgetting must be shown small."""
-    if limit is None or name not in candidate.forgetting:
+def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate, limit, reasons: list[str],
+                      failed: list[str]) -> None:
+    """Pass when the metric's worse bound is within the limit: forgetting must be shown small."""
+    if limit is None:
         return
     value = candidate.forgetting[name]
     bounds = _bounds(candidate, name, value)
+    side = "upper" if metric.higher_is_worse else "lower"
     if bounds is None:
         failed.append(name)
         reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number; "
                        f"it cannot be shown within the limit {limit:.4g}")
-    elif bounds[1] > limit:
+    elif bounds[1] > limit if metric.higher_is_worse else bounds[0] < limit:
         failed.append(name)
-        reasons.append(f"{name}: {_show(value, bounds)} may exceed the limit {limit:.4g} (forgetting; upper bound checked)")
+        reasons.append(f"{name}: {_show(value, bounds)} may exceed the limit {limit:.4g} (forgetting; {side} bound checked)")
     else:
         reasons.append(f"{name}: {_show(value, bounds)} within the limit {limit:.4g}")
 
@@ -125,9 +109,9 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     instead of the point whenever the candidate carries it:
     - task gain (superiority over base): passes iff the lower bound of the paired gain
       (adapted vs base, oriented so positive is better) >= `min_task_gain`;
-    - each forgetting metric (non-inferiority): passes iff its upper bound <= its limit
-      (`max_perplexity_ratio`, `max_kl`, `max_representation_drift`, `max_self_retention_ratio`,
-      `max_benchmark_accuracy_drop`); a limit of None skips that metric;
+    - each forgetting metric of `config.FORGETTING_METRICS` (non-inferiority): passes iff its
+      worse bound (the upper one, as every metric there grows with forgetting) is within the
+      policy field that row names; a limit of None skips that metric;
     - champion (non-inferiority): passes iff the lower bound of the paired lead (challenger minus
       champion on the same eval rows) >= `-champion_tolerance`; a champion scored elsewhere is
       compared by its recorded point value.
@@ -148,13 +132,12 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     else:
         reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base (required {policy.min_task_gain:.4g})")
 
-    measured = [k for k in FORGETTING_LIMITS if k in candidate.forgetting]
-    measured += sorted(k for k in candidate.forgetting if k not in FORGETTING_LIMITS and forgetting_limit_field(k))
+    measured = [(name, metric) for metric in FORGETTING_METRICS for name in sorted(candidate.forgetting) if metric.matches(name)]
     if policy.require_forgetting_metrics and not measured:
         failed.append("forgetting")
         reasons.append("forgetting: no forgetting metric was measured (set evaluation.reference) and the policy requires one")
-    for name in measured:
-        _check_forgetting(name, candidate, getattr(policy, forgetting_limit_field(name)), reasons, failed)
+    for name, metric in measured:
+        _check_forgetting(name, metric, candidate, getattr(policy, metric.limit), reasons, failed)
 
     if policy.beat_champion:
         _check_champion(candidate, champion, policy, reasons, failed)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import FORGETTING_METRICS
 from .evaluation import EvalReport
-
-FORGETTING_AXES = ("reference_perplexity_ratio", "reference_kl", "reference_representation_drift",
-                   "self_retention_perplexity_ratio", "self_retention_kl")
 
 
 def _pyplot():
@@ -47,13 +45,13 @@ def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Pat
 
 
 def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[str, float | None]) -> Path | None:
-    """Task gain (y) against the first forgetting metric measured (x), per model."""
-    key = next((k for k in FORGETTING_AXES if k in report.forgetting), None)
-    if key is None:
+    """Task gain (y) against the first bounded forgetting metric measured (x), per model."""
+    found = next(((k, m) for m in FORGETTING_METRICS for k in sorted(report.forgetting) if m.matches(k)), None)
+    if found is None:
         return None
+    key, metric = found
     plt = _pyplot()
-    neutral = 1.0 if key.endswith("perplexity_ratio") else 0.0  # where the base model sits
-    points = [("base", 0.0, None, neutral, None)]
+    points = [("base", 0.0, None, metric.neutral, None)]
     if report.champion is not None and key in report.champion_forgetting:
         m = report.primary_metric
         lead = report.champion[m] - report.base[m]
@@ -70,7 +68,7 @@ def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[s
         ax.axvline(limits[key], color="tab:red", linestyle="--", linewidth=1, label=f"limit {limits[key]:g}")
     if limits.get("min_task_gain") is not None:
         ax.axhline(limits["min_task_gain"], color="tab:green", linestyle="--", linewidth=1, label="minimum gain")
-    ax.set_xlabel(f"{key} (forgetting; lower is better)")
+    ax.set_xlabel(f"{metric.axis} (forgetting; {'lower' if metric.higher_is_worse else 'higher'} is better)")
     ax.set_ylabel(f"gain in {report.primary_metric} over base")
     ax.set_title("task gain vs forgetting")
     ax.legend(fontsize=8)

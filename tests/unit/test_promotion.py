@@ -116,3 +116,17 @@ def test_candidate_from_flat_metrics_reads_the_intervals():
             "reference_kl_ci_low": 0.1, "reference_kl_ci_high": 0.2, "champion_delta_ci_low": -0.1}
     c = candidate_from_metrics(flat, "eval_loss", False, {"reference_kl": 0.15})
     assert c.intervals == {"task_gain": (0.4, 0.6), "reference_kl": (0.1, 0.2)}  # a half interval is no interval
+
+
+def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
+    """The one table of forgetting metrics stays whole: each row's limit is a policy field and its
+    source is one that evaluation measures."""
+    from lora_tasks import forgetting
+    from lora_tasks.config import FORGETTING_METRICS, PromotionPolicy, forgetting_limits
+
+    fields = set(PromotionPolicy.model_fields)
+    assert {m.limit for m in FORGETTING_METRICS} <= fields
+    assert {m.source for m in FORGETTING_METRICS} <= set(forgetting.SOURCES)
+    limits = forgetting_limits(PromotionPolicy(max_benchmark_accuracy_drop=0.1),
+                               ["benchmark_arc_accuracy_drop", "self_retention_kl", "reference_kl"])
+    assert limits == {"benchmark_arc_accuracy_drop": 0.1, "reference_kl": 0.5}
