@@ -92,9 +92,8 @@ class ValidationReport:
 
     @classmethod
     def combine(cls, task: str, parts: list[ValidationReport], max_issues: int | None = None) -> ValidationReport:
-        """One report of several parts of the same data (the batches of a stream, an eval split
-        read on its own): rows, valid rows and failing counts add up; issues keep their order, the
-        first `max_issues` of them."""
+        """One report of parts of the same data (a stream's batches, an eval split read on its own):
+        rows, valid rows and failing counts add up; the first `max_issues` issues are kept in order."""
         rows, valid, counts, issues = {"train": 0, "eval": 0}, {"train": 0, "eval": 0}, {}, []
         for part in parts:
             for total, own in ((rows, part.rows), (valid, part.valid_rows), (counts, part.counts_by_check)):
@@ -105,8 +104,7 @@ class ValidationReport:
 
     def write(self, out_dir: str | Path) -> dict[str, str]:
         """`validation_report.json` and `.md` in `out_dir`: their paths, by kind."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
         files = {"report_json": out / "validation_report.json", "report_md": out / "validation_report.md"}
         files["report_json"].write_text(json.dumps(self.to_dict(), indent=2, default=str))
         files["report_md"].write_text(self.to_markdown())
@@ -135,20 +133,13 @@ class ValidationReport:
         lines += ["", ROW_CONVENTION]
         for check, count in self.counts_by_check.items():
             issues = [i for i in self.issues if i.check == check]
-            lines += [
-                "",
-                f"### {check}: {count} row(s)",
-                "",
-                "| split | row | column | value | reason |",
-                "| --- | ---: | --- | --- | --- |",
-            ]
+            lines += ["", f"### {check}: {count} row(s)", "", "| split | row | column | value | reason |",
+                      "| --- | ---: | --- | --- | --- |"]
             for i in issues[:max_rows_per_check]:
                 cells = [i.split, "all" if i.row is None else str(i.row), i.column or "", i.value or "", i.reason]
                 lines.append("| " + " | ".join(_escape_cell(c) for c in cells) + " |")
             if len(issues) > max_rows_per_check:
-                lines.append(
-                    f"\n...and {len(issues) - max_rows_per_check} more {check} issue(s) (see the full report)."
-                )
+                lines.append(f"\n...and {len(issues) - max_rows_per_check} more {check} issue(s) (see the full report).")
         return "\n".join(lines) + "\n"
 
 
@@ -617,10 +608,8 @@ def _write_quarantine(invalid: pd.DataFrame, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as fh:
             for record in invalid.to_dict("records"):
-                fh.write(
-                    json.dumps({str(k): _json_value(v) for k, v in record.items()}, ensure_ascii=False, default=str)
-                    + "\n"
-                )
+                row = {str(k): _json_value(v) for k, v in record.items()}
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     except OSError as exc:
         raise DataError(
             f"{path}: cannot write the quarantine file ({exc.strerror or exc}). Fix: choose a writable folder."
