@@ -12,7 +12,7 @@ import pytest
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.setdefault("PREFECT_LORA_CACHE", str(Path(tempfile.gettempdir()) / "prefect-lora-test-cache"))
-os.environ["PREFECT_LORA_RAY_TMP"] = "/tmp/plray-test"
+os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export another to keep parallel checkouts apart
 
 import flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
 

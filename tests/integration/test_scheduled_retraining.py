@@ -134,7 +134,7 @@ def stack(tmp_path_factory):
            "PREFECT_LORA_PROJECT_DIR": str(REPO), "PREFECT_LORA_WEBHOOK_URL": hook.url,
            "PREFECT_LORA_MLFLOW_RETRY_DELAYS": "1,2,4",  # backoff, short enough for a test
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-           "PREFECT_LORA_RAY_TMP": "/tmp/plray-sched"}
+           "PREFECT_LORA_RAY_TMP": os.environ["PREFECT_LORA_RAY_TMP"] + "-sched"}
     env.pop("PREFECT_PROFILE", None)
     mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
                                 "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"], env, logs, cwd=work)

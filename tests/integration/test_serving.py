@@ -5,6 +5,7 @@ prompt differently; the answer says which adapter served it."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-6f1c2b9e"
+RAY_TMP = os.environ["PREFECT_LORA_RAY_TMP"] + "-serve"  # set by conftest; one per checkout
 NAME = "serve-tiny"
 PROMPT = "What is 12 plus 30? Answer:"
 
@@ -45,7 +47,7 @@ def server(tmp_path_factory, tiny_model_dir):
                       app_name="test-serving")
     os.environ["PREFECT_LORA_SERVE_TOKEN"] = TOKEN
     try:
-        serving.start(cfg, ray_temp_dir="/tmp/plray-serve")
+        serving.start(cfg, ray_temp_dir=RAY_TMP)
     finally:
         os.environ.pop("PREFECT_LORA_SERVE_TOKEN", None)
     client = httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60,
@@ -166,7 +168,7 @@ def test_requests_without_the_token_get_401_and_the_token_is_never_logged(server
         assert httpx.post(f"{base}/admin/refresh", headers=headers).status_code == 401
     assert httpx.get(f"{base}/health").status_code == 200  # health stays open
     assert _complete(server["client"])[0]  # and the server still answers
-    logs = Path("/tmp/plray-serve/session_latest/logs")
+    logs = Path(RAY_TMP) / "session_latest" / "logs"
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaked == []
 
