@@ -98,7 +98,7 @@ def child(args) -> None:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     import mlflow
 
-    logged = mlflow.tracking.MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.metrics
+    logged = mlflow.tracking.MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
     tasks = sorted(((tr.start_time, tr.name.rsplit("-", 1)[0], (tr.end_time - tr.start_time).total_seconds())
                     for tr in task_runs if tr.start_time and tr.end_time), key=lambda x: x[0])
     flow_s = (flow_run.end_time - flow_run.start_time).total_seconds() if flow_run.end_time else None
@@ -107,7 +107,7 @@ def child(args) -> None:
         "report_s": report_s,
         "import_s": imported - t0, "api_wait_s": api_waited, "retrain_call_s": done - imported - api_waited, "flow_run_s": flow_s,
         "tasks": [(name, secs) for _, name, secs in tasks],
-        "metrics": {k: v for k, v in {**logged, **result["metrics"]}.items() if k.startswith(("eval_", "train_"))},
+        "metrics": {k: v for k, v in {**logged, **result.metrics}.items() if k.startswith(("eval_", "train_"))},
     }), flush=True)
 
 

@@ -6,7 +6,7 @@ from flows import settings  # noqa: F401  (quiet defaults first)
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from lora_tasks.errors import LoraTaskError, ValidationFailed
+
+if TYPE_CHECKING:
+    from lora_tasks.lifecycle import RunResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA retraining pipelines on Prefect, Ray Train and MLflow.")
 console = Console(stderr=True)
@@ -133,29 +136,30 @@ def demo_prepare(
     console.print(f"demo data: {train} ({rows} rows), {eval_} ({eval_rows} rows)", highlight=False, soft_wrap=True)
 
 
-def _print_summary(result: dict) -> None:
-    from lora_tasks.pipeline import metrics_table
+def _print_summary(result: RunResult) -> None:
+    from lora_tasks.report import metrics_table
 
-    if result.get("skipped"):
-        Console().print(f"[cyan]{result['reasons'][0]}[/] (nothing trained; --force retrains)", highlight=False, soft_wrap=True)
+    if result.skipped:
+        Console().print(f"[cyan]{result.reasons[0]}[/] (nothing trained; --force retrains)", highlight=False, soft_wrap=True)
         return
 
-    columns, rows = metrics_table(result["metrics"])
-    what = "full fine-tuning baseline (not registered)" if result.get("method") == "full" else f"version {result['version']}"
-    table = Table(title=f"{result['model_name']} {what}  (bootstrap intervals in brackets)")
+    columns, rows = metrics_table(result.metrics)
+    baseline = result.method == "full"
+    what = "full fine-tuning baseline (not registered)" if baseline else f"version {result.version}"
+    table = Table(title=f"{result.model_name} {what}  (bootstrap intervals in brackets)")
     for i, c in enumerate(columns):
         table.add_column(c, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     out = Console()
     out.print(table)
-    verdict = ("[green]promoted to champion[/]" if result["promoted"] else
-               "[cyan]baseline, logged only[/]" if result.get("method") == "full" else "[yellow]not promoted[/]")
+    verdict = ("[green]promoted to champion[/]" if result.promoted else
+               "[cyan]baseline, logged only[/]" if baseline else "[yellow]not promoted[/]")
     out.print(f"decision: {verdict}")
-    for reason in result["reasons"]:
+    for reason in result.reasons:
         out.print(f"  - {reason}", highlight=False)
-    out.print(f"MLflow run {result['run_id']}; run folder {result['run_dir']}", highlight=False, soft_wrap=True)
-    out.print(f"open the UI: mlflow ui --backend-store-uri {result['tracking_uri']}", highlight=False, soft_wrap=True)
+    out.print(f"MLflow run {result.run_id}; run folder {result.run_dir}", highlight=False, soft_wrap=True)
+    out.print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri}", highlight=False, soft_wrap=True)
 
 
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: the local SQLite store, sqlite:///.prefect-lora/mlflow.db).")]

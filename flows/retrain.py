@@ -10,7 +10,6 @@ from flows import settings  # noqa: F401  (quiet, non-interactive defaults befor
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,8 +24,12 @@ from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model
 from lora_tasks.launcher import prepare_data
-from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_base, summary_markdown
+from lora_tasks.lifecycle import RunResult
+from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_base
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
+from lora_tasks.report import (
+    baseline_markdown, mlflow_markdown, redecision_markdown, skip_markdown, summary_markdown, version_description,
+)
 
 
 
@@ -193,17 +196,14 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
         return again
 
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
-    registry.describe_version(uri, name, version, summary.split("\n## Tracking")[0])
+    registry.describe_version(uri, name, version, version_description(summary))
     final, against, record = registry.settle_decision(
         uri, name, version, decision, champion, redecide,
         actor=registry.default_actor(str(flow_run.id or "") or None), run_id=run_id,
     )
     if final is not decision:
-        summary += (f"\n## Decided again\nThe champion moved to version {against.version if against else None} "
-                    f"during this run; the gate was re-run against it: "
-                    f"**{'promoted' if final.promote else 'not promoted'}**.\n" + "\n".join(f"- {r}" for r in final.reasons) + "\n")
-    summary += f"\n## MLflow\n- run `{run_id}`: {registry.run_url(uri, run_id)}\n- audit: {record.action}, " \
-               f"champion {record.from_version} -> {record.to_version}\n"
+        summary += redecision_markdown(final, against.version if against else None)
+    summary += mlflow_markdown(run_id, registry.run_url(uri, run_id), record.action, record.from_version, record.to_version)
     registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
                                         "mlflow.note.content": summary})
     registry.end_run(uri, run_id)
@@ -236,60 +236,41 @@ def read_version(cfg: PipelineConfig, version: str | None):
 @task(name="record-skip", **MLFLOW_RETRIES)
 def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion) -> tuple[str, str]:
     """A short MLflow run tagged `promotion.decision=skipped`; returns (run id, reason)."""
-    reason = (f"{lifecycle.SKIPPED_MESSAGE}: data fingerprint {tags['lineage.data_fingerprint'][:12]} and config hash "
-              f"{tags['lineage.config_hash'][:12]} equal those of champion version {champion.version}")
+    reason = lifecycle.skip_reason(tags, champion.version)
     get_run_logger().info("%s (pass force=True to retrain anyway)", reason)
     return registry.record_skip(cfg, tags, champion.version, reason), reason
 
 
 @task(name="apply-retention", **STEP)
-def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> dict:
-    """Delete checkpoints and registered versions beyond `retention`; never the champion, the
-    previous champion or the challenger. A failure here is logged: the run's result stands."""
-    import shutil
-
-    r, uri, name, log = cfg.retention, cfg.tracking.tracking_uri, cfg.model_name, get_run_logger()
-    deleted: dict[str, list[str]] = {"checkpoints": [], "versions": []}
+def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> lifecycle.Retention:
+    """Delete checkpoints and registered versions beyond `retention` (`lifecycle.apply_retention`).
+    A failure here is logged: the run's result stands."""
+    log = get_run_logger()
     try:
-        if r.keep_checkpoints and "://" not in cfg.scaling.storage_path:
-            found = [(str(t), t.stat().st_mtime) for t in (Path(cfg.scaling.storage_path) / name).glob("run-*/train")]
-            for path in lifecycle.checkpoints_to_delete(found, r.keep_checkpoints, str(Path(run_dir) / "train")):
-                shutil.rmtree(path, ignore_errors=True)
-                deleted["checkpoints"].append(path)
-        if r.keep_versions:
-            protected = registry.protected_versions(uri, name) | {version}
-            doomed = lifecycle.versions_to_delete(registry.list_versions(uri, name), r.keep_versions, protected)
-            deleted["versions"] = registry.delete_versions(uri, name, doomed)
-    except Exception as exc:  # noqa: BLE001  (cleanup is retried by the next run)
+        deleted = lifecycle.apply_retention(cfg, run_dir, version)
+    except lifecycle.RetentionStopped as exc:  # cleanup is retried by the next run
+        deleted = exc.deleted
         log.warning("retention stopped early (%s); the next run tries again", exc)
-    if deleted["checkpoints"] or deleted["versions"]:
-        log.info("retention deleted %d checkpoint folder(s) and version(s) %s", len(deleted["checkpoints"]),
-                 deleted["versions"] or "none")
+    if deleted.checkpoints or deleted.versions:
+        log.info("retention deleted %d checkpoint folder(s) and version(s) %s", len(deleted.checkpoints),
+                 deleted.versions or "none")
     return deleted
 
 
-def _md_data(d: lifecycle.DataSummary):
-    """The shape `summary_markdown` reads (it was written for `PreparedData`)."""
-    return SimpleNamespace(train_count=d.train_count, eval_rows=range(d.eval_count), fingerprint=d.fingerprint,
-                           report=SimpleNamespace(summary=lambda: d.report_summary), quarantine_path=d.quarantine_path)
-
-
 def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: EvalReport, run_id: str, run_dir: str,
-                     champion) -> dict:
+                     champion) -> RunResult:
     """End a `training.method: full` run: reports in MLflow and Prefect, no version, no promotion."""
-    reasons = ["training.method is full: a baseline run, evaluated and logged but never registered or promoted"]
-    summary = summary_markdown(cfg, _md_data(data), report, Decision(False, reasons, ["baseline"]), "(not registered)",
-                               run_id, champion.version if champion else None)
+    champion_before = champion.version if champion else None
+    summary = baseline_markdown(cfg, data, report, run_id, champion_before)
     publish_reports(cfg, run_id, run_dir, report, summary)
     registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
     registry.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
-    return {"model_name": cfg.model_name, "version": None, "promoted": False, "reasons": reasons, "run_id": run_id,
-            "run_dir": run_dir, "metrics": report.flat_metrics(), "champion_before": champion.version if champion else None,
-            "tracking_uri": cfg.tracking.tracking_uri, "summary": summary, "method": "full"}
+    return RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir, cfg.tracking.tracking_uri,
+                     report.flat_metrics(), champion_before=champion_before, summary=summary, method="full")
 
 
-def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> dict:
+def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> RunResult:
     """Log, register, gate and promote a trained and evaluated adapter: the end of `retrain` and
     all of `register_run`. `pending` (registration.json) says how far an earlier attempt got."""
     run_id, run_dir = pending.run_id, pending.run_dir
@@ -304,29 +285,19 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
         version = register(cfg, run_id, pending.adapter_dir, pending.base_model, pending.tags)
         pending.version, pending.status = version, "registered"
         pending.save()
+    champion_before = champion.version if champion else None
     decision = decide(cfg, report, version, champion)
-    summary = summary_markdown(cfg, _md_data(pending.data), report, decision, version, run_id,
-                               champion.version if champion else None)
+    summary = summary_markdown(cfg, pending.data, report, decision, version, run_id, champion_before)
     publish_reports(cfg, run_id, run_dir, report, summary)
     decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
     pending.status = "done"
     pending.save()
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} v{version}")
-    notifications.remember(flow_run.id, promoted=decision.promote, version=version,
-                           champion_before=champion.version if champion else None)
+    notifications.remember(flow_run.id, promoted=decision.promote, version=version, champion_before=champion_before)
     apply_retention(cfg, run_dir, version)
-    return {
-        "model_name": cfg.model_name,
-        "version": version,
-        "promoted": decision.promote,
-        "reasons": decision.reasons,
-        "run_id": run_id,
-        "run_dir": run_dir,
-        "metrics": report.flat_metrics(),
-        "champion_before": champion.version if champion else None,
-        "tracking_uri": cfg.tracking.tracking_uri,
-        "summary": summary,
-    }
+    return RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
+                     cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before, summary=summary,
+                     method=cfg.training.method)
 
 
 def _mark_failed(cfg: PipelineConfig, run_id: str) -> None:
@@ -338,12 +309,10 @@ def _mark_failed(cfg: PipelineConfig, run_id: str) -> None:
 
 def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
     skip_run, reason = record_skip(cfg, tags, champion)
-    md = (f"# {cfg.model_name}: {lifecycle.SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained; champion "
-          f"version {champion.version} stays. MLflow run `{skip_run}` records this check.\n")
+    md = skip_markdown(cfg.model_name, reason, champion.version, skip_run)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
-    result = {"model_name": cfg.model_name, "version": champion.version, "promoted": False, "skipped": True,
-              "reasons": [reason], "run_id": skip_run, "run_dir": run_dir, "metrics": {},
-              "champion_before": champion.version, "tracking_uri": cfg.tracking.tracking_uri, "summary": md}
+    result = RunResult(cfg.model_name, champion.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
+                       skipped=True, champion_before=champion.version, summary=md)
     return Completed(message=lifecycle.SKIPPED_MESSAGE, data=result)
 
 
@@ -354,7 +323,7 @@ HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.
 
 
 @flow(name="lora-retrain", log_prints=True, **HOOKS)
-def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False) -> dict:
+def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False) -> RunResult:
     """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it.
 
     Skipped (a Completed state "skipped: no new data") when the champion was trained on the same
@@ -388,7 +357,7 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
 
 
 @flow(name="lora-register", log_prints=True, **HOOKS)
-def register_run(run_dir: str, tracking_uri: str | None = None) -> dict:
+def register_run(run_dir: str, tracking_uri: str | None = None) -> RunResult:
     """Complete the registration of a run that trained and evaluated its adapter but could not
     register it (e.g. the tracking server was down): log, register, gate, promote. No training."""
     pending = lifecycle.read_pending(run_dir)
@@ -399,11 +368,9 @@ def register_run(run_dir: str, tracking_uri: str | None = None) -> dict:
     notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir, mlflow_run_id=pending.run_id,
                            notifications=cfg.notifications.model_dump())
     if pending.status == "done":
-        reason = f"{run_dir}: already registered as version {pending.version} and gated; nothing to do"
-        get_run_logger().info(reason)
-        return {"model_name": cfg.model_name, "version": pending.version, "promoted": False, "skipped": True,
-                "reasons": [reason], "run_id": pending.run_id, "run_dir": run_dir, "metrics": {},
-                "tracking_uri": cfg.tracking.tracking_uri}
+        result = lifecycle.already_registered(pending, run_dir, cfg.model_name, cfg.tracking.tracking_uri)
+        get_run_logger().info(result.reasons[0])
+        return result
     report = EvalReport(**{k: v for k, v in pending.report.items() if k != "task_gain"})
     champion = read_version(cfg, pending.champion_version)
     try:

@@ -1,15 +1,18 @@
-"""Operating a scheduled model: skip a run that would retrain on the same inputs, choose what
-retention deletes, and keep what a failed registration needs to be completed later.
+"""Operating a scheduled model: skip a run that would retrain on the same inputs, apply
+retention, keep what a failed registration needs to be completed later, and say what a run did.
 
-Pure selection logic and plain files; the MLflow side is in `registry.py`, the wiring in `flows/`."""
+Selection logic and plain files; the MLflow calls it needs are `registry.py`'s, the wiring is in `flows/`."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import registry
+from .config import PipelineConfig
 from .errors import LoraTaskError
 
 SKIP_KEYS = ("lineage.data_fingerprint", "lineage.config_hash")
@@ -17,6 +20,7 @@ SKIP_KEYS = ("lineage.data_fingerprint", "lineage.config_hash")
 
 SKIPPED_MESSAGE = "skipped: no new data"
 REGISTRATION_FILE = "registration.json"
+BASELINE_REASON = "training.method is full: a baseline run, evaluated and logged but never registered or promoted"
 
 
 def unchanged_since(champion_tags: dict[str, str] | None, lineage: dict[str, str]) -> bool:
@@ -26,6 +30,12 @@ def unchanged_since(champion_tags: dict[str, str] | None, lineage: dict[str, str
     if not champion_tags:
         return False
     return all(lineage.get(k) and champion_tags.get(k) == lineage.get(k) for k in SKIP_KEYS)
+
+
+def skip_reason(lineage: dict[str, str], champion_version: str) -> str:
+    """Why a run is skipped: the lineage it shares with the champion, shortened for people."""
+    return (f"{SKIPPED_MESSAGE}: data fingerprint {lineage['lineage.data_fingerprint'][:12]} and config hash "
+            f"{lineage['lineage.config_hash'][:12]} equal those of champion version {champion_version}")
 
 
 # ----------------------------------------------------------------------------- retention
@@ -53,6 +63,59 @@ def versions_to_delete(versions: list[str], keep: int | None, protected: set[str
     newest_first = sorted({str(v) for v in versions}, key=int, reverse=True)
     keep_set = set(newest_first[:keep]) | {str(p) for p in protected if p is not None}
     return [v for v in newest_first if v not in keep_set]
+
+
+@dataclass
+class Retention:
+    """What retention deleted: whole checkpoint folders (`RUN_DIR/train`) and registered versions."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+
+
+class RetentionStopped(LoraTaskError):
+    """Retention failed part way; `deleted` is what it deleted before (the next run tries again)."""
+
+    def __init__(self, message: str, deleted: Retention):
+        self.deleted = deleted
+        super().__init__(message)
+
+
+def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> Retention:
+    """Delete checkpoint folders and registered versions beyond `cfg.retention`; never this run's
+    checkpoints or `version`, the champion, the previous champion or the challenger.
+
+    Raises RetentionStopped (carrying what was deleted so far) when a deletion fails."""
+    deleted = Retention()
+    try:
+        deleted.checkpoints = delete_old_checkpoints(cfg, run_dir)
+        deleted.versions = delete_old_versions(cfg, version)
+    except Exception as exc:  # noqa: BLE001  (any failure: say what went before it)
+        raise RetentionStopped(str(exc), deleted) from exc
+    return deleted
+
+
+def delete_old_checkpoints(cfg: PipelineConfig, run_dir: str) -> list[str]:
+    """Delete the `train/` folders of this model's local runs beyond `retention.keep_checkpoints`.
+
+    A storage URI is left alone: its checkpoints are the store's to expire."""
+    keep, root = cfg.retention.keep_checkpoints, cfg.scaling.storage_path
+    if not keep or "://" in root:
+        return []
+    found = [(str(t), t.stat().st_mtime) for t in (Path(root) / cfg.model_name).glob("run-*/train")]
+    doomed = checkpoints_to_delete(found, keep, str(Path(run_dir) / "train"))
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def delete_old_versions(cfg: PipelineConfig, version: str | None) -> list[str]:
+    """Delete registered versions beyond `retention.keep_versions`; returns those deleted."""
+    keep, uri, name = cfg.retention.keep_versions, cfg.tracking.tracking_uri, cfg.model_name
+    if not keep:
+        return []
+    protected = registry.protected_versions(uri, name) | {version}
+    return registry.delete_versions(uri, name, versions_to_delete(registry.list_versions(uri, name), keep, protected))
 
 
 # ----------------------------------------------------------------------------- pending registration
@@ -136,3 +199,38 @@ def read_pending(run_dir: str | Path) -> PendingRegistration:
     if not (Path(pending.adapter_dir) / "adapter_model.safetensors").is_file():
         raise LoraTaskError(f"the adapter of {run_dir} is missing ({pending.adapter_dir}); run the flow again to retrain it")
     return pending
+
+
+# ----------------------------------------------------------------------------- what a run did
+
+
+@dataclass
+class RunResult:
+    """What a retraining or registration run did: the flows' return value, which the CLI prints
+    and schedulers, tests and benchmarks read."""
+
+    model_name: str
+    version: str | None
+    """The version registered (a skipped run: the champion that stays; a baseline: None)."""
+    promoted: bool
+    reasons: list[str]
+    """Every reason the gate gave, or why nothing was trained or registered."""
+    run_id: str
+    """The MLflow run (of a skipped run: the short run that records the skip)."""
+    run_dir: str
+    tracking_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Flat evaluation metrics (`EvalReport.flat_metrics()`); empty when nothing was evaluated."""
+    skipped: bool = False
+    """True when nothing was trained (unchanged data and config) or nothing was left to register."""
+    champion_before: str | None = None
+    summary: str = ""
+    """The run's Markdown summary, as the Prefect artifact shows it."""
+    method: str = "lora"
+    """`training.method`: `full` marks a baseline run, logged but never registered."""
+
+
+def already_registered(pending: PendingRegistration, run_dir: str, model_name: str, tracking_uri: str) -> RunResult:
+    """The result of completing the registration of `run_dir` once more: there is nothing to do."""
+    reason = f"{run_dir}: already registered as version {pending.version} and gated; nothing to do"
+    return RunResult(model_name, pending.version, False, [reason], pending.run_id, run_dir, tracking_uri, skipped=True)

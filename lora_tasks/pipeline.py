@@ -1,4 +1,4 @@
-"""Steps shared by every entry point: the run folder, in-memory data preparation, lineage and the summary."""
+"""Steps shared by every entry point: the run folder, in-memory data preparation and lineage."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from pathlib import Path
 from . import __version__
 from .config import PipelineConfig
 from .data import fingerprint, load_table, sample_rows, source_fingerprint, split_train_eval
-from .evaluation import EvalReport
 from .modeling import BaseModelInfo
-from .promotion import Decision
 from .validation import ValidationReport, enforce_policy, validate_splits
 
 
@@ -158,67 +156,3 @@ def same_base(champion_tags: dict[str, str], lineage: dict[str, str]) -> bool:
     keys = ("lineage.base_model_hash",) if lineage.get("lineage.base_model_hash") else (
         "lineage.base_model", "lineage.base_model_revision")
     return all(champion_tags.get(k) == lineage.get(k) for k in keys)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "–" if v is None else str(v)
-
-
-def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
-    """(columns, rows) of base / champion / adapted per metric, then forgetting, from flat metrics;
-    a metric with a bootstrap interval shows it as `value [low, high]`."""
-    def cell(key: str) -> str:
-        if key not in flat:
-            return ""
-        lo, hi = flat.get(f"{key}_ci_low"), flat.get(f"{key}_ci_high")
-        return _fmt(flat[key]) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
-
-    has_champion = any(k.startswith("champion_") and k != "champion_delta" for k in flat)
-    columns = ["metric", "base", *(["champion"] if has_champion else []), "adapted"]
-    names = sorted({k.removeprefix("adapted_") for k in flat if k.startswith("adapted_") and "_ci_" not in k})
-    rows = [[n, cell(f"base_{n}"), *([cell(f"champion_{n}")] if has_champion else []), cell(f"adapted_{n}")] for n in names]
-    for key in ("task_gain", "champion_delta"):
-        if key in flat:
-            rows.append([key, "", *([""] if has_champion else []), cell(key)])
-    for key in sorted(k for k in flat if k.startswith("reference_") and "_ci_" not in k):
-        rows.append([key, "", *([""] if has_champion else []), cell(key)])
-    return columns, rows
-
-
-def summary_markdown(
-    cfg: PipelineConfig,
-    data: PreparedData,
-    report: EvalReport,
-    decision: Decision,
-    version: str,
-    run_id: str,
-    champion_version: str | None,
-) -> str:
-    """The run's one-page summary, for the Prefect artifact and the MLflow run."""
-    columns, rows = metrics_table(report.flat_metrics())
-    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-                      + ["| " + " | ".join(r) + " |" for r in rows])
-    confidence = f"{cfg.promotion.confidence:.0%} bootstrap intervals in brackets"
-    reasons = "\n".join(f"- {r}" for r in decision.reasons)
-    verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
-    champ = f"version {champion_version}" if champion_version else "none"
-    ui = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
-    return f"""# {cfg.model_name}: version {version} {verdict}
-
-## Data
-- train rows: {data.train_count}, eval rows: {len(data.eval_rows)}
-- contract: {data.report.summary()}
-- fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
-
-## Evaluation ({report.eval_rows} eval examples, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
-{table}
-{"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
-## Decision (champion before this run: {champ})
-{reasons}
-
-## Tracking
-- MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
-- open the UI: `{ui}`
-"""

@@ -3,14 +3,18 @@
 - `loss_curve.png`: training loss per optimizer step (and the learning rate).
 - `gain_vs_forgetting.png`: task gain over the base against forgetting, for base, champion and
   challenger, with bootstrap error bars, and the policy's limits drawn in.
+- the run's one-page summary (`summary_markdown`) and the notes added to it as the run ends:
+  what the Prefect artifact, the MLflow run's note and the version's description show.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import FORGETTING_METRICS
+from .config import FORGETTING_METRICS, PipelineConfig
 from .evaluation import EvalReport
+from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
+from .promotion import Decision
 
 
 def _pyplot():
@@ -102,3 +106,100 @@ def write_report(
 def _cell(text) -> str:
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+# ----------------------------------------------------------------------------- the run's summary
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "–" if v is None else str(v)
+
+
+def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of base / champion / adapted per metric, then forgetting, from flat metrics;
+    a metric with a bootstrap interval shows it as `value [low, high]`."""
+    def cell(key: str) -> str:
+        if key not in flat:
+            return ""
+        lo, hi = flat.get(f"{key}_ci_low"), flat.get(f"{key}_ci_high")
+        return _fmt(flat[key]) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+
+    has_champion = any(k.startswith("champion_") and k != "champion_delta" for k in flat)
+    columns = ["metric", "base", *(["champion"] if has_champion else []), "adapted"]
+    names = sorted({k.removeprefix("adapted_") for k in flat if k.startswith("adapted_") and "_ci_" not in k})
+    rows = [[n, cell(f"base_{n}"), *([cell(f"champion_{n}")] if has_champion else []), cell(f"adapted_{n}")] for n in names]
+    for key in ("task_gain", "champion_delta"):
+        if key in flat:
+            rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    for key in sorted(k for k in flat if k.startswith("reference_") and "_ci_" not in k):
+        rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    return columns, rows
+
+
+def summary_markdown(
+    cfg: PipelineConfig,
+    data: DataSummary,
+    report: EvalReport,
+    decision: Decision,
+    version: str,
+    run_id: str,
+    champion_version: str | None,
+) -> str:
+    """The run's one-page summary, for the Prefect artifact and the MLflow run."""
+    columns, rows = metrics_table(report.flat_metrics())
+    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    confidence = f"{cfg.promotion.confidence:.0%} bootstrap intervals in brackets"
+    reasons = "\n".join(f"- {r}" for r in decision.reasons)
+    verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
+    champ = f"version {champion_version}" if champion_version else "none"
+    ui = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
+    return f"""# {cfg.model_name}: version {version} {verdict}
+
+## Data
+- train rows: {data.train_count}, eval rows: {data.eval_count}
+- contract: {data.report_summary}
+- fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
+
+## Evaluation ({report.eval_rows} eval examples, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
+{table}
+{"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
+## Decision (champion before this run: {champ})
+{reasons}
+
+## Tracking
+- MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
+- open the UI: `{ui}`
+"""
+
+
+def baseline_markdown(cfg: PipelineConfig, data: DataSummary, report: EvalReport, run_id: str,
+                      champion_version: str | None) -> str:
+    """The summary of a `training.method: full` run: evaluated and logged, never registered."""
+    decision = Decision(False, [BASELINE_REASON], ["baseline"])
+    return summary_markdown(cfg, data, report, decision, "(not registered)", run_id, champion_version)
+
+
+def version_description(summary: str) -> str:
+    """The summary without its tracking part: what a registered version's description shows."""
+    return summary.split("\n## Tracking")[0]
+
+
+def redecision_markdown(final: Decision, against_version: str | None) -> str:
+    """The note added when the champion moved during the run and the gate was run again."""
+    verdict = "promoted" if final.promote else "not promoted"
+    return (f"\n## Decided again\nThe champion moved to version {against_version} during this run; the gate was "
+            f"re-run against it: **{verdict}**.\n" + "\n".join(f"- {r}" for r in final.reasons) + "\n")
+
+
+def mlflow_markdown(run_id: str, run_url: str, action: str, from_version: str | None, to_version: str | None) -> str:
+    """The closing note: the MLflow run and the audit record the decision left on `champion`."""
+    return f"\n## MLflow\n- run `{run_id}`: {run_url}\n- audit: {action}, champion {from_version} -> {to_version}\n"
+
+
+def skip_markdown(model_name: str, reason: str, champion_version: str, skip_run_id: str) -> str:
+    """The summary of a run skipped because nothing changed since the champion."""
+    return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained; champion "
+            f"version {champion_version} stays. MLflow run `{skip_run_id}` records this check.\n")

@@ -89,12 +89,12 @@ def test_the_flow_logs_a_full_run_as_a_baseline_and_registers_nothing(harness, t
     path = tmp_path / "full.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = retrain(str(path))
-    assert result["version"] is None and result["promoted"] is False and result["method"] == "full"
+    assert result.version is None and result.promoted is False and result.method == "full"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     assert run.data.tags["training.method"] == "full" and run.data.tags["promotion.decision"] == "baseline"
     assert run.info.status == "FINISHED"
     assert "adapted_eval_loss" in run.data.metrics and "reference_kl_ci_high" in run.data.metrics
-    reports = {a.path for a in client.list_artifacts(result["run_id"], "reports")}
+    reports = {a.path for a in client.list_artifacts(result.run_id, "reports")}
     assert "reports/evaluation_report.md" in reports and "reports/gain_vs_forgetting.png" in reports
     assert client.search_model_versions(f"name='{raw['model_name']}'") == []

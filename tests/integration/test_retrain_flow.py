@@ -56,9 +56,9 @@ def first_run(harness, workdir):
 def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     from mlflow import MlflowClient
 
-    assert first_run["promoted"] is True, first_run["reasons"]
-    assert first_run["version"] == "1"
-    client = MlflowClient(first_run["tracking_uri"])
+    assert first_run.promoted is True, first_run.reasons
+    assert first_run.version == "1"
+    client = MlflowClient(first_run.tracking_uri)
     champion = client.get_model_version_by_alias("tiny-sums", "champion")
     assert str(champion.version) == "1"
     assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "1"
@@ -69,23 +69,23 @@ def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     assert len(tags["lineage.data_fingerprint"]) == 64
     assert tags["promotion.decision"] == "promoted"
 
-    run = client.get_run(first_run["run_id"])
+    run = client.get_run(first_run.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     assert m["adapted_eval_loss"] < m["base_eval_loss"]
     assert m["reference_perplexity_ratio"] > 0 and m["reference_kl"] >= 0
     assert run.data.params["training.max_steps"] == "60"
-    history = client.get_metric_history(first_run["run_id"], "train_loss")
+    history = client.get_metric_history(first_run.run_id, "train_loss")
     assert [h.step for h in history] == list(range(1, 61))  # per-step loss from the worker
     assert history[-1].value < history[0].value
-    artifacts = {a.path for a in client.list_artifacts(first_run["run_id"], "reports")}
+    artifacts = {a.path for a in client.list_artifacts(first_run.run_id, "reports")}
     assert {"reports/validation_report.json", "reports/validation_report.md", "reports/eval_report.json"} <= artifacts
 
 
 def test_champion_loads_and_predicts_through_pyfunc(first_run):
     import mlflow
 
-    mlflow.set_tracking_uri(first_run["tracking_uri"])
+    mlflow.set_tracking_uri(first_run.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/tiny-sums@champion")
     out = model.predict({"prompt": ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:"]}, params={"max_new_tokens": 4})
     assert list(out.columns) == ["completion"] and len(out) == 2
@@ -93,7 +93,7 @@ def test_champion_loads_and_predicts_through_pyfunc(first_run):
 
 
 def test_run_folder_keeps_every_result(first_run):
-    run_dir = Path(first_run["run_dir"])
+    run_dir = Path(first_run.run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert (run_dir / "validation_report.json").exists()
     assert json.loads((run_dir / "eval_report.json").read_text())["task_gain"] > 0
@@ -120,13 +120,24 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
     from flows.retrain import retrain
 
     result = retrain(str(write_config(workdir, "tiny")), ["promotion.min_task_gain=100"])
-    assert result["promoted"] is False and result["version"] == "2"
-    client = MlflowClient(result["tracking_uri"])
+    assert result.promoted is False and result.version == "2"
+    client = MlflowClient(result.tracking_uri)
     assert str(client.get_model_version_by_alias("tiny-sums", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "2"
     v2 = client.get_model_version("tiny-sums", "2")
     assert v2.tags["promotion.decision"] == "rejected"
     assert "below the required 100" in v2.tags["promotion.reasons"]
+
+
+def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
+    """The skip returns a Completed state whose data is the run's result: the champion stays."""
+    from flows.retrain import retrain
+    from lora_tasks.lifecycle import SKIPPED_MESSAGE, RunResult
+
+    result = retrain(str(write_config(workdir, "tiny")))
+    assert isinstance(result, RunResult) and result.skipped and result.promoted is False
+    assert result.version == "1" == result.champion_before and result.run_id != first_run.run_id
+    assert result.reasons[0].startswith(SKIPPED_MESSAGE) and "champion version 1" in result.summary
 
 
 def test_classification_flow_on_two_workers(harness, workdir):
@@ -143,10 +154,10 @@ def test_classification_flow_on_two_workers(harness, workdir):
         training={"max_steps": 30, "learning_rate": 5e-3, "batch_size": 8},
     )
     result = retrain(str(path))
-    m = result["metrics"]
+    m = result.metrics
     assert m["adapted_accuracy"] >= 0.9, m
     assert 0 <= m["reference_representation_drift"] <= 2
-    assert result["version"] == "1"
+    assert result.version == "1"
 
 
 def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):

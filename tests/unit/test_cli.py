@@ -65,15 +65,28 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 
 
 def test_summary_names_a_version_or_says_a_full_run_is_a_baseline(capsys):
-    from flows.cli import _print_summary
+    from dataclasses import replace
 
-    result = {"model_name": "m", "version": "3", "promoted": True, "reasons": ["eval_loss improved"], "run_id": "r",
-              "run_dir": "d", "tracking_uri": "sqlite:///x.db",
-              "metrics": {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "task_gain": 0.5}}
+    from flows.cli import _print_summary
+    from lora_tasks.lifecycle import RunResult
+
+    result = RunResult(model_name="m", version="3", promoted=True, reasons=["eval_loss improved"], run_id="r",
+                       run_dir="d", tracking_uri="sqlite:///x.db",
+                       metrics={"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "task_gain": 0.5})
     _print_summary(result)
     out = capsys.readouterr().out
     assert "m version 3" in out and "promoted to champion" in out and "1.5" in out
-    _print_summary({**result, "version": None, "promoted": False, "method": "full"})
+    _print_summary(replace(result, version=None, promoted=False, method="full"))
     out = " ".join(capsys.readouterr().out.split())  # the title wraps at the table's width
     assert "full fine-tuning baseline (not registered)" in out and "version None" not in out
     assert "baseline, logged only" in out and "not promoted" not in out
+
+
+def test_summary_of_a_skipped_run_gives_its_reason_only(capsys):
+    from flows.cli import _print_summary
+    from lora_tasks.lifecycle import RunResult
+
+    _print_summary(RunResult("m", "1", False, ["skipped: no new data: same data"], "r", "d", "sqlite:///x.db",
+                             skipped=True))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skipped: no new data: same data (nothing trained; --force retrains)" in out and "decision" not in out

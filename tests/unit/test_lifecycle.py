@@ -93,3 +93,77 @@ def test_operational_sections_do_not_change_the_config_hash():
     base = load_config(tiny).config_hash()
     assert load_config(tiny, ["notifications.webhook_url=http://h/x", "retention.keep_versions=3"]).config_hash() == base
     assert load_config(tiny, ["training.max_steps=61"]).config_hash() != base
+
+
+def _retention_config(tmp_path, **retention):
+    from lora_tasks.config import config_from_dict
+
+    return config_from_dict({
+        "model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"train_path": "x.jsonl"}, "training": {"max_steps": 5}, "retention": retention,
+        "scaling": {"storage_path": str(tmp_path / "runs")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/never-opened.db"},
+    })
+
+
+def _runs_with_checkpoints(tmp_path, n: int) -> list:
+    import os
+
+    runs = []
+    for i in range(n):
+        train = tmp_path / "runs" / "m" / f"run-{i}" / "train"
+        (train / "checkpoint_step_1").mkdir(parents=True)
+        os.utime(train, (i, i))  # run-0 is the oldest
+        runs.append(train.parent)
+    return runs
+
+
+def test_retention_deletes_the_oldest_checkpoint_folders_and_keeps_the_current_run(tmp_path):
+    runs = _runs_with_checkpoints(tmp_path, 4)
+    deleted = lifecycle.apply_retention(_retention_config(tmp_path, keep_checkpoints=2), str(runs[0]), "3")
+    assert deleted == lifecycle.Retention(checkpoints=[str(runs[2] / "train"), str(runs[1] / "train")], versions=[])
+    assert [r.name for r in runs if (r / "train").exists()] == ["run-0", "run-3"]
+    assert all(r.exists() for r in runs)  # only checkpoints go: adapters and reports stay
+
+
+def test_retention_without_limits_deletes_nothing_and_opens_no_store(tmp_path):
+    runs = _runs_with_checkpoints(tmp_path, 2)
+    assert lifecycle.apply_retention(_retention_config(tmp_path), str(runs[0]), "1") == lifecycle.Retention()
+    assert not (tmp_path / "never-opened.db").exists()
+
+
+def test_retention_that_fails_part_way_says_what_it_deleted(tmp_path, monkeypatch):
+    runs = _runs_with_checkpoints(tmp_path, 3)
+
+    def refuse(*args):
+        raise RuntimeError("tracking server down")
+
+    monkeypatch.setattr(lifecycle.registry, "protected_versions", refuse)
+    cfg = _retention_config(tmp_path, keep_checkpoints=1, keep_versions=1)
+    with pytest.raises(lifecycle.RetentionStopped, match="tracking server down") as err:
+        lifecycle.apply_retention(cfg, str(runs[2]), "3")
+    assert err.value.deleted.checkpoints == [str(runs[1] / "train"), str(runs[0] / "train")]
+    assert err.value.deleted.versions == []
+
+
+def test_skip_reason_names_the_shared_lineage_and_the_champion():
+    reason = lifecycle.skip_reason(LINEAGE, "4")
+    assert reason == f"{lifecycle.SKIPPED_MESSAGE}: data fingerprint {'f' * 12} and config hash {'c' * 12} " \
+                     "equal those of champion version 4"
+
+
+def test_run_result_survives_pickling_as_prefect_persists_it():
+    import pickle
+
+    result = lifecycle.RunResult("m", "2", True, ["gain 0.5"], "r", "/runs/m/run-1", "sqlite:///x.db", {"task_gain": 0.5},
+                                 champion_before="1", summary="# m")
+    assert pickle.loads(pickle.dumps(result)) == result
+    assert (result.skipped, result.method) == (False, "lora")
+
+
+def test_an_already_completed_registration_is_skipped(tmp_path):
+    pending = _pending(tmp_path)
+    pending.version, pending.status = "5", "done"
+    result = lifecycle.already_registered(pending, str(tmp_path), "m", "sqlite:///x.db")
+    assert result.skipped and result.version == "5" and not result.promoted
+    assert result.reasons == [f"{tmp_path}: already registered as version 5 and gated; nothing to do"]

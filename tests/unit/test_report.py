@@ -36,3 +36,59 @@ def test_without_history_or_forgetting_only_what_exists_is_drawn(tmp_path):
     r.forgetting = {}
     files = write_report(r, "# summary\n", {}, tmp_path, {})
     assert [f.name for f in files] == ["evaluation_report.md"]
+
+
+def _summary(decision, version="3", champion_version="2"):
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.lifecycle import DataSummary
+    from lora_tasks.report import summary_markdown
+
+    cfg = config_from_dict({"model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+                            "data": {"train_path": "x.jsonl"}, "training": {"max_steps": 5}})
+    data = DataSummary(340, 60, "f" * 64, "Validation passed", "/q/invalid.jsonl")
+    return summary_markdown(cfg, data, report(True), decision, version, "run1", champion_version)
+
+
+def test_summary_reads_the_data_summary_and_names_decision_and_tracking():
+    from lora_tasks.promotion import Decision
+
+    md = _summary(Decision(True, ["gain 0.5 above 0"], []))
+    assert md.startswith("# m: version 3 **promoted to `champion`**")
+    assert "train rows: 340, eval rows: 60" in md and "contract: Validation passed" in md
+    assert f"`{'f' * 16}`" in md and "quarantine: `/q/invalid.jsonl`" in md
+    assert "| metric | base | champion | adapted |" in md and "| eval_loss | 2 | 1.6 | 1.5 |" in md
+    assert "champion before this run: version 2" in md and "- gain 0.5 above 0" in md
+    assert "MLflow run `run1` in experiment `m`" in md
+
+
+def test_version_description_leaves_the_tracking_part_out():
+    from lora_tasks.promotion import Decision
+    from lora_tasks.report import version_description
+
+    text = version_description(_summary(Decision(False, ["no gain"], ["task_gain"])))
+    assert "**not promoted**" in text and "## Decision" in text and "## Tracking" not in text
+
+
+def test_closing_notes_say_what_happened_to_champion():
+    from lora_tasks.promotion import Decision
+    from lora_tasks.report import mlflow_markdown, redecision_markdown, skip_markdown
+
+    again = redecision_markdown(Decision(False, ["worse than version 7"], ["beat_champion"]), "7")
+    assert again == ("\n## Decided again\nThe champion moved to version 7 during this run; the gate was re-run "
+                     "against it: **not promoted**.\n- worse than version 7\n")
+    assert mlflow_markdown("r1", "http://ui/r1", "auto-promote", "2", "3") == (
+        "\n## MLflow\n- run `r1`: http://ui/r1\n- audit: auto-promote, champion 2 -> 3\n")
+    skipped = skip_markdown("m", "skipped: no new data: same inputs", "2", "r9")
+    assert skipped.startswith("# m: skipped: no new data\n") and "champion version 2 stays" in skipped and "`r9`" in skipped
+
+
+def test_a_baseline_summary_is_not_registered():
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.lifecycle import BASELINE_REASON, DataSummary
+    from lora_tasks.report import baseline_markdown
+
+    cfg = config_from_dict({"model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+                            "data": {"train_path": "x.jsonl"}, "training": {"max_steps": 5, "method": "full"}})
+    md = baseline_markdown(cfg, DataSummary(10, 2, "f" * 64, "ok"), report(False), "r1", None)
+    assert md.startswith("# m: version (not registered) **not promoted**") and BASELINE_REASON in md
+    assert "champion before this run: none" in md
