@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flows import settings  # noqa: F401  (quiet defaults first)
 
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -30,26 +31,41 @@ def _fail(exc: Exception, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _exit_on_errors(*also: type[Exception]):
+    """End a command on an error the user can act on with one message and an exit code, never a
+    traceback: ValidationFailed exits 2 after its row-by-row report; LoraTaskError, and the
+    command's own `also` types, exit 1."""
+    def decorate(command):
+        @functools.wraps(command)
+        def run_command(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except ValidationFailed as exc:
+                _fail(exc, 2)
+            except (LoraTaskError, *also) as exc:
+                _fail(exc)
+
+        return run_command
+
+    return decorate
+
+
 @app.command()
+@_exit_on_errors()
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check CONFIG and its data against the contract; print the report. Trains nothing."""
     from lora_tasks.config import load_config
     from lora_tasks.launcher import prepare_data
 
-    try:
-        cfg = load_config(config, set_)
-        out = Path(cfg.scaling.storage_path) / cfg.model_name / "validate"
-        data = prepare_data(cfg, out)
-    except ValidationFailed as exc:
-        _fail(exc, 2)
-    except LoraTaskError as exc:
-        _fail(exc)
+    cfg = load_config(config, set_)
+    data = prepare_data(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
     Console().print(Markdown(data.report.to_markdown()))
     console.print(f"[green]ok[/]: {data.train_count} train and {len(data.eval_rows)} eval rows valid; "
                   f"fingerprint {data.fingerprint[:16]}")
 
 
 @app.command()
+@_exit_on_errors()
 def run(
     config: Path,
     set_: SetOption = None,
@@ -58,24 +74,19 @@ def run(
     """Run the retraining flow for CONFIG: validate, train, evaluate, register, gate."""
     from lora_tasks.config import load_config
 
-    try:
-        load_config(config, set_)  # config errors before any engine starts
-        from flows.settings import hide_expected_tracebacks, start_prefect_api_early
+    load_config(config, set_)  # config errors before any engine starts
+    from flows.settings import hide_expected_tracebacks, start_prefect_api_early
 
-        api_ready = start_prefect_api_early()
-        from flows.retrain import retrain
+    api_ready = start_prefect_api_early()
+    from flows.retrain import retrain
 
-        hide_expected_tracebacks()
-        api_ready()
-        result = retrain(str(config), set_ or [], force=force)
-    except ValidationFailed as exc:
-        _fail(exc, 2)
-    except LoraTaskError as exc:
-        _fail(exc)
-    _print_summary(result)
+    hide_expected_tracebacks()
+    api_ready()
+    _print_summary(retrain(str(config), set_ or [], force=force))
 
 
 @app.command("compare-full")
+@_exit_on_errors()
 def compare_full(
     config: Path,
     set_: SetOption = None,
@@ -93,19 +104,14 @@ def compare_full(
     from lora_tasks.config import load_config
     from lora_tasks.launcher import prepare_data
 
-    try:
-        cfg = load_config(config, set_)
-        folder = Path(cfg.scaling.storage_path) / cfg.model_name / "compare-full"
-        data = prepare_data(cfg, folder / "data")
-        if data.train_stream is not None:
-            raise LoraTaskError("compare-full reads its rows in memory: set data.loader: memory for it")
-        rows = data.eval_rows[:eval_rows] if eval_rows else data.eval_rows
-        results = compare_methods(cfg, data.train_rows, rows, learning_rates={"full": full_lr} if full_lr else None,
-                                  evaluate=not no_eval, log=lambda m: console.print(m, highlight=False))
-    except ValidationFailed as exc:
-        _fail(exc, 2)
-    except LoraTaskError as exc:
-        _fail(exc)
+    cfg = load_config(config, set_)
+    folder = Path(cfg.scaling.storage_path) / cfg.model_name / "compare-full"
+    data = prepare_data(cfg, folder / "data")
+    if data.train_stream is not None:
+        raise LoraTaskError("compare-full reads its rows in memory: set data.loader: memory for it")
+    rows = data.eval_rows[:eval_rows] if eval_rows else data.eval_rows
+    results = compare_methods(cfg, data.train_rows, rows, learning_rates={"full": full_lr} if full_lr else None,
+                              evaluate=not no_eval, log=lambda m: console.print(m, highlight=False))
     Console().print(format_table(results), highlight=False, soft_wrap=True)
     path = out or folder / "compare_full.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,7 @@ app.add_typer(demo_app, name="demo")
 
 
 @demo_app.command("prepare")
+@_exit_on_errors()
 def demo_prepare(
     data_dir: Annotated[Path, typer.Option(help="Where train.jsonl and eval.jsonl go.")] = Path(".prefect-lora/demo/data"),
     rows: Annotated[int, typer.Option(help="Training rows to generate.")] = 2000,
@@ -127,11 +134,8 @@ def demo_prepare(
     from lora_tasks.demo import write_demo_data
     from lora_tasks.modeling import resolve_base_model
 
-    try:
-        for name in ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2"):
-            console.print(f"{name} -> {resolve_base_model(name)}", highlight=False, soft_wrap=True)
-    except LoraTaskError as exc:
-        _fail(exc)
+    for name in ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2"):
+        console.print(f"{name} -> {resolve_base_model(name)}", highlight=False, soft_wrap=True)
     train, eval_ = write_demo_data(data_dir, rows, eval_rows)
     console.print(f"demo data: {train} ({rows} rows), {eval_} ({eval_rows} rows)", highlight=False, soft_wrap=True)
 
@@ -179,6 +183,7 @@ def _print_record(record: dict) -> None:
 
 
 @app.command()
+@_exit_on_errors()
 def promote(
     name: str,
     version: str,
@@ -189,19 +194,16 @@ def promote(
     """Make VERSION of model NAME the champion (manual; audited with --reason)."""
     from lora_tasks import registry
 
-    try:
-        registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
-        from flows.promote import promote as promote_flow
-        from flows.settings import hide_expected_tracebacks
+    registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
+    from flows.promote import promote as promote_flow
+    from flows.settings import hide_expected_tracebacks
 
-        hide_expected_tracebacks()
-        record = promote_flow(name, version, reason, _tracking(tracking_uri), notify)
-    except LoraTaskError as exc:
-        _fail(exc)
-    _print_record(record)
+    hide_expected_tracebacks()
+    _print_record(promote_flow(name, version, reason, _tracking(tracking_uri), notify))
 
 
 @app.command()
+@_exit_on_errors()
 def rollback(
     name: str,
     to: Annotated[Optional[str], typer.Option("--to", help="Version to go back to (default: the previous champion).")] = None,
@@ -212,31 +214,25 @@ def rollback(
     """Point NAME's champion back at the previous champion (or --to VERSION); audited."""
     from lora_tasks import registry
 
-    try:
-        uri = _tracking(tracking_uri)
-        if to is None and registry.previous_champion(uri, name) is None:
-            registry.rollback_champion(uri, name)  # raises the clear "no previous champion" message
-        elif to is not None:
-            registry.get_version(uri, name, to)
-        from flows.rollback import rollback as rollback_flow
-        from flows.settings import hide_expected_tracebacks
+    uri = _tracking(tracking_uri)
+    if to is None and registry.previous_champion(uri, name) is None:
+        registry.rollback_champion(uri, name)  # raises the clear "no previous champion" message
+    elif to is not None:
+        registry.get_version(uri, name, to)
+    from flows.rollback import rollback as rollback_flow
+    from flows.settings import hide_expected_tracebacks
 
-        hide_expected_tracebacks()
-        record = rollback_flow(name, to, reason, _tracking(tracking_uri), notify)
-    except LoraTaskError as exc:
-        _fail(exc)
-    _print_record(record)
+    hide_expected_tracebacks()
+    _print_record(rollback_flow(name, to, reason, uri, notify))
 
 
 @app.command()
+@_exit_on_errors()
 def history(name: str, tracking_uri: TrackingOption = None) -> None:
     """Print every version of NAME, then every alias move (who, when, from, to, why), oldest first."""
     from lora_tasks import registry
 
-    try:
-        records = registry.alias_history(_tracking(tracking_uri), name)
-    except LoraTaskError as exc:
-        _fail(exc)
+    records = registry.alias_history(_tracking(tracking_uri), name)
     table = Table(title=f"{name}: alias history")
     for col in ("when", "alias", "action", "from", "to", "who", "why"):
         table.add_column(col)
@@ -244,10 +240,7 @@ def history(name: str, tracking_uri: TrackingOption = None) -> None:
         table.add_row(r["at"][:19], r["alias"], r["action"], str(r["from_version"]), str(r["to_version"]), r["actor"],
                       r["reason"][:120])
     out = Console(width=None if sys.stdout.isatty() else 200)  # a log or a pipe gets whole lines
-    try:
-        versions = registry.versions_overview(_tracking(tracking_uri), name)
-    except LoraTaskError as exc:
-        _fail(exc)
+    versions = registry.versions_overview(_tracking(tracking_uri), name)
     listing = Table(title=f"{name}: versions")
     for col in ("version", "created", "aliases", "decision", "MLflow run"):
         listing.add_column(col)
@@ -261,6 +254,7 @@ def history(name: str, tracking_uri: TrackingOption = None) -> None:
 
 
 @app.command()
+@_exit_on_errors(ValueError)  # an invalid serve config (deploy.serve_core raises ValueError)
 def serve(
     name: str,
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
@@ -274,19 +268,18 @@ def serve(
     """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C."""
     from deploy.serve_core import load_serve_config
 
-    try:
-        cfg = load_serve_config(config, model_name=name, port=port, host=host, tracking_uri=tracking_uri,
-                                mode=mode, canary_share=canary_share)
-        from lora_tasks import registry
+    cfg = load_serve_config(config, model_name=name, port=port, host=host, tracking_uri=tracking_uri,
+                            mode=mode, canary_share=canary_share)
+    from lora_tasks import registry
 
-        registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # one clear message before Ray starts
-        from deploy.serve import run_forever
-    except (LoraTaskError, ValueError) as exc:
-        _fail(exc)
+    registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # one clear message before Ray starts
+    from deploy.serve import run_forever
+
     run_forever(cfg, ray_address=ray_address)
 
 
 @app.command()
+@_exit_on_errors()
 def export(
     ref: Annotated[str, typer.Argument(help="NAME@ALIAS (e.g. demo@champion), NAME/VERSION, or NAME (the champion).")],
     merged: Annotated[Optional[Path], typer.Option("--merged", help="Write a merged model (safetensors) here.")] = None,
@@ -298,16 +291,13 @@ def export(
     from lora_tasks import export as exporter
 
     if not merged and not adapter:
-        _fail(LoraTaskError("say what to write: --adapter DIR, --merged DIR, or both"))
+        raise LoraTaskError("say what to write: --adapter DIR, --merged DIR, or both")
     uri = _tracking(tracking_uri)
-    try:
-        results = []
-        if adapter:
-            results.append(exporter.export_adapter(uri, ref, adapter, force=force))
-        if merged:
-            results.append(exporter.export_merged(uri, ref, merged, force=force))
-    except LoraTaskError as exc:
-        _fail(exc)
+    results = []
+    if adapter:
+        results.append(exporter.export_adapter(uri, ref, adapter, force=force))
+    if merged:
+        results.append(exporter.export_merged(uri, ref, merged, force=force))
     for r in results:
         console.print(f"[green]{r.kind}[/] of {r.name} version {r.version} -> {r.path} ({', '.join(r.files)})",
                       highlight=False, soft_wrap=True)
@@ -322,6 +312,7 @@ def _age(seconds: float) -> str:
 
 
 @app.command()
+@_exit_on_errors()
 def status(
     name: Annotated[Optional[str], typer.Argument(help="Registered model (default: every model in the store).")] = None,
     tracking_uri: TrackingOption = None,
@@ -330,11 +321,8 @@ def status(
     from lora_tasks import registry
 
     uri = _tracking(tracking_uri)
-    try:
-        names = [name] if name else registry.list_model_names(uri)
-        models = [registry.model_status(uri, n) for n in names]
-    except LoraTaskError as exc:
-        _fail(exc)
+    names = [name] if name else registry.list_model_names(uri)
+    models = [registry.model_status(uri, n) for n in names]
     if not models:
         console.print(f"no registered models in {uri}", highlight=False, soft_wrap=True)
         return
@@ -357,6 +345,7 @@ def status(
 
 
 @app.command()
+@_exit_on_errors()
 def register(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (storage_path/MODEL/run-KEY) holding registration.json.")],
     tracking_uri: TrackingOption = None,
@@ -364,20 +353,17 @@ def register(
     """Complete a registration that failed (e.g. MLflow was down): register, gate, promote. No training."""
     from lora_tasks.lifecycle import read_pending
 
-    try:
-        pending = read_pending(run_dir)  # a clear error before any engine starts
-        from flows.retrain import register_run
-        from flows.settings import hide_expected_tracebacks
+    pending = read_pending(run_dir)  # a clear error before any engine starts
+    from flows.retrain import register_run
+    from flows.settings import hide_expected_tracebacks
 
-        hide_expected_tracebacks()
-        if console.is_terminal:
-            with console.status(f"registering {pending.config.get('model_name')} from {run_dir}"):
-                result = register_run(str(run_dir.resolve()), tracking_uri)
-        else:
-            console.print(f"registering {pending.config.get('model_name')} from {run_dir}", highlight=False, soft_wrap=True)
+    hide_expected_tracebacks()
+    if console.is_terminal:
+        with console.status(f"registering {pending.config.get('model_name')} from {run_dir}"):
             result = register_run(str(run_dir.resolve()), tracking_uri)
-    except LoraTaskError as exc:
-        _fail(exc)
+    else:
+        console.print(f"registering {pending.config.get('model_name')} from {run_dir}", highlight=False, soft_wrap=True)
+        result = register_run(str(run_dir.resolve()), tracking_uri)
     _print_summary(result)
 
 

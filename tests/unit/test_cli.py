@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli import _exit_on_errors, app
+from lora_tasks.errors import LoraTaskError, ValidationFailed
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -90,3 +93,28 @@ def test_summary_of_a_skipped_run_gives_its_reason_only(capsys):
                              skipped=True))
     out = " ".join(capsys.readouterr().out.split())
     assert "skipped: no new data: same data (nothing trained; --force retrains)" in out and "decision" not in out
+
+
+@pytest.mark.parametrize("error, also, code", [
+    (ValidationFailed("3 invalid rows"), (), 2),
+    (LoraTaskError("no such model"), (), 1),
+    (ValueError("bad serve config"), (ValueError,), 1),
+])
+def test_user_errors_end_a_command_with_one_line_and_their_exit_code(error, also, code, capsys):
+    @_exit_on_errors(*also)
+    def command():
+        raise error
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    assert exit_.value.exit_code == code
+    assert f"error: {error}" in capsys.readouterr().err
+
+
+def test_other_errors_keep_their_traceback():
+    @_exit_on_errors()
+    def command():
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        command()
