@@ -1,5 +1,8 @@
 """Typed pipeline config, loaded from YAML with every problem reported at once.
 
+Field checks are pydantic's; the cross-field rules are each section's `_check_*` methods. Every
+problem, of either kind, is reported at once in one ConfigError, each under its key path.
+
 Relative filesystem paths in a config (data, reference corpus, local base model, storage) are
 resolved against the current working directory when the config is loaded, so Ray workers,
 whose working directory differs, see the same files.
@@ -13,18 +16,48 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from .errors import ConfigError
 
 TaskType = Literal["causal_lm", "sequence_classification"]
 
+Problem = tuple[str, str]
+"""A broken cross-field rule: (key path within the section, '' for the section itself; what to fix)."""
+
+COLLECT_PROBLEMS = "cross_field_problems"
+"""Validation-context key of a list that collects cross-field problems instead of raising them."""
+
+
+def _problem_line(prefix: str, key: str, message: str) -> str:
+    path = ".".join(p for p in (prefix, key) if p)
+    return f"{path}: {message}" if path else message
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    key_path: ClassVar[str] = ""
+    """Where the section sits in a pipeline config: the prefix of its problems' key paths."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        """Every cross-field rule the section breaks (its `_check_*` methods); none by default."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self, info: ValidationInfo):
+        """Collect the section's broken rules into the validation context when `config_from_dict`
+        gives one (so they join every other problem), else raise them together."""
+        problems = self.cross_field_problems()
+        sink = (info.context or {}).get(COLLECT_PROBLEMS)
+        if sink is not None:
+            sink.extend(_problem_line(self.key_path, key, message) for key, message in problems)
+        elif problems:
+            raise ValueError("; ".join(_problem_line("", key, message) for key, message in problems))
+        return self
 
 
 class BaseModelConfig(_Section):
@@ -43,6 +76,8 @@ class BaseModelConfig(_Section):
 
 
 class ValidationPolicy(_Section):
+    key_path: ClassVar[str] = "data.validation"
+
     policy: Literal["fail", "quarantine"] = "fail"
     """`fail` stops on any invalid row; `quarantine` writes invalid rows to a file and goes on."""
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -56,14 +91,17 @@ class ValidationPolicy(_Section):
     check_overlap: bool = True
     """Report eval rows whose input also appears in the train split (leakage)."""
 
-    @model_validator(mode="after")
-    def _check_bounds(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_bounds()]
+
+    def _check_bounds(self) -> Iterator[Problem]:
         if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
-        return self
+            yield "", f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})"
 
 
 class DataConfig(_Section):
+    key_path: ClassVar[str] = "data"
+
     train_path: str
     """CSV, TSV, JSONL, Parquet file, or a folder saved by `datasets.Dataset.save_to_disk`."""
     eval_path: str | None = None
@@ -102,13 +140,14 @@ class DataConfig(_Section):
     streaming_threshold_mb: float = Field(1024, gt=0)
     """Size of the train source above which `loader: auto` streams it through Ray Data."""
 
-    @model_validator(mode="after")
-    def _check_columns(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_columns()]
+
+    def _check_columns(self) -> Iterator[Problem]:
         if (self.prompt_column is None) != (self.completion_column is None):
-            raise ValueError("prompt_column and completion_column go together: set both or neither")
+            yield "", "prompt_column and completion_column go together: set both or neither"
         if self.chat_template and self.prompt_column is None:
-            raise ValueError("chat_template needs prompt_column and completion_column")
-        return self
+            yield "chat_template", "needs prompt_column and completion_column"
 
 
 class LoraConfig(_Section):
@@ -125,6 +164,8 @@ class LoraConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    key_path: ClassVar[str] = "training"
+
     method: Literal["lora", "full"] = "lora"
     """`lora`: train a LoRA adapter on the frozen base (the product). `full`: train every weight,
     a baseline to see what LoRA saves and how much less it forgets; the run is trained, evaluated
@@ -171,13 +212,14 @@ class TrainingConfig(_Section):
     log_every: int = Field(1, ge=1)
     """Log loss and learning rate every N optimizer steps."""
 
-    @model_validator(mode="after")
-    def _check_length(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_length()]
+
+    def _check_length(self) -> Iterator[Problem]:
         if self.max_steps is None and self.epochs is None:
-            raise ValueError("set training.max_steps or training.epochs")
+            yield "", "set training.max_steps or training.epochs"
         if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        return self
+            yield "", f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})"
 
 
 class ScalingConfig(_Section):
@@ -212,6 +254,8 @@ class ReferenceConfig(_Section):
     """What forgetting is measured on: a text corpus, the built-in probes, multiple-choice
     benchmarks, or any combination of them (at least one)."""
 
+    key_path: ClassVar[str] = "evaluation.reference"
+
     path: str | None = None
     """Plain-text corpus of general text (one passage per line; blank lines are skipped):
     `reference_perplexity_ratio` and `reference_kl` are measured on it."""
@@ -230,11 +274,12 @@ class ReferenceConfig(_Section):
     max_benchmark_questions: int | None = Field(None, ge=1)
     """Score at most this many questions of each benchmark (the first ones); null scores all."""
 
-    @model_validator(mode="after")
-    def _check_source(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_source()]
+
+    def _check_source(self) -> Iterator[Problem]:
         if self.path is None and self.probes is None and not self.benchmarks:
-            raise ValueError("set at least one of path (a text corpus), probes: general, or benchmarks (JSONL files)")
-        return self
+            yield "", "set at least one of path (a text corpus), probes: general, or benchmarks (JSONL files)"
 
 
 class GenerationEvalConfig(_Section):
@@ -351,6 +396,8 @@ class TrackingConfig(_Section):
 
 
 class NotificationsConfig(_Section):
+    key_path: ClassVar[str] = "notifications"
+
     webhook_url: str | None = None
     """URL that gets a JSON POST when a run fails (naming the failed step) or promotes a version;
     the env var PREFECT_LORA_WEBHOOK_URL is used when unset. A failed POST never fails the flow."""
@@ -361,11 +408,12 @@ class NotificationsConfig(_Section):
     timeout_s: float = Field(5.0, gt=0)
     """Seconds to wait for the webhook to answer."""
 
-    @model_validator(mode="after")
-    def _check_url(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_url()]
+
+    def _check_url(self) -> Iterator[Problem]:
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook_url must be an http:// or https:// URL, got {self.webhook_url!r}")
-        return self
+            yield "webhook_url", f"must be an http:// or https:// URL, got {self.webhook_url!r}"
 
 
 class RetentionConfig(_Section):
@@ -394,52 +442,44 @@ class PipelineConfig(_Section):
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
-    @model_validator(mode="after")
-    def _check_task(self):
+    def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_task(), *self._check_hardware(), *self._check_generation(), *self._check_method(),
+                *self._check_launcher(), *self._check_packing()]
+
+    def _check_task(self) -> Iterator[Problem]:
         if self.task == "sequence_classification":
             if not self.data.labels or len(self.data.labels) < 2:
-                raise ValueError("sequence_classification needs data.labels with at least two labels")
-            if len(set(map(str, self.data.labels))) != len(self.data.labels):
-                raise ValueError("data.labels has duplicates")
-        return self
+                yield "task", "sequence_classification needs data.labels with at least two labels"
+            elif len(set(map(str, self.data.labels))) != len(self.data.labels):
+                yield "data.labels", "has duplicates"
 
-    @model_validator(mode="after")
-    def _check_hardware(self):
+    def _check_hardware(self) -> Iterator[Problem]:
         if self.base_model.quantization and not self.scaling.use_gpu:
-            raise ValueError("base_model.quantization: 4bit runs on CUDA GPUs only: set scaling.use_gpu: true, or drop it")
+            yield "base_model.quantization", "4bit runs on CUDA GPUs only: set scaling.use_gpu: true, or drop it"
         if self.base_model.quantization and self.scaling.strategy == "fsdp":
-            raise ValueError("base_model.quantization and scaling.strategy: fsdp do not go together here: use ddp with 4bit")
-        return self
+            yield "base_model.quantization", "4bit and scaling.strategy: fsdp do not go together here: use ddp with 4bit"
 
-    @model_validator(mode="after")
-    def _check_generation(self):
+    def _check_generation(self) -> Iterator[Problem]:
         if self.evaluation.generation and (self.task != "causal_lm" or self.data.prompt_column is None):
-            raise ValueError("evaluation.generation needs task causal_lm with prompt_column and completion_column")
+            yield "evaluation.generation", "needs task causal_lm with prompt_column and completion_column"
         ref = self.evaluation.reference
         if ref is not None and self.task != "causal_lm" and (ref.probes or ref.benchmarks):
-            raise ValueError("evaluation.reference.probes and benchmarks score generations and choices: causal_lm only "
-                             "(a classifier is compared on a corpus, path)")
-        return self
+            yield "evaluation.reference", ("probes and benchmarks score generations and choices: causal_lm only "
+                                           "(a classifier is compared on a corpus, path)")
 
-    @model_validator(mode="after")
-    def _check_method(self):
+    def _check_method(self) -> Iterator[Problem]:
         if self.training.method == "full" and self.base_model.quantization:
-            raise ValueError("training.method: full trains every weight and cannot train a 4-bit base: drop base_model.quantization")
-        return self
+            yield "training.method", "full trains every weight and cannot train a 4-bit base: drop base_model.quantization"
 
-    @model_validator(mode="after")
-    def _check_launcher(self):
+    def _check_launcher(self) -> Iterator[Problem]:
         if self.scaling.launcher == "local" and self.why_not_in_process(streaming=self.data.loader == "ray_data"):
-            raise ValueError("scaling.launcher: local trains one worker in this process: it needs scaling.num_workers: 1, "
-                             "no scaling.address, a local scaling.storage_path and data.loader other than ray_data; "
-                             "set scaling.launcher: ray (or auto)")
-        return self
+            yield "scaling.launcher", ("local trains one worker in this process: it needs scaling.num_workers: 1, "
+                                       "no scaling.address, a local scaling.storage_path and data.loader other than "
+                                       "ray_data; set scaling.launcher: ray (or auto)")
 
-    @model_validator(mode="after")
-    def _check_packing(self):
+    def _check_packing(self) -> Iterator[Problem]:
         if self.training.packing and self.task != "causal_lm":
-            raise ValueError("training.packing packs causal LM examples; a classifier reads one example per row: drop it")
-        return self
+            yield "training.packing", "packs causal LM examples; a classifier reads one example per row: drop it"
 
     def why_not_in_process(self, streaming: bool = False) -> str | None:
         """Why training cannot run in the flow's own process (`scaling.launcher: local`), or None."""
@@ -577,10 +617,13 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | No
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
     raw = apply_overrides(raw, overrides)
+    cross_field: list[str] = []  # filled by every section whose fields validated (`_check_cross_fields`)
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw, context={COLLECT_PROBLEMS: cross_field})
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()], source) from None
+        raise ConfigError([_format_error(e) for e in exc.errors()] + cross_field, source) from None
+    if cross_field:
+        raise ConfigError(cross_field, source)
     return _resolve_paths(cfg)
 
 

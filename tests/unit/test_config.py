@@ -71,6 +71,29 @@ def test_cross_field_checks(patch, message):
     assert message in str(err.value)
 
 
+def test_every_cross_field_problem_is_reported_at_once_with_its_key_path():
+    raw = {**MINIMAL,
+           "base_model": {"name_or_path": "builtin:tiny-llama", "quantization": "4bit"},  # needs scaling.use_gpu
+           "data": {"train_path": "x", "prompt_column": "p"},                          # needs completion_column
+           "training": {"max_steps": 5, "warmup_steps": 5, "packing": True}}           # warmup too long
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert err.value.problems == [
+        "data: prompt_column and completion_column go together: set both or neither",
+        "training: warmup_steps (5) must be below max_steps (5)",
+        "base_model.quantization: 4bit runs on CUDA GPUs only: set scaling.use_gpu: true, or drop it",
+    ]
+
+
+def test_cross_field_problems_come_with_field_errors_of_other_sections():
+    raw = {**MINIMAL, "data": {"train_path": "x", "prompt_column": "p"}, "lora": {"r": 0}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    text = str(err.value)
+    assert "lora.r" in text and "prompt_column and completion_column go together" in text
+    assert len(err.value.problems) == 2
+
+
 def test_overrides_apply_typed_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
