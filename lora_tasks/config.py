@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -339,6 +339,32 @@ class PromotionPolicy(_Section):
     below `-champion_tolerance` (all measured on the same eval data in the same run)."""
 
 
+class RemedyConfig(_Section):
+    """What to do when the gate would refuse the adapter for forgetting: try variants of it and
+    keep the best one that passes (see `lora_tasks/remedy.py`). Off by default."""
+
+    strategy: Literal["none", "scale"] = "none"
+    """`scale`: evaluate the trained adapter at smaller scales of its update (LoRA's scaling
+    factor: no retraining, one model in memory) and register the best admissible scale; the
+    registered, exported and served adapter carries that scale."""
+    when: Literal["refused", "always"] = "refused"
+    """`refused`: only when the unscaled adapter fails a forgetting check on the search part;
+    `always`: try every scale each run (a full frontier in every report)."""
+    scales: list[float] = Field(default_factory=lambda: [1.0, 0.8, 0.65, 0.5, 0.35])
+    """Scales tried, each in (0, 1]; 1.0 (the adapter as trained) is always tried first."""
+    confirm_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of the eval rows and forgetting probes held out from the choice among trials: the
+    gate reads the chosen trial's figures on this part only, so the choice cannot inflate them."""
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, scales: list[float]) -> list[float]:
+        bad = [s for s in scales if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"each scale must be in (0, 1] (a share of the trained update), got {bad}")
+        return [1.0, *sorted({s for s in scales if s != 1.0}, reverse=True)]
+
+
 @dataclass(frozen=True)
 class ForgettingMetric:
     """One forgetting metric the gate can bound. The rows of `FORGETTING_METRICS` are the only
@@ -441,6 +467,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    remedy: RemedyConfig = Field(default_factory=RemedyConfig)
 
     def cross_field_problems(self) -> list[Problem]:
         return [*self._check_task(), *self._check_hardware(), *self._check_generation(), *self._check_method(),
@@ -517,6 +544,8 @@ def _without_defaults_added_later(d: dict) -> dict:
     """`d` without settings added after configs were first hashed, while they hold their
     default: a config that does not use them keeps the hash it had (and its run folder, and the
     scheduled run still skips)."""
+    if d.get("remedy", {}).get("strategy") == "none":  # a section added later, unused
+        d = {k: v for k, v in d.items() if k != "remedy"}
     for section, key, default in _ADDED_LATER:
         if key in d.get(section, {}) and d[section][key] == default:
             d = {**d, section: {k: v for k, v in d[section].items() if k != key}}

@@ -14,9 +14,12 @@ import torch
 
 from . import stats
 from .config import PipelineConfig
+from .errors import DataError
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
 from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
+from .promotion import candidate_from_metrics
+from .remedy import Part, Trial, choose, forgetting_failed, judge, remedy_summary, split_for_confirmation
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
@@ -51,6 +54,13 @@ class EvalReport:
     """Seconds spent loading models, scoring the task, measuring forgetting."""
     method: str = "lora"
     """`lora` or `full` (`training.method`)."""
+    adapter_scale: float = 1.0
+    """The share of the trained update the adapted figures are for (a remedy's choice; 1 = as trained)."""
+    evidence: str = "all"
+    """Which eval rows and forgetting evidence the figures come from: `all`, or with a remedy the
+    `confirm` part that took no part in choosing among trials."""
+    remedy: dict = field(default_factory=dict)
+    """With a remedy: its strategy, every trial's search figures, the choice and its cost."""
 
     @property
     def task_gain(self) -> float:
@@ -246,51 +256,113 @@ def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str 
     return PeftViews(model, adapters)
 
 
+class Evaluation:
+    """The models of one evaluation, loaded once (LoRA: one copy of the base weights, both
+    adapters on one PeftModel, the base through `disable_adapter()`; a fully fine-tuned model
+    beside a separately loaded base), scored on any rows, part of the forgetting evidence and
+    scale of the new adapter. Scores of a view on a part are computed once and reused."""
+
+    def __init__(self, cfg: PipelineConfig, adapter_dir: str, device: str = "cpu", base_info: BaseModelInfo | None = None,
+                 champion_adapter_dir: str | None = None, champion_version: str | None = None):
+        started = time.perf_counter()
+        bm = cfg.base_model
+        self.cfg, self.device, self.base_info, self.champion_version = cfg, device, base_info, champion_version
+        self.tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
+        self.views = load_views(cfg, adapter_dir, champion_adapter_dir, device, self.tokenizer)
+        self.stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence,
+                         "seed": cfg.training.seed}
+        self.load_seconds = time.perf_counter() - started
+        self._task: dict[tuple, tuple] = {}
+
+    def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
+        key = (name, scale if name == ADAPTED else 1.0, part)
+        if key not in self._task:
+            with self.views.scaled(name, key[1]), self.views.use(name) as m:
+                self._task[key] = _task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device)
+        return self._task[key]
+
+    def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
+        """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
+        reference (all of it when None), and the intervals the gate reads."""
+        cfg, started = self.cfg, time.perf_counter()
+        examples = encode_examples(rows, self.tokenizer, cfg)
+        names = [n for n in (CHAMPION, ADAPTED, BASE) if n in self.views.names]
+        with autocast(cfg.training.precision, self.device):  # the precision the adapter trained in
+            scored = {n: self._scores(n, scale, part.name if part else "all", examples, rows) for n in names}
+        metrics, units, answers = ({n: s[i] for n, s in scored.items()} for i in range(3))
+        metric, higher = primary_metric(cfg)
+        intervals = _intervals(metric, higher, units, self.stats_kw)
+        task_done = time.perf_counter()
+        with autocast(cfg.training.precision, self.device), self.views.scaled(ADAPTED, scale):
+            forgetting, f_intervals = measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info,
+                                                         self.stats_kw, part)
+        intervals.update(f_intervals[ADAPTED])
+        if CHAMPION in names:
+            intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
+        done = time.perf_counter()
+        return EvalReport(
+            task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
+            forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=self.load_seconds + done - started,
+            samples=_samples(cfg, rows, answers), champion=metrics.get(CHAMPION),
+            champion_version=self.champion_version if CHAMPION in names else None,
+            intervals=intervals, champion_forgetting=forgetting.get(CHAMPION, {}),
+            timings={"load": self.load_seconds, "task": task_done - started, "forgetting": done - task_done},
+            method=cfg.training.method, adapter_scale=scale, evidence=part.name if part else "all",
+        )
+
+
+def _samples(cfg: PipelineConfig, rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
+    """Generated answers of base, champion and adapted next to the target (generation scoring only)."""
+    return [
+        {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a,
+         **({"champion": answers[CHAMPION][i]} if CHAMPION in answers else {})}
+        for i, (r, b, a) in enumerate(zip(rows, answers[BASE], answers[ADAPTED]))
+    ]
+
+
 def evaluate_adapter(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
-    champion_adapter_dir: str | None = None, champion_version: str | None = None,
+    champion_adapter_dir: str | None = None, champion_version: str | None = None, champion_metrics: dict | None = None,
 ) -> EvalReport:
     """Score base, champion (when given) and the new model (challenger) on the same eval rows,
     measure forgetting of each against the base on the reference section's sources, and
     bootstrap intervals of everything the gate reads.
 
-    LoRA keeps one copy of the base weights (both adapters on one PeftModel, the base through
-    `disable_adapter()`); a fully fine-tuned model is compared with a separately loaded base.
-    `base_info` (from `describe_base_model`, computed when absent) keys the cache of probe answers."""
-    started = time.perf_counter()
-    bm = cfg.base_model
-    tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
-    views = load_views(cfg, adapter_dir, champion_adapter_dir, device, tokenizer)
-    examples = encode_examples(eval_rows, tokenizer, cfg)
-    stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence, "seed": cfg.training.seed}
+    With a remedy (`remedy.strategy`), the adapter is also tried at other scales on one part of
+    the evidence and the report is that of the chosen scale on the other part (see
+    `lora_tasks/remedy.py`); `champion_metrics` (the champion's recorded metrics) lets the trials
+    be judged against a champion scored elsewhere. `base_info` keys the cache of probe answers."""
+    ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version)
+    if cfg.remedy.strategy == "none":
+        return ev.report(eval_rows)
+    return evaluate_remedies(ev, eval_rows, champion_metrics)
 
-    loaded = time.perf_counter()
-    metrics, units, answers = {}, {}, {}
-    with autocast(cfg.training.precision, device):  # the precision the adapter trained in
-        for name in (CHAMPION, ADAPTED, BASE):
-            if name in views.names:
-                with views.use(name) as m:
-                    metrics[name], units[name], answers[name] = _task_scores(m, cfg, examples, eval_rows, tokenizer, device)
-    has_champion = CHAMPION in views.names
-    samples = [
-        {"prompt": r[cfg.data.prompt_column], "target": r[cfg.data.completion_column], "base": b, "adapted": a,
-         **({"champion": answers[CHAMPION][i]} if has_champion else {})}
-        for i, (r, b, a) in enumerate(zip(eval_rows, answers[BASE], answers[ADAPTED]))
-    ]
+
+def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: dict | None = None) -> EvalReport:
+    """Try the adapter at each scale of `remedy.scales` on the search part of the eval rows and
+    forgetting evidence; report the chosen scale (or, with none admissible, the adapter as
+    trained) on the confirm part, with every trial in `EvalReport.remedy`."""
+    cfg, started = ev.cfg, time.perf_counter()
+    r = cfg.remedy
+    keys = [json.dumps([row.get(c) for c in sorted(row)], default=str) for row in eval_rows]
+    try:
+        search_rows, confirm_rows = split_for_confirmation(eval_rows, keys, r.confirm_fraction)
+    except ValueError as exc:
+        raise DataError(f"remedy: {exc} (remedy.confirm_fraction: {r.confirm_fraction})") from None
     metric, higher = primary_metric(cfg)
-    intervals = _intervals(metric, higher, units, stats_kw)
-    scored = time.perf_counter()
-    with autocast(cfg.training.precision, device):
-        forgetting, f_intervals = measure_forgetting(cfg, views, tokenizer, device, base_info, stats_kw)
-    intervals.update(f_intervals[ADAPTED])
-    if has_champion:
-        intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
-    done = time.perf_counter()
-    return EvalReport(
-        task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
-        forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=done - started, samples=samples,
-        champion=metrics.get(CHAMPION), champion_version=champion_version if has_champion else None,
-        intervals=intervals, champion_forgetting=forgetting.get(CHAMPION, {}),
-        timings={"load": loaded - started, "task": scored - loaded, "forgetting": done - scored},
-        method=cfg.training.method,
-    )
+    incumbent = candidate_from_metrics(champion_metrics, metric, higher) if champion_metrics else None
+    trials = []
+    for order, scale in enumerate(r.scales):
+        t0 = time.perf_counter()
+        rep = ev.report(search_rows, part=Part("search", r.confirm_fraction), scale=scale)
+        cand = candidate_from_metrics(rep.flat_metrics(), metric, higher, rep.forgetting)
+        trials.append(judge(Trial(f"scale={scale:g}", {"scale": scale}, cand, order, time.perf_counter() - t0),
+                            incumbent, cfg.promotion))
+        if order == 0 and r.when == "refused" and not forgetting_failed(trials[0].decision):
+            break  # the adapter as trained keeps within every forgetting limit: nothing to remedy
+    chosen, needed = choose(trials, cfg.promotion)
+    scale = chosen.settings["scale"] if chosen else 1.0
+    report = ev.report(confirm_rows, part=Part("confirm", r.confirm_fraction), scale=scale)
+    report.remedy = remedy_summary(r.strategy, trials, chosen, needed, cfg.promotion, time.perf_counter() - started,
+                                   len(search_rows), len(confirm_rows))
+    return report

@@ -20,6 +20,7 @@ from .config import PipelineConfig
 from .errors import DataError
 from .modeling import BaseModelInfo, describe_base_model
 from .probes import base_answers, probe_blocks
+from .remedy import Part
 from .views import BASE
 
 
@@ -320,6 +321,8 @@ class _Measurement:
     device: str
     stats_kw: dict
     base_info: BaseModelInfo | None
+    part: Part | None = None
+    """One side of the split evidence (a remedy's search or confirm part), or None for all of it."""
     metrics: dict[str, dict] = field(default_factory=dict)
     intervals: dict[str, dict] = field(default_factory=dict)
 
@@ -327,6 +330,10 @@ class _Measurement:
         self.others = [n for n in self.views.names if n != BASE]
         self.metrics = {n: {} for n in self.others}
         self.intervals = {n: {} for n in self.others}
+
+    def keep(self, items: list, keys: list[str]) -> list:
+        """The items on this measurement's side of the split (all of them without a part)."""
+        return items if self.part is None else self.part.keep(items, keys)
 
     def add_comparison(self, units: dict, prefix: str) -> None:
         """`<prefix>_perplexity_*`, `<prefix>_kl` of every view, with intervals of the ratio and the KL."""
@@ -342,6 +349,7 @@ def _measure_corpus(m: _Measurement) -> None:
     cfg, ref = m.cfg, m.cfg.evaluation.reference
     bs, pad = cfg.evaluation.batch_size, m.tokenizer.pad_token_id or 0
     blocks = chunk_reference(read_reference_texts(ref.path), m.tokenizer, ref.max_tokens, cfg.training.max_seq_length)
+    blocks = m.keep(blocks, [",".join(map(str, b)) for b in blocks])
     if cfg.task == "causal_lm":
         m.add_comparison(compare_on_blocks(m.views, blocks, bs, pad, m.device), "reference")
         return
@@ -359,6 +367,7 @@ def _measure_probes(m: _Measurement) -> None:
     info = m.base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
     with m.views.use(BASE) as model:
         rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
+    rows = m.keep(rows, [r["prompt"] for r in rows])
     blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
     units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts)
     m.add_comparison(units, "self_retention")
@@ -371,6 +380,7 @@ def _measure_benchmarks(m: _Measurement) -> None:
     cfg, ref = m.cfg, m.cfg.evaluation.reference
     for path in ref.benchmarks:
         questions = read_mc_benchmark(path)[: ref.max_benchmark_questions]
+        questions = m.keep(questions, [q.question for q in questions])
         correct = mc_correct(m.views, questions, m.tokenizer, cfg.evaluation.batch_size, cfg.training.max_seq_length, m.device)
         key = f"benchmark_{_safe_name(path)}"
         for n in m.others:
@@ -395,10 +405,11 @@ source on, and what measures it. Probes and benchmarks score causal LMs only (a 
 
 
 def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
-                       stats_kw: dict) -> tuple[dict, dict]:
+                       stats_kw: dict, part: Part | None = None) -> tuple[dict, dict]:
     """Forgetting of every non-base view against the base on each source `evaluation.reference`
-    turns on: ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
-    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info)
+    turns on, on `part` of its evidence (all without one):
+    ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
+    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part)
     ref = cfg.evaluation.reference
     for enabled, measure in SOURCES.values():
         if ref is not None and enabled(ref):

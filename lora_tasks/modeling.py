@@ -274,6 +274,24 @@ def load_adapted_model(base_model, adapter_dir: str | Path):
     return model
 
 
+def write_scaled_adapter(adapter_dir: str | Path, out_dir: str | Path, scale: float) -> Path:
+    """A copy of a PEFT LoRA adapter whose update is `scale` times the trained one: every `lora_B`
+    weight multiplied (the update is B·A·alpha/r), so every loader (PEFT, vLLM, a merge) applies
+    the scaled update with no extra setting; what is served is what was evaluated. A trained
+    classifier head (`modules_to_save`) is copied as it is."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(adapter_dir), Path(out_dir)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    scaled = {k: v * scale if (".lora_B." in k or "lora_embedding_B" in k) else v for k, v in tensors.items()}
+    save_file(scaled, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

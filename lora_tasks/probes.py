@@ -1,9 +1,14 @@
 """A built-in general probe set: forgetting measured on the base model's own answers.
 
-The base model answers a few dozen general prompts once (greedy); the answers are cached next
+The base model answers a few hundred general prompts once (greedy); the answers are cached next
 to the model cache, keyed by the base's content hash. Forgetting is then the adapted model's
 NLL and KL on those answers against the base: a model that kept what it knew still finds its
 old answers likely. Needs no download and no corpus.
+
+Enough probes that a sound adapter's interval is narrower than the effects the gate bounds
+(32 gave a self-retention ratio interval ~0.09 wide on the demo). A second prompt set on other
+topics, `REPLAY_PROMPTS`, feeds replay (self-distillation) and is disjoint from the probes:
+training on the probes would fake the evidence the gate reads.
 """
 
 from __future__ import annotations
@@ -50,6 +55,40 @@ GENERAL_PROBES = [
     "How does a bicycle stay upright when moving?",
     "Name three famous painters and one work by each.",
 ]
+
+TEMPLATES = [
+    "Explain {} in simple terms.",
+    "Give three interesting facts about {}.",
+    "What are common misconceptions about {}?",
+    "Write a short paragraph introducing {} to a beginner.",
+    "Why does {} matter in everyday life?",
+    "Describe the history of {} in a few sentences.",
+    "What questions would a curious child ask about {}, and how would you answer one of them?",
+    "Summarise the pros and cons of {}.",
+    "How would you teach {} to a friend in five minutes?",
+    "Write a two-line poem about {}.",
+]
+
+PROBE_TOPICS = [
+    "volcanoes", "the moon", "rainbows", "honey bees", "the human heart", "electric cars", "the printing press",
+    "chess", "coffee", "the internet", "glaciers", "the Roman Empire", "recycling", "earthquakes", "jazz music",
+    "solar panels", "the immune system", "penguins", "democracy", "the piano", "bread baking", "the ocean tides",
+    "dinosaurs", "libraries", "gravity", "the Olympic Games", "mushrooms", "bridges", "time zones", "vitamins",
+    "trains", "deserts",
+]
+
+REPLAY_TOPICS = [
+    "thunderstorms", "the sun", "whales", "the human brain", "bicycles", "the telephone", "tennis", "tea",
+    "email", "rivers", "ancient Egypt", "composting", "hurricanes", "classical music", "wind turbines",
+    "bacteria", "elephants", "elections", "the guitar", "cheese making", "the seasons", "sharks", "museums",
+    "magnetism",
+]
+
+GENERAL_PROBES = GENERAL_PROBES + [t.format(topic) for topic in PROBE_TOPICS for t in TEMPLATES]
+"""352 prompts: 32 written by hand, 320 from templates over topics."""
+
+REPLAY_PROMPTS = [t.format(topic) for topic in REPLAY_TOPICS for t in TEMPLATES]
+"""240 prompts on other topics than the probes (same templates), for self-distillation replay."""
 
 
 def _has_chat_template(tokenizer) -> bool:

@@ -40,6 +40,27 @@ class PeftViews:
         self.model.set_adapter(self.adapters[name])
         yield self.model
 
+    @contextlib.contextmanager
+    def scaled(self, name: str, scale: float) -> Iterator[None]:
+        """Inside the block, view `name`'s adapter applies `scale` times its trained update
+        (LoRA's scaling factor, in place: no copy of any weight)."""
+        if scale == 1.0:
+            yield
+            return
+        if name not in self.adapters:
+            raise ValueError(f"view {name!r} is no LoRA adapter: only adapters can be scaled")
+        from peft.tuners.lora import LoraLayer
+
+        adapter = self.adapters[name]
+        saved = [(m, m.scaling[adapter]) for m in self.model.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
+        for m, s in saved:
+            m.scaling[adapter] = s * scale
+        try:
+            yield
+        finally:
+            for m, s in saved:
+                m.scaling[adapter] = s
+
 
 class SeparateViews:
     """Views that are separate models (full fine-tuning: the tuned copy and its base)."""
@@ -56,3 +77,9 @@ class SeparateViews:
         model = self.models[name]
         model.eval()
         yield model
+
+    @contextlib.contextmanager
+    def scaled(self, name: str, scale: float) -> Iterator[None]:
+        if scale != 1.0:
+            raise ValueError("a fully fine-tuned model has no adapter to scale (remedy.strategy: scale needs LoRA)")
+        yield

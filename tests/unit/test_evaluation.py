@@ -78,3 +78,75 @@ def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, m
     report = evaluate_adapter(cfg, _fresh_adapter(cfg, tmp_path / "ad"), rows, base_info=info)
     assert report.forgetting["reference_kl"] == pytest.approx(0.0, abs=1e-6)
     assert list((tmp_path / "probes").glob(f"{info.content_hash[:16]}-*.jsonl"))
+
+
+def _trained_like_adapter(cfg, folder):
+    """A LoRA adapter with random B (as after training): the adapted model differs from its base."""
+    from lora_tasks.modeling import apply_lora, load_base_model
+
+    torch.manual_seed(0)
+    base = load_base_model(cfg.base_model.name_or_path, cfg.task, pad_token_id=0)
+    model = apply_lora(base, cfg.task, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_scaled_adapter_is_evaluated_in_memory_as_it_is_written(tiny_model_dir, tmp_path):
+    """Scaling LoRA's update in memory (the remedy's trials) and writing the scaled adapter (what
+    gets registered and served) give the same model; a scale near 0 is the base."""
+    from lora_tasks.evaluation import Evaluation
+    from lora_tasks.modeling import write_scaled_adapter
+
+    cfg = _cfg("causal_lm", tmp_path)
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(8)]
+    adapter = _trained_like_adapter(cfg, tmp_path / "ad")
+    ev = Evaluation(cfg, adapter)
+    full, half, tiny = (ev.report(rows, scale=s) for s in (1.0, 0.5, 1e-6))
+    assert full.adapted["eval_loss"] != pytest.approx(full.base["eval_loss"], abs=1e-3)
+    assert tiny.adapted["eval_loss"] == pytest.approx(tiny.base["eval_loss"], abs=1e-4)
+    assert tiny.forgetting["reference_kl"] < 1e-6 < half.forgetting["reference_kl"] < full.forgetting["reference_kl"]
+    written = Evaluation(cfg, str(write_scaled_adapter(adapter, tmp_path / "half", 0.5))).report(rows)
+    assert written.adapted["eval_loss"] == pytest.approx(half.adapted["eval_loss"], rel=1e-5)
+    assert written.forgetting["reference_kl"] == pytest.approx(half.forgetting["reference_kl"], rel=1e-4)
+    assert half.adapter_scale == 0.5 and written.adapter_scale == 1.0
+    assert ev.report(rows, scale=1.0).adapted == full.adapted, "the view's scale is restored after each use"
+
+
+def _remedy_cfg(tmp_path, max_kl):
+    cfg = _cfg("causal_lm", tmp_path)
+    raw = cfg.model_dump(mode="json")
+    raw["evaluation"]["reference"]["max_tokens"] = 600
+    raw["promotion"] = {"min_task_gain": -100.0, "max_perplexity_ratio": None, "max_kl": max_kl, "beat_champion": False}
+    raw["remedy"] = {"strategy": "scale", "scales": [1.0, 0.6, 0.3, 0.1]}
+    return config_from_dict(raw)
+
+
+def test_the_scale_remedy_confirms_the_best_admissible_scale_on_held_out_evidence(tiny_model_dir, tmp_path):
+    from lora_tasks.evaluation import Evaluation, evaluate_remedies
+    from lora_tasks.remedy import apply_outcome
+    from lora_tasks.promotion import Decision
+
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(24)]
+    adapter = _trained_like_adapter(_cfg("causal_lm", tmp_path), tmp_path / "ad")
+    kl_full = Evaluation(_cfg("causal_lm", tmp_path), adapter).report(rows).forgetting["reference_kl"]
+    cfg = _remedy_cfg(tmp_path, max_kl=kl_full * 0.3)  # the adapter as trained forgets too much
+    report = evaluate_remedies(Evaluation(cfg, adapter), rows)
+    r = report.remedy
+    assert r["needed"] and [t["name"] for t in r["trials"]] == ["scale=1", "scale=0.6", "scale=0.3", "scale=0.1"]
+    assert not r["trials"][0]["admissible"] and "reference_kl" in r["trials"][0]["failed_checks"]
+    admissible = [t for t in r["trials"] if t["admissible"]]
+    assert admissible and r["chosen"] == admissible[0]["name"], "the largest admissible scale keeps the most gain here"
+    assert report.evidence == "confirm" and report.adapter_scale == r["chosen_settings"]["scale"] < 1.0
+    assert r["search_rows"] + r["confirm_rows"] == 24 and report.eval_rows == r["confirm_rows"]
+    assert report.intervals["reference_kl"][2] < report.forgetting["reference_kl"] * 3
+    ok = Decision(True, ["all checks passed"], [])
+    assert apply_outcome(ok, r) is ok
+
+    destructive = evaluate_remedies(Evaluation(_remedy_cfg(tmp_path, max_kl=1e-9), adapter), rows)
+    assert destructive.remedy["chosen"] is None and destructive.remedy["closest"] == "scale=0.1"
+    refused = apply_outcome(ok, destructive.remedy)
+    assert not refused.promote and "remedy" in refused.failed_checks and "none of 4 trial(s)" in refused.reasons[-1]

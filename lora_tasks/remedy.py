@@ -1,0 +1,167 @@
+"""Remedies for forgetting, the pure part: split the evidence, choose among trials. No I/O.
+
+When the gate refuses an adapter for forgetting, the pipeline tries variants of it (the same
+adapter at smaller scales of its update; or, in a search, other learning rates, ranks and replay
+shares) and keeps the best one that passes. Choosing the best of several noisy figures inflates
+them (the winner's curse), so the evidence is split in two by content hash: trials are compared
+on the *search* part only, and the gate then reads the chosen trial's figures on the *confirm*
+part, which took no part in the choice. Its intervals stay honest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+
+from .config import FORGETTING_METRICS, PromotionPolicy, forgetting_metric
+from .promotion import Candidate, Decision, decide_promotion
+
+
+def confirm_mask(keys: list[str], fraction: float, salt: str = "confirm") -> list[bool]:
+    """True for the keys (eval rows, probe prompts) in the confirmation part: those whose salted
+    content hash falls below `fraction`. A key's part depends on its content alone, so it is the
+    same in every run and on every machine, and a duplicate never sits on both sides."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the confirmation share must be between 0 and 1, got {fraction}")
+    return [int.from_bytes(hashlib.sha256(f"{salt}:{k}".encode()).digest()[:8], "big") / 2**64 < fraction for k in keys]
+
+
+def split_for_confirmation(items: list, keys: list[str], fraction: float) -> tuple[list, list]:
+    """(search part, confirm part) of `items`, by `confirm_mask` of their `keys`. Raises when
+    either part would be empty: a remedy needs evidence on both sides."""
+    mask = confirm_mask(keys, fraction)
+    search = [x for x, m in zip(items, mask) if not m]
+    confirm = [x for x, m in zip(items, mask) if m]
+    if not search or not confirm:
+        raise ValueError(f"{len(items)} items cannot be split into a search and a confirmation part at share "
+                         f"{fraction}: give more eval rows (or probes)")
+    return search, confirm
+
+
+@dataclass(frozen=True)
+class Part:
+    """One side of the split evidence: `search` or `confirm`, at the confirmation share."""
+
+    name: str
+    fraction: float
+
+    def keep(self, items: list, keys: list[str]) -> list:
+        """The items (rows, probes, text blocks, questions) on this side, by their keys' content."""
+        side = self.name == "confirm"
+        return [x for x, m in zip(items, confirm_mask(keys, self.fraction)) if m == side]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One variant of the adapter and what the search part of the evidence says of it."""
+
+    name: str
+    """Short, readable: `scale=0.5`, `lr=2e-4 r=8 replay=0.2`."""
+    settings: dict
+    """What differs from the configured run (`scale`, `learning_rate`, `r`, `replay_share`)."""
+    candidate: Candidate
+    """Its figures on the search part, as the gate reads them."""
+    order: int = 0
+    """Preference among equals: smaller is the smaller change from the configured adapter."""
+    seconds: float = 0.0
+    run_id: str | None = None
+    """The trial's MLflow child run, when it has one."""
+    decision: Decision | None = field(default=None, compare=False)
+
+
+def judge(trial: Trial, champion: Candidate | None, policy: PromotionPolicy) -> Trial:
+    """The trial with the gate's decision on its search figures."""
+    return replace(trial, decision=decide_promotion(trial.candidate, champion, policy))
+
+
+def forgetting_margin(candidate: Candidate, policy: PromotionPolicy) -> float:
+    """How close the worst bounded forgetting metric comes to its limit: max over metrics of
+    (upper bound - neutral) / (limit - neutral); below 1 is within every limit. +inf when a
+    bound is missing or not finite, 0 when nothing is bounded."""
+    worst = 0.0
+    for metric in FORGETTING_METRICS:
+        for name in candidate.forgetting:
+            limit = getattr(policy, metric.limit)
+            if not metric.matches(name) or limit is None:
+                continue
+            low, high = candidate.intervals.get(name, (candidate.forgetting[name],) * 2)
+            bound = high if metric.higher_is_worse else low
+            room = abs(limit - metric.neutral)
+            if not (isinstance(bound, (int, float)) and math.isfinite(bound)) or room == 0:
+                return math.inf
+            worst = max(worst, abs(bound - metric.neutral) / room)
+    return worst
+
+
+def _gain_low(candidate: Candidate) -> float:
+    low = candidate.intervals.get("task_gain", (candidate.task_gain, None))[0]
+    return low if isinstance(low, (int, float)) and math.isfinite(low) else -math.inf
+
+
+def select_trial(trials: list[Trial], policy: PromotionPolicy) -> Trial | None:
+    """The admissible trial (its search figures pass the gate) with the highest lower bound of
+    gain; ties go to less forgetting (`forgetting_margin`), then to the smaller change (`order`).
+    None when no trial is admissible. Trials must have been `judge`d."""
+    admissible = [t for t in trials if t.decision is not None and t.decision.promote]
+    if not admissible:
+        return None
+    return max(admissible, key=lambda t: (_gain_low(t.candidate), -forgetting_margin(t.candidate, policy), -t.order))
+
+
+def closest_trial(trials: list[Trial], policy: PromotionPolicy) -> Trial | None:
+    """When none is admissible, the trial that came nearest (the smallest forgetting margin), to
+    show what the remedy could reach."""
+    return min(trials, key=lambda t: (forgetting_margin(t.candidate, policy), t.order), default=None)
+
+
+def forgetting_failed(decision: Decision) -> bool:
+    """Whether a gate decision failed on forgetting (what a remedy can mend), not only on gain."""
+    return any(c == "forgetting" or forgetting_metric(c) for c in decision.failed_checks)
+
+
+def choose(trials: list[Trial], policy: PromotionPolicy) -> tuple[Trial | None, bool]:
+    """(the trial to confirm, whether a remedy was needed). `trials[0]` is the adapter as trained:
+    when it keeps within every forgetting limit, a remedy is not needed and it stands unless
+    another trial is admissible with more gain; when it does not, only an admissible trial
+    stands, and None means the gate must refuse (`apply_outcome`)."""
+    needed = forgetting_failed(trials[0].decision)
+    chosen = select_trial(trials, policy)
+    return (chosen if chosen or needed else trials[0]), needed
+
+
+def remedy_summary(strategy: str, trials: list[Trial], chosen: Trial | None, needed: bool, policy: PromotionPolicy,
+                   seconds: float, search_rows: int, confirm_rows: int) -> dict:
+    """What `EvalReport.remedy` records: every trial's search figures, whether the adapter as
+    trained needed a remedy, the choice and the cost. Plain JSON."""
+    return {
+        "strategy": strategy, "needed": needed, "chosen": chosen.name if chosen else None,
+        "chosen_settings": chosen.settings if chosen else {},
+        "closest": None if chosen else getattr(closest_trial(trials, policy), "name", None),
+        "seconds": seconds, "search_rows": search_rows, "confirm_rows": confirm_rows,
+        "trials": [_trial_row(t, policy) for t in trials],
+    }
+
+
+def _trial_row(t: Trial, policy: PromotionPolicy) -> dict:
+    c = t.candidate
+    bounded = [(n, m) for m in FORGETTING_METRICS for n in sorted(c.forgetting) if m.matches(n)]
+    return {
+        "name": t.name, "settings": t.settings, "seconds": t.seconds, "run_id": t.run_id,
+        "admissible": bool(t.decision and t.decision.promote),
+        "failed_checks": list(t.decision.failed_checks) if t.decision else [],
+        "task_gain": [c.task_gain, *c.intervals.get("task_gain", (c.task_gain, c.task_gain))],
+        "forgetting": {n: [c.forgetting[n], *c.intervals.get(n, (c.forgetting[n],) * 2)] for n, _ in bounded},
+        "margin": forgetting_margin(c, policy),
+    }
+
+
+def apply_outcome(decision: Decision, remedy: dict) -> Decision:
+    """The gate's decision on the confirm part, refused when a needed remedy found no trial
+    admissible on the search part: an adapter that forgets too much is never promoted unremedied."""
+    if not remedy or not remedy.get("needed") or remedy.get("chosen"):
+        return decision
+    n = len(remedy["trials"])
+    reason = (f"remedy: none of {n} trial(s) ({', '.join(t['name'] for t in remedy['trials'])}) kept every forgetting "
+              f"metric within its limit with the required gain on the search part; closest: {remedy.get('closest')}")
+    return Decision(promote=False, reasons=[*decision.reasons, reason], failed_checks=[*decision.failed_checks, "remedy"])
