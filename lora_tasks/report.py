@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import FORGETTING_METRICS, PipelineConfig
+from .config import FORGETTING_METRICS, PipelineConfig, forgetting_metric
 from .evaluation import EvalReport
 from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
 from .promotion import Decision
@@ -82,6 +82,64 @@ def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[s
     return Path(path)
 
 
+def plot_frontier(report: EvalReport, path: str | Path, limits: dict[str, float | None]) -> Path | None:
+    """A remedy's trials: gain (lower bound to point) against forgetting (point to upper bound) on
+    the search part, admissible ones filled, the chosen one ringed, the policy's limits drawn;
+    None without a remedy that tried more than one variant."""
+    trials = report.remedy.get("trials", []) if report.remedy else []
+    key = next(iter(trials[0]["forgetting"]), None) if trials else None
+    if len(trials) < 2 or key is None:
+        return None
+    metric = forgetting_metric(key)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    for t in trials:
+        (g, g_lo, g_hi), (f, f_lo, f_hi) = t["task_gain"], t["forgetting"][key]
+        style = {"color": "tab:blue" if t["admissible"] else "tab:gray", "fmt": "o", "capsize": 3,
+                 "markerfacecolor": "tab:blue" if t["admissible"] else "white"}
+        ax.errorbar([f], [g], xerr=[[f - f_lo], [f_hi - f]], yerr=[[g - g_lo], [g_hi - g]], **style)
+        ax.annotate(t["name"], (f, g), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        if t["name"] == report.remedy.get("chosen"):
+            ax.plot([f], [g], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:green", label="chosen")
+    if limits.get(key) is not None:
+        ax.axvline(limits[key], color="tab:red", linestyle="--", linewidth=1, label=f"limit {limits[key]:g} (upper bound)")
+    if limits.get("min_task_gain") is not None:
+        ax.axhline(limits["min_task_gain"], color="tab:green", linestyle="--", linewidth=1, label="minimum gain (lower bound)")
+    ax.set_xlabel(f"{metric.axis if metric else key}, on the search part")
+    ax.set_ylabel(f"gain in {report.primary_metric} over base")
+    ax.set_title(f"remedy frontier: {len(trials)} trials, filled = admissible")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def remedy_markdown(report: EvalReport) -> str:
+    """The remedy's section of the summary: each trial's search figures, the choice, the cost."""
+    r = report.remedy
+    if not r:
+        return ""
+    trials = r["trials"]
+    key = next(iter(trials[0]["forgetting"]), None) if trials else None
+    show = lambda v: f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"  # noqa: E731
+    lines = [f"## Remedy: {r['strategy']} ({len(trials)} trial(s), {r['seconds']:.0f} s; chosen on {r['search_rows']} "
+             f"search rows, confirmed on {r['confirm_rows']} others)", "",
+             f"| trial | gain | {key or 'forgetting'} | admissible |", "| --- | --- | --- | --- |"]
+    for t in trials:
+        mark = " **chosen**" if t["name"] == r["chosen"] else ""
+        lines.append(f"| {t['name']}{mark} | {show(t['task_gain'])} | "
+                     f"{show(t['forgetting'][key]) if key else '–'} | {'yes' if t['admissible'] else 'no'} |")
+    if not r["needed"]:
+        lines.append("\nThe adapter as trained kept within every forgetting limit: no remedy was needed.")
+    elif r["chosen"]:
+        lines.append(f"\nThe adapter as trained failed a forgetting limit; registered with {r['chosen']}: the gate "
+                     f"reads its figures on the confirm part, which took no part in the choice.")
+    else:
+        lines.append(f"\nNo trial passed; the closest was {r['closest']}. The adapter is refused.")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     report: EvalReport, summary_md: str, history: dict[str, list[tuple[int, float]]], out_dir: str | Path,
     limits: dict[str, float | None], max_samples: int = 10,
@@ -90,7 +148,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_loss_curve(history, out / "loss_curve.png"),
-                         plot_gain_vs_forgetting(report, out / "gain_vs_forgetting.png", limits)) if p]
+                         plot_gain_vs_forgetting(report, out / "gain_vs_forgetting.png", limits),
+                         plot_frontier(report, out / "remedy_frontier.png", limits)) if p]
     lines = [summary_md.rstrip(), "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     if report.samples:
         cols = [c for c in ("prompt", "target", "base", "champion", "adapted") if c in report.samples[0]]

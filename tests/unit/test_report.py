@@ -92,3 +92,33 @@ def test_a_baseline_summary_is_not_registered():
     md = baseline_markdown(cfg, DataSummary(10, 2, "f" * 64, "ok"), report(False), "r1", None)
     assert md.startswith("# m: version (not registered) **not promoted**") and BASELINE_REASON in md
     assert "champion before this run: none" in md
+
+def _remedied() -> EvalReport:
+    from lora_tasks.config import PromotionPolicy
+    from lora_tasks.promotion import Candidate
+    from lora_tasks.remedy import Trial, choose, judge, remedy_summary
+
+    policy = PromotionPolicy(min_task_gain=0.3, max_self_retention_ratio=1.2)
+    trials = [judge(Trial(f"scale={s:g}", {"scale": s}, Candidate(
+        "exact_match", True, 0.0, g, {"self_retention_perplexity_ratio": ratio},
+        intervals={"task_gain": (g - 0.08, g + 0.08), "self_retention_perplexity_ratio": (ratio - 0.03, ratio + 0.04)}),
+        order=i), None, policy) for i, (s, g, ratio) in enumerate([(1.0, 0.75, 1.19), (0.65, 0.7, 1.1), (0.35, 0.4, 1.03)])]
+    chosen, needed = choose(trials, policy)
+    r = report(False)
+    r.forgetting = {"self_retention_perplexity_ratio": 1.09}
+    r.remedy = remedy_summary("scale", trials, chosen, needed, policy, 42.0, 60, 60)
+    return r
+
+
+def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
+    from lora_tasks.report import remedy_markdown
+
+    r = _remedied()
+    files = write_report(r, "# summary\n", {}, tmp_path, {"self_retention_perplexity_ratio": 1.2, "min_task_gain": 0.3})
+    assert "remedy_frontier.png" in [f.name for f in files]
+    assert (tmp_path / "remedy_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    md = remedy_markdown(r)
+    assert "## Remedy: scale (3 trial(s), 42 s; chosen on 60 search rows, confirmed on 60 others)" in md
+    assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
+    assert "| scale=1 | 0.75 [0.67, 0.83] | 1.19 [1.16, 1.23] | no |" in md
+    assert "registered with scale=0.65" in md
