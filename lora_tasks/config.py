@@ -339,6 +339,31 @@ class PromotionPolicy(_Section):
     below `-champion_tolerance` (all measured on the same eval data in the same run)."""
 
 
+class ReplayConfig(_Section):
+    """General data mixed into training so the adapter keeps what the base knew (causal LM).
+    Off while `share` is 0. See `lora_tasks/replay.py`."""
+
+    share: float = Field(0.0, ge=0.0, le=0.5)
+    """Share of the training examples that are replay (0.2: one in five)."""
+    source: Literal["self", "corpus"] = "self"
+    """`self`: the base model's own greedy answers to general prompts (self-distillation; needs no
+    outside data; generated once per base model and cached); `corpus`: passages of a text file,
+    trained as plain text."""
+    path: str | None = None
+    """`self`: a file of prompts, one per line (default: the built-in set, disjoint from the
+    probes); `corpus`: the text file (one passage per line). Must not overlap what forgetting is
+    measured on (probes, the reference corpus, benchmarks): that would fake the evidence."""
+    max_new_tokens: int = Field(64, ge=1)
+    """`self`: tokens generated per replay prompt."""
+
+    key_path: ClassVar[str] = "replay"
+
+    def cross_field_problems(self) -> list[Problem]:
+        if self.share and self.source == "corpus" and not self.path:
+            return [("path", "replay.source: corpus needs replay.path (a text file, one passage per line)")]
+        return []
+
+
 class RemedyConfig(_Section):
     """What to do when the gate would refuse the adapter for forgetting: try variants of it and
     keep the best one that passes (see `lora_tasks/remedy.py`). Off by default."""
@@ -468,10 +493,11 @@ class PipelineConfig(_Section):
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     remedy: RemedyConfig = Field(default_factory=RemedyConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
 
     def cross_field_problems(self) -> list[Problem]:
         return [*self._check_task(), *self._check_hardware(), *self._check_generation(), *self._check_method(),
-                *self._check_launcher(), *self._check_packing()]
+                *self._check_launcher(), *self._check_packing(), *self._check_remedies()]
 
     def _check_task(self) -> Iterator[Problem]:
         if self.task == "sequence_classification":
@@ -497,6 +523,17 @@ class PipelineConfig(_Section):
     def _check_method(self) -> Iterator[Problem]:
         if self.training.method == "full" and self.base_model.quantization:
             yield "training.method", "full trains every weight and cannot train a 4-bit base: drop base_model.quantization"
+
+    def _check_remedies(self) -> Iterator[Problem]:
+        if self.remedy.strategy == "scale" and self.training.method != "lora":
+            yield "remedy.strategy", "scale scales a LoRA adapter's update: it needs training.method: lora"
+        if self.replay.share and self.task != "causal_lm":
+            yield "replay.share", "replay mixes general text into causal LM training: it needs task: causal_lm (or share 0)"
+        if self.replay.share and self.replay.source == "self" and not self.data.prompt_column:
+            yield "replay.source", ("self trains on prompt/answer pairs: it needs data.prompt_column and completion_column "
+                                    "(or replay.source: corpus)")
+        if self.replay.share and self.data.loader == "ray_data":
+            yield "replay.share", "replay is mixed into training rows held in memory: set data.loader: memory or auto, or share 0"
 
     def _check_launcher(self) -> Iterator[Problem]:
         if self.scaling.launcher == "local" and self.why_not_in_process(streaming=self.data.loader == "ray_data"):
@@ -535,7 +572,7 @@ class PipelineConfig(_Section):
         """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
         training, worker count), not of where it runs, how it is evaluated or gated, or where
         results go. A run is identified by this hash and the data's fingerprint."""
-        d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training"})
+        d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training", "replay"})
         d["num_workers"], d["strategy"] = self.scaling.num_workers, self.scaling.strategy
         return _sha256_json(_without_defaults_added_later(d))
 
@@ -544,8 +581,8 @@ def _without_defaults_added_later(d: dict) -> dict:
     """`d` without settings added after configs were first hashed, while they hold their
     default: a config that does not use them keeps the hash it had (and its run folder, and the
     scheduled run still skips)."""
-    if d.get("remedy", {}).get("strategy") == "none":  # a section added later, unused
-        d = {k: v for k, v in d.items() if k != "remedy"}
+    unused = {"remedy": d.get("remedy", {}).get("strategy") == "none", "replay": not d.get("replay", {}).get("share")}
+    d = {k: v for k, v in d.items() if not unused.get(k)}  # sections added later, while unused
     for section, key, default in _ADDED_LATER:
         if key in d.get(section, {}) and d[section][key] == default:
             d = {**d, section: {k: v for k, v in d[section].items() if k != key}}
@@ -631,6 +668,7 @@ def _resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     bm = cfg.base_model.name_or_path
     if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():
         cfg.base_model.name_or_path = _absolute(bm)
+    cfg.replay.path = _absolute(cfg.replay.path)
     cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path)
     cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location)
     uri = cfg.tracking.tracking_uri

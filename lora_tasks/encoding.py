@@ -14,6 +14,9 @@ import torch
 from .config import PipelineConfig
 
 IGNORE_INDEX = -100
+REPLAY_KEY = "_replay"
+"""Marks a replay row (`lora_tasks/replay.py`): `chat`, a prompt/answer pair formatted without the
+task's system prompt (as the base answered it), or `text`, a passage trained as plain text."""
 
 
 
@@ -53,9 +56,22 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
             {"input_ids": ids, "labels": index[str(r[d.label_column])]}
             for ids, r in zip(enc["input_ids"], rows)
         ]
-    eos = tokenizer.eos_token_id
-    if d.prompt_column:
-        texts, special = format_prompts([r[d.prompt_column] for r in rows], tokenizer, d.chat_template, d.system_prompt)
+    if not any(REPLAY_KEY in r for r in rows):
+        return _encode_kind(rows, None, tokenizer, cfg)
+    out: list[dict] = [{}] * len(rows)
+    for kind in (None, "chat", "text"):  # task rows, then replay of each kind, back in the rows' order
+        idx = [i for i, r in enumerate(rows) if r.get(REPLAY_KEY) == kind]
+        for i, x in zip(idx, _encode_kind([rows[i] for i in idx], kind, tokenizer, cfg)):
+            out[i] = x
+    return out
+
+
+def _encode_kind(rows: list[dict], kind: str | None, tokenizer, cfg: PipelineConfig) -> list[dict]:
+    """Causal LM rows of one kind: task rows (None), replayed chat pairs, or replayed plain text."""
+    d, max_len, eos = cfg.data, cfg.training.max_seq_length, tokenizer.eos_token_id
+    if d.prompt_column and kind != "text":
+        system = d.system_prompt if kind is None else None
+        texts, special = format_prompts([r[d.prompt_column] for r in rows], tokenizer, d.chat_template, system)
         prompts = tokenizer(texts, add_special_tokens=special)["input_ids"]
         answers = tokenizer([r[d.completion_column] for r in rows], add_special_tokens=False)["input_ids"]
         out = []
@@ -64,7 +80,8 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
             p = p[-(max_len - len(a)):]  # keep the end of a long prompt, next to the answer
             out.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
         return out
-    texts = tokenizer([r[d.text_column] for r in rows], add_special_tokens=True)["input_ids"]
+    column = d.text_column if kind is None else (d.completion_column or d.text_column)
+    texts = tokenizer([r[column] for r in rows], add_special_tokens=True)["input_ids"]
     return [{"input_ids": (t + [eos])[:max_len], "labels": (t + [eos])[:max_len]} for t in texts]
 
 
@@ -176,19 +193,24 @@ def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device="cpu", *,
                      chat_template: bool = False, system_prompt: str | None = None) -> list[str]:
-    """Greedy answers to `prompts` (formatted by `format_prompts`), batched with left padding so
-    every row continues from its last token."""
+    """Greedy answers to `prompts` (formatted by `format_prompts`), in their order. Batches hold
+    prompts of similar length (sorted by tokens: little padding), left-padded so every row
+    continues from its last token; a batch stops as soon as every row has ended."""
     texts, special = format_prompts(prompts, tokenizer, chat_template, system_prompt)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
+    answers: list[str] = [""] * len(texts)
     try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            enc = tokenizer([texts[j] for j in rows], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, text in zip(rows, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+                answers[j] = text
     finally:
         tokenizer.padding_side = side
     return answers

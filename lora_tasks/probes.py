@@ -96,21 +96,33 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
-    key = hashlib.sha256(json.dumps([GENERAL_PROBES, max_new_tokens]).encode()).hexdigest()[:12]
+def _cache_file(base_hash: str, max_new_tokens: int, prompts: list[str]) -> Path:
+    key = hashlib.sha256(json.dumps([prompts, max_new_tokens]).encode()).hexdigest()[:12]
     return cache_dir() / "probes" / f"{base_hash[:16]}-{key}.jsonl"
 
 
-def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8) -> list[dict]:
-    """The base model's greedy answers to the probes, generated once per base and cached."""
-    path = _cache_file(base_hash, max_new_tokens)
-    if path.exists():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def cached_answers(base_hash: str, max_new_tokens: int, prompts: list[str]) -> list[dict] | None:
+    """`base_answers` from the cache, or None when they were never generated for this base."""
+    path = _cache_file(base_hash, max_new_tokens, prompts)
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8,
+                 prompts: list[str] | None = None) -> list[dict]:
+    """The base model's greedy answers to `prompts` (the probes by default), generated once per
+    base and prompt set and cached."""
+    prompts = GENERAL_PROBES if prompts is None else prompts
+    cached = cached_answers(base_hash, max_new_tokens, prompts)
+    if cached is not None:
+        return cached
+    path = _cache_file(base_hash, max_new_tokens, prompts)
     # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-        answers = generate_answers(model, tokenizer, GENERAL_PROBES, max_new_tokens, batch_size,
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
                                    chat_template=_has_chat_template(tokenizer))
-    rows = [{"prompt": p, "answer": a} for p, a in zip(GENERAL_PROBES, answers) if a.strip()]
+    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers) if a.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
