@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .config_io import apply_overrides, format_error, parse_overrides, resolve_paths  # noqa: F401  (part of the API)
 from .errors import ConfigError
 
 TaskType = Literal["causal_lm", "sequence_classification"]
@@ -598,87 +599,6 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _format_error(err: dict) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key (check its spelling and section)"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    if kind != "value_error" and not isinstance(value, (dict, list)):
-        return f"{path}: {msg} (got {value!r})"
-    return f"{path}: {msg}"
-
-
-def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
-    """Parse `key.path=value` strings; values are read as YAML (numbers, booleans, lists)."""
-    parsed, problems = [], []
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
-            problems.append(f"--set {item!r}: expected key.path=value")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            problems.append(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})")
-            continue
-        parsed.append((key.strip().split("."), value))
-    if problems:
-        raise ConfigError(problems, source="overrides")
-    return parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of `raw` with every `key.path=value` override applied."""
-    data = json.loads(json.dumps(raw))
-    problems = []
-    for keys, value in parse_overrides(overrides):
-        node = data
-        for i, k in enumerate(keys[:-1]):
-            child = node.get(k)
-            if child is None:
-                child = node[k] = {}
-            if not isinstance(child, dict):
-                problems.append(f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
-                break
-            node = child
-        else:
-            node[keys[-1]] = value
-    if problems:
-        raise ConfigError(problems, source="overrides")
-    return data
-
-
-def _absolute(path: str | None) -> str | None:
-    if path is None or "://" in path or path.startswith("builtin:"):
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
-def _resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
-    cfg.data.train_path = _absolute(cfg.data.train_path)
-    cfg.data.eval_path = _absolute(cfg.data.eval_path)
-    if cfg.evaluation.reference and cfg.evaluation.reference.path:
-        cfg.evaluation.reference.path = _absolute(cfg.evaluation.reference.path)
-    if cfg.evaluation.reference and cfg.evaluation.reference.benchmarks:
-        cfg.evaluation.reference.benchmarks = [_absolute(b) for b in cfg.evaluation.reference.benchmarks]
-    bm = cfg.base_model.name_or_path
-    if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():
-        cfg.base_model.name_or_path = _absolute(bm)
-    cfg.replay.path = _absolute(cfg.replay.path)
-    cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path)
-    cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location)
-    uri = cfg.tracking.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        cfg.tracking.tracking_uri = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
-    if cfg.scaling.address is None and os.environ.get("RAY_ADDRESS"):
-        cfg.scaling.address = os.environ["RAY_ADDRESS"]
-    return cfg
-
-
 def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | None = None) -> PipelineConfig:
     """Validate a raw mapping (plus overrides) into a PipelineConfig, raising one ConfigError."""
     if not isinstance(raw, dict):
@@ -688,10 +608,10 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | No
     try:
         cfg = PipelineConfig.model_validate(raw, context={COLLECT_PROBLEMS: cross_field})
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()] + cross_field, source) from None
+        raise ConfigError([format_error(e) for e in exc.errors()] + cross_field, source) from None
     if cross_field:
         raise ConfigError(cross_field, source)
-    return _resolve_paths(cfg)
+    return resolve_paths(cfg)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
