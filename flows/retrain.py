@@ -22,11 +22,13 @@ from lora_tasks import lifecycle, registry
 from lora_tasks.config import PipelineConfig, config_from_dict, forgetting_limits, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
-from lora_tasks.modeling import BaseModelInfo, describe_base_model
+from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
 from lora_tasks.launcher import prepare_data
 from lora_tasks.lifecycle import RunResult
 from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_base
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
+from lora_tasks.remedy import apply_outcome, remedy_tags
+from lora_tasks.replay import replay_rows
 from lora_tasks.report import (
     baseline_markdown, mlflow_markdown, redecision_markdown, skip_markdown, summary_markdown, version_description,
 )
@@ -84,10 +86,10 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
 # A retry (Ray gave up after scaling.max_failures, or training in this process failed) continues
 # from the latest checkpoint in the run folder.
 @task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10)
-def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
+def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: str):
     from lora_tasks.launcher import train_adapter
 
-    result = train_adapter(cfg, data.train_rows, run_dir, mlflow_run_id=run_id, stream=data.train_stream)
+    result = train_adapter(cfg, rows, run_dir, mlflow_run_id=run_id, stream=stream)
     m = result.metrics
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
@@ -95,16 +97,32 @@ def train(cfg: PipelineConfig, data: PreparedData, run_dir: str, run_id: str):
     return result
 
 
+@task(name="prepare-replay", **STEP)
+def prepare_replay(cfg: PipelineConfig, data: PreparedData, base: BaseModelInfo) -> list[dict]:
+    """The training rows: the task's, plus general rows at `replay.share` (none while it is 0)."""
+    extra = replay_rows(cfg, len(data.train_rows), base)
+    if extra:
+        get_run_logger().info("replay: %d general rows (%s) mixed into %d task rows", len(extra), cfg.replay.source,
+                              len(data.train_rows))
+    return data.train_rows + extra
+
+
 @task(name="evaluate-vs-base", **STEP)
 def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
-             champion_dir: str | None = None, champion_version: str | None = None) -> EvalReport:
+             champion=None, champion_dir: str | None = None) -> tuple[EvalReport, str]:
+    """The evaluation, and the adapter it speaks for: the trained one, or its remedied scale
+    (written beside it, so what is registered and served is what was evaluated)."""
     import json
 
-    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base,
-                              champion_adapter_dir=champion_dir, champion_version=champion_version)
+    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
+                              champion_version=champion.version if champion else None,
+                              champion_metrics=champion.metrics if champion else None)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
-    return report
+    if report.remedy:
+        get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),
+                              report.remedy["chosen"])
+    return report, str(write_scaled_adapter(adapter_dir, Path(run_dir) / "adapter-remedied", report.adapter_scale))
 
 
 @task(name="log-to-mlflow", **MLFLOW_RETRIES)
@@ -173,7 +191,7 @@ def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> D
     m, higher = report.primary_metric, report.higher_is_better
     candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
     incumbent = candidate_from_metrics(champion.metrics, m, higher, version=champion.version) if champion else None
-    decision = decide_promotion(candidate, incumbent, cfg.promotion)
+    decision = apply_outcome(decide_promotion(candidate, incumbent, cfg.promotion), report.remedy)
     get_run_logger().info("promotion %s: %s", "passed" if decision.promote else "refused", "; ".join(decision.reasons))
     return decision
 
@@ -190,7 +208,8 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
 
     def redecide(current):  # the new champion was not scored in this run: its recorded metrics count
         incumbent = candidate_from_metrics(current.metrics, m, higher, version=current.version) if current else None
-        again = decide_promotion(candidate.without_champion_comparison(), incumbent, cfg.promotion)
+        again = apply_outcome(decide_promotion(candidate.without_champion_comparison(), incumbent, cfg.promotion),
+                              report.remedy)
         get_run_logger().warning("champion moved to version %s during this run; decided again: %s",
                                  current.version if current else None, "promote" if again.promote else "refuse")
         return again
@@ -343,11 +362,12 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)
     try:
         champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
-        trained = train(cfg, data, run_dir, run_id)
-        report = evaluate(cfg, run_dir, trained.adapter_dir, data, base, champion_dir, champion.version if champion else None)
+        trained = train(cfg, prepare_replay(cfg, data, base), data.train_stream, run_dir, run_id)
+        report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, champion, champion_dir)
         # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
-        pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, trained.adapter_dir,
-                                        base.name_or_path, tags, lifecycle.DataSummary.of(data), report.to_dict(),
+        pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, adapter_dir,
+                                        base.name_or_path, {**tags, **remedy_tags(report.remedy)},
+                                        lifecycle.DataSummary.of(data), report.to_dict(),
                                         trained.metrics, champion.version if champion else None)
         pending.save()
         return _complete(cfg, pending, report, champion)

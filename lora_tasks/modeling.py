@@ -278,12 +278,14 @@ def write_scaled_adapter(adapter_dir: str | Path, out_dir: str | Path, scale: fl
     """A copy of a PEFT LoRA adapter whose update is `scale` times the trained one: every `lora_B`
     weight multiplied (the update is B·A·alpha/r), so every loader (PEFT, vLLM, a merge) applies
     the scaled update with no extra setting; what is served is what was evaluated. A trained
-    classifier head (`modules_to_save`) is copied as it is."""
+    classifier head (`modules_to_save`) is copied as it is. At scale 1, the adapter itself."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(adapter_dir), Path(out_dir)
+    if scale == 1.0:
+        return src
     tensors = load_file(str(src / "adapter_model.safetensors"))
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)

@@ -165,3 +165,10 @@ def apply_outcome(decision: Decision, remedy: dict) -> Decision:
     reason = (f"remedy: none of {n} trial(s) ({', '.join(t['name'] for t in remedy['trials'])}) kept every forgetting "
               f"metric within its limit with the required gain on the search part; closest: {remedy.get('closest')}")
     return Decision(promote=False, reasons=[*decision.reasons, reason], failed_checks=[*decision.failed_checks, "remedy"])
+
+
+def remedy_tags(remedy: dict) -> dict[str, str]:
+    """The registered version's tag saying which remedy produced it (none when none was needed)."""
+    if remedy and remedy.get("needed") and remedy.get("chosen"):
+        return {"remedy": f"{remedy['strategy']}: {remedy['chosen']}"}
+    return {}

@@ -215,6 +215,7 @@ def summary_markdown(
     verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
     champ = f"version {champion_version}" if champion_version else "none"
     ui = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
+    evidence = f" of the confirm part, adapter at scale {report.adapter_scale:g}" if report.evidence == "confirm" else ""
     return f"""# {cfg.model_name}: version {version} {verdict}
 
 ## Data
@@ -222,9 +223,10 @@ def summary_markdown(
 - contract: {data.report_summary}
 - fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
 
-## Evaluation ({report.eval_rows} eval examples, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
+## Evaluation ({report.eval_rows} eval examples{evidence}, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
 {table}
 {"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
+{remedy_markdown(report)}
 ## Decision (champion before this run: {champ})
 {reasons}
 
