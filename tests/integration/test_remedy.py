@@ -1,0 +1,76 @@
+"""The remedy in the real flow (Prefect test harness, SQLite MLflow, one worker in-process): the
+tiny adapter as trained breaks a forgetting limit; the remedy finds a smaller scale that keeps it,
+confirms it on held-out evidence, and registers an adapter carrying that scale. With a limit no
+scale can keep, the adapter is refused, never promoted unremedied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_retrain_flow import write_config
+
+pytestmark = pytest.mark.slow
+
+REMEDY = {"strategy": "scale", "scales": [1.0, 0.6, 0.35, 0.2]}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("remedy")
+
+
+def _run(workdir, name, max_kl):
+    from flows.retrain import retrain
+
+    # The tiny adapter's reference KL is ~0.027 as trained (tests/integration/test_retrain_flow.py's
+    # config): a limit of 0.015 refuses it unscaled, while its update at 0.6 or less keeps within it.
+    path = write_config(workdir, name, scaling={"num_workers": 1, "storage_path": str(workdir / "runs")},
+                        promotion={"min_task_gain": 0.05, "max_perplexity_ratio": 1.2, "max_kl": max_kl},
+                        remedy=REMEDY)
+    return retrain(str(path))
+
+
+def test_the_remedy_turns_a_refusal_into_a_confirmed_smaller_scale(harness, workdir):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    result = _run(workdir, "remedied", max_kl=0.015)
+    assert result.promoted, result.reasons
+    client = MlflowClient(result.tracking_uri)
+    version = client.get_model_version("tiny-sums", result.version)
+    chosen = version.tags["remedy"]
+    assert chosen.startswith("scale: scale=0.") and chosen != "scale: scale=1"
+    scale = float(chosen.rsplit("=", 1)[1])
+
+    report = __import__("json").loads((Path(result.run_dir) / "eval_report.json").read_text())
+    trials = {t["name"]: t for t in report["remedy"]["trials"]}
+    assert not trials["scale=1"]["admissible"] and "reference_kl" in trials["scale=1"]["failed_checks"]
+    assert trials[f"scale={scale:g}"]["admissible"] and report["evidence"] == "confirm"
+    assert report["adapter_scale"] == scale and report["intervals"]["reference_kl"][2] <= 0.015
+    assert report["remedy"]["search_rows"] + report["remedy"]["confirm_rows"] == 60  # 15% of 400 rows
+
+    # What is registered is what was evaluated: the trained update times the scale.
+    trained = load_file(str(Path(result.run_dir) / "adapter" / "adapter_model.safetensors"))
+    registered = load_file(str(Path(result.run_dir) / "adapter-remedied" / "adapter_model.safetensors"))
+    key = next(k for k in trained if ".lora_B." in k)
+    assert registered[key].allclose(trained[key] * scale)
+    assert next(k for k in trained if ".lora_A." in k) and all(
+        registered[k].equal(trained[k]) for k in trained if ".lora_A." in k)
+    reports = {a.path for a in client.list_artifacts(result.run_id, "reports")}
+    assert "reports/remedy_frontier.png" in reports
+    assert "## Remedy: scale" in version.description and "registered with scale=" in version.description
+
+
+def test_a_limit_no_scale_can_keep_is_refused(harness, workdir):
+    result = _run(workdir, "hopeless", max_kl=1e-7)  # resumes the trained run: same training settings
+    assert not result.promoted
+    assert any(r.startswith("remedy: none of 4 trial(s)") for r in result.reasons)
