@@ -1,0 +1,325 @@
+"""Alias moves: compare-and-set under a lock, an audit record per move, promotion and rollback of
+the champion. No decisions: the gate's decision comes in, the MLflow writes that act on it go out."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from .errors import RegistryError
+from .registry import CHALLENGER, CHAMPION, VersionInfo, get_alias, get_version, require_model
+from .tracking import client, now_iso
+
+# ---------------------------------------------------------------------------------------------
+# Alias moves: compare-and-set under a lock, each one with an audit record.
+#
+# MLflow has no compare-and-set on aliases, so a move is: take a lock, re-read the alias, compare
+# it with what the caller decided against, write, re-read to check the write. The lock is an
+# exclusive `flock` on a file next to the SQLite database (or the `file:` store), which serialises
+# every mover on that machine (processes and threads). For a tracking server there is no shared
+# file: movers on one machine still share a local lock file, and movers on different machines take
+# a lease tag on the registered model (write, wait, re-read); that narrows the race to the lease's
+# settle time but is not a true mutex, which MLflow cannot offer. The re-read after the write
+# still reports a concurrent overwrite (`AliasConflict`) instead of hiding it.
+# ---------------------------------------------------------------------------------------------
+
+AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
+_LEASE_TAG = "prefect_lora.alias_lease"
+_LEASE_SETTLE_S = 0.5
+
+
+class ChampionChanged(RegistryError):
+    """The alias no longer points where the caller's decision assumed: decide again against `current`."""
+
+    def __init__(self, name: str, alias: str, expected: str | None, current: VersionInfo | None):
+        self.name, self.alias, self.expected, self.current = name, alias, expected, current
+        now = current.version if current else None
+        super().__init__(
+            f"{alias!r} of {name!r} moved from version {expected} to {now} since the decision was made; "
+            "decide again against the new champion"
+        )
+
+
+class AliasConflict(RegistryError):
+    """A re-read after the write found another writer's value: the lock was bypassed."""
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    """One audit record: an alias move (or a decision that kept the alias where it was)."""
+
+    name: str
+    alias: str
+    action: str
+    """`auto-promote`, `promote`, `rollback`, or `kept` (a gate decision that did not move it)."""
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    actor: str
+    """Who: `user@host`, plus the Prefect flow run when one acted."""
+    at: str
+    """When, UTC ISO-8601."""
+    details: dict
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def default_actor(flow_run_id: str | None = None) -> str:
+    """`user@host`, and the Prefect flow run id when given."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001  (no passwd entry in some containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    who = f"{user}@{socket.gethostname()}"
+    return f"{who} (prefect flow run {flow_run_id})" if flow_run_id else who
+
+
+def _lock_file(tracking_uri: str, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return db.with_name(f"{db.name}.{safe}.alias.lock")
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        root = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        return root / f".{safe}.alias.lock"
+    import hashlib
+
+    from .modeling import cache_dir
+
+    return cache_dir() / "locks" / f"{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}.{safe}.alias.lock"
+
+
+def _is_shared_store(tracking_uri: str) -> bool:
+    """True when every mover sees the same lock file (a local SQLite or file store)."""
+    return tracking_uri.startswith(("sqlite:///", "file:")) or "://" not in tracking_uri
+
+
+class _AliasLock:
+    """Exclusive lock on moving aliases of one registered model (see the section comment)."""
+
+    def __init__(self, tracking_uri: str, name: str, timeout_s: float = 120.0):
+        self.uri, self.name, self.timeout_s = tracking_uri, name, timeout_s
+        self.path = _lock_file(tracking_uri, name)
+        self.token = None
+        self._fd = None
+
+    def __enter__(self):
+        import fcntl
+        import uuid
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._fd)
+                    raise RegistryError(
+                        f"another process holds the alias lock of {self.name!r} ({self.path}) for over "
+                        f"{self.timeout_s:.0f}s; if no promotion is running, delete that file"
+                    ) from None
+                time.sleep(0.05)
+        if not _is_shared_store(self.uri):
+            self.token = uuid.uuid4().hex
+            try:
+                self._take_lease(deadline)
+            except BaseException:
+                self._unlock()
+                raise
+        return self
+
+    def _take_lease(self, deadline: float) -> None:
+        c = client(self.uri)
+        while True:
+            tags = c.get_registered_model(self.name).tags
+            held = json.loads(tags[_LEASE_TAG]) if tags.get(_LEASE_TAG) else None
+            if held is None or held.get("expires", 0) < time.time():
+                c.set_registered_model_tag(self.name, _LEASE_TAG, json.dumps({"owner": self.token, "expires": time.time() + 60}))
+                time.sleep(_LEASE_SETTLE_S)  # let a racing writer land, then see who won
+                tags = c.get_registered_model(self.name).tags
+                if tags.get(_LEASE_TAG) and json.loads(tags[_LEASE_TAG]).get("owner") == self.token:
+                    return
+            if time.monotonic() > deadline:
+                raise RegistryError(f"could not take the alias lease of {self.name!r} on {self.uri}: another mover holds it")
+            time.sleep(0.2)
+
+    def _unlock(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.token:
+                c = client(self.uri)
+                tags = c.get_registered_model(self.name).tags
+                if tags.get(_LEASE_TAG) and json.loads(tags[_LEASE_TAG]).get("owner") == self.token:
+                    c.delete_registered_model_tag(self.name, _LEASE_TAG)
+        finally:
+            self._unlock()
+
+
+def alias_lock(tracking_uri: str, name: str, timeout_s: float = 120.0) -> _AliasLock:
+    """Context manager serialising alias moves of `name` (see the guarantee in the section comment)."""
+    return _AliasLock(tracking_uri, name, timeout_s)
+
+
+def _write_audit(c: MlflowClient, record: AliasRecord) -> None:
+    # One tag per record, keyed by time and a random suffix: concurrent writers never overwrite
+    # each other's records, even without the lock.
+    import uuid
+
+    stamp = record.at.replace("-", "").replace(":", "").replace("+0000", "Z")
+    key = f"{AUDIT_TAG_PREFIX}{stamp}.{uuid.uuid4().hex[:8]}"
+    c.set_registered_model_tag(record.name, key, json.dumps(record.to_dict(), sort_keys=True))
+    if record.to_version:
+        c.set_model_version_tag(record.name, record.to_version, f"alias.{record.alias}.last_move",
+                                json.dumps({k: getattr(record, k) for k in ("action", "from_version", "at", "actor", "reason")}))
+
+
+def alias_history(tracking_uri: str, name: str, alias: str | None = None) -> list[dict]:
+    """Every audit record of `name` (alias moves and kept decisions), oldest first."""
+    c = client(tracking_uri)
+    model = require_model(c, name)
+    records = [json.loads(v) for k, v in sorted(model.tags.items()) if k.startswith(AUDIT_TAG_PREFIX)]
+    return [r for r in records if alias is None or r.get("alias") == alias]
+
+
+def compare_and_set_alias(
+    tracking_uri: str, name: str, to_version: str, *, expected: str | None, reason: str, action: str,
+    alias: str = CHAMPION, actor: str | None = None, details: dict | None = None, lock_timeout_s: float = 120.0,
+) -> AliasRecord:
+    """Point `alias` at `to_version` only if it still points at `expected` (None: unset).
+
+    Raises `ChampionChanged` (with the current version) when it moved, `AliasConflict` when a
+    re-read after the write shows another writer. Writes an audit record on success."""
+    c = client(tracking_uri)
+    require_model(c, name)
+    get_version(tracking_uri, name, to_version)  # exists, or a clear error
+    with alias_lock(tracking_uri, name, lock_timeout_s):
+        current = get_alias(tracking_uri, name, alias)
+        now = current.version if current else None
+        if now != (str(expected) if expected is not None else None):
+            raise ChampionChanged(name, alias, expected, current)
+        c.set_registered_model_alias(name, alias, str(to_version))
+        after = get_alias(tracking_uri, name, alias)
+        if after is None or after.version != str(to_version):
+            raise AliasConflict(
+                f"{alias!r} of {name!r} reads {after.version if after else None} right after it was set to "
+                f"{to_version}: another writer moved it without the lock"
+            )
+        record = AliasRecord(name, alias, action, now, str(to_version), reason, actor or default_actor(), now_iso(),
+                             dict(details or {}))
+        _write_audit(c, record)
+    return record
+
+
+def settle_decision(
+    tracking_uri: str, name: str, version: str, decision, champion: VersionInfo | None, redecide,
+    *, actor: str | None = None, run_id: str | None = None, max_rounds: int = 5,
+):
+    """Act on a gate decision with compare-and-set; re-decide while the champion keeps moving.
+
+    `decision` has `promote` and `reasons`; `redecide(current_champion)` returns a new decision
+    for the same candidate against the champion found at write time. Returns the final
+    `(decision, champion_it_was_made_against, AliasRecord)`. Every round is tagged and audited."""
+    c = client(tracking_uri)
+    details = {"run_id": run_id} if run_id else {}
+    for round_ in range(max_rounds):
+        expected = champion.version if champion else None
+        reasons = "\n".join(decision.reasons)[:5000]
+        c.set_model_version_tag(name, version, "promotion.decision", "promoted" if decision.promote else "rejected")
+        c.set_model_version_tag(name, version, "promotion.reasons", reasons)
+        c.set_model_version_tag(name, version, "promotion.champion_compared", str(expected))
+        try:
+            if decision.promote:
+                record = compare_and_set_alias(
+                    tracking_uri, name, version, expected=expected, reason=reasons, action="auto-promote",
+                    actor=actor, details={**details, "round": round_},
+                )
+            else:  # a refusal also must hold against the champion of now: re-check it under the lock
+                with alias_lock(tracking_uri, name):
+                    current = get_alias(tracking_uri, name, CHAMPION)
+                    if (current.version if current else None) != expected:
+                        raise ChampionChanged(name, CHAMPION, expected, current)
+                    record = AliasRecord(name, CHAMPION, "kept", expected, expected,
+                                         f"version {version} refused: {reasons}", actor or default_actor(), now_iso(),
+                                         {**details, "candidate": version, "round": round_})
+                    _write_audit(c, record)
+            return decision, champion, record
+        except ChampionChanged as exc:
+            if exc.current is not None and exc.current.version == str(version):  # a retry after our own move
+                return decision, exc.current, AliasRecord(name, CHAMPION, "already-champion", str(version), str(version),
+                                                          "this version is already the champion", actor or default_actor(),
+                                                          now_iso(), details)
+            champion = exc.current
+            decision = redecide(champion)
+    raise RegistryError(f"the champion of {name!r} kept moving during {max_rounds} attempts to settle version {version}")
+
+
+def promote_version(tracking_uri: str, name: str, version: str, reason: str, actor: str | None = None) -> AliasRecord:
+    """Manual promotion: make `version` the champion, whoever holds it now; audited with `reason`."""
+    if not reason or not reason.strip():
+        raise RegistryError("a manual promotion needs a reason: --reason 'why this version'")
+    version = str(version)
+    get_version(tracking_uri, name, version)
+    for _ in range(5):
+        current = get_alias(tracking_uri, name, CHAMPION)
+        try:
+            return compare_and_set_alias(tracking_uri, name, version, expected=current.version if current else None,
+                                         reason=reason, action="promote", actor=actor)
+        except ChampionChanged:
+            continue  # someone moved it between our read and the lock; read again
+    raise RegistryError(f"the champion of {name!r} kept moving; try again")
+
+
+def previous_champion(tracking_uri: str, name: str) -> str | None:
+    """The version that was champion before the current one, from the audit history."""
+    current = get_alias(tracking_uri, name, CHAMPION)
+    if current is None:
+        return None
+    for rec in reversed(alias_history(tracking_uri, name, CHAMPION)):
+        if rec.get("to_version") == current.version and rec.get("from_version") not in (None, current.version):
+            return rec["from_version"]
+    return None
+
+
+def rollback_champion(
+    tracking_uri: str, name: str, to_version: str | None = None, reason: str | None = None, actor: str | None = None,
+) -> AliasRecord:
+    """Point `champion` back at `to_version`, or at the previous champion by default; audited."""
+    current = get_alias(tracking_uri, name, CHAMPION)
+    if to_version is None:
+        require_model(client(tracking_uri), name)
+        to_version = previous_champion(tracking_uri, name)
+        if to_version is None:
+            raise RegistryError(
+                f"{name!r} has no previous champion in its alias history"
+                f" (champion is {current.version if current else 'unset'}); name one: rollback {name} --to VERSION"
+            )
+    reason = reason or f"rollback from version {current.version if current else None}"
+    return compare_and_set_alias(tracking_uri, name, str(to_version), expected=current.version if current else None,
+                                 reason=reason, action="rollback", actor=actor)
+
+
+def protected_versions(tracking_uri: str, name: str) -> set[str]:
+    """Versions retention never deletes: the champion, the previous champion, the challenger."""
+    found = [get_alias(tracking_uri, name, a) for a in (CHAMPION, CHALLENGER)]
+    return {v.version for v in found if v is not None} | {v for v in [previous_champion(tracking_uri, name)] if v}

@@ -1,0 +1,159 @@
+"""MLflow tracking I/O: the pipeline's runs, their params, metrics, tags and artifacts. No decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from .config import PipelineConfig
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """A client bound to `tracking_uri`; also points the fluent API there (pyfunc logging needs it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(c: MlflowClient, name: str, artifact_location: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location when absent."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_location if "://" in artifact_location else Path(artifact_location).resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config as `section.key` -> string, the way MLflow params want it."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
+    """Create the pipeline's MLflow run with the config as params; returns the run id."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    unfinished = _unfinished_run(c, exp_id, tags)
+    if unfinished:  # an earlier attempt of this very run died: continue its record
+        c.update_run(unfinished, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(unfinished, k, v)
+        return unfinished
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    params = flatten(cfg.model_dump(mode="json"))
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The latest run of the same run key and config hash that did not finish, if any."""
+    key, config_hash = tags.get("lora.run_key"), tags.get("lineage.config_hash")
+    if not key or not config_hash:
+        return None
+    runs = c.search_runs(
+        [exp_id],
+        filter_string=f"tags.`lora.run_key` = '{key}' and tags.`lineage.config_hash` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log numeric metrics in one batch; non-numbers are skipped."""
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if items:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def metric_logger(tracking_uri: str, run_id: str):
+    """A `(metrics, step)` callback for the training loop that logs to the run."""
+
+    def log(metrics: dict, step: int) -> None:
+        log_metrics(tracking_uri, run_id, metrics, step)
+
+    return log
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file or folder to the run's artifacts."""
+    c = MlflowClient(tracking_uri)
+    p = Path(path)
+    (c.log_artifacts if p.is_dir() else c.log_artifact)(run_id, str(p), artifact_path)
+
+
+def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Log rows as an MLflow table (shown in the run's Artifacts and the evaluation view)."""
+    if rows:
+        import pandas as pd
+
+        MlflowClient(tracking_uri).log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = MlflowClient(tracking_uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("train_loss", "learning_rate")) -> dict:
+    """(step, value) pairs per metric of a run, e.g. the loss curve the workers logged."""
+    c = client(tracking_uri)
+    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
+
+
+def run_url(tracking_uri: str, run_id: str) -> str:
+    """Where the run is seen: a server's UI URL, or the `mlflow ui` command for a local store."""
+    c = client(tracking_uri)
+    exp = c.get_run(run_id).info.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then experiment {exp}, run {run_id})"
+
+
+def now_iso() -> str:
+    """Now in UTC, ISO-8601 with microseconds: the time stamp of audit records and skip tags."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+0000")
+
+
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion_version: str, reason: str) -> str:
+    """A short, finished run tagged `promotion.decision=skipped`: the schedule ran and found nothing
+    new. The champion gets `schedule.last_skip` (when, which run). Returns the run id."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    run = c.create_run(exp_id, run_name=f"skipped-{tags.get('lora.run_key', '')}"[:250], tags={
+        **{k: str(v) for k, v in tags.items()}, "promotion.decision": "skipped", "promotion.reasons": reason,
+        "promotion.champion_compared": str(champion_version), "mlflow.note.content": reason})
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    c.set_model_version_tag(cfg.model_name, str(champion_version), "schedule.last_skip",
+                            json.dumps({"at": now_iso(), "run_id": run.info.run_id}))
+    return run.info.run_id
