@@ -108,14 +108,14 @@ def main() -> None:
     from deploy import serve as serving
     from deploy.serve_core import ServeConfig
     from deploy.testing import register_random_adapters
-    from lora_tasks import registry
+    from lora_tasks import aliases
     from lora_tasks.modeling import resolve_base_model
 
     work = Path(tempfile.mkdtemp(prefix="pl-serve-bench-"))
     uri, name = f"sqlite:///{work}/mlflow.db", "bench-model"
     base = resolve_base_model(args.base)
     v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
-    registry.promote_version(uri, name, v1, reason="bench")
+    aliases.promote_version(uri, name, v1, reason="bench")
     port = _free_port()
     rows = []
     try:

@@ -69,10 +69,10 @@ class _Replica:
                                         trust_remote_code=self.cfg.trust_remote_code)
 
     def _first_version(self) -> str:
-        from lora_tasks import registry
+        from lora_tasks import registry, tracking
 
-        c = registry.client(self.cfg.tracking_uri)
-        model = registry._require_model(c, self.cfg.model_name)
+        c = tracking.client(self.cfg.tracking_uri)
+        model = registry.require_model(c, self.cfg.model_name)
         for alias in ("champion", "challenger"):
             if alias in model.aliases:
                 return str(model.aliases[alias])
@@ -310,9 +310,9 @@ class Gateway:
     # -- aliases
 
     def _read_aliases(self) -> dict[str, str]:
-        from lora_tasks import registry
+        from lora_tasks import registry, tracking
 
-        model = registry._require_model(registry.client(self.cfg.tracking_uri), self.cfg.model_name)
+        model = registry.require_model(tracking.client(self.cfg.tracking_uri), self.cfg.model_name)
         return {a: str(v) for a, v in model.aliases.items()}
 
     async def refresh(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lora_tasks import registry
+from lora_tasks import registry, tracking
 from lora_tasks.config import config_from_dict
 
 
@@ -53,11 +53,11 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
     versions = []
     for seed in seeds:
         adapter = make_random_adapter(base_dir, workdir / f"adapter-{name}-{seed}", seed, task=task)
-        c = registry.client(tracking_uri)
-        exp = registry.ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+        c = tracking.client(tracking_uri)
+        exp = tracking.ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
         run_id = c.create_run(exp, run_name=f"random-adapter-{seed}", tags={"seed": str(seed)}).info.run_id
-        registry.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
+        tracking.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
         uri = registry.log_adapter_model(cfg, run_id, str(adapter), str(base_dir))
         versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir), "seed": str(seed)}))
-        registry.end_run(tracking_uri, run_id)
+        tracking.end_run(tracking_uri, run_id)
     return versions

@@ -212,11 +212,11 @@ def rollback(
     notify: NotifyOption = None,
 ) -> None:
     """Point NAME's champion back at the previous champion (or --to VERSION); audited."""
-    from lora_tasks import registry
+    from lora_tasks import aliases, registry
 
     uri = _tracking(tracking_uri)
-    if to is None and registry.previous_champion(uri, name) is None:
-        registry.rollback_champion(uri, name)  # raises the clear "no previous champion" message
+    if to is None and aliases.previous_champion(uri, name) is None:
+        aliases.rollback_champion(uri, name)  # raises the clear "no previous champion" message
     elif to is not None:
         registry.get_version(uri, name, to)
     from flows.rollback import rollback as rollback_flow
@@ -230,9 +230,9 @@ def rollback(
 @_exit_on_errors()
 def history(name: str, tracking_uri: TrackingOption = None) -> None:
     """Print every version of NAME, then every alias move (who, when, from, to, why), oldest first."""
-    from lora_tasks import registry
+    from lora_tasks import aliases, registry
 
-    records = registry.alias_history(_tracking(tracking_uri), name)
+    records = aliases.alias_history(_tracking(tracking_uri), name)
     table = Table(title=f"{name}: alias history")
     for col in ("when", "alias", "action", "from", "to", "who", "why"):
         table.add_column(col)

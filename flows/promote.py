@@ -1,5 +1,5 @@
 """Manual promotion: point `champion` at a registered version, with a reason, audited; optionally
-tell a running server to swap now. Only wiring: the work is in `lora_tasks.registry`."""
+tell a running server to swap now. Only wiring: the work is in `lora_tasks.aliases`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from lora_tasks import registry
+from lora_tasks import aliases
 from lora_tasks.config import TrackingConfig
 
 DEFAULT_TRACKING_URI = TrackingConfig().tracking_uri
@@ -17,7 +17,7 @@ DEFAULT_TRACKING_URI = TrackingConfig().tracking_uri
 
 @task(name="move-champion", cache_policy=NO_CACHE)
 def move_champion(tracking_uri: str, model_name: str, version: str, reason: str, actor: str) -> dict:
-    return registry.promote_version(tracking_uri, model_name, version, reason, actor=actor).to_dict()
+    return aliases.promote_version(tracking_uri, model_name, version, reason, actor=actor).to_dict()
 
 
 @task(name="notify-server", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -33,7 +33,7 @@ def notify_server(url: str) -> dict:
 def promote(model_name: str, version: str, reason: str, tracking_uri: str = DEFAULT_TRACKING_URI,
             notify_url: str | None = None) -> dict:
     """Make VERSION of MODEL_NAME the champion (manual, with a reason) and notify a running server."""
-    actor = registry.default_actor(str(flow_run.id or "") or None)
+    actor = aliases.default_actor(str(flow_run.id or "") or None)
     record = move_champion(tracking_uri, model_name, str(version), reason, actor)
     if notify_url:
         notify_server(notify_url)

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import notifications
-from lora_tasks import lifecycle, registry
+from lora_tasks import aliases, lifecycle, registry, tracking
 from lora_tasks.config import PipelineConfig, config_from_dict, forgetting_limits, load_config
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
@@ -79,8 +79,8 @@ def describe_base(cfg: PipelineConfig) -> BaseModelInfo:
 @task(name="start-mlflow-run", **MLFLOW_RETRIES)
 def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> tuple[str, str]:
     """The run's id and where it is seen (the link notifications carry)."""
-    run_id = registry.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
-    return run_id, registry.run_url(cfg.tracking.tracking_uri, run_id)
+    run_id = tracking.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
+    return run_id, tracking.run_url(cfg.tracking.tracking_uri, run_id)
 
 
 # A retry (Ray gave up after scaling.max_failures, or training in this process failed) continues
@@ -131,20 +131,20 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
     import json
 
     uri, m = cfg.tracking.tracking_uri, train_metrics
-    registry.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
+    tracking.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
                                         **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts") if k in m}})
     names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s",
              "train_loop_seconds": "train_loop_seconds"}
-    registry.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
-    registry.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
+    tracking.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
+    tracking.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
     eval_path = Path(run_dir) / "eval_report.json"
     if not eval_path.exists():
         eval_path.write_text(json.dumps(report.to_dict(), indent=2))
-    registry.log_artifact(uri, run_id, eval_path, "reports")
-    registry.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
+    tracking.log_artifact(uri, run_id, eval_path, "reports")
+    tracking.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
     for path in (*data.files.values(), data.quarantine_path):
         if path and Path(path).exists():
-            registry.log_artifact(uri, run_id, path, "reports")
+            tracking.log_artifact(uri, run_id, path, "reports")
 
 
 @task(name="publish-reports", **MLFLOW_RETRIES)
@@ -154,9 +154,9 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
 
     uri = cfg.tracking.tracking_uri
     limits = {"min_task_gain": cfg.promotion.min_task_gain, **forgetting_limits(cfg.promotion, report.forgetting)}
-    files = write_report(report, summary, registry.metric_history(uri, run_id), Path(run_dir) / "reports", limits)
+    files = write_report(report, summary, tracking.metric_history(uri, run_id), Path(run_dir) / "reports", limits)
     for path in files:
-        registry.log_artifact(uri, run_id, path, "reports")
+        tracking.log_artifact(uri, run_id, path, "reports")
     create_markdown_artifact(key=_artifact_key("evaluation", cfg), markdown=files[0].read_text(encoding="utf-8"),
                              description=f"{cfg.model_name}: evaluation report ({cfg.training.method})")
 
@@ -216,16 +216,16 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
 
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
     registry.describe_version(uri, name, version, version_description(summary))
-    final, against, record = registry.settle_decision(
+    final, against, record = aliases.settle_decision(
         uri, name, version, decision, champion, redecide,
-        actor=registry.default_actor(str(flow_run.id or "") or None), run_id=run_id,
+        actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id,
     )
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
-    summary += mlflow_markdown(run_id, registry.run_url(uri, run_id), record.action, record.from_version, record.to_version)
-    registry.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
+    summary += mlflow_markdown(run_id, tracking.run_url(uri, run_id), record.action, record.from_version, record.to_version)
+    tracking.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
                                         "mlflow.note.content": summary})
-    registry.end_run(uri, run_id)
+    tracking.end_run(uri, run_id)
     _notify_server(final.promote)
     return final, summary
 
@@ -257,7 +257,7 @@ def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion) -> tuple[st
     """A short MLflow run tagged `promotion.decision=skipped`; returns (run id, reason)."""
     reason = lifecycle.skip_reason(tags, champion.version)
     get_run_logger().info("%s (pass force=True to retrain anyway)", reason)
-    return registry.record_skip(cfg, tags, champion.version, reason), reason
+    return tracking.record_skip(cfg, tags, champion.version, reason), reason
 
 
 @task(name="apply-retention", **STEP)
@@ -282,8 +282,8 @@ def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: E
     champion_before = champion.version if champion else None
     summary = baseline_markdown(cfg, data, report, run_id, champion_before)
     publish_reports(cfg, run_id, run_dir, report, summary)
-    registry.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
-    registry.end_run(cfg.tracking.tracking_uri, run_id)
+    tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
+    tracking.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
     return RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir, cfg.tracking.tracking_uri,
                      report.flat_metrics(), champion_before=champion_before, summary=summary, method="full")
@@ -321,7 +321,7 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
 
 def _mark_failed(cfg: PipelineConfig, run_id: str) -> None:
     try:
-        registry.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
     except Exception as exc:  # noqa: BLE001  (the tracking server may be the failure itself)
         get_run_logger().warning("could not mark MLflow run %s failed (%s)", run_id, exc)
 

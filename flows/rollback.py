@@ -10,19 +10,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.promote import DEFAULT_TRACKING_URI, notify_server
-from lora_tasks import registry
+from lora_tasks import aliases
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE)
 def rollback_champion(tracking_uri: str, model_name: str, to_version: str | None, reason: str | None, actor: str) -> dict:
-    return registry.rollback_champion(tracking_uri, model_name, to_version, reason, actor=actor).to_dict()
+    return aliases.rollback_champion(tracking_uri, model_name, to_version, reason, actor=actor).to_dict()
 
 
 @flow(name="lora-rollback", log_prints=True)
 def rollback(model_name: str, to_version: str | None = None, reason: str | None = None,
              tracking_uri: str = DEFAULT_TRACKING_URI, notify_url: str | None = None) -> dict:
     """Move MODEL_NAME's champion back (to the previous champion by default) and notify a running server."""
-    actor = registry.default_actor(str(flow_run.id or "") or None)
+    actor = aliases.default_actor(str(flow_run.id or "") or None)
     record = rollback_champion(tracking_uri, model_name, to_version, reason, actor)
     if notify_url:
         notify_server(notify_url)

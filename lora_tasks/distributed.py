@@ -75,7 +75,7 @@ def _ray_worker_loop(config: dict) -> None:
     """Entry point on each Ray Train worker: bridge Ray's context into a WorkerContext."""
     import torch
 
-    from .registry import metric_logger
+    from .tracking import metric_logger
 
     cfg = PipelineConfig.model_validate(config["pipeline"])
     _quiet_report_lines()

@@ -88,7 +88,7 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
 
     log = None
     if mlflow_run_id:
-        from .registry import metric_logger
+        from .tracking import metric_logger
 
         log = metric_logger(cfg.tracking.tracking_uri, mlflow_run_id)
     ctx = WorkerContext(device=device, report=report, resume_from=str(latest) if latest else None,

@@ -1,7 +1,8 @@
 """Operating a scheduled model: skip a run that would retrain on the same inputs, apply
 retention, keep what a failed registration needs to be completed later, and say what a run did.
 
-Selection logic and plain files; the MLflow calls it needs are `registry.py`'s, the wiring is in `flows/`."""
+Selection logic and plain files; the MLflow calls it needs are `registry.py`'s and `aliases.py`'s,
+the wiring is in `flows/`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import registry
+from . import aliases, registry
 from .config import PipelineConfig
 from .errors import LoraTaskError
 
@@ -114,7 +115,7 @@ def delete_old_versions(cfg: PipelineConfig, version: str | None) -> list[str]:
     keep, uri, name = cfg.retention.keep_versions, cfg.tracking.tracking_uri, cfg.model_name
     if not keep:
         return []
-    protected = registry.protected_versions(uri, name) | {version}
+    protected = aliases.protected_versions(uri, name) | {version}
     return registry.delete_versions(uri, name, versions_to_delete(registry.list_versions(uri, name), keep, protected))
 
 

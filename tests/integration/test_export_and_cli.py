@@ -16,12 +16,12 @@ PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:"]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
     from deploy.testing import register_random_adapters
-    from lora_tasks import registry
+    from lora_tasks import aliases
 
     work = tmp_path_factory.mktemp("export")
     uri = f"sqlite:///{work}/mlflow.db"
     v1, v2 = register_random_adapters(uri, NAME, tiny_model_dir, [5, 6], work)
-    registry.promote_version(uri, NAME, v1, reason="first")
+    aliases.promote_version(uri, NAME, v1, reason="first")
     return {"uri": uri, "v1": v1, "v2": v2, "work": work, "base": tiny_model_dir}
 
 
@@ -94,7 +94,7 @@ def harness():
 def test_promote_and_rollback_flows_then_history(store, harness):
     from flows.promote import promote
     from flows.rollback import rollback
-    from lora_tasks import registry
+    from lora_tasks import aliases, registry
 
     uri, v1, v2 = store["uri"], store["v1"], store["v2"]
     record = promote(NAME, v2, "wins the A/B test", tracking_uri=uri)
@@ -102,7 +102,7 @@ def test_promote_and_rollback_flows_then_history(store, harness):
     assert registry.get_alias(uri, NAME).version == v2
     rollback(NAME, tracking_uri=uri)
     assert registry.get_alias(uri, NAME).version == v1
-    last = registry.alias_history(uri, NAME)[-2:]
+    last = aliases.alias_history(uri, NAME)[-2:]
     assert [(h["action"], h["from_version"], h["to_version"]) for h in last] == [("promote", v1, v2), ("rollback", v2, v1)]
     assert "prefect flow run" in last[0]["actor"] and last[0]["reason"] == "wins the A/B test"
 

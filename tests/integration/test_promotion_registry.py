@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from lora_tasks import registry
+from lora_tasks import aliases, registry, tracking
 from lora_tasks.config import PromotionPolicy
 from lora_tasks.errors import RegistryError
 from lora_tasks.promotion import candidate_from_metrics, decide_promotion
@@ -19,10 +19,10 @@ POLICY = PromotionPolicy(require_forgetting_metrics=False)
 
 def _add_version(uri: str, eval_loss: float) -> str:
     """A run with base/adapted loss and a registered version pointing at its (empty) artifacts."""
-    c = registry.client(uri)
-    exp = registry.ensure_experiment(c, NAME, str(uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/art"))
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, NAME, str(uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/art"))
     run = c.create_run(exp)
-    registry.log_metrics(uri, run.info.run_id, {"base_eval_loss": 2.0, "adapted_eval_loss": eval_loss})
+    tracking.log_metrics(uri, run.info.run_id, {"base_eval_loss": 2.0, "adapted_eval_loss": eval_loss})
     c.set_terminated(run.info.run_id)
     return registry.register_version(uri, NAME, f"{run.info.artifact_uri}/adapter", run.info.run_id, {"lineage.x": "1"})
 
@@ -38,7 +38,7 @@ def _settle(uri: str, version: str, champion, barrier=None):
     decision = _decide(uri, version, champion)  # the evaluation-time decision, against the old champion
     if barrier is not None:
         barrier.wait()
-    return registry.settle_decision(uri, NAME, version, decision, champion,
+    return aliases.settle_decision(uri, NAME, version, decision, champion,
                                     lambda cur: _decide(uri, version, cur), actor=f"test-{version}")
 
 
@@ -52,8 +52,8 @@ def test_first_promotion_and_compare_and_set(uri):
     final, against, record = _settle(uri, v1, None)
     assert final.promote and against is None and record.to_version == v1 and record.from_version is None
     v2 = _add_version(uri, 0.5)
-    with pytest.raises(registry.ChampionChanged) as exc:  # decided against "no champion", but v1 is champion now
-        registry.compare_and_set_alias(uri, NAME, v2, expected=None, reason="stale", action="auto-promote")
+    with pytest.raises(aliases.ChampionChanged) as exc:  # decided against "no champion", but v1 is champion now
+        aliases.compare_and_set_alias(uri, NAME, v2, expected=None, reason="stale", action="auto-promote")
     assert exc.value.current.version == v1
     assert registry.get_alias(uri, NAME).version == v1
 
@@ -67,7 +67,7 @@ def _race_in_process(uri, version, champion_version, barrier, out):
 @pytest.mark.parametrize("mode", ["threads", "processes"])
 def test_two_racing_promotions_end_with_one_champion_and_both_decisions(uri, mode):
     v1 = _add_version(uri, 1.0)
-    registry.promote_version(uri, NAME, v1, reason="seed")
+    aliases.promote_version(uri, NAME, v1, reason="seed")
     v2, v3 = _add_version(uri, 0.6), _add_version(uri, 0.4)  # both beat v1; v3 beats v2
     champion = registry.get_alias(uri, NAME)
     if mode == "threads":
@@ -92,10 +92,10 @@ def test_two_racing_promotions_end_with_one_champion_and_both_decisions(uri, mod
     # Whoever wrote first, the better version v3 ends as the only champion.
     assert registry.get_alias(uri, NAME).version == v3
     assert outcomes[v3] == (True, "auto-promote")
-    c = registry.client(uri)
+    c = tracking.client(uri)
     for v in (v2, v3):  # both decisions are on their versions
         assert c.get_model_version(NAME, v).tags["promotion.decision"] in {"promoted", "rejected"}
-    history = registry.alias_history(uri, NAME)
+    history = aliases.alias_history(uri, NAME)
     assert history[0]["action"] == "promote"
     assert {h.get("details", {}).get("candidate") or h["to_version"] for h in history[1:]} == {v2, v3}
     assert all(h["at"] and h["actor"] and h["reason"] for h in history)
@@ -103,37 +103,37 @@ def test_two_racing_promotions_end_with_one_champion_and_both_decisions(uri, mod
 
 def test_manual_promote_rollback_and_history(uri):
     v1, v2 = _add_version(uri, 1.0), _add_version(uri, 0.5)
-    registry.promote_version(uri, NAME, v1, reason="first")
-    registry.promote_version(uri, NAME, v2, reason="better on the new data", actor="alice@host")
-    record = registry.rollback_champion(uri, NAME, reason="bad answers in production")
+    aliases.promote_version(uri, NAME, v1, reason="first")
+    aliases.promote_version(uri, NAME, v2, reason="better on the new data", actor="alice@host")
+    record = aliases.rollback_champion(uri, NAME, reason="bad answers in production")
     assert (record.from_version, record.to_version, record.action) == (v2, v1, "rollback")
     assert registry.get_alias(uri, NAME).version == v1
-    history = registry.alias_history(uri, NAME)
+    history = aliases.alias_history(uri, NAME)
     assert [(h["action"], h["from_version"], h["to_version"]) for h in history] == [
         ("promote", None, v1), ("promote", v1, v2), ("rollback", v2, v1)]
     assert history[1]["actor"] == "alice@host" and history[2]["reason"] == "bad answers in production"
-    registry.rollback_champion(uri, NAME, to_version=v2)
+    aliases.rollback_champion(uri, NAME, to_version=v2)
     assert registry.get_alias(uri, NAME).version == v2
 
 
 def test_user_errors_name_the_thing_and_the_fix(uri):
     v1 = _add_version(uri, 1.0)
     with pytest.raises(RegistryError, match=r"has no version '7'; its versions are \[1\]"):
-        registry.promote_version(uri, NAME, "7", reason="x")
+        aliases.promote_version(uri, NAME, "7", reason="x")
     with pytest.raises(RegistryError, match="needs a reason"):
-        registry.promote_version(uri, NAME, v1, reason=" ")
+        aliases.promote_version(uri, NAME, v1, reason=" ")
     with pytest.raises(RegistryError, match=r"no registered model named 'nope'.*race-model"):
         registry.resolve_version(uri, "nope", "champion")
     with pytest.raises(RegistryError, match="has no alias 'champion'.*prefect-lora promote"):
         registry.resolve_version(uri, NAME, "champion")
     with pytest.raises(RegistryError, match="no previous champion"):
-        registry.rollback_champion(uri, NAME)
+        aliases.rollback_champion(uri, NAME)
 
 
 def test_settling_again_after_our_own_move_changes_nothing(uri):
     v1 = _add_version(uri, 1.0)
     _settle(uri, v1, None)
-    before = registry.alias_history(uri, NAME)
+    before = aliases.alias_history(uri, NAME)
     final, _, record = _settle(uri, v1, None)  # a task retry: decided against "no champion" again
     assert final.promote and record.action == "already-champion"
-    assert registry.alias_history(uri, NAME) == before
+    assert aliases.alias_history(uri, NAME) == before

@@ -36,12 +36,12 @@ def server(tmp_path_factory, tiny_model_dir):
     from deploy import serve as serving
     from deploy.serve_core import ServeConfig
     from deploy.testing import register_random_adapters
-    from lora_tasks import registry
+    from lora_tasks import aliases
 
     work = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{work}/mlflow.db"
     v1, v2 = register_random_adapters(uri, NAME, tiny_model_dir, [11, 22], work)
-    registry.promote_version(uri, NAME, v1, reason="first champion")
+    aliases.promote_version(uri, NAME, v1, reason="first champion")
     cfg = ServeConfig(model_name=NAME, tracking_uri=uri, port=_free_port(), poll_interval_s=1.0,
                       max_prompt_chars=400, max_prompt_tokens=64, max_tokens_cap=16, max_body_bytes=2048,
                       app_name="test-serving")
@@ -87,7 +87,7 @@ def test_health_models_and_both_versions_answer_differently(server):
 def test_promotion_and_rollback_swap_under_load_without_failures(server):
     import httpx
 
-    from lora_tasks import registry
+    from lora_tasks import aliases
 
     answers = server.get("answers") or {}
     assert len(answers) == 2, "runs after the test that records each version's answer"
@@ -110,13 +110,13 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
         t.start()
     try:
         time.sleep(2)
-        registry.promote_version(uri, NAME, v2, reason="better adapter")
+        aliases.promote_version(uri, NAME, v2, reason="better adapter")
         swap = server["client"].post("/admin/refresh")  # what `prefect-lora promote --notify URL` does
         assert swap.status_code == 200 and swap.json()["aliases"]["champion"] == v2
         t_promoted = time.monotonic()
         time.sleep(2)
         t_rolled = time.monotonic()  # before the move: the poll may see it while the audit is still written
-        registry.rollback_champion(uri, NAME, reason="roll back in the test")  # no notify: the poll finds it
+        aliases.rollback_champion(uri, NAME, reason="roll back in the test")  # no notify: the poll finds it
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not (results and results[-1][0] > t_rolled and results[-1][2] == v1):
             time.sleep(0.2)
@@ -182,12 +182,12 @@ def classifier(server, tiny_model_dir, tmp_path_factory):
     from deploy import serve as serving
     from deploy.serve_core import ServeConfig
     from deploy.testing import register_random_adapters
-    from lora_tasks import registry
+    from lora_tasks import aliases
 
     work = tmp_path_factory.mktemp("serve-cls")
     uri = f"sqlite:///{work}/mlflow.db"
     (v1,) = register_random_adapters(uri, "cls-tiny", tiny_model_dir, [3], work, task="sequence_classification")
-    registry.promote_version(uri, "cls-tiny", v1, reason="first")
+    aliases.promote_version(uri, "cls-tiny", v1, reason="first")
     cfg = ServeConfig(model_name="cls-tiny", tracking_uri=uri, port=server["cfg"].port, app_name="test-cls")
     serve.run(serving.build_app(cfg, None), name=cfg.app_name, route_prefix="/cls", blocking=False)
     with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}/cls", timeout=60) as c:

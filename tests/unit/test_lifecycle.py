@@ -138,7 +138,7 @@ def test_retention_that_fails_part_way_says_what_it_deleted(tmp_path, monkeypatc
     def refuse(*args):
         raise RuntimeError("tracking server down")
 
-    monkeypatch.setattr(lifecycle.registry, "protected_versions", refuse)
+    monkeypatch.setattr(lifecycle.aliases, "protected_versions", refuse)
     cfg = _retention_config(tmp_path, keep_checkpoints=1, keep_versions=1)
     with pytest.raises(lifecycle.RetentionStopped, match="tracking server down") as err:
         lifecycle.apply_retention(cfg, str(runs[2]), "3")
