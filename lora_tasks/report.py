@@ -48,6 +48,15 @@ def plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Pat
     return Path(path)
 
 
+def _draw_limits(ax, limits: dict[str, float | None], key: str) -> None:
+    """The policy's bounds on a gain-vs-forgetting plot: the forgetting limit (the upper bound is
+    checked against it) and the minimum gain (the lower bound is)."""
+    if limits.get(key) is not None:
+        ax.axvline(limits[key], color="tab:red", linestyle="--", linewidth=1, label=f"limit {limits[key]:g} (upper bound)")
+    if limits.get("min_task_gain") is not None:
+        ax.axhline(limits["min_task_gain"], color="tab:green", linestyle="--", linewidth=1, label="minimum gain (lower bound)")
+
+
 def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[str, float | None]) -> Path | None:
     """Task gain (y) against the first bounded forgetting metric measured (x), per model."""
     found = next(((k, m) for m in FORGETTING_METRICS for k in sorted(report.forgetting) if m.matches(k)), None)
@@ -68,10 +77,7 @@ def plot_gain_vs_forgetting(report: EvalReport, path: str | Path, limits: dict[s
         xerr = [[forget - forget_ci[1]], [forget_ci[2] - forget]] if forget_ci else None
         yerr = [[gain - gain_ci[1]], [gain_ci[2] - gain]] if gain_ci else None
         ax.errorbar([forget], [gain], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=4, label=name)
-    if limits.get(key) is not None:
-        ax.axvline(limits[key], color="tab:red", linestyle="--", linewidth=1, label=f"limit {limits[key]:g}")
-    if limits.get("min_task_gain") is not None:
-        ax.axhline(limits["min_task_gain"], color="tab:green", linestyle="--", linewidth=1, label="minimum gain")
+    _draw_limits(ax, limits, key)
     ax.set_xlabel(f"{metric.axis} (forgetting; {'lower' if metric.higher_is_worse else 'higher'} is better)")
     ax.set_ylabel(f"gain in {report.primary_metric} over base")
     ax.set_title("task gain vs forgetting")
@@ -101,10 +107,7 @@ def plot_frontier(report: EvalReport, path: str | Path, limits: dict[str, float 
         ax.annotate(t["name"], (f, g), textcoords="offset points", xytext=(6, 4), fontsize=7)
         if t["name"] == report.remedy.get("chosen"):
             ax.plot([f], [g], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:green", label="chosen")
-    if limits.get(key) is not None:
-        ax.axvline(limits[key], color="tab:red", linestyle="--", linewidth=1, label=f"limit {limits[key]:g} (upper bound)")
-    if limits.get("min_task_gain") is not None:
-        ax.axhline(limits["min_task_gain"], color="tab:green", linestyle="--", linewidth=1, label="minimum gain (lower bound)")
+    _draw_limits(ax, limits, key)
     ax.set_xlabel(f"{metric.axis if metric else key}, on the search part")
     ax.set_ylabel(f"gain in {report.primary_metric} over base")
     ax.set_title(f"remedy frontier: {len(trials)} trials, filled = admissible")
