@@ -9,6 +9,7 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
 
 import os
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -19,7 +20,8 @@ from prefect.states import Completed
 
 from flows import notifications
 from lora_tasks import aliases, lifecycle, registry, tracking
-from lora_tasks.config import PipelineConfig, config_from_dict, forgetting_limits, load_config
+from lora_tasks.config import PipelineConfig, config_from_dict, load_config
+from lora_tasks.forgetting_table import forgetting_limits
 from lora_tasks.errors import ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
@@ -29,6 +31,7 @@ from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_ba
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 from lora_tasks.remedy import apply_outcome, remedy_tags
 from lora_tasks.replay import replay_rows
+from lora_tasks.search import search_trials
 from lora_tasks.report import (
     baseline_markdown, mlflow_markdown, redecision_markdown, skip_markdown, summary_markdown, version_description,
 )
@@ -109,19 +112,22 @@ def prepare_replay(cfg: PipelineConfig, data: PreparedData, base: BaseModelInfo)
 
 @task(name="evaluate-vs-base", **STEP)
 def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: PreparedData, base: BaseModelInfo,
-             champion=None, champion_dir: str | None = None) -> tuple[EvalReport, str]:
-    """The evaluation, and the adapter it speaks for: the trained one, or its remedied scale
-    (written beside it, so what is registered and served is what was evaluated)."""
+             run_id: str, champion=None, champion_dir: str | None = None) -> tuple[EvalReport, str]:
+    """The evaluation, and the adapter it speaks for: the trained one, or the remedy's choice
+    (its scale written beside it, so what is registered and served is what was evaluated). A
+    `remedy.strategy: search` trains its trials from here, as Ray Tune trials and child runs."""
     import json
 
+    search = partial(search_trials, cfg, data.train_rows, run_dir, run_id, base)
     report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
                               champion_version=champion.version if champion else None,
-                              champion_metrics=champion.metrics if champion else None)
+                              champion_metrics=champion.metrics if champion else None, search=search)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     if report.remedy:
         get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),
                               report.remedy["chosen"])
+    adapter_dir = report.remedy.get("adapter_dir") or adapter_dir  # a search trial's, when one was chosen
     return report, str(write_scaled_adapter(adapter_dir, Path(run_dir) / "adapter-remedied", report.adapter_scale))
 
 
@@ -363,7 +369,7 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     try:
         champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
         trained = train(cfg, prepare_replay(cfg, data, base), data.train_stream, run_dir, run_id)
-        report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, champion, champion_dir)
+        report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, run_id, champion, champion_dir)
         # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
         pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, adapter_dir,
                                         base.name_or_path, {**tags, **remedy_tags(report.remedy)},

@@ -10,11 +10,9 @@ whose working directory differs, see the same files.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
@@ -365,22 +363,51 @@ class ReplayConfig(_Section):
         return []
 
 
+class SearchSpace(_Section):
+    """What a `remedy.strategy: search` varies. Each list's first value is the configured one;
+    unset, a list is derived from the configured run (see each field)."""
+
+    learning_rate: list[float] | None = None
+    """Default: the configured rate, half of it, a quarter of it."""
+    r: list[int] | None = None
+    """LoRA ranks (alpha follows, so alpha / r stays the configured ratio). Default: the
+    configured rank and half of it."""
+    replay_share: list[float] | None = None
+    """Default: the configured share and 0.25 (when smaller)."""
+
+    @field_validator("learning_rate", "r", "replay_share")
+    @classmethod
+    def _check_values(cls, values: list | None, info) -> list | None:
+        if values is not None and not values:
+            raise ValueError("give at least one value, or leave the key out for the default")
+        least = 0.0 if info.field_name == "replay_share" else 0.0 + 1e-300
+        if values is not None and any(v < least for v in values):
+            raise ValueError(f"values must be {'0 or more' if least == 0 else 'positive'}, got {values}")
+        return values
+
+
 class RemedyConfig(_Section):
     """What to do when the gate would refuse the adapter for forgetting: try variants of it and
     keep the best one that passes (see `lora_tasks/remedy.py`). Off by default."""
 
-    strategy: Literal["none", "scale"] = "none"
+    strategy: Literal["none", "scale", "search"] = "none"
     """`scale`: evaluate the trained adapter at smaller scales of its update (LoRA's scaling
     factor: no retraining, one model in memory) and register the best admissible scale; the
-    registered, exported and served adapter carries that scale."""
+    registered, exported and served adapter carries that scale. `search`: the scales first; when
+    none is admissible (or with `when: always`), train up to `max_trials` - 1 more adapters over
+    `search_space` as Ray Tune trials (each a child MLflow run), each tried at every scale."""
     when: Literal["refused", "always"] = "refused"
     """`refused`: only when the unscaled adapter fails a forgetting check on the search part;
-    `always`: try every scale each run (a full frontier in every report)."""
+    `always`: try every variant each run (a full frontier in every report)."""
     scales: list[float] = Field(default_factory=lambda: [1.0, 0.8, 0.65, 0.5, 0.35])
     """Scales tried, each in (0, 1]; 1.0 (the adapter as trained) is always tried first."""
     confirm_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     """Share of the eval rows and forgetting probes held out from the choice among trials: the
     gate reads the chosen trial's figures on this part only, so the choice cannot inflate them."""
+    max_trials: int = Field(4, ge=1, le=64)
+    """`search`: trainings in all, the configured one included (trials run in parallel where the
+    cluster has room for more than one at `scaling.num_workers x cpus_per_worker` CPUs)."""
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
 
     @field_validator("scales")
     @classmethod
@@ -389,53 +416,6 @@ class RemedyConfig(_Section):
         if bad:
             raise ValueError(f"each scale must be in (0, 1] (a share of the trained update), got {bad}")
         return [1.0, *sorted({s for s in scales if s != 1.0}, reverse=True)]
-
-
-@dataclass(frozen=True)
-class ForgettingMetric:
-    """One forgetting metric the gate can bound. The rows of `FORGETTING_METRICS` are the only
-    place that says so: evaluation, the gate, the report's plot and the flows all read them."""
-
-    pattern: str
-    """The metric's key as logged; `*` stands for a benchmark's file stem."""
-    source: Literal["corpus", "probes", "benchmark"]
-    """The `evaluation.reference` source whose measurement yields it (`forgetting.measure_forgetting`):
-    `corpus` (`path`), `probes` or `benchmark` (each of `benchmarks`)."""
-    limit: str
-    """The `PromotionPolicy` field that bounds it; a null limit skips the check."""
-    higher_is_worse: bool
-    """Direction: True when larger means more forgetting (the interval's upper bound is checked)."""
-    axis: str
-    """Its label on the gain-vs-forgetting plot."""
-    neutral: float
-    """The value the base model itself has (where the base sits on the plot)."""
-
-    def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern)
-
-
-FORGETTING_METRICS = (
-    ForgettingMetric("reference_perplexity_ratio", "corpus", "max_perplexity_ratio", True,
-                     "reference perplexity ratio adapted/base", 1.0),
-    ForgettingMetric("reference_kl", "corpus", "max_kl", True, "reference KL(base || adapted) per token", 0.0),
-    ForgettingMetric("reference_representation_drift", "corpus", "max_representation_drift", True,
-                     "reference representation drift (cosine distance)", 0.0),
-    ForgettingMetric("self_retention_perplexity_ratio", "probes", "max_self_retention_ratio", True,
-                     "perplexity ratio on the base's own answers (self-retention)", 1.0),
-    ForgettingMetric("benchmark_*_accuracy_drop", "benchmark", "max_benchmark_accuracy_drop", True,
-                     "benchmark accuracy drop (base - adapted)", 0.0),
-)
-"""Every bounded forgetting metric, in the order the gate checks and the plot prefers them."""
-
-
-def forgetting_metric(name: str) -> ForgettingMetric | None:
-    """The table row of forgetting metric `name`, or None when nothing bounds it."""
-    return next((m for m in FORGETTING_METRICS if m.matches(name)), None)
-
-
-def forgetting_limits(policy: PromotionPolicy, names) -> dict[str, float | None]:
-    """The limit of each bounded metric among `names`, as the policy sets it (None: not checked)."""
-    return {n: getattr(policy, m.limit) for n in names if (m := forgetting_metric(n))}
 
 
 class TrackingConfig(_Section):
@@ -526,8 +506,15 @@ class PipelineConfig(_Section):
             yield "training.method", "full trains every weight and cannot train a 4-bit base: drop base_model.quantization"
 
     def _check_remedies(self) -> Iterator[Problem]:
-        if self.remedy.strategy == "scale" and self.training.method != "lora":
-            yield "remedy.strategy", "scale scales a LoRA adapter's update: it needs training.method: lora"
+        if self.remedy.strategy != "none" and self.training.method != "lora":
+            yield "remedy.strategy", f"{self.remedy.strategy} scales a LoRA adapter's update: it needs training.method: lora"
+        if self.remedy.strategy == "search" and self.data.loader == "ray_data":
+            yield "remedy.strategy", "search trains its trials on rows held in memory: set data.loader: memory or auto"
+        shares = self.remedy.search_space.replay_share or []
+        if self.remedy.strategy == "search" and any(shares) and self.task != "causal_lm":
+            yield "remedy.search_space.replay_share", "replay needs task: causal_lm; leave replay out of the search"
+        if any(s > 0.5 for s in shares):
+            yield "remedy.search_space.replay_share", f"each share must be at most 0.5 (as replay.share), got {shares}"
         if self.replay.share and self.task != "causal_lm":
             yield "replay.share", "replay mixes general text into causal LM training: it needs task: causal_lm (or share 0)"
         if self.replay.share and self.replay.source == "self" and not self.data.prompt_column:

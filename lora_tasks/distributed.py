@@ -297,3 +297,32 @@ def train_adapter(
             shutil.rmtree(adapter_dir)
         shutil.copytree(Path(ckpt) / ADAPTER_DIR, adapter_dir)
     return TrainResult(str(adapter_dir), result.checkpoint.path, dict(result.metrics or {}))
+
+
+def tune_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | Path) -> list:
+    """`trial(settings)` for each entry as a Ray Tune trial, each with the CPUs (and GPU) the
+    configured run's workers take together: side by side where the cluster has room for several,
+    one at a time otherwise. Returns each trial's return value, in the order of `settings`; a
+    failed trial raises a TrainingError naming its settings (the others' results stay on disk)."""
+    from ray import tune
+
+    ensure_ray_for(cfg)
+    s = cfg.scaling
+    resources = {"cpu": s.num_workers * s.cpus_per_worker, **({"gpu": 1} if s.use_gpu else {})}
+
+    def run(config: dict) -> dict:
+        return {"result": trial(settings[config["index"]])}
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no progress tables in a scheduled job's log
+    tuner = tune.Tuner(
+        tune.with_resources(run, resources),
+        param_space={"index": tune.grid_search(list(range(len(settings))))},
+        run_config=tune.RunConfig(name="remedy-search", storage_path=str(Path(run_dir).resolve() / "tune"), verbose=0),
+    )
+    grid = tuner.fit()
+    by_index = {r.config["index"]: r for r in grid}
+    failed = [(i, r.error) for i, r in sorted(by_index.items()) if r.error]
+    if failed:
+        i, err = failed[0]
+        raise TrainingError(f"remedy search: trial {settings[i]} failed ({type(err).__name__}: {err})")
+    return [by_index[i].metrics["result"] for i in range(len(settings))]

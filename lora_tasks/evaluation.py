@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,8 +19,8 @@ from .errors import DataError
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
 from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
-from .promotion import candidate_from_metrics
-from .remedy import Part, Trial, choose, forgetting_failed, judge, remedy_summary, split_for_confirmation
+from .promotion import Candidate, candidate_from_metrics
+from .remedy import Part, Trial, choose, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
@@ -267,12 +268,18 @@ class Evaluation:
         started = time.perf_counter()
         bm = cfg.base_model
         self.cfg, self.device, self.base_info, self.champion_version = cfg, device, base_info, champion_version
+        self.champion_adapter_dir = champion_adapter_dir
         self.tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
         self.views = load_views(cfg, adapter_dir, champion_adapter_dir, device, self.tokenizer)
         self.stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence,
                          "seed": cfg.training.seed}
         self.load_seconds = time.perf_counter() - started
         self._task: dict[tuple, tuple] = {}
+
+    def with_adapter(self, adapter_dir: str) -> Evaluation:
+        """The same evaluation (base, champion) for another new adapter: a search trial's."""
+        return Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
+                          self.champion_version)
 
     def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
         key = (name, scale if name == ADAPTED else 1.0, part)
@@ -323,25 +330,46 @@ def _samples(cfg: PipelineConfig, rows: list[dict], answers: dict[str, list[str]
 def evaluate_adapter(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
     champion_adapter_dir: str | None = None, champion_version: str | None = None, champion_metrics: dict | None = None,
+    search: Callable | None = None,
 ) -> EvalReport:
     """Score base, champion (when given) and the new model (challenger) on the same eval rows,
     measure forgetting of each against the base on the reference section's sources, and
     bootstrap intervals of everything the gate reads.
 
     With a remedy (`remedy.strategy`), the adapter is also tried at other scales on one part of
-    the evidence and the report is that of the chosen scale on the other part (see
-    `lora_tasks/remedy.py`); `champion_metrics` (the champion's recorded metrics) lets the trials
-    be judged against a champion scored elsewhere. `base_info` keys the cache of probe answers."""
+    the evidence and the report is that of the chosen trial on the other part (see
+    `lora_tasks/remedy.py`); `search(search_rows, incumbent, first_order)` adds the trials of
+    `remedy.strategy: search` (`lora_tasks/search.py`). `champion_metrics` (the champion's
+    recorded metrics) lets the trials be judged against a champion scored elsewhere. `base_info`
+    keys the cache of probe answers."""
     ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version)
     if cfg.remedy.strategy == "none":
         return ev.report(eval_rows)
-    return evaluate_remedies(ev, eval_rows, champion_metrics)
+    return evaluate_remedies(ev, eval_rows, champion_metrics, search)
 
 
-def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: dict | None = None) -> EvalReport:
+def scale_trials(ev: Evaluation, rows: list[dict], incumbent: Candidate | None, stop_when_sound: bool) -> list[Trial]:
+    """The adapter of `ev` at each scale of `remedy.scales` on the search part, judged by the gate.
+    With `stop_when_sound`, stop after the first (scale 1) when it keeps every forgetting limit."""
+    cfg, trials = ev.cfg, []
+    metric, higher = primary_metric(cfg)
+    for order, scale in enumerate(cfg.remedy.scales):
+        t0 = time.perf_counter()
+        rep = ev.report(rows, part=Part("search", cfg.remedy.confirm_fraction), scale=scale)
+        cand = candidate_from_metrics(rep.flat_metrics(), metric, higher, rep.forgetting)
+        trials.append(judge(Trial(trial_name({"scale": scale}), {"scale": scale}, cand, order, time.perf_counter() - t0),
+                            incumbent, cfg.promotion))
+        if order == 0 and stop_when_sound and not forgetting_failed(trials[0].decision):
+            break  # the adapter as trained keeps within every forgetting limit: nothing to remedy
+    return trials
+
+
+def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: dict | None = None,
+                      search: Callable | None = None) -> EvalReport:
     """Try the adapter at each scale of `remedy.scales` on the search part of the eval rows and
-    forgetting evidence; report the chosen scale (or, with none admissible, the adapter as
-    trained) on the confirm part, with every trial in `EvalReport.remedy`."""
+    forgetting evidence (and, with `search`, the search's other adapters); report the chosen
+    trial (or, with none admissible, the adapter as trained) on the confirm part, with every
+    trial in `EvalReport.remedy`."""
     cfg, started = ev.cfg, time.perf_counter()
     r = cfg.remedy
     keys = [json.dumps([row.get(c) for c in sorted(row)], default=str) for row in eval_rows]
@@ -351,18 +379,13 @@ def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: d
         raise DataError(f"remedy: {exc} (remedy.confirm_fraction: {r.confirm_fraction})") from None
     metric, higher = primary_metric(cfg)
     incumbent = candidate_from_metrics(champion_metrics, metric, higher) if champion_metrics else None
-    trials = []
-    for order, scale in enumerate(r.scales):
-        t0 = time.perf_counter()
-        rep = ev.report(search_rows, part=Part("search", r.confirm_fraction), scale=scale)
-        cand = candidate_from_metrics(rep.flat_metrics(), metric, higher, rep.forgetting)
-        trials.append(judge(Trial(f"scale={scale:g}", {"scale": scale}, cand, order, time.perf_counter() - t0),
-                            incumbent, cfg.promotion))
-        if order == 0 and r.when == "refused" and not forgetting_failed(trials[0].decision):
-            break  # the adapter as trained keeps within every forgetting limit: nothing to remedy
+    trials = scale_trials(ev, search_rows, incumbent, stop_when_sound=r.when == "refused")
+    if search is not None and r.strategy == "search" and (r.when == "always" or forgetting_failed(trials[0].decision)):
+        trials += search(search_rows, incumbent, len(trials))
     chosen, needed = choose(trials, cfg.promotion)
-    scale = chosen.settings["scale"] if chosen else 1.0
-    report = ev.report(confirm_rows, part=Part("confirm", r.confirm_fraction), scale=scale)
+    if chosen is not None and chosen.adapter_dir:
+        ev = ev.with_adapter(chosen.adapter_dir)
+    report = ev.report(confirm_rows, part=Part("confirm", r.confirm_fraction), scale=chosen.settings["scale"] if chosen else 1.0)
     report.remedy = remedy_summary(r.strategy, trials, chosen, needed, cfg.promotion, time.perf_counter() - started,
                                    len(search_rows), len(confirm_rows))
     return report

@@ -400,7 +400,7 @@ SOURCES = {
     "probes": (lambda ref: bool(ref.probes), _measure_probes),
     "benchmark": (lambda ref: bool(ref.benchmarks), _measure_benchmarks),
 }
-"""The `source` column of `config.FORGETTING_METRICS`: whether the reference section turns the
+"""The `source` column of `forgetting_table.FORGETTING_METRICS`: whether the reference section turns the
 source on, and what measures it. Probes and benchmarks score causal LMs only (a config check)."""
 
 

@@ -65,6 +65,16 @@ def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *,
     return train_on_ray(cfg, rows, run_dir, mlflow_run_id=mlflow_run_id, max_failures=max_failures, stream=stream)
 
 
+def run_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | Path) -> list:
+    """A remedy search's trials, `trial(settings)` each, as Ray Tune trials (in parallel where the
+    cluster has room; one at a time on one machine). Their results, in order."""
+    if not settings:
+        return []
+    from .distributed import tune_trials
+
+    return tune_trials(cfg, trial, settings, run_dir)
+
+
 def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *,
                      mlflow_run_id: str | None = None) -> TrainResult:
     """One worker, here: `scaling.cpus_per_worker` torch threads (as a Ray worker gets), the

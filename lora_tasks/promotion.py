@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from .config import FORGETTING_METRICS, ForgettingMetric, PromotionPolicy, forgetting_metric
+from .config import PromotionPolicy
+from .forgetting_table import FORGETTING_METRICS, ForgettingMetric, forgetting_metric
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     instead of the point whenever the candidate carries it:
     - task gain (superiority over base): passes iff the lower bound of the paired gain
       (adapted vs base, oriented so positive is better) >= `min_task_gain`;
-    - each forgetting metric of `config.FORGETTING_METRICS` (non-inferiority): passes iff its
+    - each forgetting metric of `forgetting_table.FORGETTING_METRICS` (non-inferiority): passes iff its
       worse bound (the upper one, as every metric there grows with forgetting) is within the
       policy field that row names; a limit of None skips that metric;
     - champion (non-inferiority): passes iff the lower bound of the paired lead (challenger minus

@@ -11,10 +11,12 @@ part, which took no part in the choice. Its intervals stay honest.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
-from .config import FORGETTING_METRICS, PromotionPolicy, forgetting_metric
+from .config import PipelineConfig, PromotionPolicy
+from .forgetting_table import FORGETTING_METRICS, forgetting_metric
 from .promotion import Candidate, Decision, decide_promotion
 
 
@@ -57,7 +59,7 @@ class Trial:
     """One variant of the adapter and what the search part of the evidence says of it."""
 
     name: str
-    """Short, readable: `scale=0.5`, `lr=2e-4 r=8 replay=0.2`."""
+    """Short, readable: `scale=0.5`, `lr=0.0002 r=8 replay=0.2`."""
     settings: dict
     """What differs from the configured run (`scale`, `learning_rate`, `r`, `replay_share`)."""
     candidate: Candidate
@@ -67,7 +69,62 @@ class Trial:
     seconds: float = 0.0
     run_id: str | None = None
     """The trial's MLflow child run, when it has one."""
+    adapter_dir: str | None = None
+    """The trial's own trained adapter (a search trial); None for the configured adapter."""
     decision: Decision | None = field(default=None, compare=False)
+
+
+# ----------------------------------------------------------------------------- the search's trials
+
+SEARCHED = ("learning_rate", "r", "replay_share")
+"""What a search varies, in `remedy.search_space` and in each trial's `settings`."""
+
+
+def search_space(cfg: PipelineConfig) -> dict[str, list]:
+    """Each searched setting's values, the configured one first (`remedy.search_space`, or the
+    defaults derived from the configured run)."""
+    space, lr, r, share = cfg.remedy.search_space, cfg.training.learning_rate, cfg.lora.r, cfg.replay.share
+    defaults = {"learning_rate": [lr, lr / 2, lr / 4], "r": [r, max(r // 2, 1)],
+                "replay_share": [share, 0.25] if share < 0.25 else [share]}
+    current = {"learning_rate": lr, "r": r, "replay_share": share}
+    out = {}
+    for key in SEARCHED:
+        values = getattr(space, key) or defaults[key]
+        out[key] = list(dict.fromkeys([current[key], *values]))  # configured first, no repeats
+    return out
+
+
+def search_grid(space: dict[str, list], max_trials: int) -> list[dict]:
+    """The first `max_trials` settings of the grid over `space`, smallest change first: the
+    configured run ({}), then one setting changed, then two...; among equals, values nearer the
+    front of their list first. Each entry holds only what differs from the configured run."""
+    keys = list(space)
+    combos = itertools.product(*(range(len(space[k])) for k in keys))
+    ranked = sorted(combos, key=lambda idx: (sum(i > 0 for i in idx), sum(idx), idx))
+    return [{k: space[k][i] for k, i in zip(keys, idx) if i > 0} for idx in ranked[:max_trials]]
+
+
+def trial_name(settings: dict) -> str:
+    """`lr=0.0002 r=8 replay=0.25 scale=0.8`: the settings that differ, short."""
+    short = {"learning_rate": ("lr", "{:.3g}"), "r": ("r", "{}"), "replay_share": ("replay", "{:g}"), "scale": ("scale", "{:g}")}
+    parts = [f"{short[k][0]}={short[k][1].format(v)}" for k, v in settings.items() if k in short]
+    return " ".join(parts) or "as configured"
+
+
+def trial_config(cfg: PipelineConfig, settings: dict) -> PipelineConfig:
+    """The configured run with a trial's settings: learning rate, rank (alpha follows, keeping
+    alpha / r), replay share. A trial trains as ONE worker with `num_workers x cpus_per_worker`
+    threads and the same global batch, so trials can run side by side as Ray Tune trials."""
+    s, t, lora = cfg.scaling, cfg.training, cfg.lora
+    r = settings.get("r", lora.r)
+    return cfg.model_copy(update={
+        "training": t.model_copy(update={"learning_rate": settings.get("learning_rate", t.learning_rate),
+                                         "batch_size": t.batch_size * s.num_workers}),
+        "lora": lora.model_copy(update={"r": r, "alpha": lora.alpha * r / lora.r}),
+        "replay": cfg.replay.model_copy(update={"share": settings.get("replay_share", cfg.replay.share)}),
+        "scaling": s.model_copy(update={"num_workers": 1, "cpus_per_worker": s.num_workers * s.cpus_per_worker,
+                                        "launcher": "local"}),
+    })
 
 
 def judge(trial: Trial, champion: Candidate | None, policy: PromotionPolicy) -> Trial:
@@ -137,6 +194,8 @@ def remedy_summary(strategy: str, trials: list[Trial], chosen: Trial | None, nee
     return {
         "strategy": strategy, "needed": needed, "chosen": chosen.name if chosen else None,
         "chosen_settings": chosen.settings if chosen else {},
+        "adapter_dir": chosen.adapter_dir if chosen else None, "run_id": chosen.run_id if chosen else None,
+        "trainings": 1 + len({t.adapter_dir for t in trials if t.adapter_dir}),
         "closest": None if chosen else getattr(closest_trial(trials, policy), "name", None),
         "seconds": seconds, "search_rows": search_rows, "confirm_rows": confirm_rows,
         "trials": [_trial_row(t, policy) for t in trials],

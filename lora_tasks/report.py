@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import FORGETTING_METRICS, PipelineConfig, forgetting_metric
+from .config import PipelineConfig
+from .forgetting_table import FORGETTING_METRICS, forgetting_metric
 from .evaluation import EvalReport
 from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
 from .promotion import Decision
@@ -126,7 +127,8 @@ def remedy_markdown(report: EvalReport) -> str:
     trials = r["trials"]
     key = next(iter(trials[0]["forgetting"]), None) if trials else None
     show = lambda v: f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"  # noqa: E731
-    lines = [f"## Remedy: {r['strategy']} ({len(trials)} trial(s), {r['seconds']:.0f} s; chosen on {r['search_rows']} "
+    lines = [f"## Remedy: {r['strategy']} ({len(trials)} trial(s) from {r.get('trainings', 1)} training(s), "
+             f"{r['seconds']:.0f} s; chosen on {r['search_rows']} "
              f"search rows, confirmed on {r['confirm_rows']} others)", "",
              f"| trial | gain | {key or 'forgetting'} | admissible |", "| --- | --- | --- | --- |"]
     for t in trials:

@@ -64,6 +64,23 @@ def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
+def start_child_run(tracking_uri: str, parent_run_id: str, run_name: str, params: dict) -> str:
+    """A run nested under `parent_run_id` in the MLflow UI (a remedy's trial), with `params`."""
+    c = client(tracking_uri)
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(parent.info.experiment_id, run_name=run_name,
+                       tags={"mlflow.parentRunId": parent_run_id, "remedy.trial": run_name})
+    for k, v in flatten(params).items():
+        c.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def download_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """A run's artifact folder, downloaded into `dst` (created)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(client(tracking_uri).download_artifacts(run_id, artifact_path, str(dst)))
+
+
 def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | None:
     """The latest run of the same run key and config hash that did not finish, if any."""
     key, config_hash = tags.get("lora.run_key"), tags.get("lineage.config_hash")

@@ -74,3 +74,46 @@ def test_a_limit_no_scale_can_keep_is_refused(harness, workdir):
     result = _run(workdir, "hopeless", max_kl=1e-7)  # resumes the trained run: same training settings
     assert not result.promoted
     assert any(r.startswith("remedy: none of 4 trial(s)") for r in result.reasons)
+
+
+def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
+    """`strategy: search`: one more adapter (a quarter of the learning rate) trained as a Ray Tune
+    trial, recorded as a child MLflow run, tried at every scale; the registered adapter is the
+    chosen trial's adapter at the chosen scale, whichever training it came from."""
+    import json
+
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from flows.retrain import retrain
+
+    remedy = {"strategy": "search", "when": "always", "scales": [1.0, 0.5], "max_trials": 2,
+              "search_space": {"learning_rate": [7.5e-4], "r": [8], "replay_share": [0.0]}}
+    path = write_config(workdir, "searched", scaling={"num_workers": 1, "storage_path": str(workdir / "runs")},
+                        promotion={"min_task_gain": 0.05, "max_perplexity_ratio": 1.2, "max_kl": 0.015}, remedy=remedy)
+    result = retrain(str(path))
+    report = json.loads((Path(result.run_dir) / "eval_report.json").read_text())
+    r = report["remedy"]
+    assert [t["name"] for t in r["trials"]] == ["scale=1", "scale=0.5", "lr=0.00075 scale=1", "lr=0.00075 scale=0.5"]
+    assert r["trainings"] == 2
+
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.run_id}'")
+    assert len(children) == 1
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.params["learning_rate"] == "0.00075"
+    assert child.info.run_id == r["trials"][2]["run_id"]
+    gains = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "task_gain")}
+    assert set(gains) == {100, 50}
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
+    assert max(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == 60, "its own loss curve"
+
+    # What is registered is the chosen trial's adapter at the chosen scale.
+    chosen = next(t for t in r["trials"] if t["name"] == r["chosen"]) if r["chosen"] else r["trials"][0]
+    source = Path(r["adapter_dir"] or Path(result.run_dir) / "adapter")
+    assert (r["adapter_dir"] is not None) == chosen["name"].startswith("lr=")
+    trained = load_file(str(source / "adapter_model.safetensors"))
+    registered = load_file(str(Path(result.run_dir) / "adapter-remedied" / "adapter_model.safetensors"))
+    key = next(k for k in trained if ".lora_B." in k)
+    assert registered[key].allclose(trained[key] * chosen["settings"]["scale"])

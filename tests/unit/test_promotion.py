@@ -122,7 +122,8 @@ def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     """The one table of forgetting metrics stays whole: each row's limit is a policy field and its
     source is one that evaluation measures."""
     from lora_tasks import forgetting
-    from lora_tasks.config import FORGETTING_METRICS, PromotionPolicy, forgetting_limits
+    from lora_tasks.config import PromotionPolicy
+    from lora_tasks.forgetting_table import FORGETTING_METRICS, forgetting_limits
 
     fields = set(PromotionPolicy.model_fields)
     assert {m.limit for m in FORGETTING_METRICS} <= fields

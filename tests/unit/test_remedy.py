@@ -97,3 +97,72 @@ def test_the_remedy_section_keeps_existing_hashes_until_it_is_used():
     assert used.config_hash() != cfg.config_hash(), "a remedy changes what gets registered"
     assert used.training_hash() == cfg.training_hash(), "scaling needs no retraining: the same run folder"
     assert used.remedy.scales[0] == 1.0 and used.remedy.scales == sorted(used.remedy.scales, reverse=True)
+
+
+# ----------------------------------------------------------------------------- the search's trials
+
+
+def test_the_search_grid_starts_with_the_configured_run_and_grows_by_the_smallest_change():
+    from lora_tasks.remedy import search_grid
+
+    space = {"learning_rate": [4e-4, 2e-4, 1e-4], "r": [16, 8], "replay_share": [0.0, 0.25]}
+    grid = search_grid(space, 12)
+    assert len(grid) == 12 and grid[0] == {}
+    assert grid[1:4] == [{"replay_share": 0.25}, {"r": 8}, {"learning_rate": 2e-4}]
+    changed = [len(g) for g in grid]
+    assert changed == sorted(changed), "one setting changed before two, two before three"
+    assert len({tuple(sorted(g.items())) for g in grid}) == 12, "no trial twice"
+    assert search_grid(space, 2) == grid[:2] and search_grid(space, 100)[-1] == {"learning_rate": 1e-4, "r": 8,
+                                                                                "replay_share": 0.25}
+
+
+def test_the_default_search_space_comes_from_the_configured_run():
+    from test_training import make_cfg
+
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.remedy import search_space
+
+    cfg = make_cfg()
+    space = search_space(cfg)
+    lr, r = cfg.training.learning_rate, cfg.lora.r
+    assert space == {"learning_rate": [lr, lr / 2, lr / 4], "r": [r, r // 2], "replay_share": [0.0, 0.25]}
+    raw = cfg.model_dump(mode="json")
+    given = config_from_dict({**raw, "remedy": {"strategy": "search", "search_space": {"r": [2 * r, r]}}})
+    assert search_space(given)["r"] == [r, 2 * r], "the configured value first, no repeat"
+
+
+def test_a_trial_trains_as_one_worker_with_the_same_global_batch_and_alpha_over_r():
+    from test_training import make_cfg
+
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.remedy import trial_config, trial_name
+
+    raw = make_cfg().model_dump(mode="json")
+    raw["scaling"] = {**raw["scaling"], "num_workers": 2, "cpus_per_worker": 3}
+    raw["lora"] = {**raw["lora"], "r": 16, "alpha": 32}
+    cfg = config_from_dict(raw)
+    t = trial_config(cfg, {"learning_rate": 1e-4, "r": 4, "replay_share": 0.25})
+    assert (t.scaling.num_workers, t.scaling.cpus_per_worker) == (1, 6)
+    assert t.training.batch_size == 2 * cfg.training.batch_size
+    assert (t.lora.r, t.lora.alpha, t.training.learning_rate, t.replay.share) == (4, 8, 1e-4, 0.25)
+    assert t.training.max_steps == cfg.training.max_steps and cfg.lora.r == 16, "the configured run is untouched"
+    assert trial_config(cfg, {}).lora == cfg.lora
+    assert trial_name({"learning_rate": 1e-4, "r": 4, "scale": 0.8}) == "lr=0.0001 r=4 scale=0.8"
+    assert trial_name({}) == "as configured"
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"learning_rate": []}, "at least one value"),
+    ({"r": [0]}, "positive"),
+    ({"replay_share": [0.6]}, "at most 0.5"),
+])
+def test_a_bad_search_space_names_its_key(space, fragment):
+    from test_training import make_cfg
+
+    from lora_tasks.config import config_from_dict
+    from lora_tasks.errors import ConfigError
+
+    raw = make_cfg().model_dump(mode="json")
+    with pytest.raises(ConfigError, match=fragment) as err:
+        config_from_dict({**raw, "remedy": {"strategy": "search", "search_space": space}})
+    assert "remedy.search_space" in str(err.value)

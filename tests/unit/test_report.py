@@ -118,7 +118,7 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     assert "remedy_frontier.png" in [f.name for f in files]
     assert (tmp_path / "remedy_frontier.png").read_bytes()[:4] == b"\x89PNG"
     md = remedy_markdown(r)
-    assert "## Remedy: scale (3 trial(s), 42 s; chosen on 60 search rows, confirmed on 60 others)" in md
+    assert "## Remedy: scale (3 trial(s) from 1 training(s), 42 s; chosen on 60 search rows, confirmed on 60 others)" in md
     assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
     assert "| scale=1 | 0.75 [0.67, 0.83] | 1.19 [1.16, 1.23] | no |" in md
     assert "registered with scale=0.65" in md

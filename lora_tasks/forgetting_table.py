@@ -1,0 +1,55 @@
+"""The one table of forgetting metrics the gate can bound: evaluation (`forgetting.py`), the gate
+(`promotion.py`), the remedies, the report's plot and the flows all read it from here."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ForgettingMetric:
+    """One forgetting metric the gate can bound. The rows of `FORGETTING_METRICS` are the only
+    place that says so: evaluation, the gate, the report's plot and the flows all read them."""
+
+    pattern: str
+    """The metric's key as logged; `*` stands for a benchmark's file stem."""
+    source: Literal["corpus", "probes", "benchmark"]
+    """The `evaluation.reference` source whose measurement yields it (`forgetting.measure_forgetting`):
+    `corpus` (`path`), `probes` or `benchmark` (each of `benchmarks`)."""
+    limit: str
+    """The `PromotionPolicy` field that bounds it; a null limit skips the check."""
+    higher_is_worse: bool
+    """Direction: True when larger means more forgetting (the interval's upper bound is checked)."""
+    axis: str
+    """Its label on the gain-vs-forgetting plot."""
+    neutral: float
+    """The value the base model itself has (where the base sits on the plot)."""
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+FORGETTING_METRICS = (
+    ForgettingMetric("reference_perplexity_ratio", "corpus", "max_perplexity_ratio", True,
+                     "reference perplexity ratio adapted/base", 1.0),
+    ForgettingMetric("reference_kl", "corpus", "max_kl", True, "reference KL(base || adapted) per token", 0.0),
+    ForgettingMetric("reference_representation_drift", "corpus", "max_representation_drift", True,
+                     "reference representation drift (cosine distance)", 0.0),
+    ForgettingMetric("self_retention_perplexity_ratio", "probes", "max_self_retention_ratio", True,
+                     "perplexity ratio on the base's own answers (self-retention)", 1.0),
+    ForgettingMetric("benchmark_*_accuracy_drop", "benchmark", "max_benchmark_accuracy_drop", True,
+                     "benchmark accuracy drop (base - adapted)", 0.0),
+)
+"""Every bounded forgetting metric, in the order the gate checks and the plot prefers them."""
+
+
+def forgetting_metric(name: str) -> ForgettingMetric | None:
+    """The table row of forgetting metric `name`, or None when nothing bounds it."""
+    return next((m for m in FORGETTING_METRICS if m.matches(name)), None)
+
+
+def forgetting_limits(policy, names) -> dict[str, float | None]:
+    """The limit of each bounded metric among `names`, as the policy sets it (None: not checked)."""
+    return {n: getattr(policy, m.limit) for n in names if (m := forgetting_metric(n))}
