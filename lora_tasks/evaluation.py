@@ -5,6 +5,7 @@ The adapter is loaded onto the base once; base scores come from `disable_adapter
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
 from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
 from .promotion import Candidate, candidate_from_metrics
-from .remedy import Part, Trial, choose, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name
+from .remedy import (
+    Part, Trial, choose, describe_trial, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name,
+)
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
 # The metric the promotion gate reads, and whether larger is better.
@@ -275,6 +278,7 @@ class Evaluation:
                          "seed": cfg.training.seed}
         self.load_seconds = time.perf_counter() - started
         self._task: dict[tuple, tuple] = {}
+        self._base_states: dict = {}  # the base's side of the forgetting comparison, the same at every scale
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
         """The same evaluation (base, champion) for another new adapter: a search trial's."""
@@ -302,7 +306,7 @@ class Evaluation:
         task_done = time.perf_counter()
         with autocast(cfg.training.precision, self.device), self.views.scaled(ADAPTED, scale):
             forgetting, f_intervals = measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info,
-                                                         self.stats_kw, part)
+                                                         self.stats_kw, part, self._base_states)
         intervals.update(f_intervals[ADAPTED])
         if CHAMPION in names:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
@@ -359,6 +363,7 @@ def scale_trials(ev: Evaluation, rows: list[dict], incumbent: Candidate | None, 
         cand = candidate_from_metrics(rep.flat_metrics(), metric, higher, rep.forgetting)
         trials.append(judge(Trial(trial_name({"scale": scale}), {"scale": scale}, cand, order, time.perf_counter() - t0),
                             incumbent, cfg.promotion))
+        log.info("remedy trial %s", describe_trial(trials[-1]))
         if order == 0 and stop_when_sound and not forgetting_failed(trials[0].decision):
             break  # the adapter as trained keeps within every forgetting limit: nothing to remedy
     return trials

@@ -6,6 +6,7 @@ so only one copy of the base weights is ever in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -82,110 +83,79 @@ def _batches(blocks: list[list[int]], batch_size: int, pad_id: int, score_from: 
         yield ids, mask, scored
 
 
-@torch.no_grad()
-def causal_lm_forgetting(
-    peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu", score_from: list[int] | None = None
-) -> dict:
-    """Reference perplexity of base and adapted, their ratio, and mean per-token KL(base || adapted).
+def causal_lm_forgetting(peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu",
+                         score_from: list[int] | None = None) -> dict:
+    """Reference perplexity of base and adapted, their ratio, mean per-token KL(base || adapted)
+    and the scored tokens, of one PeftModel (its adapter on, then off). `score_from[i]`
+    (optional) is the first scored token of block i, e.g. where an answer starts."""
+    from .views import PeftViews
 
-    `score_from[i]` (optional) is the first token of block i that is scored, e.g. where an
-    answer starts after its prompt."""
-    return causal_lm_forgetting_scores(peft_model, tokenizer, blocks, batch_size, device, score_from)[0]
-
-
-@torch.no_grad()
-def causal_lm_forgetting_scores(
-    peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu", score_from: list[int] | None = None
-) -> tuple[dict, dict]:
-    """(`causal_lm_forgetting`'s metrics, per-block units: NLL sums of base and adapted, KL sums, tokens)."""
-    peft_model.eval()
-    units = {"nll_base": [], "nll_adapted": [], "kl": [], "tokens": []}
-    for ids, mask, scored in _batches(blocks, batch_size, tokenizer.pad_token_id or 0, score_from):
-        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        adapted = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
-        for name, logits in (("nll_base", base), ("nll_adapted", adapted)):
-            ce = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
-            units[name] += (ce * tmask).sum(1).tolist()
-        units["kl"] += [token_kl(base[j : j + 1], adapted[j : j + 1], tmask[j : j + 1])[0] for j in range(len(ids))]
-        units["tokens"] += tmask.sum(1).tolist()
-    n_tokens = sum(units["tokens"])
-    if n_tokens == 0:
-        raise DataError("reference corpus gave no tokens to score; give it more text")
-    base_ppl = math.exp(sum(units["nll_base"]) / n_tokens)
-    adapted_ppl = math.exp(sum(units["nll_adapted"]) / n_tokens)
-    metrics = {
-        "reference_perplexity_base": base_ppl,
-        "reference_perplexity_adapted": adapted_ppl,
-        "reference_perplexity_ratio": adapted_ppl / base_ppl,
-        "reference_kl": sum(units["kl"]) / n_tokens,
-        "reference_tokens": n_tokens,
-    }
-    return metrics, {k: np.array(v, dtype=float) for k, v in units.items()}
-
-
-@torch.no_grad()
-def representation_drift(peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu") -> dict:
-    """Mean cosine distance between base and adapted final hidden states on the reference text.
-
-    For encoders and classifiers, which have no next-token distribution to compare."""
-    return representation_drift_scores(peft_model, tokenizer, blocks, batch_size, device)[0]
-
-
-@torch.no_grad()
-def representation_drift_scores(peft_model, tokenizer, blocks: list[list[int]], batch_size: int, device="cpu") -> tuple[dict, dict]:
-    """(`representation_drift`'s metrics, per-block units: summed cosine distance, tokens)."""
-    peft_model.eval()
-    drift, tokens = [], []
-    for ids, mask, _ in _batches(blocks, batch_size, tokenizer.pad_token_id or 0):
-        ids, mask = ids.to(device), mask.to(device)
-        adapted = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-        dist = 1.0 - F.cosine_similarity(base.float(), adapted.float(), dim=-1)
-        drift += (dist * mask).sum(1).tolist()
-        tokens += mask.sum(1).tolist()
-    count = sum(tokens)
-    if count == 0:
-        raise DataError("reference corpus gave no tokens to score; give it more text")
-    metrics = {"reference_representation_drift": sum(drift) / count, "reference_tokens": count}
-    return metrics, {"drift": np.array(drift, dtype=float), "tokens": np.array(tokens, dtype=float)}
+    units = compare_on_blocks(PeftViews(peft_model), blocks, batch_size, tokenizer.pad_token_id or 0, device, score_from)
+    return summarize_comparison(units, "adapted", "reference")
 
 
 # ----------------------------------------------------------------------------- several models at once
 
 
+def _scored_logits(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                   hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the positions `pos` marks, the final hidden states there). The output layer runs
+    on those positions only (not on every prompt and padding token); given `hidden` (the states of
+    an earlier call on the same batch), the transformer is skipped and only the output layer runs."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hidden is None:
+        hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][pos]
+    logits = inner.get_output_embeddings()(hidden).float()
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    return (torch.tanh(logits / cap) * cap if cap else logits), hidden
+
+
 @torch.no_grad()
 def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: int, device="cpu",
-                      score_from: list[int] | None = None) -> dict:
+                      score_from: list[int] | None = None, cache: dict | None = None) -> dict:
     """Per-block units of every view against `base` on token blocks: `tokens` (scored), `nll`
     per view (base included) and `kl` per non-base view (KL(base || view) summed over tokens).
 
-    The base logits of a batch are computed once and compared with each other view in turn."""
-    others = [n for n in views.names if n != "base"]
-    units = {"tokens": [], "nll": {n: [] for n in views.names}, "kl": {n: [] for n in others}}
-    for ids, mask, scored in _batches(blocks, batch_size, pad_id, score_from):
+    Blocks are batched by length (little padding); each batch's base distribution is computed
+    once and compared with each other view in turn. With `cache` (a dict kept by the caller),
+    the base's final hidden states at the scored positions are kept per block set: a later call
+    on the same blocks (the same adapter at another scale) runs only the base's output layer."""
+    others = [n for n in views.names if n != BASE]
+    order = sorted(range(len(blocks)), key=lambda i: len(blocks[i]))
+    starts = [score_from[i] for i in order] if score_from else None
+    key = hashlib.sha256(json.dumps([blocks, score_from, batch_size]).encode()).hexdigest()
+    states = cache.get(key) if cache is not None else None
+    kept: list[torch.Tensor] = []
+    out = {"tokens": np.zeros(len(blocks)), "nll": {n: np.zeros(len(blocks)) for n in views.names},
+           "kl": {n: np.zeros(len(blocks)) for n in others}}
+    for b, (ids, mask, scored) in enumerate(_batches([blocks[i] for i in order], batch_size, pad_id, starts)):
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        target, tmask = ids[:, 1:], scored[:, 1:] * mask[:, :-1]
-        with views.use("base") as m:
-            base = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        pos = (scored[:, 1:] * mask[:, :-1]).bool()  # position p predicts token p + 1
+        target, rows = ids[:, 1:][pos], pos.nonzero()[:, 0]
+        where = order[b * batch_size : b * batch_size + len(ids)]
+
+        def per_block(values: torch.Tensor) -> np.ndarray:
+            return torch.zeros(len(ids), device=values.device).index_add_(0, rows, values).cpu().numpy()
+
+        with views.use(BASE) as m:
+            base, hidden = _scored_logits(m, ids, mask, pos, states[b] if states else None)
+        kept.append(hidden.cpu())
         logp = F.log_softmax(base, dim=-1)
-        units["nll"]["base"] += (F.nll_loss(logp.transpose(1, 2), target, reduction="none") * tmask).sum(1).tolist()
+        del base
+        out["nll"][BASE][where] = per_block(F.nll_loss(logp, target, reduction="none"))
         p = logp.exp()
         for name in others:
             with views.use(name) as m:
-                logq = F.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-            units["nll"][name] += (F.nll_loss(logq.transpose(1, 2), target, reduction="none") * tmask).sum(1).tolist()
-            units["kl"][name] += ((p * (logp - logq)).sum(-1) * tmask).sum(1).tolist()
+                logq = F.log_softmax(_scored_logits(m, ids, mask, pos)[0], dim=-1)
+            out["nll"][name][where] = per_block(F.nll_loss(logq, target, reduction="none"))
+            out["kl"][name][where] = per_block((p * (logp - logq)).sum(-1))
             del logq
-        units["tokens"] += tmask.sum(1).tolist()
-    if sum(units["tokens"]) == 0:
+        out["tokens"][where] = pos.sum(1).cpu().numpy()
+    if out["tokens"].sum() == 0:
         raise DataError("the forgetting text gave no tokens to score; give it more text")
-    return {"tokens": np.array(units["tokens"], dtype=float),
-            "nll": {k: np.array(v, dtype=float) for k, v in units["nll"].items()},
-            "kl": {k: np.array(v, dtype=float) for k, v in units["kl"].items()}}
+    if cache is not None:
+        cache[key] = kept
+    return out
 
 
 def summarize_comparison(units: dict, name: str, prefix: str) -> dict[str, float]:
@@ -323,6 +293,8 @@ class _Measurement:
     base_info: BaseModelInfo | None
     part: Part | None = None
     """One side of the split evidence (a remedy's search or confirm part), or None for all of it."""
+    cache: dict | None = None
+    """The base's states on text already scored (`compare_on_blocks`), kept across measurements."""
     metrics: dict[str, dict] = field(default_factory=dict)
     intervals: dict[str, dict] = field(default_factory=dict)
 
@@ -351,7 +323,7 @@ def _measure_corpus(m: _Measurement) -> None:
     blocks = chunk_reference(read_reference_texts(ref.path), m.tokenizer, ref.max_tokens, cfg.training.max_seq_length)
     blocks = m.keep(blocks, [",".join(map(str, b)) for b in blocks])
     if cfg.task == "causal_lm":
-        m.add_comparison(compare_on_blocks(m.views, blocks, bs, pad, m.device), "reference")
+        m.add_comparison(compare_on_blocks(m.views, blocks, bs, pad, m.device, cache=m.cache), "reference")
         return
     units = drift_on_blocks(m.views, blocks, bs, pad, m.device)
     for n in m.others:
@@ -369,7 +341,7 @@ def _measure_probes(m: _Measurement) -> None:
         rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
     rows = m.keep(rows, [r["prompt"] for r in rows])
     blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
-    units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts)
+    units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts, cache=m.cache)
     m.add_comparison(units, "self_retention")
     if not cfg.evaluation.reference.path:  # probes alone: they are the reference too, as before corpora could be combined
         m.add_comparison(units, "reference")
@@ -405,11 +377,11 @@ source on, and what measures it. Probes and benchmarks score causal LMs only (a 
 
 
 def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
-                       stats_kw: dict, part: Part | None = None) -> tuple[dict, dict]:
+                       stats_kw: dict, part: Part | None = None, cache: dict | None = None) -> tuple[dict, dict]:
     """Forgetting of every non-base view against the base on each source `evaluation.reference`
-    turns on, on `part` of its evidence (all without one):
+    turns on, on `part` of its evidence (all without one), reusing the base's states in `cache`:
     ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
-    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part)
+    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part, cache)
     ref = cfg.evaluation.reference
     for enabled, measure in SOURCES.values():
         if ref is not None and enabled(ref):

@@ -172,6 +172,20 @@ def closest_trial(trials: list[Trial], policy: PromotionPolicy) -> Trial | None:
     return min(trials, key=lambda t: (forgetting_margin(t.candidate, policy), t.order), default=None)
 
 
+def describe_trial(t: Trial) -> str:
+    """One progress line: `scale=0.8: task_gain 0.71 [0.62, 0.8], self_retention_perplexity_ratio
+    1.08 [1.06, 1.1], admissible (41 s)`."""
+    c = t.candidate
+
+    def show(key: str, value: float | None) -> str:
+        low_high = c.intervals.get(key)
+        return f"{key} {value:.3g}" + (f" [{low_high[0]:.3g}, {low_high[1]:.3g}]" if low_high else "")
+
+    parts = [show("task_gain", c.task_gain)] + [show(k, v) for k, v in c.forgetting.items() if forgetting_metric(k)]
+    verdict = "admissible" if t.decision and t.decision.promote else "not admissible"
+    return f"{t.name}: {', '.join(parts)}, {verdict} ({t.seconds:.0f} s)"
+
+
 def forgetting_failed(decision: Decision) -> bool:
     """Whether a gate decision failed on forgetting (what a remedy can mend), not only on gain."""
     return any(c == "forgetting" or forgetting_metric(c) for c in decision.failed_checks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -19,10 +20,11 @@ from .evaluation import Evaluation, primary_metric
 from .launcher import run_trials, train_in_process
 from .modeling import BaseModelInfo
 from .promotion import Candidate, candidate_from_metrics
-from .remedy import Part, Trial, judge, search_grid, search_space, trial_config, trial_name
+from .remedy import Part, Trial, describe_trial, judge, search_grid, search_space, trial_config, trial_name
 from .replay import replay_rows
 
 TRIALS_DIR = "trials"
+log = logging.getLogger(__name__)
 
 
 def search_trials(cfg: PipelineConfig, task_rows: list[dict], run_dir: str, parent_run_id: str | None,
@@ -31,6 +33,8 @@ def search_trials(cfg: PipelineConfig, task_rows: list[dict], run_dir: str, pare
     """Train and judge the search's trials beyond the configured run (`remedy.max_trials` - 1 of
     them, smallest change first), each at every scale. Trial order continues from `first_order`."""
     grid = search_grid(search_space(cfg), cfg.remedy.max_trials)[1:]
+    log.info("remedy search: training %d more adapter(s) as Ray Tune trials: %s", len(grid),
+             "; ".join(trial_name(g) for g in grid))
     trial = partial(run_trial, cfg, task_rows, search_rows, str(run_dir), parent_run_id, base_info)
     metric, higher = primary_metric(cfg)
     trials = []
@@ -40,6 +44,7 @@ def search_trials(cfg: PipelineConfig, task_rows: list[dict], run_dir: str, pare
             cand = candidate_from_metrics(row["metrics"], metric, higher, row["forgetting"])
             trials.append(judge(Trial(trial_name(row["settings"]), row["settings"], cand, first_order + len(trials),
                                       row["seconds"], row["run_id"], adapter_dir), incumbent, cfg.promotion))
+            log.info("remedy trial %s", describe_trial(trials[-1]))
     return trials
 
 

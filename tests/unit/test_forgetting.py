@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from lora_tasks.forgetting import chunk_reference, read_reference_texts, token_kl
@@ -88,3 +89,48 @@ def test_probe_answers_are_cached_and_scored_on_answers_only(tiny_model_dir, tmp
     out = causal_lm_forgetting(model, tok, blocks, 2, score_from=starts)
     assert out["reference_tokens"] == sum(len(b) - s for b, s in zip(blocks, starts))
     assert out["reference_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapter: B = 0
+
+
+def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(tiny_model_dir):
+    """`compare_on_blocks` runs the output layer on scored positions only, batches blocks by
+    length and reuses the base's states: each must leave every per-block figure as the plain
+    computation (full logits of every position, block by block) gives it."""
+    import torch.nn.functional as F
+
+    from lora_tasks.forgetting import compare_on_blocks
+    from lora_tasks.modeling import apply_lora, load_base_model
+    from lora_tasks.views import PeftViews
+
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a trained-looking update, not the zero of a fresh adapter
+    model.eval()
+    blocks = [list(torch.randint(3, 200, (n,)).tolist()) for n in (9, 30, 17, 5, 24, 12)]
+    starts = [3, 10, 1, 2, 20, 6]
+    views = PeftViews(model)
+
+    def plain(block, start):
+        ids = torch.tensor([block])
+        with torch.no_grad():
+            q = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            with model.disable_adapter():
+                p = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        tgt, keep = ids[0, 1:], torch.arange(len(block) - 1) >= start - 1
+        nll = lambda lp: float(-lp[keep].gather(1, tgt[keep, None]).sum())  # noqa: E731
+        return nll(p), nll(q), float((p.exp() * (p - q)).sum(-1)[keep].sum()), int(keep.sum())
+
+    want = np.array([plain(b, s) for b, s in zip(blocks, starts)])
+    cache = {}
+    got = compare_on_blocks(views, blocks, 4, 0, score_from=starts, cache=cache)
+    for col, got_col in enumerate((got["nll"]["base"], got["nll"]["adapted"], got["kl"]["adapted"], got["tokens"])):
+        np.testing.assert_allclose(got_col, want[:, col], rtol=1e-4, atol=1e-4)
+    assert len(cache) == 1
+    with views.scaled("adapted", 0.5):
+        cached = compare_on_blocks(views, blocks, 4, 0, score_from=starts, cache=cache)
+        fresh = compare_on_blocks(views, blocks, 4, 0, score_from=starts)
+    for k in ("nll", "kl"):
+        np.testing.assert_allclose(cached[k]["adapted"], fresh[k]["adapted"], rtol=1e-5, atol=1e-6)
+    assert (cached["kl"]["adapted"] < got["kl"]["adapted"]).all(), "half the update, less divergence"

@@ -166,3 +166,12 @@ def test_a_bad_search_space_names_its_key(space, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
         config_from_dict({**raw, "remedy": {"strategy": "search", "search_space": space}})
     assert "remedy.search_space" in str(err.value)
+
+
+def test_a_trial_reads_as_one_progress_line():
+    from lora_tasks.remedy import describe_trial
+
+    line = describe_trial(trial("scale=0.8", 0.62, 1.1))
+    assert line.startswith("scale=0.8: task_gain 0.67 [0.62, 0.72], self_retention_perplexity_ratio 1.07 [1.04, 1.1]")
+    assert line.endswith(", admissible (0 s)")
+    assert "not admissible" in describe_trial(trial("scale=1", 0.7, 1.3))

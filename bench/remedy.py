@@ -1,0 +1,136 @@
+"""Remedies for forgetting on the demo task, under the default policy: what they keep of the
+unconstrained adapter's gain, how much less they forget, what they cost. Prints a table, writes
+JSON and the frontier of every trial (docs/remedy-frontier.png).
+
+    python bench/remedy.py [--arms unconstrained,remedied,destructive] [--out bench/results/remedy.json]
+
+Each arm is `prefect-lora run configs/demo.yaml` as a user runs it (after `prefect-lora demo
+prepare`), in its own storage and MLflow store (nothing is resumed or compared across arms):
+- `unconstrained`: the demo's adapter as trained (scale 1 only), scored on the same split;
+- `remedied`: configs/demo.yaml as shipped (its remedy on);
+- `destructive`: learning rate 1e-2, remedy on: remedied to an admissible adapter or refused;
+- `frontier`, `replay`: every default scale of the demo's adapter, and of one trained with
+  replay (share 0.2, the base's own answers): the points of the frontier plot.
+Every arm runs under the default policy (max self-retention and perplexity ratio 1.2, KL 0.5).
+Targets (issue 14): remedied keeps >= 90% of the unconstrained gain with each ratio's excess over
+1 (upper bound) at most half the unconstrained one's, in <= 2x its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ARMS = {
+    # The adapter as trained, scored on the same confirm part as the remedied one (search part,
+    # then confirm part: all eval rows and probes once, as a plain run scores them).
+    "unconstrained": ["remedy.strategy=scale", "remedy.scales=[1.0]"],
+    "remedied": [],
+    "destructive": ["training.learning_rate=1e-2"],
+    # The frontier: every default scale of the demo's adapter, then of one trained with replay.
+    "frontier": ["remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
+    "replay": ["replay.share=0.2", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
+}
+DEFAULT_POLICY = ["promotion.max_perplexity_ratio=1.2", "promotion.max_self_retention_ratio=1.2", "promotion.max_kl=0.5"]
+RATIO = "self_retention_perplexity_ratio"
+
+
+def run_arm(name: str, config: str, root: Path) -> dict:
+    """One `prefect-lora run` in its own stores; its wall time, outcome and the figures the gate read."""
+    store = root / name
+    sets = [*DEFAULT_POLICY, *ARMS[name], f"scaling.storage_path={store}/runs",
+            f"tracking.tracking_uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_location={store}/mlartifacts"]
+    cmd = [str(Path(sys.executable).with_name("prefect-lora")), "run", config, *[a for s in sets for a in ("--set", s)]]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    text = proc.stdout + proc.stderr
+    if proc.returncode not in (0, 1):  # 1: refused by the gate, still a result
+        raise SystemExit(f"{name}: exit {proc.returncode}\n{text[-3000:]}")
+    report_path = next((store / "runs").rglob("eval_report.json"))
+    report = json.loads(report_path.read_text())
+    iv = report["intervals"]
+    return {
+        "arm": name, "wall_s": round(wall, 1), "promoted": "promoted to champion" in text,
+        "exact_match": [report["adapted"]["exact_match"], *iv["adapted_exact_match"][1:]],
+        "task_gain": iv["task_gain"], "evidence": report["evidence"], "adapter_scale": report["adapter_scale"],
+        **{k: iv[k] for k in (RATIO, "reference_perplexity_ratio", "reference_kl") if k in iv},
+        "remedy": {k: report["remedy"].get(k) for k in ("chosen", "needed", "seconds", "trainings")} if report["remedy"] else {},
+        "trials": report["remedy"].get("trials", []) if report["remedy"] else [],
+        "timings": report["timings"], "eval_seconds": report["seconds"],
+    }
+
+
+def plot_frontier(results: list[dict], path: Path) -> None:
+    """Every trial of every arm (search part) and each arm's reported figures: gain vs self-retention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
+              "replay": "tab:green"}
+    for r in results:
+        for t in r["trials"]:
+            (g, *_), (f, *_) = t["task_gain"], t["forgetting"].get(RATIO, [None])
+            if f is not None:
+                ax.plot([f], [g], "o", color=colors[r["arm"]], markerfacecolor="white" if not t["admissible"] else None,
+                        alpha=0.7)
+                ax.annotate(t["name"], (f, g), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        if RATIO in r:
+            (g, g_lo, g_hi), (f, f_lo, f_hi) = r["task_gain"], r[RATIO]
+            ax.errorbar([f], [g], xerr=[[f - f_lo], [f_hi - f]], yerr=[[g - g_lo], [g_hi - g]], fmt="s", capsize=3,
+                        color=colors[r["arm"]], label=f"{r['arm']} ({'promoted' if r['promoted'] else 'refused'})")
+    ax.axvline(1.2, color="tab:red", linestyle="--", linewidth=1, label="default limit 1.2 (upper bound)")
+    ax.set_xlabel("self-retention perplexity ratio (base's own answers)")
+    ax.set_ylabel("exact-match gain over base")
+    ax.set_title(f"demo: remedies under the default policy ({torch.backends.cpu.get_cpu_capability()})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--arms", default="unconstrained,remedied,destructive")
+    ap.add_argument("--out", default="bench/results/remedy.json")
+    ap.add_argument("--plot", default="docs/remedy-frontier.png")
+    args = ap.parse_args()
+    print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory(prefix="remedy-bench-") as tmp:
+        results = []
+        for arm in args.arms.split(","):
+            results.append(run_arm(arm, args.config, Path(tmp)))
+            r = results[-1]
+            print(f"{arm:<14} {r['wall_s']:>7.0f} s  promoted={r['promoted']!s:<5}  gain {_ci(r['task_gain'])}  "
+                  f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('reference_kl'))}  chosen {r['remedy'].get('chosen')}",
+                  flush=True)
+    by = {r["arm"]: r for r in results}
+    if {"unconstrained", "remedied"} <= set(by):
+        u, m = by["unconstrained"], by["remedied"]
+        print(f"remedied keeps {m['task_gain'][0] / u['task_gain'][0]:.0%} of the unconstrained gain (point), "
+              f"self-retention excess {(m[RATIO][2] - 1) / (u[RATIO][2] - 1):.0%} of the unconstrained one (upper bounds), "
+              f"wall time {m['wall_s'] / u['wall_s']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "results": results}, indent=2))
+    plot_frontier(results, Path(args.plot))
+    print(f"wrote {out} and {args.plot}")
+
+
+def _ci(v) -> str:
+    return "-" if not v else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+if __name__ == "__main__":
+    main()
