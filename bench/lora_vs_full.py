@@ -43,6 +43,9 @@ def parse_args(argv=None):
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's)")
     ap.add_argument("--lora-targets", default=None, help="comma-separated target modules (default: the config's)")
     ap.add_argument("--methods", default="lora,full", help="comma-separated: lora, full, or both")
+    ap.add_argument("--lora-scales", default=None,
+                    help="comma-separated scales (e.g. 1,0.8,0.65,0.5): LoRA with the scale remedy, every scale "
+                         "scored on the search half, the best admissible one reported on the other half")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -63,6 +66,8 @@ def _config(args, method: str):
         raw["lora"]["target_modules"] = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     raw["evaluation"] = {"batch_size": 8, "bootstrap_samples": args.bootstrap,
                          "reference": {"path": args.reference, "max_tokens": args.ref_tokens}}
+    raw["remedy"] = ({"strategy": "scale", "when": "always", "scales": [float(x) for x in args.lora_scales.split(",")]}
+                     if args.lora_scales else {"strategy": "none"})
     return config_from_dict(raw)
 
 
@@ -96,6 +101,10 @@ def main(argv=None) -> int:
           f"{args.eval_rows} eval rows; WikiText-2 {args.ref_tokens} tokens; {int(100 * cfg.promotion.confidence)}% "
           f"bootstrap intervals ({args.bootstrap} resamples); torch threads {args.threads}")
     print(format_table(results))
+    for t in getattr(results.get("lora"), "remedy", {}).get("trials", []):
+        show = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+        print(f"LoRA {t['name']:<11} (search half): task gain {show(t['task_gain'])}, "
+              + ", ".join(f"{k} {show(v)}" for k, v in t["forgetting"].items()))
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"lora_vs_full-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), **to_json(results)}, indent=2, default=float))

@@ -48,12 +48,17 @@ class MethodResult:
     intervals: dict[str, list[float]] = field(default_factory=dict)
     base_eval_loss: float | None = None
     adapted_eval_loss: float | None = None
+    remedy: dict = field(default_factory=dict)
+    """LoRA with `remedy.strategy` set: every scale tried, as `EvalReport.remedy` records them."""
 
 
 def config_for(cfg: PipelineConfig, method: str, learning_rate: float | None = None) -> PipelineConfig:
-    """`cfg` trained by `method` on one in-process worker (no intermediate checkpoints)."""
+    """`cfg` trained by `method` on one in-process worker (no intermediate checkpoints). Full
+    fine-tuning has no update to scale: its remedy is off."""
     raw = cfg.model_dump(mode="json")
     raw["training"]["method"] = method
+    if method == "full":
+        raw["remedy"] = {"strategy": "none"}
     raw["training"]["checkpoint_every"] = None
     if learning_rate is not None:
         raw["training"]["learning_rate"] = learning_rate
@@ -187,6 +192,7 @@ def compare_methods(cfg: PipelineConfig, train_rows: list[dict], eval_rows: list
                 report = evaluate_adapter(mcfg, str(folder), eval_rows)
                 res.eval_seconds, res.metrics, res.intervals = report.seconds, report.flat_metrics(), report.intervals
                 res.base_eval_loss, res.adapted_eval_loss = report.base.get("eval_loss"), report.adapted.get("eval_loss")
+                res.remedy = report.remedy
             out[method] = res
             gc.collect()
     finally:

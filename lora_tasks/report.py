@@ -140,6 +140,12 @@ def remedy_markdown(report: EvalReport) -> str:
     elif r["chosen"]:
         lines.append(f"\nThe adapter as trained failed a forgetting limit; registered with {r['chosen']}: the gate "
                      f"reads its figures on the confirm part, which took no part in the choice.")
+        first, chosen = trials[0], next(t for t in trials if t["name"] == r["chosen"])
+        if key:
+            lines.append(f"Against the adapter as trained (search part): gain {chosen['task_gain'][0]:.4g} vs "
+                         f"{first['task_gain'][0]:.4g}, {key} {chosen['forgetting'][key][0]:.4g} vs "
+                         f"{first['forgetting'][key][0]:.4g}; cost {r.get('trainings', 1) - 1} extra training(s) and "
+                         f"{sum(t['seconds'] for t in trials[1:]):.0f} s of trials.")
     else:
         lines.append(f"\nNo trial passed; the closest was {r['closest']}. The adapter is refused.")
     return "\n".join(lines) + "\n"

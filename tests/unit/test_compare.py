@@ -55,3 +55,13 @@ def test_compare_full_command_prints_the_table_and_writes_json(tiny_model_dir, t
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"lora", "full"}
     assert saved["results"]["full"]["learning_rate"] == 1e-4
+
+
+def test_full_fine_tuning_is_compared_without_a_remedy_lora_keeps_its_own():
+    from lora_tasks.compare import config_for
+
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    cfg = config_from_dict(raw)
+    assert cfg.remedy.strategy == "scale"
+    assert config_for(cfg, "full").remedy.strategy == "none", "a full model has no update to scale"
+    assert config_for(cfg, "lora", 1e-3).remedy == cfg.remedy

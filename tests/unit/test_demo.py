@@ -53,3 +53,12 @@ def test_demo_config_uses_offline_model_and_probes():
     assert cfg.evaluation.reference.probes == "general"
     assert cfg.evaluation.generation.metric == "json"
     assert cfg.scaling.num_workers == 2
+
+
+def test_the_demo_keeps_the_default_forgetting_policy_and_remedies_a_refusal():
+    from lora_tasks.config import PromotionPolicy
+
+    cfg, default = load_config("configs/demo.yaml"), PromotionPolicy()
+    for limit in ("max_perplexity_ratio", "max_self_retention_ratio", "max_kl", "confidence"):
+        assert getattr(cfg.promotion, limit) == getattr(default, limit), limit
+    assert cfg.remedy.strategy != "none" and cfg.remedy.when == "refused"

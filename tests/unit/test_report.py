@@ -122,3 +122,5 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
     assert "| scale=1 | 0.75 [0.67, 0.83] | 1.19 [1.16, 1.23] | no |" in md
     assert "registered with scale=0.65" in md
+    assert ("Against the adapter as trained (search part): gain 0.7 vs 0.75, self_retention_perplexity_ratio 1.1 vs "
+            "1.19; cost 0 extra training(s) and 0 s of trials.") in md
