@@ -26,6 +26,8 @@ from .remedy import (
 )
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
+log = logging.getLogger(__name__)
+
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
 
