@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
-from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack
+from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision
 from .modeling import apply_lora, load_base_model, load_tokenizer
 
 ADAPTER_DIR = "adapter"
@@ -262,7 +262,8 @@ def attention_kernel(cfg: PipelineConfig, device: torch.device, longest: int) ->
     choice = cfg.training.attention
     if choice != "auto":
         return choice
-    short_bf16_cpu = device.type == "cpu" and cfg.training.precision == "bf16" and longest <= EAGER_MAX_TOKENS
+    short_bf16_cpu = (device.type == "cpu" and resolve_precision(cfg.training.precision, device) == "bf16"
+                      and longest <= EAGER_MAX_TOKENS)
     return "eager" if short_bf16_cpu and cfg.task == "causal_lm" else "sdpa"
 
 
@@ -295,7 +296,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
             elapsed = time.perf_counter() - started
             _checkpoint(model, optimizer, scheduler, step, ctx, {
-                "train_loss": last_loss, "start_step": start_step,
+                "train_loss": last_loss, "start_step": start_step, "precision": resolve_precision(t.precision, ctx.device),
                 "train_tokens_per_s": tokens_seen * ctx.world_size / elapsed, "train_loop_seconds": elapsed,
             })
     if start_step == total_steps:  # resumed from the final checkpoint: report it again as the result

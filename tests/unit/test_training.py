@@ -205,3 +205,16 @@ def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
     total, n = causal_lm_loss(model, batch)
     assert n == 2 * 11
     assert float(total) / n == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(monkeypatch):
+    from lora_tasks.encoding import autocast, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", "cpu") == expected
+        assert (type(autocast("auto", "cpu")).__name__ == "autocast") == (expected == "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "cuda") == "fp32"
