@@ -194,8 +194,11 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: much less memory for
     long sequences, about a third more compute."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32."""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32.
+    `auto`: bf16 where the device runs it at full speed (a CUDA GPU with bf16, a CPU with AVX-512
+    BF16 or AMX), fp32 elsewhere: on a CPU with AVX2 only, a bf16 matmul is ~150x slower than
+    fp32. Decided where the work runs (each worker, the evaluation), and recorded with the run."""
     packing: bool = False
     """Causal LM: pack each micro-batch's examples into as few rows as fit the longest one,
     instead of padding every row to it. Position ids restart per example and attention stays

@@ -21,9 +21,23 @@ task's system prompt (as the base answered it), or `text`, a passage trained as 
 
 
 
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """`bf16` or `fp32`: `training.precision` on `device`, `auto` decided by what the device runs
+    fast (bf16 on a CUDA GPU that supports it, on a CPU with AVX-512 BF16 or AMX; else fp32)."""
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if kind == "cpu":
+        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    return "fp32"
+
+
 def autocast(precision: str, device: torch.device | str):
-    """bfloat16 autocast for `precision: bf16`, nothing otherwise: training and scoring share it."""
-    if precision == "bf16":
+    """bfloat16 autocast where `precision` resolves to bf16 on `device` (`resolve_precision`),
+    nothing otherwise: training and scoring share it."""
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -313,6 +313,8 @@ class Evaluation:
         if CHAMPION in names:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
         done = time.perf_counter()
+        log.info("evaluated %s at scale %g on %d %s rows: task scores %.0f s, forgetting %.0f s", ", ".join(names), scale,
+                 len(examples), part.name if part else "eval", task_done - started, done - task_done)
         return EvalReport(
             task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
             forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=self.load_seconds + done - started,

@@ -205,3 +205,24 @@ def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
     total, n = causal_lm_loss(model, batch)
     assert n == 2 * 11
     assert float(total) / n == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(monkeypatch):
+    from lora_tasks.encoding import autocast, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", "cpu") == expected
+        assert (type(autocast("auto", "cpu")).__name__ == "autocast") == (expected == "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "cuda") == "fp32"
+
+
+def test_a_progress_line_gives_step_loss_rate_and_time_left():
+    from lora_tasks.training import progress_line
+
+    line = progress_line(step=8, total=48, done=8, loss=0.41234, elapsed=36.8, tokens=45_402)
+    assert line == "training step 8/48 (17%): loss 0.4123, 1,234 tokens/s, 4.6 s/step, about 3 min 4 s left"
+    assert progress_line(48, 48, 40, 0.1, 10.0, 100).endswith("about 0 s left")
