@@ -86,11 +86,13 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
     from safetensors.torch import load_file
 
     from flows.retrain import retrain
+    from lora_tasks import lifecycle
 
     remedy = {"strategy": "search", "when": "always", "scales": [1.0, 0.5], "max_trials": 2,
               "search_space": {"learning_rate": [7.5e-4], "r": [8], "replay_share": [0.0]}}
     path = write_config(workdir, "searched", scaling={"num_workers": 1, "storage_path": str(workdir / "runs")},
-                        promotion={"min_task_gain": 0.05, "max_perplexity_ratio": 1.2, "max_kl": 0.015}, remedy=remedy)
+                        promotion={"min_task_gain": 0.05, "max_perplexity_ratio": 1.2, "max_kl": 0.015,
+                                   "beat_champion": False}, remedy=remedy)
     result = retrain(str(path))
     report = json.loads((Path(result.run_dir) / "eval_report.json").read_text())
     r = report["remedy"]
@@ -110,10 +112,12 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
     assert max(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == 60, "its own loss curve"
 
     # What is registered is the chosen trial's adapter at the chosen scale.
-    chosen = next(t for t in r["trials"] if t["name"] == r["chosen"]) if r["chosen"] else r["trials"][0]
+    assert result.promoted, result.reasons
+    chosen = next(t for t in r["trials"] if t["name"] == r["chosen"])
     source = Path(r["adapter_dir"] or Path(result.run_dir) / "adapter")
     assert (r["adapter_dir"] is not None) == chosen["name"].startswith("lr=")
     trained = load_file(str(source / "adapter_model.safetensors"))
-    registered = load_file(str(Path(result.run_dir) / "adapter-remedied" / "adapter_model.safetensors"))
+    pending = lifecycle.read_pending(result.run_dir)
+    registered = load_file(str(Path(pending.adapter_dir) / "adapter_model.safetensors"))
     key = next(k for k in trained if ".lora_B." in k)
     assert registered[key].allclose(trained[key] * chosen["settings"]["scale"])
