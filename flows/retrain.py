@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -33,7 +33,8 @@ from lora_tasks.remedy import apply_outcome, remedy_tags
 from lora_tasks.replay import replay_rows
 from lora_tasks.search import search_trials
 from lora_tasks.report import (
-    baseline_markdown, mlflow_markdown, redecision_markdown, skip_markdown, summary_markdown, version_description,
+    baseline_markdown, mlflow_markdown, redecision_markdown, remedy_rows, skip_markdown, summary_markdown,
+    version_description,
 )
 
 
@@ -165,6 +166,10 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
         tracking.log_artifact(uri, run_id, path, "reports")
     create_markdown_artifact(key=_artifact_key("evaluation", cfg), markdown=files[0].read_text(encoding="utf-8"),
                              description=f"{cfg.model_name}: evaluation report ({cfg.training.method})")
+    if report.remedy:  # the frontier, readable in the Prefect UI without MLflow
+        create_table_artifact(key=_artifact_key("remedy", cfg), table=remedy_rows(report),
+                              description=f"{cfg.model_name}: remedy trials ({report.remedy['strategy']}), search part; "
+                                          f"chosen {report.remedy['chosen']}")
 
 
 @task(name="register-adapter", **MLFLOW_RETRIES)

@@ -119,6 +119,16 @@ def plot_frontier(report: EvalReport, path: str | Path, limits: dict[str, float 
     return Path(path)
 
 
+def remedy_rows(report: EvalReport) -> list[dict]:
+    """The frontier as table rows (a Prefect table artifact): one per trial, its gain and each
+    bounded forgetting metric as `point [low, high]` on the search part, admissible, chosen."""
+    r = report.remedy or {}
+    show = lambda v: f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"  # noqa: E731
+    return [{"trial": t["name"], "task_gain": show(t["task_gain"]), **{k: show(v) for k, v in t["forgetting"].items()},
+             "admissible": t["admissible"], "chosen": t["name"] == r.get("chosen"), "seconds": round(t["seconds"], 1),
+             "mlflow_run": t.get("run_id") or ""} for t in r.get("trials", [])]
+
+
 def remedy_markdown(report: EvalReport) -> str:
     """The remedy's section of the summary: each trial's search figures, the choice, the cost."""
     r = report.remedy

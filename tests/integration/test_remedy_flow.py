@@ -69,6 +69,20 @@ def test_the_remedy_turns_a_refusal_into_a_confirmed_smaller_scale(harness, work
     assert "reports/remedy_frontier.png" in reports
     assert "## Remedy: scale" in version.description and "registered with scale=" in version.description
 
+    # The frontier in the Prefect UI too: a table artifact, one row per trial, the choice marked.
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["remedy-tiny-sums"])))
+
+    table = __import__("json").loads(asyncio.run(read())[0].data)
+    assert [row["trial"] for row in table] == [t["name"] for t in report["remedy"]["trials"]]
+    assert [row["trial"] for row in table if row["chosen"]] == [f"scale={scale:g}"]
+
 
 def test_a_limit_no_scale_can_keep_is_refused(harness, workdir):
     result = _run(workdir, "hopeless", max_kl=1e-7)  # resumes the trained run: same training settings

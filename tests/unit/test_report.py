@@ -122,5 +122,13 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
     assert "| scale=1 | 0.75 [0.67, 0.83] | 1.19 [1.16, 1.23] | no |" in md
     assert "registered with scale=0.65" in md
+    from lora_tasks.report import remedy_rows
+
+    rows = remedy_rows(r)
+    assert [row["trial"] for row in rows] == ["scale=1", "scale=0.65", "scale=0.35"]
+    assert rows[1] == {"trial": "scale=0.65", "task_gain": "0.7 [0.62, 0.78]",
+                       "self_retention_perplexity_ratio": "1.1 [1.07, 1.14]", "admissible": True, "chosen": True,
+                       "seconds": 0.0, "mlflow_run": ""}
+    assert not rows[0]["admissible"] and not rows[0]["chosen"]
     assert ("Against the adapter as trained (search part): gain 0.7 vs 0.75, self_retention_perplexity_ratio 1.1 vs "
             "1.19; cost 0 extra training(s) and 0 s of trials.") in md
