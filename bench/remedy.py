@@ -103,14 +103,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--arms", default="unconstrained,remedied,destructive")
-    ap.add_argument("--out", default="bench/results/remedy.json")
+    ap.add_argument("--out", default="bench/results/remedy.json", help="results JSON, kept across invocations")
     ap.add_argument("--plot", default="docs/remedy-frontier.png")
     args = ap.parse_args()
     print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arms = args.arms.split(",")
+    # Arms measured before (another invocation) stay in the JSON; those run now replace them.
+    results = [r for r in (json.loads(out.read_text())["results"] if out.exists() else []) if r["arm"] not in arms]
     with tempfile.TemporaryDirectory(prefix="remedy-bench-") as tmp:
-        results = []
-        for arm in args.arms.split(","):
+        for arm in arms:
             results.append(run_arm(arm, args.config, Path(tmp)))
+            out.write_text(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "results": results}, indent=2))
             r = results[-1]
             print(f"{arm:<14} {r['wall_s']:>7.0f} s  promoted={r['promoted']!s:<5}  gain {_ci(r['task_gain'])}  "
                   f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('reference_kl'))}  chosen {r['remedy'].get('chosen')}",
@@ -121,9 +126,6 @@ def main() -> None:
         print(f"remedied keeps {m['task_gain'][0] / u['task_gain'][0]:.0%} of the unconstrained gain (point), "
               f"self-retention excess {(m[RATIO][2] - 1) / (u[RATIO][2] - 1):.0%} of the unconstrained one (upper bounds), "
               f"wall time {m['wall_s'] / u['wall_s']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "results": results}, indent=2))
     plot_frontier(results, Path(args.plot))
     print(f"wrote {out} and {args.plot}")
 

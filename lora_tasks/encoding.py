@@ -75,6 +75,8 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
     out: list[dict] = [{}] * len(rows)
     for kind in (None, "chat", "text"):  # task rows, then replay of each kind, back in the rows' order
         idx = [i for i, r in enumerate(rows) if r.get(REPLAY_KEY) == kind]
+        if not idx:  # a tokenizer given no text at all raises
+            continue
         for i, x in zip(idx, _encode_kind([rows[i] for i in idx], kind, tokenizer, cfg)):
             out[i] = x
     return out

@@ -135,3 +135,22 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
     registered = load_file(str(Path(pending.adapter_dir) / "adapter_model.safetensors"))
     key = next(k for k in trained if ".lora_B." in k)
     assert registered[key].allclose(trained[key] * chosen["settings"]["scale"])
+
+
+def test_replay_trains_end_to_end_with_the_bases_own_answers(harness, workdir):
+    """replay.share 0.2, source self: the base's answers to the built-in replay prompts are mixed
+    into training (a new training: another run folder), and the run registers its adapter."""
+    from flows.retrain import retrain
+
+    path = write_config(workdir, "replayed", scaling={"num_workers": 1, "storage_path": str(workdir / "runs")},
+                        replay={"share": 0.2, "max_new_tokens": 8}, promotion={"beat_champion": False})
+    result = retrain(str(path))
+    assert result.version and (Path(result.run_dir) / "adapter" / "adapter_model.safetensors").exists()
+    from mlflow import MlflowClient
+
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id).data
+    assert run.params["replay.share"] == "0.2" and run.metrics["train_rows"] == 340, "replay rows are not task data"
+    from lora_tasks.config import load_config
+    from lora_tasks.pipeline import run_dir_for
+
+    assert run_dir_for(load_config(path, ["replay.share=0"])) != Path(result.run_dir), "a replayed training: its own folder"

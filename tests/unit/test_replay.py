@@ -48,6 +48,8 @@ def test_replay_rows_are_encoded_as_the_base_answered_them(tiny_model_dir):
                             tok, _with(cfg, data={"system_prompt": None}))[0]
     assert chat == plain, "a replayed pair gets no task system prompt"
     assert all(label != IGNORE_INDEX for label in text["labels"]), "plain text is learned whole"
+    # One kind of replay alone (self-distillation has no plain text): the absent kind is skipped.
+    assert encode_examples(rows[:2], tok, cfg) == [task, chat]
 
 
 def test_replay_rows_make_up_the_share_cycling_through_the_set(tiny_model_dir, tmp_path, monkeypatch):
