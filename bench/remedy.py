@@ -70,31 +70,39 @@ def run_arm(name: str, config: str, root: Path) -> dict:
 
 
 def plot_frontier(results: list[dict], path: Path) -> None:
-    """Every trial of every arm (search part) and each arm's reported figures: gain vs self-retention."""
+    """Every trial of every arm (search part, filled = admissible) and each arm's reported figures
+    (confirm part, squares with intervals): gain against self-retention, and against KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, sharey=True)
     colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
               "replay": "tab:green"}
-    for r in results:
-        for t in r["trials"]:
-            (g, *_), (f, *_) = t["task_gain"], t["forgetting"].get(RATIO, [None])
-            if f is not None:
-                ax.plot([f], [g], "o", color=colors[r["arm"]], markerfacecolor="white" if not t["admissible"] else None,
-                        alpha=0.7)
-                ax.annotate(t["name"], (f, g), textcoords="offset points", xytext=(4, 3), fontsize=6)
-        if RATIO in r:
-            (g, g_lo, g_hi), (f, f_lo, f_hi) = r["task_gain"], r[RATIO]
-            ax.errorbar([f], [g], xerr=[[f - f_lo], [f_hi - f]], yerr=[[g - g_lo], [g_hi - g]], fmt="s", capsize=3,
-                        color=colors[r["arm"]], label=f"{r['arm']} ({'promoted' if r['promoted'] else 'refused'})")
-    ax.axvline(1.2, color="tab:red", linestyle="--", linewidth=1, label="default limit 1.2 (upper bound)")
-    ax.set_xlabel("self-retention perplexity ratio (base's own answers)")
-    ax.set_ylabel("exact-match gain over base")
-    ax.set_title(f"demo: remedies under the default policy ({torch.backends.cpu.get_cpu_capability()})")
-    ax.legend(fontsize=7)
+    for ax, key, limit, label in ((axes[0], RATIO, 1.2, "self-retention perplexity ratio (base's own answers)"),
+                                  (axes[1], "reference_kl", 0.5, "KL(base || adapted) per token on the probes")):
+        for r in results:
+            if r["arm"] == "destructive":
+                continue  # far off the scale (ratio ~300): refused at every scale
+            for t in r["trials"]:
+                (g, *_), (f, *_) = t["task_gain"], t["forgetting"].get(key, [None])
+                if f is not None:
+                    ax.plot([f], [g], "o", color=colors[r["arm"]], alpha=0.7,
+                            markerfacecolor=None if t["admissible"] else "white")
+                    ax.annotate(t["name"], (f, g), textcoords="offset points", xytext=(4, 3), fontsize=6)
+            if key in r:
+                (g, g_lo, g_hi), (f, f_lo, f_hi) = r["task_gain"], r[key]
+                ax.errorbar([f], [g], xerr=[[f - f_lo], [f_hi - f]], yerr=[[g - g_lo], [g_hi - g]], fmt="s", capsize=3,
+                            color=colors[r["arm"]],
+                            label=f"{r['arm']}: {'promoted ' + str(r['remedy'].get('chosen')) if r['promoted'] else 'refused'}")
+        if limit <= ax.get_xlim()[1] * 1.05:
+            ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1, label=f"default limit {limit} (upper bound)")
+        ax.set_xlabel(label)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("exact-match gain over base")
+    fig.suptitle(f"demo under the default policy: circles = trials on the search part (filled = admissible), "
+                 f"squares = reported on the confirm part ({torch.backends.cpu.get_cpu_capability()})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -105,7 +113,11 @@ def main() -> None:
     ap.add_argument("--arms", default="unconstrained,remedied,destructive")
     ap.add_argument("--out", default="bench/results/remedy.json", help="results JSON, kept across invocations")
     ap.add_argument("--plot", default="docs/remedy-frontier.png")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        plot_frontier(json.loads(Path(args.out).read_text())["results"], Path(args.plot))
+        return
     print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
