@@ -33,7 +33,10 @@ import sys
 if not (sys.stderr.isatty() and sys.stdout.isatty()):  # scheduled runs under a worker: log lines, no progress bars
     os.environ.setdefault("TQDM_DISABLE", "1")
 
+import logging  # noqa: E402
 import warnings  # noqa: E402
+
+logging.getLogger("lora_tasks").setLevel(logging.INFO)  # its progress lines (INFO) reach the flow's log
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
