@@ -17,6 +17,7 @@ from pathlib import Path
 from . import tracking
 from .config import PipelineConfig
 from .evaluation import Evaluation, primary_metric
+from .forgetting_table import forgetting_metric
 from .launcher import run_trials, train_in_process
 from .modeling import BaseModelInfo
 from .promotion import Candidate, candidate_from_metrics
@@ -78,12 +79,24 @@ def run_trial(cfg: PipelineConfig, task_rows: list[dict], search_rows: list[dict
                                      step=round(scale * 100))
         if child:
             tracking.log_artifact(uri, child, trained.adapter_dir, "adapter")
+            tracking.set_run_tags(uri, child, {"mlflow.note.content": _trial_note(settings, out)})
             tracking.end_run(uri, child)
     except BaseException:
         if child:
             tracking.end_run(uri, child, status="FAILED")
         raise
     return out
+
+
+def _trial_note(settings: dict, rows: list[dict]) -> str:
+    """The child run's description: the trial's settings and its figures at each scale (search part)."""
+    bounded = [k for k in rows[0]["forgetting"] if forgetting_metric(k)]  # what the gate reads
+    lines = [f"Remedy search trial **{trial_name(settings)}**: figures on the search part, one row per scale.", "",
+             "| scale | task gain | " + " | ".join(bounded) + " |", "| --- | --- | " + " | ".join("---" for _ in bounded) + " |"]
+    for row in rows:
+        lines.append(f"| {row['settings']['scale']:g} | {row['metrics']['task_gain']:.4g} | "
+                     + " | ".join(f"{row['forgetting'][k]:.4g}" for k in bounded) + " |")
+    return "\n".join(lines)
 
 
 def local_adapter(cfg: PipelineConfig, adapter_dir: str, run_id: str | None, run_dir: str | Path) -> str:
