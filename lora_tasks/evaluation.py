@@ -4,6 +4,7 @@ The adapter is loaded onto the base once; base scores come from `disable_adapter
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -283,7 +284,10 @@ class Evaluation:
         self._base_states: dict = {}  # the base's side of the forgetting comparison, the same at every scale
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
-        """The same evaluation (base, champion) for another new adapter: a search trial's."""
+        """The same evaluation (base, champion) for another new adapter: a search trial's. This
+        one's models are released first: one copy of the base weights at a time."""
+        self.views = None
+        gc.collect()
         return Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
                           self.champion_version)
 

@@ -25,13 +25,15 @@ from .remedy import Part
 from .views import BASE
 
 
-def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """Sum over masked positions of KL(base || adapted) of the next-token distributions, and the count.
+def kl_per_position(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at each position, from log-probabilities
+    (p the base model's distribution)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
 
-    KL(p || q) = sum_v p(v) (log p(v) - log q(v)), with p the base model's distribution."""
-    logp = F.log_softmax(base_logits.float(), dim=-1)
-    logq = F.log_softmax(adapted_logits.float(), dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
+
+def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Sum over masked positions of KL(base || adapted) of the next-token distributions, and the count."""
+    kl = kl_per_position(F.log_softmax(base_logits.float(), dim=-1), F.log_softmax(adapted_logits.float(), dim=-1))
     m = mask.bool()
     return float(kl[m].sum()), int(m.sum())
 
@@ -143,12 +145,11 @@ def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: i
         logp = F.log_softmax(base, dim=-1)
         del base
         out["nll"][BASE][where] = per_block(F.nll_loss(logp, target, reduction="none"))
-        p = logp.exp()
         for name in others:
             with views.use(name) as m:
                 logq = F.log_softmax(_scored_logits(m, ids, mask, pos)[0], dim=-1)
             out["nll"][name][where] = per_block(F.nll_loss(logq, target, reduction="none"))
-            out["kl"][name][where] = per_block((p * (logp - logq)).sum(-1))
+            out["kl"][name][where] = per_block(kl_per_position(logp, logq))
             del logq
         out["tokens"][where] = pos.sum(1).cpu().numpy()
     if out["tokens"].sum() == 0:

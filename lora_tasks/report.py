@@ -119,12 +119,16 @@ def plot_frontier(report: EvalReport, path: str | Path, limits: dict[str, float 
     return Path(path)
 
 
+def _point_interval(v: list[float]) -> str:
+    """`point [low, high]`, as the remedy's tables show each figure."""
+    return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
+
+
 def remedy_rows(report: EvalReport) -> list[dict]:
     """The frontier as table rows (a Prefect table artifact): one per trial, its gain and each
     bounded forgetting metric as `point [low, high]` on the search part, admissible, chosen."""
     r = report.remedy or {}
-    show = lambda v: f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"  # noqa: E731
-    return [{"trial": t["name"], "task_gain": show(t["task_gain"]), **{k: show(v) for k, v in t["forgetting"].items()},
+    return [{"trial": t["name"], "task_gain": _point_interval(t["task_gain"]), **{k: _point_interval(v) for k, v in t["forgetting"].items()},
              "admissible": t["admissible"], "chosen": t["name"] == r.get("chosen"), "seconds": round(t["seconds"], 1),
              "mlflow_run": t.get("run_id") or ""} for t in r.get("trials", [])]
 
@@ -136,15 +140,14 @@ def remedy_markdown(report: EvalReport) -> str:
         return ""
     trials = r["trials"]
     key = next(iter(trials[0]["forgetting"]), None) if trials else None
-    show = lambda v: f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"  # noqa: E731
     lines = [f"## Remedy: {r['strategy']} ({len(trials)} trial(s) from {r.get('trainings', 1)} training(s), "
              f"{r['seconds']:.0f} s; chosen on {r['search_rows']} "
              f"search rows, confirmed on {r['confirm_rows']} others)", "",
              f"| trial | gain | {key or 'forgetting'} | admissible |", "| --- | --- | --- | --- |"]
     for t in trials:
         mark = " **chosen**" if t["name"] == r["chosen"] else ""
-        lines.append(f"| {t['name']}{mark} | {show(t['task_gain'])} | "
-                     f"{show(t['forgetting'][key]) if key else '–'} | {'yes' if t['admissible'] else 'no'} |")
+        lines.append(f"| {t['name']}{mark} | {_point_interval(t['task_gain'])} | "
+                     f"{_point_interval(t['forgetting'][key]) if key else '–'} | {'yes' if t['admissible'] else 'no'} |")
     if not r["needed"]:
         lines.append("\nThe adapter as trained kept within every forgetting limit: no remedy was needed.")
     elif r["chosen"]:
