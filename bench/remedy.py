@@ -10,7 +10,8 @@ prepare`), in its own storage and MLflow store (nothing is resumed or compared a
 - `remedied`: configs/demo.yaml as shipped (its remedy on);
 - `destructive`: learning rate 1e-2, remedy on: remedied to an admissible adapter or refused;
 - `frontier`, `replay`: every default scale of the demo's adapter, and of one trained with
-  replay (share 0.2, the base's own answers): the points of the frontier plot.
+  replay (share 0.2, the base's own answers): the points of the frontier plot;
+- `replay-kl`: `replay` with the KL-to-base penalty on the replay rows (`replay.kl_weight` 1).
 Every arm runs under the default policy (max self-retention and perplexity ratio 1.2, KL 0.5).
 Targets (issue 14): remedied keeps >= 90% of the unconstrained gain with each ratio's excess over
 1 (upper bound) at most half the unconstrained one's, in <= 2x its wall time.
@@ -38,6 +39,8 @@ ARMS = {
     # The frontier: every default scale of the demo's adapter, then of one trained with replay.
     "frontier": ["remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
     "replay": ["replay.share=0.2", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
+    # The same replay with the KL-to-base penalty on its rows (same rows, same steps).
+    "replay-kl": ["replay.share=0.2", "replay.kl_weight=1.0", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
 }
 DEFAULT_POLICY = ["promotion.max_perplexity_ratio=1.2", "promotion.max_self_retention_ratio=1.2", "promotion.max_kl=0.5"]
 RATIO = "self_retention_perplexity_ratio"
@@ -79,7 +82,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, sharey=True)
     colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
-              "replay": "tab:green"}
+              "replay": "tab:green", "replay-kl": "tab:olive"}
     for ax, key, limit, label in ((axes[0], RATIO, 1.2, "self-retention perplexity ratio (base's own answers)"),
                                   (axes[1], "reference_kl", 0.5, "KL(base || adapted) per token on the probes")):
         for r in results:

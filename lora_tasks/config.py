@@ -357,13 +357,22 @@ class ReplayConfig(_Section):
     measured on (probes, the reference corpus, benchmarks): that would fake the evidence."""
     max_new_tokens: int = Field(64, ge=1)
     """`self`: tokens generated per replay prompt."""
+    kl_weight: float = Field(0.0, ge=0.0)
+    """Weight of a KL(base || adapted) penalty on the replay rows' target tokens, added to their
+    loss: replay then pulls towards the base's whole next-token distribution, not only the tokens
+    of its text. The base's logits come from the same model with the adapter disabled (one more
+    forward pass, without gradients, over the replay rows). 0: off."""
 
     key_path: ClassVar[str] = "replay"
 
     def cross_field_problems(self) -> list[Problem]:
+        return [*self._check_source()]
+
+    def _check_source(self) -> Iterator[Problem]:
         if self.share and self.source == "corpus" and not self.path:
-            return [("path", "replay.source: corpus needs replay.path (a text file, one passage per line)")]
-        return []
+            yield "path", "replay.source: corpus needs replay.path (a text file, one passage per line)"
+        if self.kl_weight and not self.share:
+            yield "kl_weight", "the KL penalty applies to replay rows: set replay.share > 0 (or kl_weight 0)"
 
 
 class SearchSpace(_Section):
@@ -523,6 +532,9 @@ class PipelineConfig(_Section):
         if self.replay.share and self.replay.source == "self" and not self.data.prompt_column:
             yield "replay.source", ("self trains on prompt/answer pairs: it needs data.prompt_column and completion_column "
                                     "(or replay.source: corpus)")
+        if self.replay.kl_weight and (self.training.method != "lora" or self.scaling.strategy == "fsdp"):
+            yield "replay.kl_weight", ("the KL penalty reads the base by disabling the LoRA adapter on each worker: it needs "
+                                       "training.method: lora and scaling.strategy: ddp (or kl_weight 0)")
         if self.replay.share and self.data.loader == "ray_data":
             yield "replay.share", "replay is mixed into training rows held in memory: set data.loader: memory or auto, or share 0"
 
@@ -581,7 +593,8 @@ def _without_defaults_added_later(d: dict) -> dict:
 
 
 # (section, setting, default) of settings added after configs were first hashed
-_ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"))
+_ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"),
+                ("replay", "kl_weight", 0.0))
 
 
 def _sha256_json(obj) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .config import PipelineConfig
 
@@ -78,7 +79,7 @@ def encode_examples(rows: list[dict], tokenizer, cfg: PipelineConfig) -> list[di
         if not idx:  # a tokenizer given no text at all raises
             continue
         for i, x in zip(idx, _encode_kind([rows[i] for i in idx], kind, tokenizer, cfg)):
-            out[i] = x
+            out[i] = x if kind is None else {**x, "replay": True}
     return out
 
 
@@ -123,7 +124,15 @@ def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
         mask[i, width - n :] = 1
         labels[i, width - n :] = torch.tensor(x["labels"])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+    return _flag_replay(out, [[x] for x in batch])
+
+
+def _flag_replay(out: dict[str, torch.Tensor], rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Add `replay`, which rows hold replayed examples (see `causal_lm_loss`), when any does."""
+    if any(x.get("replay") for row in rows for x in row):
+        out["replay"] = torch.tensor([bool(row) and all(x.get("replay") for x in row) for row in rows])
+    return out
 
 
 def pack(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -134,19 +143,10 @@ def pack(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     the restarts as packed sequences and masks attention block-diagonally, so an example sees
     only itself. Each example's first token carries no label (the previous example's last token
     must not predict it). The tail of the last rows is padding, a segment of its own with no
-    labels. Rows and examples are in a fixed order for a given batch (exact resume)."""
+    labels. Rows and examples are in a fixed order for a given batch (exact resume). Replayed
+    examples get rows of their own (flagged `replay`), so a row is all task or all replay."""
     width = max(len(x["input_ids"]) for x in batch)
-    rows: list[list[dict]] = []
-    room: list[int] = []
-    for x in sorted(batch, key=lambda x: -len(x["input_ids"])):  # stable: ties keep batch order
-        n = len(x["input_ids"])
-        i = next((j for j, r in enumerate(room) if r >= n), None)
-        if i is None:
-            rows.append([])
-            room.append(width)
-            i = len(rows) - 1
-        rows[i].append(x)
-        room[i] -= n
+    rows = _first_fit([x for x in batch if not x.get("replay")], width) + _first_fit([x for x in batch if x.get("replay")], width)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -159,50 +159,83 @@ def pack(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             position_ids[i, at : at + n] = torch.arange(n)
             at += n
         position_ids[i, at:] = torch.arange(width - at)  # padding: its own segment
-    return {"input_ids": ids, "position_ids": position_ids, "labels": labels}
+    return _flag_replay({"input_ids": ids, "position_ids": position_ids, "labels": labels}, rows)
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of target tokens) of a left-padded or packed batch."""
-    if "attention_mask" not in batch:
-        return _packed_loss(model, batch)
-    losses, tokens = causal_lm_row_losses(model, batch)
-    return losses.sum(), int(tokens.sum())
+def _first_fit(examples: list[dict], width: int) -> list[list[dict]]:
+    """Examples into rows of `width` tokens: longest first, each into the first row with room."""
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for x in sorted(examples, key=lambda x: -len(x["input_ids"])):  # stable: ties keep batch order
+        n = len(x["input_ids"])
+        i = next((j for j, r in enumerate(room) if r >= n), None)
+        if i is None:
+            rows.append([])
+            room.append(width)
+            i = len(rows) - 1
+        rows[i].append(x)
+        room[i] -= n
+    return rows
 
 
-def _packed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Loss of a `pack`ed batch: logits only at the positions that predict a target token."""
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], base=None, kl_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of target tokens) of a left-padded or packed batch.
+
+    With `base` (the same model with its adapter disabled, called without gradients) and a
+    `kl_weight`, the target tokens of the rows flagged `replay` (see `collate`, `pack`) also pay
+    `kl_weight x KL(base || model)` of the next-token distributions: replay then pulls towards
+    the base's whole distribution, not only its greedy token."""
+    keep = _target_positions(batch["labels"], packed="attention_mask" not in batch)
+    logits, targets = _logits_at(model, batch, keep)
+    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    rows = batch.get("replay")
+    if base is not None and kl_weight and rows is not None and rows.any():
+        with torch.no_grad():
+            base_logits, _ = _logits_at(base, {k: v[rows] for k, v in batch.items()}, keep)
+        mask = targets[rows] != IGNORE_INDEX
+        kl = kl_per_position(F.log_softmax(base_logits.float(), -1), F.log_softmax(logits[rows].float(), -1))
+        loss = loss + kl_weight * kl[mask].sum()
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def kl_per_position(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at each position, from log-probabilities
+    (p the base model's distribution)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _target_positions(labels: torch.Tensor, packed: bool) -> torch.Tensor | int:
+    """Which logits a batch's loss needs. Left-padded: the number of last positions (targets all
+    sit at the end; the first token has no position before it). Packed: the positions, anywhere
+    in the row, that predict a target token (position p predicts p + 1)."""
+    if packed:
+        keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        return keep if keep.numel() else torch.tensor([0], device=labels.device)
+    has_label = (labels != IGNORE_INDEX).any(0)
+    first = max(int(has_label.nonzero()[0]), 1) if has_label.any() else labels.shape[1] - 1
+    return labels.shape[1] - first + 1  # the position before the first target predicts it
+
+
+def _logits_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets), aligned position for position, at the positions `keep` names. The
+    vocabulary projection (and its softmax) runs only there, not over every prompt token."""
     labels = batch["labels"]
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # position p predicts p + 1
-    if keep.numel() == 0:
-        keep = torch.tensor([0])
+    if isinstance(keep, int):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=keep).logits
+        return logits[:, :-1], labels[:, labels.shape[1] - keep + 1 :]
     # use_cache=False matters: with a cache transformers does not look for packed sequences
     # and examples would attend to the ones before them in their row.
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    logits_to_keep=keep.to(labels.device), use_cache=False).logits
-    targets = labels[:, keep + 1]
-    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return logits, labels[:, keep + 1]
 
 
 def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens).
-
-    Only the last positions that predict a target token get logits: with prompt-masked
-    labels that skips the vocabulary projection (and its softmax) over every prompt token."""
-    labels = batch["labels"]
-    has_label = (labels != IGNORE_INDEX).any(0)
-    # The first token has no position before it to predict it: targets start at index 1 or later.
-    first = max(int(has_label.nonzero()[0]), 1) if has_label.any() else labels.shape[1] - 1
-    keep = labels.shape[1] - first + 1  # the position before the first target predicts it
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"], logits_to_keep=keep,
-    ).logits
-    targets = labels[:, labels.shape[1] - keep + 1 :]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens)."""
+    logits, targets = _logits_at(model, batch, _target_positions(batch["labels"], packed=False))
+    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return loss.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 

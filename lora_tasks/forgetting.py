@@ -18,17 +18,12 @@ import torch.nn.functional as F
 
 from . import stats
 from .config import PipelineConfig
+from .encoding import kl_per_position
 from .errors import DataError
 from .modeling import BaseModelInfo, describe_base_model
 from .probes import base_answers, probe_blocks
 from .remedy import Part
 from .views import BASE
-
-
-def kl_per_position(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at each position, from log-probabilities
-    (p the base model's distribution)."""
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:

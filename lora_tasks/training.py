@@ -388,7 +388,7 @@ def _train_step(cfg: PipelineConfig, ctx: WorkerContext, model, optimizer, sched
         with contextlib.nullcontext() if sync else model.no_sync():
             with autocast(t.precision, ctx.device):
                 if cfg.task == "causal_lm":
-                    token_loss, n_tokens = causal_lm_loss(model, batch)
+                    token_loss, n_tokens = causal_lm_loss(model, batch, _base_of(model), cfg.replay.kl_weight)
                     loss = token_loss / max(n_tokens, 1) / accum
                 else:
                     loss = model(**batch).loss / accum
@@ -401,6 +401,18 @@ def _train_step(cfg: PipelineConfig, ctx: WorkerContext, model, optimizer, sched
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, tokens, lr
+
+
+def _base_of(model):
+    """The base model, called without the adapter: the LoRA model on this worker with its adapter
+    disabled (not through DDP: a forward without gradients needs no other rank)."""
+    peft_model = _unwrap(model)
+
+    def base(**inputs):
+        with peft_model.disable_adapter():
+            return peft_model(**inputs)
+
+    return base
 
 
 def _checkpoint(model, optimizer, scheduler, step: int, ctx: WorkerContext, metrics: dict) -> None:
