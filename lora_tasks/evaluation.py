@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import stats
+from . import score_cache, stats
 from .config import PipelineConfig
 from .errors import DataError
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
-from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers
+from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers, resolve_precision
 from .promotion import Candidate, candidate_from_metrics
 from .remedy import (
     Part, Trial, choose, describe_trial, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name,
@@ -282,6 +282,7 @@ class Evaluation:
         self.load_seconds = time.perf_counter() - started
         self._task: dict[tuple, tuple] = {}
         self._base_states: dict = {}  # the base's side of the forgetting comparison, the same at every scale
+        self._from_disk: set[tuple] = set()  # keys of `_task` whose scores came from the disk cache
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
         """The same evaluation (base, champion) for another new adapter: a search trial's. This
@@ -292,11 +293,30 @@ class Evaluation:
                           self.champion_version)
 
     def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
+        """One view's task scores on `rows`: computed once per evaluation; the base's and the
+        champion's also kept on disk across runs (`score_cache`), as their weights do not change."""
         key = (name, scale if name == ADAPTED else 1.0, part)
-        if key not in self._task:
+        if key in self._task:
+            return self._task[key]
+        stored = self._stored_key(name, rows)
+        scores = score_cache.load(stored) if stored else None
+        if scores is None:
             with self.views.scaled(name, key[1]), self.views.use(name) as m:
-                self._task[key] = _task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device)
-        return self._task[key]
+                scores = _task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device)
+            if stored:
+                score_cache.save(stored, scores)
+        else:
+            self._from_disk.add(key)
+        self._task[key] = scores
+        return scores
+
+    def _stored_key(self, name: str, rows: list[dict]) -> str | None:
+        """The disk cache key of the base's or the champion's scores on `rows` (None for the new adapter)."""
+        if name not in (BASE, CHAMPION) or self.base_info is None:
+            return None
+        adapter = self.champion_adapter_dir if name == CHAMPION else None
+        precision = resolve_precision(self.cfg.training.precision, self.device)
+        return score_cache.scores_key(self.cfg, self.base_info.content_hash, adapter, rows, precision, self.device)
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
@@ -317,8 +337,10 @@ class Evaluation:
         if CHAMPION in names:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
         done = time.perf_counter()
-        log.info("evaluated %s at scale %g on %d %s rows: task scores %.0f s, forgetting %.0f s", ", ".join(names), scale,
-                 len(examples), part.name if part else "eval", task_done - started, done - task_done)
+        reused = [n for n in names if (n, 1.0, part.name if part else "all") in self._from_disk]
+        log.info("evaluated %s at scale %g on %d %s rows: task scores %.0f s%s, forgetting %.0f s", ", ".join(names), scale,
+                 len(examples), part.name if part else "eval", task_done - started,
+                 f" ({' and '.join(reused)} read from the score cache)" if reused else "", done - task_done)
         return EvalReport(
             task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
             forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=self.load_seconds + done - started,

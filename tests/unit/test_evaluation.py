@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lora_tasks.config import config_from_dict
+from lora_tasks.config import GenerationEvalConfig, config_from_dict
 from lora_tasks.evaluation import evaluate_adapter
 from lora_tasks.stats import macro_f1
 
@@ -80,11 +80,11 @@ def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, m
     assert list((tmp_path / "probes").glob(f"{info.content_hash[:16]}-*.jsonl"))
 
 
-def _trained_like_adapter(cfg, folder):
+def _trained_like_adapter(cfg, folder, seed=0):
     """A LoRA adapter with random B (as after training): the adapted model differs from its base."""
     from lora_tasks.modeling import apply_lora, load_base_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = load_base_model(cfg.base_model.name_or_path, cfg.task, pad_token_id=0)
     model = apply_lora(base, cfg.task, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     with torch.no_grad():
@@ -150,3 +150,34 @@ def test_the_scale_remedy_confirms_the_best_admissible_scale_on_held_out_evidenc
     assert destructive.remedy["chosen"] is None and destructive.remedy["closest"] == "scale=0.1"
     refused = apply_outcome(ok, destructive.remedy)
     assert not refused.promote and "remedy" in refused.failed_checks and "none of 4 trial(s)" in refused.reasons[-1]
+
+
+def test_base_and_champion_scores_are_reused_across_runs_and_never_the_new_adapters(tiny_model_dir, tmp_path, monkeypatch):
+    """A second run on the same rows reads the base's and the champion's task scores (generated
+    answers included) from the disk cache, to the same figures; other rows or another champion
+    are scored afresh; the new adapter is always scored."""
+    from lora_tasks import evaluation, score_cache
+    from lora_tasks.modeling import describe_base_model
+
+    monkeypatch.setattr(score_cache, "cache_dir", lambda: tmp_path / "cache")
+    scored = []
+    real = evaluation._task_scores
+    monkeypatch.setattr(evaluation, "_task_scores", lambda m, *a: scored.append(m) or real(m, *a))
+    cfg = _cfg("causal_lm", tmp_path)
+    cfg.evaluation.generation = GenerationEvalConfig(max_new_tokens=4)
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(6)]
+    info = describe_base_model(cfg.base_model.name_or_path)
+    champion, new = _trained_like_adapter(cfg, tmp_path / "champion"), _fresh_adapter(cfg, tmp_path / "new")
+
+    def run(rows, champion_dir=champion):
+        scored.clear()
+        report = evaluate_adapter(cfg, new, rows, base_info=info, champion_adapter_dir=champion_dir)
+        return report, len(scored)
+
+    first, n_first = run(rows)
+    again, n_again = run(rows)
+    assert (n_first, n_again) == (3, 1), "second run: only the new adapter is scored"
+    assert again.base == first.base and again.champion == first.champion and again.intervals == first.intervals
+    assert [s["base"] for s in again.samples] == [s["base"] for s in first.samples]
+    assert run(rows[:5])[1] == 3, "other rows: scored afresh"
+    assert run(rows, _trained_like_adapter(cfg, tmp_path / "other", seed=1))[1] == 2, "another champion: its scores afresh, the base's reused"

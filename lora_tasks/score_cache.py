@@ -1,0 +1,80 @@
+"""Task scores of models that do not change between runs, kept on disk and reused.
+
+The base model's scores on an eval split depend only on the base's weights, the rows and how
+they are scored; a champion's only on its adapter besides. A scheduled pipeline scores both
+again every run; here they are computed once, keyed by all of that, and read back after. The
+new adapter is never cached: its weights are new every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import PipelineConfig
+from .modeling import cache_dir
+
+
+def scores_key(cfg: PipelineConfig, base_hash: str | None, adapter_dir: str | None, rows: list[dict],
+               precision: str, device: str) -> str | None:
+    """The identity of one model's scores on `rows`: base weights, adapter weights (None: the
+    base itself), the rows and every setting that changes a score. None when the base has no
+    content hash (a hub id not materialised locally): then nothing is cached."""
+    if not base_hash:
+        return None
+    d = cfg.data
+    settings = {
+        "task": cfg.task, "columns": [d.prompt_column, d.completion_column, d.text_column, d.label_column],
+        "labels": d.labels, "chat_template": d.chat_template, "system_prompt": d.system_prompt,
+        "max_seq_length": cfg.training.max_seq_length, "batch_size": cfg.evaluation.batch_size,
+        "generation": cfg.evaluation.generation.model_dump(mode="json") if cfg.evaluation.generation else None,
+        "precision": precision, "device": str(device), "torch": torch.__version__, "prefect_lora": __version__,
+    }
+    blob = json.dumps({"base": base_hash, "adapter": _files_hash(adapter_dir) if adapter_dir else None,
+                       "settings": settings, "rows": rows}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load(key: str) -> tuple[dict, dict, list[str]] | None:
+    """(metrics, per-unit values, generated answers) stored under `key`, or None."""
+    try:
+        d = json.loads(_path(key).read_text())
+    except (OSError, ValueError):  # never stored (or removed meanwhile): score again
+        return None
+    return d["metrics"], {k: np.array(v) for k, v in d["units"].items()}, d["answers"]
+
+
+def save(key: str, scores: tuple[dict, dict, list[str]]) -> None:
+    """Store `scores` under `key`, atomically (a reader never sees half a file)."""
+    metrics, units, answers = scores
+    path = _path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps({"metrics": metrics, "units": {k: np.asarray(v).tolist() for k, v in units.items()},
+                       "answers": answers})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+
+
+def _path(key: str) -> Path:
+    return cache_dir() / "scores" / f"{key[:32]}.json"
+
+
+def _files_hash(folder: str) -> str:
+    """sha256 over the names and bytes of a folder's files (an adapter: its weights and config)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
