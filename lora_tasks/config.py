@@ -194,7 +194,7 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: much less memory for
     long sequences, about a third more compute."""
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`bf16` runs forward and backward under bfloat16 autocast (CPU and GPU); weights stay fp32.
     `auto`: bf16 where the device runs it at full speed (a CUDA GPU with bf16, a CPU with AVX-512
     BF16 or AMX), fp32 elsewhere: on a CPU with AVX2 only, a bf16 matmul is ~150x slower than

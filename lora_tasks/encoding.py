@@ -8,6 +8,7 @@ are targets, and batched greedy generation. Plain arguments only: no config stan
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,6 @@ REPLAY_KEY = "_replay"
 task's system prompt (as the base answered it), or `text`, a passage trained as plain text."""
 
 
-
-
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     """`bf16` or `fp32`: `training.precision` on `device`, `auto` decided by what the device runs
     fast (bf16 on a CUDA GPU that supports it, on a CPU with AVX-512 BF16 or AMX; else fp32)."""
@@ -31,8 +30,34 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if kind == "cpu":
-        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+        return "bf16" if cpu_runs_bf16() else "fp32"
     return "fp32"
+
+
+def cpu_runs_bf16() -> bool:
+    """This CPU has bf16 instructions (AVX-512 BF16 or AMX) and torch uses its AVX-512 kernels
+    (`ATEN_CPU_CAPABILITY` can lower them)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def slow_bf16_warning(precision: str, device: torch.device | str) -> str | None:
+    """A warning, with the slowdown measured here (a few milliseconds), when `precision` asks for
+    bf16 on a CPU that has no bf16 instructions; None otherwise."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_runs_bf16():
+        return None
+    a, seconds, threads = torch.randn(256, 256), {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: not disturbed by a busy machine's thread pool
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = a.to(dtype)
+            x @ x  # warm-up
+            seconds[dtype] = min(_timed(lambda: x @ x) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    slower = seconds[torch.bfloat16] / max(seconds[torch.float32], 1e-9)
+    return (f"training.precision: bf16 on a CPU without AVX-512 BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
+            f"a bf16 matmul ran {slower:.0f}x slower than fp32 here. Set training.precision: auto (fp32 on this CPU)")
 
 
 def autocast(precision: str, device: torch.device | str):
@@ -41,6 +66,12 @@ def autocast(precision: str, device: torch.device | str):
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def format_prompts(prompts: list[str], tokenizer, chat_template: bool = False,

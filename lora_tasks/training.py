@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
-from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision
+from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning
 from .modeling import apply_lora, load_base_model, load_tokenizer
 
 ADAPTER_DIR = "adapter"
@@ -274,6 +274,8 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     Rank 0 reports a checkpoint folder holding `adapter/` and `trainer_state.pt` every
     `training.checkpoint_every` steps and at the end."""
     t = cfg.training
+    if ctx.rank == 0 and (warning := slow_bf16_warning(t.precision, ctx.device)):
+        print(f"WARNING: {warning}", flush=True)
     _seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.base_model.name_or_path, cfg.base_model.revision, cfg.base_model.trust_remote_code)
     examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []

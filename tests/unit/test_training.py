@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -211,13 +212,27 @@ def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(monkeypatch):
     from lora_tasks.encoding import autocast, resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+    for capability, avx512_bf16, amx, expected in [("AVX512", True, False, "bf16"), ("AVX512", False, True, "bf16"),
+                                                   ("AVX512", False, False, "fp32"), ("AVX2", True, True, "fp32")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=capability: v)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_precision("auto", "cpu") == expected
         assert (type(autocast("auto", "cpu")).__name__ == "autocast") == (expected == "bf16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_precision("auto", "cuda") == "fp32"
+
+
+def test_explicit_bf16_on_a_cpu_without_bf16_warns_with_the_measured_slowdown(monkeypatch):
+    from lora_tasks import encoding
+
+    monkeypatch.setattr(encoding, "cpu_runs_bf16", lambda: False)
+    warning = encoding.slow_bf16_warning("bf16", "cpu")
+    slower = float(re.search(r"ran (\d+)x slower", warning).group(1))
+    assert slower >= 0 and "training.precision: auto" in warning
+    assert encoding.slow_bf16_warning("auto", "cpu") is None and encoding.slow_bf16_warning("fp32", "cpu") is None
+    monkeypatch.setattr(encoding, "cpu_runs_bf16", lambda: True)
+    assert encoding.slow_bf16_warning("bf16", "cpu") is None
 
 
 def test_a_progress_line_gives_step_loss_rate_and_time_left():
