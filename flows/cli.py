@@ -368,7 +368,15 @@ def register(
 
 
 def main() -> None:
-    app()
+    from flows.settings import release_and_exit, stop_cleanly_on_signals, stop_signal
+
+    stop_cleanly_on_signals()  # a stopped command ends its MLflow run and stops Ray and Prefect's server
+    try:
+        app()
+    except SystemExit:
+        if signum := stop_signal():
+            release_and_exit(128 + signum)
+        raise
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
@@ -330,11 +331,13 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
                      method=cfg.training.method)
 
 
-def _mark_failed(cfg: PipelineConfig, run_id: str) -> None:
+def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
+    """The MLflow run ended: KILLED when the process was stopped (Ctrl-C, SIGTERM), else FAILED."""
+    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit, TerminationSignal))
     try:
-        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-    except Exception as exc:  # noqa: BLE001  (the tracking server may be the failure itself)
-        get_run_logger().warning("could not mark MLflow run %s failed (%s)", run_id, exc)
+        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED" if stopped else "FAILED")
+    except Exception as err:  # noqa: BLE001  (the tracking server may be the failure itself)
+        get_run_logger().warning("could not mark MLflow run %s ended (%s)", run_id, err)
 
 
 def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
@@ -382,8 +385,8 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
                                         trained.metrics, champion.version if champion else None)
         pending.save()
         return _complete(cfg, pending, report, champion)
-    except BaseException:
-        _mark_failed(cfg, run_id)
+    except BaseException as exc:
+        _mark_failed(cfg, run_id, exc)
         raise
 
 
@@ -406,6 +409,6 @@ def register_run(run_dir: str, tracking_uri: str | None = None) -> RunResult:
     champion = read_version(cfg, pending.champion_version)
     try:
         return _complete(cfg, pending, report, champion)
-    except BaseException:
-        _mark_failed(cfg, pending.run_id)
+    except BaseException as exc:
+        _mark_failed(cfg, pending.run_id, exc)
         raise

@@ -42,6 +42,56 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+_STOP_SIGNAL: int | None = None
+
+
+def stop_cleanly_on_signals() -> None:
+    """SIGTERM ends this process as Ctrl-C does: by an exception, so `finally` blocks run and the
+    command can release what it started (`release_and_exit`). Without it, Python's default
+    handler kills the process where it stands (Prefect re-sends the signal to that handler after
+    marking the flow run crashed): the temporary Prefect server and the local Ray cluster are left
+    running, the MLflow run stays RUNNING. Which signal stopped the process is kept (`stop_signal`)."""
+    import signal
+
+    def on_term(signum, frame):
+        global _STOP_SIGNAL
+        _STOP_SIGNAL = signum
+        raise SystemExit(128 + signum)
+
+    def on_int(signum, frame):
+        global _STOP_SIGNAL
+        _STOP_SIGNAL = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
+
+
+def stop_signal() -> int | None:
+    """The signal that stopped this command, if one did (here, or while it waited on Ray)."""
+    return _STOP_SIGNAL or getattr(sys.modules.get("lora_tasks.distributed"), "STOPPED_BY", None)
+
+
+def release_and_exit(code: int) -> None:
+    """End a stopped command: shut down the local Ray instance this process started (its workers
+    with it) and Prefect's temporary server, then exit at once with `code`. Exiting at once
+    matters: Ray's native threads can abort an interpreter that tears down around them."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def hide_expected_tracebacks() -> None:
     """Log expected errors (LoraTaskError: bad config, bad data...) as one line, not a traceback.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -42,12 +45,53 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         logging_config=ray.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_LOG_LEVEL", "ERROR")),
     )
-    if address:
-        ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
-    else:
-        # address="local": a fresh instance, never a `ray start` cluster that happens to run here
-        ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
+    with _keep_sigterm_handler():
+        if address:
+            ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
+        else:
+            # address="local": a fresh instance, never a `ray start` cluster that happens to run here
+            ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
+
+
+STOPPED_BY: int | None = None
+"""The signal that interrupted a wait on Ray (`interruptible`), for the caller's exit code."""
+
+
+@contextlib.contextmanager
+def interruptible():
+    """While the driver waits on Ray, SIGTERM interrupts it as Ctrl-C does. Ray's waits pass on
+    only KeyboardInterrupt: any other exception raised by a signal handler inside them (Prefect's
+    TerminationSignal, SystemExit) comes out as a SystemError, which a task would retry."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        global STOPPED_BY
+        STOPPED_BY = signum
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Leave SIGTERM to the process that calls ray.init. Ray takes it over in the driver (a bare
+    `sys.exit`, and a native handler that aborts the process 3 s after the signal), so a stopped
+    run could not clean up: its Prefect server and MLflow run were left behind."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def ensure_ray_for(cfg: PipelineConfig) -> None:
@@ -286,7 +330,8 @@ def train_adapter(
         ),
     )
     try:
-        result = trainer.fit()
+        with interruptible():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {storage}/train") from exc
     if result.checkpoint is None:
@@ -319,7 +364,8 @@ def tune_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str |
         param_space={"index": tune.grid_search(list(range(len(settings))))},
         run_config=tune.RunConfig(name="remedy-search", storage_path=str(Path(run_dir).resolve() / "tune"), verbose=0),
     )
-    grid = tuner.fit()
+    with interruptible():
+        grid = tuner.fit()
     by_index = {r.config["index"]: r for r in grid}
     failed = [(i, r.error) for i, r in sorted(by_index.items()) if r.error]
     if failed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,15 @@ os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export anoth
 shutil.rmtree(Path(os.environ["PREFECT_LORA_CACHE"]) / "scores", ignore_errors=True)
 
 import flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A test run stopped with SIGTERM (a CI timeout, a closed terminal) ends as Ctrl-C does: fixtures
+# are torn down and atexit runs, so no local Ray cluster or Prefect server outlives it.
+signal.signal(signal.SIGTERM, _interrupt)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -3,6 +3,7 @@ driver (the whole `prefect-lora run` process) killed mid-training and run again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -141,11 +142,15 @@ def saved_step(train_dir: Path, launcher: str) -> int | None:
     return int(latest.name.rsplit("_", 1)[1]) if latest else None
 
 
-@pytest.mark.parametrize("launcher", ["ray", "local"])
-def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, sig", [("ray", signal.SIGKILL), ("local", signal.SIGKILL), ("ray", signal.SIGTERM)],
+                         ids=["ray-sigkill", "local-sigkill", "ray-sigterm"])
+def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path, launcher, sig):
     """SIGKILL of `prefect-lora run` (driver, local Ray and all; or the process training one
     worker itself) mid-training; the same command again finds the run folder by config and
-    data, continues from the latest checkpoint and completes the same MLflow run."""
+    data, continues from the latest checkpoint and completes the same MLflow run.
+
+    SIGTERM to the driver alone (a scheduler stopping it) is a clean stop: it exits by itself,
+    leaves no process behind (Ray's, Prefect's temporary server) and marks the MLflow run KILLED."""
     from mlflow import MlflowClient
 
     raw = tiny_raw(tmp_path, max_steps=60)
@@ -162,11 +167,21 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     try:
         train_dirs = lambda: sorted((tmp_path / "runs").glob("tiny-sums/run-*/train"))
         wait_for(lambda: train_dirs() and saved_step(train_dirs()[0], launcher), 240, "a checkpoint of the first attempt")
+        if sig == signal.SIGTERM:
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=90) == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+            wait_for(lambda: not _leftovers(ray_tmp), 30, "the stopped run's processes to end by themselves")
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # after a clean stop the whole group is gone
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         _kill_leftovers(ray_tmp)
     run_dir = train_dirs()[0].parent
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)
+    if sig == signal.SIGTERM:
+        stopped = c.search_runs(c.search_experiments()[0].experiment_id.split())
+        assert [r.info.status for r in stopped] == ["KILLED"]
     steps_before = saved_step(run_dir / "train", launcher)  # what the dead attempt left for the next one
     assert steps_before < 60
 
@@ -174,8 +189,6 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     _kill_leftovers(ray_tmp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    c = MlflowClient(uri, registry_uri=uri)
     runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
     metrics = runs[0].data.metrics
@@ -195,18 +208,7 @@ def _kill_leftovers(ray_tmp: str) -> None:
 
     Ray's daemons and workers run in sessions of their own, and a worker can live on for a
     moment after its raylet: they are found by the PREFECT_LORA_RAY_TMP value they inherited."""
-    marker = f"PREFECT_LORA_RAY_TMP={ray_tmp}".encode()
-
-    def alive() -> list[int]:
-        pids = []
-        for environ in Path("/proc").glob("[0-9]*/environ"):
-            try:
-                if marker in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
-                    pids.append(int(environ.parent.name))
-            except OSError:  # gone already, or not ours to read
-                pass
-        return pids
-
+    alive = lambda: _leftovers(ray_tmp)
     deadline = time.monotonic() + 30
     while (pids := alive()) and time.monotonic() < deadline:
         for pid in pids:
@@ -216,6 +218,20 @@ def _kill_leftovers(ray_tmp: str) -> None:
                 pass
         time.sleep(0.2)
     assert not alive(), f"processes of the Ray instance in {ray_tmp} survived SIGKILL"
+
+
+def _leftovers(ray_tmp: str) -> list[int]:
+    """Processes started under the run with this PREFECT_LORA_RAY_TMP (the driver's children:
+    Ray's daemons and workers, Prefect's temporary server), found by the value they inherited."""
+    marker = f"PREFECT_LORA_RAY_TMP={ray_tmp}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone already, or not ours to read
+            pass
+    return pids
 
 
 def test_checkpoints_go_to_a_storage_uri_and_reports_stay_local(tmp_path, ray_local, monkeypatch):
