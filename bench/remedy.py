@@ -41,6 +41,10 @@ ARMS = {
     "replay": ["replay.share=0.2", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
     # The same replay with the KL-to-base penalty on its rows (same rows, same steps).
     "replay-kl": ["replay.share=0.2", "replay.kl_weight=1.0", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
+    # Replay with the KL penalty and as many task examples as the demo trains on (replay rows
+    # come on top: more steps), under the demo's own remedy (scales only when refused).
+    "replay-kl-60": ["replay.share=0.2", "replay.kl_weight=1.0", "training.max_steps=60"],
+    "replay-kl-10": ["replay.share=0.1", "replay.kl_weight=1.0", "training.max_steps=54"],
 }
 DEFAULT_POLICY = ["promotion.max_perplexity_ratio=1.2", "promotion.max_self_retention_ratio=1.2", "promotion.max_kl=0.5"]
 RATIO = "self_retention_perplexity_ratio"
@@ -82,7 +86,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, sharey=True)
     colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
-              "replay": "tab:green", "replay-kl": "tab:olive"}
+              "replay": "tab:green", "replay-kl": "tab:olive", "replay-kl-60": "tab:cyan", "replay-kl-10": "tab:brown"}
     for ax, key, limit, label in ((axes[0], RATIO, 1.2, "self-retention perplexity ratio (base's own answers)"),
                                   (axes[1], "reference_kl", 0.5, "KL(base || adapted) per token on the probes")):
         for r in results:
