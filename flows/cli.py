@@ -155,7 +155,8 @@ def _print_summary(result: RunResult) -> None:
         table.add_column(c, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    out = Console()
+    screen = Console()
+    out = screen if screen.is_terminal else Console(width=200)  # piped or logged: no column squeezed or cut
     out.print(table)
     verdict = ("[green]promoted to champion[/]" if result.promoted else
                "[cyan]baseline, logged only[/]" if baseline else "[yellow]not promoted[/]")

@@ -49,6 +49,8 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
         else:
+            # One machine has no node to drain: no preemption watcher (and no core-worker error line about its actor).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": a fresh instance, never a `ray start` cluster that happens to run here
             ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job

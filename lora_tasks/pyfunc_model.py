@@ -71,7 +71,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.prompting = {"chat_template": bool(cfg.get("chat_template")), "system_prompt": cfg.get("system_prompt")}
 
     @torch.no_grad()
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         texts = _texts(model_input, INPUT_COLUMN[self.task])
         if self.task == "sequence_classification":
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

@@ -216,9 +216,14 @@ def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     for key in ("task_gain", "champion_delta"):
         if key in flat:
             rows.append([key, "", *([""] if has_champion else []), cell(key)])
-    for key in sorted(k for k in flat if k.startswith("reference_") and "_ci_" not in k):
-        rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    forgetting = sorted(k for k in flat if k.startswith(FORGETTING_PREFIXES) and "_ci_" not in k)
+    for key in forgetting:  # every forgetting figure the gate's reasons may name, the champion's beside
+        rows.append([key, "", *([cell(f"champion_{key}")] if has_champion else []), cell(key)])
     return columns, rows
+
+
+FORGETTING_PREFIXES = ("reference_", "self_retention_", "benchmark_")
+"""Flat metric names of forgetting: the reference corpus, the probes, each benchmark."""
 
 
 def summary_markdown(

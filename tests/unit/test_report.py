@@ -132,3 +132,19 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     assert not rows[0]["admissible"] and not rows[0]["chosen"]
     assert ("Against the adapter as trained (search part): gain 0.7 vs 0.75, self_retention_perplexity_ratio 1.1 vs "
             "1.19; cost 0 extra training(s) and 0 s of trials.") in md
+
+
+def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
+    from lora_tasks.report import metrics_table
+
+    flat = {"base_exact_match": 0.1, "adapted_exact_match": 0.8, "champion_exact_match": 0.7,
+            "adapted_exact_match_ci_low": 0.7, "adapted_exact_match_ci_high": 0.9, "task_gain": 0.7,
+            "self_retention_perplexity_ratio": 1.05, "self_retention_perplexity_ratio_ci_low": 1.01,
+            "self_retention_perplexity_ratio_ci_high": 1.09, "champion_self_retention_perplexity_ratio": 1.1,
+            "reference_kl": 0.1, "benchmark_arc_accuracy_drop": 0.02}
+    columns, rows = metrics_table(flat)
+    by_name = {r[0]: r for r in rows}
+    assert columns == ["metric", "base", "champion", "adapted"]
+    assert by_name["self_retention_perplexity_ratio"] == ["self_retention_perplexity_ratio", "", "1.1", "1.05 [1.01, 1.09]"]
+    assert {"reference_kl", "benchmark_arc_accuracy_drop"} <= set(by_name)
+    assert [r[0] for r in rows][-3:] == ["benchmark_arc_accuracy_drop", "reference_kl", "self_retention_perplexity_ratio"]
