@@ -375,9 +375,10 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     run_id, run_url = start_mlflow_run(cfg, run_dir, tags)
     notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)
     try:
-        champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
-        trained = train(cfg, prepare_replay(cfg, data, base), data.train_stream, run_dir, run_id)
-        report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, run_id, champion, champion_dir)
+        with tracking.system_metrics(cfg.tracking.tracking_uri, run_id):  # what training and evaluation cost
+            champion_dir = fetch_champion_adapter(cfg, champion, tags, run_dir)
+            trained = train(cfg, prepare_replay(cfg, data, base), data.train_stream, run_dir, run_id)
+            report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, run_id, champion, champion_dir)
         # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
         pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, adapter_dir,
                                         base.name_or_path, {**tags, **remedy_tags(report.remedy)},

@@ -8,6 +8,7 @@ are targets, and batched greedy generation. Plain arguments only: no config stan
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 
 from .config import PipelineConfig
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+PROGRESS_EVERY_S = 30.0
+"""Long loops (training steps, generated answers) say where they are at least this often."""
 REPLAY_KEY = "_replay"
 """Marks a replay row (`lora_tasks/replay.py`): `chat`, a prompt/answer pair formatted without the
 task's system prompt (as the base answered it), or `text`, a passage trained as plain text."""
@@ -272,10 +277,12 @@ def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device="cpu", *,
-                     chat_template: bool = False, system_prompt: str | None = None) -> list[str]:
+                     chat_template: bool = False, system_prompt: str | None = None, label: str | None = None) -> list[str]:
     """Greedy answers to `prompts` (formatted by `format_prompts`), in their order. Batches hold
     prompts of similar length (sorted by tokens: little padding), left-padded so every row
-    continues from its last token; a batch stops as soon as every row has ended."""
+    continues from its last token; a batch stops as soon as every row has ended. With `label`,
+    a progress line (`label: 48/120 answers, 25 s`) is logged every `PROGRESS_EVERY_S` seconds."""
+    started = last = time.perf_counter()
     texts, special = format_prompts(prompts, tokenizer, chat_template, system_prompt)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -291,6 +298,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             )
             for j, text in zip(rows, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
                 answers[j] = text
+            done, now = i + len(rows), time.perf_counter()
+            if label and now - last >= PROGRESS_EVERY_S and done < len(order):
+                log.info("%s: %d/%d answers, %.0f s", label, done, len(order), now - started)
+                last = now
     finally:
         tokenizer.padding_side = side
     return answers

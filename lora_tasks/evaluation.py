@@ -186,8 +186,9 @@ def generation_units(predictions: list[str], targets: list[str], metric: str) ->
     return out
 
 
-def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device) -> tuple[dict, dict, list[str]]:
-    """(metrics, per-unit values, generated answers) of one model on the eval split."""
+def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, name: str = "model"
+                 ) -> tuple[dict, dict, list[str]]:
+    """(metrics, per-unit values, generated answers) of one model (`name`, for progress lines) on the eval split."""
     bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
     if cfg.task == "sequence_classification":
         return (*classification_scores(model, examples, pad_id, len(cfg.data.labels), bs, device), [])
@@ -197,7 +198,8 @@ def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device) 
         return metrics, units, []
     rows = rows[: gen.max_rows] if gen.max_rows else rows
     answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], gen.max_new_tokens, bs,
-                               device, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+                               device, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt,
+                               label=f"{name}'s answers on the eval rows")
     per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
     metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
     return metrics, {**units, **per_row}, answers
@@ -302,7 +304,7 @@ class Evaluation:
         scores = score_cache.load(stored) if stored else None
         if scores is None:
             with self.views.scaled(name, key[1]), self.views.use(name) as m:
-                scores = _task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device)
+                scores = _task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device, name)
             if stored:
                 score_cache.save(stored, scores)
         else:

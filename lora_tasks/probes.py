@@ -121,7 +121,8 @@ def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, bat
     # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
     with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                   chat_template=_has_chat_template(tokenizer))
+                                   chat_template=_has_chat_template(tokenizer),
+                                   label="the base's answers to the general prompts (once per base model)")
     rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers) if a.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

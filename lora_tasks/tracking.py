@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import time
@@ -134,6 +136,28 @@ def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = MlflowClient(tracking_uri)
     for k, v in tags.items():
         c.set_tag(run_id, k, str(v))
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, every_s: float = 10.0):
+    """Log this machine's CPU, memory, disk and network use (`system/*` metrics, GPU too where
+    one is present) to the run every `every_s` seconds while the block runs: MLflow's charts of
+    what training and evaluation cost. Only the machine of this process (with a local Ray, all
+    of the run's workers); nothing when psutil is absent."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracking_uri)  # a retry goes on
+    except ImportError:  # psutil missing
+        monitor = None
+    if monitor is not None:
+        monitor.start()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

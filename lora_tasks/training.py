@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
-from .encoding import autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning
+from .encoding import (
+    PROGRESS_EVERY_S, autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning,
+)
 from .modeling import apply_lora, load_base_model, load_tokenizer
 
 ADAPTER_DIR = "adapter"
@@ -287,6 +289,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
     batches = _setup_batches(cfg, ctx, examples, tokenizer, start=step * t.gradient_accumulation_steps)
     start_step, started, tokens_seen, last_loss = step, time.perf_counter(), 0, float("nan")
+    last_line = started
     while step < total_steps:
         loss_sum, tokens, lr = _train_step(cfg, ctx, model, optimizer, scheduler, batches, tokenizer.pad_token_id)
         step, tokens_seen = step + 1, tokens_seen + tokens
@@ -295,10 +298,12 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
             raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower training.learning_rate")
         if ctx.rank == 0 and (step % t.log_every == 0 or step == total_steps):
             ctx.log({"train_loss": last_loss, "learning_rate": lr}, step)
-        if ctx.rank == 0 and (step == start_step + 1 or step % max(total_steps // 10, 1) == 0 or step == total_steps):
-            elapsed = time.perf_counter() - started
-            print(progress_line(step, total_steps, step - start_step, last_loss, elapsed, tokens_seen * ctx.world_size),
+        now = time.perf_counter()
+        if ctx.rank == 0 and (step == start_step + 1 or step % max(total_steps // 10, 1) == 0 or step == total_steps
+                              or now - last_line >= PROGRESS_EVERY_S):
+            print(progress_line(step, total_steps, step - start_step, last_loss, now - started, tokens_seen * ctx.world_size),
                   flush=True)  # the flow's log (Prefect captures prints) and a watching terminal
+            last_line = now
         if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
             elapsed = time.perf_counter() - started
             _checkpoint(model, optimizer, scheduler, step, ctx, {

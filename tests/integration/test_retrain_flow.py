@@ -50,7 +50,9 @@ def write_config(workdir: Path, name: str, **sections) -> Path:
 def first_run(harness, workdir):
     from flows.retrain import retrain
 
-    return retrain(str(write_config(workdir, "tiny")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # several samples even in a short run
+        return retrain(str(write_config(workdir, "tiny")))
 
 
 def test_first_run_registers_and_promotes_version_1(first_run, workdir):
@@ -74,6 +76,8 @@ def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     m = run.data.metrics
     assert m["adapted_eval_loss"] < m["base_eval_loss"]
     assert m["reference_perplexity_ratio"] > 0 and m["reference_kl"] >= 0
+    assert m["system/system_memory_usage_megabytes"] > 0 and 0 <= m["system/cpu_utilization_percentage"] <= 100
+    assert len(client.get_metric_history(first_run.run_id, "system/cpu_utilization_percentage")) >= 2
     assert run.data.params["training.max_steps"] == "60"
     history = client.get_metric_history(first_run.run_id, "train_loss")
     assert [h.step for h in history] == list(range(1, 61))  # per-step loss from the worker

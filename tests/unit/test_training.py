@@ -241,3 +241,22 @@ def test_a_progress_line_gives_step_loss_rate_and_time_left():
     line = progress_line(step=8, total=48, done=8, loss=0.41234, elapsed=36.8, tokens=45_402)
     assert line == "training step 8/48 (17%): loss 0.4123, 1,234 tokens/s, 4.6 s/step, about 3 min 4 s left"
     assert progress_line(48, 48, 40, 0.1, 10.0, 100).endswith("about 0 s left")
+
+
+def test_slow_loops_say_where_they_are_at_least_every_few_seconds(tiny_model_dir, monkeypatch, caplog, capsys):
+    """However slow each step or batch, a line comes every PROGRESS_EVERY_S seconds (0 here: every one)."""
+    import logging
+
+    from lora_tasks import encoding, training
+    from lora_tasks.modeling import load_base_model, load_tokenizer
+
+    monkeypatch.setattr(encoding, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
+    tok = load_tokenizer(tiny_model_dir)
+    with caplog.at_level(logging.INFO, logger="lora_tasks.encoding"):
+        encoding.generate_answers(load_base_model(tiny_model_dir, "causal_lm"), tok, [f"{i} + 1 =" for i in range(5)], 2, 2,
+                                  label="probe answers")
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["probe answers: 2/5 answers", "probe answers: 4/5 answers"]
+    train_worker(make_cfg(max_steps=5, log_every=5), ROWS[:40], WorkerContext())
+    steps = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("training step")]
+    assert steps == ["1/5", "2/5", "3/5", "4/5", "5/5"]
