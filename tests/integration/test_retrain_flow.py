@@ -191,3 +191,17 @@ def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):
         assert re.search(rf"{split}\s+{row}\s+{column}\b", out), (split, row, out)
         assert check in out, (check, out)
     assert "4 of 8 rows are invalid" in out
+
+
+def test_flow_run_is_named_and_tagged_for_its_model_and_decision(first_run):
+    """The Prefect UI lists the run as `<model>-<run key>`, tagged with the model and the decision."""
+    from uuid import UUID
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    tags = MlflowClient(first_run.tracking_uri).get_run(first_run.run_id).data.tags
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(tags["prefect.flow_run_id"]))
+    assert run.name == f"tiny-sums-{tags['lora.run_key']}"
+    assert {"tiny-sums", "promoted"} <= set(run.tags)
