@@ -6,12 +6,15 @@ JSON and the frontier of every trial (docs/remedy-frontier.png).
 
 Each arm is `prefect-lora run configs/demo.yaml` as a user runs it (after `prefect-lora demo
 prepare`), in its own storage and MLflow store (nothing is resumed or compared across arms):
-- `unconstrained`: the demo's adapter as trained (scale 1 only), scored on the same split;
-- `remedied`: configs/demo.yaml as shipped (its remedy on);
-- `destructive`: learning rate 1e-2, remedy on: remedied to an admissible adapter or refused;
-- `frontier`, `replay`: every default scale of the demo's adapter, and of one trained with
-  replay (share 0.2, the base's own answers): the points of the frontier plot;
-- `replay-kl`: `replay` with the KL-to-base penalty on the replay rows (`replay.kl_weight` 1).
+- `unconstrained`: the demo's adapter without replay (48 steps) as trained (scale 1 only), scored
+  on the same split;
+- `remedied`: configs/demo.yaml as shipped (replay with the KL penalty; the scale remedy if refused);
+- `destructive`: learning rate 1e-2, remedies on: remedied to an admissible adapter or refused;
+- `scale`: the scale remedy alone on the adapter without replay;
+- `frontier`, `replay`, `replay-kl`: every default scale of the adapter without replay, of one
+  trained with replay (share 0.2, the base's own answers), and of one with replay and the
+  KL-to-base penalty (`replay.kl_weight` 1), all 48 steps: the points of the frontier plot;
+- `replay-kl-60`: replay 0.2 with the penalty and 60 steps (as many task examples as 48 without).
 Every arm runs under the default policy (max self-retention and perplexity ratio 1.2, KL 0.5).
 Targets (issue 14): remedied keeps >= 90% of the unconstrained gain with each ratio's excess over
 1 (upper bound) at most half the unconstrained one's, in <= 2x its wall time.
@@ -30,21 +33,25 @@ from pathlib import Path
 
 import torch
 
+# The demo's adapter before replay: 48 steps of task examples only.
+PLAIN = ["replay.share=0.0", "replay.kl_weight=0.0", "training.max_steps=48"]
+ALL_SCALES = ["remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"]
 ARMS = {
     # The adapter as trained, scored on the same confirm part as the remedied one (search part,
     # then confirm part: all eval rows and probes once, as a plain run scores them).
-    "unconstrained": ["remedy.strategy=scale", "remedy.scales=[1.0]"],
+    "unconstrained": [*PLAIN, "remedy.strategy=scale", "remedy.scales=[1.0]"],
+    # configs/demo.yaml as shipped: replay (share 0.1) with the KL penalty, 54 steps, the scale remedy if refused.
     "remedied": [],
     "destructive": ["training.learning_rate=1e-2"],
-    # The frontier: every default scale of the demo's adapter, then of one trained with replay.
-    "frontier": ["remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
-    "replay": ["replay.share=0.2", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
-    # The same replay with the KL-to-base penalty on its rows (same rows, same steps).
-    "replay-kl": ["replay.share=0.2", "replay.kl_weight=1.0", "remedy.when=always", "remedy.scales=[1.0,0.8,0.65,0.5,0.35]"],
-    # Replay with the KL penalty and as many task examples as the demo trains on (replay rows
-    # come on top: more steps), under the demo's own remedy (scales only when refused).
+    # The scale remedy alone, on the plain adapter (the demo's remedy before replay).
+    "scale": PLAIN,
+    # The frontier: every default scale of the plain adapter, of one trained with replay (share
+    # 0.2, same 48 steps), and of one trained with that replay and the KL penalty.
+    "frontier": [*PLAIN, *ALL_SCALES],
+    "replay": ["replay.share=0.2", "replay.kl_weight=0.0", "training.max_steps=48", *ALL_SCALES],
+    "replay-kl": ["replay.share=0.2", "replay.kl_weight=1.0", "training.max_steps=48", *ALL_SCALES],
+    # Replay with the KL penalty at the demo's number of task examples (replay rows on top: more steps).
     "replay-kl-60": ["replay.share=0.2", "replay.kl_weight=1.0", "training.max_steps=60"],
-    "replay-kl-10": ["replay.share=0.1", "replay.kl_weight=1.0", "training.max_steps=54"],
 }
 DEFAULT_POLICY = ["promotion.max_perplexity_ratio=1.2", "promotion.max_self_retention_ratio=1.2", "promotion.max_kl=0.5"]
 RATIO = "self_retention_perplexity_ratio"
@@ -86,7 +93,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, sharey=True)
     colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
-              "replay": "tab:green", "replay-kl": "tab:olive", "replay-kl-60": "tab:cyan", "replay-kl-10": "tab:brown"}
+              "replay": "tab:green", "replay-kl": "tab:olive", "replay-kl-60": "tab:cyan", "scale": "tab:pink"}
     for ax, key, limit, label in ((axes[0], RATIO, 1.2, "self-retention perplexity ratio (base's own answers)"),
                                   (axes[1], "reference_kl", 0.5, "KL(base || adapted) per token on the probes")):
         for r in results:
