@@ -21,27 +21,49 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA retraining pipelines on Prefect, Ray Train and MLflow.")
 console = Console(stderr=True)
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.path=value (repeatable).")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.path=value (repeatable).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for jq and scripts) instead of a table.")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from lora_tasks import __version__
+
+        typer.echo(f"prefect-lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """LoRA retraining pipelines on Prefect, Ray Train and MLflow.
+
+    Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message),
+    2 a usage error, 3 the data broke its contract (the report names each row and check),
+    130 / 143 stopped by Ctrl-C / SIGTERM (the MLflow run is marked KILLED; the same command resumes)."""
+
+
+DATA_CONTRACT_BROKEN = 3
 
 
 def _fail(exc: Exception, code: int = 1) -> None:
     if isinstance(exc, ValidationFailed) and exc.report is not None:
         Console().print(Markdown(exc.report.to_markdown(50)))
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _exit_on_errors(*also: type[Exception]):
     """End a command on an error the user can act on with one message and an exit code, never a
-    traceback: ValidationFailed exits 2 after its row-by-row report; LoraTaskError, and the
-    command's own `also` types, exit 1."""
+    traceback: ValidationFailed exits 3 after its row-by-row report; LoraTaskError, and the
+    command's own `also` types, exit 1 (2 is Click's usage error)."""
     def decorate(command):
         @functools.wraps(command)
         def run_command(*args, **kwargs):
             try:
                 return command(*args, **kwargs)
             except ValidationFailed as exc:
-                _fail(exc, 2)
+                _fail(exc, DATA_CONTRACT_BROKEN)
             except (LoraTaskError, *also) as exc:
                 _fail(exc)
 
@@ -167,14 +189,24 @@ def _print_summary(result: RunResult) -> None:
     out.print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri}", highlight=False, soft_wrap=True)
 
 
-TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: the local SQLite store, sqlite:///.prefect-lora/mlflow.db).")]
+TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else this folder's store sqlite:///.prefect-lora/mlflow.db).")]
 NotifyOption = Annotated[Optional[str], typer.Option("--notify", help="URL of a running `prefect-lora serve` to swap at once (POST /admin/refresh).")]
 
 
 def _tracking(uri: Optional[str]) -> str:
+    """The MLflow store of a command that takes no config: --tracking-uri, else MLFLOW_TRACKING_URI,
+    else this folder's default store. A SQLite store that does not exist is an error, never created."""
+    import os
+
     from lora_tasks.config import TrackingConfig
 
-    return uri or TrackingConfig().tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    chosen = uri or env or TrackingConfig().tracking_uri
+    if chosen.startswith("sqlite:///") and not Path(chosen.removeprefix("sqlite:///")).is_file():
+        source = "--tracking-uri" if uri else "MLFLOW_TRACKING_URI" if env else "the default store of this folder"
+        raise LoraTaskError(f"no MLflow store at {Path(chosen.removeprefix('sqlite:///')).resolve()} ({source}): run "
+                            "from the project folder, or pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return chosen
 
 
 def _print_record(record: dict) -> None:
@@ -229,19 +261,25 @@ def rollback(
 
 @app.command()
 @_exit_on_errors()
-def history(name: str, tracking_uri: TrackingOption = None) -> None:
-    """Print every version of NAME, then every alias move (who, when, from, to, why), oldest first."""
+def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption = False) -> None:
+    """Print every version of NAME, then every recorded alias move (who, when, from, to, why), oldest first."""
+    import json
+
     from lora_tasks import aliases, registry
 
-    records = aliases.alias_history(_tracking(tracking_uri), name)
+    uri = _tracking(tracking_uri)
+    records, versions = aliases.alias_history(uri, name), registry.versions_overview(uri, name)
+    if as_json:
+        typer.echo(json.dumps({"name": name, "versions": versions, "alias_moves": records}, indent=2, default=str))
+        return
     table = Table(title=f"{name}: alias history")
     for col in ("when", "alias", "action", "from", "to", "who", "why"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
+    dash = lambda v: "-" if v in (None, "", "None") else str(v)
     for r in records:
-        table.add_row(r["at"][:19], r["alias"], r["action"], str(r["from_version"]), str(r["to_version"]), r["actor"],
-                      r["reason"][:120])
+        table.add_row(r["at"][:19], r["alias"], r["action"], dash(r["from_version"]), dash(r["to_version"]), dash(r["actor"]),
+                      dash(r["reason"]))
     out = Console(width=None if sys.stdout.isatty() else 200)  # a log or a pipe gets whole lines
-    versions = registry.versions_overview(_tracking(tracking_uri), name)
     listing = Table(title=f"{name}: versions")
     for col in ("version", "created", "aliases", "decision", "MLflow run"):
         listing.add_column(col)
@@ -249,7 +287,7 @@ def history(name: str, tracking_uri: TrackingOption = None) -> None:
         from datetime import datetime, timezone
 
         created = datetime.fromtimestamp((v["created_ms"] or 0) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        listing.add_row(v["version"], created, ", ".join(v["aliases"]), v["decision"], str(v["run_id"]))
+        listing.add_row(v["version"], created, ", ".join(v["aliases"]) or "-", v["decision"] or "-", str(v["run_id"] or "-"))
     out.print(listing)
     out.print(table)
 
@@ -317,6 +355,7 @@ def _age(seconds: float) -> str:
 def status(
     name: Annotated[Optional[str], typer.Argument(help="Registered model (default: every model in the store).")] = None,
     tracking_uri: TrackingOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Champion and challenger of each model: version, age, key metrics, lineage, last decision."""
     from lora_tasks import registry
@@ -324,6 +363,11 @@ def status(
     uri = _tracking(tracking_uri)
     names = [name] if name else registry.list_model_names(uri)
     models = [registry.model_status(uri, n) for n in names]
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"tracking_uri": uri, "models": models}, indent=2, default=str))
+        return
     if not models:
         console.print(f"no registered models in {uri}", highlight=False, soft_wrap=True)
         return

@@ -54,11 +54,13 @@ class MethodResult:
 
 def config_for(cfg: PipelineConfig, method: str, learning_rate: float | None = None) -> PipelineConfig:
     """`cfg` trained by `method` on one in-process worker (no intermediate checkpoints). Full
-    fine-tuning has no update to scale: its remedy is off."""
+    fine-tuning has no update to scale and no adapter to disable for the base's logits: its
+    remedy and replay's KL penalty are off."""
     raw = cfg.model_dump(mode="json")
     raw["training"]["method"] = method
     if method == "full":
         raw["remedy"] = {"strategy": "none"}
+        raw["replay"]["kl_weight"] = 0.0
     raw["training"]["checkpoint_every"] = None
     if learning_rate is not None:
         raw["training"]["learning_rate"] = learning_rate

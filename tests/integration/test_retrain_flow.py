@@ -182,7 +182,7 @@ def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
                           env=env, timeout=300, cwd=workdir)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
+    assert proc.returncode == 3, out  # the data broke its contract
     assert "Traceback" not in out
     # every offending row (split, 1-based row, column) and every check is named
     for split, row, column, check in [("train", 2, "text", "null_value"), ("train", 3, "text", "blank_text"),

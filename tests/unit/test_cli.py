@@ -49,14 +49,14 @@ def test_set_overrides_reach_the_config(tmp_path):
     assert "200 train and 200 eval rows valid" in result.output
 
 
-def test_bad_data_exits_2_with_rows_named(tmp_path):
+def test_bad_data_exits_3_with_rows_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "ok prompt", "completion": " 1"}, {"prompt": None, "completion": " 2"},
         {"prompt": "another", "completion": "   "}, {"prompt": "third one", "completion": " 3"},
     ]))
     result = runner.invoke(app, ["validate", str(_config(tmp_path, train_path=str(bad), eval_fraction=0.25))])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert "null_value" in result.output and "blank_text" in result.output
     assert "Traceback" not in result.output
 
@@ -96,7 +96,7 @@ def test_summary_of_a_skipped_run_gives_its_reason_only(capsys):
 
 
 @pytest.mark.parametrize("error, also, code", [
-    (ValidationFailed("3 invalid rows"), (), 2),
+    (ValidationFailed("3 invalid rows"), (), 3),
     (LoraTaskError("no such model"), (), 1),
     (ValueError("bad serve config"), (ValueError,), 1),
 ])

@@ -1,6 +1,9 @@
 """Operator commands without a server: clear errors for `register` on a folder that is not a run,
 and `status` on an empty store."""
 
+import json
+
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import _age, app
@@ -16,14 +19,47 @@ def test_register_names_what_a_run_folder_needs(tmp_path):
     assert "Traceback" not in result.output
 
 
+def _empty_store(tmp_path) -> str:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_registered_models()  # creates the store's tables
+    return uri
+
+
 def test_status_of_an_empty_store_says_so(tmp_path):
-    result = runner.invoke(app, ["status", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    uri = _empty_store(tmp_path)
+    result = runner.invoke(app, ["status", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     assert "no registered models" in result.output
+    as_json = runner.invoke(app, ["status", "--json", "--tracking-uri", uri])
+    assert json.loads(as_json.output) == {"tracking_uri": uri, "models": []}
+
+
+@pytest.mark.parametrize("command", [["status"], ["history", "demo-orders"]])
+def test_read_only_commands_never_create_a_store(tmp_path, monkeypatch, command):
+    """Run from another folder: a clear error naming where it looked, and nothing created there;
+    MLFLOW_TRACKING_URI is where it looks first when no --tracking-uri is given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert f"no MLflow store at {tmp_path}/.prefect-lora/mlflow.db (the default store of this folder)" in out
+    assert not (tmp_path / ".prefect-lora").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _empty_store(tmp_path))
+    assert runner.invoke(app, ["status"]).exit_code == 0
+
+
+def test_version_is_printed():
+    from lora_tasks import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"prefect-lora {__version__}"
 
 
 def test_status_of_an_unknown_model_is_one_clear_error(tmp_path):
-    result = runner.invoke(app, ["status", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    result = runner.invoke(app, ["status", "nope", "--tracking-uri", _empty_store(tmp_path)])
     assert result.exit_code == 1
     assert "no registered model named 'nope'" in result.output and "Traceback" not in result.output
 

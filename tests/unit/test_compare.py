@@ -65,3 +65,6 @@ def test_full_fine_tuning_is_compared_without_a_remedy_lora_keeps_its_own():
     assert cfg.remedy.strategy == "scale"
     assert config_for(cfg, "full").remedy.strategy == "none", "a full model has no update to scale"
     assert config_for(cfg, "lora", 1e-3).remedy == cfg.remedy
+    assert cfg.replay.kl_weight > 0
+    assert config_for(cfg, "full").replay.kl_weight == 0.0, "no adapter to disable for the base's logits"
+    assert config_for(cfg, "lora").replay == cfg.replay
