@@ -286,7 +286,13 @@ def redecision_markdown(final: Decision, against_version: str | None) -> str:
 
 def mlflow_markdown(run_id: str, run_url: str, action: str, from_version: str | None, to_version: str | None) -> str:
     """The closing note: the MLflow run and the audit record the decision left on `champion`."""
-    return f"\n## MLflow\n- run `{run_id}`: {run_url}\n- audit: {action}, champion {from_version} -> {to_version}\n"
+    if from_version == to_version:
+        moved = f"champion stays version {to_version}" if to_version else "no champion yet"
+    elif from_version:
+        moved = f"champion moved from version {from_version} to {to_version}"
+    else:
+        moved = f"champion set to version {to_version} (the first)"
+    return f"\n## MLflow\n- run `{run_id}`: {run_url}\n- audit: {action}, {moved}\n"
 
 
 def skip_markdown(model_name: str, reason: str, champion_version: str, skip_run_id: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lora_tasks.evaluation import EvalReport
 from lora_tasks.report import write_report
 
@@ -77,7 +79,7 @@ def test_closing_notes_say_what_happened_to_champion():
     assert again == ("\n## Decided again\nThe champion moved to version 7 during this run; the gate was re-run "
                      "against it: **not promoted**.\n- worse than version 7\n")
     assert mlflow_markdown("r1", "http://ui/r1", "auto-promote", "2", "3") == (
-        "\n## MLflow\n- run `r1`: http://ui/r1\n- audit: auto-promote, champion 2 -> 3\n")
+        "\n## MLflow\n- run `r1`: http://ui/r1\n- audit: auto-promote, champion moved from version 2 to 3\n")
     skipped = skip_markdown("m", "skipped: no new data: same inputs", "2", "r9")
     assert skipped.startswith("# m: skipped: no new data\n") and "champion version 2 stays" in skipped and "`r9`" in skipped
 
@@ -148,3 +150,14 @@ def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
     assert by_name["self_retention_perplexity_ratio"] == ["self_retention_perplexity_ratio", "", "1.1", "1.05 [1.01, 1.09]"]
     assert {"reference_kl", "benchmark_arc_accuracy_drop"} <= set(by_name)
     assert [r[0] for r in rows][-3:] == ["benchmark_arc_accuracy_drop", "reference_kl", "self_retention_perplexity_ratio"]
+
+
+@pytest.mark.parametrize("before, after, says", [
+    (None, "1", "champion set to version 1 (the first)"), ("1", "2", "champion moved from version 1 to 2"),
+    ("1", "1", "champion stays version 1"), (None, None, "no champion yet"),
+])
+def test_the_audit_line_reads_as_a_sentence(before, after, says):
+    from lora_tasks.report import mlflow_markdown
+
+    text = mlflow_markdown("r1", "http://mlflow/#/runs/r1", "promote" if before != after else "keep", before, after)
+    assert says in text and "None" not in text
