@@ -38,6 +38,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Quiet, non-interactive runs: no usage stats, no dashboard.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # A worker's print (the progress lines) reaches the driver once, as printed: Ray Train's print
+    # patch would also log it through its own logger, so each line came out twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Ray's own INFO/WARNING lines (and the placement-group cleaner's complaint that the state
     # API, which needs the dashboard, is absent) are noise here; errors still come through.
     kwargs = dict(
