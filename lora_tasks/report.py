@@ -16,6 +16,7 @@ from .forgetting_table import FORGETTING_METRICS, forgetting_metric
 from .evaluation import EvalReport
 from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
 from .promotion import Decision
+from .tracking import ui_command
 
 
 def _pyplot():
@@ -243,7 +244,8 @@ def summary_markdown(
     reasons = "\n".join(f"- {r}" for r in decision.reasons)
     verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
     champ = f"version {champion_version}" if champion_version else "none"
-    ui = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
+    uri = cfg.tracking.tracking_uri
+    ui = uri if uri.startswith(("http://", "https://")) else ui_command(uri)
     evidence = f" of the confirm part, adapter at scale {report.adapter_scale:g}" if report.evidence == "confirm" else ""
     return f"""# {cfg.model_name}: version {version} {verdict}
 
@@ -261,7 +263,7 @@ def summary_markdown(
 
 ## Tracking
 - MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
-- open the UI: `{ui}`
+- MLflow UI: `{ui}`
 """
 
 

@@ -27,13 +27,21 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""Marks the experiment as model training: the MLflow UI opens its runs, charts and models, not
+its GenAI pages (an empty traces view)."""
+
+
 def ensure_experiment(c: MlflowClient, name: str, artifact_location: str) -> str:
-    """The experiment's id, creating it with an explicit artifact location when absent."""
+    """The experiment's id, creating it with an explicit artifact location when absent; marked as
+    model training either way (`EXPERIMENT_KIND`) unless someone chose a kind for it already."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = artifact_location if "://" in artifact_location else Path(artifact_location).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -170,13 +178,27 @@ def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("tra
     return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` serves a local store by default."""
+
+
 def run_url(tracking_uri: str, run_id: str) -> str:
-    """Where the run is seen: a server's UI URL, or the `mlflow ui` command for a local store."""
+    """Where the run is seen: its page on a server's UI, or for a local store the `mlflow ui`
+    command (this environment's) and the page it then serves. The page opens in MLflow's model
+    training view (`workflowType`), not its GenAI pages."""
     c = client(tracking_uri)
     exp = c.get_run(run_id).info.experiment_id
+    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}  (then experiment {exp}, run {run_id})"
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"{ui_command(tracking_uri)}, then {LOCAL_UI}/{page}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that starts the MLflow UI on a local store, with this environment's `mlflow`."""
+    import sys
+
+    return f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {tracking_uri}"
 
 
 def now_iso() -> str:
