@@ -66,3 +66,23 @@ def test_status_of_an_unknown_model_is_one_clear_error(tmp_path):
 
 def test_ages_read_like_a_person_would_say_them():
     assert [_age(s) for s in (5, 90, 7200, 3 * 86400)] == ["5s", "1.5m", "2.0h", "3.0d"]
+
+
+def test_run_pages_open_in_mlflows_model_training_view(tmp_path):
+    """The printed run page opens MLflow's model-training view, locally with this environment's
+    `mlflow ui`; the experiment is marked as model development."""
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from lora_tasks import tracking
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = MlflowClient(uri)
+    exp = tracking.ensure_experiment(c, "m", str(tmp_path / "art"))
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    run = c.create_run(exp).info.run_id
+    local = tracking.run_url(uri, run)
+    assert local == (f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri}, then "
+                     f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning")
