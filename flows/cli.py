@@ -186,12 +186,18 @@ def _print_summary(result: RunResult) -> None:
     for reason in result.reasons:
         out.print(f"  - {reason}", highlight=False)
     out.print(f"MLflow run {result.run_id}; run folder {result.run_dir}", highlight=False, soft_wrap=True)
+    out.print(f"see it in the MLflow UI: {_run_page(result.tracking_uri, result.run_id)}", highlight=False, soft_wrap=True)
+
+
+def _run_page(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (`tracking.run_url`), or the store, when it cannot be read
+    now (a server down, a store gone): never a new store created by looking."""
     from lora_tasks.tracking import run_url
 
     try:
-        out.print(f"see it in the MLflow UI: {run_url(result.tracking_uri, result.run_id)}", highlight=False, soft_wrap=True)
-    except Exception:  # noqa: BLE001  (the store may be unreachable now; the run id above still finds it)
-        out.print(f"open the MLflow UI on {result.tracking_uri}", highlight=False, soft_wrap=True)
+        return run_url(_tracking(uri), run_id)
+    except Exception:  # noqa: BLE001  (the run id printed above still finds it)
+        return f"the store {uri}, run {run_id}"
 
 
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else this folder's store sqlite:///.prefect-lora/mlflow.db).")]
