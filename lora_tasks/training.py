@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import random
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
+from .errors import TrainingError
 from .encoding import (
     PROGRESS_EVERY_S, autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning,
 )
@@ -237,7 +239,7 @@ def _load_adapter_weights(model, folder: str | Path) -> None:
 
 
 def _load_trainer_state(model, optimizer, scheduler, folder: str | Path, rank: int = 0) -> int:
-    state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    state = read_trainer_state(Path(folder) / STATE_FILE)
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -249,6 +251,17 @@ def _load_trainer_state(model, optimizer, scheduler, folder: str | Path, rank: i
     rng = rng if isinstance(rng, list) else [rng]
     torch.set_rng_state(rng[rank] if rank < len(rng) else rng[0])  # a resized job keeps going, not exactly
     return int(state["step"])
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """A checkpoint's trainer state: tensors and plain containers only (`weights_only`), so a file
+    planted in a shared run folder (NFS, a bucket) cannot run code when a run resumes from it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TrainingError(f"{path} holds more than tensors and plain values, so it is not loaded: it was not "
+                            f"written by this trainer. Remove that checkpoint folder to resume from an earlier one "
+                            f"({str(exc).splitlines()[0]})") from None
 
 
 EAGER_MAX_TOKENS = 192

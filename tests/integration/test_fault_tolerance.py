@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from lora_tasks.training import read_trainer_state
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +71,7 @@ def train_worker_pids() -> list[int]:
 
 
 def final_state(checkpoint_path: str) -> dict:
-    return torch.load(Path(checkpoint_path) / "trainer_state.pt", weights_only=False)
+    return read_trainer_state(Path(checkpoint_path) / "trainer_state.pt")
 
 
 def optimizer_steps(state: dict) -> set[int]:

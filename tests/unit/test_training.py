@@ -260,3 +260,20 @@ def test_slow_loops_say_where_they_are_at_least_every_few_seconds(tiny_model_dir
     train_worker(make_cfg(max_steps=5, log_every=5), ROWS[:40], WorkerContext())
     steps = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("training step")]
     assert steps == ["1/5", "2/5", "3/5", "4/5", "5/5"]
+
+
+def test_a_planted_trainer_state_is_refused_not_run(tmp_path):
+    """A trainer_state.pt that holds more than tensors and plain values (a pickle that would run
+    code) is refused with what to do; the trainer's own state loads."""
+    import pickle
+
+    from lora_tasks.errors import TrainingError
+    from lora_tasks.training import read_trainer_state
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"step": 3, "torch_rng": [torch.get_rng_state()], "scheduler": {"last_epoch": 3}}, ok)
+    assert read_trainer_state(ok)["step"] == 3
+    planted = tmp_path / "trainer_state.pt"
+    torch.save({"step": 3, "payload": pickle.PicklingError("stands for any object")}, planted)
+    with pytest.raises(TrainingError, match="not written by this trainer. Remove that checkpoint folder"):
+        read_trainer_state(planted)
