@@ -23,7 +23,7 @@ from flows import notifications
 from lora_tasks import aliases, lifecycle, registry, tracking
 from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.forgetting_table import forgetting_limits
-from lora_tasks.errors import ValidationFailed
+from lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
 from lora_tasks.launcher import prepare_data
@@ -88,9 +88,20 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
     return run_id, tracking.run_url(cfg.tracking.tracking_uri, run_id)
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry training unless its error would only come again: bad config or data, a diverged loss."""
+    try:
+        state.result()
+    except (ConfigError, DataError, NonFiniteLoss):
+        return False
+    except BaseException:  # noqa: BLE001  (a worker lost, a node gone: worth another attempt)
+        return True
+    return True
+
+
 # A retry (Ray gave up after scaling.max_failures, or training in this process failed) continues
 # from the latest checkpoint in the run folder.
-@task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10)
+@task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
 def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: str):
     from lora_tasks.launcher import train_adapter
 

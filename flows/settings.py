@@ -37,6 +37,7 @@ import logging  # noqa: E402
 import warnings  # noqa: E402
 
 logging.getLogger("lora_tasks").setLevel(logging.INFO)  # its progress lines (INFO) reach the flow's log
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter around each run
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)

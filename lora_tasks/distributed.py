@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from .config import PipelineConfig
 from .data import load_table, sample_rows, source_fingerprint
-from .errors import DataError, TrainingError, ValidationFailed
+from .errors import DataError, NonFiniteLoss, TrainingError, ValidationFailed
 from .pipeline import PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs
 from .streaming import invalid_batch, merge_summaries, stream_format, summarise_batch, valid_batch
 from .training import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
@@ -338,6 +338,9 @@ def train_adapter(
         with interruptible():
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        diverged = [e for e in getattr(exc, "worker_failures", {}).values() if isinstance(e, NonFiniteLoss)]
+        if diverged:  # no retry can help: one line, not Ray's report
+            raise NonFiniteLoss(str(diverged[0]).strip().splitlines()[-1]) from None
         raise TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {storage}/train") from exc
     if result.checkpoint is None:
         raise TrainingError("training finished without reporting a checkpoint")

@@ -33,5 +33,10 @@ class TrainingError(LoraTaskError):
     """Training did not produce an adapter."""
 
 
+class NonFiniteLoss(TrainingError):
+    """The training loss became NaN or infinite: the settings diverge, and a retry would only
+    diverge again."""
+
+
 class RegistryError(LoraTaskError):
     """The MLflow registry could not be read or written as asked."""

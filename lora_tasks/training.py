@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PipelineConfig
-from .errors import TrainingError
+from .errors import NonFiniteLoss, TrainingError
 from .encoding import (
     PROGRESS_EVERY_S, autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning,
 )
@@ -308,7 +308,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         step, tokens_seen = step + 1, tokens_seen + tokens
         last_loss = _mean_across_ranks(loss_sum, ctx)
         if not math.isfinite(last_loss):
-            raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower training.learning_rate")
+            raise NonFiniteLoss(f"training loss became {last_loss} at step {step}; lower training.learning_rate")
         if ctx.rank == 0 and (step % t.log_every == 0 or step == total_steps):
             ctx.log({"train_loss": last_loss, "learning_rate": lr}, step)
         now = time.perf_counter()

@@ -277,3 +277,18 @@ def test_a_planted_trainer_state_is_refused_not_run(tmp_path):
     torch.save({"step": 3, "payload": pickle.PicklingError("stands for any object")}, planted)
     with pytest.raises(TrainingError, match="not written by this trainer. Remove that checkpoint folder"):
         read_trainer_state(planted)
+
+
+def test_a_diverging_loss_is_a_training_error_that_is_not_retried(tiny_model_dir):
+    from prefect.states import Completed, Failed
+
+    from flows.retrain import _worth_retrying
+    from lora_tasks.errors import ConfigError, NonFiniteLoss, TrainingError
+
+    with pytest.raises(NonFiniteLoss, match=r"training loss became (nan|inf) at step \d; lower training.learning_rate"):
+        train_worker(make_cfg(learning_rate=1e30, max_grad_norm=None, max_steps=3), ROWS[:32], WorkerContext())
+    failed = lambda exc: Failed(data=exc)
+    assert not _worth_retrying(None, None, failed(NonFiniteLoss("training loss became nan")))
+    assert not _worth_retrying(None, None, failed(ConfigError(["x: bad"])))
+    assert _worth_retrying(None, None, failed(TrainingError("training failed on Ray: a worker died")))
+    assert _worth_retrying(None, None, Completed())
