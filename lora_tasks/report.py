@@ -253,7 +253,7 @@ def summary_markdown(
 - train rows: {data.train_count}, eval rows: {data.eval_count}
 - contract: {data.report_summary}
 - fingerprint: `{data.fingerprint[:16]}`{f"  · quarantine: `{data.quarantine_path}`" if data.quarantine_path else ""}
-
+{_replay_line(cfg)}
 ## Evaluation ({report.eval_rows} eval examples{evidence}, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
 {table}
 {"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
@@ -265,6 +265,16 @@ def summary_markdown(
 - MLflow run `{run_id}` in experiment `{cfg.experiment_name}`; registered model `{cfg.model_name}` version {version}
 - MLflow UI: `{ui}`
 """
+
+
+def _replay_line(cfg: PipelineConfig) -> str:
+    """What the training mixed in to keep the base's knowledge (a remedy for forgetting), if anything."""
+    r = cfg.replay
+    if not r.share:
+        return ""
+    source = "the base model's own answers to general prompts" if r.source == "self" else f"passages of `{r.path}`"
+    penalty = f", with a KL-to-base penalty (weight {r.kl_weight:g}) on those rows" if r.kl_weight else ""
+    return f"- replay: {r.share:.0%} of the training examples are {source}{penalty}\n"
 
 
 def baseline_markdown(cfg: PipelineConfig, data: DataSummary, report: EvalReport, run_id: str,

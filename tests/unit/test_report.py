@@ -40,13 +40,14 @@ def test_without_history_or_forgetting_only_what_exists_is_drawn(tmp_path):
     assert [f.name for f in files] == ["evaluation_report.md"]
 
 
-def _summary(decision, version="3", champion_version="2"):
+def _summary(decision, version="3", champion_version="2", **sections):
     from lora_tasks.config import config_from_dict
     from lora_tasks.lifecycle import DataSummary
     from lora_tasks.report import summary_markdown
 
     cfg = config_from_dict({"model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
-                            "data": {"train_path": "x.jsonl"}, "training": {"max_steps": 5}})
+                            "data": {"train_path": "x.jsonl", "prompt_column": "p", "completion_column": "c"},
+                            "training": {"max_steps": 5}, **sections})
     data = DataSummary(340, 60, "f" * 64, "Validation passed", "/q/invalid.jsonl")
     return summary_markdown(cfg, data, report(True), decision, version, "run1", champion_version)
 
@@ -61,6 +62,15 @@ def test_summary_reads_the_data_summary_and_names_decision_and_tracking():
     assert "| metric | base | champion | adapted |" in md and "| eval_loss | 2 | 1.6 | 1.5 |" in md
     assert "champion before this run: version 2" in md and "- gain 0.5 above 0" in md
     assert "MLflow run `run1` in experiment `m`" in md
+    assert "replay" not in md
+
+
+def test_summary_says_what_replay_the_adapter_trained_with():
+    from lora_tasks.promotion import Decision
+
+    md = _summary(Decision(True, ["ok"], []), replay={"share": 0.1, "kl_weight": 1.0})
+    assert ("- replay: 10% of the training examples are the base model's own answers to general prompts, with a "
+            "KL-to-base penalty (weight 1) on those rows") in md
 
 
 def test_version_description_leaves_the_tracking_part_out():
