@@ -338,10 +338,7 @@ def train_adapter(
         with interruptible():
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        diverged = [e for e in getattr(exc, "worker_failures", {}).values() if isinstance(e, NonFiniteLoss)]
-        if diverged:  # no retry can help: one line, not Ray's report
-            raise NonFiniteLoss(str(diverged[0]).strip().splitlines()[-1]) from None
-        raise TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {storage}/train") from exc
+        raise _training_error(exc, storage) from exc
     if result.checkpoint is None:
         raise TrainingError("training finished without reporting a checkpoint")
     adapter_dir = run_dir / ADAPTER_DIR
@@ -350,6 +347,15 @@ def train_adapter(
             shutil.rmtree(adapter_dir)
         shutil.copytree(Path(ckpt) / ADAPTER_DIR, adapter_dir)
     return TrainResult(str(adapter_dir), result.checkpoint.path, dict(result.metrics or {}))
+
+
+def _training_error(exc: Exception, storage) -> TrainingError:
+    """Ray's report of a failed training as one error: a diverged loss as itself (no retry can
+    help), anything else with where the checkpoints so far are kept."""
+    diverged = [e for e in getattr(exc, "worker_failures", {}).values() if isinstance(e, NonFiniteLoss)]
+    if diverged:
+        return NonFiniteLoss(str(diverged[0]).strip().splitlines()[-1])
+    return TrainingError(f"training failed on Ray: {exc}; checkpoints so far are kept in {storage}/train")
 
 
 def tune_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | Path) -> list:

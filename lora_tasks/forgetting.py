@@ -33,6 +33,18 @@ def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torc
     return float(kl[m].sum()), int(m.sum())
 
 
+def check_evidence_files(cfg: PipelineConfig) -> None:
+    """Read every file forgetting will read (the reference corpus, each benchmark) now: a missing
+    or malformed one fails before training with the error naming it, not after."""
+    ref = cfg.evaluation.reference
+    if ref is None:
+        return
+    if ref.path:
+        read_reference_texts(ref.path)
+    for path in ref.benchmarks:
+        read_mc_benchmark(path)
+
+
 def read_reference_texts(path: str | Path) -> list[str]:
     """Non-blank lines of a plain-text corpus, stripped (WikiText's blank lines are skipped)."""
     p = Path(path)

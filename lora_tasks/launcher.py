@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .errors import TrainingError
+from .forgetting import check_evidence_files
 from .pipeline import PreparedData, StreamSpec, checkpoint_storage, prepare_in_memory
 from .replay import check_disjoint
 from .streaming import streams_train_data
@@ -33,6 +34,7 @@ def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
 
     Raises ValidationFailed (with the report) when the contract's policy stops the run. Large
     sources (see `data.loader`) are validated on Ray Data instead and stream to the workers."""
+    check_evidence_files(cfg)  # a missing reference corpus or benchmark fails now, not after training
     check_disjoint(cfg)  # replay must not be the forgetting evidence: refused before any work
     if streams_train_data(cfg):
         from .distributed import prepare_streaming_data

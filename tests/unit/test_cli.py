@@ -1,6 +1,7 @@
 """The CLI's `validate` command and its error handling; `run` is covered by the integration tests."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,18 @@ def test_other_errors_keep_their_traceback():
 
     with pytest.raises(KeyError):
         command()
+
+
+@pytest.mark.parametrize("reference, says", [
+    ({"path": "no/such/corpus.txt"}, r"reference corpus \S*/no/such/corpus.txt does not exist"),
+    ({"path": None, "benchmarks": ["no/such/bench.jsonl"]}, r"benchmark file \S*/no/such/bench.jsonl does not exist"),
+])
+def test_validate_reads_every_file_forgetting_will_read(tmp_path, reference, says):
+    """A missing reference corpus or benchmark fails `validate` (and the run, before training)."""
+    path = _config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"]["reference"].update(reference)
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert re.search(says, " ".join(result.output.split())) and "Traceback" not in result.output
