@@ -40,7 +40,8 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_show_v
 
     Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message),
     2 a usage error, 3 the data broke its contract (the report names each row and check),
-    130 / 143 stopped by Ctrl-C / SIGTERM (the MLflow run is marked KILLED; the same command resumes)."""
+    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes;
+    a Ctrl-C during Ray training lets Ray Train abort its run first and exits 1)."""
 
 
 DATA_CONTRACT_BROKEN = 3

@@ -54,18 +54,13 @@ def stop_cleanly_on_signals() -> None:
     running, the MLflow run stays RUNNING. Which signal stopped the process is kept (`stop_signal`)."""
     import signal
 
-    def on_term(signum, frame):
+    def stop(signum, frame):
         global _STOP_SIGNAL
         _STOP_SIGNAL = signum
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
-    def on_int(signum, frame):
-        global _STOP_SIGNAL
-        _STOP_SIGNAL = signum
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def stop_signal() -> int | None:

@@ -48,7 +48,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         logging_config=ray.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_LOG_LEVEL", "ERROR")),
     )
-    with _keep_sigterm_handler():
+    with _sigterm_handler():  # ray.init must not keep SIGTERM
         if address:
             ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
         else:
@@ -68,30 +68,26 @@ def interruptible():
     """While the driver waits on Ray, SIGTERM interrupts it as Ctrl-C does. Ray's waits pass on
     only KeyboardInterrupt: any other exception raised by a signal handler inside them (Prefect's
     TerminationSignal, SystemExit) comes out as a SystemError, which a task would retry."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
     def stop(signum, frame):
         global STOPPED_BY
         STOPPED_BY = signum
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
+    with _sigterm_handler(stop):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
-def _keep_sigterm_handler():
-    """Leave SIGTERM to the process that calls ray.init. Ray takes it over in the driver (a bare
-    `sys.exit`, and a native handler that aborts the process 3 s after the signal), so a stopped
-    run could not clean up: its Prefect server and MLflow run were left behind."""
+def _sigterm_handler(handler=None):
+    """SIGTERM handled by `handler` in the block (None: whatever the block installs), and by the
+    handler from before again after it. Without the restore, ray.init would keep SIGTERM: a bare
+    `sys.exit`, and a native handler that aborts the process 3 s after the signal, so a stopped
+    run could not clean up (its Prefect server and MLflow run were left behind). Signal handlers
+    belong to the main thread: elsewhere nothing changes."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:

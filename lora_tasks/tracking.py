@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -196,8 +196,6 @@ def run_url(tracking_uri: str, run_id: str) -> str:
 
 def ui_command(tracking_uri: str) -> str:
     """The command that starts the MLflow UI on a local store, with this environment's `mlflow`."""
-    import sys
-
     return f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {tracking_uri}"
 
 
