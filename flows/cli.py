@@ -19,6 +19,13 @@ from lora_tasks.errors import LoraTaskError, ValidationFailed
 if TYPE_CHECKING:
     from lora_tasks.lifecycle import RunResult
 
+def _flag_type(option: typer.core.TyperOption, ctx) -> str | None:
+    """A flag takes no value: its help shows no type (typer prints `<bool>`, as if one were typed)."""
+    return None if option.is_flag else _typed(option, ctx)
+
+
+_typed, typer.core.TyperOption.display_type_rich = typer.core.TyperOption.display_type_rich, _flag_type
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA retraining pipelines on Prefect, Ray Train and MLflow.")
 console = Console(stderr=True)
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.path=value (repeatable).")]

@@ -134,3 +134,10 @@ def test_validate_reads_every_file_forgetting_will_read(tmp_path, reference, say
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1, result.output
     assert re.search(says, " ".join(result.output.split())) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["run", "status", "history", "promote", "rollback", "serve", "validate"])
+def test_help_says_what_to_type_and_flags_take_nothing(command):
+    out = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output
+    assert "<bool>" not in out and "list[" not in out, out
+    assert re.search(r"--help\s{2,}Show this message", out), out  # a flag: no type between name and help
