@@ -59,13 +59,12 @@ def main() -> None:
         print(text[-4000:])
         raise SystemExit(f"demo run failed with exit code {proc.returncode}")
 
-    import mlflow
-
+    from lora_tasks import tracking
     from lora_tasks.config import load_config
 
     cfg = load_config(args.config)
     run_id = re.search(r"MLflow run (\w+)", text).group(1)
-    metrics = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id).data.metrics
+    metrics = tracking.run_metrics(cfg.tracking.tracking_uri, run_id)
     version = re.search(r"version (\d+)", text).group(1)
     result = {
         "config": args.config,

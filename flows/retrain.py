@@ -28,14 +28,14 @@ from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
 from lora_tasks.launcher import prepare_data
 from lora_tasks.lifecycle import RunResult
-from lora_tasks.pipeline import PreparedData, lineage_tags, run_dir_for, same_base
+from lora_tasks.pipeline import PreparedData, columns, lineage_tags, run_dir_for, same_base
 from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
 from lora_tasks.remedy import apply_outcome, remedy_tags
 from lora_tasks.replay import replay_rows
 from lora_tasks.search import search_trials
 from lora_tasks.report import (
-    baseline_markdown, mlflow_markdown, redecision_markdown, remedy_rows, skip_markdown, summary_markdown,
-    version_description,
+    baseline_markdown, logged_metrics, metrics_rows, mlflow_markdown, redecision_markdown, remedy_rows, skip_markdown,
+    summary_markdown, version_description,
 )
 
 
@@ -154,8 +154,14 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
                                         **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts", "precision") if k in m}})
     names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s",
              "train_loop_seconds": "train_loop_seconds"}
-    tracking.log_metrics(uri, run_id, {names[k]: v for k, v in m.items() if k in names})
-    tracking.log_metrics(uri, run_id, {**report.flat_metrics(), "train_rows": data.train_count, "eval_rows": data.eval_count})
+    flat = {**{names[k]: v for k, v in m.items() if k in names}, **report.flat_metrics(),
+            "train_rows": data.train_count, "eval_rows": data.eval_count}
+    tracking.log_metrics(uri, run_id, logged_metrics(flat))
+    tracking.log_table(uri, run_id, metrics_rows(flat), "reports/metrics.json")  # intervals and counts too
+    d = cfg.data
+    tracking.log_datasets(uri, run_id, {"train": (d.train_path, data.train_count),
+                                        "eval": (d.eval_path or d.train_path, data.eval_count)},
+                          cfg.model_name, data.fingerprint, columns(cfg))
     eval_path = Path(run_dir) / "eval_report.json"
     if not eval_path.exists():
         eval_path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -186,8 +192,11 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
 
 @task(name="register-adapter", **MLFLOW_RETRIES)
 def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_model: str, tags: dict[str, str]) -> str:
+    uri, name = cfg.tracking.tracking_uri, cfg.model_name
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base_model)
-    return registry.register_version(cfg.tracking.tracking_uri, cfg.model_name, model_uri, run_id, tags)
+    version = registry.register_version(uri, name, model_uri, run_id, registry.version_tags(tags))
+    aliases.set_challenger(uri, name, version, run_id, actor=aliases.default_actor(str(flow_run.id or "") or None))
+    return version
 
 
 @task(name="fetch-champion-adapter", **MLFLOW_RETRIES)
@@ -238,11 +247,11 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
         return again
 
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
-    registry.describe_version(uri, name, version, version_description(summary))
     final, against, record = aliases.settle_decision(
         uri, name, version, decision, champion, redecide,
         actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id,
     )
+    registry.describe_version(uri, name, version, version_description(report, final))
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
     summary += mlflow_markdown(run_id, tracking.run_url(uri, run_id), record.action, record.from_version, record.to_version)

@@ -28,7 +28,6 @@ from .tracking import client, now_iso
 # still reports a concurrent overwrite (`AliasConflict`) instead of hiding it.
 # ---------------------------------------------------------------------------------------------
 
-AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
 _LEASE_TAG = "prefect_lora.alias_lease"
 _LEASE_SETTLE_S = 0.5
 
@@ -181,24 +180,56 @@ def alias_lock(tracking_uri: str, name: str, timeout_s: float = 120.0) -> _Alias
     return _AliasLock(tracking_uri, name, timeout_s)
 
 
+# The audit trail lives in one MLflow run per registered model (`<name>-alias-audit`, in the
+# experiment of the version it first recorded; the model's tag `prefect_lora.audit_run` names
+# it): one JSON file per record under `alias_moves/`, named by time, alias, action and version,
+# so the run's artifact list reads as the timeline. A file per record is never rewritten: two
+# writers cannot lose each other's records, whatever the lock did.
+AUDIT_RUN_TAG = "prefect_lora.audit_run"
+AUDIT_DIR = "alias_moves"
+LEGACY_AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
+"""Where records were kept before the audit run (one model tag each); still read."""
+
+
+def _audit_run(c: MlflowClient, name: str, version: str | None) -> str:
+    """The id of `name`'s audit run, created (finished, in the experiment of `version`'s run) when absent."""
+    run_id = c.get_registered_model(name).tags.get(AUDIT_RUN_TAG)
+    if run_id:
+        return run_id
+    mv = c.get_model_version(name, version) if version else None
+    experiment = c.get_run(mv.run_id).info.experiment_id if mv and mv.run_id else "0"
+    run = c.create_run(experiment, run_name=f"{name}-alias-audit", tags={
+        "prefect_lora.audit_for": name,
+        "mlflow.note.content": f"Every alias move of registered model `{name}`, one JSON file per move under `{AUDIT_DIR}/`."})
+    c.set_terminated(run.info.run_id)
+    c.set_registered_model_tag(name, AUDIT_RUN_TAG, run.info.run_id)
+    return run.info.run_id
+
+
 def _write_audit(c: MlflowClient, record: AliasRecord) -> None:
-    # One tag per record, keyed by time and a random suffix: concurrent writers never overwrite
-    # each other's records, even without the lock.
+    import tempfile
     import uuid
 
+    run_id = _audit_run(c, record.name, record.to_version or record.from_version)
     stamp = record.at.replace("-", "").replace(":", "").replace("+0000", "Z")
-    key = f"{AUDIT_TAG_PREFIX}{stamp}.{uuid.uuid4().hex[:8]}"
-    c.set_registered_model_tag(record.name, key, json.dumps(record.to_dict(), sort_keys=True))
-    if record.to_version:
-        c.set_model_version_tag(record.name, record.to_version, f"alias.{record.alias}.last_move",
-                                json.dumps({k: getattr(record, k) for k in ("action", "from_version", "at", "actor", "reason")}))
+    file = f"{stamp}-{record.alias}-{record.action}-v{record.to_version}-{uuid.uuid4().hex[:6]}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / file).write_text(json.dumps(record.to_dict(), sort_keys=True, indent=1))
+        c.log_artifact(run_id, str(Path(tmp) / file), AUDIT_DIR)
 
 
 def alias_history(tracking_uri: str, name: str, alias: str | None = None) -> list[dict]:
     """Every audit record of `name` (alias moves and kept decisions), oldest first."""
+    import tempfile
+
     c = client(tracking_uri)
     model = require_model(c, name)
-    records = [json.loads(v) for k, v in sorted(model.tags.items()) if k.startswith(AUDIT_TAG_PREFIX)]
+    records = [json.loads(v) for k, v in model.tags.items() if k.startswith(LEGACY_AUDIT_TAG_PREFIX)]
+    if model.tags.get(AUDIT_RUN_TAG) and c.list_artifacts(model.tags[AUDIT_RUN_TAG], AUDIT_DIR):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(c.download_artifacts(model.tags[AUDIT_RUN_TAG], AUDIT_DIR, tmp))
+            records += [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    records.sort(key=lambda r: r.get("at", ""))
     return [r for r in records if alias is None or r.get("alias") == alias]
 
 
@@ -274,20 +305,35 @@ def settle_decision(
     raise RegistryError(f"the champion of {name!r} kept moving during {max_rounds} attempts to settle version {version}")
 
 
+def move_alias(tracking_uri: str, name: str, version: str, *, alias: str, action: str, reason: str,
+               actor: str | None = None, details: dict | None = None) -> AliasRecord:
+    """Point `alias` at `version` whoever holds it now (compare-and-set, read again while it
+    keeps moving); audited with `action` and `reason`."""
+    version = str(version)
+    get_version(tracking_uri, name, version)
+    for _ in range(5):
+        current = get_alias(tracking_uri, name, alias)
+        try:
+            return compare_and_set_alias(tracking_uri, name, version, expected=current.version if current else None,
+                                         reason=reason, action=action, alias=alias, actor=actor, details=details)
+        except ChampionChanged:
+            continue  # someone moved it between our read and the lock; read again
+    raise RegistryError(f"{alias!r} of {name!r} kept moving; try again")
+
+
 def promote_version(tracking_uri: str, name: str, version: str, reason: str, actor: str | None = None) -> AliasRecord:
     """Manual promotion: make `version` the champion, whoever holds it now; audited with `reason`."""
     if not reason or not reason.strip():
         raise RegistryError("a manual promotion needs a reason: --reason 'why this version'")
-    version = str(version)
-    get_version(tracking_uri, name, version)
-    for _ in range(5):
-        current = get_alias(tracking_uri, name, CHAMPION)
-        try:
-            return compare_and_set_alias(tracking_uri, name, version, expected=current.version if current else None,
-                                         reason=reason, action="promote", actor=actor)
-        except ChampionChanged:
-            continue  # someone moved it between our read and the lock; read again
-    raise RegistryError(f"the champion of {name!r} kept moving; try again")
+    return move_alias(tracking_uri, name, version, alias=CHAMPION, action="promote", reason=reason, actor=actor)
+
+
+def set_challenger(tracking_uri: str, name: str, version: str, run_id: str | None = None,
+                   actor: str | None = None) -> AliasRecord:
+    """A newly registered version becomes the `challenger` (audited like every move)."""
+    return move_alias(tracking_uri, name, version, alias=CHALLENGER, action="register",
+                      reason=f"new version {version}" + (f" from run {run_id}" if run_id else ""), actor=actor,
+                      details={"run_id": run_id} if run_id else None)
 
 
 def previous_champion(tracking_uri: str, name: str) -> str | None:

@@ -45,6 +45,10 @@ FORGETTING_METRICS = (
 """Every bounded forgetting metric, in the order the gate checks and the plot prefers them."""
 
 
+FORGETTING_PREFIXES = ("reference_", "self_retention_", "benchmark_")
+"""Flat metric names of forgetting, bounded or not: the reference corpus, the probes, each benchmark."""
+
+
 def forgetting_metric(name: str) -> ForgettingMetric | None:
     """The table row of forgetting metric `name`, or None when nothing bounds it."""
     return next((m for m in FORGETTING_METRICS if m.matches(name)), None)

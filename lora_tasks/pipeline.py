@@ -138,8 +138,9 @@ def code_version() -> str:
 
 
 def lineage_tags(cfg: PipelineConfig, base: BaseModelInfo, data_fingerprint: str) -> dict[str, str]:
-    """What every registered version carries to say exactly where it came from."""
-    return {
+    """What every registered version carries to say exactly where it came from; a value that does
+    not apply (no revision of a local base, no content hash of a hub id) is left out, not blank."""
+    tags = {
         "lineage.base_model": base.name_or_path,
         "lineage.base_model_revision": base.revision or "",
         "lineage.base_model_hash": base.content_hash or "",
@@ -148,6 +149,7 @@ def lineage_tags(cfg: PipelineConfig, base: BaseModelInfo, data_fingerprint: str
         "lineage.code_version": code_version(),
         "lineage.task": cfg.task,
     }
+    return {k: v for k, v in tags.items() if v}
 
 
 def same_base(champion_tags: dict[str, str], lineage: dict[str, str]) -> bool:

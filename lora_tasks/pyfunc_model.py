@@ -7,6 +7,8 @@ the adapter and predicts. `mlflow.pyfunc.load_model("models:/NAME@champion")` gi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import mlflow.models
 import mlflow.pyfunc
@@ -54,7 +56,8 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lora_tasks.modeling import load_adapted_model, load_base_model, load_tokenizer
 
-        cfg = context.model_config
+        settings = context.artifacts.get("settings")  # versions logged before it carry `model_config`
+        cfg = json.loads(Path(settings).read_text()) if settings else context.model_config
         self.task = cfg["task"]
         self.labels = cfg.get("labels")
         _check_base(cfg)

@@ -17,7 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from .config import PipelineConfig
 from .errors import RegistryError
-from .tracking import client
+from .forgetting_table import forgetting_metric
+from .tracking import client, run_metrics
 
 # The alias names live with the versions: a new version becomes the challenger and a bare model
 # reference means the champion. Moving an alias (lock, compare-and-set, audit) is `aliases.py`'s job.
@@ -62,19 +63,28 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         # a local base is pinned by content: loading checks the folder still holds the same bytes
         "base_model_hash": client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("lineage.base_model_hash") or None,
     }
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    import tempfile
+
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         # The signature is given; MLflow's advice to add an input example or type hints is noise here.
         warnings.filterwarnings("ignore", message=r".*(input example was not provided|Add type hints)", category=UserWarning)
+        # The settings travel as an artifact, not as `model_config`, which MLflow would also log
+        # as run params that repeat the config's (`seed` beside `training.seed`).
+        settings = Path(tmp) / SETTINGS_FILE
+        settings.write_text(json.dumps(model_config, indent=1))
         info = mlflow.pyfunc.log_model(
             name="adapter",
             python_model=pyfunc_model.__file__,  # model from code: loading unpickles nothing
-            artifacts={"adapter": str(adapter_dir)},
-            model_config=model_config,
+            artifacts={"adapter": str(adapter_dir), "settings": str(settings)},
             signature=signature,
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=_requirements(),
         )
     return info.model_uri
+
+
+SETTINGS_FILE = "adapter_settings.json"
+"""The logged model's settings (task, base, revision, labels, prompting): the `settings` artifact."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ class VersionInfo:
 
 
 def register_version(tracking_uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
-    """Register a new version of `name` from `model_uri` with lineage tags; alias it `challenger`."""
+    """Register a new version of `name` from `model_uri` with `tags`, linked to its logged model.
+    Pointing `challenger` at it is an alias move: `aliases.set_challenger`."""
     c = client(tracking_uri)
     try:
         c.get_registered_model(name)
@@ -98,8 +109,25 @@ def register_version(tracking_uri: str, name: str, model_uri: str, run_id: str, 
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     mv = c.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
                                 model_id=model_id)
-    c.set_registered_model_alias(name, CHALLENGER, mv.version)
+    if model_id:
+        _link_logged_model(c, model_id, name, str(mv.version))
     return str(mv.version)
+
+
+def version_tags(run_tags: dict[str, str]) -> dict[str, str]:
+    """The run's tags its registered version carries too: lineage (what the skip check and the
+    champion comparison read) and the remedy. The rest stay on the run, which the version links;
+    with the gate's and the evaluation's tags a version has at most 15."""
+    return {k: v for k, v in run_tags.items() if k.startswith("lineage.") or k == "remedy"}
+
+
+def _link_logged_model(c: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Name the version on its logged model (`mlflow.modelVersions`), so the model's page in the
+    UI links to it. A tracking server does this itself; a local store does not."""
+    key = "mlflow.modelVersions"
+    linked = json.loads(c.get_logged_model(model_id).tags.get(key) or "[]")
+    if {"name": name, "version": version} not in linked:
+        c.set_logged_model_tags(model_id, {key: json.dumps([*linked, {"name": name, "version": version}])})
 
 
 def get_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionInfo | None:
@@ -111,8 +139,7 @@ def get_alias(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionInf
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             return None
         raise RegistryError(f"cannot read alias {alias!r} of {name!r}: {exc}") from exc
-    metrics = c.get_run(mv.run_id).data.metrics if mv.run_id else {}
-    return VersionInfo(str(mv.version), mv.run_id, dict(metrics), dict(mv.tags))
+    return VersionInfo(str(mv.version), mv.run_id, _version_metrics(tracking_uri, mv), dict(mv.tags))
 
 
 def require_model(c: MlflowClient, name: str):
@@ -138,8 +165,7 @@ def get_version(tracking_uri: str, name: str, version: str) -> VersionInfo:
         raise RegistryError(
             f"{name!r} has no version {version!r}; its versions are {known[:20] or 'none'}"
         ) from None
-    metrics = c.get_run(mv.run_id).data.metrics if mv.run_id else {}
-    return VersionInfo(str(mv.version), mv.run_id, dict(metrics), dict(mv.tags))
+    return VersionInfo(str(mv.version), mv.run_id, _version_metrics(tracking_uri, mv), dict(mv.tags))
 
 
 def resolve_version(tracking_uri: str, name: str, ref: str | None = None) -> str:
@@ -170,13 +196,31 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 
 
 def record_evaluation(tracking_uri: str, name: str, version: str, metrics: dict[str, float], primary_metric: str) -> None:
-    """Put the evaluation that justifies a version on the version itself (tags `eval.*`)."""
+    """Put the evaluation that justifies a version on the version itself, in three tags: the
+    primary metric, its headline figures (`eval.summary`: base and adapted score, gain, the
+    forgetting measures) and the gate's intervals (`eval.intervals`, `[low, high]` by name, which
+    a later run's gate reads when it compares against this version). Every other figure stays on
+    the run."""
     c = client(tracking_uri)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    headline = {k: round(v, 6) for k, v in numbers.items()
+                if k in (f"base_{primary_metric}", f"adapted_{primary_metric}", "task_gain", "champion_delta")
+                or (forgetting_metric(k) and "_ci_" not in k)}
+    intervals = {k.removesuffix("_ci_low"): [round(v, 6), round(numbers[k.removesuffix("_low") + "_high"], 6)]
+                 for k, v in numbers.items() if k.endswith("_ci_low") and k.removesuffix("_low") + "_high" in numbers}
     c.set_model_version_tag(name, version, "eval.primary_metric", primary_metric)
-    c.set_model_version_tag(name, version, "eval.summary", json.dumps(numbers, sort_keys=True))
-    for k, v in numbers.items():
-        c.set_model_version_tag(name, version, f"eval.{k}", f"{v:.6g}")
+    c.set_model_version_tag(name, version, "eval.summary", json.dumps(headline, sort_keys=True))
+    c.set_model_version_tag(name, version, "eval.intervals", json.dumps(intervals, sort_keys=True))
+
+
+def _version_metrics(tracking_uri: str, mv) -> dict[str, float]:
+    """The flat metrics of the run behind version `mv`, with the gate's intervals recorded on the
+    version (`eval.intervals`) as `<name>_ci_low/_ci_high`."""
+    metrics = run_metrics(tracking_uri, mv.run_id) if mv.run_id else {}
+    for k, (low, high) in json.loads(mv.tags.get("eval.intervals") or "{}").items():
+        metrics.setdefault(f"{k}_ci_low", low)
+        metrics.setdefault(f"{k}_ci_high", high)
+    return metrics
 
 
 def describe_version(tracking_uri: str, name: str, version: str, text: str) -> None:
@@ -208,8 +252,12 @@ def download_version(tracking_uri: str, name: str, version: str, dst: str | Path
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     pyfunc = mlmodel.get("flavors", {}).get("python_function", {}) or {}
-    model_config = pyfunc.get("model_config") or pyfunc.get("config") or {}
-    adapter = local / ((pyfunc.get("artifacts") or {}).get("adapter", {}).get("path") or "artifacts/adapter")
+    artifacts = pyfunc.get("artifacts") or {}
+    if "settings" in artifacts:
+        model_config = json.loads((local / artifacts["settings"]["path"]).read_text())
+    else:  # logged before the settings artifact
+        model_config = pyfunc.get("model_config") or pyfunc.get("config") or {}
+    adapter = local / (artifacts.get("adapter", {}).get("path") or "artifacts/adapter")
     if not (adapter / "adapter_model.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
         raise RegistryError(
             f"version {version} of {name!r} has no adapter_config.json + adapter_model.safetensors under its "
@@ -261,7 +309,7 @@ def version_status(tracking_uri: str, name: str, alias: str) -> dict | None:
     except MlflowException:
         return None
     tags = dict(mv.tags)
-    metrics = dict(c.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    metrics = _version_metrics(tracking_uri, mv)
     primary = tags.get("eval.primary_metric")
     key = {k: metrics[k] for k in (f"adapted_{primary}", "task_gain", "reference_perplexity_ratio", "reference_kl",
                                    "self_retention_perplexity_ratio", "champion_delta") if k in metrics}

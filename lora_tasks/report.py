@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import PipelineConfig
-from .forgetting_table import FORGETTING_METRICS, forgetting_metric
+from .forgetting_table import FORGETTING_METRICS, FORGETTING_PREFIXES, forgetting_metric
 from .evaluation import EvalReport
 from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
 from .promotion import Decision
-from .tracking import ui_command
+from .tracking import metric_key, ui_command
 
 
 def _pyplot():
@@ -169,13 +169,15 @@ def write_report(
     report: EvalReport, summary_md: str, history: dict[str, list[tuple[int, float]]], out_dir: str | Path,
     limits: dict[str, float | None], max_samples: int = 10,
 ) -> list[Path]:
-    """`evaluation_report.md` (the run's summary, the plots, sample answers) and the PNGs."""
+    """`evaluation_report.md` (the run's summary, the plots, sample answers) and the PNGs. The
+    plots are embedded in the Markdown (data URIs): the report shows them wherever it is read, in
+    MLflow's artifact view or as a Prefect artifact, with no relative path to resolve."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_loss_curve(history, out / "loss_curve.png"),
                          plot_gain_vs_forgetting(report, out / "gain_vs_forgetting.png", limits),
                          plot_frontier(report, out / "remedy_frontier.png", limits)) if p]
-    lines = [summary_md.rstrip(), "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines = [summary_md.rstrip(), "", "## Plots", ""] + [f"![{p.stem}]({_data_uri(p)})" for p in plots]
     if report.samples:
         cols = [c for c in ("prompt", "target", "base", "champion", "adapted") if c in report.samples[0]]
         lines += ["", f"## Sample answers (first {min(max_samples, len(report.samples))})", "",
@@ -187,12 +189,31 @@ def write_report(
     return [md, *plots]
 
 
+def _data_uri(png: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
 def _cell(text) -> str:
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
 # ----------------------------------------------------------------------------- the run's summary
+
+
+def logged_metrics(flat: dict[str, float]) -> dict[str, float]:
+    """The figures worth a chart in MLflow: scores, gain, forgetting, timings. Interval bounds and
+    token counts are in `metrics_rows` (one table) and the report, not dozens of one-point charts."""
+    return {k: v for k, v in flat.items() if not k.endswith(("_ci_low", "_ci_high", "_tokens"))}
+
+
+def metrics_rows(flat: dict[str, float]) -> list[dict]:
+    """Every figure of the evaluation, one row each (MLflow's grouped name, value, interval):
+    the run's `reports/metrics.json` table."""
+    return [{"metric": metric_key(k), "value": v, "ci_low": flat.get(f"{k}_ci_low"), "ci_high": flat.get(f"{k}_ci_high")}
+            for k, v in sorted(flat.items(), key=lambda kv: metric_key(kv[0])) if not k.endswith(("_ci_low", "_ci_high"))]
 
 
 def _fmt(v) -> str:
@@ -221,10 +242,6 @@ def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     for key in forgetting:  # every forgetting figure the gate's reasons may name, the champion's beside
         rows.append([key, "", *([cell(f"champion_{key}")] if has_champion else []), cell(key)])
     return columns, rows
-
-
-FORGETTING_PREFIXES = ("reference_", "self_retention_", "benchmark_")
-"""Flat metric names of forgetting: the reference corpus, the probes, each benchmark."""
 
 
 def summary_markdown(
@@ -284,9 +301,20 @@ def baseline_markdown(cfg: PipelineConfig, data: DataSummary, report: EvalReport
     return summary_markdown(cfg, data, report, decision, "(not registered)", run_id, champion_version)
 
 
-def version_description(summary: str) -> str:
-    """The summary without its tracking part: what a registered version's description shows."""
-    return summary.split("\n## Tracking")[0]
+def version_description(report: EvalReport, decision: Decision) -> str:
+    """A registered version's description: one plain sentence (what the version list shows), then
+    the gate's reasons. The full summary stays on the run."""
+    m, flat = report.primary_metric, report.flat_metrics()
+    base, adapted = flat.get(f"base_{m}"), flat.get(f"adapted_{m}")
+    gain = report.intervals.get("task_gain")
+    scores = f"{m} {_fmt(base)} → {_fmt(adapted)}" if base is not None and adapted is not None else f"{m} not scored"
+    if gain:
+        scores += f" (gain {gain[0]:+.3g} [{gain[1]:.3g}, {gain[2]:.3g}])"
+    kept = [f"{name.replace('_', ' ')} {_fmt(v)}" for name, v in report.forgetting.items()
+            if forgetting_metric(name)]
+    verdict = "Promoted to champion" if decision.promote else "Not promoted"
+    first = f"{verdict}: {scores}" + (f"; forgetting: {', '.join(kept)}" if kept else "") + "."
+    return first + "\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
 
 
 def redecision_markdown(final: Decision, against_version: str | None) -> str:

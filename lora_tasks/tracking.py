@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from .config import PipelineConfig
+from .forgetting_table import FORGETTING_PREFIXES
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
@@ -104,11 +105,64 @@ def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str |
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Metric names. The code speaks flat names (`train_loss`, `base_accuracy`, `reference_kl`,
+# `task_gain`); MLflow gets them grouped by a `/` prefix so its UI shows one section per group:
+# `train/`, `eval/base/`, `eval/adapted/`, `eval/champion/`, `forgetting/`, `gate/` (and
+# MLflow's own `system/`). Reading a run back turns the names flat again, so runs logged before
+# the grouping read the same.
+# ---------------------------------------------------------------------------------------------
+
+_GATE = ("task_gain", "champion_delta", "champion_task_gain")
+_PLAIN_TRAIN = ("learning_rate",)
+_WHO = ("base", "adapted", "champion")
+
+
+def metric_key(name: str) -> str:
+    """The grouped MLflow name of flat metric `name`."""
+    if name in _GATE:
+        return f"gate/{name}"
+    if name in _PLAIN_TRAIN:
+        return f"train/{name}"
+    if name.startswith(FORGETTING_PREFIXES):
+        return f"forgetting/{name}"
+    for who in _WHO:
+        rest = name.removeprefix(f"{who}_")
+        if rest != name:
+            return f"forgetting/{who}/{rest}" if rest.startswith(FORGETTING_PREFIXES) else f"eval/{who}/{rest}"
+    for group in ("train", "eval"):
+        if name.startswith(f"{group}_"):
+            return f"{group}/{name.removeprefix(group + '_')}"
+    return name
+
+
+def flat_name(key: str) -> str:
+    """The flat name of MLflow metric `key` (the inverse of `metric_key`; other names unchanged)."""
+    group, _, rest = key.partition("/")
+    if not rest:
+        return key
+    if group == "gate":
+        return rest
+    if group == "train":
+        return rest if rest in _PLAIN_TRAIN else f"train_{rest}"
+    who, _, tail = rest.partition("/")
+    if group in ("eval", "forgetting") and who in _WHO and tail:
+        return f"{who}_{tail}"
+    if group == "forgetting":
+        return rest
+    return f"eval_{rest}" if group == "eval" else key
+
+
+def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest metrics under their flat names."""
+    return {flat_name(k): v for k, v in MlflowClient(tracking_uri).get_run(run_id).data.metrics.items()}
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Log numeric metrics in one batch; non-numbers are skipped."""
+    """Log numeric metrics (flat names, grouped by `metric_key`) in one batch; non-numbers are skipped."""
     now = int(time.time() * 1000)
     items = [
-        Metric(k, float(v), now, step)
+        Metric(metric_key(k), float(v), now, step)
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
@@ -138,6 +192,25 @@ def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: s
         import pandas as pd
 
         MlflowClient(tracking_uri).log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
+def log_datasets(tracking_uri: str, run_id: str, splits: dict[str, tuple[str, int]], name: str, digest: str,
+                 columns: list[str]) -> None:
+    """Record the data a run used as MLflow datasets (the run's "Datasets"): one per split, named
+    `<name>-<split>`, with the data fingerprint as digest, its source file, its columns (all
+    strings, as the contract reads them) and its row count. `splits` maps `train` and `eval` to
+    (source path, rows). Only metadata: the rows stay where they are."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    schema = json.dumps({"mlflow_colspec": [{"type": "string", "name": c, "required": True} for c in columns]})
+    inputs = [
+        DatasetInput(Dataset(f"{name}-{split}", digest[:32], "local",
+                             json.dumps({"uri": Path(path).resolve().as_uri() if "://" not in path else path}),
+                             schema, json.dumps({"num_rows": rows})),
+                     [InputTag("mlflow.data.context", {"train": "training", "eval": "evaluation"}[split])])
+        for split, (path, rows) in splits.items()
+    ]
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
@@ -175,7 +248,11 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("train_loss", "learning_rate")) -> dict:
     """(step, value) pairs per metric of a run, e.g. the loss curve the workers logged."""
     c = client(tracking_uri)
-    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
+    history = {}
+    for k in keys:  # grouped names, or flat ones for runs logged before the grouping
+        history[k] = [(m.step, m.value) for m in c.get_metric_history(run_id, metric_key(k))] or \
+            [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+    return history
 
 
 LOCAL_UI = "http://127.0.0.1:5000"

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from lora_tasks.tracking import run_metrics
 from lora_tasks.training import read_trainer_state
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,7 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
 
     runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
-    metrics = runs[0].data.metrics
+    metrics = run_metrics(uri, runs[0].info.run_id)
     print(f"\n[{launcher}] killed with the checkpoint of step {steps_before} saved; re-run resumed from step "
           f"{metrics['train_start_step']:.0f}, ended at {metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
     assert runs[0].info.status == "FINISHED"
@@ -201,7 +202,7 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     assert metrics["train_step"] == 60
     state = final_state(str(checkpoints(run_dir / "train")[-1].parent))
     assert optimizer_steps(state) == {60}
-    logged = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train_loss")}
+    logged = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert logged == set(range(1, 61)), "every step's loss is in the run's history, from both attempts"
 
 

@@ -74,16 +74,57 @@ def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     run = client.get_run(first_run.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    assert m["adapted_eval_loss"] < m["base_eval_loss"]
-    assert m["reference_perplexity_ratio"] > 0 and m["reference_kl"] >= 0
+    assert m["eval/adapted/eval_loss"] < m["eval/base/eval_loss"]
+    assert m["forgetting/reference_perplexity_ratio"] > 0 and m["forgetting/reference_kl"] >= 0
     assert m["system/system_memory_usage_megabytes"] > 0 and 0 <= m["system/cpu_utilization_percentage"] <= 100
     assert len(client.get_metric_history(first_run.run_id, "system/cpu_utilization_percentage")) >= 2
     assert run.data.params["training.max_steps"] == "60"
-    history = client.get_metric_history(first_run.run_id, "train_loss")
+    history = client.get_metric_history(first_run.run_id, "train/loss")
     assert [h.step for h in history] == list(range(1, 61))  # per-step loss from the worker
     assert history[-1].value < history[0].value
     artifacts = {a.path for a in client.list_artifacts(first_run.run_id, "reports")}
     assert {"reports/validation_report.json", "reports/validation_report.md", "reports/eval_report.json"} <= artifacts
+
+
+def test_first_run_reads_well_in_mlflow(first_run):
+    """Grouped charts, no one-point interval charts, params once, datasets, the logged model linked
+    to its version, a short version with few tags, the audit trail in one run."""
+    from mlflow import MlflowClient
+
+    from lora_tasks import aliases, registry
+
+    client = MlflowClient(first_run.tracking_uri)
+    run = client.get_run(first_run.run_id)
+    groups = {k.split("/")[0] for k in run.data.metrics}
+    assert groups == {"train", "eval", "forgetting", "gate", "system"}, groups
+    assert not [k for k in run.data.metrics if k.endswith(("_ci_low", "_ci_high", "_tokens"))]
+    table = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/metrics.json")).read_text())
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["gate/task_gain"][2] < rows["gate/task_gain"][1] < rows["gate/task_gain"][3]  # value inside its interval
+    params = run.data.params
+    assert "training.seed" in params and "seed" not in params and "max_seq_length" not in params
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"tiny-sums-train", "tiny-sums-eval"}
+    train = datasets["tiny-sums-train"]
+    assert train.dataset.digest == run.data.tags["lineage.data_fingerprint"][:32]
+    assert json.loads(train.dataset.profile) == {"num_rows": int(run.data.metrics["train/rows"])}
+    assert [c["name"] for c in json.loads(train.dataset.schema)["mlflow_colspec"]] == ["prompt", "completion"]
+    assert {t.value for t in train.tags} == {"training"}
+
+    version = client.get_model_version("tiny-sums", "1")
+    assert len(version.tags) <= 15, sorted(version.tags)
+    logged = client.get_logged_model(version.model_id)
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-sums", "version": "1"}]
+    assert version.description.startswith("Promoted to champion: eval_loss ") and "\n\n- " in version.description
+    assert registry.get_version(first_run.tracking_uri, "tiny-sums", "1").metrics["task_gain_ci_low"] > 0
+
+    model = client.get_registered_model("tiny-sums")
+    assert not [k for k in model.tags if k.startswith("prefect_lora.alias_audit.")]
+    moves = aliases.alias_history(first_run.tracking_uri, "tiny-sums")
+    assert [(r["alias"], r["action"], r["to_version"]) for r in moves][:2] == [
+        ("challenger", "register", "1"), ("champion", "auto-promote", "1")]
+    files = [a.path for a in client.list_artifacts(model.tags[aliases.AUDIT_RUN_TAG], aliases.AUDIT_DIR)]
+    assert len(files) == len(moves) and "-champion-auto-promote-v1-" in files[1]
 
 
 def test_champion_loads_and_predicts_through_pyfunc(first_run):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import re
+
 import pytest
 
 from lora_tasks.evaluation import EvalReport
@@ -29,7 +32,10 @@ def test_report_has_markdown_and_both_plots(tmp_path):
         assert f.stat().st_size > 0
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "evaluation_report.md").read_text()
-    assert "![loss_curve](loss_curve.png)" in md and "| prompt | target | base | champion | adapted |" in md
+    embedded = re.search(r"!\[loss_curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert embedded, "the plot is embedded: it shows in MLflow and Prefect with no relative path to resolve"
+    assert base64.b64decode(embedded.group(1)) == (tmp_path / "loss_curve.png").read_bytes()
+    assert "| prompt | target | base | champion | adapted |" in md
     assert "a \\| b" in md  # table cells are escaped
 
 
@@ -73,12 +79,30 @@ def test_summary_says_what_replay_the_adapter_trained_with():
             "KL-to-base penalty (weight 1) on those rows") in md
 
 
-def test_version_description_leaves_the_tracking_part_out():
+def test_version_description_is_one_plain_sentence_then_the_reasons():
     from lora_tasks.promotion import Decision
     from lora_tasks.report import version_description
 
-    text = version_description(_summary(Decision(False, ["no gain"], ["task_gain"])))
-    assert "**not promoted**" in text and "## Decision" in text and "## Tracking" not in text
+    text = version_description(report(True), Decision(False, ["no gain", "perplexity ratio 1.09 above 1.05"], ["task_gain"]))
+    first, _, rest = text.partition("\n\n")
+    assert first == ("Not promoted: eval_loss 2 → 1.5 (gain +0.5 [0.4, 0.6]); forgetting: reference perplexity ratio "
+                     "1.05, reference kl 0.1.")
+    assert rest == "- no gain\n- perplexity ratio 1.09 above 1.05"
+    assert "#" not in text and "|" not in text  # the version list shows it raw: no Markdown structure
+
+
+def test_metrics_grouped_for_mlflow_and_the_rest_in_one_table():
+    from lora_tasks.report import logged_metrics, metrics_rows
+
+    flat = {**report(True).flat_metrics(), "reference_tokens": 4096.0, "train_rows": 10}
+    logged = logged_metrics(flat)
+    assert "task_gain" in logged and "reference_kl" in logged and "train_rows" in logged
+    assert not [k for k in logged if k.endswith(("_ci_low", "_ci_high", "_tokens"))]
+    rows = {r["metric"]: r for r in metrics_rows(flat)}
+    assert rows["gate/task_gain"] == {"metric": "gate/task_gain", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    assert rows["forgetting/reference_tokens"]["value"] == 4096.0
+    assert rows["eval/champion/eval_loss"]["value"] == 1.6 and rows["eval/base/eval_loss"]["ci_low"] is None
+    assert not [m for m in rows if "_ci_" in m]
 
 
 def test_closing_notes_say_what_happened_to_champion():

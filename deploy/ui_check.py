@@ -1,0 +1,155 @@
+"""What a user sees in the MLflow UI, checked in a real browser: starts `mlflow ui` on a store,
+opens a registered model's champion in headless Chromium (Debian's `chromium` driven by
+Playwright) and asserts that the run's loss chart, its datasets, the report's images, the
+`champion` alias and the links between version, run and logged model are on screen. Saves a
+screenshot of each page (docs/ uses them).
+
+    python -m deploy.ui_check --tracking-uri sqlite:///.prefect-lora/mlflow.db --model demo-orders --out docs/
+
+Exit 0 when every check passed; otherwise each failed check is printed and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_chromium() -> str | None:
+    """A Chromium binary on PATH (Debian: `apt-get install chromium`), or None."""
+    return next((p for p in map(shutil.which, CHROMIUM) if p), None)
+
+
+@contextlib.contextmanager
+def mlflow_ui(tracking_uri: str, port: int | None = None):
+    """`mlflow ui` on `tracking_uri` (this environment's mlflow), yielding its base URL."""
+    import httpx
+
+    port = port or _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", tracking_uri,
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow ui on {tracking_uri} did not start (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Findings:
+    """What each page showed: `passed` and `failed` checks by name, and the screenshots saved."""
+
+    passed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    screenshots: list[Path] = field(default_factory=list)
+
+    def check(self, ok: bool, what: str) -> None:
+        (self.passed if ok else self.failed).append(what)
+
+
+def _targets(tracking_uri: str, model: str) -> dict:
+    """The champion's version, run, experiment and logged model ids."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    mv = c.get_model_version_by_alias(model, "champion")
+    run = c.get_run(mv.run_id)
+    return {"version": str(mv.version), "run": mv.run_id, "experiment": run.info.experiment_id, "model_id": mv.model_id}
+
+
+def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium: str | None = None) -> Findings:
+    """Open the champion of `model` in the MLflow UI and check what a user must see (module doc)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium or find_chromium()
+    if not chromium:
+        raise RuntimeError("no Chromium found: apt-get install chromium (Debian) or set --chromium")
+    t, found, out = _targets(tracking_uri, model), Findings(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    exp, run, version = t["experiment"], t["run"], t["version"]
+    with mlflow_ui(tracking_uri) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+        def visit(route: str, shot: str, ready: str) -> str:
+            page.goto(f"{url}/#/{route}")
+            with contextlib.suppress(Exception):  # a missing element is a failed check below, not a crash
+                page.get_by_text(ready, exact=False).first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1500)  # charts and images settle
+            page.screenshot(path=str(out / shot))
+            found.screenshots.append(out / shot)
+            return page.inner_text("body")
+
+        text = visit(f"models/{model}/versions/{version}", "mlflow-version.png", "champion")
+        found.check("@champion" in text or "champion" in text, f"version {version} page shows the champion alias")
+        found.check(page.locator(f"a[href*='{run}']").count() > 0, "version page links its run")
+
+        text = visit(f"experiments/{exp}/runs/{run}?workflowType=machine_learning", "mlflow-run-overview.png", "Datasets")
+        found.check(f"{model}-train" in text and f"{model}-eval" in text, "run overview lists the train and eval datasets")
+        found.check(page.locator(f"a[href*='/models/{model}/versions/{version}']").count() > 0,
+                    "run overview links the registered version")
+
+        text = visit(f"experiments/{exp}/runs/{run}/model-metrics?workflowType=machine_learning",
+                     "mlflow-run-charts.png", "train/loss")
+        found.check("train/loss" in text, "model metrics show the loss chart (train/loss)")
+        sections = [s for s in ("train", "eval", "forgetting", "gate") if s in text]
+        found.check(len(sections) == 4, f"metric sections by prefix: {sections}")
+
+        visit(f"experiments/{exp}/runs/{run}/artifactPath/reports/evaluation_report.md", "mlflow-report.png", "Plots")
+        loaded = page.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 100).length")
+        found.check(loaded >= 2, f"report shows its plots ({loaded} images loaded)")
+
+        if t["model_id"]:
+            text = visit(f"experiments/{exp}/models/{t['model_id']}", "mlflow-logged-model.png", "Registered")
+            found.check(page.locator(f"a[href*='/models/{model}/versions/{version}']").count() > 0,
+                        "logged model links its registered version")
+        browser.close()
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--model", required=True, help="registered model whose champion is checked")
+    p.add_argument("--out", default="ui-screenshots", help="folder for the screenshots")
+    p.add_argument("--chromium", default=None, help="Chromium binary (default: found on PATH)")
+    args = p.parse_args(argv)
+    found = check_mlflow_ui(args.tracking_uri, args.model, args.out, args.chromium)
+    for what in found.passed:
+        print(f"ok    {what}")
+    for what in found.failed:
+        print(f"FAIL  {what}")
+    print("screenshots: " + ", ".join(str(s) for s in found.screenshots))
+    return 1 if found.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
