@@ -82,7 +82,8 @@ def _targets(tracking_uri: str, model: str) -> dict:
     c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     mv = c.get_model_version_by_alias(model, "champion")
     run = c.get_run(mv.run_id)
-    return {"version": str(mv.version), "run": mv.run_id, "experiment": run.info.experiment_id, "model_id": mv.model_id}
+    model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
+    return {"version": str(mv.version), "run": mv.run_id, "experiment": run.info.experiment_id, "model_id": model_id}
 
 
 def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium: str | None = None) -> Findings:
@@ -99,40 +100,55 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
 
-        def visit(route: str, shot: str, ready: str) -> str:
-            page.goto(f"{url}/#/{route}")
+        def visit(route: str, ready: str) -> str:
+            sep = "&" if "?" in route else "?"  # every page in the model training view, not GenAI's
+            page.goto(f"{url}/#/{route}{sep}workflowType=machine_learning")
             with contextlib.suppress(Exception):  # a missing element is a failed check below, not a crash
                 page.get_by_text(ready, exact=False).first.wait_for(timeout=30_000)
+            with contextlib.suppress(Exception):  # the MLflow Assistant panel hides a third of the page
+                page.get_by_role("button", name="Close").last.click(timeout=1_000)
             page.wait_for_timeout(1500)  # charts and images settle
-            page.screenshot(path=str(out / shot))
-            found.screenshots.append(out / shot)
             return page.inner_text("body")
 
-        text = visit(f"models/{model}/versions/{version}", "mlflow-version.png", "champion")
-        found.check("@champion" in text or "champion" in text, f"version {version} page shows the champion alias")
-        found.check(page.locator(f"a[href*='{run}']").count() > 0, "version page links its run")
+        def shot(name: str) -> None:
+            page.screenshot(path=str(out / name))
+            found.screenshots.append(out / name)
 
-        text = visit(f"experiments/{exp}/runs/{run}?workflowType=machine_learning", "mlflow-run-overview.png", "Datasets")
-        found.check(f"{model}-train" in text and f"{model}-eval" in text, "run overview lists the train and eval datasets")
+        _check_version_page(visit(f"models/{model}/versions/{version}", "champion"), page, found, run, version)
+        shot("mlflow-version.png")
+        text = visit(f"experiments/{exp}/runs/{run}", "Datasets")
         found.check(page.locator(f"a[href*='/models/{model}/versions/{version}']").count() > 0,
                     "run overview links the registered version")
-
-        text = visit(f"experiments/{exp}/runs/{run}/model-metrics?workflowType=machine_learning",
-                     "mlflow-run-charts.png", "train/loss")
-        found.check("train/loss" in text, "model metrics show the loss chart (train/loss)")
-        sections = [s for s in ("train", "eval", "forgetting", "gate") if s in text]
-        found.check(len(sections) == 4, f"metric sections by prefix: {sections}")
-
-        visit(f"experiments/{exp}/runs/{run}/artifactPath/reports/evaluation_report.md", "mlflow-report.png", "Plots")
+        shot("mlflow-run-overview.png")
+        with contextlib.suppress(Exception):  # the overview shows one dataset and "+1": open the rest
+            page.get_by_text("+1", exact=True).click(timeout=2_000)
+            page.wait_for_timeout(1000)
+            text = page.inner_text("body")
+        found.check(f"{model}-train" in text and f"{model}-eval" in text, "run overview lists the train and eval datasets")
+        text = visit(f"experiments/{exp}/runs/{run}/model-metrics", "train")
+        sections = [s for s in ("eval/adapted", "eval/base", "forgetting", "gate", "time", "train") if f"\n{s}\n" in text]
+        found.check(len(sections) == 6, f"metric charts in sections by prefix: {sections}")
+        page.get_by_placeholder("Search metric charts").fill("train/")
+        page.wait_for_timeout(2000)
+        found.check(page.get_by_text("loss", exact=True).count() > 0 and page.locator("canvas, svg.main-svg").count() > 0,
+                    "the train section shows the loss curve")
+        shot("mlflow-run-charts.png")
+        visit(f"experiments/{exp}/runs/{run}/artifactPath/reports/evaluation_report.md", "Plots")
         loaded = page.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 100).length")
-        found.check(loaded >= 2, f"report shows its plots ({loaded} images loaded)")
-
+        found.check(loaded >= 2, f"the report shows its plots ({loaded} images loaded)")
+        page.get_by_text("Plots", exact=True).last.scroll_into_view_if_needed()
+        shot("mlflow-report.png")
         if t["model_id"]:
-            text = visit(f"experiments/{exp}/models/{t['model_id']}", "mlflow-logged-model.png", "Registered")
+            visit(f"experiments/{exp}/models/{t['model_id']}", "Registered")
             found.check(page.locator(f"a[href*='/models/{model}/versions/{version}']").count() > 0,
-                        "logged model links its registered version")
+                        "the logged model links its registered version")
         browser.close()
     return found
+
+
+def _check_version_page(text: str, page, found: Findings, run: str, version: str) -> None:
+    found.check("champion" in text, f"version {version} page shows the champion alias")
+    found.check(page.locator(f"a[href*='{run}']").count() > 0, "the version page links its run")
 
 
 def main(argv: list[str] | None = None) -> int:

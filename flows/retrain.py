@@ -109,7 +109,9 @@ def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: s
     m = result.metrics
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
-    get_run_logger().info("adapter trained: step %s, loss %s, on nodes %s", m.get("step"), m.get("train_loss"), m.get("worker_nodes"))
+    loss = f"loss {m['train_loss']:.4g}" if m.get("train_loss") is not None else "no step left to train"
+    hosts = ", ".join(sorted(set(str(m.get("worker_hosts") or m.get("worker_nodes") or "").split(",")) - {""})) or "-"
+    get_run_logger().info("adapter trained: step %s, %s, on node(s) %s", m.get("step"), loss, hosts)
     return result
 
 
@@ -254,7 +256,8 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     registry.describe_version(uri, name, version, version_description(report, final))
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
-    summary += mlflow_markdown(run_id, tracking.run_url(uri, run_id), record.action, record.from_version, record.to_version)
+    summary += mlflow_markdown(run_id, tracking.run_page(uri, run_id), version, tracking.version_page(uri, name, version),
+                               record.action, record.from_version, record.to_version)
     tracking.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
                                         "mlflow.note.content": summary})
     tracking.end_run(uri, run_id)

@@ -205,8 +205,9 @@ def _cell(text) -> str:
 
 def logged_metrics(flat: dict[str, float]) -> dict[str, float]:
     """The figures worth a chart in MLflow: scores, gain, forgetting, timings. Interval bounds and
-    token counts are in `metrics_rows` (one table) and the report, not dozens of one-point charts."""
-    return {k: v for k, v in flat.items() if not k.endswith(("_ci_low", "_ci_high", "_tokens"))}
+    counts (rows, tokens) are in `metrics_rows` (one table) and the report, not dozens of
+    one-point charts."""
+    return {k: v for k, v in flat.items() if not k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))}
 
 
 def metrics_rows(flat: dict[str, float]) -> list[dict]:
@@ -324,15 +325,18 @@ def redecision_markdown(final: Decision, against_version: str | None) -> str:
             f"re-run against it: **{verdict}**.\n" + "\n".join(f"- {r}" for r in final.reasons) + "\n")
 
 
-def mlflow_markdown(run_id: str, run_url: str, action: str, from_version: str | None, to_version: str | None) -> str:
-    """The closing note: the MLflow run and the audit record the decision left on `champion`."""
+def mlflow_markdown(run_id: str, run_page: str, version: str, version_page: str, action: str,
+                    from_version: str | None, to_version: str | None) -> str:
+    """The closing note: links to the MLflow run and the registered version, and the audit record
+    the decision left on `champion`."""
     if from_version == to_version:
         moved = f"champion stays version {to_version}" if to_version else "no champion yet"
     elif from_version:
         moved = f"champion moved from version {from_version} to {to_version}"
     else:
         moved = f"champion set to version {to_version} (the first)"
-    return f"\n## MLflow\n- run `{run_id}`: {run_url}\n- audit: {action}, {moved}\n"
+    return (f"\n## MLflow\n- run: [{run_id}]({run_page})\n- registered version: [version {version}]({version_page})\n"
+            f"- audit: {action}, {moved}\n")
 
 
 def skip_markdown(model_name: str, reason: str, champion_version: str, skip_run_id: str) -> str:

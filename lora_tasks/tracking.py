@@ -107,9 +107,10 @@ def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str |
 
 # ---------------------------------------------------------------------------------------------
 # Metric names. The code speaks flat names (`train_loss`, `base_accuracy`, `reference_kl`,
-# `task_gain`); MLflow gets them grouped by a `/` prefix so its UI shows one section per group:
-# `train/`, `eval/base/`, `eval/adapted/`, `eval/champion/`, `forgetting/`, `gate/` (and
-# MLflow's own `system/`). Reading a run back turns the names flat again, so runs logged before
+# `task_gain`); MLflow gets them grouped by a `/` prefix so its UI shows one section per group
+# (sorted by name): `eval/adapted/`, `eval/base/`, `eval/champion/`, `forgetting/`, `gate/`,
+# `time/` (seconds of each part), `train/` (the per-step loss and learning rate), and MLflow's own
+# `system/` in its own tab. Reading a run back turns the names flat again, so runs logged before
 # the grouping read the same.
 # ---------------------------------------------------------------------------------------------
 
@@ -120,6 +121,8 @@ _WHO = ("base", "adapted", "champion")
 
 def metric_key(name: str) -> str:
     """The grouped MLflow name of flat metric `name`."""
+    if name.endswith("_seconds"):
+        return f"time/{name}"
     if name in _GATE:
         return f"gate/{name}"
     if name in _PLAIN_TRAIN:
@@ -141,7 +144,7 @@ def flat_name(key: str) -> str:
     group, _, rest = key.partition("/")
     if not rest:
         return key
-    if group == "gate":
+    if group in ("gate", "time"):
         return rest
     if group == "train":
         return rest if rest in _PLAIN_TRAIN else f"train_{rest}"
@@ -259,16 +262,34 @@ LOCAL_UI = "http://127.0.0.1:5000"
 """Where `mlflow ui` serves a local store by default."""
 
 
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of `tracking_uri` is: the tracking server itself, or for a local store
+    the address `mlflow ui` (`ui_command`) serves it on by default."""
+    return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+
+
+def is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def run_page(tracking_uri: str, run_id: str) -> str:
+    """The run's page, in MLflow's model training view (`workflowType`), not its GenAI pages."""
+    exp = client(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+
+
+def version_page(tracking_uri: str, name: str, version: str) -> str:
+    """A registered version's page."""
+    from urllib.parse import quote
+
+    return f"{ui_base(tracking_uri)}/#/models/{quote(name, safe='')}/versions/{version}"
+
+
 def run_url(tracking_uri: str, run_id: str) -> str:
     """Where the run is seen: its page on a server's UI, or for a local store the `mlflow ui`
-    command (this environment's) and the page it then serves. The page opens in MLflow's model
-    training view (`workflowType`), not its GenAI pages."""
-    c = client(tracking_uri)
-    exp = c.get_run(run_id).info.experiment_id
-    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"{ui_command(tracking_uri)}, then {LOCAL_UI}/{page}"
+    command (this environment's) and the page it then serves."""
+    page = run_page(tracking_uri, run_id)
+    return page if is_server(tracking_uri) else f"{ui_command(tracking_uri)}, then {page}"
 
 
 def ui_command(tracking_uri: str) -> str:

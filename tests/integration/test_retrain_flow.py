@@ -96,8 +96,8 @@ def test_first_run_reads_well_in_mlflow(first_run):
     client = MlflowClient(first_run.tracking_uri)
     run = client.get_run(first_run.run_id)
     groups = {k.split("/")[0] for k in run.data.metrics}
-    assert groups == {"train", "eval", "forgetting", "gate", "system"}, groups
-    assert not [k for k in run.data.metrics if k.endswith(("_ci_low", "_ci_high", "_tokens"))]
+    assert groups == {"train", "eval", "forgetting", "gate", "time", "system"}, groups
+    assert not [k for k in run.data.metrics if k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))]
     table = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/metrics.json")).read_text())
     rows = {r[0]: r for r in table["data"]}
     assert rows["gate/task_gain"][2] < rows["gate/task_gain"][1] < rows["gate/task_gain"][3]  # value inside its interval
@@ -107,13 +107,13 @@ def test_first_run_reads_well_in_mlflow(first_run):
     assert set(datasets) == {"tiny-sums-train", "tiny-sums-eval"}
     train = datasets["tiny-sums-train"]
     assert train.dataset.digest == run.data.tags["lineage.data_fingerprint"][:32]
-    assert json.loads(train.dataset.profile) == {"num_rows": int(run.data.metrics["train/rows"])}
+    assert json.loads(train.dataset.profile) == {"num_rows": int(rows["train/rows"][1])}
     assert [c["name"] for c in json.loads(train.dataset.schema)["mlflow_colspec"]] == ["prompt", "completion"]
     assert {t.value for t in train.tags} == {"training"}
 
     version = client.get_model_version("tiny-sums", "1")
     assert len(version.tags) <= 15, sorted(version.tags)
-    logged = client.get_logged_model(version.model_id)
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # SQLite keeps no model_id
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-sums", "version": "1"}]
     assert version.description.startswith("Promoted to champion: eval_loss ") and "\n\n- " in version.description
     assert registry.get_version(first_run.tracking_uri, "tiny-sums", "1").metrics["task_gain_ci_low"] > 0

@@ -96,11 +96,11 @@ def test_metrics_grouped_for_mlflow_and_the_rest_in_one_table():
 
     flat = {**report(True).flat_metrics(), "reference_tokens": 4096.0, "train_rows": 10}
     logged = logged_metrics(flat)
-    assert "task_gain" in logged and "reference_kl" in logged and "train_rows" in logged
-    assert not [k for k in logged if k.endswith(("_ci_low", "_ci_high", "_tokens"))]
+    assert "task_gain" in logged and "reference_kl" in logged and "eval_seconds" in logged
+    assert not [k for k in logged if k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))]
     rows = {r["metric"]: r for r in metrics_rows(flat)}
     assert rows["gate/task_gain"] == {"metric": "gate/task_gain", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-    assert rows["forgetting/reference_tokens"]["value"] == 4096.0
+    assert rows["forgetting/reference_tokens"]["value"] == 4096.0 and rows["train/rows"]["value"] == 10
     assert rows["eval/champion/eval_loss"]["value"] == 1.6 and rows["eval/base/eval_loss"]["ci_low"] is None
     assert not [m for m in rows if "_ci_" in m]
 
@@ -112,8 +112,9 @@ def test_closing_notes_say_what_happened_to_champion():
     again = redecision_markdown(Decision(False, ["worse than version 7"], ["beat_champion"]), "7")
     assert again == ("\n## Decided again\nThe champion moved to version 7 during this run; the gate was re-run "
                      "against it: **not promoted**.\n- worse than version 7\n")
-    assert mlflow_markdown("r1", "http://ui/r1", "auto-promote", "2", "3") == (
-        "\n## MLflow\n- run `r1`: http://ui/r1\n- audit: auto-promote, champion moved from version 2 to 3\n")
+    assert mlflow_markdown("r1", "http://ui/r1", "3", "http://ui/m/3", "auto-promote", "2", "3") == (
+        "\n## MLflow\n- run: [r1](http://ui/r1)\n- registered version: [version 3](http://ui/m/3)\n"
+        "- audit: auto-promote, champion moved from version 2 to 3\n")
     skipped = skip_markdown("m", "skipped: no new data: same inputs", "2", "r9")
     assert skipped.startswith("# m: skipped: no new data\n") and "champion version 2 stays" in skipped and "`r9`" in skipped
 
@@ -193,5 +194,6 @@ def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
 def test_the_audit_line_reads_as_a_sentence(before, after, says):
     from lora_tasks.report import mlflow_markdown
 
-    text = mlflow_markdown("r1", "http://mlflow/#/runs/r1", "promote" if before != after else "keep", before, after)
+    text = mlflow_markdown("r1", "http://mlflow/#/runs/r1", "1", "http://mlflow/#/models/m/versions/1",
+                           "promote" if before != after else "keep", before, after)
     assert says in text and "None" not in text

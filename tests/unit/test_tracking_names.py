@@ -8,7 +8,8 @@ from lora_tasks.tracking import flat_name, metric_key
 
 GROUPED = {
     "train_loss": "train/loss", "learning_rate": "train/learning_rate", "train_tokens_per_s": "train/tokens_per_s",
-    "train_rows": "train/rows", "eval_rows": "eval/rows", "eval_forgetting_seconds": "eval/forgetting_seconds",
+    "train_rows": "train/rows", "eval_rows": "eval/rows", "eval_forgetting_seconds": "time/eval_forgetting_seconds",
+    "train_loop_seconds": "time/train_loop_seconds", "eval_seconds": "time/eval_seconds",
     "base_exact_match": "eval/base/exact_match", "adapted_eval_loss": "eval/adapted/eval_loss",
     "champion_exact_match": "eval/champion/exact_match", "champion_reference_kl": "forgetting/champion/reference_kl",
     "reference_kl": "forgetting/reference_kl", "benchmark_quiz_accuracy_drop": "forgetting/benchmark_quiz_accuracy_drop",
