@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lora_tasks import registry, tracking
+from lora_tasks import aliases, registry, tracking
 from lora_tasks.config import config_from_dict
 
 
@@ -58,6 +58,7 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
         run_id = c.create_run(exp, run_name=f"random-adapter-{seed}", tags={"seed": str(seed)}).info.run_id
         tracking.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
         uri = registry.log_adapter_model(cfg, run_id, str(adapter), str(base_dir))
-        versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir), "seed": str(seed)}))
+        versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir)}))
+        aliases.set_challenger(tracking_uri, name, versions[-1], run_id)
         tracking.end_run(tracking_uri, run_id)
     return versions

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import notifications
+from flows.locks import alias_lock
 from lora_tasks import aliases, lifecycle, registry, tracking
 from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.forgetting_table import forgetting_limits
@@ -177,14 +178,15 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
 @task(name="publish-reports", **MLFLOW_RETRIES)
 def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: EvalReport, summary: str) -> None:
     """Markdown report and PNG plots into the run folder and the MLflow run (`reports/`)."""
-    from lora_tasks.report import write_report
+    from lora_tasks.report import embed_images, write_report
 
     uri = cfg.tracking.tracking_uri
     limits = {"min_task_gain": cfg.promotion.min_task_gain, **forgetting_limits(cfg.promotion, report.forgetting)}
     files = write_report(report, summary, tracking.metric_history(uri, run_id), Path(run_dir) / "reports", limits)
     for path in files:
         tracking.log_artifact(uri, run_id, path, "reports")
-    create_markdown_artifact(key=_artifact_key("evaluation", cfg), markdown=files[0].read_text(encoding="utf-8"),
+    create_markdown_artifact(key=_artifact_key("evaluation", cfg),
+                             markdown=embed_images(files[0].read_text(encoding="utf-8"), files[0].parent),
                              description=f"{cfg.model_name}: evaluation report ({cfg.training.method})")
     if report.remedy:  # the frontier, readable in the Prefect UI without MLflow
         create_table_artifact(key=_artifact_key("remedy", cfg), table=remedy_rows(report),
@@ -197,7 +199,8 @@ def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_model: str
     uri, name = cfg.tracking.tracking_uri, cfg.model_name
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base_model)
     version = registry.register_version(uri, name, model_uri, run_id, registry.version_tags(tags))
-    aliases.set_challenger(uri, name, version, run_id, actor=aliases.default_actor(str(flow_run.id or "") or None))
+    aliases.set_challenger(uri, name, version, run_id, actor=aliases.default_actor(str(flow_run.id or "") or None),
+                           lock=alias_lock())
     return version
 
 
@@ -251,7 +254,7 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
     final, against, record = aliases.settle_decision(
         uri, name, version, decision, champion, redecide,
-        actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id,
+        actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id, lock=alias_lock(),
     )
     registry.describe_version(uri, name, version, version_description(report, final))
     if final is not decision:

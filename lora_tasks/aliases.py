@@ -3,9 +3,11 @@ the champion. No decisions: the gate's decision comes in, the MLflow writes that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +21,17 @@ from .tracking import client, now_iso
 # Alias moves: compare-and-set under a lock, each one with an audit record.
 #
 # MLflow has no compare-and-set on aliases, so a move is: take a lock, re-read the alias, compare
-# it with what the caller decided against, write, re-read to check the write. The lock is an
-# exclusive `flock` on a file next to the SQLite database (or the `file:` store), which serialises
-# every mover on that machine (processes and threads). For a tracking server there is no shared
-# file: movers on one machine still share a local lock file, and movers on different machines take
-# a lease tag on the registered model (write, wait, re-read); that narrows the race to the lease's
-# settle time but is not a true mutex, which MLflow cannot offer. The re-read after the write
-# still reports a concurrent overwrite (`AliasConflict`) instead of hiding it.
+# it with what the caller decided against, write, re-read to check the write. The lock is the
+# caller's (`lock`: a function of the model name returning a context manager): the flows and the
+# CLI hand in a Prefect global concurrency slot named after the model when a Prefect server is
+# configured, which serialises movers on every machine that talks to it. Without one it is an
+# exclusive `flock` on a file next to the SQLite database (or `file:` store), or, for a tracking
+# server, in this user's cache: that serialises every mover on this machine only. The re-read
+# after the write still reports a concurrent overwrite (`AliasConflict`) instead of hiding it.
 # ---------------------------------------------------------------------------------------------
 
-_LEASE_TAG = "prefect_lora.alias_lease"
-_LEASE_SETTLE_S = 0.5
+AliasLock = Callable[[str], contextlib.AbstractContextManager]
+"""`lock(model_name)`: a context manager held while an alias of that model moves."""
 
 
 class ChampionChanged(RegistryError):
@@ -99,85 +101,37 @@ def _lock_file(tracking_uri: str, name: str) -> Path:
     return cache_dir() / "locks" / f"{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}.{safe}.alias.lock"
 
 
-def _is_shared_store(tracking_uri: str) -> bool:
-    """True when every mover sees the same lock file (a local SQLite or file store)."""
-    return tracking_uri.startswith(("sqlite:///", "file:")) or "://" not in tracking_uri
+@contextlib.contextmanager
+def _file_lock(path: Path, name: str, timeout_s: float):
+    import fcntl
 
-
-class _AliasLock:
-    """Exclusive lock on moving aliases of one registered model (see the section comment)."""
-
-    def __init__(self, tracking_uri: str, name: str, timeout_s: float = 120.0):
-        self.uri, self.name, self.timeout_s = tracking_uri, name, timeout_s
-        self.path = _lock_file(tracking_uri, name)
-        self.token = None
-        self._fd = None
-
-    def __enter__(self):
-        import fcntl
-        import uuid
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout_s
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    os.close(self._fd)
                     raise RegistryError(
-                        f"another process holds the alias lock of {self.name!r} ({self.path}) for over "
-                        f"{self.timeout_s:.0f}s; if no promotion is running, delete that file"
+                        f"another process holds the alias lock of {name!r} ({path}) for over {timeout_s:.0f}s; "
+                        "if no promotion is running, delete that file"
                     ) from None
                 time.sleep(0.05)
-        if not _is_shared_store(self.uri):
-            self.token = uuid.uuid4().hex
-            try:
-                self._take_lease(deadline)
-            except BaseException:
-                self._unlock()
-                raise
-        return self
-
-    def _take_lease(self, deadline: float) -> None:
-        c = client(self.uri)
-        while True:
-            tags = c.get_registered_model(self.name).tags
-            held = json.loads(tags[_LEASE_TAG]) if tags.get(_LEASE_TAG) else None
-            if held is None or held.get("expires", 0) < time.time():
-                c.set_registered_model_tag(self.name, _LEASE_TAG, json.dumps({"owner": self.token, "expires": time.time() + 60}))
-                time.sleep(_LEASE_SETTLE_S)  # let a racing writer land, then see who won
-                tags = c.get_registered_model(self.name).tags
-                if tags.get(_LEASE_TAG) and json.loads(tags[_LEASE_TAG]).get("owner") == self.token:
-                    return
-            if time.monotonic() > deadline:
-                raise RegistryError(f"could not take the alias lease of {self.name!r} on {self.uri}: another mover holds it")
-            time.sleep(0.2)
-
-    def _unlock(self) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self.token:
-                c = client(self.uri)
-                tags = c.get_registered_model(self.name).tags
-                if tags.get(_LEASE_TAG) and json.loads(tags[_LEASE_TAG]).get("owner") == self.token:
-                    c.delete_registered_model_tag(self.name, _LEASE_TAG)
-        finally:
-            self._unlock()
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
-def alias_lock(tracking_uri: str, name: str, timeout_s: float = 120.0) -> _AliasLock:
-    """Context manager serialising alias moves of `name` (see the guarantee in the section comment)."""
-    return _AliasLock(tracking_uri, name, timeout_s)
+def alias_lock(tracking_uri: str, name: str, timeout_s: float = 120.0):
+    """The local lock on moving aliases of `name`: a file lock (see the section comment)."""
+    return _file_lock(_lock_file(tracking_uri, name), name, timeout_s)
+
+
+def _hold(lock: AliasLock | None, tracking_uri: str, name: str, timeout_s: float = 120.0):
+    return lock(name) if lock is not None else alias_lock(tracking_uri, name, timeout_s)
 
 
 # The audit trail lives in one MLflow run per registered model (`<name>-alias-audit`, in the
@@ -236,6 +190,7 @@ def alias_history(tracking_uri: str, name: str, alias: str | None = None) -> lis
 def compare_and_set_alias(
     tracking_uri: str, name: str, to_version: str, *, expected: str | None, reason: str, action: str,
     alias: str = CHAMPION, actor: str | None = None, details: dict | None = None, lock_timeout_s: float = 120.0,
+    lock: AliasLock | None = None,
 ) -> AliasRecord:
     """Point `alias` at `to_version` only if it still points at `expected` (None: unset).
 
@@ -244,7 +199,7 @@ def compare_and_set_alias(
     c = client(tracking_uri)
     require_model(c, name)
     get_version(tracking_uri, name, to_version)  # exists, or a clear error
-    with alias_lock(tracking_uri, name, lock_timeout_s):
+    with _hold(lock, tracking_uri, name, lock_timeout_s):
         current = get_alias(tracking_uri, name, alias)
         now = current.version if current else None
         if now != (str(expected) if expected is not None else None):
@@ -264,7 +219,7 @@ def compare_and_set_alias(
 
 def settle_decision(
     tracking_uri: str, name: str, version: str, decision, champion: VersionInfo | None, redecide,
-    *, actor: str | None = None, run_id: str | None = None, max_rounds: int = 5,
+    *, actor: str | None = None, run_id: str | None = None, max_rounds: int = 5, lock: AliasLock | None = None,
 ):
     """Act on a gate decision with compare-and-set; re-decide while the champion keeps moving.
 
@@ -283,10 +238,10 @@ def settle_decision(
             if decision.promote:
                 record = compare_and_set_alias(
                     tracking_uri, name, version, expected=expected, reason=reasons, action="auto-promote",
-                    actor=actor, details={**details, "round": round_},
+                    actor=actor, details={**details, "round": round_}, lock=lock,
                 )
             else:  # a refusal also must hold against the champion of now: re-check it under the lock
-                with alias_lock(tracking_uri, name):
+                with _hold(lock, tracking_uri, name):
                     current = get_alias(tracking_uri, name, CHAMPION)
                     if (current.version if current else None) != expected:
                         raise ChampionChanged(name, CHAMPION, expected, current)
@@ -306,7 +261,7 @@ def settle_decision(
 
 
 def move_alias(tracking_uri: str, name: str, version: str, *, alias: str, action: str, reason: str,
-               actor: str | None = None, details: dict | None = None) -> AliasRecord:
+               actor: str | None = None, details: dict | None = None, lock: AliasLock | None = None) -> AliasRecord:
     """Point `alias` at `version` whoever holds it now (compare-and-set, read again while it
     keeps moving); audited with `action` and `reason`."""
     version = str(version)
@@ -315,25 +270,28 @@ def move_alias(tracking_uri: str, name: str, version: str, *, alias: str, action
         current = get_alias(tracking_uri, name, alias)
         try:
             return compare_and_set_alias(tracking_uri, name, version, expected=current.version if current else None,
-                                         reason=reason, action=action, alias=alias, actor=actor, details=details)
+                                         reason=reason, action=action, alias=alias, actor=actor, details=details,
+                                         lock=lock)
         except ChampionChanged:
             continue  # someone moved it between our read and the lock; read again
     raise RegistryError(f"{alias!r} of {name!r} kept moving; try again")
 
 
-def promote_version(tracking_uri: str, name: str, version: str, reason: str, actor: str | None = None) -> AliasRecord:
+def promote_version(tracking_uri: str, name: str, version: str, reason: str, actor: str | None = None,
+                    lock: AliasLock | None = None) -> AliasRecord:
     """Manual promotion: make `version` the champion, whoever holds it now; audited with `reason`."""
     if not reason or not reason.strip():
         raise RegistryError("a manual promotion needs a reason: --reason 'why this version'")
-    return move_alias(tracking_uri, name, version, alias=CHAMPION, action="promote", reason=reason, actor=actor)
+    return move_alias(tracking_uri, name, version, alias=CHAMPION, action="promote", reason=reason, actor=actor,
+                      lock=lock)
 
 
 def set_challenger(tracking_uri: str, name: str, version: str, run_id: str | None = None,
-                   actor: str | None = None) -> AliasRecord:
+                   actor: str | None = None, lock: AliasLock | None = None) -> AliasRecord:
     """A newly registered version becomes the `challenger` (audited like every move)."""
     return move_alias(tracking_uri, name, version, alias=CHALLENGER, action="register",
                       reason=f"new version {version}" + (f" from run {run_id}" if run_id else ""), actor=actor,
-                      details={"run_id": run_id} if run_id else None)
+                      details={"run_id": run_id} if run_id else None, lock=lock)
 
 
 def previous_champion(tracking_uri: str, name: str) -> str | None:
@@ -349,6 +307,7 @@ def previous_champion(tracking_uri: str, name: str) -> str | None:
 
 def rollback_champion(
     tracking_uri: str, name: str, to_version: str | None = None, reason: str | None = None, actor: str | None = None,
+    lock: AliasLock | None = None,
 ) -> AliasRecord:
     """Point `champion` back at `to_version`, or at the previous champion by default; audited."""
     current = get_alias(tracking_uri, name, CHAMPION)
@@ -362,7 +321,7 @@ def rollback_champion(
             )
     reason = reason or f"rollback from version {current.version if current else None}"
     return compare_and_set_alias(tracking_uri, name, str(to_version), expected=current.version if current else None,
-                                 reason=reason, action="rollback", actor=actor)
+                                 reason=reason, action="rollback", actor=actor, lock=lock)
 
 
 def protected_versions(tracking_uri: str, name: str) -> set[str]:

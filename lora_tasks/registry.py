@@ -206,8 +206,10 @@ def record_evaluation(tracking_uri: str, name: str, version: str, metrics: dict[
     headline = {k: round(v, 6) for k, v in numbers.items()
                 if k in (f"base_{primary_metric}", f"adapted_{primary_metric}", "task_gain", "champion_delta")
                 or (forgetting_metric(k) and "_ci_" not in k)}
-    intervals = {k.removesuffix("_ci_low"): [round(v, 6), round(numbers[k.removesuffix("_low") + "_high"], 6)]
-                 for k, v in numbers.items() if k.endswith("_ci_low") and k.removesuffix("_low") + "_high" in numbers}
+    gated = [k for k in {k.removesuffix("_ci_low") for k in numbers} if k in ("task_gain", "champion_delta")
+             or forgetting_metric(k)]  # what a gate reads of an incumbent (`promotion.candidate_from_metrics`)
+    intervals = {k: [round(numbers[f"{k}_ci_low"], 6), round(numbers[f"{k}_ci_high"], 6)]
+                 for k in sorted(gated) if f"{k}_ci_low" in numbers and f"{k}_ci_high" in numbers}
     c.set_model_version_tag(name, version, "eval.primary_metric", primary_metric)
     c.set_model_version_tag(name, version, "eval.summary", json.dumps(headline, sort_keys=True))
     c.set_model_version_tag(name, version, "eval.intervals", json.dumps(intervals, sort_keys=True))

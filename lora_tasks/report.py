@@ -169,15 +169,15 @@ def write_report(
     report: EvalReport, summary_md: str, history: dict[str, list[tuple[int, float]]], out_dir: str | Path,
     limits: dict[str, float | None], max_samples: int = 10,
 ) -> list[Path]:
-    """`evaluation_report.md` (the run's summary, the plots, sample answers) and the PNGs. The
-    plots are embedded in the Markdown (data URIs): the report shows them wherever it is read, in
-    MLflow's artifact view or as a Prefect artifact, with no relative path to resolve."""
+    """`evaluation_report.md` (the run's summary, the plots, sample answers; the plots linked
+    beside it), `evaluation_report.html` (the same with the plots embedded: MLflow's artifact view
+    shows HTML whole but draws no image of a Markdown file) and the PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot_loss_curve(history, out / "loss_curve.png"),
                          plot_gain_vs_forgetting(report, out / "gain_vs_forgetting.png", limits),
                          plot_frontier(report, out / "remedy_frontier.png", limits)) if p]
-    lines = [summary_md.rstrip(), "", "## Plots", ""] + [f"![{p.stem}]({_data_uri(p)})" for p in plots]
+    lines = [summary_md.rstrip(), "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     if report.samples:
         cols = [c for c in ("prompt", "target", "base", "champion", "adapted") if c in report.samples[0]]
         lines += ["", f"## Sample answers (first {min(max_samples, len(report.samples))})", "",
@@ -186,13 +186,39 @@ def write_report(
             lines.append("| " + " | ".join(_cell(s.get(c, "")) for c in cols) + " |")
     md = out / "evaluation_report.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return [md, *plots]
+    html = out / "evaluation_report.html"
+    html.write_text(report_html(md.read_text(encoding="utf-8"), out), encoding="utf-8")
+    return [md, html, *plots]
 
 
-def _data_uri(png: Path) -> str:
+def embed_images(markdown_text: str, folder: Path) -> str:
+    """The Markdown with each image beside it (`![name](file.png)`) as a data URI: it shows
+    wherever the text goes (a Prefect artifact), with no file to resolve."""
     import base64
+    import re
 
-    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+    def data_uri(m: re.Match) -> str:
+        png = folder / m.group(2)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode('ascii')})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", data_uri, markdown_text)
+
+
+_HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:1em;line-height:1.4}"
+               "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}"
+               "code{background:#f3f3f3;padding:0 .2em}img{max-width:100%}")
+
+
+def report_html(markdown_text: str, folder: Path) -> str:
+    """A self-contained HTML page of the report, its images embedded."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(embed_images(markdown_text, folder), extensions=["tables"])
+    title = html.escape(markdown_text.splitlines()[0].lstrip("# ").replace("*", "").replace("`", "")) if markdown_text else ""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{_HTML_STYLE}</style></head><body>{body}</body></html>\n")
 
 
 def _cell(text) -> str:

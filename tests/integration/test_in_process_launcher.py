@@ -16,8 +16,7 @@ def test_in_process_training_equals_one_ray_train_worker(tmp_path):
     from safetensors.torch import load_file
 
     from lora_tasks.config import config_from_dict
-    from lora_tasks.launcher import train_adapter
-    from lora_tasks.launcher import prepare_data
+    from lora_tasks.launcher import prepare_data, train_adapter
 
     raw = tiny_raw(tmp_path, max_steps=12)
     raw["scaling"]["num_workers"] = 1

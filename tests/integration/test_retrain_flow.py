@@ -246,3 +246,17 @@ def test_flow_run_is_named_and_tagged_for_its_model_and_decision(first_run):
         run = client.read_flow_run(UUID(tags["prefect.flow_run_id"]))
     assert run.name == f"tiny-sums-{tags['lora.run_key']}"
     assert {"tiny-sums", "promoted"} <= set(run.tags)
+
+
+def test_mlflow_ui_shows_the_run_in_a_browser(first_run, tmp_path):
+    """The MLflow UI itself, in headless Chromium: the champion's version page, the run's datasets,
+    its chart sections and loss curve, the report's plots and the logged model's version link."""
+    pytest.importorskip("playwright", reason="the browser check drives Chromium with Playwright (pip install playwright)")
+    from deploy.ui_check import check_mlflow_ui, find_chromium
+
+    if not find_chromium():
+        pytest.skip("no Chromium on PATH (apt-get install chromium): the browser check cannot run")
+    found = check_mlflow_ui(first_run.tracking_uri, "tiny-sums", tmp_path)
+    print("\n" + "\n".join(f"ok {p}" for p in found.passed))
+    assert not found.failed, found.failed
+    assert len(found.passed) >= 7 and all(s.stat().st_size > 10_000 for s in found.screenshots)

@@ -1,6 +1,7 @@
 """Scheduled retraining in operation, all real and on loopback: `prefect server start`, a process
 work pool, `prefect deploy --all` of this repository's prefect.yaml, `prefect worker start`,
-`prefect deployment run`; `mlflow server` as the tracking server; an http.server webhook.
+`prefect deployment run`; `mlflow server` as the tracking server, both servers on PostgreSQL;
+an http.server webhook.
 
 One trigger registers and promotes version 1; a second one with unchanged data is skipped; a run
 with bad data fails and posts to the webhook naming its step; a run whose tracking server is
@@ -12,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,71 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from services import Service, free_port, healthy, postgres_database, wait_for
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "lora-retrain/tiny-sums-nightly"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Service:
-    """A long-running command in its own process group, logged to a file, stopped with its children."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO):
-        self.name, self.cmd, self.env, self.cwd = name, cmd, env, cwd
-        self.log = log_dir / f"{name}.log"
-        self.proc = None
-
-    def start(self) -> Service:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children that outlived their leader (the flow run under the worker)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 class Receiver:
@@ -120,7 +61,13 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("sched")
+    """Production-shaped: MLflow and Prefect servers on PostgreSQL (a database each, made for this
+    run), a process worker; artifacts on local disk."""
+    with postgres_database("mlflow") as mlflow_db, postgres_database("prefect") as prefect_db:
+        yield from _stack(tmp_path_factory.mktemp("sched"), mlflow_db, prefect_db)
+
+
+def _stack(work: Path, mlflow_db: str, prefect_db: str):
     logs = work / "logs"
     logs.mkdir()
     pport, mport = free_port(), free_port()
@@ -134,9 +81,10 @@ def stack(tmp_path_factory):
            "PREFECT_LORA_PROJECT_DIR": str(REPO), "PREFECT_LORA_WEBHOOK_URL": hook.url,
            "PREFECT_LORA_MLFLOW_RETRY_DELAYS": "1,2,4",  # backoff, short enough for a test
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-           "PREFECT_LORA_RAY_TMP": os.environ["PREFECT_LORA_RAY_TMP"] + "-sched"}
+           "PREFECT_LORA_RAY_TMP": os.environ["PREFECT_LORA_RAY_TMP"] + "-sched",
+           "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db.replace("+psycopg2", "+asyncpg", 1)}
     env.pop("PREFECT_PROFILE", None)
-    mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
+    mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
                                 "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"], env, logs, cwd=work)
     server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                         "--port", str(pport), "--no-ui"], env, logs)
@@ -146,8 +94,8 @@ def stack(tmp_path_factory):
     try:
         mlflow.start()
         server.start()
-        wait_for(lambda: healthy(f"{api}/health"), 120, f"prefect server\n{server.tail()}")
-        wait_for(lambda: healthy(f"{mlflow_url}/health"), 120, f"mlflow server\n{mlflow.tail()}")
+        server.wait_healthy(f"{api}/health")
+        mlflow.wait_healthy(f"{mlflow_url}/health")
         for cmd in (["work-pool", "create", "lora-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
             proc = subprocess.run(check=False, args=[str(BIN / "prefect"), *cmd], env=env, cwd=REPO, capture_output=True, text=True,
                                   timeout=180)

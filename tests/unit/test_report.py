@@ -8,7 +8,7 @@ import re
 import pytest
 
 from lora_tasks.evaluation import EvalReport
-from lora_tasks.report import write_report
+from lora_tasks.report import embed_images, write_report
 
 
 def report(champion: bool) -> EvalReport:
@@ -23,27 +23,38 @@ def report(champion: bool) -> EvalReport:
     )
 
 
-def test_report_has_markdown_and_both_plots(tmp_path):
+def test_report_has_markdown_html_and_both_plots(tmp_path):
     history = {"train_loss": [(1, 2.0), (2, 1.7), (3, 1.5)], "learning_rate": [(1, 1e-3), (2, 8e-4), (3, 5e-4)]}
     files = write_report(report(True), "# summary\n", history, tmp_path, {"reference_perplexity_ratio": 1.2, "min_task_gain": 0.05})
     names = sorted(f.name for f in files)
-    assert names == ["evaluation_report.md", "gain_vs_forgetting.png", "loss_curve.png"]
+    assert names == ["evaluation_report.html", "evaluation_report.md", "gain_vs_forgetting.png", "loss_curve.png"]
     for f in files:
         assert f.stat().st_size > 0
-    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "evaluation_report.md").read_text()
-    embedded = re.search(r"!\[loss_curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
-    assert embedded, "the plot is embedded: it shows in MLflow and Prefect with no relative path to resolve"
-    assert base64.b64decode(embedded.group(1)) == (tmp_path / "loss_curve.png").read_bytes()
-    assert "| prompt | target | base | champion | adapted |" in md
+    assert "![loss_curve](loss_curve.png)" in md and "| prompt | target | base | champion | adapted |" in md
     assert "a \\| b" in md  # table cells are escaped
+    html = (tmp_path / "evaluation_report.html").read_text()
+    embedded = re.findall(r'<img alt="(\w+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert [name for name, _ in embedded] == ["loss_curve", "gain_vs_forgetting"]
+    assert base64.b64decode(embedded[0][1]) == png, "the HTML carries the plot itself: MLflow shows it with no file to resolve"
+    assert "<th>prompt</th>" in html and "<td>a | b</td>" in html
+
+
+def test_embedded_markdown_carries_its_images_for_a_prefect_artifact(tmp_path):
+    png = b"\x89PNG-bytes"
+    (tmp_path / "p.png").write_bytes(png)
+    text = embed_images("# r\n![p](p.png) and ![web](http://x/y.png)\n", tmp_path)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert text == f"# r\n![p]({uri}) and ![web](http://x/y.png)\n"
 
 
 def test_without_history_or_forgetting_only_what_exists_is_drawn(tmp_path):
     r = report(False)
     r.forgetting = {}
     files = write_report(r, "# summary\n", {}, tmp_path, {})
-    assert [f.name for f in files] == ["evaluation_report.md"]
+    assert [f.name for f in files] == ["evaluation_report.md", "evaluation_report.html"]
 
 
 def _summary(decision, version="3", champion_version="2", **sections):

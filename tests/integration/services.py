@@ -1,0 +1,113 @@
+"""Real services for the integration tests: long-running commands in their own process groups
+(`mlflow server`, `prefect server start`, a worker), and a fresh PostgreSQL database per test
+run for the production-shaped stores."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+POSTGRES = os.environ.get("PREFECT_LORA_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
+"""The server the production-shaped tests make their databases on (trust auth on the project's machines)."""
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str):
+    """A new, empty database on `POSTGRES`, dropped afterwards; yields its SQLAlchemy URL
+    (`postgresql+psycopg2://.../<name>`, as MLflow takes it). Skips the test, saying why, where PostgreSQL is not reachable."""
+    psycopg2 = pytest.importorskip("psycopg2", reason="PostgreSQL tests need psycopg2 (pip install psycopg2-binary)")
+    try:
+        admin = psycopg2.connect(POSTGRES, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES} ({str(exc).strip()}); "
+                    "the production-shaped tests need it (set PREFECT_LORA_TEST_POSTGRES)")
+    admin.autocommit = True
+    name = f"pl_{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + f"/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Service:
+    """A long-running command in its own process group, logged to a file, stopped with its children."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = REPO):
+        self.name, self.cmd, self.env, self.cwd = name, cmd, env, cwd
+        self.log = log_dir / f"{name}.log"
+        self.proc = None
+
+    def start(self) -> Service:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived their leader (the flow run under the worker)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait_healthy(self, url: str, timeout: float = 120) -> None:
+        """Until `url` answers 200; a service that exits first fails at once, with its log."""
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
+            return healthy(url)
+
+        wait_for(up, timeout, f"{self.name}\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
