@@ -138,6 +138,9 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
         loaded = sum(f.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 300).length")
                      for f in page.frames[1:])
         found.check(loaded >= 2, f"the report shows its plots ({loaded} images drawn)")
+        for frame in page.frames[1:]:  # the screenshot shows the plots, not only the summary above them
+            with contextlib.suppress(Exception):
+                frame.get_by_role("heading", name="Plots").scroll_into_view_if_needed(timeout=2_000)
         shot("mlflow-report.png")
         if t["model_id"]:
             visit(f"experiments/{exp}/models/{t['model_id']}", "Registered")

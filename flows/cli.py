@@ -194,18 +194,25 @@ def _print_summary(result: RunResult) -> None:
     for reason in result.reasons:
         out.print(f"  - {reason}", highlight=False)
     out.print(f"MLflow run {result.run_id}; run folder {result.run_dir}", highlight=False, soft_wrap=True)
-    out.print(f"see it in the MLflow UI: {_run_page(result.tracking_uri, result.run_id)}", highlight=False, soft_wrap=True)
+    for line in _mlflow_pages(result):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
-def _run_page(uri: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (`tracking.run_url`), or the store, when it cannot be read
-    now (a server down, a store gone): never a new store created by looking."""
-    from lora_tasks.tracking import run_url
+def _mlflow_pages(result: RunResult) -> list[str]:
+    """Where to look in the MLflow UI: the command that starts it on a local store, the run's page
+    and the version's; or the store, when it cannot be read now (a server down, a store gone):
+    never a new store created by looking."""
+    from lora_tasks import tracking
 
     try:
-        return run_url(_tracking(uri), run_id)
+        uri = _tracking(result.tracking_uri)
+        lines = [] if tracking.is_server(uri) else [f"MLflow UI: {tracking.ui_command(uri)}, then open"]
+        lines.append(f"  run:     {tracking.run_page(uri, result.run_id)}")
+        if result.version:
+            lines.append(f"  version: {tracking.version_page(uri, result.model_name, result.version)}")
+        return lines
     except Exception:  # noqa: BLE001  (the run id printed above still finds it)
-        return f"the store {uri}, run {run_id}"
+        return [f"MLflow: the store {result.tracking_uri}, run {result.run_id}"]
 
 
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else this folder's store sqlite:///.prefect-lora/mlflow.db).")]

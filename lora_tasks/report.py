@@ -341,6 +341,9 @@ def version_description(report: EvalReport, decision: Decision) -> str:
             if forgetting_metric(name)]
     verdict = "Promoted to champion" if decision.promote else "Not promoted"
     first = f"{verdict}: {scores}" + (f"; forgetting: {', '.join(kept)}" if kept else "") + "."
+    r = report.remedy or {}
+    if r.get("needed") and r.get("chosen"):  # what is registered is not the adapter as trained
+        first += f" The adapter as trained failed a forgetting limit: remedy {r['strategy']}, registered with {r['chosen']}."
     return first + "\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
 
 

@@ -5,6 +5,8 @@ scale can keep, the adapter is refused, never promoted unremedied."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,7 @@ def test_the_remedy_turns_a_refusal_into_a_confirmed_smaller_scale(harness, work
         registered[k].equal(trained[k]) for k in trained if ".lora_A." in k)
     reports = {a.path for a in client.list_artifacts(result.run_id, "reports")}
     assert "reports/remedy_frontier.png" in reports
-    assert "## Remedy: scale" in version.description and "registered with scale=" in version.description
+    assert "remedy scale, registered with scale=" in version.description.split("\n")[0]
 
     # The frontier in the Prefect UI too: a table artifact, one row per trial, the choice marked.
     import asyncio
@@ -149,8 +151,10 @@ def test_replay_trains_end_to_end_with_the_bases_own_answers(harness, workdir):
     assert result.version and (Path(result.run_dir) / "adapter" / "adapter_model.safetensors").exists()
     from mlflow import MlflowClient
 
-    run = MlflowClient(result.tracking_uri).get_run(result.run_id).data
-    assert run.params["replay.share"] == "0.2" and run.metrics["train_rows"] == 340, "replay rows are not task data"
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    train = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name.endswith("-train"))
+    assert run.data.params["replay.share"] == "0.2" and json.loads(train.profile)["num_rows"] == 340, \
+        "replay rows are not task data"
     from lora_tasks.config import load_config
     from lora_tasks.pipeline import run_dir_for
 

@@ -156,7 +156,7 @@ def test_deployed_run_registers_and_promotes_and_notifies(stack, first):
     assert first["state"]["type"] == "COMPLETED", stack["worker"].tail()
     c = mlflow_client(stack)
     champion = c.get_model_version_by_alias("tiny-sums", "champion")
-    assert champion.version == "1" and champion.tags["prefect.flow_run_id"] == first["id"]
+    assert champion.version == "1" and c.get_run(champion.run_id).data.tags["prefect.flow_run_id"] == first["id"]
     assert first["deployment_id"]
     (promo,) = stack["hook"].events("promotion")
     assert promo["model"] == "tiny-sums" and promo["version"] == "1" and promo["flow_run_id"] == first["id"]

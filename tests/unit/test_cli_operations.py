@@ -86,3 +86,5 @@ def test_run_pages_open_in_mlflows_model_training_view(tmp_path):
     local = tracking.run_url(uri, run)
     assert local == (f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri}, then "
                      f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning")
+    assert tracking.version_page(uri, "a model", "3") == "http://127.0.0.1:5000/#/models/a%20model/versions/3"
+    assert tracking.version_page("https://mlflow.example/", "m", "3") == "https://mlflow.example/#/models/m/versions/3"
