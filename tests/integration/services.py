@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +42,27 @@ def postgres_database(prefix: str):
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@contextlib.contextmanager
+def s3_bucket(work: Path, bucket: str):
+    """An S3-compatible server (moto's, from PyPI) with an empty `bucket`, on loopback; yields the
+    environment that points boto3 (MLflow's S3 artifact store) at it. Skips where moto is absent."""
+    pytest.importorskip("moto", reason="the S3 artifact store is moto's server (pip install 'moto[server]' boto3)")
+    import boto3
+
+    port = free_port()
+    server = Service("s3", [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                     dict(os.environ), work, cwd=work).start()
+    env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        server.wait_healthy(f"http://127.0.0.1:{port}/moto-api/")
+        boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

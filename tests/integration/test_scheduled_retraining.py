@@ -1,7 +1,7 @@
 """Scheduled retraining in operation, all real and on loopback: `prefect server start`, a process
 work pool, `prefect deploy --all` of this repository's prefect.yaml, `prefect worker start`,
-`prefect deployment run`; `mlflow server` as the tracking server, both servers on PostgreSQL;
-an http.server webhook.
+`prefect deployment run`; `mlflow server` as the tracking server, both servers on PostgreSQL,
+MLflow's artifacts in an S3-compatible store (moto's server); an http.server webhook.
 
 One trigger registers and promotes version 1; a second one with unchanged data is skipped; a run
 with bad data fails and posts to the webhook naming its step; a run whose tracking server is
@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from services import Service, free_port, healthy, postgres_database, wait_for
+from services import Service, free_port, healthy, postgres_database, s3_bucket, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +62,16 @@ class Receiver:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Production-shaped: MLflow and Prefect servers on PostgreSQL (a database each, made for this
-    run), a process worker; artifacts on local disk."""
-    with postgres_database("mlflow") as mlflow_db, postgres_database("prefect") as prefect_db:
-        yield from _stack(tmp_path_factory.mktemp("sched"), mlflow_db, prefect_db)
+    run), artifacts in an S3-compatible object store (moto's server), a process worker."""
+    work = tmp_path_factory.mktemp("sched")
+    with postgres_database("mlflow") as mlflow_db, postgres_database("prefect") as prefect_db, \
+            s3_bucket(work, "mlflow-artifacts") as s3, pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.items():  # this process reads artifacts too (downloads, the audit trail)
+            mp.setenv(k, v)
+        yield from _stack(work, mlflow_db, prefect_db, s3)
 
 
-def _stack(work: Path, mlflow_db: str, prefect_db: str):
+def _stack(work: Path, mlflow_db: str, prefect_db: str, s3: dict[str, str]):
     logs = work / "logs"
     logs.mkdir()
     pport, mport = free_port(), free_port()
@@ -82,7 +86,7 @@ def _stack(work: Path, mlflow_db: str, prefect_db: str):
            "PREFECT_LORA_MLFLOW_RETRY_DELAYS": "1,2,4",  # backoff, short enough for a test
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
            "PREFECT_LORA_RAY_TMP": os.environ["PREFECT_LORA_RAY_TMP"] + "-sched",
-           "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db.replace("+psycopg2", "+asyncpg", 1)}
+           "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db.replace("+psycopg2", "+asyncpg", 1), **s3}
     env.pop("PREFECT_PROFILE", None)
     mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
                                 "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"], env, logs, cwd=work)
@@ -106,7 +110,7 @@ def _stack(work: Path, mlflow_db: str, prefect_db: str):
         cfg["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
         cfg["scaling"].update(num_workers=1, storage_path=str(work / "runs"))
         cfg["training"].update(max_steps=16, warmup_steps=2)
-        cfg["tracking"] = {"tracking_uri": mlflow_url, "artifact_location": str(work / "mlartifacts")}
+        cfg["tracking"] = {"tracking_uri": mlflow_url, "artifact_location": "s3://mlflow-artifacts/tiny-sums"}
         cfg["retention"] = {"keep_checkpoints": 1}
         config = work / "tiny.yaml"
         config.write_text(yaml.safe_dump(cfg))
