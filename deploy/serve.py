@@ -32,6 +32,7 @@ from deploy.serve_core import (
     ServeConfig,
     check_auth,
     check_body_size,
+    check_exposure,
     choose_alias,
     parse_chat,
     parse_classify,
@@ -40,6 +41,7 @@ from deploy.serve_core import (
     parse_model_field,
     resolve_token,
 )
+from lora_tasks.versions import is_version
 
 logger = logging.getLogger("ray.serve")
 MAX_ADAPTERS_PER_REPLICA = int(os.environ.get("PREFECT_LORA_SERVE_MAX_ADAPTERS", "4"))
@@ -354,7 +356,7 @@ class Gateway:
         return parse_json(body)
 
     def _version(self, ref: str) -> str:
-        if ref.isdigit():
+        if is_version(ref):  # canonical already (`parse_model_field`)
             return ref
         if ref not in self.aliases:
             raise RequestProblem(404, f"{self.cfg.model_name} has no alias {ref!r}; served aliases: "
@@ -447,6 +449,7 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
 
     registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # a clear error before any actor starts
     token = resolve_token(cfg)
+    check_exposure(cfg, token)
     if not ray.is_initialized():
         kwargs = {"_temp_dir": ray_temp_dir} if ray_temp_dir else {}
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)

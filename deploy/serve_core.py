@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lora_tasks.versions import canonical_version, is_version
+
 TOKEN_ENV = "PREFECT_LORA_SERVE_TOKEN"
 ALIASES = ("champion", "challenger")
 
@@ -62,19 +64,62 @@ class ServeConfig(BaseModel):
     """Name of a Prefect Secret block holding the bearer token (the env var PREFECT_LORA_SERVE_TOKEN wins)."""
     device: str = "cpu"
     """Torch device of the model replicas (`cuda` gives each replica one GPU)."""
+    allow_unauthenticated: bool = False
+    """Serve on a non-loopback `host` with no bearer token: refused unless this is true (for a
+    network that already authenticates, e.g. behind a gateway)."""
 
 
 def load_serve_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
-    """A ServeConfig from an optional YAML file plus keyword overrides (None values are ignored)."""
-    raw: dict = {}
-    if path:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+    """A ServeConfig from an optional YAML file plus keyword overrides (None values are ignored:
+    an option not given leaves the file's value). Every problem is one ValueError naming the fix."""
+    raw: dict = _read_serve_yaml(Path(path)) if path else {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServeConfig(**raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"serve config is invalid: {problems}") from None
+
+
+def _read_serve_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"serve config {path}: {'is a folder' if path.is_dir() else 'no such file'}; "
+                         "give a YAML file like deploy/serve.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"serve config {path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"serve config {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"serve config {path}: the top level must be a mapping of settings (key: value), "
+                         f"not a {type(raw).__name__}")
+    return raw
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(cfg: ServeConfig, token: object | None) -> None:
+    """Refuse to listen beyond this machine with no token, unless `allow_unauthenticated`."""
+    if token is None and not is_loopback(cfg.host) and not cfg.allow_unauthenticated:
+        raise ValueError(
+            f"refusing to serve on {cfg.host} without a bearer token: anyone who reaches the port could use "
+            f"the model. Set {TOKEN_ENV} (or token_secret_block), bind to 127.0.0.1, or set "
+            "allow_unauthenticated: true in the serve config"
+        )
 
 
 class Secret:
@@ -164,9 +209,12 @@ def parse_model_field(model: Any, name: str) -> str:
         if given != name:
             raise RequestProblem(404, f"this server serves {name!r}, not {given!r}; use model={name}@champion or {name}/VERSION",
                                  "model_not_found")
-    ref = ref.removeprefix("v") if ref[1:].isdigit() and ref[:1] == "v" else ref
-    if not ref or not (ref.isdigit() or ref.replace("-", "").replace("_", "").isalnum()):
-        raise RequestProblem(400, f"cannot read model {model!r}: use {name}, {name}@ALIAS or {name}/VERSION")
+    ref = ref.removeprefix("v") if ref[:1] == "v" and is_version(ref[1:]) else ref
+    if is_version(ref) and int(ref) > 0:
+        return canonical_version(ref)  # `3`, `03` and `v3` are one model, loaded once
+    if not ref or not ref.isascii() or not ref.replace("-", "").replace("_", "").isalnum() or ref.isdigit():
+        raise RequestProblem(400, f"cannot read model {model!r}: use {name}, {name}@ALIAS or {name}/VERSION "
+                                  "(a version in ASCII digits)")
     return ref
 
 

@@ -59,6 +59,6 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
         tracking.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
         uri = registry.log_adapter_model(cfg, run_id, str(adapter), str(base_dir))
         versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir)}))
-        aliases.set_challenger(tracking_uri, name, versions[-1], run_id)
+        aliases.set_challenger(tracking_uri, name, versions[-1], "a random adapter, for serving tests", run_id)
         tracking.end_run(tracking_uri, run_id)
     return versions

@@ -322,8 +322,9 @@ def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption 
 @_exit_on_errors(ValueError)  # an invalid serve config (deploy.serve_core raises ValueError)
 def serve(
     name: str,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    host: Annotated[str, typer.Option(help="Listen address (0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default: the serve config's, else 8000).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Listen address (default: the serve config's, else 127.0.0.1; "
+                                                     "another address needs a token).")] = None,
     tracking_uri: TrackingOption = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Serve config YAML (limits, canary, token block...).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="adapter (multiplexed on one base) or merged.")] = None,

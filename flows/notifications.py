@@ -12,6 +12,8 @@ import logging
 import os
 import urllib.request
 
+from lora_tasks.secrets import redact_url
+
 WEBHOOK_ENV = "PREFECT_LORA_WEBHOOK_URL"
 _RUNS: dict[str, dict] = {}
 """Per flow run id: what the flow knows that its hooks need."""
@@ -47,10 +49,10 @@ def post_json(url: str, payload: dict, timeout_s: float = 5.0) -> bool:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             ok = 200 <= resp.status < 300
         if not ok:
-            _logger().warning("webhook %s answered %s", url, resp.status)
+            _logger().warning("webhook %s answered %s", redact_url(url), resp.status)
         return ok
     except Exception as exc:  # noqa: BLE001  (a notification never fails the flow)
-        _logger().warning("could not notify webhook %s: %s", url, exc)
+        _logger().warning("could not notify webhook %s: %s", redact_url(url), str(exc).replace(url, redact_url(url)))
         return False
 
 
@@ -70,8 +72,22 @@ def _settings(flow_run) -> tuple[dict, dict]:
         except Exception:  # noqa: BLE001  (a broken config is itself the failure being reported)
             settings = {}
     settings = {"on_failure": True, "on_promotion": True, "timeout_s": 5.0, **settings}
-    settings["webhook_url"] = settings.get("webhook_url") or os.environ.get(WEBHOOK_ENV)
+    settings["webhook_url"] = (settings.get("webhook_url") or os.environ.get(WEBHOOK_ENV)
+                               or _secret_block(settings.get("webhook_secret_block")))
     return facts, settings
+
+
+def _secret_block(name: str | None) -> str | None:
+    """The webhook URL kept in a Prefect Secret block; None (and a warning) when it cannot be read."""
+    if not name:
+        return None
+    try:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(name).get()
+    except Exception as exc:  # noqa: BLE001  (a notification never fails the flow)
+        _logger().warning("could not read the webhook URL from the Prefect Secret block %r: %s", name, exc)
+        return None
 
 
 def _prefect_link(flow_run) -> str | None:

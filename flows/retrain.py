@@ -34,6 +34,7 @@ from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promot
 from lora_tasks.remedy import apply_outcome, remedy_tags
 from lora_tasks.replay import replay_rows
 from lora_tasks.search import search_trials
+from lora_tasks.secrets import redacted_config
 from lora_tasks.report import (
     baseline_markdown, logged_metrics, metrics_rows, mlflow_markdown, redecision_markdown, remedy_rows, skip_markdown,
     summary_markdown, version_description,
@@ -198,10 +199,7 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
 def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_model: str, tags: dict[str, str]) -> str:
     uri, name = cfg.tracking.tracking_uri, cfg.model_name
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base_model)
-    version = registry.register_version(uri, name, model_uri, run_id, registry.version_tags(tags))
-    aliases.set_challenger(uri, name, version, run_id, actor=aliases.default_actor(str(flow_run.id or "") or None),
-                           lock=alias_lock())
-    return version
+    return registry.register_version(uri, name, model_uri, run_id, registry.version_tags(tags))
 
 
 @task(name="fetch-champion-adapter", **MLFLOW_RETRIES)
@@ -257,6 +255,9 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
         actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id, lock=alias_lock(),
     )
     registry.describe_version(uri, name, version, version_description(report, final))
+    if final.admitted:  # fit for canary traffic; a version refused for its gain or forgetting never gets it
+        aliases.set_challenger(uri, name, version, "admitted by the gate: " + "; ".join(final.reasons)[:4000], run_id,
+                               actor=aliases.default_actor(str(flow_run.id or "") or None), lock=alias_lock())
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
     summary += mlflow_markdown(run_id, tracking.run_page(uri, run_id), version, tracking.version_page(uri, name, version),
@@ -424,7 +425,7 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
             trained = train(cfg, prepare_replay(cfg, data, base), data.train_stream, run_dir, run_id)
             report, adapter_dir = evaluate(cfg, run_dir, trained.adapter_dir, data, base, run_id, champion, champion_dir)
         # Before any MLflow write: what `prefect-lora register RUN_DIR` needs if the server is down from here on.
-        pending = lifecycle.new_pending(cfg.model_dump(mode="json"), run_id, run_dir, adapter_dir,
+        pending = lifecycle.new_pending(redacted_config(cfg.model_dump(mode="json"), drop=True), run_id, run_dir, adapter_dir,
                                         base.name_or_path, {**tags, **remedy_tags(report.remedy)},
                                         lifecycle.DataSummary.of(data), report.to_dict(),
                                         trained.metrics, champion.version if champion else None)

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from .errors import RegistryError
 from .registry import CHALLENGER, CHAMPION, VersionInfo, get_alias, get_version, require_model
 from .tracking import client, now_iso
+from .versions import canonical_version
 
 # ---------------------------------------------------------------------------------------------
 # Alias moves: compare-and-set under a lock, each one with an audit record.
@@ -198,22 +199,24 @@ def compare_and_set_alias(
     re-read after the write shows another writer. Writes an audit record on success."""
     c = client(tracking_uri)
     require_model(c, name)
-    get_version(tracking_uri, name, to_version)  # exists, or a clear error
+    to_version = get_version(tracking_uri, name, to_version).version  # exists (or a clear error), canonical
+    expected = canonical_version(expected) if expected is not None else None
     with _hold(lock, tracking_uri, name, lock_timeout_s):
         current = get_alias(tracking_uri, name, alias)
         now = current.version if current else None
-        if now != (str(expected) if expected is not None else None):
+        if now != expected:
             raise ChampionChanged(name, alias, expected, current)
-        c.set_registered_model_alias(name, alias, str(to_version))
-        after = get_alias(tracking_uri, name, alias)
-        if after is None or after.version != str(to_version):
-            raise AliasConflict(
-                f"{alias!r} of {name!r} reads {after.version if after else None} right after it was set to "
-                f"{to_version}: another writer moved it without the lock"
-            )
-        record = AliasRecord(name, alias, action, now, str(to_version), reason, actor or default_actor(), now_iso(),
+        c.set_registered_model_alias(name, alias, to_version)
+        # The record goes first: the alias never stands moved without one, whatever the re-read finds.
+        record = AliasRecord(name, alias, action, now, to_version, reason, actor or default_actor(), now_iso(),
                              dict(details or {}))
         _write_audit(c, record)
+        after = get_alias(tracking_uri, name, alias)
+        if after is None or after.version != to_version:
+            raise AliasConflict(
+                f"{alias!r} of {name!r} reads {after.version if after else None} right after it was set to "
+                f"{to_version} (audited): another writer moved it without the lock"
+            )
     return record
 
 
@@ -264,8 +267,7 @@ def move_alias(tracking_uri: str, name: str, version: str, *, alias: str, action
                actor: str | None = None, details: dict | None = None, lock: AliasLock | None = None) -> AliasRecord:
     """Point `alias` at `version` whoever holds it now (compare-and-set, read again while it
     keeps moving); audited with `action` and `reason`."""
-    version = str(version)
-    get_version(tracking_uri, name, version)
+    version = get_version(tracking_uri, name, version).version
     for _ in range(5):
         current = get_alias(tracking_uri, name, alias)
         try:
@@ -286,11 +288,14 @@ def promote_version(tracking_uri: str, name: str, version: str, reason: str, act
                       lock=lock)
 
 
-def set_challenger(tracking_uri: str, name: str, version: str, run_id: str | None = None,
-                   actor: str | None = None, lock: AliasLock | None = None) -> AliasRecord:
-    """A newly registered version becomes the `challenger` (audited like every move)."""
-    return move_alias(tracking_uri, name, version, alias=CHALLENGER, action="register",
-                      reason=f"new version {version}" + (f" from run {run_id}" if run_id else ""), actor=actor,
+def set_challenger(tracking_uri: str, name: str, version: str, reason: str, run_id: str | None = None,
+                   actor: str | None = None, lock: AliasLock | None = None) -> AliasRecord | None:
+    """Make a version the gate admitted the `challenger` (audited like every move); None when it
+    already is (a retried task)."""
+    current = get_alias(tracking_uri, name, CHALLENGER)
+    if current is not None and current.version == canonical_version(version):
+        return None
+    return move_alias(tracking_uri, name, version, alias=CHALLENGER, action="admit", reason=reason, actor=actor,
                       details={"run_id": run_id} if run_id else None, lock=lock)
 
 

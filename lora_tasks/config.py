@@ -37,7 +37,8 @@ def _problem_line(prefix: str, key: str, message: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)  # no setting means anything with inf or nan
 
     key_path: ClassVar[str] = ""
     """Where the section sits in a pipeline config: the prefix of its problems' key paths."""
@@ -444,7 +445,11 @@ class NotificationsConfig(_Section):
 
     webhook_url: str | None = None
     """URL that gets a JSON POST when a run fails (naming the failed step) or promotes a version;
-    the env var PREFECT_LORA_WEBHOOK_URL is used when unset. A failed POST never fails the flow."""
+    the env var PREFECT_LORA_WEBHOOK_URL, then `webhook_secret_block`, are used when unset. A
+    failed POST never fails the flow. Treated as a secret: redacted in MLflow params and logs,
+    left out of registration.json (prefer the env var or the block)."""
+    webhook_secret_block: str | None = None
+    """Name of a Prefect Secret block holding the webhook URL (read when the run notifies)."""
     on_failure: bool = True
     """Notify when a run fails or crashes."""
     on_promotion: bool = True
@@ -606,7 +611,7 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | No
     """Validate a raw mapping (plus overrides) into a PipelineConfig, raising one ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(raw, overrides, source)
     cross_field: list[str] = []  # filled by every section whose fields validated (`_check_cross_fields`)
     try:
         cfg = PipelineConfig.model_validate(raw, context={COLLECT_PROBLEMS: cross_field})

@@ -3,7 +3,7 @@ and paths made absolute when a config is loaded. `config.py` holds the config's 
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,36 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
     return parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of `raw` with every `key.path=value` override applied."""
-    data = json.loads(json.dumps(raw))
+def plain(value: Any, path: str = "", problems: list[str] | None = None, source: str = "config") -> Any:
+    """A deep copy of `value` as plain data (mappings with string keys, lists, strings, numbers,
+    booleans, null): a YAML date or time stays the text it was written as (the field then says
+    whether it takes one); binary data and sets, which no setting takes, are problems naming
+    their key. Raises one ConfigError with every problem when called at the top."""
+    top = problems is None
+    problems = [] if top else problems
+    if isinstance(value, dict):
+        out = {str(k): plain(v, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        out = [plain(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    elif isinstance(value, (datetime.date, datetime.time)):
+        out = value.isoformat()
+    elif isinstance(value, (bytes, set)):
+        kind = "binary data (!!binary)" if isinstance(value, bytes) else "a set (!!set)"
+        problems.append(f"{path or '(top level)'}: {kind} is not a setting; write a plain value")
+        out = None
+    else:
+        out = value
+    if top and problems:
+        raise ConfigError(problems, source=source)
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "config") -> dict:
+    """Return a plain copy of `raw` (`plain`) with every `key.path=value` override applied."""
+    data = plain(raw, source=source)
     problems = []
     for keys, value in parse_overrides(overrides):
+        value = plain(value, ".".join(keys), source="overrides")
         node = data
         for i, k in enumerate(keys[:-1]):
             child = node.get(k)

@@ -67,6 +67,13 @@ class Decision:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def admitted(self) -> bool:
+        """Fit to serve beside the champion (the `challenger` alias, canary traffic): promoted, or
+        refused only for not beating the champion. A version refused for its gain or its
+        forgetting never is."""
+        return self.promote or set(self.failed_checks) <= {"champion"}
+
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

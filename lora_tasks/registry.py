@@ -19,8 +19,9 @@ from .config import PipelineConfig
 from .errors import RegistryError
 from .forgetting_table import forgetting_metric
 from .tracking import client, run_metrics
+from .versions import canonical_version, is_version
 
-# The alias names live with the versions: a new version becomes the challenger and a bare model
+# The alias names live with the versions: a version the gate admits becomes the challenger and a bare model
 # reference means the champion. Moving an alias (lock, compare-and-set, audit) is `aliases.py`'s job.
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -158,8 +159,9 @@ def get_version(tracking_uri: str, name: str, version: str) -> VersionInfo:
     """One version and its run's metrics; a clear error when the model or version does not exist."""
     c = client(tracking_uri)
     require_model(c, name)
+    version = canonical_version(version)
     try:
-        mv = c.get_model_version(name, str(version))
+        mv = c.get_model_version(name, version)
     except MlflowException:
         known = sorted((int(v.version) for v in c.search_model_versions(f"name = '{name}'")), reverse=True)
         raise RegistryError(
@@ -171,7 +173,7 @@ def get_version(tracking_uri: str, name: str, version: str) -> VersionInfo:
 def resolve_version(tracking_uri: str, name: str, ref: str | None = None) -> str:
     """A version number from an alias (`champion`, `challenger`, ...) or a version string."""
     ref = CHAMPION if ref in (None, "") else str(ref)
-    if ref.isdigit():
+    if is_version(ref):
         return get_version(tracking_uri, name, ref).version
     c = client(tracking_uri)
     model = require_model(c, name)

@@ -15,6 +15,7 @@ from mlflow.entities import Metric
 
 from .config import PipelineConfig
 from .forgetting_table import FORGETTING_PREFIXES
+from .secrets import redacted_config, without_credentials
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
@@ -68,7 +69,7 @@ def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
             c.set_tag(unfinished, k, v)
         return unfinished
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
-    params = flatten(cfg.model_dump(mode="json"))
+    params = flatten(redacted_config(cfg.model_dump(mode="json")))  # a webhook URL's token never in params
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -265,7 +266,7 @@ LOCAL_UI = "http://127.0.0.1:5000"
 def ui_base(tracking_uri: str) -> str:
     """Where the MLflow UI of `tracking_uri` is: the tracking server itself, or for a local store
     the address `mlflow ui` (`ui_command`) serves it on by default."""
-    return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+    return without_credentials(tracking_uri).rstrip("/") if is_server(tracking_uri) else LOCAL_UI
 
 
 def is_server(tracking_uri: str) -> bool:

@@ -137,3 +137,32 @@ def test_settling_again_after_our_own_move_changes_nothing(uri):
     final, _, record = _settle(uri, v1, None)  # a task retry: decided against "no champion" again
     assert final.promote and record.action == "already-champion"
     assert aliases.alias_history(uri, NAME) == before
+
+
+def test_a_version_spelled_with_zeros_moves_the_alias_once_and_audited(uri):
+    """`promote NAME 0002` is version 2: moved, audited with "2", nothing left half-done."""
+    v1, v2 = _add_version(uri, 1.0), _add_version(uri, 0.5)
+    aliases.promote_version(uri, NAME, v1, reason="first")
+    record = aliases.promote_version(uri, NAME, "000" + v2, reason="spelled with zeros")
+    assert (record.from_version, record.to_version) == (v1, v2)
+    assert registry.get_alias(uri, NAME).version == v2 and registry.resolve_version(uri, NAME, "0" + v2) == v2
+    assert [h["to_version"] for h in aliases.alias_history(uri, NAME, registry.CHAMPION)] == [v1, v2]
+    with pytest.raises(RegistryError, match="ASCII digits"):
+        aliases.promote_version(uri, NAME, "\u0661", reason="an Arabic-Indic one")
+    assert registry.get_alias(uri, NAME).version == v2
+
+
+def test_an_overwrite_seen_after_the_write_still_leaves_the_audit_record(uri, monkeypatch):
+    """Another writer that bypasses the lock: the re-read reports it, and the move made before it
+    is on record."""
+    v1, v2 = _add_version(uri, 1.0), _add_version(uri, 0.5)
+    real_set = tracking.MlflowClient.set_registered_model_alias
+
+    def set_then_overwritten(self, name, alias, version):  # a writer without the lock lands right after ours
+        real_set(self, name, alias, version)
+        real_set(self, name, alias, v1)
+
+    monkeypatch.setattr(tracking.MlflowClient, "set_registered_model_alias", set_then_overwritten)
+    with pytest.raises(aliases.AliasConflict, match="audited"):
+        aliases.promote_version(uri, NAME, v2, reason="ours")
+    assert [(h["to_version"], h["reason"]) for h in aliases.alias_history(uri, NAME)] == [(v2, "ours")]

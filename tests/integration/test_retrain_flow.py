@@ -122,9 +122,9 @@ def test_first_run_reads_well_in_mlflow(first_run):
     assert not [k for k in model.tags if k.startswith("prefect_lora.alias_audit.")]
     moves = aliases.alias_history(first_run.tracking_uri, "tiny-sums")
     assert [(r["alias"], r["action"], r["to_version"]) for r in moves][:2] == [
-        ("challenger", "register", "1"), ("champion", "auto-promote", "1")]
+        ("champion", "auto-promote", "1"), ("challenger", "admit", "1")]
     files = [a.path for a in client.list_artifacts(model.tags[aliases.AUDIT_RUN_TAG], aliases.AUDIT_DIR)]
-    assert len(files) == len(moves) and "-champion-auto-promote-v1-" in files[1]
+    assert len(files) == len(moves) and "-champion-auto-promote-v1-" in files[0]
 
 
 def test_champion_loads_and_predicts_through_pyfunc(first_run):
@@ -168,7 +168,8 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
     assert result.promoted is False and result.version == "2"
     client = MlflowClient(result.tracking_uri)
     assert str(client.get_model_version_by_alias("tiny-sums", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("tiny-sums", "challenger").version) == "1", \
+        "a version refused for its gain never takes canary traffic"
     v2 = client.get_model_version("tiny-sums", "2")
     assert v2.tags["promotion.decision"] == "rejected"
     assert "below the required 100" in v2.tags["promotion.reasons"]

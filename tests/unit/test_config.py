@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
 from lora_tasks.errors import ConfigError
@@ -141,3 +143,43 @@ def test_config_hash_tracks_content():
     a, b = config_from_dict(MINIMAL), config_from_dict(MINIMAL)
     c = config_from_dict(apply_overrides(MINIMAL, ["training.max_steps=6"]))
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+LEAVES = _leaves(config_from_dict(MINIMAL).model_dump(mode="json"))
+ODD_VALUES = st.one_of(st.dates(), st.datetimes(), st.binary(max_size=4), st.sets(st.integers(), max_size=2),
+                       st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**40), 10**40),
+                       st.text(max_size=8), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(LEAVES), value=ODD_VALUES)
+def test_any_value_at_any_key_is_a_config_or_a_one_line_error(key, value):
+    """What YAML can produce (dates, binary, sets, inf, nan, huge ints) never escapes as anything
+    but a ConfigError naming the key; an accepted config hashes and has no inf or nan."""
+    import copy
+    import math
+
+    raw = copy.deepcopy(MINIMAL)
+    node = raw
+    *sections, leaf = key.split(".")
+    for s in sections:
+        node = node.setdefault(s, {})
+    node[leaf] = value
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and "\n" not in p for p in exc.problems)
+        return
+    assert len(cfg.config_hash()) >= 12
+    dumped = _leaves(cfg.model_dump(mode="json"))
+    assert dumped == LEAVES
+    assert not [v for v in _values(cfg.model_dump()) if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _values(d):
+    for v in d.values():
+        yield from (_values(v) if isinstance(v, dict) else [v])

@@ -105,3 +105,15 @@ def test_disabled_failure_notifications_send_nothing(receiver, monkeypatch):
     notifications.remember(run.id, model_name="m", notifications={"webhook_url": url, "on_failure": False})
     notifications.on_failure(None, run, SimpleNamespace(name="Failed", message="x"))
     assert got == []
+
+
+def test_a_failed_post_logs_where_it_went_not_the_token(caplog):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/services/T0/B0/sekrit-token"
+    with caplog.at_level("WARNING", logger="prefect_lora.notifications"):
+        assert notifications.post_json(url, {"a": 1}, timeout_s=1) is False
+    assert "sekrit-token" not in caplog.text and f"http://127.0.0.1:{port}/…(redacted)" in caplog.text

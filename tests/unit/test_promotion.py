@@ -131,3 +131,13 @@ def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     limits = forgetting_limits(PromotionPolicy(max_benchmark_accuracy_drop=0.1),
                                ["benchmark_arc_accuracy_drop", "self_retention_kl", "reference_kl"])
     assert limits == {"benchmark_arc_accuracy_drop": 0.1, "reference_kl": 0.5}
+
+
+@pytest.mark.parametrize("promote, failed, admitted", [
+    (True, [], True), (False, ["champion"], True), (False, ["task_gain"], False),
+    (False, ["reference_kl"], False), (False, ["champion", "reference_kl"], False),
+])
+def test_only_a_version_fit_to_serve_is_admitted_as_challenger(promote, failed, admitted):
+    from lora_tasks.promotion import Decision
+
+    assert Decision(promote, ["r"], failed).admitted is admitted

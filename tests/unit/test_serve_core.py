@@ -68,13 +68,14 @@ def test_classify_needs_input():
 
 @pytest.mark.parametrize("model, ref", [
     (None, "champion"), ("", "champion"), ("m", "champion"), ("m@champion", "champion"), ("m@challenger", "challenger"),
-    ("m/3", "3"), ("3", "3"), ("v3", "3"), ("challenger", "challenger"),
+    ("m/3", "3"), ("3", "3"), ("v3", "3"), ("challenger", "challenger"), ("m/0003", "3"), ("v03", "3"),
 ])
 def test_model_field(model, ref):
     assert parse_model_field(model, "m") == ref
 
 
-@pytest.mark.parametrize("model, status", [("other@champion", 404), ("other/2", 404), (5, 400), ("m@", 400), ("m@bad alias!", 400)])
+@pytest.mark.parametrize("model, status", [("other@champion", 404), ("other/2", 404), (5, 400), ("m@", 400), ("m@bad alias!", 400),
+                                           ("m/\u0661", 400), ("m/\u00b2", 400), ("m/0", 400), ("m/2.0", 400)])
 def test_model_field_errors(model, status):
     with pytest.raises(RequestProblem) as exc:
         parse_model_field(model, "m")
@@ -170,3 +171,46 @@ def test_a_missing_secret_block_is_one_clear_message(monkeypatch):
     monkeypatch.setattr(SecretBlock, "load", classmethod(boom))
     with pytest.raises(ValueError, match="Prefect Secret block 'nope'.*PREFECT_LORA_SERVE_TOKEN"):
         resolve_token(ServeConfig(model_name="m", token_secret_block="nope"))
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"), ("dir", "is a folder"), ("port: [1\n", "not valid YAML at line"),
+    ("- a\n- b\n", "must be a mapping of settings"), ("port: 0\n", "port"), (b"\xff\xfe", "not UTF-8"),
+])
+def test_a_bad_serve_config_is_one_message_naming_the_fix(tmp_path, content, says):
+    from deploy.serve_core import load_serve_config
+
+    path = tmp_path / "serve.yaml"
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=says):
+        load_serve_config(path, model_name="m")
+
+
+def test_options_not_given_leave_the_serve_files_host_and_port(tmp_path):
+    from deploy.serve_core import load_serve_config
+
+    (tmp_path / "s.yaml").write_text("host: 10.1.2.3\nport: 9001\nallow_unauthenticated: true\n")
+    cfg = load_serve_config(tmp_path / "s.yaml", model_name="m", host=None, port=None)
+    assert (cfg.host, cfg.port) == ("10.1.2.3", 9001)
+    assert load_serve_config(tmp_path / "s.yaml", model_name="m", port=8123).port == 8123
+
+
+@pytest.mark.parametrize("host, token, allowed, ok", [
+    ("127.0.0.1", None, False, True), ("localhost", None, False, True), ("::1", None, False, True),
+    ("0.0.0.0", None, False, False), ("10.0.0.5", None, False, False), ("0.0.0.0", "t", False, True),
+    ("0.0.0.0", None, True, True),
+])
+def test_serving_beyond_this_machine_needs_a_token_or_an_explicit_yes(host, token, allowed, ok):
+    from deploy.serve_core import ServeConfig, check_exposure
+
+    cfg = ServeConfig(model_name="m", host=host, allow_unauthenticated=allowed)
+    if ok:
+        check_exposure(cfg, token)
+    else:
+        with pytest.raises(ValueError, match="refusing to serve on .* without a bearer token"):
+            check_exposure(cfg, token)
