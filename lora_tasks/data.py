@@ -96,8 +96,17 @@ def _detect_format(p: Path, format: str) -> str:
     return fmt
 
 
+MAX_READ_BYTES = 4 * 2**30
+"""Largest file the in-memory loader reads whole; above it `data.loader: ray_data` streams."""
+
+
 def _read_text(p: Path) -> str:
     """Read a whole text file as strict UTF-8 (a leading BOM is dropped)."""
+    if not p.is_file():  # a device (/dev/zero), a FIFO or a socket never ends or never answers
+        raise DataError(f"{p}: is not a regular file. Fix: point to a data file.")
+    if p.stat().st_size > MAX_READ_BYTES:
+        raise DataError(f"{p}: is {p.stat().st_size / 2**30:.1f} GiB, more than the in-memory loader reads "
+                        f"({MAX_READ_BYTES / 2**30:.0f} GiB). Fix: set data.loader: ray_data to stream it.")
     try:
         raw = p.read_bytes()
     except OSError as exc:

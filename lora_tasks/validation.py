@@ -188,9 +188,10 @@ def _label_key(v) -> str | None:
         return str(int(v))
     if isinstance(v, (float, np.floating)):
         return str(int(v)) if math.isfinite(v) and float(v).is_integer() else None
-    if isinstance(v, str):
+    if isinstance(v, str):  # "1" and "1.0" (a CSV cell) are the label 1, as 1 and 1.0 are in JSON or Parquet
         s = v.strip()
-        return str(int(s)) if len(s) < 50 and re.fullmatch(r"[+-]?\d+", s) else s
+        whole = re.fullmatch(r"([+-]?\d+)(?:\.0*)?", s) if len(s) < 50 else None
+        return str(int(whole.group(1))) if whole else s
     return None
 
 
@@ -376,6 +377,17 @@ class _SplitCheck:
             return
         issues.append(Issue(self.name, check, column, self.rows[pos], _short_repr(value), reason))
 
+    def _header_hint(self, existing: list[str]) -> str:
+        """Why no expected column is there, when the header says: one field holding another
+        delimiter, or a first row of data where the header should be."""
+        expected = [*self.spec.text_columns, *([self.spec.label_column] if self.spec.label_column else [])]
+        if any(c in existing for c in expected):
+            return ""
+        if len(existing) == 1 and (sep := next((d for d in ";|\t" if d in existing[0]), None)):
+            return (f". The header is one field holding {sep!r}: the file separates fields with {sep!r}, "
+                    f"not ','; convert it to CSV (or tabs to .tsv)")
+        return f". If the first row is data, not a header, add the header row: {','.join(expected)}"
+
     def run_schema(self, schema: pa.DataFrameSchema) -> None:
         """Validate lazily and turn pandera's failure cases into issues."""
         if not self.frame.columns.is_unique:
@@ -404,7 +416,7 @@ class _SplitCheck:
                 missing,
                 None,
                 f"column {missing!r} is missing; the columns are {existing}. "
-                f"Rename the column in the data or set the matching *_column option",
+                f"Rename the column in the data or set the matching *_column option{self._header_hint(existing)}",
             )
             return
         if index is None or (isinstance(index, float) and math.isnan(index)):
@@ -501,8 +513,8 @@ class _SplitCheck:
     def counts_by_check(self) -> dict[str, int]:
         """Check -> failing rows; a split-wide issue fails every row."""
         counts: dict[str, int] = {}
-        for issue in self.split_issues:
-            counts[issue.check] = counts.get(issue.check, 0) + len(self.frame)
+        for check in dict.fromkeys(i.check for i in self.split_issues):  # two missing columns fail each row once
+            counts[check] = counts.get(check, 0) + len(self.frame)
         for issues in self.row_issues.values():
             for check in dict.fromkeys(i.check for i in issues):
                 counts[check] = counts.get(check, 0) + 1

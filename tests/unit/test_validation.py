@@ -203,6 +203,7 @@ def test_valid_rows_are_stripped_and_labels_as_declared():
         ([0, 1], [" 1", "+0"], True),
         (["neg", "pos"], ["pos", "neg "], True),
         ([0, 1], [1.0, 0.0], True),
+        ([0, 1], ["1.0", "0.00"], True),  # a CSV cell reads as the JSON float does
         ([0, 1], [True, 0], False),
         ([0, 1], ["1.5", 1], False),
         (["neg", "pos"], ["Pos", "neg"], False),
@@ -395,3 +396,26 @@ def test_real_cnndm_quarantines_its_few_duplicates(tmp_path):
     assert set(result.report.counts_by_check) <= {"duplicate_row", "train_eval_overlap"}
     _, qpath = enforce_policy(result, policy="quarantine", max_invalid_fraction=0.1, quarantine_dir=tmp_path)
     assert (qpath is None) == result.report.ok
+
+
+def test_a_csv_without_a_header_or_with_another_delimiter_says_so(tmp_path):
+    headless = tmp_path / "h.csv"
+    headless.write_text("I loved it,1\nawful,0\nfine,1\n")
+    semi = tmp_path / "s.csv"
+    semi.write_text("text;label\ngood;1\nbad;0\n")
+    for path, says in ((headless, "If the first row is data, not a header, add the header row: text,label"),
+                       (semi, "the file separates fields with ';', not ','")):
+        train = load_table(path)
+        result = validate_splits(train, CLEAN_EVAL, **CLS)
+        assert not result.report.ok and all(says in i.reason for i in result.report.issues if i.split == "train")
+        assert result.report.counts_by_check == {"missing_column": len(train)}, "two missing columns, each row once"
+
+
+def test_a_device_or_a_fifo_is_refused_before_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(LoraTaskError, match="is not a regular file"):
+            load_table(path, "jsonl")
