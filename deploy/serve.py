@@ -233,11 +233,12 @@ class AdapterModel(_Replica):
         if name in self.loaded:
             return
         files = self._files_for(version)
-        clean = copy_safe_adapter(files.adapter_dir, tempfile.mkdtemp(prefix=f"pl-serve-{name}-"))
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, str(clean), adapter_name=name, is_trainable=False)
-        else:
-            self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
+        with tempfile.TemporaryDirectory(prefix=f"pl-serve-{name}-") as tmp:  # gone once the weights are in memory
+            clean = copy_safe_adapter(files.adapter_dir, tmp)
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(clean), adapter_name=name, is_trainable=False)
+            else:
+                self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
         self.peft.eval()
         self.loaded.add(name)
         logger.info("adapter of version %s attached", version)
@@ -289,6 +290,10 @@ class MergedModel(_Replica):
 
 
 # ----------------------------------------------------------------------------- HTTP gateway
+
+async def _awaited(response):
+    return await response
+
 
 app = FastAPI(title="prefect-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -350,10 +355,13 @@ class Gateway:
 
     async def _guard(self, request: Request) -> dict:
         check_auth(request.headers.get("authorization"), self.token)
-        check_body_size(request.headers.get("content-length"), None, self.cfg)
-        body = await request.body()
-        check_body_size(None, body, self.cfg)
-        return parse_json(body)
+        check_body_size(request.headers.get("content-length"), self.cfg)
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked body past the limit stops here
+            size += len(chunk)
+            check_body_size(size, self.cfg)
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
 
     def _version(self, ref: str) -> str:
         if is_version(ref):  # canonical already (`parse_model_field`)
@@ -368,7 +376,13 @@ class Gateway:
         ref = choose_alias(ref, self.cfg.canary_share, "challenger" in self.aliases
                            and self.aliases.get("challenger") != self.aliases.get("champion"))
         version = self._version(ref)
-        result = await self.model.options(multiplexed_model_id=version).run.remote(op, payload)
+        response = self.model.options(multiplexed_model_id=version).run.remote(op, payload)
+        try:
+            result = await asyncio.wait_for(_awaited(response), self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestProblem(504, f"the request took longer than {self.cfg.request_timeout_s:g} s "
+                                      "(request_timeout_s); ask for fewer tokens or try again", "timeout") from None
         if "error" in result:
             raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
         return result, version

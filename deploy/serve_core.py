@@ -64,6 +64,8 @@ class ServeConfig(BaseModel):
     """Name of a Prefect Secret block holding the bearer token (the env var PREFECT_LORA_SERVE_TOKEN wins)."""
     device: str = "cpu"
     """Torch device of the model replicas (`cuda` gives each replica one GPU)."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """Longest a request may take end to end; it is answered 504 and its work cancelled after."""
     allow_unauthenticated: bool = False
     """Serve on a non-loopback `host` with no bearer token: refused unless this is true (for a
     network that already authenticates, e.g. behind a gateway)."""
@@ -178,10 +180,15 @@ def check_auth(authorization: str | None, token: Secret | None) -> None:
         raise RequestProblem(401, "invalid bearer token", "authentication_error")
 
 
-def check_body_size(content_length: str | None, body: bytes | None, cfg: ServeConfig) -> None:
-    size = len(body) if body is not None else int(content_length or 0)
+def check_body_size(size: int | str | None, cfg: ServeConfig) -> None:
+    """413 past `max_body_bytes`: for the declared Content-Length, then for the bytes read so far."""
+    try:
+        size = int(size or 0)
+    except ValueError:
+        raise RequestProblem(400, f"Content-Length {size!r} is not a number of bytes") from None
     if size > cfg.max_body_bytes:
-        raise RequestProblem(413, f"request body is {size} bytes; the limit is {cfg.max_body_bytes}")
+        raise RequestProblem(413, f"request body is over {cfg.max_body_bytes} bytes (at least {size}); "
+                                  f"the limit is {cfg.max_body_bytes}")
 
 
 def parse_json(body: bytes) -> dict:
@@ -189,6 +196,8 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError):
         raise RequestProblem(400, "request body is not valid JSON") from None
+    except RecursionError:
+        raise RequestProblem(400, "request body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise RequestProblem(400, "request body must be a JSON object")
     return data
@@ -253,9 +262,13 @@ def _temperature(body: dict) -> float:
     t = body.get("temperature", 0)
     if t is None:
         return 0.0
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
-        raise RequestProblem(400, "'temperature' must be a number from 0 to 2 (0 is greedy)")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not (t == 0 or MIN_TEMPERATURE <= t <= 2):
+        raise RequestProblem(400, f"'temperature' must be 0 (greedy) or a number from {MIN_TEMPERATURE} to 2")
     return float(t)
+
+
+MIN_TEMPERATURE = 0.01
+"""Below it, logits divided by the temperature overflow to inf: use 0 for greedy decoding."""
 
 
 def parse_completion(body: dict, cfg: ServeConfig) -> dict:

@@ -143,6 +143,10 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
     ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     ({"content": b"[1]"}, 400, "JSON object"),
     ({"content": b'{"prompt": "' + b"x" * 3000 + b'"}'}, 413, "limit is 2048"),
+    ({"content": iter([b'{"prompt": "', b"x" * 3000, b'"}'])}, 413, "limit is 2048"),  # chunked: no Content-Length
+    ({"content": b"[" * 1000 + b"]" * 1000}, 400, "nests JSON too deeply"),
+    ({"json": {"prompt": "hi", "temperature": 1e-300}}, 400, "0 (greedy)"),
+    ({"json": {"prompt": "hi", "model": f"{NAME}/\u0661"}}, 400, "ASCII digits"),
     ({"json": {"prompt": "hi", "model": "other@champion"}}, 404, "not 'other'"),
     ({"json": {"prompt": "hi", "model": f"{NAME}@staging"}}, 404, "no alias 'staging'"),
     ({"json": {"prompt": "hi", "model": f"{NAME}/99"}}, 404, "no version '99'"),

@@ -35,7 +35,7 @@ CFG = ServeConfig(model_name="m", max_prompt_chars=20, max_tokens_cap=8, default
     ({"prompt": "hi", "max_tokens": 9}, 400, "at most 8"),
     ({"prompt": "hi", "max_tokens": 0}, 400, "positive integer"),
     ({"prompt": "hi", "max_tokens": "5"}, 400, "positive integer"),
-    ({"prompt": "hi", "temperature": 3}, 400, "from 0 to 2"),
+    ({"prompt": "hi", "temperature": 3}, 400, "from 0.01 to 2"), ({"prompt": "hi", "temperature": 1e-300}, 400, "0 (greedy)"),
 ])
 def test_completion_limits(body, status, needle):
     with pytest.raises(RequestProblem) as exc:
@@ -114,12 +114,16 @@ def test_token_from_env(monkeypatch):
 
 
 def test_body_size_and_json():
-    check_body_size("300", None, CFG)
+    check_body_size("300", CFG)
     with pytest.raises(RequestProblem) as exc:
-        check_body_size("301", None, CFG)
+        check_body_size(301, CFG)
     assert exc.value.status == 413
     with pytest.raises(RequestProblem, match="not valid JSON"):
         parse_json(b"{oops")
+    with pytest.raises(RequestProblem, match="not a number of bytes"):
+        check_body_size("12abc", CFG)
+    with pytest.raises(RequestProblem, match="nests JSON too deeply"):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(RequestProblem, match="JSON object"):
         parse_json(b"[1, 2]")
     assert parse_json(b'{"a": 1}') == {"a": 1}
