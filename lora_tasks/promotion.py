@@ -63,6 +63,10 @@ class Decision:
     promote: bool
     reasons: list[str]
     failed_checks: list[str]
+    """Every check that did not pass: shown to fail, or undecided."""
+    undecided_checks: list[str] = field(default_factory=list)
+    """The checks whose interval straddles their limit: neither passed nor failed; more evidence
+    (rows, probes, tokens, questions) would decide them. Never promoted on."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,23 +95,55 @@ def _show(point, bounds: tuple[float, float]) -> str:
     return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
 
 
+def _outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool) -> str:
+    """`pass` when the worse bound is within the limit, `fail` when even the better one is beyond
+    it, `undecided` when the interval straddles it."""
+    worse, better = (bounds[1], bounds[0]) if upper_is_worse else (bounds[0], bounds[1])
+    beyond = (lambda x: x > limit) if upper_is_worse else (lambda x: x < limit)
+    return "pass" if not beyond(worse) else "fail" if beyond(better) else "undecided"
+
+
+EVIDENCE_UNITS = {"corpus": "reference tokens", "probes": "probes", "benchmark": "benchmark questions"}
+
+
+def _evidence_needed(point: float, bounds: tuple[float, float], limit: float, unit: str) -> str:
+    """How much more evidence would decide a straddling check at this estimate: the interval's
+    half-width shrinks as one over the square root of the sample, so (half-width / gap)² times it."""
+    half, gap = (bounds[1] - bounds[0]) / 2, abs(point - limit)
+    if gap == 0 or half == 0:
+        return f"the estimate sits on the limit: no number of {unit} decides it"
+    return f"about {max(1.0, (half / gap) ** 2):.1f}x the {unit} would decide it"
+
+
+def _record(name: str, outcome: str, reasons: list[str], failed: list[str], undecided: list[str], text: dict) -> None:
+    """Add the reason for `outcome` (`text[outcome]`) and file the check as failed or undecided."""
+    if outcome != "pass":
+        failed.append(name)
+    if outcome == "undecided":
+        undecided.append(name)
+    reasons.append(text[outcome])
+
+
 def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate, limit, reasons: list[str],
-                      failed: list[str]) -> None:
-    """Pass when the metric's worse bound is within the limit: forgetting must be shown small."""
+                      failed: list[str], undecided: list[str]) -> None:
+    """Pass when the metric's worse bound is within the limit: forgetting must be shown small;
+    fail when even its better bound is beyond; undecided in between."""
     if limit is None:
         return
     value = candidate.forgetting[name]
     bounds = _bounds(candidate, name, value)
-    side = "upper" if metric.higher_is_worse else "lower"
     if bounds is None:
         failed.append(name)
         reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number; "
                        f"it cannot be shown within the limit {limit:.4g}")
-    elif bounds[1] > limit if metric.higher_is_worse else bounds[0] < limit:
-        failed.append(name)
-        reasons.append(f"{name}: {_show(value, bounds)} may exceed the limit {limit:.4g} (forgetting; {side} bound checked)")
-    else:
-        reasons.append(f"{name}: {_show(value, bounds)} within the limit {limit:.4g}")
+        return
+    shown, unit = _show(value, bounds), EVIDENCE_UNITS[metric.source]
+    _record(name, _outcome(bounds, limit, metric.higher_is_worse), reasons, failed, undecided, {
+        "pass": f"{name}: {shown} within the limit {limit:.4g}",
+        "fail": f"{name}: {shown} beyond the limit {limit:.4g}: forgetting shown (even the better bound is past it)",
+        "undecided": f"{name}: {shown} straddles the limit {limit:.4g}: undecided, forgetting neither shown nor "
+                     f"ruled out; {_evidence_needed(value, bounds, limit, unit)}",
+    })
 
 
 def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy) -> Decision:
@@ -127,32 +163,37 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     without an interval (metrics recorded before intervals existed) compares the point."""
     reasons: list[str] = []
     failed: list[str] = []
+    undecided: list[str] = []
     m = candidate.primary_metric
 
-    gain = candidate.task_gain
+    gain, need = candidate.task_gain, policy.min_task_gain
     bounds = _bounds(candidate, "task_gain", gain)
     if bounds is None:
         failed.append("task_gain")
         reasons.append(f"task_gain: {m} of base ({candidate.base_score}) or adapted ({candidate.adapted_score}) is missing or not finite")
-    elif bounds[0] < policy.min_task_gain:
-        failed.append("task_gain")
-        reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base; the lower bound is below the required {policy.min_task_gain:.4g}")
     else:
-        reasons.append(f"task_gain: {m} improved by {_show(gain, bounds)} over base (required {policy.min_task_gain:.4g})")
+        shown = _show(gain, bounds)
+        _record("task_gain", _outcome(bounds, need, upper_is_worse=False), reasons, failed, undecided, {
+            "pass": f"task_gain: {m} improved by {shown} over base (required {need:.4g})",
+            "fail": f"task_gain: {m} improved by {shown} over base; even the upper bound is below the required {need:.4g}",
+            "undecided": f"task_gain: {m} improved by {shown} over base, straddling the required {need:.4g}: undecided; "
+                         f"{_evidence_needed(gain, bounds, need, 'eval rows')}",
+        })
 
     measured = [(name, metric) for metric in FORGETTING_METRICS for name in sorted(candidate.forgetting) if metric.matches(name)]
     if policy.require_forgetting_metrics and not measured:
         failed.append("forgetting")
         reasons.append("forgetting: no forgetting metric was measured (set evaluation.reference) and the policy requires one")
     for name, metric in measured:
-        _check_forgetting(name, metric, candidate, getattr(policy, metric.limit), reasons, failed)
+        _check_forgetting(name, metric, candidate, getattr(policy, metric.limit), reasons, failed, undecided)
 
     if policy.beat_champion:
-        _check_champion(candidate, champion, policy, reasons, failed)
-    return Decision(promote=not failed, reasons=reasons, failed_checks=failed)
+        _check_champion(candidate, champion, policy, reasons, failed, undecided)
+    return Decision(promote=not failed, reasons=reasons, failed_checks=failed, undecided_checks=undecided)
 
 
-def _check_champion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy, reasons, failed) -> None:
+def _check_champion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy, reasons, failed,
+                    undecided) -> None:
     m, tol = candidate.primary_metric, policy.champion_tolerance
     if champion is None:
         reasons.append("champion: none yet, this version would be the first")
@@ -162,12 +203,15 @@ def _check_champion(candidate: Candidate, champion: Candidate | None, policy: Pr
         if not (_finite(low) and _finite(high)):
             failed.append("champion")
             reasons.append(f"champion: the comparison with version {champion.version} is not a finite number")
-        elif low < -tol:
-            failed.append("champion")
-            reasons.append(f"champion: {m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data; "
-                           f"it may be worse by more than the tolerance {tol:.4g}")
         else:
-            reasons.append(f"champion: {m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data (tolerance {tol:.4g})")
+            lead, v = f"{m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data", champion.version
+            point = (low + high) / 2  # the candidate carries the interval of the lead, not its point
+            _record("champion", _outcome((low, high), -tol, upper_is_worse=False), reasons, failed, undecided, {
+                "pass": f"champion: {lead} (tolerance {tol:.4g})",
+                "fail": f"champion: {lead}: worse than version {v} by more than the tolerance {tol:.4g}",
+                "undecided": f"champion: {lead}, straddling the tolerance {tol:.4g}: undecided; "
+                             f"{_evidence_needed(point, (low, high), -tol, 'eval rows')}",
+            })
         return
     if champion.primary_metric != m or not _finite(champion.adapted_score):
         reasons.append(f"champion: version {champion.version} has no comparable {m}; not compared")

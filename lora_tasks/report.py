@@ -286,7 +286,9 @@ def summary_markdown(
                       + ["| " + " | ".join(r) + " |" for r in rows])
     confidence = f"{cfg.promotion.confidence:.0%} bootstrap intervals in brackets"
     reasons = "\n".join(f"- {r}" for r in decision.reasons)
-    verdict = "**promoted to `champion`**" if decision.promote else "**not promoted**"
+    verdict = ("**promoted to `champion`**" if decision.promote else
+               f"**not promoted: undecided** on {', '.join(decision.undecided_checks)}" if decision.undecided_checks
+               else "**not promoted**")
     champ = f"version {champion_version}" if champion_version else "none"
     uri = cfg.tracking.tracking_uri
     ui = uri if uri.startswith(("http://", "https://")) else ui_command(uri)
@@ -339,7 +341,9 @@ def version_description(report: EvalReport, decision: Decision) -> str:
         scores += f" (gain {gain[0]:+.3g} [{gain[1]:.3g}, {gain[2]:.3g}])"
     kept = [f"{name.replace('_', ' ')} {_fmt(v)}" for name, v in report.forgetting.items()
             if forgetting_metric(name)]
-    verdict = "Promoted to champion" if decision.promote else "Not promoted"
+    verdict = ("Promoted to champion" if decision.promote else
+               f"Not promoted, undecided on {', '.join(decision.undecided_checks)} (more evidence would decide)"
+               if decision.undecided_checks else "Not promoted")
     first = f"{verdict}: {scores}" + (f"; forgetting: {', '.join(kept)}" if kept else "") + "."
     r = report.remedy or {}
     if r.get("needed") and r.get("chosen"):  # what is registered is not the adapter as trained

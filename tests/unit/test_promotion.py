@@ -141,3 +141,32 @@ def test_only_a_version_fit_to_serve_is_admitted_as_challenger(promote, failed, 
     from lora_tasks.promotion import Decision
 
     assert Decision(promote, ["r"], failed).admitted is admitted
+
+
+@pytest.mark.parametrize("point, interval, outcome", [
+    (0.015, (0.0, 0.03), "pass"), (0.075, (0.06, 0.09), "fail"), (0.025, (-0.05, 0.125), "undecided")])
+def test_each_check_passes_fails_or_is_undecided_with_the_evidence_it_needs(point, interval, outcome):
+    """A 40-question benchmark: a drop of 0.025 [-0.05, 0.125] against a limit of 0.05 is not
+    forgetting seen but too little evidence, and says how much more would decide it."""
+    from lora_tasks.promotion import Candidate
+
+    bench = "benchmark_quiz_accuracy_drop"
+    cand = Candidate("eval_loss", False, 2.0, 1.5, {bench: point}, "2", {"task_gain": (0.3, 0.7), bench: interval})
+    d = decide_promotion(cand, None, PromotionPolicy(max_benchmark_accuracy_drop=0.05, min_task_gain=0.05))
+    reason = next(r for r in d.reasons if r.startswith(bench))
+    assert d.promote is (outcome == "pass")
+    assert (bench in d.undecided_checks) is (outcome == "undecided") and (bench in d.failed_checks) is (outcome != "pass")
+    if outcome == "undecided":
+        assert "straddles the limit 0.05: undecided" in reason and "may exceed" not in reason
+        assert "about 12.2x the benchmark questions would decide it" in reason  # (0.0875 / 0.025)^2
+    if outcome == "fail":
+        assert "forgetting shown" in reason
+
+
+@pytest.mark.parametrize("gain, outcome", [((0.1, 0.3), "pass"), ((-0.2, 0.02), "fail"), ((0.0, 0.2), "undecided")])
+def test_task_gain_has_three_outcomes_too(gain, outcome):
+    from lora_tasks.promotion import Candidate
+
+    cand = Candidate("eval_loss", False, 2.0, 2.0 - sum(gain) / 2, {}, "2", {"task_gain": gain})
+    d = decide_promotion(cand, None, PromotionPolicy(min_task_gain=0.05, require_forgetting_metrics=False))
+    assert d.promote is (outcome == "pass") and ("task_gain" in d.undecided_checks) is (outcome == "undecided")
