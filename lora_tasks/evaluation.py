@@ -276,7 +276,7 @@ class Evaluation:
         started = time.perf_counter()
         bm = cfg.base_model
         self.cfg, self.device, self.base_info, self.champion_version = cfg, device, base_info, champion_version
-        self.champion_adapter_dir = champion_adapter_dir
+        self.adapter_dir, self.champion_adapter_dir = adapter_dir, champion_adapter_dir
         self.tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
         self.views = load_views(cfg, adapter_dir, champion_adapter_dir, device, self.tokenizer)
         self.stats_kw = {"resamples": cfg.evaluation.bootstrap_samples, "confidence": cfg.promotion.confidence,
@@ -295,12 +295,13 @@ class Evaluation:
                           self.champion_version)
 
     def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
-        """One view's task scores on `rows`: computed once per evaluation; the base's and the
-        champion's also kept on disk across runs (`score_cache`), as their weights do not change."""
+        """One view's task scores on `rows`: computed once per evaluation, and kept on disk across
+        runs (`score_cache`, keyed by the weights' bytes): the base and a champion never change, and
+        today's adapter is tomorrow's champion."""
         key = (name, scale if name == ADAPTED else 1.0, part)
         if key in self._task:
             return self._task[key]
-        stored = self._stored_key(name, rows)
+        stored = self._stored_key(name, key[1], rows)
         scores = score_cache.load(stored) if stored else None
         if scores is None:
             with self.views.scaled(name, key[1]), self.views.use(name) as m:
@@ -312,11 +313,13 @@ class Evaluation:
         self._task[key] = scores
         return scores
 
-    def _stored_key(self, name: str, rows: list[dict]) -> str | None:
-        """The disk cache key of the base's or the champion's scores on `rows` (None for the new adapter)."""
-        if name not in (BASE, CHAMPION) or self.base_info is None:
+    def _stored_key(self, name: str, scale: float, rows: list[dict]) -> str | None:
+        """The disk cache key of a view's scores on `rows`: the base's, the champion's, and the new
+        adapter's as trained (scale 1), which the next run reads back if it became the champion
+        (its registered files are the trained ones, byte for byte). None for a scaled adapter."""
+        if self.base_info is None or (name == ADAPTED and scale != 1.0):
             return None
-        adapter = self.champion_adapter_dir if name == CHAMPION else None
+        adapter = {CHAMPION: self.champion_adapter_dir, ADAPTED: self.adapter_dir}.get(name)
         precision = resolve_precision(self.cfg.training.precision, self.device)
         return score_cache.scores_key(self.cfg, self.base_info.content_hash, adapter, rows, precision, self.device)
 

@@ -3,7 +3,8 @@
 The base model's scores on an eval split depend only on the base's weights, the rows and how
 they are scored; a champion's only on its adapter besides. A scheduled pipeline scores both
 again every run; here they are computed once, keyed by all of that, and read back after. The
-new adapter is never cached: its weights are new every run.
+new adapter's scores (as trained) are stored too: when it is promoted, its registered files are
+the same bytes, so the next run finds them as the champion's.
 """
 
 from __future__ import annotations

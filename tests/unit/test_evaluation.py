@@ -152,10 +152,11 @@ def test_the_scale_remedy_confirms_the_best_admissible_scale_on_held_out_evidenc
     assert not refused.promote and "remedy" in refused.failed_checks and "none of 4 trial(s)" in refused.reasons[-1]
 
 
-def test_base_and_champion_scores_are_reused_across_runs_and_never_the_new_adapters(tiny_model_dir, tmp_path, monkeypatch):
+def test_scores_are_reused_across_runs_and_todays_adapter_is_tomorrows_champion(tiny_model_dir, tmp_path, monkeypatch):
     """A second run on the same rows reads the base's and the champion's task scores (generated
-    answers included) from the disk cache, to the same figures; other rows or another champion
-    are scored afresh; the new adapter is always scored."""
+    answers included) from the disk cache, to the same figures; other rows, another champion or
+    another new adapter are scored afresh; and a new adapter, once it is the champion, is read
+    back (same files, same scores) instead of scored again."""
     from lora_tasks import evaluation, score_cache
     from lora_tasks.modeling import describe_base_model
 
@@ -167,17 +168,21 @@ def test_base_and_champion_scores_are_reused_across_runs_and_never_the_new_adapt
     cfg.evaluation.generation = GenerationEvalConfig(max_new_tokens=4)
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(6)]
     info = describe_base_model(cfg.base_model.name_or_path)
-    champion, new = _trained_like_adapter(cfg, tmp_path / "champion"), _fresh_adapter(cfg, tmp_path / "new")
+    champion = _trained_like_adapter(cfg, tmp_path / "champion")
+    new, newer = _fresh_adapter(cfg, tmp_path / "new"), _trained_like_adapter(cfg, tmp_path / "newer", seed=2)
 
-    def run(rows, champion_dir=champion):
+    def run(rows, champion_dir=champion, adapter=new):
         scored.clear()
-        report = evaluate_adapter(cfg, new, rows, base_info=info, champion_adapter_dir=champion_dir)
+        report = evaluate_adapter(cfg, adapter, rows, base_info=info, champion_adapter_dir=champion_dir)
         return report, len(scored)
 
     first, n_first = run(rows)
-    again, n_again = run(rows)
-    assert (n_first, n_again) == (3, 1), "second run: only the new adapter is scored"
-    assert again.base == first.base and again.champion == first.champion and again.intervals == first.intervals
+    again, n_again = run(rows, adapter=newer)
+    assert (n_first, n_again) == (3, 1), "second run: only the (other) new adapter is scored"
+    assert again.base == first.base and again.champion == first.champion
     assert [s["base"] for s in again.samples] == [s["base"] for s in first.samples]
     assert run(rows[:5])[1] == 3, "other rows: scored afresh"
-    assert run(rows, _trained_like_adapter(cfg, tmp_path / "other", seed=1))[1] == 2, "another champion: its scores afresh, the base's reused"
+    assert run(rows, _trained_like_adapter(cfg, tmp_path / "other", seed=1))[1] == 1, \
+        "another champion: its scores afresh (the new adapter's and the base's reused)"
+    promoted, n = run(rows, champion_dir=newer, adapter=_trained_like_adapter(cfg, tmp_path / "third", seed=3))
+    assert n == 1 and promoted.champion == again.adapted, "yesterday's adapter, now the champion: read back, not scored"
