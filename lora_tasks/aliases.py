@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from .errors import RegistryError
 from .registry import CHALLENGER, CHAMPION, VersionInfo, get_alias, get_version, require_model
-from .tracking import client, now_iso
+from .tracking import EXPERIMENT_KIND, client, now_iso
 from .versions import canonical_version
 
 # ---------------------------------------------------------------------------------------------
@@ -135,25 +135,41 @@ def _hold(lock: AliasLock | None, tracking_uri: str, name: str, timeout_s: float
     return lock(name) if lock is not None else alias_lock(tracking_uri, name, timeout_s)
 
 
-# The audit trail lives in one MLflow run per registered model (`<name>-alias-audit`, in the
-# experiment of the version it first recorded; the model's tag `prefect_lora.audit_run` names
-# it): one JSON file per record under `alias_moves/`, named by time, alias, action and version,
-# so the run's artifact list reads as the timeline. A file per record is never rewritten: two
-# writers cannot lose each other's records, whatever the lock did.
+# The audit trail lives in one MLflow run per registered model (`<name>`, in the experiment
+# `prefect-lora-alias-audit`, beside the model's own experiments; the model's tag
+# `prefect_lora.audit_run` names it): one JSON file per record under `alias_moves/`, named by
+# time, alias, action and version, so the run's artifact list reads as the timeline. A file per
+# record is never rewritten: two writers cannot lose each other's records, whatever the lock did.
 AUDIT_RUN_TAG = "prefect_lora.audit_run"
+AUDIT_EXPERIMENT = "prefect-lora-alias-audit"
 AUDIT_DIR = "alias_moves"
 LEGACY_AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
 """Where records were kept before the audit run (one model tag each); still read."""
 
 
+def _audit_experiment(c: MlflowClient, near_experiment: str) -> str:
+    """The audit experiment's id; created with its artifacts under those of `near_experiment`
+    (a location this store already writes to), when absent."""
+    from mlflow.exceptions import MlflowException
+
+    exp = c.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = c.get_experiment(near_experiment).artifact_location.rstrip("/") + "/alias-audit"
+    try:
+        return c.create_experiment(AUDIT_EXPERIMENT, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    except MlflowException:  # another mover created it first
+        return c.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id
+
+
 def _audit_run(c: MlflowClient, name: str, version: str | None) -> str:
-    """The id of `name`'s audit run, created (finished, in the experiment of `version`'s run) when absent."""
+    """The id of `name`'s audit run, created (finished) when absent."""
     run_id = c.get_registered_model(name).tags.get(AUDIT_RUN_TAG)
     if run_id:
         return run_id
     mv = c.get_model_version(name, version) if version else None
-    experiment = c.get_run(mv.run_id).info.experiment_id if mv and mv.run_id else "0"
-    run = c.create_run(experiment, run_name=f"{name}-alias-audit", tags={
+    near = c.get_run(mv.run_id).info.experiment_id if mv and mv.run_id else "0"
+    run = c.create_run(_audit_experiment(c, near), run_name=name, tags={
         "prefect_lora.audit_for": name,
         "mlflow.note.content": f"Every alias move of registered model `{name}`, one JSON file per move under `{AUDIT_DIR}/`."})
     c.set_terminated(run.info.run_id)

@@ -61,6 +61,9 @@ def plain(value: Any, path: str = "", problems: list[str] | None = None, source:
         out = [plain(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     elif isinstance(value, (datetime.date, datetime.time)):
         out = value.isoformat()
+    elif isinstance(value, str) and "\x00" in value:
+        problems.append(f"{path or '(top level)'}: contains a NUL character (\\x00); remove it")
+        out = None
     elif isinstance(value, (bytes, set)):
         kind = "binary data (!!binary)" if isinstance(value, bytes) else "a set (!!set)"
         problems.append(f"{path or '(top level)'}: {kind} is not a setting; write a plain value")

@@ -123,7 +123,10 @@ def test_first_run_reads_well_in_mlflow(first_run):
     moves = aliases.alias_history(first_run.tracking_uri, "tiny-sums")
     assert [(r["alias"], r["action"], r["to_version"]) for r in moves][:2] == [
         ("champion", "auto-promote", "1"), ("challenger", "admit", "1")]
-    files = [a.path for a in client.list_artifacts(model.tags[aliases.AUDIT_RUN_TAG], aliases.AUDIT_DIR)]
+    audit = client.get_run(model.tags[aliases.AUDIT_RUN_TAG])
+    assert audit.info.experiment_id == client.get_experiment_by_name(aliases.AUDIT_EXPERIMENT).experiment_id, \
+        "the audit run stays out of the model's experiment, whose latest run is the pipeline's"
+    files = [a.path for a in client.list_artifacts(audit.info.run_id, aliases.AUDIT_DIR)]
     assert len(files) == len(moves) and "-champion-auto-promote-v1-" in files[0]
 
 

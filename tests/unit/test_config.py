@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
@@ -157,6 +157,8 @@ ODD_VALUES = st.one_of(st.dates(), st.datetimes(), st.binary(max_size=4), st.set
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.sampled_from(LEAVES), value=ODD_VALUES)
+@example(key="replay.path", value="\x00")  # found by this test: a path with NUL broke resolving paths
+@example(key="training.learning_rate", value=float("inf"))
 def test_any_value_at_any_key_is_a_config_or_a_one_line_error(key, value):
     """What YAML can produce (dates, binary, sets, inf, nan, huge ints) never escapes as anything
     but a ConfigError naming the key; an accepted config hashes and has no inf or nan."""
