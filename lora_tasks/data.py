@@ -224,6 +224,17 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else "no details"
 
 
+def header_hint(columns: list[str], expected: list[str]) -> str:
+    """Why none of the `expected` columns was read, when the header says so: one field holding
+    another delimiter, or a first row of data where the header should be ("" otherwise)."""
+    if any(c in columns for c in expected):
+        return ""
+    if len(columns) == 1 and (sep := next((d for d in ";|\t" if d in columns[0]), None)):
+        return (f". The header is one field holding {sep!r}: the file separates fields with {sep!r}, "
+                f"not ','; convert it to CSV (or tabs to .tsv)")
+    return f". If the first row is data, not a header, add the header row: {','.join(expected)}"
+
+
 def split_train_eval(df: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split rows into (train, eval) with a seeded shuffle; both keep the source order and index."""
     if not 0.0 < eval_fraction < 1.0:

@@ -21,7 +21,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from .data import canonical_value
+from .data import canonical_value, header_hint
 from .errors import DataError, ValidationFailed
 
 MISSING_COLUMN = "missing_column"
@@ -377,17 +377,6 @@ class _SplitCheck:
             return
         issues.append(Issue(self.name, check, column, self.rows[pos], _short_repr(value), reason))
 
-    def _header_hint(self, existing: list[str]) -> str:
-        """Why no expected column is there, when the header says: one field holding another
-        delimiter, or a first row of data where the header should be."""
-        expected = [*self.spec.text_columns, *([self.spec.label_column] if self.spec.label_column else [])]
-        if any(c in existing for c in expected):
-            return ""
-        if len(existing) == 1 and (sep := next((d for d in ";|\t" if d in existing[0]), None)):
-            return (f". The header is one field holding {sep!r}: the file separates fields with {sep!r}, "
-                    f"not ','; convert it to CSV (or tabs to .tsv)")
-        return f". If the first row is data, not a header, add the header row: {','.join(expected)}"
-
     def run_schema(self, schema: pa.DataFrameSchema) -> None:
         """Validate lazily and turn pandera's failure cases into issues."""
         if not self.frame.columns.is_unique:
@@ -416,7 +405,8 @@ class _SplitCheck:
                 missing,
                 None,
                 f"column {missing!r} is missing; the columns are {existing}. "
-                f"Rename the column in the data or set the matching *_column option{self._header_hint(existing)}",
+                f"Rename the column in the data or set the matching *_column option"
+                f"{header_hint(existing, [*self.spec.text_columns, *filter(None, [self.spec.label_column])])}",
             )
             return
         if index is None or (isinstance(index, float) and math.isnan(index)):
