@@ -11,7 +11,7 @@ import re
 LOCK_TIMEOUT_S = 120.0
 
 
-def alias_lock():
+def shared_alias_lock():
     """`lock(model_name)` for `lora_tasks.aliases`, or None where no Prefect server is configured."""
     from prefect.settings import get_current_settings
 

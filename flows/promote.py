@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.locks import alias_lock
+from flows.locks import shared_alias_lock
 from lora_tasks import aliases
 from lora_tasks.config import TrackingConfig
 
@@ -18,7 +18,7 @@ DEFAULT_TRACKING_URI = TrackingConfig().tracking_uri
 
 @task(name="move-champion", cache_policy=NO_CACHE)
 def move_champion(tracking_uri: str, model_name: str, version: str, reason: str, actor: str) -> dict:
-    return aliases.promote_version(tracking_uri, model_name, version, reason, actor=actor, lock=alias_lock()).to_dict()
+    return aliases.promote_version(tracking_uri, model_name, version, reason, actor=actor, lock=shared_alias_lock()).to_dict()
 
 
 @task(name="notify-server", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import notifications
-from flows.locks import alias_lock
+from flows.locks import shared_alias_lock
 from lora_tasks import aliases, lifecycle, registry, tracking
 from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.forgetting_table import forgetting_limits
@@ -197,9 +197,9 @@ def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: Eval
 
 @task(name="register-adapter", **MLFLOW_RETRIES)
 def register(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_model: str, tags: dict[str, str]) -> str:
-    uri, name = cfg.tracking.tracking_uri, cfg.model_name
     model_uri = registry.log_adapter_model(cfg, run_id, adapter_dir, base_model)
-    return registry.register_version(uri, name, model_uri, run_id, registry.version_tags(tags))
+    return registry.register_version(cfg.tracking.tracking_uri, cfg.model_name, model_uri, run_id,
+                                     registry.version_tags(tags))
 
 
 @task(name="fetch-champion-adapter", **MLFLOW_RETRIES)
@@ -250,14 +250,13 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
         return again
 
     registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
-    final, against, record = aliases.settle_decision(
-        uri, name, version, decision, champion, redecide,
-        actor=aliases.default_actor(str(flow_run.id or "") or None), run_id=run_id, lock=alias_lock(),
-    )
+    actor, lock = aliases.default_actor(str(flow_run.id or "") or None), shared_alias_lock()
+    final, against, record = aliases.settle_decision(uri, name, version, decision, champion, redecide,
+                                                     actor=actor, run_id=run_id, lock=lock)
     registry.describe_version(uri, name, version, version_description(report, final))
     if final.admitted:  # fit for canary traffic; a version refused for its gain or forgetting never gets it
         aliases.set_challenger(uri, name, version, "admitted by the gate: " + "; ".join(final.reasons)[:4000], run_id,
-                               actor=aliases.default_actor(str(flow_run.id or "") or None), lock=alias_lock())
+                               actor=actor, lock=lock)
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
     summary += mlflow_markdown(run_id, tracking.run_page(uri, run_id), version, tracking.version_page(uri, name, version),

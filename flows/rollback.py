@@ -9,14 +9,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.locks import alias_lock
+from flows.locks import shared_alias_lock
 from flows.promote import DEFAULT_TRACKING_URI, notify_server
 from lora_tasks import aliases
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE)
 def rollback_champion(tracking_uri: str, model_name: str, to_version: str | None, reason: str | None, actor: str) -> dict:
-    return aliases.rollback_champion(tracking_uri, model_name, to_version, reason, actor=actor, lock=alias_lock()).to_dict()
+    return aliases.rollback_champion(tracking_uri, model_name, to_version, reason, actor=actor, lock=shared_alias_lock()).to_dict()
 
 
 @flow(name="lora-rollback", log_prints=True)
