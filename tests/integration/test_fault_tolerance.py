@@ -183,7 +183,7 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri, registry_uri=uri)
     if sig == signal.SIGTERM:
-        stopped = c.search_runs(c.search_experiments()[0].experiment_id.split())
+        stopped = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id])
         assert [r.info.status for r in stopped] == ["KILLED"]
     steps_before = saved_step(run_dir / "train", launcher)  # what the dead attempt left for the next one
     assert steps_before < 60
@@ -192,7 +192,8 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     _kill_leftovers(ray_tmp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
-    runs = c.search_runs(c.search_experiments()[0].experiment_id.split(), filter_string="tags.`lora.run_key` != ''")
+    runs = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id],  # not the alias-audit one
+                         filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
     metrics = run_metrics(uri, runs[0].info.run_id)
     print(f"\n[{launcher}] killed with the checkpoint of step {steps_before} saved; re-run resumed from step "
