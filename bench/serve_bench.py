@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import settings  # noqa: F401  (quiet defaults)
 
+from deploy.testing import free_port
+
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:", "Say hello to the team.", "Sum of 7 and 8 is"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -116,7 +111,7 @@ def main() -> None:
     base = resolve_base_model(args.base)
     v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
     aliases.promote_version(uri, name, v1, reason="bench")
-    port = _free_port()
+    port = free_port()
     rows = []
     try:
         for mode in args.modes.split(","):

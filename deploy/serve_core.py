@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lora_tasks.config_io import yaml_error
 from lora_tasks.versions import canonical_version, is_version
 
 TOKEN_ENV = "PREFECT_LORA_SERVE_TOKEN"
@@ -92,9 +93,7 @@ def _read_serve_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ValueError(f"serve config {path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ValueError(f"serve config {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ValueError(f"serve config {path}: {yaml_error(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -13,6 +13,15 @@ from lora_tasks import aliases, registry, tracking
 from lora_tasks.config import config_from_dict
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server a test or bench starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(name: str, base_dir: str, tracking_uri: str, artifacts: str, task: str = "causal_lm"):
     data = ({"train_path": "unused.jsonl", "prompt_column": "prompt", "completion_column": "completion"}
             if task == "causal_lm" else {"train_path": "unused.jsonl", "text_column": "text", "labels": ["neg", "pos"]})

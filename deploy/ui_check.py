@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from deploy.testing import free_port
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
@@ -34,7 +35,7 @@ def mlflow_ui(tracking_uri: str, port: int | None = None):
     """`mlflow ui` on `tracking_uri` (this environment's mlflow), yielding its base URL."""
     import httpx
 
-    port = port or _free_port()
+    port = port or free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", tracking_uri,
                              "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -55,12 +56,6 @@ def mlflow_ui(tracking_uri: str, port: int | None = None):
             proc.wait(15)
         if proc.poll() is None:
             proc.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

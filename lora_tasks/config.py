@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .config_io import apply_overrides, format_error, parse_overrides, resolve_paths  # noqa: F401  (part of the API)
+from .config_io import apply_overrides, format_error, parse_overrides, resolve_paths, yaml_error  # noqa: F401  (part of the API)
 from .errors import ConfigError
 
 TaskType = Literal["causal_lm", "sequence_classification"]
@@ -632,7 +632,5 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except UnicodeDecodeError:
         raise ConfigError(["file is not UTF-8 text"], str(p)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], str(p)) from None
+        raise ConfigError([yaml_error(exc)], str(p)) from None
     return config_from_dict(raw if raw is not None else {}, source=str(p), overrides=overrides)

@@ -29,6 +29,13 @@ def format_error(err: dict) -> str:
     return f"{path}: {msg}"
 
 
+def yaml_error(exc: Exception) -> str:
+    """`not valid YAML at line L, column C: what` for a YAMLError (its mark, where it has one)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+
+
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
     """Parse `key.path=value` strings; values are read as YAML (numbers, booleans, lists)."""
     parsed, problems = [], []

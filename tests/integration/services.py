@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from deploy.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES = os.environ.get("PREFECT_LORA_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
@@ -63,12 +64,6 @@ def s3_bucket(work: Path, bucket: str):
         yield env
     finally:
         server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.5):

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import Service, free_port, postgres_database
+from services import Service, postgres_database
+
+from deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from services import Service, free_port, healthy, postgres_database, s3_bucket, wait_for
+from services import Service, healthy, postgres_database, s3_bucket, wait_for
+
+from deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,13 @@ prompt differently; the answer says which adapter served it."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +20,6 @@ TOKEN = "test-token-6f1c2b9e"
 RAY_TMP = os.environ["PREFECT_LORA_RAY_TMP"] + "-serve"  # set by conftest; one per checkout
 NAME = "serve-tiny"
 PROMPT = "What is 12 plus 30? Answer:"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def server(tmp_path_factory, tiny_model_dir):
     uri = f"sqlite:///{work}/mlflow.db"
     v1, v2 = register_random_adapters(uri, NAME, tiny_model_dir, [11, 22], work)
     aliases.promote_version(uri, NAME, v1, reason="first champion")
-    cfg = ServeConfig(model_name=NAME, tracking_uri=uri, port=_free_port(), poll_interval_s=1.0,
+    cfg = ServeConfig(model_name=NAME, tracking_uri=uri, port=free_port(), poll_interval_s=1.0,
                       max_prompt_chars=400, max_prompt_tokens=64, max_tokens_cap=16, max_body_bytes=2048,
                       app_name="test-serving")
     os.environ["PREFECT_LORA_SERVE_TOKEN"] = TOKEN
