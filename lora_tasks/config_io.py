@@ -104,10 +104,19 @@ def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "confi
     return data
 
 
+def _expand(path: str) -> Path:
+    """`path` with `~` or `~user` expanded; a user without a home here is a config error."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # ~name of no user pathlib can find
+        raise ConfigError([f"path {path!r}: {path.split('/')[0]!r} names no home directory on this machine; "
+                           "write the full path"]) from None
+
+
 def _absolute(path: str | None) -> str | None:
     if path is None or "://" in path or path.startswith("builtin:"):
         return path
-    return str(Path(path).expanduser().resolve())
+    return str(_expand(path).resolve())
 
 
 def resolve_paths(cfg: BaseModel) -> BaseModel:
@@ -120,7 +129,7 @@ def resolve_paths(cfg: BaseModel) -> BaseModel:
     if cfg.evaluation.reference and cfg.evaluation.reference.benchmarks:
         cfg.evaluation.reference.benchmarks = [_absolute(b) for b in cfg.evaluation.reference.benchmarks]
     bm = cfg.base_model.name_or_path
-    if bm.startswith((".", "/", "~")) or Path(bm).expanduser().exists():
+    if bm.startswith((".", "/", "~")) or _expand(bm).exists():
         cfg.base_model.name_or_path = _absolute(bm)
     cfg.replay.path = _absolute(cfg.replay.path)
     cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path)

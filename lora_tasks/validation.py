@@ -611,7 +611,10 @@ def _write_quarantine(invalid: pd.DataFrame, folder: Path) -> Path:
         with path.open("w", encoding="utf-8") as fh:
             for record in invalid.to_dict("records"):
                 row = {str(k): _json_value(v) for k, v in record.items()}
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                line = json.dumps(row, ensure_ascii=False, default=str)
+                if not line.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in line):
+                    line = json.dumps(row, default=str)  # a lone surrogate (JSON allows it) stays a \u escape
+                fh.write(line + "\n")
     except OSError as exc:
         raise DataError(
             f"{path}: cannot write the quarantine file ({exc.strerror or exc}). Fix: choose a writable folder."
