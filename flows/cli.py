@@ -87,11 +87,17 @@ def validate(config: Path, set_: SetOption = None) -> None:
     from lora_tasks.config import load_config
     from lora_tasks.launcher import prepare_data
 
+    from lora_tasks import power
+
     cfg = load_config(config, set_)
     data = prepare_data(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
     Console().print(Markdown(data.report.to_markdown()))
     console.print(f"[green]ok[/]: {data.train_count} train and {len(data.eval_rows)} eval rows valid; "
                   f"fingerprint {data.fingerprint[:16]}")
+    checks = power.plan(cfg, len(data.eval_rows))
+    console.print("\n".join(power.report(cfg, checks)), highlight=False, soft_wrap=True, markup=False)
+    for warning in power.enforce(cfg, checks):
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from prefect.states import Completed
 
 from flows import notifications
 from flows.locks import shared_alias_lock
-from lora_tasks import aliases, lifecycle, registry, tracking
+from lora_tasks import aliases, lifecycle, power, registry, tracking
 from lora_tasks.config import PipelineConfig, config_from_dict, load_config
 from lora_tasks.forgetting_table import forgetting_limits
 from lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
@@ -72,9 +72,15 @@ def validate_data(cfg: PipelineConfig, run_dir: str) -> PreparedData:
             create_markdown_artifact(key=_artifact_key("validation", cfg), markdown=exc.report.to_markdown(50),
                                      description=f"{cfg.model_name}: data contract failed")
         raise
-    get_run_logger().info("data contract: %s (fingerprint %s)", data.report.summary(), data.fingerprint[:12])
+    log = get_run_logger()
+    log.info("data contract: %s (fingerprint %s)", data.report.summary(), data.fingerprint[:12])
     if data.quarantine_path:
-        get_run_logger().warning("invalid rows quarantined to %s", data.quarantine_path)
+        log.warning("invalid rows quarantined to %s", data.quarantine_path)
+    checks = power.plan(cfg, len(data.eval_rows))  # before training: can each check show its limit?
+    power.save(cfg, checks, Path(run_dir) / "power.json")
+    log.info("%s", "\n".join(power.report(cfg, checks)))
+    for warning in power.enforce(cfg, checks):
+        log.warning("%s", warning)
     return data
 
 
@@ -140,6 +146,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
                               champion_version=champion.version if champion else None,
                               champion_metrics=champion.metrics if champion else None, search=search)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
+    if report.evidence == "all":  # the spread each check showed: the next run plans its power with it
+        power.remember(cfg, len(data.eval_rows), report.intervals, run_id)
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     if report.remedy:
         get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),
@@ -171,7 +179,7 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
         eval_path.write_text(json.dumps(report.to_dict(), indent=2))
     tracking.log_artifact(uri, run_id, eval_path, "reports")
     tracking.log_table(uri, run_id, report.samples, "reports/eval_samples.json")  # base vs adapted answers
-    for path in (*data.files.values(), data.quarantine_path):
+    for path in (*data.files.values(), data.quarantine_path, Path(run_dir) / "power.json"):
         if path and Path(path).exists():
             tracking.log_artifact(uri, run_id, path, "reports")
 

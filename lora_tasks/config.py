@@ -340,6 +340,19 @@ class PromotionPolicy(_Section):
     evidence: the gain's lower bound must reach `min_task_gain`, each forgetting metric's upper
     bound must stay within its limit, and the lead over the champion's lower bound must not fall
     below `-champion_tolerance` (all measured on the same eval data in the same run)."""
+    more_evidence: float | None = Field(None, gt=1.0, le=100.0)
+    """Staged benchmark checks: score each benchmark's questions in stages, from
+    `evaluation.reference.max_benchmark_questions` up to this many times that (at most the whole
+    file), stopping at the first look that passes or fails the check, or finds its estimate
+    well past the limit. Each look's interval is group-sequential (`lora_tasks/sequential.py`):
+    however many looks it takes, an adapter at the limit passes no more often than the
+    fixed-size gate lets it. null: one fixed-size look (bootstrap), as before."""
+    underpowered: Literal["error", "warn"] = "error"
+    """A check whose limit the configured evidence cannot show (a harmless adapter would pass it
+    less than half the time: e.g. 40 benchmark questions against a 0.05 accuracy drop) is a
+    config error before training (`error`, with the size that would show it), or a warning
+    (`warn`: the run goes on and the check will likely stay undecided). `prefect-lora validate`
+    prints every check's power."""
 
 
 class ReplayConfig(_Section):
@@ -599,7 +612,8 @@ def _without_defaults_added_later(d: dict) -> dict:
 
 # (section, setting, default) of settings added after configs were first hashed
 _ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"),
-                ("replay", "kl_weight", 0.0))
+                ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
+                ("promotion", "more_evidence", None))
 
 
 def _sha256_json(obj) -> str:

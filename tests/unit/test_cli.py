@@ -141,3 +141,20 @@ def test_help_says_what_to_type_and_flags_take_nothing(command):
     out = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output
     assert "<bool>" not in out and "list[" not in out, out
     assert re.search(r"--help\s{2,}Show this message", out), out  # a flag: no type between name and help
+
+
+def test_validate_prints_each_checks_power_and_refuses_a_limit_no_adapter_can_show(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_LORA_CACHE", str(tmp_path / "cache"))
+    path = _config(tmp_path)
+    ok = " ".join(runner.invoke(app, ["validate", str(path)]).output.split())
+    assert "power at 95% confidence" in ok and "task_gain: 60 eval rows: detects a true gain" in ok
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"]["reference"]["benchmarks"] = [str(REPO / "configs" / "data" / "mc_general.jsonl")]
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["validate", str(path)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in out, out
+    assert "benchmark_mc_general_accuracy_drop: 40 benchmark questions: a harmless adapter passes the limit 0.05 13% of the time" in out
+    assert "about 471 benchmark questions would show the limit" in out
+    warned = runner.invoke(app, ["validate", str(path), "--set", "promotion.underpowered=warn"])
+    assert warned.exit_code == 0 and "warning: promotion: benchmark_mc_general_accuracy_drop" in " ".join(warned.output.split())
