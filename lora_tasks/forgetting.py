@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import stats
+from . import sequential, stats
 from .config import PipelineConfig
 from .encoding import kl_per_position
 from .errors import DataError
@@ -355,20 +355,60 @@ def _measure_probes(m: _Measurement) -> None:
         m.add_comparison(units, "reference")
 
 
+def benchmark_stages(cfg: PipelineConfig, questions: int) -> list[int]:
+    """How many of a benchmark's `questions` each look scores: the configured number once, or
+    with `promotion.more_evidence` growing stages up to that multiple of it (`sequential.looks`)."""
+    first = min(questions, cfg.evaluation.reference.max_benchmark_questions or questions)
+    more = cfg.promotion.more_evidence
+    return sequential.looks(first, min(questions, math.ceil(first * more))) if more else [first]
+
+
 def _measure_benchmarks(m: _Measurement) -> None:
-    """`evaluation.reference.benchmarks`: accuracy drop base minus adapted, per file."""
+    """`evaluation.reference.benchmarks`: accuracy drop base minus adapted, per file, in one look
+    (a bootstrap interval) or, with `promotion.more_evidence`, in stages (`_staged_benchmark`)."""
     cfg, ref = m.cfg, m.cfg.evaluation.reference
+    score = lambda qs: mc_correct(m.views, qs, m.tokenizer, cfg.evaluation.batch_size, cfg.training.max_seq_length, m.device)
     for path in ref.benchmarks:
-        questions = read_mc_benchmark(path)[: ref.max_benchmark_questions]
-        questions = m.keep(questions, [q.question for q in questions])
-        correct = mc_correct(m.views, questions, m.tokenizer, cfg.evaluation.batch_size, cfg.training.max_seq_length, m.device)
+        questions = read_mc_benchmark(path)
+        stages = benchmark_stages(cfg, len(questions))
+        if m.part is not None:  # a remedy's split evidence: one look at the configured size
+            stages = stages[:1]
         key = f"benchmark_{_safe_name(path)}"
+        if len(stages) > 1:
+            _staged_benchmark(m, key, questions, stages, score)
+            continue
+        questions = m.keep(questions[: stages[0]], [q.question for q in questions[: stages[0]]])
+        correct = score(questions)
         for n in m.others:
-            m.metrics[n].update({f"{key}_accuracy_base": float(correct[BASE].mean()),
-                                 f"{key}_accuracy_adapted": float(correct[n].mean()),
-                                 f"{key}_accuracy_drop": float(correct[BASE].mean() - correct[n].mean()),
-                                 f"{key}_questions": float(len(questions))})
+            _benchmark_metrics(m, key, n, correct[BASE], correct[n])
             m.intervals[n][f"{key}_accuracy_drop"] = stats.paired_diff_ci(correct[BASE], correct[n], **m.stats_kw).to_list()
+
+
+def _benchmark_metrics(m: _Measurement, key: str, view: str, base: np.ndarray, adapted: np.ndarray) -> None:
+    m.metrics[view].update({f"{key}_accuracy_base": float(base.mean()), f"{key}_accuracy_adapted": float(adapted.mean()),
+                            f"{key}_accuracy_drop": float(base.mean() - adapted.mean()), f"{key}_questions": float(len(base))})
+
+
+def _staged_benchmark(m: _Measurement, key: str, questions: list[MCQuestion], stages: list[int], score) -> None:
+    """Score `questions` stage by stage until every view's accuracy-drop check has ended
+    (`sequential.look`); each view keeps the figures and interval of the look that ended it."""
+    limit, confidence = m.cfg.promotion.max_benchmark_accuracy_drop, m.cfg.promotion.confidence
+    correct: dict[str, np.ndarray] = {n: np.empty(0) for n in m.views.names}
+    running = list(m.others)
+    for k, n in enumerate(stages):
+        new = score(questions[len(correct[BASE]) : n])
+        correct = {v: np.concatenate([correct[v], new[v]]) for v in correct}
+        for view in list(running):
+            drop = correct[BASE] - correct[view]
+            end = sequential.look(drop, k, stages, limit if limit is not None else math.inf, True, confidence)
+            if end is None:
+                continue
+            running.remove(view)
+            _benchmark_metrics(m, key, view, correct[BASE], correct[view])
+            m.metrics[view][f"{key}_looks"] = float(end.looks)
+            m.intervals[view][f"{key}_accuracy_drop"] = end.interval.to_list()
+        if not running:
+            return
 
 
 def _safe_name(path: str) -> str:

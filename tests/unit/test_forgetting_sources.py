@@ -233,3 +233,51 @@ def test_full_model_equal_to_its_base_forgets_nothing(tiny_model_dir, tmp_path):
     assert report.intervals["benchmark_mc_accuracy_drop"] == [0.0, 0.0, 0.0]
     flat = report.flat_metrics()
     assert {"eval_seconds", "eval_forgetting_seconds", "reference_kl_ci_high", "task_gain_ci_low"} <= set(flat)
+
+
+# ----------------------------------------------------------------------------- staged benchmark checks
+
+
+def _staged_run(tmp_path, pattern: str, **promotion) -> tuple[dict, dict]:
+    """A 600-question benchmark through `_measure_benchmarks` with `promotion.more_evidence`: per
+    question of `pattern` (repeated), `+` base right and adapted wrong, `-` the reverse, `.` both right."""
+    from lora_tasks.forgetting import _Measurement, _measure_benchmarks
+
+    tok = _Tok()
+    x, y = tok(" x")["input_ids"][1], tok(" y")["input_ids"][1]
+    kinds = {"+": (["x", "y"], 0), "-": (["x", "y"], 1), ".": (["z", "w"], 0)}
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "choices": kinds[c][0], "answer": kinds[c][1]}) + "\n"
+                            for i, c in enumerate((pattern * 600)[:600])))
+    raw = _raw(benchmarks=[str(path)], max_benchmark_questions=100)
+    raw["promotion"] = {"more_evidence": 6, "max_benchmark_accuracy_drop": 0.05, **promotion}
+    m = _Measurement(config_from_dict(raw), SeparateViews({"base": _Prefers(x), "adapted": _Prefers(y)}), tok, "cpu",
+                     {"resamples": 200}, None)
+    _measure_benchmarks(m)
+    return m.metrics["adapted"], m.intervals["adapted"]
+
+
+def test_a_clearly_harmless_adapter_stops_at_the_first_look(tmp_path):
+    metrics, intervals = _staged_run(tmp_path, ".")
+    assert metrics["benchmark_mc_questions"] == 100 and metrics["benchmark_mc_looks"] == 1
+    assert intervals["benchmark_mc_accuracy_drop"] == [0.0, 0.0, 0.0]
+
+
+def test_a_close_harmless_adapter_scores_more_questions_until_it_passes(tmp_path):
+    metrics, intervals = _staged_run(tmp_path, "+....-....")  # 20% of answers changed, no drop
+    point, low, high = intervals["benchmark_mc_accuracy_drop"]
+    assert 100 < metrics["benchmark_mc_questions"] <= 600 and metrics["benchmark_mc_looks"] > 1
+    assert point == pytest.approx(0.0, abs=0.01) and high <= 0.05  # shown within the limit
+    # the fixed-size gate on the first 100 questions could not have shown it
+    fixed, _ = _staged_run(tmp_path, "+....-....", more_evidence=None)
+    assert fixed["benchmark_mc_questions"] == 100
+
+
+def test_a_forgetting_adapter_stops_early_and_is_refused(tmp_path):
+    metrics, intervals = _staged_run(tmp_path, "+.+..-....")  # drop 0.1, twice the limit
+    decision = decide_promotion(
+        Candidate("eval_loss", False, 2.0, 1.0, {"benchmark_mc_accuracy_drop": metrics["benchmark_mc_accuracy_drop"]},
+                  intervals={"benchmark_mc_accuracy_drop": tuple(intervals["benchmark_mc_accuracy_drop"][1:])}),
+        None, PromotionPolicy())
+    assert metrics["benchmark_mc_questions"] < 600 and not decision.promote
+    assert "benchmark_mc_accuracy_drop" in decision.failed_checks
