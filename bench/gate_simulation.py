@@ -34,7 +34,7 @@ from statistics import NormalDist
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_tasks import sequential, stats  # noqa: E402
+from lora_tasks import sequential, stats
 
 SCENARIOS = {"clear-pass": -1.0, "harmless": 0.0, "at-limit": 1.0, "clear-fail": 2.0}
 """True effect, in multiples of the limit."""

@@ -146,8 +146,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
                               champion_version=champion.version if champion else None,
                               champion_metrics=champion.metrics if champion else None, search=search)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
-    if report.evidence == "all":  # the spread each check showed: the next run plans its power with it
-        power.remember(cfg, len(data.eval_rows), report.intervals, run_id)
+    share = 1.0 if report.evidence == "all" else power.gate_share(cfg)  # a remedy's confirm part
+    power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     if report.remedy:
         get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),

@@ -109,8 +109,8 @@ def _expand(path: str) -> Path:
     try:
         return Path(path).expanduser()
     except RuntimeError:  # ~name of no user pathlib can find
-        raise ConfigError([f"path {path!r}: {path.split('/')[0]!r} names no home directory on this machine; "
-                           "write the full path"]) from None
+        home = path.split("/")[0]
+        raise ConfigError([f"path {path!r}: {home!r} names no home directory on this machine; write the full path"]) from None
 
 
 def _absolute(path: str | None) -> str | None:

@@ -596,11 +596,11 @@ def _check_not_empty(report: ValidationReport, path: Path | None) -> None:
     for split, n in report.valid_rows.items():
         if n == 0:
             where = f" Invalid rows are in {path}." if path else ""
-            raise ValidationFailed(
-                f"The {split} split has no valid rows ({report.rows[split]} rows in total).{where} "
-                f"Training needs at least one valid row in each split.",
-                report,
-            )
+            raise ValidationFailed(f"The {split} split has no valid rows ({report.rows[split]} rows in total).{where} "
+                                   f"Training needs at least one valid row in each split.", report)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in a JSON escape, not in UTF-8: such rows are written escaped
 
 
 def _write_quarantine(invalid: pd.DataFrame, folder: Path) -> Path:
@@ -612,13 +612,9 @@ def _write_quarantine(invalid: pd.DataFrame, folder: Path) -> Path:
             for record in invalid.to_dict("records"):
                 row = {str(k): _json_value(v) for k, v in record.items()}
                 line = json.dumps(row, ensure_ascii=False, default=str)
-                if not line.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in line):
-                    line = json.dumps(row, default=str)  # a lone surrogate (JSON allows it) stays a \u escape
-                fh.write(line + "\n")
+                fh.write((json.dumps(row, default=str) if _SURROGATE.search(line) else line) + "\n")
     except OSError as exc:
-        raise DataError(
-            f"{path}: cannot write the quarantine file ({exc.strerror or exc}). Fix: choose a writable folder."
-        ) from exc
+        raise DataError(f"{path}: cannot write the quarantine file ({exc.strerror or exc}). Fix: choose a writable folder.") from exc
     return path
 
 

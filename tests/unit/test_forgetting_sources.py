@@ -241,7 +241,7 @@ def test_full_model_equal_to_its_base_forgets_nothing(tiny_model_dir, tmp_path):
 def _staged_run(tmp_path, pattern: str, **promotion) -> tuple[dict, dict]:
     """A 600-question benchmark through `_measure_benchmarks` with `promotion.more_evidence`: per
     question of `pattern` (repeated), `+` base right and adapted wrong, `-` the reverse, `.` both right."""
-    from lora_tasks.forgetting import _Measurement, _measure_benchmarks
+    from lora_tasks.forgetting import _measure_benchmarks, _Measurement
 
     tok = _Tok()
     x, y = tok(" x")["input_ids"][1], tok(" y")["input_ids"][1]
@@ -265,7 +265,7 @@ def test_a_clearly_harmless_adapter_stops_at_the_first_look(tmp_path):
 
 def test_a_close_harmless_adapter_scores_more_questions_until_it_passes(tmp_path):
     metrics, intervals = _staged_run(tmp_path, "+....-....")  # 20% of answers changed, no drop
-    point, low, high = intervals["benchmark_mc_accuracy_drop"]
+    point, _, high = intervals["benchmark_mc_accuracy_drop"]
     assert 100 < metrics["benchmark_mc_questions"] <= 600 and metrics["benchmark_mc_looks"] > 1
     assert point == pytest.approx(0.0, abs=0.01) and high <= 0.05  # shown within the limit
     # the fixed-size gate on the first 100 questions could not have shown it

@@ -23,8 +23,8 @@ def _benchmark(tmp_path: Path, questions: int) -> str:
     return str(path)
 
 
-def _cfg(tmp_path: Path, questions: int = 40, **promotion):
-    return config_from_dict({
+def _cfg(tmp_path: Path, questions: int = 40, remedy: dict | None = None, **promotion):
+    return config_from_dict({"remedy": remedy or {},
         "model_name": "t", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
         "data": {"train_path": str(tmp_path / "train.jsonl"), "prompt_column": "p", "completion_column": "c"},
         "training": {"max_steps": 1},
@@ -114,3 +114,13 @@ def test_predicted_power_matches_the_gates_own_bootstrap(questions):
     observed = float(np.mean(passed))
     assert abs(observed - predicted) < (0.15 if questions < 100 else 0.07), (observed, predicted)
     assert (observed < 0.5) == (predicted < 0.5)
+
+
+def test_with_a_remedy_the_plan_counts_the_confirm_part_the_gate_reads(tmp_path):
+    cfg = _cfg(tmp_path, 600, remedy={"strategy": "scale", "confirm_fraction": 0.5})
+    checks = power.plan(cfg, eval_rows=120)
+    assert (_check(checks, "benchmark_").size, _check(checks, "task_gain").size) == (300, 60)
+    assert "the gate reads the remedy's confirm part, 50% of the evidence" in power.report(cfg, checks)[0]
+    # a run's confirm-part interval on 300 questions gives the spread per question
+    power.remember(cfg, 120, {"benchmark_mc_accuracy_drop": [0.0, -0.02, 0.02]}, "r1", share=0.5)
+    assert _check(power.plan(cfg, 120), "benchmark_").sd == pytest.approx(0.02 / 1.959964 * math.sqrt(300), rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from statistics import NormalDist
 
 import numpy as np
@@ -20,7 +21,7 @@ def test_looks_grow_to_the_budget():
 def test_boundaries_spend_the_error_over_the_looks():
     z = sequential.boundaries(tuple(STAGES), 0.025)
     fixed = NormalDist().inv_cdf(0.975)
-    assert all(a > b for a, b in zip(z, z[1:]))  # O'Brien-Fleming: wide early
+    assert all(a > b for a, b in pairwise(z))  # O'Brien-Fleming: wide early
     assert z[-1] > fixed and z[-1] < fixed * 1.1  # and close to the fixed-size interval at the end
     assert sequential.boundaries((100,), 0.025)[0] == pytest.approx(fixed, abs=0.01)
 
