@@ -5,6 +5,7 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (quiet defaults first)
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -118,7 +119,23 @@ def run(
 
     hide_expected_tracebacks()
     api_ready()
-    _print_summary(retrain(str(config), set_ or [], force=force))
+    _print_summary(retrain(str(config), secrets_to_environment(set_ or []), force=force))
+
+
+def secrets_to_environment(overrides: list[str]) -> list[str]:
+    """`overrides` without `notifications.webhook_url`, whose value goes to the environment the
+    in-process flow reads it from (`PREFECT_LORA_WEBHOOK_URL`): Prefect stores a flow's parameters
+    and shows them in its UI, and a webhook URL often carries a token."""
+    from flows.notifications import WEBHOOK_ENV
+    from lora_tasks.config_io import parse_overrides
+
+    kept = []
+    for item, (keys, value) in zip(overrides, parse_overrides(overrides)):
+        if keys == ["notifications", "webhook_url"] and value:
+            os.environ[WEBHOOK_ENV] = str(value)
+        else:
+            kept.append(item)
+    return kept
 
 
 @app.command("compare-full")

@@ -1,6 +1,7 @@
 """The CLI's `validate` command and its error handling; `run` is covered by the integration tests."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -158,3 +159,13 @@ def test_validate_prints_each_checks_power_and_refuses_a_limit_no_adapter_can_sh
     assert "about 471 benchmark questions would show the limit" in out
     warned = runner.invoke(app, ["validate", str(path), "--set", "promotion.underpowered=warn"])
     assert warned.exit_code == 0 and "warning: promotion: benchmark_mc_general_accuracy_drop" in " ".join(warned.output.split())
+
+
+def test_a_webhook_url_given_with_set_reaches_the_flow_through_the_environment_not_its_parameters(monkeypatch):
+    from flows.cli import secrets_to_environment
+    from flows.notifications import WEBHOOK_ENV
+
+    monkeypatch.setenv(WEBHOOK_ENV, "before")  # restored after the test
+    kept = secrets_to_environment(["training.max_steps=3", "notifications.webhook_url=https://hooks.example/T0K3N"])
+    assert kept == ["training.max_steps=3"]
+    assert os.environ[WEBHOOK_ENV] == "https://hooks.example/T0K3N"
