@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Iterator, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .config_io import apply_overrides, format_error, parse_overrides, resolve_paths, yaml_error  # noqa: F401  (part of the API)
+from .config_io import (  # noqa: F401  (part of the API)
+    apply_overrides, format_error, parse_overrides, resolve_paths, without_defaults_added_later, yaml_error,
+)
 from .errors import ConfigError
 
 TaskType = Literal["causal_lm", "sequence_classification"]
@@ -276,6 +278,9 @@ class ReferenceConfig(_Section):
     """Token budget read from the corpus for forgetting metrics."""
     max_benchmark_questions: int | None = Field(None, ge=1)
     """Score at most this many questions of each benchmark (the first ones); null scores all."""
+    max_probes: int | None = Field(None, ge=2)
+    """Score this many of the 352 probes, spread evenly over them (fewer answers to generate once
+    and score every run); null scores all. `prefect-lora validate` shows what a number can show."""
 
     def cross_field_problems(self) -> list[Problem]:
         return [*self._check_source()]
@@ -587,7 +592,7 @@ class PipelineConfig(_Section):
         """sha256 of the canonical JSON of this config: equal configs give equal hashes. The
         operational sections (`notifications`, `retention`) are left out: changing where alerts go
         or how much is kept does not make a new model, so a scheduled run still skips."""
-        return _sha256_json(_without_defaults_added_later(self.model_dump(mode="json", exclude={"notifications", "retention"})))
+        return _sha256_json(without_defaults_added_later(self.model_dump(mode="json", exclude={"notifications", "retention"})))
 
     def training_hash(self) -> str:
         """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
@@ -595,25 +600,7 @@ class PipelineConfig(_Section):
         results go. A run is identified by this hash and the data's fingerprint."""
         d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training", "replay"})
         d["num_workers"], d["strategy"] = self.scaling.num_workers, self.scaling.strategy
-        return _sha256_json(_without_defaults_added_later(d))
-
-
-def _without_defaults_added_later(d: dict) -> dict:
-    """`d` without settings added after configs were first hashed, while they hold their
-    default: a config that does not use them keeps the hash it had (and its run folder, and the
-    scheduled run still skips)."""
-    unused = {"remedy": d.get("remedy", {}).get("strategy") == "none", "replay": not d.get("replay", {}).get("share")}
-    d = {k: v for k, v in d.items() if not unused.get(k)}  # sections added later, while unused
-    for section, key, default in _ADDED_LATER:
-        if key in d.get(section, {}) and d[section][key] == default:
-            d = {**d, section: {k: v for k, v in d[section].items() if k != key}}
-    return d
-
-
-# (section, setting, default) of settings added after configs were first hashed
-_ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"),
-                ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
-                ("promotion", "more_evidence", None))
+        return _sha256_json(without_defaults_added_later(d))
 
 
 def _sha256_json(obj) -> str:

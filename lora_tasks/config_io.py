@@ -140,3 +140,32 @@ def resolve_paths(cfg: BaseModel) -> BaseModel:
     if cfg.scaling.address is None and os.environ.get("RAY_ADDRESS"):
         cfg.scaling.address = os.environ["RAY_ADDRESS"]
     return cfg
+
+
+def without_default(d: dict, path: list[str], key: str, default: Any) -> dict:
+    """`d` without `key` of the section at `path` (a list of keys) when it holds `default`."""
+    node = d.get(path[0])
+    if not isinstance(node, dict):
+        return d
+    if len(path) > 1:
+        return {**d, path[0]: without_default(node, path[1:], key, default)}
+    if key in node and node[key] == default:
+        return {**d, path[0]: {k: v for k, v in node.items() if k != key}}
+    return d
+
+
+def without_defaults_added_later(d: dict) -> dict:
+    """`d` without settings added after configs were first hashed, while they hold their
+    default: a config that does not use them keeps the hash it had (and its run folder, and the
+    scheduled run still skips)."""
+    unused = {"remedy": d.get("remedy", {}).get("strategy") == "none", "replay": not d.get("replay", {}).get("share")}
+    d = {k: v for k, v in d.items() if not unused.get(k)}  # sections added later, while unused
+    for section, key, default in _ADDED_LATER:
+        d = without_default(d, section.split("."), key, default)
+    return d
+
+
+# (section, setting, default) of settings added after configs were first hashed
+_ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"),
+                ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
+                ("promotion", "more_evidence", None), ("evaluation.reference", "max_probes", None))

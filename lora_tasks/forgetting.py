@@ -21,7 +21,7 @@ from .config import PipelineConfig
 from .encoding import kl_per_position
 from .errors import DataError
 from .modeling import BaseModelInfo, describe_base_model
-from .probes import base_answers, probe_blocks
+from .probes import base_answers, probe_blocks, probe_prompts
 from .remedy import Part
 from .views import BASE
 
@@ -346,7 +346,8 @@ def _measure_probes(m: _Measurement) -> None:
     cfg, bs = m.cfg, m.cfg.evaluation.batch_size
     info = m.base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
     with m.views.use(BASE) as model:
-        rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs)
+        rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs,
+                            prompts=probe_prompts(cfg.evaluation.reference.max_probes))
     rows = m.keep(rows, [r["prompt"] for r in rows])
     blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
     units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts, cache=m.cache)

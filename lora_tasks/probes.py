@@ -91,6 +91,13 @@ REPLAY_PROMPTS = [t.format(topic) for topic in REPLAY_TOPICS for t in TEMPLATES]
 """240 prompts on other topics than the probes (same templates), for self-distillation replay."""
 
 
+def probe_prompts(limit: int | None = None) -> list[str]:
+    """The probes, or `limit` of them spread evenly over the list (every topic and template kind)."""
+    if not limit or limit >= len(GENERAL_PROBES):
+        return GENERAL_PROBES
+    return [GENERAL_PROBES[i * len(GENERAL_PROBES) // limit] for i in range(limit)]
+
+
 def _has_chat_template(tokenizer) -> bool:
     """Probes are asked as a user turn wherever the tokenizer has a chat template (instruct models)."""
     return bool(getattr(tokenizer, "chat_template", None))

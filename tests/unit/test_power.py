@@ -124,3 +124,17 @@ def test_with_a_remedy_the_plan_counts_the_confirm_part_the_gate_reads(tmp_path)
     # a run's confirm-part interval on 300 questions gives the spread per question
     power.remember(cfg, 120, {"benchmark_mc_accuracy_drop": [0.0, -0.02, 0.02]}, "r1", share=0.5)
     assert _check(power.plan(cfg, 120), "benchmark_").sd == pytest.approx(0.02 / 1.959964 * math.sqrt(300), rel=1e-4)
+
+
+def test_max_probes_scores_a_spread_of_the_probes_and_the_plan_counts_them(tmp_path):
+    from lora_tasks.probes import GENERAL_PROBES, probe_prompts
+
+    some = probe_prompts(60)
+    assert len(some) == len(set(some)) == 60 and some[0] == GENERAL_PROBES[0]
+    assert some[-1] in GENERAL_PROBES[-352 // 60 - 1:]  # spread to the end of the list, not its first 60
+    assert probe_prompts(None) == GENERAL_PROBES == probe_prompts(1000)
+    cfg = config_from_dict({
+        "model_name": "t", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"train_path": str(tmp_path / "t.jsonl"), "prompt_column": "p", "completion_column": "c"},
+        "training": {"max_steps": 1}, "evaluation": {"reference": {"probes": "general", "max_probes": 60}}})
+    assert _check(power.plan(cfg, 100), "self_retention").size == 60
