@@ -20,7 +20,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .config_io import (  # noqa: F401  (part of the API)
-    apply_overrides, format_error, parse_overrides, resolve_paths, without_defaults_added_later, yaml_error,
+    apply_overrides,
+    format_error,
+    parse_overrides,
+    resolve_paths,
+    without_defaults_added_later,
+    yaml_error,
 )
 from .errors import ConfigError
 
