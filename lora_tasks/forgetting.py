@@ -358,9 +358,10 @@ def _measure_probes(m: _Measurement) -> None:
 
 def benchmark_stages(cfg: PipelineConfig, questions: int) -> list[int]:
     """How many of a benchmark's `questions` each look scores: the configured number once, or
-    with `promotion.more_evidence` growing stages up to that multiple of it (`sequential.looks`)."""
+    with `promotion.more_evidence` growing stages up to that multiple of it (`sequential.looks`);
+    one look when no limit bounds the drop."""
     first = min(questions, cfg.evaluation.reference.max_benchmark_questions or questions)
-    more = cfg.promotion.more_evidence
+    more = cfg.promotion.more_evidence if cfg.promotion.max_benchmark_accuracy_drop is not None else None
     return sequential.looks(first, min(questions, math.ceil(first * more))) if more else [first]
 
 
@@ -401,7 +402,7 @@ def _staged_benchmark(m: _Measurement, key: str, questions: list[MCQuestion], st
         correct = {v: np.concatenate([correct[v], new[v]]) for v in correct}
         for view in list(running):
             drop = correct[BASE] - correct[view]
-            end = sequential.look(drop, k, stages, limit if limit is not None else math.inf, True, confidence)
+            end = sequential.look(drop, k, stages, limit, True, confidence)
             if end is None:
                 continue
             running.remove(view)
