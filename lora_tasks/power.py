@@ -55,6 +55,11 @@ times what SmolLM2 adapters showed (demo probes: ratio 0.054, KL 0.022 per probe
 learning rates 2e-4 to 1e-3: ratio 0.28-0.9, KL 0.07-0.48 per square root of a token)."""
 
 
+def _z(confidence: float) -> float:
+    """The gate's bound: one side of a two-sided interval at `confidence`."""
+    return NormalDist().inv_cdf((1 + confidence) / 2)
+
+
 def _prior(check: str, unit: str) -> float:
     return next(sd for (kind, u), sd in PRIOR_SD.items() if u == unit and check.endswith(kind))
 
@@ -84,9 +89,6 @@ class CheckPower:
     def forgetting(self) -> bool:
         return self.higher_is_worse is not None
 
-    def z(self, confidence: float) -> float:
-        return NormalDist().inv_cdf((1 + confidence) / 2)
-
     def margin(self) -> float:
         """How far the limit lies from a harmless adapter, in the direction the check allows."""
         if not self.forgetting:
@@ -97,12 +99,12 @@ class CheckPower:
         """Chance that an adapter exactly at `neutral` passes this check."""
         if self.se == 0:
             return 1.0 if self.margin() > 0 else 0.0
-        return NormalDist().cdf(self.margin() / self.se - self.z(confidence))
+        return NormalDist().cdf(self.margin() / self.se - _z(confidence))
 
     def smallest_shown(self, confidence: float) -> float:
         """Forgetting: the closest limit a harmless adapter meets 80% of the time. Task gain and
         champion: the smallest true gain (lead) that passes 80% of the time."""
-        reach = (self.z(confidence) + NormalDist().inv_cdf(POWER)) * self.se
+        reach = (_z(confidence) + NormalDist().inv_cdf(POWER)) * self.se
         if self.forgetting:
             return self.neutral + reach if self.higher_is_worse else self.neutral - reach
         return reach - self.margin()
@@ -114,7 +116,7 @@ class CheckPower:
             return None
         if self.margin() <= 0:
             return math.inf
-        return math.ceil(((self.z(confidence) + NormalDist().inv_cdf(POWER)) * self.sd / self.margin()) ** 2)
+        return math.ceil(((_z(confidence) + NormalDist().inv_cdf(POWER)) * self.sd / self.margin()) ** 2)
 
     def verdict(self, confidence: float) -> str:
         """`cannot` (a harmless adapter passes less than half the time), `weak` (under 80%),
@@ -126,7 +128,7 @@ class CheckPower:
 
     def describe(self, confidence: float) -> str:
         """One line: the evidence, what it can show, and what would show the limit."""
-        spread = f"spread measured in run {self.measured[:8]}" if self.measured else "spread assumed, no run yet"
+        spread = f"spread measured in run {self.measured[:8]}" if self.measured else "spread assumed: no run measured it yet"
         head = f"{self.check}: {self.size:,} {self.unit}"
         shown = self.smallest_shown(confidence)
         if not self.forgetting:
@@ -250,7 +252,7 @@ def remember(cfg: PipelineConfig, eval_rows: int, intervals: dict[str, list[floa
     """Keep the spread per unit each check showed in this run (`intervals`: the report's
     `[point, low, high]`, on `share` of the evidence: `gate_share` when a remedy's confirm part
     was read), for the next run's plan."""
-    known, z = _recall(cfg), NormalDist().inv_cdf((1 + cfg.promotion.confidence) / 2)
+    known, z = _recall(cfg), _z(cfg.promotion.confidence)
     names = {"champion": "champion_delta"}
     for check, _, planned in _evidence(cfg, eval_rows):
         bounds, size = intervals.get(names.get(check, check)), max(1, round(planned * share))
