@@ -15,8 +15,9 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.setdefault("PREFECT_LORA_CACHE", str(Path(tempfile.gettempdir()) / "prefect-lora-test-cache"))
 os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export another to keep parallel checkouts apart
-# Scores cached by an earlier session may come from other code: every session scores afresh.
-shutil.rmtree(Path(os.environ["PREFECT_LORA_CACHE"]) / "scores", ignore_errors=True)
+# Scores and spreads cached by an earlier session may come from other code: every session starts afresh.
+for _kept in ("scores", "power"):
+    shutil.rmtree(Path(os.environ["PREFECT_LORA_CACHE"]) / _kept, ignore_errors=True)
 
 import flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
 
