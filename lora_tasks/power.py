@@ -263,10 +263,13 @@ def remember(cfg: PipelineConfig, eval_rows: int, intervals: dict[str, list[floa
             known[check] = {"sd": (bounds[2] - bounds[1]) / (2 * z) * math.sqrt(size), "size": size,
                             "run_id": run_id, "at": time.time()}
     path = _path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(path)
+    try:  # a cache that cannot be written costs the next plan its measured spreads, never the run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
     return known
 
 
