@@ -25,6 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .promotion import _outcome
 from .stats import Interval
 
 SHAPE = 0.0
@@ -75,10 +76,8 @@ def _interval(values: np.ndarray, z: float) -> Interval:
 
 
 def outcome(interval: Interval, limit: float, upper_is_worse: bool) -> str:
-    """`pass`, `fail` or `undecided`, as the fixed-size gate reads an interval (`promotion._outcome`)."""
-    worse, better = (interval.high, interval.low) if upper_is_worse else (interval.low, interval.high)
-    beyond = (lambda x: x > limit) if upper_is_worse else (lambda x: x < limit)
-    return "pass" if not beyond(worse) else "fail" if beyond(better) else "undecided"
+    """`pass`, `fail` or `undecided`, read exactly as the fixed-size gate reads an interval."""
+    return _outcome((interval.low, interval.high), limit, upper_is_worse)
 
 
 def look(values: np.ndarray, k: int, stages: list[int], limit: float, upper_is_worse: bool,
