@@ -14,8 +14,8 @@ training on the probes would fake the evidence the gate reads.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import os
 from pathlib import Path
 
 from .encoding import format_prompts, generate_answers
@@ -103,39 +103,50 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _cache_file(base_hash: str, max_new_tokens: int, prompts: list[str]) -> Path:
-    key = hashlib.sha256(json.dumps([prompts, max_new_tokens]).encode()).hexdigest()[:12]
-    return cache_dir() / "probes" / f"{base_hash[:16]}-{key}.jsonl"
+def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
+    return cache_dir() / "probes" / f"{base_hash[:16]}-{max_new_tokens}.jsonl"
+
+
+def _stored(base_hash: str, max_new_tokens: int) -> dict[str, str]:
+    """Every answer of this base generated so far (empty ones included: not asked again), by prompt."""
+    try:
+        lines = _cache_file(base_hash, max_new_tokens).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    return {r["prompt"]: r["answer"] for r in map(json.loads, lines)}
+
+
+def _rows(prompts: list[str], stored: dict[str, str]) -> list[dict]:
+    return [{"prompt": p, "answer": stored[p]} for p in prompts if stored[p].strip()]
 
 
 def cached_answers(base_hash: str, max_new_tokens: int, prompts: list[str]) -> list[dict] | None:
-    """`base_answers` from the cache, or None when they were never generated for this base."""
-    path = _cache_file(base_hash, max_new_tokens, prompts)
-    if not path.exists():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """`base_answers` from the cache, or None when some prompt was never answered by this base."""
+    stored = _stored(base_hash, max_new_tokens)
+    return _rows(prompts, stored) if all(p in stored for p in prompts) else None
 
 
 def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8,
                  prompts: list[str] | None = None) -> list[dict]:
-    """The base model's greedy answers to `prompts` (the probes by default), generated once per
-    base and prompt set and cached."""
+    """The base model's greedy answers to `prompts` (the probes by default), in their order, without
+    empty ones. Each prompt is answered once per base and kept: a later call asking for fewer,
+    more or other prompts generates only those never asked."""
     prompts = GENERAL_PROBES if prompts is None else prompts
-    cached = cached_answers(base_hash, max_new_tokens, prompts)
-    if cached is not None:
-        return cached
-    path = _cache_file(base_hash, max_new_tokens, prompts)
-    # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                   chat_template=_has_chat_template(tokenizer),
-                                   label="the base's answers to the general prompts (once per base model)")
-    rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers) if a.strip()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return rows
+    stored = _stored(base_hash, max_new_tokens)
+    missing = list(dict.fromkeys(p for p in prompts if p not in stored))
+    if missing:
+        # A PeftModel answers with its adapters off; a plain model (the base itself) as it is.
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            answers = generate_answers(model, tokenizer, missing, max_new_tokens, batch_size,
+                                       chat_template=_has_chat_template(tokenizer),
+                                       label="the base's answers to the general prompts (once per base model)")
+        stored = {**_stored(base_hash, max_new_tokens), **dict(zip(missing, answers))}  # another run may have added some
+        path = _cache_file(base_hash, max_new_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in stored.items()), encoding="utf-8")
+        tmp.replace(path)
+    return _rows(prompts, stored)
 
 
 def probe_blocks(rows: list[dict], tokenizer, max_len: int) -> tuple[list[list[int]], list[int]]:

@@ -16,7 +16,7 @@ from .config import PipelineConfig
 from .errors import ConfigError
 from .forgetting import read_mc_benchmark, read_reference_texts
 from .modeling import BaseModelInfo, describe_base_model, load_base_model, load_tokenizer
-from .encoding import REPLAY_KEY
+from .encoding import REPLAY_KEY, autocast
 from .probes import GENERAL_PROBES, REPLAY_PROMPTS, base_answers, cached_answers
 
 
@@ -77,7 +77,9 @@ def _self_rows(cfg: PipelineConfig, base_info: BaseModelInfo | None, device: str
     if answers is None:  # generated once per base model and prompt set
         model = load_base_model(bm.name_or_path, cfg.task, revision=bm.revision, torch_dtype=bm.torch_dtype,
                                 trust_remote_code=bm.trust_remote_code, pad_token_id=tokenizer.pad_token_id).to(device)
-        answers = base_answers(model, tokenizer, key, cfg.replay.max_new_tokens, cfg.evaluation.batch_size, prompts=prompts)
+        with autocast(cfg.training.precision, device):  # as the probes' answers: bf16 where the device runs it natively
+            answers = base_answers(model, tokenizer, key, cfg.replay.max_new_tokens, cfg.evaluation.batch_size,
+                                   prompts=prompts)
     return [{d.prompt_column: a["prompt"], d.completion_column: a["answer"], REPLAY_KEY: "chat"} for a in answers]
 
 

@@ -91,6 +91,28 @@ def test_probe_answers_are_cached_and_scored_on_answers_only(tiny_model_dir, tmp
     assert out["reference_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapter: B = 0
 
 
+def test_probe_answers_are_kept_per_prompt_so_fewer_or_more_prompts_generate_only_the_new_ones(tiny_model_dir, tmp_path,
+                                                                                               monkeypatch):
+    from lora_tasks import probes
+    from lora_tasks.modeling import load_base_model, load_tokenizer
+
+    monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
+    asked: list[list[str]] = []
+    real = probes.generate_answers
+    monkeypatch.setattr(probes, "generate_answers", lambda m, t, prompts, *a, **k: asked.append(prompts) or real(m, t, prompts, *a, **k))
+    tok, model = load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir, "causal_lm")
+    first = probes.base_answers(model, tok, "h" * 16, 8, prompts=probes.probe_prompts(4))
+    assert probes.cached_answers("h" * 16, 8, probes.probe_prompts(2)) == [r for r in first if r["prompt"] in probes.probe_prompts(2)]
+    assert probes.cached_answers("h" * 16, 8, probes.probe_prompts(6)) is None  # two never asked
+    more = probes.base_answers(model, tok, "h" * 16, 8, prompts=probes.probe_prompts(6))
+    assert asked == [probes.probe_prompts(4), [p for p in probes.probe_prompts(6) if p not in probes.probe_prompts(4)]]
+    common = set(probes.probe_prompts(4)) & set(probes.probe_prompts(6))
+    assert common
+    answers = lambda rows: {r["prompt"]: r["answer"] for r in rows if r["prompt"] in common}
+    assert answers(more) == answers(first)  # the same answers, not generated again
+    assert probes.base_answers(None, tok, "h" * 16, 8, prompts=probes.probe_prompts(6)) == more
+
+
 def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(tiny_model_dir):
     """`compare_on_blocks` runs the output layer on scored positions only, batches blocks by
     length and reuses the base's states: each must leave every per-block figure as the plain
