@@ -18,6 +18,7 @@ import torch
 from . import score_cache, stats
 from .config import PipelineConfig
 from .errors import DataError
+from .block_cache import BlockCache
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
 from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers, resolve_precision
@@ -283,7 +284,7 @@ class Evaluation:
                          "seed": cfg.training.seed}
         self.load_seconds = time.perf_counter() - started
         self._task: dict[tuple, tuple] = {}
-        self._base_states: dict = {}  # the base's side of the forgetting comparison, the same at every scale
+        self._blocks = BlockCache()  # the forgetting comparison's reuse: the base's states, unchanging models' units
         self._from_disk: set[tuple] = set()  # keys of `_task` whose scores came from the disk cache
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
@@ -314,14 +315,19 @@ class Evaluation:
         return scores
 
     def _stored_key(self, name: str, scale: float, rows: list[dict]) -> str | None:
-        """The disk cache key of a view's scores on `rows`: the base's, the champion's, and the new
-        adapter's as trained (scale 1), which the next run reads back if it became the champion
+        """The disk cache key of a view's scores on `rows` (None: not kept, see `_identity`)."""
+        identity = self._identity(name, scale)
+        return score_cache.scores_key(self.cfg, identity, rows) if identity else None
+
+    def _identity(self, name: str, scale: float) -> str | None:
+        """What a view's scores kept on disk are keyed by: the base, the champion, and the new
+        adapter as trained (scale 1), which the next run reads back if it became the champion
         (its registered files are the trained ones, byte for byte). None for a scaled adapter."""
         if self.base_info is None or (name == ADAPTED and scale != 1.0):
             return None
         adapter = {CHAMPION: self.champion_adapter_dir, ADAPTED: self.adapter_dir}.get(name)
         precision = resolve_precision(self.cfg.training.precision, self.device)
-        return score_cache.scores_key(self.cfg, self.base_info.content_hash, adapter, rows, precision, self.device)
+        return score_cache.model_identity(self.base_info.content_hash, adapter, precision, self.device)
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
@@ -335,9 +341,10 @@ class Evaluation:
         metric, higher = primary_metric(cfg)
         intervals = _intervals(metric, higher, units, self.stats_kw)
         task_done = time.perf_counter()
+        self._blocks.identities = {n: self._identity(n, scale) for n in self.views.names}
         with autocast(cfg.training.precision, self.device), self.views.scaled(ADAPTED, scale):
             forgetting, f_intervals = measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info,
-                                                         self.stats_kw, part, self._base_states)
+                                                         self.stats_kw, part, self._blocks)
         intervals.update(f_intervals[ADAPTED])
         if CHAMPION in names:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sequential, stats
+from .block_cache import BlockCache
 from .config import PipelineConfig
 from .encoding import kl_per_position
 from .errors import DataError
@@ -121,22 +122,41 @@ def _scored_logits(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tens
 
 @torch.no_grad()
 def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: int, device="cpu",
-                      score_from: list[int] | None = None, cache: dict | None = None) -> dict:
+                      score_from: list[int] | None = None, cache: BlockCache | None = None) -> dict:
     """Per-block units of every view against `base` on token blocks: `tokens` (scored), `nll`
     per view (base included) and `kl` per non-base view (KL(base || view) summed over tokens).
 
     Blocks are batched by length (little padding); each batch's base distribution is computed
-    once and compared with each other view in turn. With `cache` (a dict kept by the caller),
-    the base's final hidden states at the scored positions are kept per block set: a later call
-    on the same blocks (the same adapter at another scale) runs only the base's output layer."""
-    others = [n for n in views.names if n != BASE]
+    once and compared with each other view in turn. With `cache` (`BlockCache`), a view whose
+    units an earlier run kept is not run at all, and the base's final states at the scored
+    positions are reused: only its output layer runs again."""
+    cache = cache if cache is not None else BlockCache()
+    key = hashlib.sha256(json.dumps([blocks, score_from, batch_size]).encode()).hexdigest()
+    stored = {n: u for n in views.names if (u := cache.units(n, key)) is not None}
+    out = {"tokens": np.zeros(len(blocks)), "nll": {n: np.zeros(len(blocks)) for n in views.names},
+           "kl": {n: np.zeros(len(blocks)) for n in views.names if n != BASE}}
+    todo = [n for n in views.names if n != BASE and n not in stored]
+    if todo or BASE not in stored:
+        _compare(views, blocks, batch_size, pad_id, device, score_from, todo, cache, key, out)
+        for n in [BASE, *todo]:
+            cache.keep_units(n, key, {"tokens": out["tokens"], "nll": out["nll"][n], **({"kl": out["kl"][n]} if n != BASE else {})})
+    for n, units in stored.items():
+        out["tokens"] = units["tokens"]
+        out["nll"][n] = units["nll"]
+        if n != BASE:
+            out["kl"][n] = units["kl"]
+    if out["tokens"].sum() == 0:
+        raise DataError("the forgetting text gave no tokens to score; give it more text")
+    return out
+
+
+def _compare(views, blocks: list[list[int]], batch_size: int, pad_id: int, device, score_from: list[int] | None,
+             todo: list[str], cache: BlockCache, key: str, out: dict) -> None:
+    """`compare_on_blocks`'s model runs: the base (from its kept states when there are some) and
+    each view of `todo`, filling `out` in place."""
     order = sorted(range(len(blocks)), key=lambda i: len(blocks[i]))
     starts = [score_from[i] for i in order] if score_from else None
-    key = hashlib.sha256(json.dumps([blocks, score_from, batch_size]).encode()).hexdigest()
-    states = cache.get(key) if cache is not None else None
-    kept: list[torch.Tensor] = []
-    out = {"tokens": np.zeros(len(blocks)), "nll": {n: np.zeros(len(blocks)) for n in views.names},
-           "kl": {n: np.zeros(len(blocks)) for n in others}}
+    states, kept = cache.base_states(key), []
     for b, (ids, mask, scored) in enumerate(_batches([blocks[i] for i in order], batch_size, pad_id, starts)):
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
         pos = (scored[:, 1:] * mask[:, :-1]).bool()  # position p predicts token p + 1
@@ -147,23 +167,20 @@ def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: i
             return torch.zeros(len(ids), device=values.device).index_add_(0, rows, values).cpu().numpy()
 
         with views.use(BASE) as m:
-            base, hidden = _scored_logits(m, ids, mask, pos, states[b] if states else None)
+            base, hidden = _scored_logits(m, ids, mask, pos, states[b].to(device) if states else None)
         kept.append(hidden.cpu())
         logp = F.log_softmax(base, dim=-1)
         del base
         out["nll"][BASE][where] = per_block(F.nll_loss(logp, target, reduction="none"))
-        for name in others:
+        for name in todo:
             with views.use(name) as m:
                 logq = F.log_softmax(_scored_logits(m, ids, mask, pos)[0], dim=-1)
             out["nll"][name][where] = per_block(F.nll_loss(logq, target, reduction="none"))
             out["kl"][name][where] = per_block(kl_per_position(logp, logq))
             del logq
         out["tokens"][where] = pos.sum(1).cpu().numpy()
-    if out["tokens"].sum() == 0:
-        raise DataError("the forgetting text gave no tokens to score; give it more text")
-    if cache is not None:
-        cache[key] = kept
-    return out
+    if not states:
+        cache.keep_states(key, kept)
 
 
 def summarize_comparison(units: dict, name: str, prefix: str) -> dict[str, float]:
@@ -301,8 +318,8 @@ class _Measurement:
     base_info: BaseModelInfo | None
     part: Part | None = None
     """One side of the split evidence (a remedy's search or confirm part), or None for all of it."""
-    cache: dict | None = None
-    """The base's states on text already scored (`compare_on_blocks`), kept across measurements."""
+    cache: BlockCache | None = None
+    """What `compare_on_blocks` reuses: the base's states, the units of models that do not change."""
     metrics: dict[str, dict] = field(default_factory=dict)
     intervals: dict[str, dict] = field(default_factory=dict)
 
@@ -427,9 +444,9 @@ source on, and what measures it. Probes and benchmarks score causal LMs only (a 
 
 
 def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
-                       stats_kw: dict, part: Part | None = None, cache: dict | None = None) -> tuple[dict, dict]:
+                       stats_kw: dict, part: Part | None = None, cache: BlockCache | None = None) -> tuple[dict, dict]:
     """Forgetting of every non-base view against the base on each source `evaluation.reference`
-    turns on, on `part` of its evidence (all without one), reusing the base's states in `cache`:
+    turns on, on `part` of its evidence (all without one), reusing what `cache` holds:
     ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
     m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part, cache)
     ref = cfg.evaluation.reference

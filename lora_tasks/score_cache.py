@@ -23,23 +23,28 @@ from .config import PipelineConfig
 from .modeling import cache_dir
 
 
-def scores_key(cfg: PipelineConfig, base_hash: str | None, adapter_dir: str | None, rows: list[dict],
-               precision: str, device: str) -> str | None:
-    """The identity of one model's scores on `rows`: base weights, adapter weights (None: the
-    base itself), the rows and every setting that changes a score. None when the base has no
-    content hash (a hub id not materialised locally): then nothing is cached."""
+def model_identity(base_hash: str | None, adapter_dir: str | None, precision: str, device: str) -> str | None:
+    """One model as it scores: base weights, adapter weights (None: the base itself), precision,
+    device and code versions. None when the base has no content hash (a hub id not materialised
+    locally): then nothing of it is cached."""
     if not base_hash:
         return None
+    return json.dumps({"base": base_hash, "adapter": _files_hash(adapter_dir) if adapter_dir else None,
+                       "precision": precision, "device": str(device), "torch": torch.__version__,
+                       "prefect_lora": __version__}, sort_keys=True)
+
+
+def scores_key(cfg: PipelineConfig, model: str, rows: list[dict]) -> str:
+    """The identity of one model's (`model_identity`) scores on `rows`: the model, the rows and
+    every setting that changes a score."""
     d = cfg.data
     settings = {
         "task": cfg.task, "columns": [d.prompt_column, d.completion_column, d.text_column, d.label_column],
         "labels": d.labels, "chat_template": d.chat_template, "system_prompt": d.system_prompt,
         "max_seq_length": cfg.training.max_seq_length, "batch_size": cfg.evaluation.batch_size,
         "generation": cfg.evaluation.generation.model_dump(mode="json") if cfg.evaluation.generation else None,
-        "precision": precision, "device": str(device), "torch": torch.__version__, "prefect_lora": __version__,
     }
-    blob = json.dumps({"base": base_hash, "adapter": _files_hash(adapter_dir) if adapter_dir else None,
-                       "settings": settings, "rows": rows}, sort_keys=True, default=str)
+    blob = json.dumps({"model": model, "settings": settings, "rows": rows}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -119,6 +119,7 @@ def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(ti
     computation (full logits of every position, block by block) gives it."""
     import torch.nn.functional as F
 
+    from lora_tasks.block_cache import BlockCache
     from lora_tasks.forgetting import compare_on_blocks
     from lora_tasks.modeling import apply_lora, load_base_model
     from lora_tasks.views import PeftViews
@@ -145,14 +146,55 @@ def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(ti
         return nll(p), nll(q), float((p.exp() * (p - q)).sum(-1)[keep].sum()), int(keep.sum())
 
     want = np.array([plain(b, s) for b, s in zip(blocks, starts)])
-    cache = {}
+    cache = BlockCache()
     got = compare_on_blocks(views, blocks, 4, 0, score_from=starts, cache=cache)
     for col, got_col in enumerate((got["nll"]["base"], got["nll"]["adapted"], got["kl"]["adapted"], got["tokens"])):
         np.testing.assert_allclose(got_col, want[:, col], rtol=1e-4, atol=1e-4)
-    assert len(cache) == 1
+    assert len(cache.states) == 1
     with views.scaled("adapted", 0.5):
         cached = compare_on_blocks(views, blocks, 4, 0, score_from=starts, cache=cache)
         fresh = compare_on_blocks(views, blocks, 4, 0, score_from=starts)
     for k in ("nll", "kl"):
         np.testing.assert_allclose(cached[k]["adapted"], fresh[k]["adapted"], rtol=1e-5, atol=1e-6)
     assert (cached["kl"]["adapted"] < got["kl"]["adapted"]).all(), "half the update, less divergence"
+
+
+def test_the_next_run_reads_unchanging_models_units_and_the_base_states_from_disk(tiny_model_dir, tmp_path, monkeypatch):
+    """A later run (a fresh `BlockCache`) runs no model whose units were kept (the base, the
+    adapter that became champion) and, for a new adapter, only the base's output layer: the
+    figures are those a run without any cache computes."""
+    from lora_tasks import block_cache
+    from lora_tasks.block_cache import BlockCache
+    from lora_tasks.forgetting import compare_on_blocks
+    from lora_tasks.modeling import apply_lora, load_base_model
+    from lora_tasks.views import PeftViews
+
+    monkeypatch.setattr(block_cache, "cache_dir", lambda: tmp_path)
+    torch.manual_seed(1)
+    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    decoder_runs = []
+    model.get_base_model().get_decoder().register_forward_hook(lambda *a: decoder_runs.append(1))
+    blocks = [list(torch.randint(3, 200, (n,)).tolist()) for n in (9, 30, 17, 5)]
+    starts = [3, 10, 1, 2]
+    views = PeftViews(model)
+    first = compare_on_blocks(views, blocks, 2, 0, score_from=starts, cache=BlockCache({"base": "b", "adapted": "a"}))
+    assert len(decoder_runs) == 4  # two batches, base and adapted
+    assert len(list(tmp_path.glob("forgetting/*.npz"))) == 2 and len(list(tmp_path.glob("forgetting/*.pt"))) == 1
+
+    with views.scaled("adapted", 0.5):  # had the adapted model run, its figures would differ
+        again = compare_on_blocks(views, blocks, 2, 0, score_from=starts, cache=BlockCache({"base": "b", "adapted": "a"}))
+        assert len(decoder_runs) == 4, "kept units: no model ran"
+        for k in ("nll", "kl"):
+            np.testing.assert_array_equal(again[k]["adapted"], first[k]["adapted"])
+        other = compare_on_blocks(views, blocks, 2, 0, score_from=starts, cache=BlockCache({"base": "b", "adapted": None}))
+        assert len(decoder_runs) == 6, "a new adapter runs; the base only its output layer"
+        fresh = compare_on_blocks(views, blocks, 2, 0, score_from=starts)
+    for k in ("nll", "kl"):
+        np.testing.assert_allclose(other[k]["adapted"], fresh[k]["adapted"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(other["nll"]["base"], first["nll"]["base"], rtol=1e-6, atol=1e-6)
+    assert (other["kl"]["adapted"] < first["kl"]["adapted"]).all()
