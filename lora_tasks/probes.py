@@ -93,9 +93,14 @@ REPLAY_PROMPTS = [t.format(topic) for topic in REPLAY_TOPICS for t in TEMPLATES]
 
 def probe_prompts(limit: int | None = None) -> list[str]:
     """The probes, or `limit` of them spread evenly over the list (every topic and template kind)."""
-    if not limit or limit >= len(GENERAL_PROBES):
-        return GENERAL_PROBES
-    return [GENERAL_PROBES[i * len(GENERAL_PROBES) // limit] for i in range(limit)]
+    return spread(GENERAL_PROBES, limit)
+
+
+def spread(prompts: list[str], limit: int | None) -> list[str]:
+    """`prompts`, or `limit` of them spread evenly over the list."""
+    if not limit or limit >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // limit] for i in range(limit)]
 
 
 def _has_chat_template(tokenizer) -> bool:

@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .forgetting import read_mc_benchmark, read_reference_texts
 from .modeling import BaseModelInfo, describe_base_model, load_base_model, load_tokenizer
 from .encoding import REPLAY_KEY, autocast
-from .probes import GENERAL_PROBES, REPLAY_PROMPTS, base_answers, cached_answers
+from .probes import GENERAL_PROBES, REPLAY_PROMPTS, base_answers, cached_answers, spread
 
 
 def replay_prompts(cfg: PipelineConfig) -> list[str]:
@@ -61,18 +61,30 @@ def replay_rows(cfg: PipelineConfig, num_task_rows: int, base_info: BaseModelInf
     r = cfg.replay
     if not r.share or num_task_rows == 0:
         return []
-    pool = _self_rows(cfg, base_info, device) if r.source == "self" else _corpus_rows(cfg)
+    wanted = math.ceil(r.share / (1.0 - r.share) * num_task_rows)
+    pool = _self_rows(cfg, base_info, device, _answers_needed(cfg, wanted)) if r.source == "self" else _corpus_rows(cfg)
     if not pool:
         raise ConfigError(["replay: the replay set is empty (no base answer or passage)"], source="replay")
-    wanted = math.ceil(r.share / (1.0 - r.share) * num_task_rows)
     return [pool[i % len(pool)] for i in range(wanted)]
 
 
-def _self_rows(cfg: PipelineConfig, base_info: BaseModelInfo | None, device: str) -> list[dict]:
+def _answers_needed(cfg: PipelineConfig, wanted: int) -> int:
+    """How many replay prompts the base answers: one per replay row of the mix, but no more than
+    twice the replay rows training reads in `max_steps` (unpacked): an answer never read is never
+    generated, and the rows read still come from many prompts."""
+    t = cfg.training
+    if t.max_steps is None or t.packing:
+        return wanted
+    read = t.max_steps * t.batch_size * t.gradient_accumulation_steps * cfg.scaling.num_workers
+    return min(wanted, 2 * math.ceil(cfg.replay.share * read))
+
+
+def _self_rows(cfg: PipelineConfig, base_info: BaseModelInfo | None, device: str, limit: int) -> list[dict]:
+    """The base's answers to `limit` of the replay prompts, spread over the set."""
     bm, d = cfg.base_model, cfg.data
     info = base_info or describe_base_model(bm.name_or_path, bm.revision)
     tokenizer = load_tokenizer(bm.name_or_path, bm.revision, bm.trust_remote_code)
-    key, prompts = info.content_hash or f"{info.name_or_path}@{info.revision}", replay_prompts(cfg)
+    key, prompts = info.content_hash or f"{info.name_or_path}@{info.revision}", spread(replay_prompts(cfg), limit)
     answers = cached_answers(key, cfg.replay.max_new_tokens, prompts)
     if answers is None:  # generated once per base model and prompt set
         model = load_base_model(bm.name_or_path, cfg.task, revision=bm.revision, torch_dtype=bm.torch_dtype,

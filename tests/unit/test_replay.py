@@ -77,6 +77,26 @@ def test_replay_rows_make_up_the_share_cycling_through_the_set(tiny_model_dir, t
     assert replay_rows(_with(cfg, replay={"share": 0.0}), num_task_rows=40) == []
 
 
+def test_the_base_answers_only_as_many_replay_prompts_as_training_reads_twice_over(tiny_model_dir, tmp_path, monkeypatch):
+    from lora_tasks import probes
+    from lora_tasks.replay import replay_rows
+
+    monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
+    prompts = tmp_path / "replay.txt"
+    prompts.write_text("".join(f"Name thing number {i}.\n" for i in range(40)))
+    # 5 steps x 2 rows x 1 worker = 10 rows read, a fifth of them replay: about 2, so 4 prompts answered.
+    cfg = _with(make_cfg(), replay={"share": 0.2, "path": str(prompts), "max_new_tokens": 4},
+                training={"max_steps": 5, "batch_size": 2})
+    rows = replay_rows(cfg, num_task_rows=200)
+    assert len(rows) == 50, "the mix still holds a fifth of replay rows"
+    asked = {r["prompt"] for r in rows}
+    assert len(asked) == 4 and {"Name thing number 0.", "Name thing number 30."} <= asked, "spread over the set"
+    answered = (tmp_path / "probes").glob("*.jsonl")
+    assert sum(len(f.read_text().splitlines()) for f in answered) == 4
+    longer = replay_rows(_with(cfg, training={"max_steps": None, "epochs": 1.0}), num_task_rows=200)
+    assert len({r["prompt"] for r in longer}) == 40, "by epochs every row of the mix is read: every prompt answered"
+
+
 def test_replay_that_overlaps_the_forgetting_evidence_is_refused(tmp_path):
     from lora_tasks.probes import GENERAL_PROBES, REPLAY_PROMPTS
     from lora_tasks.replay import check_disjoint
