@@ -1,13 +1,14 @@
 """Loopback load test of `deploy/serve.py`: adapter-multiplexed vs merged serving.
 
     python bench/serve_bench.py [--clients 4] [--seconds 10] [--max-tokens 8] [--challenger-share 0.5]
-                                [--base builtin:tiny-llama] [--out bench/results/serve_bench.json]
+                                [--batch-rows 1,16] [--base builtin:tiny-llama] [--out bench/results/serve_bench.json]
 
 Registers two adapters (random LoRA weights) on the base in a temporary SQLite MLflow, then for
 each mode starts the Serve app, warms it, and runs N client threads for T seconds against
 `POST /v1/completions`. A share of the requests names the challenger, so two versions are in play:
 multiplexed onto one base in `adapter` mode, two merged models in `merged` mode. Reports
-throughput, p50/p95 latency and errors (must be 0); prints a table and writes JSON.
+throughput, p50/p95 latency and errors (must be 0) per mode and `batch_max_rows` (1: each request
+alone, as before request batching); prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--challenger-share", type=float, default=0.5)
     ap.add_argument("--base", default="builtin:tiny-llama", help="base model (built-in name, local folder or hub id)")
     ap.add_argument("--modes", default="adapter,merged")
+    ap.add_argument("--batch-rows", default="1,16", help="values of serve's batch_max_rows to compare")
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve's batch_wait_ms (default: its default)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench-<time>.json)")
     args = ap.parse_args()
 
@@ -115,27 +118,29 @@ def main() -> None:
     rows = []
     try:
         for mode in args.modes.split(","):
-            cfg = ServeConfig(model_name=name, tracking_uri=uri, port=port, mode=mode, app_name=f"bench-{mode}",
-                              max_tokens_cap=max(256, args.max_tokens))
-            t0 = time.monotonic()
-            serving.start(cfg, ray_temp_dir="/tmp/plray-serve-bench")
-            load(port, 2, 2.0, args.max_tokens, name, 0.5)  # warm: both versions loaded
-            startup = time.monotonic() - t0
-            result = load(port, args.clients, args.seconds, args.max_tokens, name, args.challenger_share)
-            rows.append({"mode": mode, "startup_s": round(startup, 1), **result})
-            serve.delete(cfg.app_name)
+            for batch in map(int, args.batch_rows.split(",")):
+                cfg = ServeConfig(model_name=name, tracking_uri=uri, port=port, mode=mode, app_name=f"bench-{mode}-{batch}",
+                                  max_tokens_cap=max(256, args.max_tokens), batch_max_rows=batch,
+                                  **({"batch_wait_ms": args.batch_wait_ms} if args.batch_wait_ms is not None else {}))
+                t0 = time.monotonic()
+                serving.start(cfg, ray_temp_dir="/tmp/plray-serve-bench")
+                load(port, 2, 2.0, args.max_tokens, name, 0.5)  # warm: both versions loaded
+                startup = time.monotonic() - t0
+                result = load(port, args.clients, args.seconds, args.max_tokens, name, args.challenger_share)
+                rows.append({"mode": mode, "batch_max_rows": batch, "startup_s": round(startup, 1), **result})
+                serve.delete(cfg.app_name)
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
 
-    header = f"{'mode':<8} {'clients':>7} {'secs':>5} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}"
+    header = f"{'mode':<8} {'batch':>5} {'clients':>7} {'secs':>5} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}"
     print(f"\nserve bench: base {args.base}, {args.clients} clients x {args.seconds:g}s, max_tokens {args.max_tokens}, "
           f"{args.challenger_share:.0%} of requests to the challenger, {os.cpu_count()} CPUs")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:<8} {args.clients:>7} {args.seconds:>5g} {r['requests']:>8} {r['throughput_rps']:>7} "
+        print(f"{r['mode']:<8} {r['batch_max_rows']:>5} {args.clients:>7} {args.seconds:>5g} {r['requests']:>8} {r['throughput_rps']:>7} "
               f"{r['tokens_per_s']:>7} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['errors']:>6}")
     out = Path(args.out or Path(__file__).parent / "results" / f"serve_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

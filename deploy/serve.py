@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from deploy.serve_core import (
+    MicroBatcher,
     RequestProblem,
     Secret,
     ServeConfig,
@@ -62,7 +63,8 @@ class _Replica:
 
         self.cfg = ServeConfig(**cfg)
         self.device = torch.device(self.cfg.device)
-        self._lock = threading.Lock()  # one forward pass at a time: adapters switch per request
+        self._lock = threading.Lock()  # one forward pass at a time: adapters switch per batch
+        self._batcher = MicroBatcher(self._infer_batch, self.cfg.batch_max_rows, self.cfg.batch_wait_ms / 1000)
         self._files: dict[str, object] = {}
         first = self._first_version()
         self.base_config = self._files_for(first).model_config
@@ -103,7 +105,8 @@ class _Replica:
         return serve.get_multiplexed_model_id()
 
     async def run(self, op: str, payload: dict) -> dict:
-        """Serve one request for the version named by the multiplexed model id."""
+        """Serve one request for the version named by the multiplexed model id, in a batch with
+        the concurrent requests for the same version, operation and sampling (`MicroBatcher`)."""
         from lora_tasks.errors import LoraTaskError, RegistryError
 
         version = serve.get_multiplexed_model_id()
@@ -112,7 +115,8 @@ class _Replica:
                 route = "/v1/classify" if self.task == "sequence_classification" else "/v1/completions or /v1/chat/completions"
                 raise RequestProblem(400, f"{self.cfg.model_name} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
             model = await self.get_model(version)
-            return await asyncio.to_thread(self._infer_locked, model, version, op, payload)
+            rows = len(payload.get("prompts") or payload.get("texts") or [None])
+            return await self._batcher.submit((version, op, payload.get("temperature")), (model, payload), rows)
         except RequestProblem as exc:
             return {"error": exc.message, "status": exc.status, "type": exc.kind}
         except RegistryError as exc:
@@ -123,20 +127,35 @@ class _Replica:
             logger.exception("inference failed for version %s", version)
             return {"error": f"internal error ({exc.__class__.__name__})", "status": 500, "type": "server_error"}
 
-    def _infer_locked(self, model, version: str, op: str, payload: dict) -> dict:
+    def _infer_batch(self, key: tuple, items: list[tuple]) -> list:
+        """One forward pass (a classification) or one `generate` for the requests of a batch:
+        one result per request, or the RequestProblem of a request that cannot run."""
+        version, op, temperature = key
         with self._lock:
-            model = self._activate(model, version)
+            model = self._activate(items[0][0], version)
             mcfg = self._files_for(version).model_config
             if op == "classify":
-                return self._classify(model, mcfg, payload["texts"])
-            if op == "chat":
-                texts, special = self._chat_text(mcfg, payload["messages"])
-            else:
-                from lora_tasks.encoding import format_prompts
+                texts = [t for _, payload in items for t in payload["texts"]]
+                return _split(self._classify(model, mcfg, texts), [len(p["texts"]) for _, p in items])
+            prepared = [self._prompt_text(mcfg, op, payload) for _, payload in items]
+            fits = [i for i, (texts, _, tokens) in enumerate(prepared) if max(tokens) <= self.cfg.max_prompt_tokens]
+            rows = [(t, items[i][1]["max_tokens"]) for i in fits for t in prepared[i][0]]
+            out = self._generate(model, [t for t, _ in rows], prepared[0][1], [m for _, m in rows], temperature) if rows else {}
+            results = iter(_split(out, [len(prepared[i][0]) for i in fits]))
+            return [next(results) if i in fits else RequestProblem(
+                400, f"prompt is {max(prepared[i][2])} tokens; the limit is {self.cfg.max_prompt_tokens}")
+                for i in range(len(items))]
 
-                texts, special = format_prompts(payload["prompts"], self.tokenizer, bool(mcfg.get("chat_template")),
-                                                mcfg.get("system_prompt"))
-            return self._generate(model, texts, special, payload["max_tokens"], payload["temperature"])
+    def _prompt_text(self, mcfg: dict, op: str, payload: dict) -> tuple[list[str], bool, list[int]]:
+        """A request's prompts as the model reads them, whether to add special tokens, their lengths in tokens."""
+        if op == "chat":
+            texts, special = self._chat_text(mcfg, payload["messages"])
+        else:
+            from lora_tasks.encoding import format_prompts
+
+            texts, special = format_prompts(payload["prompts"], self.tokenizer, bool(mcfg.get("chat_template")),
+                                            mcfg.get("system_prompt"))
+        return texts, special, [len(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     def _activate(self, model, version: str):
         return model
@@ -150,33 +169,30 @@ class _Replica:
         # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
         return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
 
-    def _generate(self, model, texts: list[str], special: bool, max_tokens: int, temperature: float) -> dict:
+    def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float) -> dict:
+        """One `generate` over rows that may ask for different numbers of new tokens: it runs to
+        the largest (or until every row has ended) and each row keeps its own first tokens."""
         import torch
 
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
-            lengths = enc["attention_mask"].sum(-1).tolist()
-            if max(lengths) > self.cfg.max_prompt_tokens:
-                raise RequestProblem(400, f"prompt is {max(lengths)} tokens; the limit is {self.cfg.max_prompt_tokens}")
-            enc = enc.to(self.device)
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(self.device)
             sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id,
+                out = model.generate(**enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id, **sample)
         finally:
             tok.padding_side = side
         new = out[:, enc["input_ids"].shape[1]:]
-        answers, finish, completion_tokens = [], [], 0
-        for row in new.tolist():
-            n = len(row)
-            if tok.eos_token_id in row:
-                n = row.index(tok.eos_token_id)
-            completion_tokens += n
-            finish.append("stop" if n < len(row) or n < max_tokens else "length")
-            answers.append(tok.decode(row[:n], skip_special_tokens=True))
-        return {"texts": answers, "finish": finish, "prompt_tokens": int(sum(lengths)), "completion_tokens": completion_tokens}
+        result = {"texts": [], "finish": [], "prompt_tokens": enc["attention_mask"].sum(-1).tolist(), "completion_tokens": []}
+        for row, most in zip(new.tolist(), max_tokens):
+            row = row[:most]
+            n = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+            result["completion_tokens"].append(n)
+            result["finish"].append("stop" if n < most else "length")
+            result["texts"].append(tok.decode(row[:n], skip_special_tokens=True))
+        return result
 
     def _classify(self, model, mcfg: dict, texts: list[str]) -> dict:
         import torch
@@ -287,6 +303,20 @@ class MergedModel(_Replica):
     @serve.multiplexed(max_num_models_per_replica=2)
     async def get_model(self, version: str):
         return await asyncio.to_thread(self._build, version)
+
+
+def _split(rows: dict[str, list], sizes: list[int]) -> list[dict]:
+    """Per-row lists of a batch's result cut into one result per request of `sizes` rows; token
+    counts are summed per request."""
+    out, start = [], 0
+    for size in sizes:
+        part = {k: v[start : start + size] for k, v in rows.items()}
+        for k in ("prompt_tokens", "completion_tokens"):
+            if k in part:
+                part[k] = int(sum(part[k]))
+        out.append(part)
+        start += size
+    return out
 
 
 # ----------------------------------------------------------------------------- HTTP gateway

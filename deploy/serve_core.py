@@ -5,6 +5,7 @@ check every rule without starting anything."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -55,6 +56,11 @@ class ServeConfig(BaseModel):
     """`max_tokens` when a request gives none."""
     max_batch: int = Field(16, ge=1)
     """Most prompts (or texts to classify) in one request."""
+    batch_max_rows: int = Field(16, ge=1)
+    """Most rows (prompts or texts of concurrent requests for the same version, operation and
+    sampling) run in one forward pass on a replica; 1 runs each request alone."""
+    batch_wait_ms: float = Field(5.0, ge=0)
+    """How long an idle replica waits for requests sent at the same moment to join its batch."""
     max_adapters_per_replica: int = Field(4, ge=1)
     """Adapters kept loaded per replica (least recently used ones are unloaded)."""
     num_replicas: int = Field(1, ge=1)
@@ -312,3 +318,57 @@ def notify_server(url: str, token: str | None = None, timeout_s: float = 60.0) -
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read() or b"{}")
+
+
+class MicroBatcher:
+    """Concurrent requests run as one forward pass. Requests with the same key (version,
+    operation, sampling) that wait while the model is busy, or arrive within `wait_s` of each
+    other, are joined in arrival order up to `max_rows` rows; `run(key, items)` runs one batch
+    at a time in a thread and returns one result per item (an exception fails only its item).
+    A request whose caller gave up (cancelled) is left out of the batch that would have run it."""
+
+    def __init__(self, run, max_rows: int, wait_s: float):
+        self._run, self.max_rows, self.wait_s = run, max_rows, wait_s
+        self._queue: list[tuple[object, object, int, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        self.batches: list[int] = []
+        """Rows of each batch run so far (for tests and logs)."""
+
+    async def submit(self, key, item, rows: int = 1):
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((key, item, rows, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[tuple]:
+        """The first waiting request and those after it with its key, up to `max_rows` rows."""
+        key, batch, rest, rows = self._queue[0][0], [], [], 0
+        for entry in self._queue:
+            if entry[0] == key and (not batch or rows + entry[2] <= self.max_rows):
+                batch.append(entry)
+                rows += entry[2]
+            else:
+                rest.append(entry)
+        self._queue = rest
+        return [e for e in batch if not e[3].done()]
+
+    async def _drain(self) -> None:
+        while self._queue:
+            if self.wait_s and sum(e[2] for e in self._queue) < self.max_rows:
+                await asyncio.sleep(self.wait_s)  # let requests sent at the same moment join
+            batch = self._take()
+            if not batch:
+                continue
+            self.batches.append(sum(e[2] for e in batch))
+            try:
+                results = await asyncio.to_thread(self._run, batch[0][0], [e[1] for e in batch])
+            except Exception as exc:  # (the whole batch failed: each caller gets the error)
+                results = [exc] * len(batch)
+            for (_, _, _, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

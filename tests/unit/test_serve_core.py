@@ -218,3 +218,55 @@ def test_serving_beyond_this_machine_needs_a_token_or_an_explicit_yes(host, toke
     else:
         with pytest.raises(ValueError, match="refusing to serve on .* without a bearer token"):
             check_exposure(cfg, token)
+
+
+def _batched_run(calls: list, delay: float = 0.05):
+    import time
+
+    def run(key, items):
+        calls.append((key, list(items)))
+        time.sleep(delay)  # the model's forward pass: requests arriving meanwhile wait for the next batch
+        return [ValueError(f"bad {item}") if item == "bad" else f"{key}:{item}" for item in items]
+    return run
+
+
+def test_concurrent_requests_of_one_key_run_as_one_batch_and_each_gets_its_own_result():
+    import asyncio
+
+    from deploy.serve_core import MicroBatcher
+
+    calls: list = []
+
+    async def main():
+        b = MicroBatcher(_batched_run(calls), max_rows=4, wait_s=0.01)
+        jobs = [b.submit("v1", i) for i in range(6)] + [b.submit("v2", "x"), b.submit("v1", "bad")]
+        return b, await asyncio.gather(*jobs, return_exceptions=True)
+
+    b, results = asyncio.run(main())
+    assert results[:6] == [f"v1:{i}" for i in range(6)] and results[6] == "v2:x"
+    assert isinstance(results[7], ValueError) and "bad" in str(results[7])  # fails alone, not its batch
+    # The oldest waiting request leads each batch; those of its key join it, up to 4 rows.
+    assert [(k, len(items)) for k, items in calls] == [("v1", 4), ("v1", 3), ("v2", 1)]
+    assert b.batches == [4, 3, 1]
+
+
+def test_a_request_counts_its_rows_and_a_cancelled_one_is_left_out():
+    import asyncio
+
+    from deploy.serve_core import MicroBatcher
+
+    calls: list = []
+
+    async def main():
+        b = MicroBatcher(_batched_run(calls), max_rows=4, wait_s=0.0)
+        first = asyncio.ensure_future(b.submit("v1", "a", rows=3))
+        await asyncio.sleep(0.01)  # `a` runs; the next three queue behind it
+        gone = asyncio.ensure_future(b.submit("v1", "gone"))
+        big = asyncio.ensure_future(b.submit("v1", "b", rows=3))
+        small = asyncio.ensure_future(b.submit("v1", "c", rows=2))
+        await asyncio.sleep(0)
+        gone.cancel()  # its caller timed out
+        return await asyncio.gather(first, big, small)
+
+    assert asyncio.run(main()) == ["v1:a", "v1:b", "v1:c"]
+    assert [items for _, items in calls] == [["a"], ["b"], ["c"]]  # 3 + 2 rows would pass the 4-row limit
