@@ -363,7 +363,7 @@ class MicroBatcher:
             self.batches.append(sum(e[2] for e in batch))
             try:
                 results = await asyncio.to_thread(self._run, batch[0][0], [e[1] for e in batch])
-            except Exception as exc:  # (the whole batch failed: each caller gets the error)
+            except Exception as exc:  # noqa: BLE001  (the whole batch failed: each caller gets the error)
                 results = [exc] * len(batch)
             for (_, _, _, future), result in zip(batch, results):
                 if future.done():

@@ -21,6 +21,7 @@ from .block_cache import BlockCache
 from .config import PipelineConfig
 from .encoding import kl_per_position
 from .errors import DataError
+from .forgetting_table import forgetting_limits
 from .modeling import BaseModelInfo, describe_base_model
 from .probes import base_answers, probe_blocks, probe_prompts
 from .remedy import Part
@@ -359,27 +360,115 @@ def _measure_corpus(m: _Measurement) -> None:
 
 
 def _measure_probes(m: _Measurement) -> None:
-    """`evaluation.reference.probes`: self-retention on the base model's own (cached) answers."""
+    """`evaluation.reference.probes`: self-retention on the base model's own (cached) answers, in
+    one look or, with `promotion.more_evidence` and a limit that reads them, in stages of more
+    probes (`_staged_comparison`; not on a remedy's search part, which only chooses)."""
     cfg, bs = m.cfg, m.cfg.evaluation.batch_size
     info = m.base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
-    with m.views.use(BASE) as model:
-        rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}", batch_size=bs,
-                            prompts=probe_prompts(cfg.evaluation.reference.max_probes))
-    rows = m.keep(rows, [r["prompt"] for r in rows])
-    blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
-    units = compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts, cache=m.cache)
-    m.add_comparison(units, "self_retention")
-    if not cfg.evaluation.reference.path:  # probes alone: they are the reference too, as before corpora could be combined
-        m.add_comparison(units, "reference")
+    prompts, prefixes = probe_prompts(), _probe_prefixes(cfg)
+
+    def units_of(asked: list[str]) -> dict | None:
+        with m.views.use(BASE) as model:
+            rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}",
+                                batch_size=bs, prompts=asked)
+        rows = m.keep(rows, [r["prompt"] for r in rows])
+        blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
+        if not blocks:
+            return None
+        return compare_on_blocks(m.views, blocks, bs, m.tokenizer.pad_token_id or 0, m.device, score_from=starts,
+                                 cache=m.cache)
+
+    stages = probe_stages(cfg)
+    if len(stages) > 1 and (m.part is None or m.part.name == "confirm"):
+        _staged_comparison(m, prompts, stages, units_of, prefixes)
+        return
+    units = units_of(prompts[: stages[0]])
+    if units is None:
+        raise DataError("the probes gave no tokens to score: the base answered none of them")
+    for prefix in prefixes:
+        m.add_comparison(units, prefix)
+
+
+def _probe_prefixes(cfg: PipelineConfig) -> list[str]:
+    return ["self_retention"] if cfg.evaluation.reference.path else ["self_retention", "reference"]  # alone, the reference too
+
+
+def probe_stages(cfg: PipelineConfig) -> list[int]:
+    """How many probes each look scores (`staged_sizes` from `max_probes`)."""
+    bounded = bool(_bounded(cfg, _probe_prefixes(cfg)))
+    return staged_sizes(cfg, len(probe_prompts()), cfg.evaluation.reference.max_probes, bounded)
+
+
+def staged_sizes(cfg: PipelineConfig, available: int, first: int | None, bounded: bool) -> list[int]:
+    """How many of `available` units (questions, probes) each look scores: `first` (all without
+    it) once, or, with `promotion.more_evidence` and a limit bounding the check, growing stages
+    up to that multiple of it (`sequential.looks`)."""
+    first = min(available, first or available)
+    more = cfg.promotion.more_evidence if bounded else None
+    return sequential.looks(first, min(available, math.ceil(first * more))) if more and first < available else [first]
+
+
+def _bounded(cfg: PipelineConfig, prefixes: list[str]) -> dict[str, float]:
+    """The comparison checks of `prefixes` that a limit bounds, with their limits."""
+    names = [f"{p}_{k}" for p in prefixes for k in ("perplexity_ratio", "kl")]
+    return {n: v for n, v in forgetting_limits(cfg.promotion, names).items() if v is not None}
+
+
+def _staged_comparison(m: _Measurement, items: list, stages: list[int], units_of, prefixes: list[str]) -> None:
+    """Compare on the first `stages[k]` items, look by look (`sequential.look`), until each view's
+    bounded checks have ended. A check keeps the point and interval of the look that ended it
+    (a ratio's on the log scale, linearised as `sequential.ratio_values`); the rest of the view's
+    figures are those of its last look, with `<prefix>_looks`."""
+    bounded, confidence = _bounded(m.cfg, prefixes), m.cfg.promotion.confidence
+    units, ends = None, {n: {} for n in m.others}
+    running = list(m.others)
+    for k, n in enumerate(stages):
+        units = _joined(units, units_of(items[stages[k - 1] if k else 0 : n]))
+        if units is None:
+            continue
+        for view in list(running):
+            for name, limit in bounded.items():
+                if name in ends[view]:
+                    continue
+                ratio = name.endswith("_perplexity_ratio")
+                num = units["nll"][view] - units["nll"][BASE] if ratio else units["kl"][view]
+                end = sequential.look(sequential.ratio_values(num, units["tokens"]), k, stages,
+                                      math.log(limit) if ratio else limit, True, confidence)
+                if end is not None:
+                    ends[view][name] = (end, ratio)
+            if len(ends[view]) == len(bounded) or k == len(stages) - 1:
+                running.remove(view)
+                _end_view(m, view, units, prefixes, ends[view], k + 1)
+        if not running:
+            return
+    if units is None:
+        raise DataError("the probes gave no tokens to score: the base answered none of them")
+
+
+def _end_view(m: _Measurement, view: str, units: dict, prefixes: list[str], ends: dict, looks: int) -> None:
+    for prefix in prefixes:
+        m.metrics[view].update(summarize_comparison(units, view, prefix))
+        m.metrics[view][f"{prefix}_looks"] = float(looks)
+        m.intervals[view][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
+            units["nll"][view], units["nll"][BASE], units["tokens"], **m.stats_kw).to_list()
+        m.intervals[view][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][view], units["tokens"], **m.stats_kw).to_list()
+    for name, (end, ratio) in ends.items():
+        interval = [math.exp(min(x, 50.0)) for x in end.interval.to_list()] if ratio else end.interval.to_list()
+        m.metrics[view][name], m.intervals[view][name] = interval[0], interval
+
+
+def _joined(a: dict | None, b: dict | None) -> dict | None:
+    """Two `compare_on_blocks` results as one, units of `b` after those of `a`."""
+    if a is None or b is None:
+        return a or b
+    return {"tokens": np.concatenate([a["tokens"], b["tokens"]]),
+            **{k: {n: np.concatenate([a[k][n], b[k][n]]) for n in a[k]} for k in ("nll", "kl")}}
 
 
 def benchmark_stages(cfg: PipelineConfig, questions: int) -> list[int]:
-    """How many of a benchmark's `questions` each look scores: the configured number once, or
-    with `promotion.more_evidence` growing stages up to that multiple of it (`sequential.looks`);
-    one look when no limit bounds the drop."""
-    first = min(questions, cfg.evaluation.reference.max_benchmark_questions or questions)
-    more = cfg.promotion.more_evidence if cfg.promotion.max_benchmark_accuracy_drop is not None else None
-    return sequential.looks(first, min(questions, math.ceil(first * more))) if more else [first]
+    """How many of a benchmark's `questions` each look scores (`staged_sizes`)."""
+    ref = cfg.evaluation.reference
+    return staged_sizes(cfg, questions, ref.max_benchmark_questions, cfg.promotion.max_benchmark_accuracy_drop is not None)
 
 
 def _measure_benchmarks(m: _Measurement) -> None:

@@ -153,8 +153,7 @@ def _corpus_tokens(path: str, max_tokens: int) -> int:
 
 def _evidence(cfg: PipelineConfig, eval_rows: int) -> list[tuple[str, str, int]]:
     """(check, unit, size) of every check the gate will run, at the configured sizes."""
-    from .forgetting import _safe_name, benchmark_stages, read_mc_benchmark
-    from .probes import probe_prompts
+    from .forgetting import _safe_name, benchmark_stages, probe_stages, read_mc_benchmark
 
     gen = cfg.evaluation.generation
     rows = min(eval_rows, gen.max_rows) if gen is not None and gen.max_rows else eval_rows
@@ -167,7 +166,7 @@ def _evidence(cfg: PipelineConfig, eval_rows: int) -> list[tuple[str, str, int]]
             out += [(m, "reference tokens", _corpus_tokens(ref.path, ref.max_tokens)) for m in corpus]
         if ref.probes:
             probes = ["self_retention_perplexity_ratio"] + (corpus if not ref.path else [])
-            out += [(m, "probes", len(probe_prompts(ref.max_probes))) for m in probes]
+            out += [(m, "probes", probe_stages(cfg)[-1]) for m in probes]  # staged: the budget
         for path in ref.benchmarks:
             questions = benchmark_stages(cfg, len(read_mc_benchmark(path)))[-1]  # staged: the budget
             out.append((f"benchmark_{_safe_name(path)}_accuracy_drop", "benchmark questions", questions))

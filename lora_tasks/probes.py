@@ -92,15 +92,25 @@ REPLAY_PROMPTS = [t.format(topic) for topic in REPLAY_TOPICS for t in TEMPLATES]
 
 
 def probe_prompts(limit: int | None = None) -> list[str]:
-    """The probes, or `limit` of them spread evenly over the list (every topic and template kind)."""
+    """The first `limit` probes (all without one) in `spread` order: every topic and template
+    kind, and a larger limit only adds probes (the stages of `promotion.more_evidence`)."""
     return spread(GENERAL_PROBES, limit)
 
 
-def spread(prompts: list[str], limit: int | None) -> list[str]:
-    """`prompts`, or `limit` of them spread evenly over the list."""
-    if not limit or limit >= len(prompts):
-        return prompts
-    return [prompts[i * len(prompts) // limit] for i in range(limit)]
+def spread(prompts: list[str], limit: int | None = None) -> list[str]:
+    """The first `limit` of `prompts` (all without one) in an order whose every prefix is spread
+    evenly over the list: positions in van der Corput order (0, 1/2, 1/4, 3/4, 1/8, ...)."""
+    n = len(prompts)
+    order, seen, k = [], set(), 0
+    while len(order) < min(n, limit or n):
+        x, f, i = 0.0, 0.5, k
+        while i:
+            x, f, i = x + f * (i & 1), f / 2, i >> 1
+        if (j := int(x * n)) not in seen:
+            seen.add(j)
+            order.append(j)
+        k += 1
+    return [prompts[j] for j in order]
 
 
 def _has_chat_template(tokenizer) -> bool:

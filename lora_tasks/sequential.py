@@ -96,6 +96,14 @@ def look(values: np.ndarray, k: int, stages: list[int], limit: float, upper_is_w
     return None
 
 
+def ratio_values(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Per-unit values whose mean is the ratio `sum(num) / sum(den)` and whose spread is the
+    ratio's (linearised: `r + (num - r den) / mean(den)`): a ratio estimator (mean KL or log
+    perplexity ratio per token over blocks) looked at as a mean."""
+    r = num.sum() / den.sum()
+    return r + (num - r * den) / den.mean()
+
+
 def staged_check(values: np.ndarray, limit: float, upper_is_worse: bool, stages: list[int], confidence: float) -> Staged:
     """Every look of a check over `values` (at least `stages[-1]` of them) up to the one that ends it."""
     for k in range(len(stages)):

@@ -281,3 +281,66 @@ def test_a_forgetting_adapter_stops_early_and_is_refused(tmp_path):
         None, PromotionPolicy())
     assert metrics["benchmark_mc_questions"] < 600 and not decision.promote
     assert "benchmark_mc_accuracy_drop" in decision.failed_checks
+
+
+# ----------------------------------------------------------------------------- staged probe checks
+
+
+def _staged_probes(log_ratio: float, spread: float, limit: float = 1.2, **promotion) -> tuple[dict, dict, list]:
+    """352 probes of 40 tokens through `_staged_comparison`: per probe, the adapted model's NLL
+    exceeds the base's by `log_ratio` per token on average, with a per-probe spread `spread`."""
+    import numpy as np
+
+    from lora_tasks.forgetting import _Measurement, _staged_comparison, staged_sizes
+
+    rng = np.random.default_rng(0)
+    diff = rng.normal(log_ratio, spread, 352) * 40
+    raw = _raw(probes="general", max_probes=48)
+    raw["promotion"] = {"more_evidence": 6, "max_self_retention_ratio": limit, "max_perplexity_ratio": None,
+                        "max_kl": None, **promotion}
+    cfg = config_from_dict(raw)
+    m = _Measurement(cfg, SeparateViews({"base": None, "adapted": None}), None, "cpu", {"resamples": 200}, None)
+    asked: list = []
+
+    def units_of(items):
+        asked.append(items)
+        i = np.array(items)
+        return {"tokens": np.full(len(i), 40.0), "nll": {"base": np.full(len(i), 80.0), "adapted": 80.0 + diff[i]},
+                "kl": {"adapted": np.abs(diff[i]) / 10}}
+
+    stages = staged_sizes(cfg, 352, 48, True)
+    _staged_comparison(m, list(range(352)), stages, units_of, ["self_retention"])
+    return m.metrics["adapted"], m.intervals["adapted"], asked
+
+
+def test_probes_in_stages_score_more_probes_only_while_the_ratio_is_undecided():
+    clear, clear_ci, asked = _staged_probes(0.0, 0.05)  # harmless, little spread: shown at once
+    assert clear["self_retention_looks"] == 1 and asked == [list(range(48))]
+    assert clear_ci["self_retention_perplexity_ratio"][2] < 1.2
+
+    close, close_ci, asked = _staged_probes(0.12, 0.35)  # ratio ~1.13 under 1.2, too spread for 48 probes
+    assert close["self_retention_looks"] > 1 and close_ci["self_retention_perplexity_ratio"][2] <= 1.2
+    assert [a[0] for a in asked] == [0, *[a[-1] + 1 for a in asked[:-1]]], "each look adds the next probes, none twice"
+    assert close["self_retention_tokens"] == 40 * (asked[-1][-1] + 1)
+    _, fixed_ci, _ = _staged_probes(0.12, 0.35, more_evidence=None)
+    assert fixed_ci["self_retention_perplexity_ratio"][2] > 1.2, "48 probes alone could not show it"
+
+    bad, bad_ci, asked = _staged_probes(0.4, 0.35)  # ratio ~1.5: shown beyond the limit at the first look
+    assert bad["self_retention_looks"] == 1 and bad_ci["self_retention_perplexity_ratio"][1] > 1.2
+    assert bad["self_retention_perplexity_ratio"] == pytest.approx(bad_ci["self_retention_perplexity_ratio"][0])
+
+
+def test_a_ratio_looked_at_as_a_mean_has_the_bootstrap_spread():
+    import numpy as np
+
+    from lora_tasks import stats
+    from lora_tasks.sequential import _interval, ratio_values
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(10, 80, 400).astype(float)
+    kl = rng.gamma(2.0, 0.05, 400) * tokens
+    values = ratio_values(kl, tokens)
+    assert values.mean() == pytest.approx(kl.sum() / tokens.sum())
+    boot = stats.ratio_ci(kl, tokens, resamples=4000, confidence=0.95, seed=0)
+    normal = _interval(values, 1.959964)
+    assert normal.high - normal.low == pytest.approx(boot.high - boot.low, rel=0.1)
