@@ -122,6 +122,36 @@ def run(
     _print_summary(retrain(str(config), secrets_to_environment(set_ or []), force=force))
 
 
+@app.command()
+@_exit_on_errors()
+def fleet(
+    fleet_file: Annotated[Path, typer.Argument(metavar="FLEET", help="Fleet YAML: a shared `config` and its `members`.")],
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain members even when data and config equal their champion's.")] = False,
+) -> None:
+    """Retrain every member of a fleet in one flow run; exit 1 when a member failed."""
+    from lora_tasks.fleet import SUMMARY_COLUMNS, load_fleet, summary_rows
+
+    load_fleet(fleet_file, set_)  # the file's errors before any engine starts
+    from flows.settings import hide_expected_tracebacks, start_prefect_api_early
+
+    api_ready = start_prefect_api_early()
+    from flows.fleet import retrain_fleet
+
+    hide_expected_tracebacks()
+    api_ready()
+    outcomes = retrain_fleet(str(fleet_file), secrets_to_environment(set_ or []), force=force)
+    table = Table(title=f"fleet {fleet_file.name}: {len(outcomes)} members")
+    for c in SUMMARY_COLUMNS:
+        table.add_column(c)
+    for row in summary_rows(outcomes):
+        table.add_row(*row)
+    screen = Console()
+    (screen if screen.is_terminal else Console(width=200)).print(table)  # piped or logged: no column cut
+    if failed := [o.name for o in outcomes if o.decision == "failed"]:
+        _fail(RuntimeError(f"{len(failed)} of {len(outcomes)} members failed: {', '.join(failed)} (the others ran)"))
+
+
 def secrets_to_environment(overrides: list[str]) -> list[str]:
     """`overrides` without `notifications.webhook_url`, whose value goes to the environment the
     in-process flow reads it from (`PREFECT_LORA_WEBHOOK_URL`): Prefect stores a flow's parameters

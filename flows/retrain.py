@@ -363,7 +363,7 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     apply_retention(cfg, run_dir, version)
     return RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
                      cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before, summary=summary,
-                     method=cfg.training.method)
+                     method=cfg.training.method, failed_checks=list(decision.failed_checks))
 
 
 def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:

@@ -229,6 +229,8 @@ class RunResult:
     """The run's Markdown summary, as the Prefect artifact shows it."""
     method: str = "lora"
     """`training.method`: `full` marks a baseline run, logged but never registered."""
+    failed_checks: list[str] = field(default_factory=list)
+    """The gate's checks that did not pass (shown to fail, or undecided)."""
 
 
 def already_registered(pending: PendingRegistration, run_dir: str, model_name: str, tracking_uri: str) -> RunResult:

@@ -1,0 +1,156 @@
+"""A fleet: many adapters of one base, each its own registered model, retrained by one flow run.
+
+A fleet file names one shared config and its members; a member is that config with its own
+`model_name` (the member's name: its own champion, lineage and gate) and a few keys of its own,
+written as `prefect-lora run --set` would take them:
+
+    config: configs/tiny.yaml
+    members:
+      - name: sums-en
+        set: {data.train_path: data/en.jsonl}
+      - name: sums-de
+        set: {data.train_path: data/de.jsonl, training.learning_rate: 0.0005}
+
+Only the fleet file's shape is checked here; each member's config is loaded (and may fail) in
+its own run, so one member's broken config or data never stops the others. Pure: no Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config_io import plain, yaml_error
+from .errors import ConfigError
+from .lifecycle import RunResult
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    overrides: list[str]
+    """`key.path=value` strings applied to the shared config, `model_name` first."""
+
+
+@dataclass(frozen=True)
+class Fleet:
+    path: str
+    config: str
+    """The shared config every member starts from."""
+    members: list[Member]
+
+
+def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
+    """Read a fleet file; `overrides` (`key.path=value`) apply to every member, after its own.
+    Every problem of the file's shape is reported at once, naming the member."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"cannot read the fleet file ({exc.strerror or exc}): give the path to a fleet YAML"], str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["file is not UTF-8 text"], str(p)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([yaml_error(exc)], str(p)) from None
+    problems: list[str] = []
+    raw = plain(raw, problems=problems, source=str(p)) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(["a fleet file is a mapping with `config` (the shared config) and `members` (a list)"], str(p))
+    problems += [f"{k}: unknown key (a fleet file has `config` and `members`)" for k in raw if k not in ("config", "members")]
+    config = raw.get("config")
+    if not isinstance(config, str) or not config.strip():
+        problems.append("config: the path of the config every member shares is required")
+    elif not Path(config).expanduser().is_file():
+        problems.append(f"config: no such file {config!r} (relative paths are relative to the working directory)")
+    members = _members(raw.get("members"), list(overrides or []), problems)
+    if problems:
+        raise ConfigError(problems, str(p))
+    return Fleet(str(p), str(Path(config).expanduser()), members)
+
+
+def _members(raw, extra: list[str], problems: list[str]) -> list[Member]:
+    if not isinstance(raw, list) or not raw:
+        problems.append("members: a list of members is required, each with a `name` and optional `set`")
+        return []
+    members, seen = [], set()
+    for i, m in enumerate(raw):
+        where = f"members[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not NAME.match(m["name"]):
+            problems.append(f"{where}: a member is a mapping with a `name` of letters, digits, '.', '_' or '-' "
+                            f"(it becomes the member's registered model), e.g. {{name: sums-en, set: {{...}}}}")
+            continue
+        name, sets = m["name"], m.get("set") or {}
+        where = f"{where} ({name})"
+        if name.lower() in seen:
+            problems.append(f"{where}: the name is taken by an earlier member: each member is its own registered model")
+        seen.add(name.lower())
+        problems += [f"{where}.{k}: unknown key (a member has `name` and `set`)" for k in m if k not in ("name", "set")]
+        if not isinstance(sets, dict):
+            problems.append(f"{where}.set: a mapping of key paths to values, e.g. {{data.train_path: data/{name}.jsonl}}")
+            continue
+        if "model_name" in sets:
+            problems.append(f"{where}.set.model_name: a member's model name is its `name`")
+        own = [f"{k}={json.dumps(v)}" for k, v in sets.items()]
+        members.append(Member(name, [f"model_name={json.dumps(name)}", *own, *extra]))
+    return members
+
+
+@dataclass(frozen=True)
+class MemberOutcome:
+    """What one member's run did, as the fleet summary shows it."""
+
+    name: str
+    decision: str
+    """`promoted`, `not promoted`, `skipped` (data and config unchanged), `baseline` or `failed`."""
+    seconds: float
+    version: str | None = None
+    reason: str = ""
+    """The gate's first reason, why nothing ran, or the error that failed the member."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    @classmethod
+    def of(cls, name: str, result: RunResult, seconds: float) -> MemberOutcome:
+        decision = ("skipped" if result.skipped else "baseline" if result.method == "full"
+                    else "promoted" if result.promoted else "not promoted")
+        failed = [r for r in result.reasons if r.split(":", 1)[0] in result.failed_checks]
+        return cls(name, decision, seconds, result.version, (failed or result.reasons or [""])[0], result.metrics,
+                   result.run_id, result.tracking_uri)
+
+    @classmethod
+    def failure(cls, name: str, exc: BaseException, seconds: float) -> MemberOutcome:
+        return cls(name, "failed", seconds, reason=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
+
+
+def summary_rows(outcomes: list[MemberOutcome]) -> list[list[str]]:
+    """One row per member: name, decision, version, task gain [interval], the reason, seconds."""
+    rows = []
+    for o in outcomes:
+        m = o.metrics
+        gain = (f"{m['task_gain']:.3g} [{m.get('task_gain_ci_low', float('nan')):.3g}, "
+                f"{m.get('task_gain_ci_high', float('nan')):.3g}]" if "task_gain" in m else "")
+        rows.append([o.name, o.decision, o.version or "", gain, o.reason, f"{o.seconds:.0f}"])
+    return rows
+
+
+SUMMARY_COLUMNS = ["member", "decision", "version", "task gain [interval]", "reason", "seconds"]
+
+
+def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome]) -> str:
+    """The fleet run's summary: counts by decision and the table of members."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.decision] = counts.get(o.decision, 0) + 1
+    head = ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
+    lines = [f"# Fleet `{Path(fleet.path).name}`: {len(outcomes)} members ({head})", "",
+             f"Shared config `{fleet.config}`; each member is its own registered model with its own champion and gate.", "",
+             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in summary_rows(outcomes)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,67 @@
+"""A fleet in one flow run: every member its own registered model and gate; a broken member and a
+refused one stop none of the others; the second run skips the unchanged ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.fleet import retrain_fleet
+
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    raw["training"]["max_steps"] = 20
+    raw["scaling"].update({"num_workers": 1, "storage_path": str(tmp_path / "runs")})
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")}
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(raw))
+    rows = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
+    rows[3]["completion"] = "   "
+    (tmp_path / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"config": str(tmp_path / "shared.yaml"), "members": [
+        {"name": "sums-good"},
+        {"name": "sums-broken", "set": {"data.train_path": str(tmp_path / "broken.jsonl")}},
+        {"name": "sums-refused", "set": {"promotion.min_task_gain": 100}}]}))
+
+    first = retrain_fleet(str(fleet))
+    assert [(o.name, o.decision) for o in first] == [
+        ("sums-good", "promoted"), ("sums-broken", "failed"), ("sums-refused", "not promoted")]
+    assert "blank" in first[1].reason and first[2].reason.startswith("task_gain")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert str(client.get_model_version_by_alias("sums-good", "champion").version) == "1"
+    assert "champion" not in client.get_registered_model("sums-refused").aliases
+    assert {m.name for m in client.search_registered_models()} == {"sums-good", "sums-refused"}
+
+    second = retrain_fleet(str(fleet))
+    assert [o.decision for o in second] == ["skipped", "failed", "not promoted"]
+    assert second[0].version == "1" and second[2].version == "2"
+
+    async def artifact():
+        async with get_client() as c:
+            return (await c.read_latest_artifacts())
+    import asyncio
+
+    summaries = [a for a in asyncio.run(artifact()) if (a.key or "").startswith("fleet-")]
+    assert summaries and "| sums-good | skipped | 1 |" in summaries[0].data
+    assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data

@@ -1,0 +1,75 @@
+"""The fleet file: its shape checked at once, each member the shared config plus its own keys."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lora_tasks.config import load_config
+from lora_tasks.errors import ConfigError
+from lora_tasks.fleet import MemberOutcome, load_fleet, summary_markdown
+from lora_tasks.lifecycle import RunResult
+
+
+def _write(tmp_path, raw) -> str:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return str(path)
+
+
+def test_each_member_is_the_shared_config_with_its_own_name_and_keys(tmp_path):
+    fleet = load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members": [
+        {"name": "sums-a", "set": {"data.train_path": "a.jsonl", "training.learning_rate": 0.001}},
+        {"name": "sums-b"}]}), ["training.max_steps=30"])
+    assert [m.name for m in fleet.members] == ["sums-a", "sums-b"]
+    a, b = (load_config(fleet.config, m.overrides) for m in fleet.members)
+    assert (a.model_name, b.model_name) == ("sums-a", "sums-b")
+    assert a.data.train_path.endswith("a.jsonl") and a.training.learning_rate == 0.001
+    assert b.training.learning_rate == load_config("configs/tiny.yaml").training.learning_rate
+    assert a.training.max_steps == b.training.max_steps == 30, "the command line's --set applies to every member"
+
+
+def test_every_problem_of_the_fleet_file_is_reported_at_once_naming_the_member(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_fleet(_write(tmp_path, {"config": "nope.yaml", "extra": 1, "members": [
+            {"name": "a"}, {"name": "A"}, {"name": "bad name!"}, {"name": "c", "set": {"model_name": "x"}},
+            {"name": "d", "set": ["data.train_path=x"]}, {"name": "e", "sets": {}}]}))
+    text = str(err.value)
+    for needle in ("config: no such file 'nope.yaml'", "extra: unknown key", "members[1] (A): the name is taken",
+                   "members[2]: a member is a mapping with a `name`", "members[3] (c).set.model_name",
+                   "members[4] (d).set: a mapping", "members[5] (e).sets: unknown key"):
+        assert needle in text, text
+    with pytest.raises(ConfigError, match="members: a list of members is required"):
+        load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members": []}))
+    with pytest.raises(ConfigError, match="a fleet file is a mapping"):
+        load_fleet(_write(tmp_path, "- just a list\n"))
+    with pytest.raises(ConfigError, match="cannot read the fleet file"):
+        load_fleet(tmp_path / "missing.yaml")
+
+
+def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it():
+    refused = RunResult("b", "2", False, ["task_gain: improved by 0.2 [0.1, 0.3] over base (required 0.05)",
+                                          "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5"], "r2", "d", "sqlite:///x",
+                        {"task_gain": 0.2, "task_gain_ci_low": 0.1, "task_gain_ci_high": 0.3}, failed_checks=["reference_kl"])
+    outcomes = [MemberOutcome.of("a", RunResult("a", "1", True, ["task_gain: ok"], "r1", "d", "u"), 12.0),
+                MemberOutcome.of("b", refused, 14.0),
+                MemberOutcome.failure("c", ValueError("row 3, column completion: blank text\nmore"), 1.0)]
+    assert [o.decision for o in outcomes] == ["promoted", "not promoted", "failed"]
+    assert outcomes[1].reason.startswith("reference_kl: 0.9") and outcomes[2].reason == "row 3, column completion: blank text"
+    from lora_tasks.fleet import Fleet
+
+    md = summary_markdown(Fleet("f/fleet.yaml", "configs/tiny.yaml", []), outcomes)
+    assert "3 members (1 failed, 1 not promoted, 1 promoted)" in md
+    assert "| b | not promoted | 2 | 0.2 [0.1, 0.3] | reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5 | 14 |" in md
+
+
+def test_every_shipped_fleet_loads_with_each_members_config(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # a fleet's paths are relative to the working directory
+    fleets = sorted(Path("configs/fleets").glob("*.yaml"))
+    assert fleets
+    for path in fleets:
+        fleet = load_fleet(path)
+        names = [load_config(fleet.config, m.overrides).model_name for m in fleet.members]
+        assert names == [m.name for m in fleet.members], path
