@@ -343,20 +343,45 @@ class _Measurement:
 
 
 def _measure_corpus(m: _Measurement) -> None:
-    """`evaluation.reference.path`: perplexity ratio and KL (causal LM), or representation drift."""
+    """`evaluation.reference.path`: perplexity ratio and KL (causal LM), or representation drift.
+    A causal LM's ratio and KL are staged like the probes' (`_staged_comparison`) over the
+    corpus's blocks in file order, from `max_tokens` up to `corpus_token_budget` tokens."""
     cfg, ref = m.cfg, m.cfg.evaluation.reference
-    bs, pad = cfg.evaluation.batch_size, m.tokenizer.pad_token_id or 0
-    blocks = chunk_reference(read_reference_texts(ref.path), m.tokenizer, ref.max_tokens, cfg.training.max_seq_length)
-    blocks = m.keep(blocks, [",".join(map(str, b)) for b in blocks])
+    bs, pad, seq = cfg.evaluation.batch_size, m.tokenizer.pad_token_id or 0, cfg.training.max_seq_length
+    texts = read_reference_texts(ref.path)
+    blocks = chunk_reference(texts, m.tokenizer, ref.max_tokens, seq)
+
+    def units_of(part: list[list[int]]) -> dict | None:
+        kept = m.keep(part, [",".join(map(str, b)) for b in part])
+        return compare_on_blocks(m.views, kept, bs, pad, m.device, cache=m.cache) if kept else None
+
+    budget = corpus_token_budget(cfg)
+    if budget > ref.max_tokens and (m.part is None or m.part.name == "confirm"):
+        more = chunk_reference(texts, m.tokenizer, budget, seq)
+        if len(more) > len(blocks):
+            _staged_comparison(m, more, sequential.looks(len(blocks), len(more)), units_of, ["reference"])
+            return
     if cfg.task == "causal_lm":
-        m.add_comparison(compare_on_blocks(m.views, blocks, bs, pad, m.device, cache=m.cache), "reference")
+        if (units := units_of(blocks)) is None:
+            raise DataError("the forgetting text gave no tokens to score; give it more text")
+        m.add_comparison(units, "reference")
         return
+    blocks = m.keep(blocks, [",".join(map(str, b)) for b in blocks])
     units = drift_on_blocks(m.views, blocks, bs, pad, m.device)
     for n in m.others:
         m.metrics[n]["reference_representation_drift"] = float(units["drift"][n].sum() / units["tokens"].sum())
         m.metrics[n]["reference_tokens"] = float(units["tokens"].sum())
         m.intervals[n]["reference_representation_drift"] = stats.ratio_ci(
             units["drift"][n], units["tokens"], **m.stats_kw).to_list()
+
+
+def corpus_token_budget(cfg: PipelineConfig) -> int:
+    """Reference tokens a run may score: `max_tokens`, or with `promotion.more_evidence` and a
+    limit on the corpus's ratio or KL, that multiple of it (a causal LM's staged comparison)."""
+    ref, more = cfg.evaluation.reference, cfg.promotion.more_evidence
+    if cfg.task != "causal_lm" or not more or not _bounded(cfg, ["reference"]):
+        return ref.max_tokens
+    return math.ceil(ref.max_tokens * more)
 
 
 def _measure_probes(m: _Measurement) -> None:
@@ -442,7 +467,7 @@ def _staged_comparison(m: _Measurement, items: list, stages: list[int], units_of
         if not running:
             return
     if units is None:
-        raise DataError("the probes gave no tokens to score: the base answered none of them")
+        raise DataError("the forgetting text gave no tokens to score; give it more text")
 
 
 def _end_view(m: _Measurement, view: str, units: dict, prefixes: list[str], ends: dict, looks: int) -> None:

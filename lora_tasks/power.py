@@ -153,7 +153,7 @@ def _corpus_tokens(path: str, max_tokens: int) -> int:
 
 def _evidence(cfg: PipelineConfig, eval_rows: int) -> list[tuple[str, str, int]]:
     """(check, unit, size) of every check the gate will run, at the configured sizes."""
-    from .forgetting import _safe_name, benchmark_stages, probe_stages, read_mc_benchmark
+    from .forgetting import _safe_name, benchmark_stages, corpus_token_budget, probe_stages, read_mc_benchmark
 
     gen = cfg.evaluation.generation
     rows = min(eval_rows, gen.max_rows) if gen is not None and gen.max_rows else eval_rows
@@ -163,7 +163,7 @@ def _evidence(cfg: PipelineConfig, eval_rows: int) -> list[tuple[str, str, int]]
         causal = cfg.task == "causal_lm"
         corpus = ["reference_perplexity_ratio", "reference_kl"] if causal else ["reference_representation_drift"]
         if ref.path:
-            out += [(m, "reference tokens", _corpus_tokens(ref.path, ref.max_tokens)) for m in corpus]
+            out += [(m, "reference tokens", _corpus_tokens(ref.path, corpus_token_budget(cfg))) for m in corpus]  # staged: the budget
         if ref.probes:
             probes = ["self_retention_perplexity_ratio"] + (corpus if not ref.path else [])
             out += [(m, "probes", probe_stages(cfg)[-1]) for m in probes]  # staged: the budget

@@ -344,3 +344,30 @@ def test_a_ratio_looked_at_as_a_mean_has_the_bootstrap_spread():
     boot = stats.ratio_ci(kl, tokens, resamples=4000, confidence=0.95, seed=0)
     normal = _interval(values, 1.959964)
     assert normal.high - normal.low == pytest.approx(boot.high - boot.low, rel=0.1)
+
+
+def test_the_reference_corpus_is_staged_too_reading_more_of_the_file_only_while_undecided(tiny_model_dir):
+    from lora_tasks.forgetting import _measure_corpus, _Measurement
+    from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer
+    from lora_tasks.views import PeftViews
+
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.eval()
+
+    def measure(ratio_limit: float) -> dict:
+        raw = _raw(path="configs/data/reference_general.txt", max_tokens=256)
+        raw["training"]["max_seq_length"] = 32
+        raw["promotion"] = {"more_evidence": 4, "max_perplexity_ratio": ratio_limit, "max_kl": None}
+        m = _Measurement(config_from_dict(raw), PeftViews(model), load_tokenizer(tiny_model_dir), "cpu", {"resamples": 200}, None)
+        _measure_corpus(m)
+        return m.metrics["adapted"]
+
+    clear = measure(100.0)
+    assert clear["reference_looks"] == 1 and clear["reference_tokens"] <= 256 + 32
+    close = measure(clear["reference_perplexity_ratio"])  # the limit at the estimate: undecided at every look
+    assert close["reference_looks"] > 1 and 3 * clear["reference_tokens"] < close["reference_tokens"] <= 4 * 256 + 32
