@@ -10,6 +10,7 @@ import hmac
 import json
 import os
 import random
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -331,8 +332,8 @@ class MicroBatcher:
         self._run, self.max_rows, self.wait_s = run, max_rows, wait_s
         self._queue: list[tuple[object, object, int, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
-        self.batches: list[int] = []
-        """Rows of each batch run so far (for tests and logs)."""
+        self.batches: deque[int] = deque(maxlen=1000)
+        """Rows of the latest batches (for tests and logs)."""
 
     async def submit(self, key, item, rows: int = 1):
         future = asyncio.get_running_loop().create_future()

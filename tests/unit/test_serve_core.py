@@ -247,7 +247,7 @@ def test_concurrent_requests_of_one_key_run_as_one_batch_and_each_gets_its_own_r
     assert isinstance(results[7], ValueError) and "bad" in str(results[7])  # fails alone, not its batch
     # The oldest waiting request leads each batch; those of its key join it, up to 4 rows.
     assert [(k, len(items)) for k, items in calls] == [("v1", 4), ("v1", 3), ("v2", 1)]
-    assert b.batches == [4, 3, 1]
+    assert list(b.batches) == [4, 3, 1]
 
 
 def test_a_request_counts_its_rows_and_a_cancelled_one_is_left_out():
