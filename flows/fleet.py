@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.retrain import retrain
+from flows.retrain import label_flow_run, retrain
 from lora_tasks.fleet import MemberOutcome, load_fleet, summary_markdown
 
 
@@ -24,6 +24,8 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     """Retrain every member of the fleet FLEET_PATH in turn (each a `lora-retrain` subflow run
     named after it); `overrides` apply to every member."""
     fleet = load_fleet(fleet_path, overrides)
+    stem = re.sub(r"[^a-z0-9]+", "-", Path(fleet.path).stem.lower()).strip("-")[:40] or "fleet"
+    label_flow_run(f"fleet-{stem}", ["fleet"])
     log = get_run_logger()
     outcomes = []
     for i, member in enumerate(fleet.members, 1):
@@ -36,8 +38,22 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
             outcomes.append(MemberOutcome.failure(member.name, exc, time.perf_counter() - started))
         o = outcomes[-1]
         log.info("member %s: %s%s", o.name, o.decision, f" ({o.reason})" if o.reason else "")
-    summary = summary_markdown(fleet, outcomes)
+    summary = summary_markdown(fleet, outcomes, _run_links(outcomes))
     where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]  # one key per fleet file
-    key = f"fleet-{re.sub(r'[^a-z0-9]+', '-', Path(fleet.path).stem.lower()).strip('-')[:40]}-{where}"
+    key = f"fleet-{stem}-{where}"
     create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(outcomes)} members")
     return outcomes
+
+
+def _run_links(outcomes: list[MemberOutcome]) -> dict[str, str]:
+    """Each member's MLflow run page, where the store answers (a link is never worth a failure)."""
+    from lora_tasks import tracking
+
+    links = {}
+    for o in outcomes:
+        if o.run_id and o.tracking_uri:
+            try:
+                links[o.name] = tracking.run_page(o.tracking_uri, o.run_id)
+            except Exception as exc:  # noqa: BLE001
+                get_run_logger().warning("no MLflow link for member %s (%s)", o.name, exc)
+    return links

@@ -357,7 +357,7 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
     pending.status = "done"
     pending.save()
-    _label_flow_run(tags=[cfg.model_name, "promoted" if decision.promote else "not-promoted"])
+    label_flow_run(tags=[cfg.model_name, "promoted" if decision.promote else "not-promoted"])
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} v{version}")
     notifications.remember(flow_run.id, promoted=decision.promote, version=version, champion_before=champion_before)
     apply_retention(cfg, run_dir, version)
@@ -375,7 +375,7 @@ def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
         get_run_logger().warning("could not mark MLflow run %s ended (%s)", run_id, err)
 
 
-def _label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
+def label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
     """Name and tag this flow run as the Prefect UI lists it (`<model>-<run key>`; the model and
     the decision as tags). Best effort: a label never fails a run."""
     if not flow_run.id:
@@ -392,7 +392,7 @@ def _label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
 
 def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
     skip_run, reason = record_skip(cfg, tags, champion)
-    _label_flow_run(tags=[cfg.model_name, "skipped"])
+    label_flow_run(tags=[cfg.model_name, "skipped"])
     md = skip_markdown(cfg.model_name, reason, champion.version, skip_run)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
     result = RunResult(cfg.model_name, champion.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
@@ -420,7 +420,7 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     base = describe_base(cfg)
     tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
             "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
-    _label_flow_run(f"{cfg.model_name}-{tags['lora.run_key']}", [cfg.model_name])
+    label_flow_run(f"{cfg.model_name}-{tags['lora.run_key']}", [cfg.model_name])
     champion = read_champion(cfg)
     if not force and lifecycle.unchanged_since(champion.tags if champion else None, tags):
         return _skip(cfg, run_dir, tags, champion)

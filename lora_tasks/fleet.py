@@ -111,7 +111,8 @@ class MemberOutcome:
     seconds: float
     version: str | None = None
     reason: str = ""
-    """The gate's first reason, why nothing ran, or the error that failed the member."""
+    """What stopped a member: the first check that did not pass, why nothing ran, or the error
+    that failed it (empty when promoted)."""
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     tracking_uri: str | None = None
@@ -121,8 +122,8 @@ class MemberOutcome:
         decision = ("skipped" if result.skipped else "baseline" if result.method == "full"
                     else "promoted" if result.promoted else "not promoted")
         failed = [r for r in result.reasons if r.split(":", 1)[0] in result.failed_checks]
-        return cls(name, decision, seconds, result.version, (failed or result.reasons or [""])[0], result.metrics,
-                   result.run_id, result.tracking_uri)
+        reason = "" if result.promoted else (failed or result.reasons or [""])[0]
+        return cls(name, decision, seconds, result.version, reason, result.metrics, result.run_id, result.tracking_uri)
 
     @classmethod
     def failure(cls, name: str, exc: BaseException, seconds: float) -> MemberOutcome:
@@ -130,21 +131,34 @@ class MemberOutcome:
 
 
 def summary_rows(outcomes: list[MemberOutcome]) -> list[list[str]]:
-    """One row per member: name, decision, version, task gain [interval], the reason, seconds."""
-    rows = []
-    for o in outcomes:
-        m = o.metrics
-        gain = (f"{m['task_gain']:.3g} [{m.get('task_gain_ci_low', float('nan')):.3g}, "
-                f"{m.get('task_gain_ci_high', float('nan')):.3g}]" if "task_gain" in m else "")
-        rows.append([o.name, o.decision, o.version or "", gain, o.reason, f"{o.seconds:.0f}"])
-    return rows
+    """One row per member: name, decision, version, task gain [interval], forgetting (the
+    perplexity ratio [interval] and KL of the first source measured), seconds, the reason (last:
+    the one long cell)."""
+    return [[o.name, o.decision, o.version or "", _with_interval(o.metrics, "task_gain"), _forgetting(o.metrics),
+             f"{o.seconds:.0f}", o.reason] for o in outcomes]
 
 
-SUMMARY_COLUMNS = ["member", "decision", "version", "task gain [interval]", "reason", "seconds"]
+def _with_interval(m: dict[str, float], key: str) -> str:
+    if key not in m:
+        return ""
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{m[key]:.3g}" + (f" [{low:.3g}, {high:.3g}]" if low is not None and high is not None else "")
 
 
-def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome]) -> str:
-    """The fleet run's summary: counts by decision and the table of members."""
+def _forgetting(m: dict[str, float]) -> str:
+    for prefix in ("reference", "self_retention"):
+        if f"{prefix}_perplexity_ratio" in m:
+            kl = f", KL {m[f'{prefix}_kl']:.3g}" if f"{prefix}_kl" in m else ""
+            return f"ratio {_with_interval(m, f'{prefix}_perplexity_ratio')}{kl}"
+    return ""
+
+
+SUMMARY_COLUMNS = ["member", "decision", "version", "task gain [interval]", "forgetting", "seconds", "reason"]
+
+
+def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome], links: dict[str, str] | None = None) -> str:
+    """The fleet run's summary: counts by decision and the table of members, each member's name
+    linking to its MLflow run where `links` has one."""
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.decision] = counts.get(o.decision, 0) + 1
@@ -152,5 +166,9 @@ def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome]) -> str:
     lines = [f"# Fleet `{Path(fleet.path).name}`: {len(outcomes)} members ({head})", "",
              f"Shared config `{fleet.config}`; each member is its own registered model with its own champion and gate.", "",
              "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in summary_rows(outcomes)]
+    for row in summary_rows(outcomes):
+        cells = [cell.replace("|", "\\|") for cell in row]
+        if (links or {}).get(row[0]):
+            cells[0] = f"[{cells[0]}]({links[row[0]]})"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ refused one stop none of the others; the second run skips the unchanged ones."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -57,11 +58,11 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert [o.decision for o in second] == ["skipped", "failed", "not promoted"]
     assert second[0].version == "1" and second[2].version == "2"
 
-    async def artifact():
+    async def latest_artifacts():
         async with get_client() as c:
-            return (await c.read_latest_artifacts())
-    import asyncio
+            return await c.read_latest_artifacts()
 
-    summaries = [a for a in asyncio.run(artifact()) if (a.key or "").startswith("fleet-")]
-    assert summaries and "| sums-good | skipped | 1 |" in summaries[0].data
+    summaries = [a for a in asyncio.run(latest_artifacts()) if (a.key or "").startswith("fleet-")]
+    assert summaries and "[sums-good](http://127.0.0.1:5000/#/experiments/" in summaries[0].data
+    assert "| skipped | 1 |" in summaries[0].data
     assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data

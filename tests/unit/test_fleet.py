@@ -50,17 +50,20 @@ def test_every_problem_of_the_fleet_file_is_reported_at_once_naming_the_member(t
 def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it():
     refused = RunResult("b", "2", False, ["task_gain: improved by 0.2 [0.1, 0.3] over base (required 0.05)",
                                           "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5"], "r2", "d", "sqlite:///x",
-                        {"task_gain": 0.2, "task_gain_ci_low": 0.1, "task_gain_ci_high": 0.3}, failed_checks=["reference_kl"])
+                        {"task_gain": 0.2, "task_gain_ci_low": 0.1, "task_gain_ci_high": 0.3, "reference_kl": 0.9,
+                         "reference_perplexity_ratio": 1.3, "reference_perplexity_ratio_ci_low": 1.25,
+                         "reference_perplexity_ratio_ci_high": 1.4}, failed_checks=["reference_kl"])
     outcomes = [MemberOutcome.of("a", RunResult("a", "1", True, ["task_gain: ok"], "r1", "d", "u"), 12.0),
                 MemberOutcome.of("b", refused, 14.0),
                 MemberOutcome.failure("c", ValueError("row 3, column completion: blank text\nmore"), 1.0)]
     assert [o.decision for o in outcomes] == ["promoted", "not promoted", "failed"]
-    assert outcomes[1].reason.startswith("reference_kl: 0.9") and outcomes[2].reason == "row 3, column completion: blank text"
+    assert outcomes[0].reason == "" and outcomes[1].reason.startswith("reference_kl: 0.9") and outcomes[2].reason == "row 3, column completion: blank text"
     from lora_tasks.fleet import Fleet
 
-    md = summary_markdown(Fleet("f/fleet.yaml", "configs/tiny.yaml", []), outcomes)
+    md = summary_markdown(Fleet("f/fleet.yaml", "configs/tiny.yaml", []), outcomes, {"b": "http://mlflow/run/r2"})
     assert "3 members (1 failed, 1 not promoted, 1 promoted)" in md
-    assert "| b | not promoted | 2 | 0.2 [0.1, 0.3] | reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5 | 14 |" in md
+    assert ("| [b](http://mlflow/run/r2) | not promoted | 2 | 0.2 [0.1, 0.3] | ratio 1.3 [1.25, 1.4], KL 0.9 | 14 | "
+            "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5 |") in md
 
 
 def test_every_shipped_fleet_loads_with_each_members_config(monkeypatch):
