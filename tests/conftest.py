@@ -42,6 +42,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def changed_tiny(tiny_model_dir):
+    """`changed_tiny(seed, std)`: the tiny Llama under a fresh LoRA adapter (r 4, all linear
+    layers, drawn after `torch.manual_seed(seed)`) whose B is drawn from N(0, std): a PeftModel
+    in eval mode that differs from its base, as a trained adapter does."""
+
+    def make(seed: int = 0, std: float = 0.05):
+        import torch
+
+        from lora_tasks.modeling import apply_lora, load_base_model
+
+        torch.manual_seed(seed)
+        model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
+                           target_modules="all-linear")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, std)
+        return model.eval()
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The built-in 2-layer Llama (hidden 64) with a byte tokenizer, materialised once."""

@@ -113,7 +113,7 @@ def test_probe_answers_are_kept_per_prompt_so_fewer_or_more_prompts_generate_onl
     assert probes.base_answers(None, tok, "h" * 16, 8, prompts=probes.probe_prompts(6)) == more
 
 
-def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(tiny_model_dir):
+def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(changed_tiny):
     """`compare_on_blocks` runs the output layer on scored positions only, batches blocks by
     length and reuses the base's states: each must leave every per-block figure as the plain
     computation (full logits of every position, block by block) gives it."""
@@ -121,16 +121,9 @@ def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(ti
 
     from lora_tasks.block_cache import BlockCache
     from lora_tasks.forgetting import compare_on_blocks
-    from lora_tasks.modeling import apply_lora, load_base_model
     from lora_tasks.views import PeftViews
 
-    torch.manual_seed(0)
-    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
-                       target_modules="all-linear")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)  # a trained-looking update, not the zero of a fresh adapter
-    model.eval()
+    model = changed_tiny(seed=0)  # a trained-looking update, not the zero of a fresh adapter
     blocks = [list(torch.randint(3, 200, (n,)).tolist()) for n in (9, 30, 17, 5, 24, 12)]
     starts = [3, 10, 1, 2, 20, 6]
     views = PeftViews(model)
@@ -159,24 +152,17 @@ def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(ti
     assert (cached["kl"]["adapted"] < got["kl"]["adapted"]).all(), "half the update, less divergence"
 
 
-def test_the_next_run_reads_unchanging_models_units_and_the_base_states_from_disk(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_next_run_reads_unchanging_models_units_and_the_base_states_from_disk(changed_tiny, tmp_path, monkeypatch):
     """A later run (a fresh `BlockCache`) runs no model whose units were kept (the base, the
     adapter that became champion) and, for a new adapter, only the base's output layer: the
     figures are those a run without any cache computes."""
     from lora_tasks import block_cache
     from lora_tasks.block_cache import BlockCache
     from lora_tasks.forgetting import compare_on_blocks
-    from lora_tasks.modeling import apply_lora, load_base_model
     from lora_tasks.views import PeftViews
 
     monkeypatch.setattr(block_cache, "cache_dir", lambda: tmp_path)
-    torch.manual_seed(1)
-    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
-                       target_modules="all-linear")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    model.eval()
+    model = changed_tiny(seed=1)
     decoder_runs = []
     model.get_base_model().get_decoder().register_forward_hook(lambda *a: decoder_runs.append(1))
     blocks = [list(torch.randint(3, 200, (n,)).tolist()) for n in (9, 30, 17, 5)]

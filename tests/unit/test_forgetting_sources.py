@@ -346,18 +346,12 @@ def test_a_ratio_looked_at_as_a_mean_has_the_bootstrap_spread():
     assert normal.high - normal.low == pytest.approx(boot.high - boot.low, rel=0.1)
 
 
-def test_the_reference_corpus_is_staged_too_reading_more_of_the_file_only_while_undecided(tiny_model_dir):
+def test_the_reference_corpus_is_staged_too_reading_more_of_the_file_only_while_undecided(changed_tiny, tiny_model_dir):
     from lora_tasks.forgetting import _measure_corpus, _Measurement
-    from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer
+    from lora_tasks.modeling import load_tokenizer
     from lora_tasks.views import PeftViews
 
-    torch.manual_seed(0)
-    model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
-                       target_modules="all-linear")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.02)
-    model.eval()
+    model = changed_tiny(seed=0, std=0.02)
 
     def measure(ratio_limit: float) -> dict:
         raw = _raw(path="configs/data/reference_general.txt", max_tokens=256)
