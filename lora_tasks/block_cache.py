@@ -12,15 +12,13 @@ next run reads them and does not run that model at all.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .modeling import cache_dir
+from .modeling import cache_dir, write_cache_file
 from .views import BASE
 
 MAX_STATES_BYTES = 512 << 20
@@ -78,15 +76,9 @@ class BlockCache:
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through a temporary file (a reader never sees half of one); a full or read-only disk
-    costs the next run its reuse, never this run its result."""
-    tmp = None
+    """`write_cache_file`, where a full or read-only disk costs the next run its reuse, never this
+    run its result."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        write_cache_file(path, write)
     except OSError:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
+        pass

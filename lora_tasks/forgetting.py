@@ -474,9 +474,11 @@ def _end_view(m: _Measurement, view: str, units: dict, prefixes: list[str], ends
     for prefix in prefixes:
         m.metrics[view].update(summarize_comparison(units, view, prefix))
         m.metrics[view][f"{prefix}_looks"] = float(looks)
-        m.intervals[view][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
-            units["nll"][view], units["nll"][BASE], units["tokens"], **m.stats_kw).to_list()
-        m.intervals[view][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][view], units["tokens"], **m.stats_kw).to_list()
+        if f"{prefix}_perplexity_ratio" not in ends:  # a staged check keeps the interval of its last look
+            m.intervals[view][f"{prefix}_perplexity_ratio"] = stats.perplexity_ratio_ci(
+                units["nll"][view], units["nll"][BASE], units["tokens"], **m.stats_kw).to_list()
+        if f"{prefix}_kl" not in ends:
+            m.intervals[view][f"{prefix}_kl"] = stats.ratio_ci(units["kl"][view], units["tokens"], **m.stats_kw).to_list()
     for name, (end, ratio) in ends.items():
         interval = [math.exp(min(x, 50.0)) for x in end.interval.to_list()] if ratio else end.interval.to_list()
         m.metrics[view][name], m.intervals[view][name] = interval[0], interval

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def cache_dir() -> Path:
     """Where prefect-lora materialises built-in models (PREFECT_LORA_CACHE overrides)."""
     return Path(os.environ.get("PREFECT_LORA_CACHE", Path.home() / ".cache" / "prefect-lora"))
+
+
+def write_cache_file(path: Path, write) -> None:
+    """Write a cache file whole: `write(f)` fills a temporary file beside `path` (binary), which
+    then replaces it, so a reader never sees half a file; the temporary file never outlives a failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_byte_tokenizer():

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 from .encoding import format_prompts, generate_answers
-from .modeling import cache_dir
+from .modeling import cache_dir, write_cache_file
 
 GENERAL_PROBES = [
     "Explain why the sky looks blue during the day.",
@@ -156,11 +155,8 @@ def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, bat
                                        chat_template=_has_chat_template(tokenizer),
                                        label="the base's answers to the general prompts (once per base model)")
         stored = {**_stored(base_hash, max_new_tokens), **dict(zip(missing, answers))}  # another run may have added some
-        path = _cache_file(base_hash, max_new_tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in stored.items()), encoding="utf-8")
-        tmp.replace(path)
+        text = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in stored.items())
+        write_cache_file(_cache_file(base_hash, max_new_tokens), lambda f: f.write(text.encode("utf-8")))
     return _rows(prompts, stored)
 
 

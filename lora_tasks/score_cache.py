@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 
 from . import __version__
 from .config import PipelineConfig
-from .modeling import cache_dir
+from .modeling import cache_dir, write_cache_file
 
 
 def model_identity(base_hash: str | None, adapter_dir: str | None, precision: str, device: str) -> str | None:
@@ -60,14 +58,9 @@ def load(key: str) -> tuple[dict, dict, list[str]] | None:
 def save(key: str, scores: tuple[dict, dict, list[str]]) -> None:
     """Store `scores` under `key`, atomically (a reader never sees half a file)."""
     metrics, units, answers = scores
-    path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = json.dumps({"metrics": metrics, "units": {k: np.asarray(v).tolist() for k, v in units.items()},
                        "answers": answers})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    write_cache_file(_path(key), lambda f: f.write(blob.encode()))
 
 
 def _path(key: str) -> Path:
