@@ -1,8 +1,10 @@
 """One flow run keeps a fleet fresh: every member's retraining in turn, as a subflow of its own.
 
 A member whose data and config are unchanged since its champion is skipped by its own run; a
-member that fails (bad data, a broken config, a crash) is reported and the next one runs. The
-fleet's summary artifact is a table of members with their decision, gain and reason.
+member that fails (bad data, a broken config, a crash) is reported and the next one runs. With
+many members some pass their own gate by chance, so the evaluated members' gates are decided
+together (Benjamini–Hochberg at the fleet's `fdr`) before any of them promotes. The fleet's
+summary artifact is a table of members with their decision, gain, forgetting and reason.
 """
 
 from __future__ import annotations
@@ -10,39 +12,60 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.retrain import label_flow_run, retrain
-from lora_tasks.fleet import MemberOutcome, load_fleet, summary_markdown
+from flows.retrain import label_flow_run, register_run, retrain
+from lora_tasks.fleet import MemberOutcome, fleet_gate, gate_line, load_fleet, summary_markdown
+from lora_tasks.lifecycle import RunResult
 
 
 @flow(name="lora-fleet", log_prints=True)
 def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bool = False) -> list[MemberOutcome]:
     """Retrain every member of the fleet FLEET_PATH in turn (each a `lora-retrain` subflow run
-    named after it); `overrides` apply to every member."""
+    named after it); with `fdr`, each run holds after its evaluation and the members' gates are
+    then decided together, each member completed by a `lora-register` subflow run named
+    `<member>-gate`. `overrides` apply to every member."""
     fleet = load_fleet(fleet_path, overrides)
     stem = re.sub(r"[^a-z0-9]+", "-", Path(fleet.path).stem.lower()).strip("-")[:40] or "fleet"
     label_flow_run(f"fleet-{stem}", ["fleet"])
     log = get_run_logger()
-    outcomes = []
+    outcomes, held = {}, {}
     for i, member in enumerate(fleet.members, 1):
         log.info("member %d/%d: %s", i, len(fleet.members), member.name)
-        started = time.perf_counter()
-        try:
-            result = retrain.with_options(flow_run_name=member.name)(fleet.config, member.overrides, force)
-            outcomes.append(MemberOutcome.of(member.name, result, time.perf_counter() - started))
-        except Exception as exc:  # noqa: BLE001  (one member's failure never stops the others)
-            outcomes.append(MemberOutcome.failure(member.name, exc, time.perf_counter() - started))
-        o = outcomes[-1]
-        log.info("member %s: %s%s", o.name, o.decision, f" ({o.reason})" if o.reason else "")
-    summary = summary_markdown(fleet, outcomes, _run_links(outcomes))
+        run = retrain.with_options(flow_run_name=member.name)
+        result, outcomes[member.name] = _run_member(member.name, lambda m=member, run=run: run(
+            fleet.config, m.overrides, force, hold=fleet.fdr is not None))
+        if result is not None and result.held:
+            held[member.name] = result
+    gate = fleet_gate(fleet.fdr, [r.gate_p_value for r in held.values() if r.gate_p_value is not None]) if held else None
+    if gate:
+        log.info("%s", gate_line(fleet, gate))
+    for name, result in held.items():  # every member evaluated: gate and complete each
+        run = register_run.with_options(flow_run_name=f"{name}-gate")
+        _, outcome = _run_member(name, lambda r=result, run=run: run(r.run_dir, fleet_gate=gate))
+        outcomes[name] = replace(outcome, seconds=outcome.seconds + outcomes[name].seconds)
+    ordered = [outcomes[m.name] for m in fleet.members]
+    summary = summary_markdown(fleet, ordered, _run_links(ordered), gate)
     where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]  # one key per fleet file
     key = f"fleet-{stem}-{where}"
-    create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(outcomes)} members")
-    return outcomes
+    create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(ordered)} members")
+    return ordered
+
+
+def _run_member(name: str, call) -> tuple[RunResult | None, MemberOutcome]:
+    """Run one member's subflow: its result (None when it failed) and its outcome, logged."""
+    started = time.perf_counter()
+    try:
+        result = call()
+        outcome = MemberOutcome.of(name, result, time.perf_counter() - started)
+    except Exception as exc:  # noqa: BLE001  (one member's failure never stops the others)
+        result, outcome = None, MemberOutcome.failure(name, exc, time.perf_counter() - started)
+    get_run_logger().info("member %s: %s%s", name, outcome.decision, f" ({outcome.reason})" if outcome.reason else "")
+    return result, outcome
 
 
 def _run_links(outcomes: list[MemberOutcome]) -> dict[str, str]:

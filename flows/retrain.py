@@ -30,8 +30,8 @@ from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled
 from lora_tasks.launcher import prepare_data
 from lora_tasks.lifecycle import RunResult
 from lora_tasks.pipeline import PreparedData, columns, lineage_tags, run_dir_for, same_base
-from lora_tasks.promotion import Decision, candidate_from_metrics, decide_promotion
-from lora_tasks.remedy import apply_outcome, remedy_tags
+from lora_tasks.promotion import Decision, FleetGate
+from lora_tasks.remedy import decide_on_report, remedy_tags
 from lora_tasks.replay import replay_rows
 from lora_tasks.search import search_trials
 from lora_tasks.secrets import redacted_config
@@ -230,34 +230,27 @@ def read_champion(cfg: PipelineConfig):
 
 
 @task(name="decide-promotion", **STEP)
-def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion) -> Decision:
-    m, higher = report.primary_metric, report.higher_is_better
-    candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
-    incumbent = candidate_from_metrics(champion.metrics, m, higher, version=champion.version) if champion else None
-    decision = apply_outcome(decide_promotion(candidate, incumbent, cfg.promotion), report.remedy)
+def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion, fleet_gate: FleetGate | None = None) -> Decision:
+    decision = decide_on_report(cfg.promotion, report, version, champion, fleet_gate)
     get_run_logger().info("promotion %s: %s", "passed" if decision.promote else "refused", "; ".join(decision.reasons))
     return decision
 
 
 @task(name="apply-decision", **MLFLOW_RETRIES)
 def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id: str, summary: str,
-                   report: EvalReport, champion) -> tuple[Decision, str]:
+                   report: EvalReport, champion, fleet_gate: FleetGate | None = None) -> tuple[Decision, str]:
     """Act on the gate with compare-and-set on `champion`; if another run moved it since the
     evaluation, decide again (the same pure gate) against the new champion. Returns the final
     decision and the summary, which then names the MLflow run for the Prefect side."""
     uri, name = cfg.tracking.tracking_uri, cfg.model_name
-    m, higher = report.primary_metric, report.higher_is_better
-    candidate = candidate_from_metrics(report.flat_metrics(), m, higher, report.forgetting, version)
 
     def redecide(current):  # the new champion was not scored in this run: its recorded metrics count
-        incumbent = candidate_from_metrics(current.metrics, m, higher, version=current.version) if current else None
-        again = apply_outcome(decide_promotion(candidate.without_champion_comparison(), incumbent, cfg.promotion),
-                              report.remedy)
+        again = decide_on_report(cfg.promotion, report, version, current, fleet_gate, same_data=False)
         get_run_logger().warning("champion moved to version %s during this run; decided again: %s",
                                  current.version if current else None, "promote" if again.promote else "refuse")
         return again
 
-    registry.record_evaluation(uri, name, version, report.flat_metrics(), m)
+    registry.record_evaluation(uri, name, version, report.flat_metrics(), report.primary_metric)
     actor, lock = aliases.default_actor(str(flow_run.id or "") or None), shared_alias_lock()
     final, against, record = aliases.settle_decision(uri, name, version, decision, champion, redecide,
                                                      actor=actor, run_id=run_id, lock=lock)
@@ -335,7 +328,8 @@ def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: E
                      report.flat_metrics(), champion_before=champion_before, summary=summary, method="full")
 
 
-def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> RunResult:
+def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion,
+              fleet_gate: FleetGate | None = None) -> RunResult:
     """Log, register, gate and promote a trained and evaluated adapter: the end of `retrain` and
     all of `register_run`. `pending` (registration.json) says how far an earlier attempt got."""
     run_id, run_dir = pending.run_id, pending.run_dir
@@ -351,10 +345,10 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
         pending.version, pending.status = version, "registered"
         pending.save()
     champion_before = champion.version if champion else None
-    decision = decide(cfg, report, version, champion)
+    decision = decide(cfg, report, version, champion, fleet_gate)
     summary = summary_markdown(cfg, pending.data, report, decision, version, run_id, champion_before)
     publish_reports(cfg, run_id, run_dir, report, summary)
-    decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion)
+    decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion, fleet_gate)
     pending.status = "done"
     pending.save()
     label_flow_run(tags=[cfg.model_name, "promoted" if decision.promote else "not-promoted"])
@@ -363,7 +357,7 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     apply_retention(cfg, run_dir, version)
     return RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
                      cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before, summary=summary,
-                     method=cfg.training.method, failed_checks=list(decision.failed_checks))
+                     method=cfg.training.method, failed_checks=list(decision.failed_checks), gate_p_value=decision.p_value)
 
 
 def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
@@ -407,11 +401,13 @@ HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.
 
 
 @flow(name="lora-retrain", log_prints=True, **HOOKS)
-def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False) -> RunResult:
+def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False, hold: bool = False) -> RunResult:
     """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it.
 
     Skipped (a Completed state "skipped: no new data") when the champion was trained on the same
-    data and config, unless `force`."""
+    data and config, unless `force`. `hold` stops after the evaluation, with registration.json
+    written and the gate's p-value in the result, for a caller that gates many runs together
+    (a fleet) and completes each with `register_run`."""
     cfg = load_config(config_path, overrides)
     run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
     notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir,
@@ -437,16 +433,30 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
                                         lifecycle.DataSummary.of(data), report.to_dict(),
                                         trained.metrics, champion.version if champion else None)
         pending.save()
+        if hold:
+            return _held(cfg, pending, report, champion)
         return _complete(cfg, pending, report, champion)
     except BaseException as exc:
         _mark_failed(cfg, run_id, exc)
         raise
 
 
+def _held(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> RunResult:
+    """A run evaluated and held for its fleet's gate: nothing registered yet, its MLflow run open."""
+    p_value = None if cfg.training.method == "full" else decide_on_report(cfg.promotion, report, None, champion).p_value
+    label_flow_run(tags=[cfg.model_name, "held"])
+    get_run_logger().info("evaluated; held for the fleet's gate (gate p-value %s)",
+                          "none: a baseline" if p_value is None else f"{p_value:.3g}")
+    return RunResult(cfg.model_name, None, False, ["held for the fleet's gate"], pending.run_id, pending.run_dir,
+                     cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=pending.champion_version,
+                     method=cfg.training.method, held=True, gate_p_value=p_value)
+
+
 @flow(name="lora-register", log_prints=True, **HOOKS)
-def register_run(run_dir: str, tracking_uri: str | None = None) -> RunResult:
+def register_run(run_dir: str, tracking_uri: str | None = None, fleet_gate: FleetGate | None = None) -> RunResult:
     """Complete the registration of a run that trained and evaluated its adapter but could not
-    register it (e.g. the tracking server was down): log, register, gate, promote. No training."""
+    register it (e.g. the tracking server was down), or that was held for its fleet's gate
+    (`fleet_gate`): log, register, gate, promote. No training."""
     pending = lifecycle.read_pending(run_dir)
     raw = dict(pending.config)
     if tracking_uri:
@@ -461,7 +471,7 @@ def register_run(run_dir: str, tracking_uri: str | None = None) -> RunResult:
     report = EvalReport(**{k: v for k, v in pending.report.items() if k != "task_gain"})
     champion = read_version(cfg, pending.champion_version)
     try:
-        return _complete(cfg, pending, report, champion)
+        return _complete(cfg, pending, report, champion, fleet_gate)
     except BaseException as exc:
         _mark_failed(cfg, pending.run_id, exc)
         raise

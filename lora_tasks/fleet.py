@@ -5,6 +5,7 @@ A fleet file names one shared config and its members; a member is that config wi
 written as `prefect-lora run --set` would take them:
 
     config: configs/tiny.yaml
+    fdr: 0.05            # the members' gates decided together (Benjamini–Hochberg); null: each alone
     members:
       - name: sums-en
         set: {data.train_path: data/en.jsonl}
@@ -27,6 +28,7 @@ import yaml
 from .config_io import plain, yaml_error
 from .errors import ConfigError
 from .lifecycle import RunResult
+from .promotion import FleetGate, fdr_threshold
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -44,6 +46,12 @@ class Fleet:
     config: str
     """The shared config every member starts from."""
     members: list[Member]
+    fdr: float | None = 0.05
+    """False discovery rate across the members' gates: each member's run is held after its
+    evaluation, and a member promotes only when its gate's p-value is within the
+    Benjamini–Hochberg threshold of every member evaluated in the same fleet run
+    (`promotion.fdr_threshold`), so the expected share of wrongly promoted members among the
+    promoted stays <= fdr. null: each member promotes on its own gate, in its own run."""
 
 
 def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
@@ -62,7 +70,12 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     raw = plain(raw, problems=problems, source=str(p)) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict):
         raise ConfigError(["a fleet file is a mapping with `config` (the shared config) and `members` (a list)"], str(p))
-    problems += [f"{k}: unknown key (a fleet file has `config` and `members`)" for k in raw if k not in ("config", "members")]
+    problems += [f"{k}: unknown key (a fleet file has `config`, `members` and `fdr`)" for k in raw
+                 if k not in ("config", "members", "fdr")]
+    fdr = raw.get("fdr", Fleet.fdr)
+    if fdr is not None and (isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1):
+        problems.append(f"fdr: {fdr!r} is not a rate: give the false discovery rate across members' gates, "
+                        "e.g. 0.05, or null to let each member promote on its own gate")
     config = raw.get("config")
     if not isinstance(config, str) or not config.strip():
         problems.append("config: the path of the config every member shares is required")
@@ -71,7 +84,7 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     members = _members(raw.get("members"), list(overrides or []), problems)
     if problems:
         raise ConfigError(problems, str(p))
-    return Fleet(str(p), str(Path(config).expanduser()), members)
+    return Fleet(str(p), str(Path(config).expanduser()), members, None if fdr is None else float(fdr))
 
 
 def _members(raw, extra: list[str], problems: list[str]) -> list[Member]:
@@ -107,7 +120,8 @@ class MemberOutcome:
 
     name: str
     decision: str
-    """`promoted`, `not promoted`, `skipped` (data and config unchanged), `baseline` or `failed`."""
+    """`promoted`, `not promoted`, `skipped` (data and config unchanged), `baseline`, `failed`, or
+    `held` (evaluated, waiting for the fleet's gate: only between the fleet's two phases)."""
     seconds: float
     version: str | None = None
     reason: str = ""
@@ -116,14 +130,17 @@ class MemberOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     tracking_uri: str | None = None
+    p_value: float | None = None
+    """The member's gate as one test (`promotion.Decision.p_value`); None when it was not gated."""
 
     @classmethod
     def of(cls, name: str, result: RunResult, seconds: float) -> MemberOutcome:
-        decision = ("skipped" if result.skipped else "baseline" if result.method == "full"
+        decision = ("skipped" if result.skipped else "held" if result.held else "baseline" if result.method == "full"
                     else "promoted" if result.promoted else "not promoted")
         failed = [r for r in result.reasons if r.split(":", 1)[0] in result.failed_checks]
         reason = "" if result.promoted else (failed or result.reasons or [""])[0]
-        return cls(name, decision, seconds, result.version, reason, result.metrics, result.run_id, result.tracking_uri)
+        return cls(name, decision, seconds, result.version, reason, result.metrics, result.run_id, result.tracking_uri,
+                   result.gate_p_value)
 
     @classmethod
     def failure(cls, name: str, exc: BaseException, seconds: float) -> MemberOutcome:
@@ -132,10 +149,10 @@ class MemberOutcome:
 
 def summary_rows(outcomes: list[MemberOutcome]) -> list[list[str]]:
     """One row per member: name, decision, version, task gain [interval], forgetting (the
-    perplexity ratio [interval] and KL of the first source measured), seconds, the reason (last:
-    the one long cell)."""
+    perplexity ratio [interval] and KL of the first source measured), the gate's p-value,
+    seconds, the reason (last: the one long cell)."""
     return [[o.name, o.decision, o.version or "", _with_interval(o.metrics, "task_gain"), _forgetting(o.metrics),
-             f"{o.seconds:.0f}", o.reason] for o in outcomes]
+             "" if o.p_value is None else f"{o.p_value:.2g}", f"{o.seconds:.0f}", o.reason] for o in outcomes]
 
 
 def _with_interval(m: dict[str, float], key: str) -> str:
@@ -153,18 +170,37 @@ def _forgetting(m: dict[str, float]) -> str:
     return ""
 
 
-SUMMARY_COLUMNS = ["member", "decision", "version", "task gain [interval]", "forgetting", "seconds", "reason"]
+SUMMARY_COLUMNS = ["member", "decision", "version", "task gain [interval]", "forgetting", "gate p", "seconds", "reason"]
 
 
-def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome], links: dict[str, str] | None = None) -> str:
-    """The fleet run's summary: counts by decision and the table of members, each member's name
-    linking to its MLflow run where `links` has one."""
+def fleet_gate(fdr: float | None, p_values: list[float]) -> FleetGate | None:
+    """The threshold every member gated in this fleet run is held to (None: `fdr: null`)."""
+    return None if fdr is None else FleetGate(fdr, fdr_threshold(p_values, fdr), len(p_values))
+
+
+def gate_line(fleet: Fleet, gate: FleetGate | None) -> str:
+    """How the members' gates were decided, as the summary says it."""
+    if fleet.fdr is None:
+        return "Each member promotes on its own gate (`fdr: null`)."
+    if gate is None:
+        return f"No member reached its gate in this run (false discovery rate {fleet.fdr:g} across members)."
+    line = f"p <= {gate.threshold:.2g}" if gate.threshold > 0 else "none of them reached it"
+    return (f"{gate.members} member(s) gated together: a member promotes only when its gate p-value is "
+            f"within the Benjamini–Hochberg threshold ({line}), so at most {gate.fdr:.0%} of the promotions are "
+            f"expected to be wrong (false discovery rate {gate.fdr:g}).")
+
+
+def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome], links: dict[str, str] | None = None,
+                     gate: FleetGate | None = None) -> str:
+    """The fleet run's summary: counts by decision, how the gates were decided together, and the
+    table of members, each member's name linking to its MLflow run where `links` has one."""
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.decision] = counts.get(o.decision, 0) + 1
     head = ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
     lines = [f"# Fleet `{Path(fleet.path).name}`: {len(outcomes)} members ({head})", "",
              f"Shared config `{fleet.config}`; each member is its own registered model with its own champion and gate.", "",
+             gate_line(fleet, gate), "",
              "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
     for row in summary_rows(outcomes):
         cells = [cell.replace("|", "\\|") for cell in row]

@@ -231,6 +231,10 @@ class RunResult:
     """`training.method`: `full` marks a baseline run, logged but never registered."""
     failed_checks: list[str] = field(default_factory=list)
     """The gate's checks that did not pass (shown to fail, or undecided)."""
+    gate_p_value: float | None = None
+    """The gate as one test: its p-value (`promotion.Decision.p_value`); None when not gated."""
+    held: bool = False
+    """Evaluated and held for the fleet's gate: registration.json written, nothing registered yet."""
 
 
 def already_registered(pending: PendingRegistration, run_dir: str, model_name: str, tracking_uri: str) -> RunResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from statistics import NormalDist
 
 from .config import PromotionPolicy
 from .forgetting_table import FORGETTING_METRICS, ForgettingMetric, forgetting_metric
@@ -67,6 +68,11 @@ class Decision:
     undecided_checks: list[str] = field(default_factory=list)
     """The checks whose interval straddles their limit: neither passed nor failed; more evidence
     (rows, probes, tokens, questions) would decide them. Never promoted on."""
+    p_value: float = 1.0
+    """The gate as one test (every check must pass: an intersection-union test): the largest of
+    its checks' one-sided p-values, each read off its interval (`_p_value`). The gate passes a
+    check iff its p-value <= (1 - confidence) / 2; a fleet compares these across members
+    (`fleet.fdr_threshold`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +121,19 @@ def _evidence_needed(point: float, bounds: tuple[float, float], limit: float, un
     return f"about {max(1.0, (half / gap) ** 2):.1f}x the {unit} would decide it"
 
 
+def _p_value(point: float, bounds: tuple[float, float], limit: float, upper_is_worse: bool, confidence: float) -> float:
+    """The one-sided p-value of "beyond the limit" that the check's interval implies: the normal
+    tail of the estimate's margin to the limit, in units of the worse side's half-width over
+    z((1 + confidence) / 2). So p <= (1 - confidence) / 2 exactly when the worse bound is within
+    the limit, as the gate reads it; a point without an interval gives 0 (within) or 1."""
+    margin = (limit - point) if upper_is_worse else (point - limit)
+    half = (bounds[1] - point) if upper_is_worse else (point - bounds[0])
+    if half <= 0:
+        return 0.0 if margin >= 0 else 1.0
+    normal = NormalDist()
+    return 1.0 - normal.cdf(normal.inv_cdf((1 + confidence) / 2) * margin / half)
+
+
 def _record(name: str, outcome: str, reasons: list[str], failed: list[str], undecided: list[str], text: dict) -> None:
     """Add the reason for `outcome` (`text[outcome]`) and file the check as failed or undecided."""
     if outcome != "pass":
@@ -125,7 +144,7 @@ def _record(name: str, outcome: str, reasons: list[str], failed: list[str], unde
 
 
 def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate, limit, reasons: list[str],
-                      failed: list[str], undecided: list[str]) -> None:
+                      failed: list[str], undecided: list[str], p: list[float], confidence: float) -> None:
     """Pass when the metric's worse bound is within the limit: forgetting must be shown small;
     fail when even its better bound is beyond; undecided in between."""
     if limit is None:
@@ -134,9 +153,11 @@ def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate,
     bounds = _bounds(candidate, name, value)
     if bounds is None:
         failed.append(name)
+        p.append(1.0)
         reasons.append(f"{name}: value {value} (interval {candidate.intervals.get(name)}) is not a finite number; "
                        f"it cannot be shown within the limit {limit:.4g}")
         return
+    p.append(_p_value(value, bounds, limit, metric.higher_is_worse, confidence))
     shown, unit = _show(value, bounds), EVIDENCE_UNITS[metric.source]
     _record(name, _outcome(bounds, limit, metric.higher_is_worse), reasons, failed, undecided, {
         "pass": f"{name}: {shown} within the limit {limit:.4g}",
@@ -164,10 +185,12 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     reasons: list[str] = []
     failed: list[str] = []
     undecided: list[str] = []
-    m = candidate.primary_metric
+    p: list[float] = []  # each check's p-value; the gate's is the largest
+    m, confidence = candidate.primary_metric, policy.confidence
 
     gain, need = candidate.task_gain, policy.min_task_gain
     bounds = _bounds(candidate, "task_gain", gain)
+    p.append(1.0 if bounds is None else _p_value(gain, bounds, need, False, confidence))
     if bounds is None:
         failed.append("task_gain")
         reasons.append(f"task_gain: {m} of base ({candidate.base_score}) or adapted ({candidate.adapted_score}) is missing or not finite")
@@ -183,17 +206,18 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
     measured = [(name, metric) for metric in FORGETTING_METRICS for name in sorted(candidate.forgetting) if metric.matches(name)]
     if policy.require_forgetting_metrics and not measured:
         failed.append("forgetting")
+        p.append(1.0)
         reasons.append("forgetting: no forgetting metric was measured (set evaluation.reference) and the policy requires one")
     for name, metric in measured:
-        _check_forgetting(name, metric, candidate, getattr(policy, metric.limit), reasons, failed, undecided)
+        _check_forgetting(name, metric, candidate, getattr(policy, metric.limit), reasons, failed, undecided, p, confidence)
 
     if policy.beat_champion:
-        _check_champion(candidate, champion, policy, reasons, failed, undecided)
-    return Decision(promote=not failed, reasons=reasons, failed_checks=failed, undecided_checks=undecided)
+        _check_champion(candidate, champion, policy, reasons, failed, undecided, p)
+    return Decision(promote=not failed, reasons=reasons, failed_checks=failed, undecided_checks=undecided, p_value=max(p))
 
 
 def _check_champion(candidate: Candidate, champion: Candidate | None, policy: PromotionPolicy, reasons, failed,
-                    undecided) -> None:
+                    undecided, p: list[float]) -> None:
     m, tol = candidate.primary_metric, policy.champion_tolerance
     if champion is None:
         reasons.append("champion: none yet, this version would be the first")
@@ -202,10 +226,12 @@ def _check_champion(candidate: Candidate, champion: Candidate | None, policy: Pr
         low, high = candidate.intervals["champion_delta"]
         if not (_finite(low) and _finite(high)):
             failed.append("champion")
+            p.append(1.0)
             reasons.append(f"champion: the comparison with version {champion.version} is not a finite number")
         else:
             lead, v = f"{m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data", champion.version
             point = (low + high) / 2  # the candidate carries the interval of the lead, not its point
+            p.append(_p_value(point, (low, high), -tol, False, policy.confidence))
             _record("champion", _outcome((low, high), -tol, upper_is_worse=False), reasons, failed, undecided, {
                 "pass": f"champion: {lead} (tolerance {tol:.4g})",
                 "fail": f"champion: {lead}: worse than version {v} by more than the tolerance {tol:.4g}",
@@ -217,10 +243,12 @@ def _check_champion(candidate: Candidate, champion: Candidate | None, policy: Pr
         reasons.append(f"champion: version {champion.version} has no comparable {m}; not compared")
     elif not _finite(candidate.adapted_score):
         failed.append("champion")
+        p.append(1.0)
         reasons.append(f"champion: candidate has no finite {m} to compare with version {champion.version}")
     else:
         delta = candidate.adapted_score - champion.adapted_score
         delta = delta if candidate.higher_is_better else -delta
+        p.append(1.0 if delta < -tol else 0.0)  # a recorded point: no interval to read a p-value from
         if delta < -tol:
             failed.append("champion")
             reasons.append(f"champion: {m} {candidate.adapted_score:.4g} is worse than champion version {champion.version} "
@@ -228,3 +256,48 @@ def _check_champion(candidate: Candidate, champion: Candidate | None, policy: Pr
         else:
             reasons.append(f"champion: {m} {candidate.adapted_score:.4g} vs champion version {champion.version} "
                            f"({champion.adapted_score:.4g}, its own evaluation)")
+
+
+# ----------------------------------------------------------------------------- many gates at once
+
+
+@dataclass(frozen=True)
+class FleetGate:
+    """The gates of a fleet's members decided together: with many members some pass by chance,
+    so a member promotes only when its gate's p-value is within the Benjamini–Hochberg
+    threshold of all the members gated in the same fleet run (`fdr_threshold`). Then the
+    expected share of wrongly promoted members among those promoted stays <= `fdr`."""
+
+    fdr: float
+    """The false discovery rate controlled across the members (`fdr` of the fleet file)."""
+    threshold: float
+    """The largest gate p-value that promotes: `fdr_threshold` of the members' p-values."""
+    members: int
+    """How many members' gates were decided together (every member evaluated in this run)."""
+
+
+def fdr_threshold(p_values: list[float], fdr: float) -> float:
+    """Benjamini–Hochberg: the largest p-value p_(k) with p_(k) <= k * fdr / m (sorted, m
+    tests); the tests at or below it are the discoveries. 0 when there is none (no p-value
+    reaches the line; a p-value of 0 always does)."""
+    m, threshold = len(p_values), 0.0
+    for k, p in enumerate(sorted(p_values), 1):
+        if p <= k * fdr / m:
+            threshold = p
+    return threshold
+
+
+def apply_fleet_gate(decision: Decision, gate: FleetGate | None) -> Decision:
+    """A member's own decision, kept only where its p-value is within the fleet's threshold:
+    a member that passed its own gate but not the fleet's is refused with the check
+    `fleet_fdr` (and is no challenger: `admitted` is False)."""
+    if gate is None or not decision.promote:
+        return decision
+    where = (f"the Benjamini–Hochberg threshold {gate.threshold:.3g} of the {gate.members} member(s) gated together "
+             f"(false discovery rate {gate.fdr:g})")
+    if decision.p_value <= gate.threshold:
+        return replace(decision, reasons=[*decision.reasons, f"fleet_fdr: gate p-value {decision.p_value:.3g} within {where}"])
+    reason = (f"fleet_fdr: gate p-value {decision.p_value:.3g} above {where}: held back, as with this many members some "
+              f"pass their own gate by chance; more eval rows would lower its p-value")
+    return replace(decision, promote=False, reasons=[*decision.reasons, reason],
+                   failed_checks=[*decision.failed_checks, "fleet_fdr"])

@@ -49,6 +49,8 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert [(o.name, o.decision) for o in first] == [
         ("sums-good", "promoted"), ("sums-broken", "failed"), ("sums-refused", "not promoted")]
     assert "blank" in first[1].reason and first[2].reason.startswith("task_gain")
+    # the evaluated members' gates were decided together, then each completed by its `-gate` run
+    assert first[0].p_value < 0.025 < first[2].p_value and first[1].p_value is None
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert str(client.get_model_version_by_alias("sums-good", "champion").version) == "1"
     assert "champion" not in client.get_registered_model("sums-refused").aliases
@@ -58,11 +60,16 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert [o.decision for o in second] == ["skipped", "failed", "not promoted"]
     assert second[0].version == "1" and second[2].version == "2"
 
-    async def latest_artifacts():
+    async def latest_artifacts_and_runs():
         async with get_client() as c:
-            return await c.read_latest_artifacts()
+            return await c.read_latest_artifacts(), await c.read_flow_runs()
 
-    summaries = [a for a in asyncio.run(latest_artifacts()) if (a.key or "").startswith("fleet-")]
+    artifacts, runs = asyncio.run(latest_artifacts_and_runs())
+    names = sorted(r.name for r in runs)
+    assert names.count("sums-good-gate") == 1 and names.count("sums-refused-gate") == 2, names
+    assert "sums-broken-gate" not in names, "a member that failed has no gate to complete"
+    summaries = [a for a in artifacts if (a.key or "").startswith("fleet-")]
     assert summaries and "[sums-good](http://127.0.0.1:5000/#/experiments/" in summaries[0].data
     assert "| skipped | 1 |" in summaries[0].data
     assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data
+    assert "1 member(s) gated together" in summaries[0].data

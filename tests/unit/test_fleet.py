@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
 from lora_tasks.config import load_config
 from lora_tasks.errors import ConfigError
-from lora_tasks.fleet import MemberOutcome, load_fleet, summary_markdown
+from lora_tasks.fleet import MemberOutcome, fleet_gate, load_fleet, summary_markdown
 from lora_tasks.lifecycle import RunResult
+from lora_tasks.promotion import FleetGate
 
 
 def _write(tmp_path, raw) -> str:
@@ -52,7 +55,7 @@ def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it()
                                           "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5"], "r2", "d", "sqlite:///x",
                         {"task_gain": 0.2, "task_gain_ci_low": 0.1, "task_gain_ci_high": 0.3, "reference_kl": 0.9,
                          "reference_perplexity_ratio": 1.3, "reference_perplexity_ratio_ci_low": 1.25,
-                         "reference_perplexity_ratio_ci_high": 1.4}, failed_checks=["reference_kl"])
+                         "reference_perplexity_ratio_ci_high": 1.4}, failed_checks=["reference_kl"], gate_p_value=0.91)
     outcomes = [MemberOutcome.of("a", RunResult("a", "1", True, ["task_gain: ok"], "r1", "d", "u"), 12.0),
                 MemberOutcome.of("b", refused, 14.0),
                 MemberOutcome.failure("c", ValueError("row 3, column completion: blank text\nmore"), 1.0)]
@@ -60,10 +63,29 @@ def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it()
     assert outcomes[0].reason == "" and outcomes[1].reason.startswith("reference_kl: 0.9") and outcomes[2].reason == "row 3, column completion: blank text"
     from lora_tasks.fleet import Fleet
 
-    md = summary_markdown(Fleet("f/fleet.yaml", "configs/tiny.yaml", []), outcomes, {"b": "http://mlflow/run/r2"})
+    fleet = Fleet("f/fleet.yaml", "configs/tiny.yaml", [])
+    md = summary_markdown(fleet, outcomes, {"b": "http://mlflow/run/r2"}, FleetGate(0.05, 0.012, 2))
     assert "3 members (1 failed, 1 not promoted, 1 promoted)" in md
-    assert ("| [b](http://mlflow/run/r2) | not promoted | 2 | 0.2 [0.1, 0.3] | ratio 1.3 [1.25, 1.4], KL 0.9 | 14 | "
+    assert ("| [b](http://mlflow/run/r2) | not promoted | 2 | 0.2 [0.1, 0.3] | ratio 1.3 [1.25, 1.4], KL 0.9 | 0.91 | 14 | "
             "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5 |") in md
+    assert "2 member(s) gated together" in md and "(p <= 0.012)" in md and "at most 5% of the promotions" in md
+    assert "Each member promotes on its own gate" in summary_markdown(replace(fleet, fdr=None), outcomes)
+
+
+def test_the_fleet_rate_is_read_and_checked(tmp_path):
+    members = [{"name": "a"}]
+    assert load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members": members})).fdr == 0.05
+    assert load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "fdr": 0.1, "members": members})).fdr == 0.1
+    assert load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "fdr": None, "members": members})).fdr is None
+    for bad in (0, 1.5, "high", True):
+        with pytest.raises(ConfigError, match="fdr: .* is not a rate"):
+            load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "fdr": bad, "members": members}))
+
+
+def test_the_fleet_gate_counts_the_members_gated_together():
+    assert fleet_gate(None, [0.01, 0.2]) is None
+    gate = fleet_gate(0.05, [0.001, 0.01, 0.03, 0.2])
+    assert (gate.threshold, gate.members, gate.fdr) == (0.03, 4, 0.05)
 
 
 def test_every_shipped_fleet_loads_with_each_members_config(monkeypatch):
