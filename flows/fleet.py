@@ -17,10 +17,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.retrain import label_flow_run, register_run, retrain
-from lora_tasks.fleet import MemberOutcome, fleet_gate, gate_line, load_fleet, summary_markdown
+from lora_tasks.fleet import Fleet, MemberOutcome, fleet_gate, gate_line, load_fleet, summary_markdown
 from lora_tasks.lifecycle import RunResult
+from lora_tasks.modeling import shared_bases
+from lora_tasks.promotion import FleetGate
 
 
 @flow(name="lora-fleet", log_prints=True)
@@ -32,6 +35,21 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     fleet = load_fleet(fleet_path, overrides)
     stem = re.sub(r"[^a-z0-9]+", "-", Path(fleet.path).stem.lower()).strip("-")[:40] or "fleet"
     label_flow_run(f"fleet-{stem}", ["fleet"])
+    # The fleet's own run sends the heartbeats: a member's would cost ~0.5 s to stop, twice per member.
+    # The members train and evaluate here in turn on one base: read once, copied per load.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), shared_bases():
+        outcomes, gate = _run_members(fleet, force)
+    ordered = [outcomes[m.name] for m in fleet.members]
+    summary = summary_markdown(fleet, ordered, _run_links(ordered), gate)
+    where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]  # one key per fleet file
+    key = f"fleet-{stem}-{where}"
+    create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(ordered)} members")
+    return ordered
+
+
+def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], FleetGate | None]:
+    """Each member's run in turn (held after its evaluation when the gates are decided
+    together), then the gate for all of them and each held member's completion."""
     log = get_run_logger()
     outcomes, held = {}, {}
     for i, member in enumerate(fleet.members, 1):
@@ -48,12 +66,7 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
         run = register_run.with_options(flow_run_name=f"{name}-gate")
         _, outcome = _run_member(name, lambda r=result, run=run: run(r.run_dir, fleet_gate=gate))
         outcomes[name] = replace(outcome, seconds=outcome.seconds + outcomes[name].seconds)
-    ordered = [outcomes[m.name] for m in fleet.members]
-    summary = summary_markdown(fleet, ordered, _run_links(ordered), gate)
-    where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]  # one key per fleet file
-    key = f"fleet-{stem}-{where}"
-    create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(ordered)} members")
-    return ordered
+    return outcomes, gate
 
 
 def _run_member(name: str, call) -> tuple[RunResult | None, MemberOutcome]:

@@ -384,9 +384,9 @@ def label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
         get_run_logger().warning("could not name or tag the flow run (%s)", exc)
 
 
-def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion):
+def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion, name: str):
     skip_run, reason = record_skip(cfg, tags, champion)
-    label_flow_run(tags=[cfg.model_name, "skipped"])
+    label_flow_run(name, [cfg.model_name, "skipped"])
     md = skip_markdown(cfg.model_name, reason, champion.version, skip_run)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
     result = RunResult(cfg.model_name, champion.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
@@ -416,10 +416,11 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
     base = describe_base(cfg)
     tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
             "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
-    label_flow_run(f"{cfg.model_name}-{tags['lora.run_key']}", [cfg.model_name])
     champion = read_champion(cfg)
+    name = f"{cfg.model_name}-{tags['lora.run_key']}"
     if not force and lifecycle.unchanged_since(champion.tags if champion else None, tags):
-        return _skip(cfg, run_dir, tags, champion)
+        return _skip(cfg, run_dir, tags, champion, name)
+    label_flow_run(name, [cfg.model_name])
     run_id, run_url = start_mlflow_run(cfg, run_dir, tags)
     notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)
     try:

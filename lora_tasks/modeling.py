@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -188,8 +191,41 @@ def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseM
     return BaseModelInfo(resolved, revision or "main", None)
 
 
+_SHARED: dict | None = None
+"""Loaded bases and tokenizers by what loaded them, while `shared_bases()` is on."""
+
+
+@contextmanager
+def shared_bases():
+    """Within: a causal LM base and a tokenizer are read once in this process, and every load
+    returns its own copy of them (a fleet's members train and evaluate on one base, one after
+    another). Outside: every load reads the files. A classifier is always read anew: its head
+    is drawn fresh from the seed at each load."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _shared(key: tuple, load):
+    """`load()`, or a copy of what it returned the first time within `shared_bases()`."""
+    if _SHARED is None:
+        return load()
+    if key not in _SHARED:
+        _SHARED[key] = load()
+    return copy.deepcopy(_SHARED[key])
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """Load the tokenizer; give it a pad token (EOS) when it has none."""
+    return _shared(("tokenizer", name_or_path, revision, trust_remote_code),
+                   lambda: _load_tokenizer(name_or_path, revision, trust_remote_code))
+
+
+def _load_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
@@ -221,6 +257,15 @@ def load_base_model(
     """Load the base model for the task: a causal LM, or a sequence classifier with `num_labels`.
 
     `quantization="4bit"` loads it as 4-bit NF4 (bitsandbytes) straight onto CUDA `device`."""
+    load = partial(_load_base_model, name_or_path, task, revision=revision, num_labels=num_labels, torch_dtype=torch_dtype,
+                   trust_remote_code=trust_remote_code, pad_token_id=pad_token_id, quantization=quantization, device=device)
+    if task != "causal_lm" or quantization:  # a fresh head per load; a quantized model lives on its device
+        return load()
+    return _shared(("model", name_or_path, revision, torch_dtype, trust_remote_code, pad_token_id), load)
+
+
+def _load_base_model(name_or_path: str, task: str, *, revision, num_labels, torch_dtype, trust_remote_code, pad_token_id,
+                     quantization, device):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, logging
 
     logging.set_verbosity_error()  # the new classifier head's "newly initialized" warning is expected

@@ -1,0 +1,49 @@
+"""Bases shared in one process (a fleet's members): read once, each load its own copy."""
+
+import torch
+
+from lora_tasks import modeling
+from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer, shared_bases
+
+
+def _count_reads(monkeypatch) -> dict[str, int]:
+    reads = {"model": 0, "tokenizer": 0}
+    real_model, real_tok = modeling._load_base_model, modeling._load_tokenizer
+
+    def model(*a, **k):
+        reads["model"] += 1
+        return real_model(*a, **k)
+
+    def tok(*a, **k):
+        reads["tokenizer"] += 1
+        return real_tok(*a, **k)
+
+    monkeypatch.setattr(modeling, "_load_base_model", model)
+    monkeypatch.setattr(modeling, "_load_tokenizer", tok)
+    return reads
+
+
+def test_within_shared_bases_a_base_is_read_once_and_each_load_is_its_own_copy(monkeypatch, tiny_model_dir):
+    reads = _count_reads(monkeypatch)
+    with shared_bases():
+        first = load_base_model(tiny_model_dir, "causal_lm")
+        apply_lora(first, "causal_lm", r=4, alpha=8, dropout=0.0, target_modules="all-linear")  # wraps it in place
+        with torch.no_grad():
+            next(first.parameters()).add_(1.0)
+        second = load_base_model(tiny_model_dir, "causal_lm")
+        tok_a, tok_b = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    assert reads == {"model": 1, "tokenizer": 1}
+    assert second is not first and not any("lora_" in n for n, _ in second.named_parameters())
+    assert tok_a is not tok_b and tok_a("12+30")["input_ids"] == tok_b("12+30")["input_ids"]
+
+    fresh = load_base_model(tiny_model_dir, "causal_lm")  # outside: read again
+    assert reads["model"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_classifier_is_read_anew_for_its_fresh_head(monkeypatch, tiny_model_dir):
+    reads = _count_reads(monkeypatch)
+    with shared_bases():
+        load_base_model(tiny_model_dir, "sequence_classification", num_labels=2, pad_token_id=0)
+        load_base_model(tiny_model_dir, "sequence_classification", num_labels=2, pad_token_id=0)
+    assert reads["model"] == 2
