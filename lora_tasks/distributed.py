@@ -139,6 +139,8 @@ def _ray_worker_loop(config: dict) -> None:
     placement = _gather_placement(rank, ctx.get_world_size())
 
     def report_with_placement(metrics: dict, checkpoint_dir: str | None) -> None:
+        if log and rank == 0:
+            log.flush()  # the curve up to a checkpoint is logged with it
         report({**metrics, **placement}, checkpoint_dir)
 
     resume_dir = None
@@ -154,7 +156,11 @@ def _ray_worker_loop(config: dict) -> None:
         if stream:
             worker_ctx.stream = _shard_batches(ray.train.get_dataset_shard("train"), cfg, rank, ctx.get_world_size(), stream["num_rows"])
             worker_ctx.stream_rows = stream["num_rows"]
-        train_worker(cfg, config["rows"], worker_ctx)
+        try:
+            train_worker(cfg, config["rows"], worker_ctx)
+        finally:
+            if log and rank == 0:
+                log.flush()
 
 
 def _shard_batches(shard, cfg: PipelineConfig, rank: int, world_size: int, num_rows: int):

@@ -93,16 +93,18 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
     latest = latest_checkpoint(train_dir)
     last: dict = {}
 
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        last["metrics"] = metrics
-        if checkpoint_dir:
-            last["path"] = _keep_checkpoint(train_dir, checkpoint_dir, int(metrics["step"]))
-
     log = None
     if mlflow_run_id:
         from .tracking import metric_logger
 
         log = metric_logger(cfg.tracking.tracking_uri, mlflow_run_id)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        last["metrics"] = metrics
+        if log:
+            log.flush()  # the curve up to a checkpoint is logged with it
+        if checkpoint_dir:
+            last["path"] = _keep_checkpoint(train_dir, checkpoint_dir, int(metrics["step"]))
     ctx = WorkerContext(device=device, report=report, resume_from=str(latest) if latest else None,
                         **({"log": log} if log else {}))
     threads = torch.get_num_threads()
@@ -110,6 +112,8 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
     try:
         train_worker(cfg, rows, ctx)
     finally:
+        if log:
+            log.flush()
         torch.set_num_threads(threads)
         gc.collect()  # the model and optimizer are garbage now: free them before evaluation loads the base again
         if device.type == "cuda":

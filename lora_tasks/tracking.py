@@ -174,13 +174,34 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         MlflowClient(tracking_uri).log_batch(run_id, metrics=items)
 
 
-def metric_logger(tracking_uri: str, run_id: str):
-    """A `(metrics, step)` callback for the training loop that logs to the run."""
+class MetricLogger:
+    """A `(metrics, step)` callback for the training loop that logs to the run in batches: one
+    write at most every `every_s` seconds, and what is left on `flush()` (the launchers flush at
+    every checkpoint and at the end). A write per step cost ~15 ms on a SQLite store, a third of a
+    small model's step on a CPU."""
 
-    def log(metrics: dict, step: int) -> None:
-        log_metrics(tracking_uri, run_id, metrics, step)
+    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
+        self.tracking_uri, self.run_id, self.every_s = tracking_uri, run_id, every_s
+        self._pending: list[Metric] = []
+        self._last = time.monotonic()
 
-    return log
+    def __call__(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if time.monotonic() - self._last >= self.every_s or len(self._pending) >= 900:  # log_batch takes 1,000
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+        self._last = time.monotonic()
+
+
+def metric_logger(tracking_uri: str, run_id: str) -> MetricLogger:
+    """The training loop's `(metrics, step)` callback that logs to the run (`MetricLogger`)."""
+    return MetricLogger(tracking_uri, run_id)
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -31,3 +31,23 @@ def test_names_of_others_pass_through(name):
 
 def test_runs_logged_before_the_grouping_read_the_same():
     assert flat_name("task_gain") == "task_gain" and flat_name("adapted_accuracy") == "adapted_accuracy"
+
+
+def test_the_training_curve_is_logged_in_batches_and_nothing_is_left_behind(monkeypatch):
+    from lora_tasks import tracking
+
+    writes: list[list] = []
+    monkeypatch.setattr(tracking.MlflowClient, "log_batch", lambda self, run_id, metrics: writes.append(list(metrics)))
+    log = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=60)
+    for step in range(1, 11):
+        log({"train_loss": 1.0 / step, "learning_rate": 0.1, "note": "skipped: not a number"}, step)
+    assert writes == [], "within every_s: nothing written yet"
+    log.flush()
+    (batch,) = writes
+    assert [(m.key, m.step) for m in batch[:2]] == [("train/loss", 1), ("train/learning_rate", 1)] and len(batch) == 20
+    log.flush()
+    assert len(writes) == 1, "a flush with nothing pending writes nothing"
+    each = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=0)
+    each({"train_loss": 0.5}, 1)
+    each({"train_loss": 0.4}, 2)
+    assert [len(w) for w in writes[1:]] == [1, 1]
