@@ -46,7 +46,7 @@ def member_rows(output: str) -> list[dict[str, str]]:
     rows = []
     for line in output.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == len(SUMMARY_COLUMNS) and re.fullmatch(r"\d+", cells[SUMMARY_COLUMNS.index("seconds")]):
+        if len(cells) == len(SUMMARY_COLUMNS) and re.fullmatch(r"\d+(\.\d)?", cells[SUMMARY_COLUMNS.index("seconds")]):
             rows.append(dict(zip(SUMMARY_COLUMNS, cells)))
     return rows
 

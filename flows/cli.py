@@ -128,11 +128,12 @@ def fleet(
     fleet_file: Annotated[Path, typer.Argument(metavar="FLEET", help="Fleet YAML: a shared `config` and its `members`.")],
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain members even when data and config equal their champion's.")] = False,
+    member: Annotated[Optional[list[str]], typer.Option("--member", metavar="NAME", help="Run only this member (repeat it).")] = None,
 ) -> None:
     """Retrain every member of a fleet in one flow run; exit 1 when a member failed."""
-    from lora_tasks.fleet import SUMMARY_COLUMNS, load_fleet, summary_rows
+    from lora_tasks.fleet import SUMMARY_COLUMNS, load_fleet, only_members, summary_rows
 
-    load_fleet(fleet_file, set_)  # the file's errors before any engine starts
+    only_members(load_fleet(fleet_file, set_), member)  # the file's errors before any engine starts
     from flows.settings import hide_expected_tracebacks, start_prefect_api_early
 
     api_ready = start_prefect_api_early()
@@ -140,7 +141,7 @@ def fleet(
 
     hide_expected_tracebacks()
     api_ready()
-    outcomes = retrain_fleet(str(fleet_file), secrets_to_environment(set_ or []), force=force)
+    outcomes = retrain_fleet(str(fleet_file), secrets_to_environment(set_ or []), force=force, members=member)
     table = Table(title=f"fleet {fleet_file.name}: {len(outcomes)} members")
     for c in SUMMARY_COLUMNS:
         table.add_column(c)
@@ -150,6 +151,26 @@ def fleet(
     (screen if screen.is_terminal else Console(width=200)).print(table)  # piped or logged: no column cut
     if failed := [o.name for o in outcomes if o.decision == "failed"]:
         _fail(RuntimeError(f"{len(failed)} of {len(outcomes)} members failed: {', '.join(failed)} (the others ran)"))
+
+
+@app.command()
+@_exit_on_errors()
+def watch(
+    fleet_file: Annotated[Path, typer.Argument(metavar="FLEET", help="Fleet YAML whose members' data to look at.")],
+) -> None:
+    """Look at every member's data once and emit a data-changed event for each member whose data
+    changed since the last look (the first look only records); a deployment trigger retrains it."""
+    from lora_tasks.fleet import load_fleet
+
+    load_fleet(fleet_file)
+    from flows.settings import start_prefect_api_early
+
+    api_ready = start_prefect_api_early()
+    from flows.fleet import watch_fleet
+
+    api_ready()
+    changed = watch_fleet(str(fleet_file))
+    print(f"data changed: {', '.join(changed)}" if changed else "no member's data changed since the last look")
 
 
 def secrets_to_environment(overrides: list[str]) -> list[str]:
@@ -374,7 +395,11 @@ def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption 
 @app.command()
 @_exit_on_errors(ValueError)  # an invalid serve config (deploy.serve_core raises ValueError)
 def serve(
-    name: str,
+    name: Annotated[Optional[str], typer.Argument(help="Registered model to serve (the default for requests "
+                                                       "that name none); with --fleet, the fleet's first member.")] = None,
+    member: Annotated[Optional[list[str]], typer.Option("--member", metavar="NAME", help="Another registered model on the same base "
+                                                        "to serve beside NAME (repeat it).")] = None,
+    fleet: Annotated[Optional[Path], typer.Option("--fleet", help="Serve every member of this fleet file.")] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default: the serve config's, else 8000).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Listen address (default: the serve config's, else 127.0.0.1; "
                                                      "another address needs a token).")] = None,
@@ -384,14 +409,20 @@ def serve(
     canary_share: Annotated[Optional[float], typer.Option(help="Share of champion traffic sent to the challenger.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
 ) -> None:
-    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C."""
+    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C; with
+    --member or --fleet, many registered models of one base, each by NAME@ALIAS."""
     from deploy.serve_core import load_serve_config
+    from lora_tasks.fleet import load_fleet
 
-    cfg = load_serve_config(config, model_name=name, port=port, host=host, tracking_uri=tracking_uri,
-                            mode=mode, canary_share=canary_share)
+    names = [*([name] if name else []), *(member or []), *([m.name for m in load_fleet(fleet).members] if fleet else [])]
+    if not names:
+        raise typer.BadParameter("give the registered model to serve (NAME), or --fleet FILE")
+    cfg = load_serve_config(config, model_name=names[0], members=names[1:] or None, port=port, host=host,
+                            tracking_uri=tracking_uri, mode=mode, canary_share=canary_share)
     from lora_tasks import registry
 
-    registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # one clear message before Ray starts
+    for served in cfg.served:  # one clear message before Ray starts
+        registry.resolve_version(cfg.tracking_uri, served, None)
     from deploy.serve import run_forever
 
     run_forever(cfg, ray_address=ray_address)

@@ -10,6 +10,7 @@ summary artifact is a table of members with their decision, gain, forgetting and
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import replace
@@ -20,21 +21,25 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.retrain import label_flow_run, register_run, retrain
-from lora_tasks.fleet import Fleet, MemberOutcome, fleet_gate, gate_line, load_fleet, summary_markdown
+from lora_tasks.fleet import (
+    Fleet, MemberOutcome, changed_members, data_state, fleet_gate, gate_line, load_fleet, only_members, summary_markdown,
+)
 from lora_tasks.lifecycle import RunResult
 from lora_tasks.modeling import shared_bases
 from lora_tasks.promotion import FleetGate
 
 
 @flow(name="lora-fleet", log_prints=True)
-def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bool = False) -> list[MemberOutcome]:
+def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bool = False,
+                  members: list[str] | None = None) -> list[MemberOutcome]:
     """Retrain every member of the fleet FLEET_PATH in turn (each a `lora-retrain` subflow run
-    named after it); with `fdr`, each run holds after its evaluation and the members' gates are
-    then decided together, each member completed by a `lora-register` subflow run named
-    `<member>-gate`. `overrides` apply to every member."""
-    fleet = load_fleet(fleet_path, overrides)
-    stem = re.sub(r"[^a-z0-9]+", "-", Path(fleet.path).stem.lower()).strip("-")[:40] or "fleet"
-    label_flow_run(f"fleet-{stem}", ["fleet"])
+    named after it), or only `members` (a data-changed event names one); with `fdr`, each run
+    holds after its evaluation and the members' gates are then decided together, each member
+    completed by a `lora-register` subflow run named `<member>-gate`. `overrides` apply to
+    every member."""
+    fleet = only_members(load_fleet(fleet_path, overrides), members)
+    stem = _stem(fleet.path)
+    label_flow_run(f"fleet-{stem}" + (f"-{'-'.join(members)}"[:60] if members else ""), ["fleet"])
     # The fleet's own run sends the heartbeats: a member's would cost ~0.5 s to stop, twice per member.
     # The members train and evaluate here in turn on one base: read once, copied per load.
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), shared_bases():
@@ -45,6 +50,52 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     key = f"fleet-{stem}-{where}"
     create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(ordered)} members")
     return ordered
+
+
+def _stem(path: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", Path(path).stem.lower()).strip("-")[:40] or "fleet"
+
+
+DATA_CHANGED = "prefect-lora.member.data-changed"
+"""The event the watcher emits for a member whose data changed; a deployment trigger on it runs
+`lora-fleet` for that member alone (prefect.yaml, `tiny-fleet-on-new-data`)."""
+
+
+@flow(name="lora-fleet-watch", log_prints=True)
+def watch_fleet(fleet_path: str, overrides: list[str] | None = None) -> list[str]:
+    """Look at every member's data files (size and modification time) and emit `DATA_CHANGED`
+    for each member whose data changed since the previous look; the first look only records.
+    Returns the members it emitted for. Run it on an interval (prefect.yaml), or emit the same
+    event from whatever writes the data."""
+    from prefect.events import emit_event
+
+    from lora_tasks.config import load_config
+
+    fleet = load_fleet(fleet_path, overrides)
+    log, states, files = get_run_logger(), {}, {}
+    for m in fleet.members:
+        try:
+            cfg = load_config(fleet.config, m.overrides)
+        except Exception as exc:  # noqa: BLE001  (a broken member is its own run's error to report)
+            log.warning("member %s: config does not load (%s); not watched", m.name, exc)
+            continue
+        files[m.name] = [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
+        states[m.name] = data_state(files[m.name])
+    shared = load_config(fleet.config)
+    where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]
+    state_file = Path(shared.scaling.storage_path) / "watch" / f"{_stem(fleet.path)}-{where}.json"
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    changed = changed_members(states, previous)
+    for name in changed:
+        emit_event(event=DATA_CHANGED, payload={"files": files[name]}, resource={
+            "prefect.resource.id": f"prefect-lora.member.{name}", "prefect.resource.name": name,
+            "prefect-lora.member": name, "prefect-lora.fleet": fleet.path})
+        log.info("member %s: data changed (%s): event %s emitted", name, ", ".join(files[name]), DATA_CHANGED)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(states, indent=2))  # after the events: a crash before here looks again
+    if previous is None:
+        log.info("first look at %d members' data: recorded, nothing emitted", len(states))
+    return changed
 
 
 def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], FleetGate | None]:

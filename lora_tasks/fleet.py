@@ -18,9 +18,10 @@ its own run, so one member's broken config or data never stops the others. Pure:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -85,6 +86,41 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     if problems:
         raise ConfigError(problems, str(p))
     return Fleet(str(p), str(Path(config).expanduser()), members, None if fdr is None else float(fdr))
+
+
+def only_members(fleet: Fleet, names: list[str] | None) -> Fleet:
+    """The fleet with only the members named (all of them for None), in the file's order; an
+    unknown name is an error that lists the fleet's members."""
+    if not names:
+        return fleet
+    known = {m.name for m in fleet.members}
+    if unknown := [n for n in names if n not in known]:
+        problem = f"members: no member named {', '.join(map(repr, unknown))}; the fleet's members are {', '.join(sorted(known))}"
+        raise ConfigError([problem], fleet.path)
+    return replace(fleet, members=[m for m in fleet.members if m.name in set(names)])
+
+
+def data_state(paths: list[str]) -> str:
+    """What the watcher compares between two looks at a member's data: the path, size and
+    modification time of every file under `paths` (files or folders; a missing one counts as
+    missing). Cheap: no file is read. A touched but unchanged file wakes the member's run, which
+    then skips on its own data fingerprint."""
+    h = hashlib.sha256()
+    for root in sorted(set(paths)):
+        p = Path(root).expanduser()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat() if f.exists() else None
+            h.update(f"{f}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode())
+    return h.hexdigest()
+
+
+def changed_members(states: dict[str, str], previous: dict[str, str] | None) -> list[str]:
+    """Members whose data state differs from the previous look; none on the first look (it only
+    records where the data stand), a member new to the fleet counts as changed."""
+    if previous is None:
+        return []
+    return [name for name, state in states.items() if previous.get(name) != state]
 
 
 def _members(raw, extra: list[str], problems: list[str]) -> list[Member]:
@@ -152,7 +188,8 @@ def summary_rows(outcomes: list[MemberOutcome]) -> list[list[str]]:
     perplexity ratio [interval] and KL of the first source measured), the gate's p-value,
     seconds, the reason (last: the one long cell)."""
     return [[o.name, o.decision, o.version or "", _with_interval(o.metrics, "task_gain"), _forgetting(o.metrics),
-             "" if o.p_value is None else f"{o.p_value:.2g}", f"{o.seconds:.0f}", o.reason] for o in outcomes]
+             "" if o.p_value is None else f"{o.p_value:.2g}", f"{o.seconds:.{1 if o.seconds < 10 else 0}f}", o.reason]
+            for o in outcomes]
 
 
 def _with_interval(m: dict[str, float], key: str) -> str:

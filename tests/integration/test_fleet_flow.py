@@ -73,3 +73,26 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert "| skipped | 1 |" in summaries[0].data
     assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data
     assert "1 member(s) gated together" in summaries[0].data
+
+
+def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):
+    from flows.fleet import watch_fleet
+
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["scaling"]["storage_path"] = str(tmp_path / "runs")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(raw))
+    text = (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text()
+    for name in ("en", "de"):
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"config": str(tmp_path / "shared.yaml"), "members": [
+        {"name": f"sums-{n}", "set": {"data.train_path": str(tmp_path / f"{n}.jsonl")}} for n in ("en", "de")]}))
+
+    assert watch_fleet(str(fleet)) == [], "the first look records"
+    assert watch_fleet(str(fleet)) == []
+    (tmp_path / "de.jsonl").write_text(text + json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    assert watch_fleet(str(fleet)) == ["sums-de"]
+    assert watch_fleet(str(fleet)) == [], "each change is told once"
+    state = json.loads(next((tmp_path / "runs" / "watch").glob("fleet-*.json")).read_text())
+    assert set(state) == {"sums-en", "sums-de"}

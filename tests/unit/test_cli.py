@@ -137,7 +137,7 @@ def test_validate_reads_every_file_forgetting_will_read(tmp_path, reference, say
     assert re.search(says, " ".join(result.output.split())) and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", ["run", "status", "history", "promote", "rollback", "serve", "validate"])
+@pytest.mark.parametrize("command", ["run", "status", "history", "promote", "rollback", "serve", "validate", "fleet", "watch"])
 def test_help_says_what_to_type_and_flags_take_nothing(command):
     out = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output
     assert "<bool>" not in out and "list[" not in out, out

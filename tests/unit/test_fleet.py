@@ -9,7 +9,7 @@ import yaml
 
 from lora_tasks.config import load_config
 from lora_tasks.errors import ConfigError
-from lora_tasks.fleet import MemberOutcome, fleet_gate, load_fleet, summary_markdown
+from lora_tasks.fleet import MemberOutcome, changed_members, data_state, fleet_gate, load_fleet, only_members, summary_markdown
 from lora_tasks.lifecycle import RunResult
 from lora_tasks.promotion import FleetGate
 
@@ -98,3 +98,34 @@ def test_every_shipped_fleet_loads_with_each_members_config(monkeypatch):
         fleet = load_fleet(path)
         names = [load_config(fleet.config, m.overrides).model_name for m in fleet.members]
         assert names == [m.name for m in fleet.members], path
+
+
+def test_only_the_members_named_run_and_an_unknown_name_lists_the_fleet(tmp_path):
+    fleet = load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members": [{"name": n} for n in "abc"]}))
+    assert [m.name for m in only_members(fleet, ["c", "a"]).members] == ["a", "c"]  # the file's order
+    assert only_members(fleet, None) is fleet
+    with pytest.raises(ConfigError, match="no member named 'x'; the fleet's members are a, b, c"):
+        only_members(fleet, ["a", "x"])
+
+
+def test_the_watcher_sees_a_changed_added_or_removed_file_and_records_on_its_first_look(tmp_path):
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("one\n")
+    (tmp_path / "b.jsonl").write_text("two\n")
+    states = lambda: {"folder": data_state([str(data)]), "file": data_state([str(tmp_path / "b.jsonl")])}  # noqa: E731
+    first = states()
+    assert changed_members(first, None) == [], "the first look only records"
+    assert changed_members(states(), first) == [], "nothing changed"
+    (tmp_path / "b.jsonl").write_text("two, more\n")
+    assert changed_members(states(), first) == ["file"]
+    second = states()
+    (data / "new.jsonl").write_text("x\n")
+    assert changed_members(states(), second) == ["folder"], "a file added under a member's folder"
+    third = states()
+    os.remove(data / "new.jsonl")
+    assert changed_members(states(), third) == ["folder"]
+    assert changed_members({**states(), "new-member": "s"}, third) == ["folder", "new-member"]
+    assert data_state([str(tmp_path / "missing.jsonl")]) != data_state([str(tmp_path / "b.jsonl")])

@@ -1,36 +1,86 @@
-"""prefect.yaml's deployments point at a real flow with parameters it accepts and configs that load."""
+"""prefect.yaml's deployments point at a real flow with parameters it accepts, configs and fleets
+that load, schedules and triggers Prefect accepts."""
 
 import importlib
 import inspect
 from pathlib import Path
 
+import pytest
 import yaml
-from prefect.client.schemas.schedules import CronSchedule
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from lora_tasks.config import load_config
+from lora_tasks.fleet import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
+SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
 
 
-def test_deployments_are_wired_to_the_flow():
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    assert spec["deployments"], "at least one deployment"
-    for dep in spec["deployments"]:
-        path, func = dep["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, func)
-        params = inspect.signature(flow.fn).parameters
-        assert set(dep["parameters"]) <= set(params), dep["name"]
-        load_config(REPO / dep["parameters"]["config_path"])
-        for schedule in dep["schedules"]:
-            CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # raises when invalid
-        assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}  # queued, never dropped
-        assert dep["work_pool"]["name"]
+def _models(dep: dict) -> list[str]:
+    """The registered models a deployment's runs may move the champion of."""
+    params = dep["parameters"]
+    if "config_path" in params:
+        return [load_config(REPO / params["config_path"]).model_name]
+    return [m.name for m in load_fleet(REPO / params["fleet_path"]).members]
 
 
-def test_one_deployment_per_registered_model_so_the_limit_is_per_model():
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    models = [load_config(REPO / d["parameters"]["config_path"]).model_name for d in spec["deployments"]]
+@pytest.mark.parametrize("dep", SPEC["deployments"], ids=lambda d: d["name"])
+def test_deployments_are_wired_to_their_flow(dep, monkeypatch):
+    monkeypatch.chdir(REPO)  # a fleet's paths are relative to the working directory, the worker's checkout
+    path, func = dep["entrypoint"].split(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    params = inspect.signature(getattr(module, func).fn).parameters
+    assert set(dep["parameters"]) <= set(params)
+    assert _models(dep)
+    for schedule in dep.get("schedules", []):  # raises when invalid
+        CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone")) if "cron" in schedule \
+            else IntervalSchedule(interval=schedule["interval"])
+    for trigger in dep.get("triggers", []):
+        t = DeploymentEventTrigger(**trigger)
+        assert set(t.parameters) <= set(params)
+    assert dep.get("schedules") or dep.get("triggers"), "every deployment runs on its own"
+    assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}  # queued, never dropped
+    assert dep["work_pool"]["name"]
+    if "force" in dep["parameters"]:
+        assert dep["parameters"]["force"] is False  # scheduled runs skip when nothing changed
+
+
+def test_one_scheduled_retraining_per_registered_model(monkeypatch):
+    """A model in two scheduled deployments would be retrained twice a night; a fleet's
+    event-triggered deployment retrains a member only when its data changed."""
+    monkeypatch.chdir(REPO)
+    models = [m for d in SPEC["deployments"] if "retrain" in d["entrypoint"] and d.get("schedules") for m in _models(d)]
     assert len(models) == len(set(models)), models
-    for dep in spec["deployments"]:
-        assert dep["parameters"].get("force") is False  # scheduled runs skip when nothing changed
+
+
+def test_the_data_changed_trigger_matches_the_watchers_event_and_names_the_member():
+    from flows.fleet import DATA_CHANGED
+
+    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    (trigger,) = dep["triggers"]
+    assert trigger["expect"] == [DATA_CHANGED]
+    assert trigger["match"]["prefect-lora.fleet"] == dep["parameters"]["fleet_path"]
+    assert trigger["parameters"]["members"] == ["{{ event.resource['prefect-lora.member'] }}"]
+
+
+def test_the_trigger_renders_the_events_member_into_the_flows_parameters():
+    """As Prefect's RunDeployment action renders a trigger's parameters from the event."""
+    import copy
+    import datetime
+    import uuid
+
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    from flows.fleet import DATA_CHANGED
+
+    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    params = copy.deepcopy(dep["triggers"][0]["parameters"])
+    RunDeployment._upgrade_v1_templates(params)
+    event = ReceivedEvent(occurred=datetime.datetime.now(datetime.timezone.utc), event=DATA_CHANGED, id=uuid.uuid4(),
+                          resource={"prefect.resource.id": "prefect-lora.member.sums-short",
+                                    "prefect-lora.member": "sums-short", "prefect-lora.fleet": "configs/fleets/tiny.yaml"})
+    rendered = hydrate(params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event}))
+    assert rendered == {"fleet_path": "configs/fleets/tiny.yaml", "members": ["sums-short"]}
