@@ -9,18 +9,23 @@ Two deployments:
 - `AdapterModel` (or `MergedModel`): loads the base once per replica and attaches adapters by
   version with `@serve.multiplexed`; the router sends each version to a replica that holds it.
 
+One app can serve many registered models of one base (a fleet's members, `members`): each
+follows its own aliases, a request names one (`model: NAME@ALIAS`), and a replica keeps the
+most recently used adapters attached, by count and by memory.
+
 Adapters load from safetensors only; `trust_remote_code` stays off unless configured; the bearer
 token is never logged (it travels as a `Secret`, whose repr is masked).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
+import hashlib
 import logging
-import os
 import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -41,11 +46,13 @@ from deploy.serve_core import (
     parse_json,
     parse_model_field,
     resolve_token,
+    served_key,
+    split_key,
 )
 from lora_tasks.versions import is_version
 
 logger = logging.getLogger("ray.serve")
-MAX_ADAPTERS_PER_REPLICA = int(os.environ.get("PREFECT_LORA_SERVE_MAX_ADAPTERS", "4"))
+SERVE_CACHE = 1024  # Serve's own per-replica LRU of model ids; a replica's adapters are bounded by its config
 ROUTE_TASK = {"complete": "causal_lm", "chat": "causal_lm", "classify": "sequence_classification"}
 ROUTE_NAME = {"complete": "/v1/completions", "chat": "/v1/chat/completions", "classify": "/v1/classify"}
 
@@ -73,31 +80,33 @@ class _Replica:
                                         trust_remote_code=self.cfg.trust_remote_code)
 
     def _first_version(self) -> str:
+        """The key of the default model's version that fixes the replica's base (its champion)."""
         from lora_tasks import registry, tracking
 
-        c = tracking.client(self.cfg.tracking_uri)
-        model = registry.require_model(c, self.cfg.model_name)
+        c, name = tracking.client(self.cfg.tracking_uri), self.cfg.model_name
+        model = registry.require_model(c, name)
         for alias in ("champion", "challenger"):
             if alias in model.aliases:
-                return str(model.aliases[alias])
-        versions = c.search_model_versions(f"name = '{self.cfg.model_name}'")
+                return served_key(name, str(model.aliases[alias]))
+        versions = c.search_model_versions(f"name = '{name}'")
         if not versions:
-            raise RuntimeError(f"{self.cfg.model_name!r} has no registered versions to serve")
-        return str(max(int(v.version) for v in versions))
+            raise RuntimeError(f"{name!r} has no registered versions to serve")
+        return served_key(name, str(max(int(v.version) for v in versions)))
 
-    def _files_for(self, version: str):
+    def _files_for(self, key: str):
         from lora_tasks import registry
 
-        if version not in self._files:
-            files = registry.download_version(self.cfg.tracking_uri, self.cfg.model_name, version)
+        if key not in self._files:
+            name, version = split_key(key)
+            files = registry.download_version(self.cfg.tracking_uri, name, version)
             if hasattr(self, "base_config"):
                 mine = (self.base_config.get("base_model"), self.base_config.get("revision"), self.base_config.get("task"))
                 theirs = (files.model_config.get("base_model"), files.model_config.get("revision"), files.model_config.get("task"))
                 if mine != theirs:
-                    raise RequestProblem(409, f"version {version} was trained on {theirs[0]} ({theirs[2]}), not on the "
-                                              f"served base {mine[0]} ({mine[2]}); serve it in its own application")
-            self._files[version] = files
-        return self._files[version]
+                    raise RequestProblem(409, f"{name} version {version} was trained on {theirs[0]} ({theirs[2]}), not on "
+                                              f"the served base {mine[0]} ({mine[2]}); serve it in its own application")
+            self._files[key] = files
+        return self._files[key]
 
     async def warm(self) -> str:
         """Load the request's version (multiplexed model id) so the next request finds it ready."""
@@ -113,7 +122,7 @@ class _Replica:
         try:
             if ROUTE_TASK[op] != self.task:
                 route = "/v1/classify" if self.task == "sequence_classification" else "/v1/completions or /v1/chat/completions"
-                raise RequestProblem(400, f"{self.cfg.model_name} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
+                raise RequestProblem(400, f"{split_key(version)[0]} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
             model = await self.get_model(version)
             rows = len(payload.get("prompts") or payload.get("texts") or [None])
             return await self._batcher.submit((version, op, payload.get("temperature")), (model, payload), rows)
@@ -209,18 +218,20 @@ class _Replica:
 class _LoadedAdapter:
     """What the multiplexer caches per version; unloading it detaches the adapter from the base."""
 
-    def __init__(self, owner: "AdapterModel", version: str):
-        self.owner, self.version, self._gone = owner, version, False
+    def __init__(self, owner: "AdapterModel", key: str):
+        self.owner, self.key, self._gone = owner, key, False
 
     def __del__(self):  # called by Serve on LRU eviction (and later by the GC: idempotent)
         if not self._gone:
             self._gone = True
-            self.owner._unload(self.version)
+            self.owner._unload(self.key)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class AdapterModel(_Replica):
-    """One base model per replica; adapters attached by version and switched per request."""
+    """One base model per replica; adapters attached by (model, version) and switched per batch.
+    The most recently used ones stay attached, within `max_adapters_per_replica` and
+    `max_adapter_memory_mb`."""
 
     def __init__(self, cfg: dict):
         import torch
@@ -236,52 +247,88 @@ class AdapterModel(_Replica):
         ).to(self.device)
         torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
         self.peft = None
-        self.loaded: set[str] = set()
-        logger.info("base model %s loaded once for %s", self.base_config["base_model"], self.cfg.model_name)
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> bytes, least recently used first
+        self.loads = self.evictions = 0
+        self.load_seconds = 0.0
+        logger.info("base model %s loaded once for %s%s", self.base_config["base_model"], self.cfg.model_name,
+                    f" and {len(self.cfg.members)} more model(s)" if self.cfg.members else "")
 
-    def _ensure(self, version: str) -> None:
-        """Attach the version's adapter if it is not attached (lock held)."""
+    @staticmethod
+    def _adapter_name(key: str) -> str:
+        """A PEFT adapter name for a (model, version) key: module names take no dots or slashes."""
+        return "a" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def _ensure(self, key: str) -> str:
+        """Attach the key's adapter if it is not attached, and mark it most recently used (lock held)."""
         from peft import PeftModel
 
         from lora_tasks.export import copy_safe_adapter
 
-        name = f"v{version}"
+        name = self._adapter_name(key)
         if name in self.loaded:
-            return
-        files = self._files_for(version)
-        with tempfile.TemporaryDirectory(prefix=f"pl-serve-{name}-") as tmp:  # gone once the weights are in memory
+            self.loaded.move_to_end(name)
+            return name
+        started = time.perf_counter()
+        files = self._files_for(key)
+        with tempfile.TemporaryDirectory(prefix="pl-serve-") as tmp:  # gone once the weights are in memory
             clean = copy_safe_adapter(files.adapter_dir, tmp)
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, str(clean), adapter_name=name, is_trainable=False)
             else:
                 self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
         self.peft.eval()
-        self.loaded.add(name)
-        logger.info("adapter of version %s attached", version)
+        self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if f".{name}." in n)
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - started
+        self._evict(keep=name)
+        logger.info("adapter of %s attached (%d attached, %.1f MiB)", key, len(self.loaded), self.adapter_bytes() / 2**20)
+        return name
 
-    def _load_sync(self, version: str) -> None:
+    def adapter_bytes(self) -> int:
+        return sum(self.loaded.values())
+
+    def _evict(self, keep: str) -> None:
+        """Detach least recently used adapters until both bounds hold (the one just used stays)."""
+        limit = self.cfg.max_adapter_memory_mb * 2**20 if self.cfg.max_adapter_memory_mb else float("inf")
+        while len(self.loaded) > 1 and (len(self.loaded) > self.cfg.max_adapters_per_replica or self.adapter_bytes() > limit):
+            self._detach(next(n for n in self.loaded if n != keep))
+
+    def _detach(self, name: str) -> None:
+        if self.peft.active_adapter == name:
+            self.peft.set_adapter(next(n for n in self.loaded if n != name))
+        self.peft.delete_adapter(name)
+        del self.loaded[name]
+        self.evictions += 1
+
+    def _load_sync(self, key: str) -> None:
         with self._lock:
-            self._ensure(version)
+            self._ensure(key)
 
-    def _unload(self, version: str) -> None:
-        name = f"v{version}"
+    def _unload(self, key: str) -> None:
+        name = self._adapter_name(key)
         with self._lock:
-            if name not in self.loaded or len(self.loaded) == 1:
-                return  # keep the last adapter: the PEFT wrapper needs one
-            if self.peft.active_adapter == name:
-                self.peft.set_adapter(next(n for n in self.loaded if n != name))
-            self.peft.delete_adapter(name)
-            self.loaded.discard(name)
-            logger.info("adapter of version %s detached (least recently used)", version)
+            if name in self.loaded and len(self.loaded) > 1:  # keep the last adapter: the PEFT wrapper needs one
+                self._detach(name)
+                logger.info("adapter of %s detached (least recently used)", key)
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def get_model(self, version: str) -> _LoadedAdapter:
-        await asyncio.to_thread(self._load_sync, version)
-        return _LoadedAdapter(self, version)
+    def stats(self) -> dict:
+        """What this replica holds: attached adapters, their weights' memory, the process's
+        resident memory, adapter loads (with their mean time: fetch, check, attach) and evictions."""
+        import psutil
 
-    def _activate(self, model, version: str):
-        self._ensure(version)  # evicted between routing and now: attach again
-        self.peft.set_adapter(f"v{version}")
+        return {"adapters": len(self.loaded), "adapter_bytes": self.adapter_bytes(), "loads": self.loads,
+                "mean_load_ms": round(1000 * self.load_seconds / max(self.loads, 1), 1), "evictions": self.evictions,
+                "rss_bytes": psutil.Process().memory_info().rss}
+
+    @serve.multiplexed(max_num_models_per_replica=SERVE_CACHE)
+    async def get_model(self, key: str) -> _LoadedAdapter:
+        await asyncio.to_thread(self._load_sync, key)
+        return _LoadedAdapter(self, key)
+
+    def _activate(self, model, key: str):
+        name = self._ensure(key)  # detached since routing (a bound was reached): attach again
+        if self.peft.active_adapter != name:
+            self.peft.set_adapter(name)
         return self.peft
 
 
@@ -338,7 +385,7 @@ async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
 class Gateway:
     async def __init__(self, model, cfg: dict, token: Secret | None):
         self.model, self.cfg, self.token = model, ServeConfig(**cfg), token
-        self.aliases: dict[str, str] = {}
+        self.served: dict[str, dict[str, str]] = {}  # model -> alias -> version
         self.swaps = 0
         self._refresh_lock = asyncio.Lock()
         await self.refresh()
@@ -346,32 +393,42 @@ class Gateway:
 
     # -- aliases
 
-    def _read_aliases(self) -> dict[str, str]:
+    @property
+    def aliases(self) -> dict[str, str]:
+        """The default model's aliases."""
+        return self.served.get(self.cfg.model_name, {})
+
+    def _read_aliases(self) -> dict[str, dict[str, str]]:
         from lora_tasks import registry, tracking
 
-        model = registry.require_model(tracking.client(self.cfg.tracking_uri), self.cfg.model_name)
-        return {a: str(v) for a, v in model.aliases.items()}
+        c = tracking.client(self.cfg.tracking_uri)
+        return {name: {a: str(v) for a, v in registry.require_model(c, name).aliases.items()} for name in self.cfg.served}
 
     async def refresh(self) -> dict:
-        """Re-read the aliases; load each moved alias's new version before pointing at it."""
+        """Re-read every served model's aliases; load each moved alias's new version before
+        pointing at it."""
         async with self._refresh_lock:
             new = await asyncio.to_thread(self._read_aliases)
-            ready = dict(self.aliases)
-            for alias, version in new.items():
-                if ready.get(alias) == version:
-                    continue
-                try:
-                    await self.model.options(multiplexed_model_id=version).warm.remote()
-                except Exception as exc:  # noqa: BLE001  (keep serving the old version)
-                    logger.error("alias %s -> version %s not swapped: loading failed (%s)", alias, version, exc)
-                    continue
-                logger.info("alias %s now serves version %s (was %s)", alias, version, ready.get(alias))
-                ready[alias] = version
-                self.swaps += 1
-            for alias in set(ready) - set(new):
-                ready.pop(alias)
-            self.aliases = ready
-            return {"model": self.cfg.model_name, "aliases": dict(ready), "swaps": self.swaps}
+            for name, aliases in new.items():
+                self.served[name] = await self._swap(name, dict(self.served.get(name, {})), aliases)
+            return {"model": self.cfg.model_name, "aliases": dict(self.aliases), "swaps": self.swaps,
+                    **({"models": {n: dict(a) for n, a in self.served.items()}} if self.cfg.members else {})}
+
+    async def _swap(self, name: str, ready: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+        for alias, version in new.items():
+            if ready.get(alias) == version:
+                continue
+            try:
+                await self.model.options(multiplexed_model_id=served_key(name, version)).warm.remote()
+            except Exception as exc:  # noqa: BLE001  (keep serving the old version)
+                logger.error("%s@%s -> version %s not swapped: loading failed (%s)", name, alias, version, exc)
+                continue
+            logger.info("%s@%s now serves version %s (was %s)", name, alias, version, ready.get(alias))
+            ready[alias] = version
+            self.swaps += 1
+        for alias in set(ready) - set(new):
+            ready.pop(alias)
+        return ready
 
     async def _poll(self) -> None:
         while True:
@@ -393,20 +450,23 @@ class Gateway:
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
-    def _version(self, ref: str) -> str:
+    def _version(self, name: str, ref: str) -> str:
         if is_version(ref):  # canonical already (`parse_model_field`)
             return ref
-        if ref not in self.aliases:
-            raise RequestProblem(404, f"{self.cfg.model_name} has no alias {ref!r}; served aliases: "
-                                      f"{sorted(self.aliases) or 'none'} (promote a version first)", "model_not_found")
-        return self.aliases[ref]
+        aliases = self.served.get(name, {})
+        if ref not in aliases:
+            raise RequestProblem(404, f"{name} has no alias {ref!r}; served aliases: "
+                                      f"{sorted(aliases) or 'none'} (promote a version first)", "model_not_found")
+        return aliases[ref]
 
     async def _run(self, body: dict, op: str, payload: dict) -> tuple[dict, str]:
-        ref = parse_model_field(body.get("model"), self.cfg.model_name)
-        ref = choose_alias(ref, self.cfg.canary_share, "challenger" in self.aliases
-                           and self.aliases.get("challenger") != self.aliases.get("champion"))
-        version = self._version(ref)
-        response = self.model.options(multiplexed_model_id=version).run.remote(op, payload)
+        """Run the request on the version it names; the result and `NAME/VERSION`."""
+        name, ref = parse_model_field(body.get("model"), self.cfg.served)
+        aliases = self.served.get(name, {})
+        ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
+                           and aliases.get("challenger") != aliases.get("champion"))
+        key = served_key(name, self._version(name, ref))
+        response = self.model.options(multiplexed_model_id=key).run.remote(op, payload)
         try:
             result = await asyncio.wait_for(_awaited(response), self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
@@ -415,7 +475,7 @@ class Gateway:
                                       "(request_timeout_s); ask for fewer tokens or try again", "timeout") from None
         if "error" in result:
             raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
-        return result, version
+        return result, key
 
     def _usage(self, result: dict) -> dict:
         p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
@@ -425,13 +485,14 @@ class Gateway:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.cfg.model_name, "aliases": self.aliases, "mode": self.cfg.mode}
+        return {"status": "ok", "model": self.cfg.model_name, "aliases": self.aliases, "mode": self.cfg.mode,
+                **({"models": len(self.served)} if self.cfg.members else {})}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         check_auth(request.headers.get("authorization"), self.token)
-        data = [{"id": f"{self.cfg.model_name}@{a}", "object": "model", "version": v, "owned_by": "prefect-lora"}
-                for a, v in sorted(self.aliases.items())]
+        data = [{"id": f"{name}@{a}", "object": "model", "version": v, "owned_by": "prefect-lora"}
+                for name, aliases in self.served.items() for a, v in sorted(aliases.items())]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
@@ -440,7 +501,7 @@ class Gateway:
         result, version = await self._run(body, "complete", parse_completion(body, self.cfg))
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": f"{self.cfg.model_name}/{version}",
+            "model": version,
             "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
                         for i, (t, f) in enumerate(zip(result["texts"], result["finish"]))],
             "usage": self._usage(result),
@@ -452,7 +513,7 @@ class Gateway:
         result, version = await self._run(body, "chat", parse_chat(body, self.cfg))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": f"{self.cfg.model_name}/{version}",
+            "model": version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["texts"][0]},
                          "finish_reason": result["finish"][0]}],
             "usage": self._usage(result),
@@ -462,9 +523,19 @@ class Gateway:
     async def classify(self, request: Request) -> dict:
         body = await self._guard(request)
         result, version = await self._run(body, "classify", parse_classify(body, self.cfg))
-        return {"object": "classification", "model": f"{self.cfg.model_name}/{version}",
+        return {"object": "classification", "model": version,
                 "data": [{"index": i, "label": lab, "score": s}
                          for i, (lab, s) in enumerate(zip(result["labels"], result["scores"]))]}
+
+    @app.get("/admin/stats")
+    async def stats(self, request: Request) -> dict:
+        """What one model replica holds: attached adapters, their memory, loads and evictions."""
+        check_auth(request.headers.get("authorization"), self.token)
+        if self.cfg.mode != "adapter":
+            return {"mode": self.cfg.mode}
+        return {"mode": self.cfg.mode, "replica": await self.model.stats.remote(),
+                "max_adapters_per_replica": self.cfg.max_adapters_per_replica,
+                "max_adapter_memory_mb": self.cfg.max_adapter_memory_mb}
 
     @app.post("/admin/refresh")
     async def notify(self, request: Request) -> dict:
@@ -491,7 +562,8 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
 
     from lora_tasks import registry
 
-    registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)  # a clear error before any actor starts
+    for name in cfg.served:  # a clear error before any actor starts
+        registry.resolve_version(cfg.tracking_uri, name, None)
     token = resolve_token(cfg)
     check_exposure(cfg, token)
     if not ray.is_initialized():
@@ -499,7 +571,7 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix="/", blocking=False)
-    logger.info("serving %s on http://%s:%s (auth %s)", cfg.model_name, cfg.host, cfg.port, "on" if token else "off")
+    logger.info("serving %s on http://%s:%s (auth %s)", ", ".join(cfg.served), cfg.host, cfg.port, "on" if token else "off")
     return handle
 
 
@@ -525,7 +597,8 @@ def run_forever(cfg: ServeConfig, **kwargs) -> None:
         signal.signal(sig, lambda *_: done.set())
     try:
         start(cfg, **kwargs)
-        print(f"serving {cfg.model_name} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
+        more = f" and {len(cfg.served) - 1} more model(s)" if cfg.members else ""
+        print(f"serving {cfg.model_name}{more} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
               f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
         done.wait()
     finally:

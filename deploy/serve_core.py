@@ -62,8 +62,15 @@ class ServeConfig(BaseModel):
     sampling) run in one forward pass on a replica; 1 runs each request alone."""
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long an idle replica waits for requests sent at the same moment to join its batch."""
-    max_adapters_per_replica: int = Field(4, ge=1)
-    """Adapters kept loaded per replica (least recently used ones are unloaded)."""
+    members: list[str] = Field(default_factory=list)
+    """More registered models on the same base (a fleet's members), served by the same replicas
+    beside `model_name`, each following its own aliases: a request picks one with
+    `model: NAME`, `NAME@ALIAS` or `NAME/VERSION`; `model_name` is the default."""
+    max_adapters_per_replica: int = Field(64, ge=1)
+    """Adapters kept attached per replica; past it (or past `max_adapter_memory_mb`) the least
+    recently used one is detached, and attached again when a request names it."""
+    max_adapter_memory_mb: float | None = Field(1024.0, gt=0)
+    """Memory the attached adapters' weights may take per replica, in MiB (null: by count only)."""
     num_replicas: int = Field(1, ge=1)
     """Model replicas (each holds one copy of the base)."""
     trust_remote_code: bool = False
@@ -77,6 +84,21 @@ class ServeConfig(BaseModel):
     allow_unauthenticated: bool = False
     """Serve on a non-loopback `host` with no bearer token: refused unless this is true (for a
     network that already authenticates, e.g. behind a gateway)."""
+
+    @property
+    def served(self) -> list[str]:
+        """Every registered model this app serves, the default (`model_name`) first."""
+        return list(dict.fromkeys([self.model_name, *self.members]))
+
+
+def served_key(name: str, version: str) -> str:
+    """The multiplexed model id of one version of one served model (a replica loads it once)."""
+    return f"{name}/{version}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    name, _, version = key.rpartition("/")
+    return name, version
 
 
 def load_serve_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
@@ -209,28 +231,31 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-def parse_model_field(model: Any, name: str) -> str:
-    """The alias or version a request's `model` names: NAME, NAME@ALIAS, NAME/VERSION, ALIAS or VERSION.
+def parse_model_field(model: Any, names: str | list[str]) -> tuple[str, str]:
+    """The served model and the alias or version a request's `model` names: NAME, NAME@ALIAS,
+    NAME/VERSION, or ALIAS or VERSION of the first of `names` (the default model).
 
-    Absent means the champion."""
-    if model is None or model == "" or model == name:
-        return "champion"
+    Absent means the default model's champion."""
+    names = [names] if isinstance(names, str) else list(names)
+    if model is None or model == "" or model in names:
+        return (model or names[0]), "champion"
     if not isinstance(model, str):
-        raise RequestProblem(400, "'model' must be a string like NAME, NAME@champion or NAME/3")
-    ref = model
+        raise RequestProblem(400, f"'model' must be a string like {names[0]}, {names[0]}@champion or {names[0]}/3")
+    name, ref = names[0], model
     if "@" in model or "/" in model:
         sep = "@" if "@" in model else "/"
-        given, _, ref = model.rpartition(sep) if sep == "/" else model.partition(sep)
-        if given != name:
-            raise RequestProblem(404, f"this server serves {name!r}, not {given!r}; use model={name}@champion or {name}/VERSION",
-                                 "model_not_found")
+        name, _, ref = model.rpartition(sep) if sep == "/" else model.partition(sep)
+        if name not in names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise RequestProblem(404, f"this server serves {shown}, not {name!r}; use model={names[0]}@champion or "
+                                      f"{names[0]}/VERSION (GET /v1/models lists them)", "model_not_found")
     ref = ref.removeprefix("v") if ref[:1] == "v" and is_version(ref[1:]) else ref
     if is_version(ref) and int(ref) > 0:
-        return canonical_version(ref)  # `3`, `03` and `v3` are one model, loaded once
+        return name, canonical_version(ref)  # `3`, `03` and `v3` are one model, loaded once
     if not ref or not ref.isascii() or not ref.replace("-", "").replace("_", "").isalnum() or ref.isdigit():
         raise RequestProblem(400, f"cannot read model {model!r}: use {name}, {name}@ALIAS or {name}/VERSION "
                                   "(a version in ASCII digits)")
-    return ref
+    return name, ref
 
 
 def choose_alias(ref: str, canary_share: float, has_challenger: bool, rng: random.Random | None = None) -> str:

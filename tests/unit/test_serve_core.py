@@ -71,7 +71,22 @@ def test_classify_needs_input():
     ("m/3", "3"), ("3", "3"), ("v3", "3"), ("challenger", "challenger"), ("m/0003", "3"), ("v03", "3"),
 ])
 def test_model_field(model, ref):
-    assert parse_model_field(model, "m") == ref
+    assert parse_model_field(model, "m") == ("m", ref)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (None, ("m", "champion")), ("m", ("m", "champion")), ("sums-de", ("sums-de", "champion")),
+    ("sums-de@challenger", ("sums-de", "challenger")), ("sums.v2/7", ("sums.v2", "7")), ("3", ("m", "3")),
+    ("challenger", ("m", "challenger")),
+])
+def test_model_field_names_one_of_many_served_models(model, expected):
+    assert parse_model_field(model, ["m", "sums-de", "sums.v2"]) == expected
+
+
+def test_an_unserved_member_is_404_naming_a_few_served_ones():
+    with pytest.raises(RequestProblem) as exc:
+        parse_model_field("sums-xx@champion", [f"sums-{i:03d}" for i in range(100)])
+    assert exc.value.status == 404 and "sums-000, sums-001" in exc.value.message and "and 95 more" in exc.value.message
 
 
 @pytest.mark.parametrize("model, status", [("other@champion", 404), ("other/2", 404), (5, 400), ("m@", 400), ("m@bad alias!", 400),
