@@ -115,7 +115,7 @@ class _Replica:
 
     async def run(self, op: str, payload: dict) -> dict:
         """Serve one request for the version named by the multiplexed model id, in a batch with
-        the concurrent requests for the same version, operation and sampling (`MicroBatcher`)."""
+        the concurrent requests it can share a forward pass with (`_batch_key`, `MicroBatcher`)."""
         from lora_tasks.errors import LoraTaskError, RegistryError
 
         version = serve.get_multiplexed_model_id()
@@ -125,7 +125,8 @@ class _Replica:
                 raise RequestProblem(400, f"{split_key(version)[0]} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
             model = await self.get_model(version)
             rows = len(payload.get("prompts") or payload.get("texts") or [None])
-            return await self._batcher.submit((version, op, payload.get("temperature")), (model, payload), rows)
+            key = self._batch_key(version, op, payload.get("temperature"))
+            return await self._batcher.submit(key, (version, model, payload), rows)
         except RequestProblem as exc:
             return {"error": exc.message, "status": exc.status, "type": exc.kind}
         except RegistryError as exc:
@@ -136,24 +137,35 @@ class _Replica:
             logger.exception("inference failed for version %s", version)
             return {"error": f"internal error ({exc.__class__.__name__})", "status": 500, "type": "server_error"}
 
+    def _batch_key(self, version: str, op: str, temperature) -> tuple:
+        """Requests that may share one forward pass: the same version, operation and sampling."""
+        return (version, op, temperature)
+
     def _infer_batch(self, key: tuple, items: list[tuple]) -> list:
-        """One forward pass (a classification) or one `generate` for the requests of a batch:
-        one result per request, or the RequestProblem of a request that cannot run."""
-        version, op, temperature = key
+        """One forward pass (a classification) or one `generate` per prompt style for the
+        requests of a batch (`(version, model, payload)` each): one result per request, or the
+        RequestProblem of a request that cannot run."""
+        op, temperature = key[-2:]
         with self._lock:
-            model = self._activate(items[0][0], version)
-            mcfg = self._files_for(version).model_config
+            model, names = self._activate(items)
+            mcfgs = [self._files_for(version).model_config for version, _, _ in items]
             if op == "classify":
-                texts = [t for _, payload in items for t in payload["texts"]]
-                return _split(self._classify(model, mcfg, texts), [len(p["texts"]) for _, p in items])
-            prepared = [self._prompt_text(mcfg, op, payload) for _, payload in items]
-            fits = [i for i, (texts, _, tokens) in enumerate(prepared) if max(tokens) <= self.cfg.max_prompt_tokens]
-            rows = [(t, items[i][1]["max_tokens"]) for i in fits for t in prepared[i][0]]
-            out = self._generate(model, [t for t, _ in rows], prepared[0][1], [m for _, m in rows], temperature) if rows else {}
-            results = iter(_split(out, [len(prepared[i][0]) for i in fits]))
-            return [next(results) if i in fits else RequestProblem(
-                400, f"prompt is {max(prepared[i][2])} tokens; the limit is {self.cfg.max_prompt_tokens}")
-                for i in range(len(items))]
+                sizes = [len(p["texts"]) for _, _, p in items]
+                texts = [t for _, _, p in items for t in p["texts"]]
+                names = _per_row(names, sizes) if names else None
+                return _split(self._classify(model, _per_row(mcfgs, sizes), texts, names), sizes)
+            prepared = [self._prompt_text(mcfg, op, payload) for mcfg, (_, _, payload) in zip(mcfgs, items)]
+            results: dict[int, object] = {i: RequestProblem(400, f"prompt is {max(p[2])} tokens; the limit is "
+                                                                 f"{self.cfg.max_prompt_tokens}")
+                                          for i, p in enumerate(prepared) if max(p[2]) > self.cfg.max_prompt_tokens}
+            for special in {p[1] for i, p in enumerate(prepared) if i not in results}:  # one generate per prompt style
+                group = [i for i, p in enumerate(prepared) if p[1] == special and i not in results]
+                sizes = [len(prepared[i][0]) for i in group]
+                texts = [t for i in group for t in prepared[i][0]]
+                out = self._generate(model, texts, special, _per_row([items[i][2]["max_tokens"] for i in group], sizes),
+                                     temperature, _per_row([names[i] for i in group], sizes) if names else None)
+                results.update(zip(group, _split(out, sizes)))
+            return [results[i] for i in range(len(items))]
 
     def _prompt_text(self, mcfg: dict, op: str, payload: dict) -> tuple[list[str], bool, list[int]]:
         """A request's prompts as the model reads them, whether to add special tokens, their lengths in tokens."""
@@ -166,8 +178,9 @@ class _Replica:
                                             mcfg.get("system_prompt"))
         return texts, special, [len(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
-    def _activate(self, model, version: str):
-        return model
+    def _activate(self, items: list[tuple]) -> tuple:
+        """The model a batch runs on, and each request's adapter name (None: one model, no names)."""
+        return items[0][1], None
 
     def _chat_text(self, mcfg: dict, messages: list[dict]) -> tuple[list[str], bool]:
         tok = self.tokenizer
@@ -178,9 +191,11 @@ class _Replica:
         # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
         return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
 
-    def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float) -> dict:
+    def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float,
+                  adapter_names: list[str] | None = None) -> dict:
         """One `generate` over rows that may ask for different numbers of new tokens: it runs to
-        the largest (or until every row has ended) and each row keeps its own first tokens."""
+        the largest (or until every row has ended) and each row keeps its own first tokens.
+        `adapter_names`: each row's adapter, for a batch that mixes adapters of one base."""
         import torch
 
         tok = self.tokenizer
@@ -190,7 +205,8 @@ class _Replica:
             sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id, **sample)
+                                     eos_token_id=tok.eos_token_id, **sample,
+                                     **({"adapter_names": adapter_names} if adapter_names else {}))
         finally:
             tok.padding_side = side
         new = out[:, enc["input_ids"].shape[1]:]
@@ -203,16 +219,18 @@ class _Replica:
             result["texts"].append(tok.decode(row[:n], skip_special_tokens=True))
         return result
 
-    def _classify(self, model, mcfg: dict, texts: list[str]) -> dict:
+    def _classify(self, model, mcfgs: list[dict], texts: list[str], adapter_names: list[str] | None = None) -> dict:
+        """Each text's label (by its own version's label list, `mcfgs` per row) and score."""
         import torch
 
-        labels = mcfg.get("labels") or []
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=int(mcfg.get("max_seq_length", 512)),
-                             return_tensors="pt").to(self.device)
+        longest = max(int(m.get("max_seq_length", 512)) for m in mcfgs)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=longest, return_tensors="pt").to(self.device)
         with torch.no_grad():
-            probs = model(**enc).logits.softmax(-1)
+            probs = model(**enc, **({"adapter_names": adapter_names} if adapter_names else {})).logits.softmax(-1)
         score, idx = probs.max(-1)
-        return {"labels": [str(labels[i]) if i < len(labels) else str(i) for i in idx.tolist()], "scores": score.tolist()}
+        labels = [m.get("labels") or [] for m in mcfgs]
+        return {"labels": [str(lab[i]) if i < len(lab) else str(i) for lab, i in zip(labels, idx.tolist())],
+                "scores": score.tolist()}
 
 
 class _LoadedAdapter:
@@ -248,7 +266,8 @@ class AdapterModel(_Replica):
         torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
         self.peft = None
         self.loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> bytes, least recently used first
-        self.loads = self.evictions = 0
+        self.loads = self.evictions = self.mixed_batches = 0
+        self._layers, self._active = None, None  # the LoRA layers `_switch` moves; the adapter they run
         self.load_seconds = 0.0
         logger.info("base model %s loaded once for %s%s", self.base_config["base_model"], self.cfg.model_name,
                     f" and {len(self.cfg.members)} more model(s)" if self.cfg.members else "")
@@ -258,8 +277,9 @@ class AdapterModel(_Replica):
         """A PEFT adapter name for a (model, version) key: module names take no dots or slashes."""
         return "a" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
-    def _ensure(self, key: str) -> str:
-        """Attach the key's adapter if it is not attached, and mark it most recently used (lock held)."""
+    def _ensure(self, key: str, keep: frozenset[str] = frozenset()) -> str:
+        """Attach the key's adapter if it is not attached, and mark it most recently used (lock
+        held); detaching others to stay within bounds never detaches one in `keep`."""
         from peft import PeftModel
 
         from lora_tasks.export import copy_safe_adapter
@@ -277,26 +297,33 @@ class AdapterModel(_Replica):
             else:
                 self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
         self.peft.eval()
+        self._layers, self._active = None, None  # found again after an attach (PEFT may activate the new one)
         self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if f".{name}." in n)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
-        self._evict(keep=name)
+        self._evict(keep | {name})
         logger.info("adapter of %s attached (%d attached, %.1f MiB)", key, len(self.loaded), self.adapter_bytes() / 2**20)
         return name
 
     def adapter_bytes(self) -> int:
         return sum(self.loaded.values())
 
-    def _evict(self, keep: str) -> None:
-        """Detach least recently used adapters until both bounds hold (the one just used stays)."""
+    def _evict(self, keep: frozenset[str]) -> None:
+        """Detach least recently used adapters until both bounds hold; those in `keep` (the
+        running batch's) stay, so a batch of more adapters than the bound exceeds it while it runs."""
         limit = self.cfg.max_adapter_memory_mb * 2**20 if self.cfg.max_adapter_memory_mb else float("inf")
-        while len(self.loaded) > 1 and (len(self.loaded) > self.cfg.max_adapters_per_replica or self.adapter_bytes() > limit):
-            self._detach(next(n for n in self.loaded if n != keep))
+        while len(self.loaded) > self.cfg.max_adapters_per_replica or self.adapter_bytes() > limit:
+            victim = next((n for n in self.loaded if n not in keep), None)
+            if victim is None:
+                return
+            self._detach(victim)
 
     def _detach(self, name: str) -> None:
-        if self.peft.active_adapter == name:
-            self.peft.set_adapter(next(n for n in self.loaded if n != name))
+        if self._active == name:
+            self._switch(next(n for n in self.loaded if n != name))
         self.peft.delete_adapter(name)
+        self._layers = None
+        self._active = None  # PEFT may have moved it while deleting: `_switch` sets it again
         del self.loaded[name]
         self.evictions += 1
 
@@ -313,11 +340,13 @@ class AdapterModel(_Replica):
 
     def stats(self) -> dict:
         """What this replica holds: attached adapters, their weights' memory, the process's
-        resident memory, adapter loads (with their mean time: fetch, check, attach) and evictions."""
+        resident memory, adapter loads (with their mean time: fetch, check, attach), evictions,
+        batches that mixed adapters and the largest batch."""
         import psutil
 
         return {"adapters": len(self.loaded), "adapter_bytes": self.adapter_bytes(), "loads": self.loads,
                 "mean_load_ms": round(1000 * self.load_seconds / max(self.loads, 1), 1), "evictions": self.evictions,
+                "mixed_batches": self.mixed_batches, "largest_batch_rows": max(self._batcher.batches, default=0),
                 "rss_bytes": psutil.Process().memory_info().rss}
 
     @serve.multiplexed(max_num_models_per_replica=SERVE_CACHE)
@@ -325,11 +354,39 @@ class AdapterModel(_Replica):
         await asyncio.to_thread(self._load_sync, key)
         return _LoadedAdapter(self, key)
 
-    def _activate(self, model, key: str):
-        name = self._ensure(key)  # detached since routing (a bound was reached): attach again
-        if self.peft.active_adapter != name:
+    def _batch_key(self, version: str, op: str, temperature) -> tuple:
+        """Requests for any adapter share a forward pass: each row runs its own (`adapter_names`)."""
+        return ("adapters", op, temperature)
+
+    def _activate(self, items: list[tuple]) -> tuple:
+        """The PEFT model with every adapter of the batch attached (again, if a bound detached
+        one since routing); one adapter is made the active one, several go by row."""
+        keys = [version for version, _, _ in items]
+        keep = frozenset(self._adapter_name(k) for k in keys)
+        names = [self._ensure(k, keep) for k in keys]
+        if len(keep) > 1:
+            self.mixed_batches += 1
+            return self.peft, names
+        self._switch(names[0])
+        return self.peft, None
+
+    def _switch(self, name: str) -> None:
+        """Make `name` the active adapter. PEFT's `set_adapter` also sets requires_grad on every
+        attached adapter's weights (24 ms per switch with 100 attached to the tiny model); here
+        they are all frozen already, so a causal LM only moves each LoRA layer's active name. A
+        classifier's head is a per-adapter module that PEFT switches too: there, PEFT does it."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self._active == name:
+            return
+        if self.task != "causal_lm":
             self.peft.set_adapter(name)
-        return self.peft
+        else:
+            if self._layers is None:
+                self._layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+            for layer in self._layers:
+                layer._active_adapter = [name]
+        self._active = name
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -350,6 +407,11 @@ class MergedModel(_Replica):
     @serve.multiplexed(max_num_models_per_replica=2)
     async def get_model(self, version: str):
         return await asyncio.to_thread(self._build, version)
+
+
+def _per_row(values: list, sizes: list[int]) -> list:
+    """Each request's value repeated for each of its rows."""
+    return [v for v, n in zip(values, sizes) for _ in range(n)]
 
 
 def _split(rows: dict[str, list], sizes: list[int]) -> list[dict]:

@@ -35,7 +35,8 @@ def fleet_server(tmp_path_factory, tiny_model_dir):
     adapter_bytes = next(Path(work).glob("adapter-member-0-*/adapter_model.safetensors")).stat().st_size
     limit_mb = 2.5 * adapter_bytes / 2**20  # two adapters fit, a third does not: memory binds before the count
     cfg = ServeConfig(model_name=MEMBERS[0], members=MEMBERS[1:], tracking_uri=uri, port=free_port(), poll_interval_s=1.0,
-                      max_adapters_per_replica=3, max_adapter_memory_mb=limit_mb, app_name="test-serving-fleet")
+                      max_adapters_per_replica=3, max_adapter_memory_mb=limit_mb, app_name="test-serving-fleet",
+                      batch_wait_ms=300)  # requests sent together wait for each other: one batch of many adapters
     serving.start(cfg, ray_temp_dir=RAY_TMP)
     client = httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60)
     try:
@@ -71,6 +72,28 @@ def test_every_member_answers_by_name_and_alias_within_the_replicas_bounds(fleet
 
     r = c.post("/v1/completions", json={"model": "member-99@champion", "prompt": PROMPT})
     assert r.status_code == 404 and "member-0, member-1" in r.text
+    fleet_server["answers"] = first
+
+
+def test_a_batch_that_mixes_members_gives_each_row_its_own_adapter(fleet_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    first = fleet_server.get("answers")
+    assert first, "runs after the test that records each member's answer"
+    port, c = fleet_server["cfg"].port, fleet_server["client"]
+    mixed_before = c.get("/admin/stats").json()["replica"]["mixed_batches"]
+
+    def ask(name):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as own:
+            return _answer(own, f"{name}@champion")
+
+    with ThreadPoolExecutor(len(MEMBERS)) as pool:
+        together = dict(zip(MEMBERS, pool.map(ask, MEMBERS)))
+    assert together == first, "a row answers with its own member's adapter, as it does alone"
+    stats = c.get("/admin/stats").json()["replica"]
+    assert stats["mixed_batches"] > mixed_before and stats["largest_batch_rows"] >= 2, stats
 
 
 def test_the_server_follows_each_members_champion(fleet_server, tiny_model_dir):
