@@ -76,6 +76,7 @@ def test_every_member_answers_by_name_and_alias_within_the_replicas_bounds(fleet
 
 
 def test_a_batch_that_mixes_members_gives_each_row_its_own_adapter(fleet_server):
+    """`mixed_batches: auto` on the tiny model: one pass per adapter of the batch."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
