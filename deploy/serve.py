@@ -266,9 +266,6 @@ class AdapterModel(_Replica):
         torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
         self.peft = None
         self.loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> bytes, least recently used first
-        params = sum(p.numel() for p in self.base.parameters())
-        self.by_rows = self.cfg.mixed_batches == "rows" or (
-            self.cfg.mixed_batches == "auto" and (self.device.type == "cuda" or params >= 50_000_000))
         self.loads = self.evictions = self.mixed_batches = 0
         self._layers, self._active = None, None  # the LoRA layers `_switch` moves; the adapter they run
         self.load_seconds = 0.0
@@ -372,32 +369,6 @@ class AdapterModel(_Replica):
             return self.peft, names
         self._switch(names[0])
         return self.peft, None
-
-    def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float,
-                  adapter_names: list[str] | None = None) -> dict:
-        if not adapter_names or self.by_rows:
-            return super()._generate(model, texts, special, max_tokens, temperature, adapter_names)
-        return self._by_adapter(adapter_names, lambda rows: _Replica._generate(self,
-            model, [texts[i] for i in rows], special, [max_tokens[i] for i in rows], temperature))
-
-    def _classify(self, model, mcfgs: list[dict], texts: list[str], adapter_names: list[str] | None = None) -> dict:
-        if not adapter_names or self.by_rows:
-            return super()._classify(model, mcfgs, texts, adapter_names)
-        return self._by_adapter(adapter_names, lambda rows: _Replica._classify(self,
-            model, [mcfgs[i] for i in rows], [texts[i] for i in rows]))
-
-    def _by_adapter(self, adapter_names: list[str], run) -> dict:
-        """`run(rows)` once per adapter with that adapter active (`mixed_batches: groups`); each
-        row's results put back in its place."""
-        out: dict[str, list] = {}
-        for name in dict.fromkeys(adapter_names):
-            rows = [i for i, a in enumerate(adapter_names) if a == name]
-            self._switch(name)
-            for key, values in run(rows).items():
-                column = out.setdefault(key, [None] * len(adapter_names))
-                for i, v in zip(rows, values):
-                    column[i] = v
-        return out
 
     def _switch(self, name: str) -> None:
         """Make `name` the active adapter. PEFT's `set_adapter` also sets requires_grad on every

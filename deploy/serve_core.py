@@ -71,11 +71,6 @@ class ServeConfig(BaseModel):
     recently used one is detached, and attached again when a request names it."""
     max_adapter_memory_mb: float | None = Field(1024.0, gt=0)
     """Memory the attached adapters' weights may take per replica, in MiB (null: by count only)."""
-    mixed_batches: Literal["auto", "rows", "groups"] = "auto"
-    """How a batch of requests for different adapters runs: `rows`, one pass in which PEFT routes
-    each row through its own adapter (the base's matmuls shared: best where they dominate);
-    `groups`, one pass per adapter (best for a small model, whose forward costs less than PEFT's
-    per-row routing); `auto`: rows on a GPU or for a base of 50M parameters or more, else groups."""
     num_replicas: int = Field(1, ge=1)
     """Model replicas (each holds one copy of the base)."""
     trust_remote_code: bool = False

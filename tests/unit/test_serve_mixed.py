@@ -1,6 +1,6 @@
-"""A batch that mixes adapters of one base: each row answers as its adapter does alone, whether
-PEFT routes the rows in one pass (`mixed_batches: rows`) or each adapter runs its own (`groups`).
-The replica's inference code on a real tiny PEFT model, with no Ray and no HTTP."""
+"""A batch that mixes adapters of one base: in one pass PEFT routes each row through its own
+adapter, and each row answers as its adapter does alone. The replica's inference code on a real
+tiny PEFT model, with no Ray and no HTTP."""
 
 import threading
 from collections import OrderedDict
@@ -35,15 +35,13 @@ def replica(tmp_path_factory, tiny_model_dir):
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2.", "Sum of 7 and 8 is"]
 
 
-@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "groups"])
-def test_each_row_of_a_mixed_batch_answers_as_its_adapter_alone(replica, by_rows):
+def test_each_row_of_a_mixed_batch_answers_as_its_adapter_alone(replica):
     alone = {}
     for name in ("a0", "a1", "a2"):
         replica._switch(name)
         out = replica._generate(replica.peft, PROMPTS, True, [8] * 3, 0.0)
         alone[name] = out["texts"]
     assert len({tuple(t) for t in alone.values()}) == 3, "the three adapters answer differently"
-    replica.by_rows = by_rows
     names = ["a2", "a0", "a1", "a0"]
     texts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
     out = replica._generate(replica.peft, texts, True, [8, 8, 4, 8], 0.0, names)
