@@ -19,18 +19,17 @@ token is never logged (it travels as a `Secret`, whose repr is masked).
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
-import hashlib
+import contextlib
 import logging
-import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from deploy.adapters import AdapterSet
 from deploy.serve_core import (
     MicroBatcher,
     RequestProblem,
@@ -162,8 +161,9 @@ class _Replica:
                 group = [i for i, p in enumerate(prepared) if p[1] == special and i not in results]
                 sizes = [len(prepared[i][0]) for i in group]
                 texts = [t for i in group for t in prepared[i][0]]
-                out = self._generate(model, texts, special, _per_row([items[i][2]["max_tokens"] for i in group], sizes),
-                                     temperature, _per_row([names[i] for i in group], sizes) if names else None)
+                with self._by_row(_per_row([names[i] for i in group], sizes) if names else None) as extra:
+                    out = self._generate(model, texts, special, _per_row([items[i][2]["max_tokens"] for i in group], sizes),
+                                         temperature, **extra)
                 results.update(zip(group, _split(out, sizes)))
             return [results[i] for i in range(len(items))]
 
@@ -191,11 +191,15 @@ class _Replica:
         # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
         return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
 
+    def _by_row(self, adapter_names: list[str] | None):
+        """Within: each row of a generation runs through its own adapter; yields what `generate`
+        needs for it (one model: nothing)."""
+        return contextlib.nullcontext({})
+
     def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float,
-                  adapter_names: list[str] | None = None) -> dict:
+                  **extra) -> dict:
         """One `generate` over rows that may ask for different numbers of new tokens: it runs to
-        the largest (or until every row has ended) and each row keeps its own first tokens.
-        `adapter_names`: each row's adapter, for a batch that mixes adapters of one base."""
+        the largest (or until every row has ended) and each row keeps its own first tokens."""
         import torch
 
         tok = self.tokenizer
@@ -205,8 +209,7 @@ class _Replica:
             sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id, **sample,
-                                     **({"adapter_names": adapter_names} if adapter_names else {}))
+                                     eos_token_id=tok.eos_token_id, **sample, **extra)
         finally:
             tok.padding_side = side
         new = out[:, enc["input_ids"].shape[1]:]
@@ -247,9 +250,9 @@ class _LoadedAdapter:
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class AdapterModel(_Replica):
-    """One base model per replica; adapters attached by (model, version) and switched per batch.
-    The most recently used ones stay attached, within `max_adapters_per_replica` and
-    `max_adapter_memory_mb`."""
+    """One base model per replica; adapters attached by (model, version) (`AdapterSet`: the most
+    recently used stay, within `max_adapters_per_replica` and `max_adapter_memory_mb`), one
+    active or several routed by row per batch."""
 
     def __init__(self, cfg: dict):
         import torch
@@ -264,89 +267,25 @@ class AdapterModel(_Replica):
             trust_remote_code=self.cfg.trust_remote_code, pad_token_id=self.tokenizer.pad_token_id,
         ).to(self.device)
         torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
-        self.peft = None
-        self.loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> bytes, least recently used first
-        self.loads = self.evictions = self.mixed_batches = 0
-        self._layers, self._active = None, None  # the LoRA layers `_switch` moves; the adapter they run
-        self.load_seconds = 0.0
+        mb = self.cfg.max_adapter_memory_mb
+        self.adapters = AdapterSet(self.base, self.task, self._files_for, self.cfg.max_adapters_per_replica,
+                                   mb * 2**20 if mb else None)
         logger.info("base model %s loaded once for %s%s", self.base_config["base_model"], self.cfg.model_name,
                     f" and {len(self.cfg.members)} more model(s)" if self.cfg.members else "")
 
-    @staticmethod
-    def _adapter_name(key: str) -> str:
-        """A PEFT adapter name for a (model, version) key: module names take no dots or slashes."""
-        return "a" + hashlib.sha1(key.encode()).hexdigest()[:16]
-
-    def _ensure(self, key: str, keep: frozenset[str] = frozenset()) -> str:
-        """Attach the key's adapter if it is not attached, and mark it most recently used (lock
-        held); detaching others to stay within bounds never detaches one in `keep`."""
-        from peft import PeftModel
-
-        from lora_tasks.export import copy_safe_adapter
-
-        name = self._adapter_name(key)
-        if name in self.loaded:
-            self.loaded.move_to_end(name)
-            return name
-        started = time.perf_counter()
-        files = self._files_for(key)
-        with tempfile.TemporaryDirectory(prefix="pl-serve-") as tmp:  # gone once the weights are in memory
-            clean = copy_safe_adapter(files.adapter_dir, tmp)
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, str(clean), adapter_name=name, is_trainable=False)
-            else:
-                self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
-        self.peft.eval()
-        self._layers, self._active = None, None  # found again after an attach (PEFT may activate the new one)
-        self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if f".{name}." in n)
-        self.loads += 1
-        self.load_seconds += time.perf_counter() - started
-        self._evict(keep | {name})
-        logger.info("adapter of %s attached (%d attached, %.1f MiB)", key, len(self.loaded), self.adapter_bytes() / 2**20)
-        return name
-
-    def adapter_bytes(self) -> int:
-        return sum(self.loaded.values())
-
-    def _evict(self, keep: frozenset[str]) -> None:
-        """Detach least recently used adapters until both bounds hold; those in `keep` (the
-        running batch's) stay, so a batch of more adapters than the bound exceeds it while it runs."""
-        limit = self.cfg.max_adapter_memory_mb * 2**20 if self.cfg.max_adapter_memory_mb else float("inf")
-        while len(self.loaded) > self.cfg.max_adapters_per_replica or self.adapter_bytes() > limit:
-            victim = next((n for n in self.loaded if n not in keep), None)
-            if victim is None:
-                return
-            self._detach(victim)
-
-    def _detach(self, name: str) -> None:
-        if self._active == name:
-            self._switch(next(n for n in self.loaded if n != name))
-        self.peft.delete_adapter(name)
-        self._layers = None
-        self._active = None  # PEFT may have moved it while deleting: `_switch` sets it again
-        del self.loaded[name]
-        self.evictions += 1
-
     def _load_sync(self, key: str) -> None:
         with self._lock:
-            self._ensure(key)
+            self.adapters.ensure(key)
 
     def _unload(self, key: str) -> None:
-        name = self._adapter_name(key)
         with self._lock:
-            if name in self.loaded and len(self.loaded) > 1:  # keep the last adapter: the PEFT wrapper needs one
-                self._detach(name)
-                logger.info("adapter of %s detached (least recently used)", key)
+            self.adapters.detach(key)
 
     def stats(self) -> dict:
-        """What this replica holds: attached adapters, their weights' memory, the process's
-        resident memory, adapter loads (with their mean time: fetch, check, attach), evictions,
-        batches that mixed adapters and the largest batch."""
+        """What this replica holds (`AdapterSet.stats`), its largest batch and resident memory."""
         import psutil
 
-        return {"adapters": len(self.loaded), "adapter_bytes": self.adapter_bytes(), "loads": self.loads,
-                "mean_load_ms": round(1000 * self.load_seconds / max(self.loads, 1), 1), "evictions": self.evictions,
-                "mixed_batches": self.mixed_batches, "largest_batch_rows": max(self._batcher.batches, default=0),
+        return {**self.adapters.stats(), "largest_batch_rows": max(self._batcher.batches, default=0),
                 "rss_bytes": psutil.Process().memory_info().rss}
 
     @serve.multiplexed(max_num_models_per_replica=SERVE_CACHE)
@@ -355,38 +294,14 @@ class AdapterModel(_Replica):
         return _LoadedAdapter(self, key)
 
     def _batch_key(self, version: str, op: str, temperature) -> tuple:
-        """Requests for any adapter share a forward pass: each row runs its own (`adapter_names`)."""
+        """Requests for any adapter share a forward pass: each row runs its own (`AdapterSet.by_row`)."""
         return ("adapters", op, temperature)
 
     def _activate(self, items: list[tuple]) -> tuple:
-        """The PEFT model with every adapter of the batch attached (again, if a bound detached
-        one since routing); one adapter is made the active one, several go by row."""
-        keys = [version for version, _, _ in items]
-        keep = frozenset(self._adapter_name(k) for k in keys)
-        names = [self._ensure(k, keep) for k in keys]
-        if len(keep) > 1:
-            self.mixed_batches += 1
-            return self.peft, names
-        self._switch(names[0])
-        return self.peft, None
+        return self.adapters.activate([version for version, _, _ in items])
 
-    def _switch(self, name: str) -> None:
-        """Make `name` the active adapter. PEFT's `set_adapter` also sets requires_grad on every
-        attached adapter's weights (24 ms per switch with 100 attached to the tiny model); here
-        they are all frozen already, so a causal LM only moves each LoRA layer's active name. A
-        classifier's head is a per-adapter module that PEFT switches too: there, PEFT does it."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if self._active == name:
-            return
-        if self.task != "causal_lm":
-            self.peft.set_adapter(name)
-        else:
-            if self._layers is None:
-                self._layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
-            for layer in self._layers:
-                layer._active_adapter = [name]
-        self._active = name
+    def _by_row(self, adapter_names: list[str] | None):
+        return self.adapters.by_row(adapter_names)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
