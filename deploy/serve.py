@@ -432,8 +432,10 @@ class Gateway:
             return ref
         aliases = self.served.get(name, {})
         if ref not in aliases:
-            raise RequestProblem(404, f"{name} has no alias {ref!r}; served aliases: "
-                                      f"{sorted(aliases) or 'none'} (promote a version first)", "model_not_found")
+            models = f"; served models: {', '.join(self.cfg.served[:5])}{' ...' if len(self.cfg.served) > 5 else ''}" \
+                if self.cfg.members else ""
+            raise RequestProblem(404, f"{name} has no alias {ref!r}; served aliases: {sorted(aliases) or 'none'} "
+                                      f"(promote a version first){models}", "model_not_found")
         return aliases[ref]
 
     async def _run(self, body: dict, op: str, payload: dict) -> tuple[dict, str]:

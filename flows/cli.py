@@ -412,15 +412,22 @@ def serve(
     """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C; with
     --member or --fleet, many registered models of one base, each by NAME@ALIAS."""
     from deploy.serve_core import load_serve_config
+    from lora_tasks import registry
+    from lora_tasks.errors import RegistryError
     from lora_tasks.fleet import load_fleet
 
-    names = [*([name] if name else []), *(member or []), *([m.name for m in load_fleet(fleet).members] if fleet else [])]
+    names = [*([name] if name else []), *(member or [])]
+    uri = load_serve_config(config, model_name="_", tracking_uri=tracking_uri).tracking_uri
+    for m in load_fleet(fleet).members if fleet else []:  # a fleet member with no champion yet is left out, said so
+        try:
+            registry.resolve_version(uri, m.name, None)
+            names.append(m.name)
+        except RegistryError as exc:
+            print(f"not served: {m.name} ({exc})")
     if not names:
-        raise typer.BadParameter("give the registered model to serve (NAME), or --fleet FILE")
+        raise typer.BadParameter("give the registered model to serve (NAME), or --fleet FILE with a promoted member")
     cfg = load_serve_config(config, model_name=names[0], members=names[1:] or None, port=port, host=host,
                             tracking_uri=tracking_uri, mode=mode, canary_share=canary_share)
-    from lora_tasks import registry
-
     for served in cfg.served:  # one clear message before Ray starts
         registry.resolve_version(cfg.tracking_uri, served, None)
     from deploy.serve import run_forever

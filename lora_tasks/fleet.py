@@ -221,7 +221,7 @@ def gate_line(fleet: Fleet, gate: FleetGate | None) -> str:
         return "Each member promotes on its own gate (`fdr: null`)."
     if gate is None:
         return f"No member reached its gate in this run (false discovery rate {fleet.fdr:g} across members)."
-    line = f"p <= {gate.threshold:.2g}" if gate.threshold > 0 else "none of them reached it"
+    line = "none of them reached it" if gate.threshold is None else f"p <= {gate.threshold:.2g}"
     return (f"{gate.members} member(s) gated together: a member promotes only when its gate p-value is "
             f"within the Benjamini–Hochberg threshold ({line}), so at most {gate.fdr:.0%} of the promotions are "
             f"expected to be wrong (false discovery rate {gate.fdr:g}).")

@@ -130,8 +130,8 @@ def _p_value(point: float, bounds: tuple[float, float], limit: float, upper_is_w
     half = (bounds[1] - point) if upper_is_worse else (point - bounds[0])
     if half <= 0:
         return 0.0 if margin >= 0 else 1.0
-    normal = NormalDist()
-    return 1.0 - normal.cdf(normal.inv_cdf((1 + confidence) / 2) * margin / half)
+    z = NormalDist().inv_cdf((1 + confidence) / 2) * margin / half
+    return 0.5 * math.erfc(z / math.sqrt(2))  # the upper tail, exact far out (1 - cdf would round to 0)
 
 
 def _record(name: str, outcome: str, reasons: list[str], failed: list[str], undecided: list[str], text: dict) -> None:
@@ -270,17 +270,17 @@ class FleetGate:
 
     fdr: float
     """The false discovery rate controlled across the members (`fdr` of the fleet file)."""
-    threshold: float
-    """The largest gate p-value that promotes: `fdr_threshold` of the members' p-values."""
+    threshold: float | None
+    """The largest gate p-value that promotes (`fdr_threshold` of the members' p-values); None:
+    none does."""
     members: int
     """How many members' gates were decided together (every member evaluated in this run)."""
 
 
-def fdr_threshold(p_values: list[float], fdr: float) -> float:
+def fdr_threshold(p_values: list[float], fdr: float) -> float | None:
     """Benjamini–Hochberg: the largest p-value p_(k) with p_(k) <= k * fdr / m (sorted, m
-    tests); the tests at or below it are the discoveries. 0 when there is none (no p-value
-    reaches the line; a p-value of 0 always does)."""
-    m, threshold = len(p_values), 0.0
+    tests); the tests at or below it are the discoveries. None when no p-value reaches its line."""
+    m, threshold = len(p_values), None
     for k, p in enumerate(sorted(p_values), 1):
         if p <= k * fdr / m:
             threshold = p
@@ -293,9 +293,10 @@ def apply_fleet_gate(decision: Decision, gate: FleetGate | None) -> Decision:
     `fleet_fdr` (and is no challenger: `admitted` is False)."""
     if gate is None or not decision.promote:
         return decision
-    where = (f"the Benjamini–Hochberg threshold {gate.threshold:.3g} of the {gate.members} member(s) gated together "
+    line = "nothing (no member's p-value reached its line)" if gate.threshold is None else f"{gate.threshold:.3g}"
+    where = (f"the Benjamini–Hochberg threshold {line} of the {gate.members} member(s) gated together "
              f"(false discovery rate {gate.fdr:g})")
-    if decision.p_value <= gate.threshold:
+    if gate.threshold is not None and decision.p_value <= gate.threshold:
         return replace(decision, reasons=[*decision.reasons, f"fleet_fdr: gate p-value {decision.p_value:.3g} within {where}"])
     reason = (f"fleet_fdr: gate p-value {decision.p_value:.3g} above {where}: held back, as with this many members some "
               f"pass their own gate by chance; more eval rows would lower its p-value")

@@ -45,10 +45,10 @@ def test_a_refused_remedy_has_no_p_value_left():
 @pytest.mark.parametrize("p_values, fdr, threshold", [
     ([0.001, 0.01, 0.03, 0.2], 0.05, 0.03),        # lines 0.0125, 0.025, 0.0375, 0.05: the 3rd is the last under
     ([0.02, 0.021, 0.022], 0.05, 0.022),           # step-up: the 1st is over its line, the 3rd under: all three
-    ([0.03, 0.04, 0.5], 0.05, 0.0),                # none under its line
+    ([0.03, 0.04, 0.5], 0.05, None),               # none under its line
     ([0.0, 0.9], 0.05, 0.0),                       # a p-value of 0 is always a discovery
     ([0.04], 0.05, 0.04),                          # one member: its own gate, at the fleet's level
-    ([], 0.05, 0.0),
+    ([], 0.05, None),
 ])
 def test_benjamini_hochberg_threshold(p_values, fdr, threshold):
     assert fdr_threshold(p_values, fdr) == threshold
@@ -64,6 +64,10 @@ def test_fleet_gate_holds_back_a_member_over_the_threshold_and_says_why():
     assert kept.promote and kept.reasons[-1].startswith("fleet_fdr: gate p-value")
     refused = decide_promotion(candidate(0.0, 0.02), None, POLICY)
     assert apply_fleet_gate(refused, FleetGate(0.05, 1.0, 12)) == refused  # a refusal stays as its gate said
+    none = apply_fleet_gate(passed, FleetGate(fdr=0.05, threshold=None, members=12))
+    assert not none.promote and "threshold nothing" in none.reasons[-1]
+    sure = decide_promotion(candidate(0.5, 0.01), None, POLICY)
+    assert 0 < sure.p_value < 1e-30, "a clear pass keeps a p-value above 0 (the upper tail, not 1 - cdf)"
 
 
 def simulate(fleets: int, nulls: int, goods: int, fdr: float | None, seed: int = 0) -> tuple[float, float]:
