@@ -40,7 +40,14 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def load(port: int, clients: int, seconds: float, max_tokens: int, name: str, challenger_share: float) -> dict:
+def canary(name: str, challenger_share: float):
+    """A client's model for its next request: the challenger with probability `challenger_share`."""
+    return lambda i, k, rng: f"{name}@challenger" if rng.random() < challenger_share else f"{name}@champion"
+
+
+def load(port: int, clients: int, seconds: float, max_tokens: int, pick) -> dict:
+    """`clients` threads send greedy completions for `seconds`; client i's k-th request names
+    the model `pick(i, k, rng)`. Throughput, latency percentiles, errors, requests per served version."""
     import httpx
 
     lat: list[float] = []
@@ -51,11 +58,11 @@ def load(port: int, clients: int, seconds: float, max_tokens: int, name: str, ch
     stop = time.monotonic() + seconds
 
     def client(i: int) -> None:
-        rng = random.Random(i)
+        rng, k = random.Random(i), 0
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             while time.monotonic() < stop:
-                model = f"{name}@challenger" if rng.random() < challenger_share else f"{name}@champion"
-                body = {"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "temperature": 0}
+                body = {"model": pick(i, k, rng), "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "temperature": 0}
+                k += 1
                 t0 = time.perf_counter()
                 try:
                     r = c.post("/v1/completions", json=body)
@@ -124,9 +131,9 @@ def main() -> None:
                                   **({"batch_wait_ms": args.batch_wait_ms} if args.batch_wait_ms is not None else {}))
                 t0 = time.monotonic()
                 serving.start(cfg, ray_temp_dir="/tmp/plray-serve-bench")
-                load(port, 2, 2.0, args.max_tokens, name, 0.5)  # warm: both versions loaded
+                load(port, 2, 2.0, args.max_tokens, canary(name, 0.5))  # warm: both versions loaded
                 startup = time.monotonic() - t0
-                result = load(port, args.clients, args.seconds, args.max_tokens, name, args.challenger_share)
+                result = load(port, args.clients, args.seconds, args.max_tokens, canary(name, args.challenger_share))
                 rows.append({"mode": mode, "batch_max_rows": batch, "startup_s": round(startup, 1), **result})
                 serve.delete(cfg.app_name)
     finally:

@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,55 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import settings  # noqa: F401  (quiet defaults)
 
+from bench.serve_bench import load
 from deploy.testing import free_port
-
-PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:", "Say hello to the team.", "Sum of 7 and 8 is"]
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
-
-
-def load(port: int, clients: int, seconds: float, max_tokens: int, names: list[str]) -> dict:
-    """C clients for T seconds; client i sends its k-th request to names[(i + k) % len(names)]."""
-    import httpx
-
-    lat, errors, served = [], [], set()
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client(i: int) -> None:
-        rng, k = random.Random(i), 0
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
-            while time.monotonic() < stop:
-                body = {"model": f"{names[(i * 7 + k) % len(names)]}@champion", "prompt": rng.choice(PROMPTS),
-                        "max_tokens": max_tokens, "temperature": 0}
-                k += 1
-                t0 = time.perf_counter()
-                try:
-                    r = c.post("/v1/completions", json=body)
-                    ok, detail = r.status_code == 200, r.text[:200]
-                except Exception as exc:  # noqa: BLE001
-                    ok, detail, r = False, str(exc)[:200], None
-                with lock:
-                    if ok:
-                        lat.append(time.perf_counter() - t0)
-                        served.add(r.json()["model"])
-                    else:
-                        errors.append(detail)
-
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    return {"requests": len(lat), "errors": len(errors), "error_samples": errors[:3], "models_served": len(served),
-            "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(1000 * _percentile(lat, 0.5), 1),
-            "p95_ms": round(1000 * _percentile(lat, 0.95), 1),
-            "mean_ms": round(1000 * statistics.fmean(lat), 1) if lat else None}
 
 
 def register_members(uri: str, base: str, n: int, work: Path) -> list[str]:
@@ -135,7 +85,9 @@ def main() -> None:
                 while c.get("/health").status_code != 200:
                     time.sleep(0.5)
                 startup = time.monotonic() - t0
-                result = load(port, args.clients, args.seconds, args.max_tokens, served)
+                result = load(port, args.clients, args.seconds, args.max_tokens,
+                              lambda i, k, rng, served=served: f"{served[(7 * i + k) % len(served)]}@champion")
+                result["models_served"] = len(result.pop("by_version"))
                 stats = c.get("/admin/stats").json()["replica"]
             rows.append({"run": label, "members": len(served), "capacity": capacity, "startup_s": round(startup, 1),
                          **result, **stats})

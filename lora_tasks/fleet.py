@@ -6,6 +6,7 @@ written as `prefect-lora run --set` would take them:
 
     config: configs/tiny.yaml
     fdr: 0.05            # the members' gates decided together (Benjamini–Hochberg); null: each alone
+    members_from: {glob: data/members/*.jsonl, set: data.train_path}   # one member per file, optional
     members:
       - name: sums-en
         set: {data.train_path: data/en.jsonl}
@@ -18,8 +19,10 @@ its own run, so one member's broken config or data never stops the others. Pure:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,8 +74,8 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     raw = plain(raw, problems=problems, source=str(p)) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict):
         raise ConfigError(["a fleet file is a mapping with `config` (the shared config) and `members` (a list)"], str(p))
-    problems += [f"{k}: unknown key (a fleet file has `config`, `members` and `fdr`)" for k in raw
-                 if k not in ("config", "members", "fdr")]
+    problems += [f"{k}: unknown key (a fleet file has `config`, `members`, `members_from` and `fdr`)" for k in raw
+                 if k not in ("config", "members", "members_from", "fdr")]
     fdr = raw.get("fdr", Fleet.fdr)
     if fdr is not None and (isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1):
         problems.append(f"fdr: {fdr!r} is not a rate: give the false discovery rate across members' gates, "
@@ -82,7 +85,7 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
         problems.append("config: the path of the config every member shares is required")
     elif not Path(config).expanduser().is_file():
         problems.append(f"config: no such file {config!r} (relative paths are relative to the working directory)")
-    members = _members(raw.get("members"), list(overrides or []), problems)
+    members = _members(_with_globbed(raw.get("members"), raw.get("members_from"), problems), list(overrides or []), problems)
     if problems:
         raise ConfigError(problems, str(p))
     return Fleet(str(p), str(Path(config).expanduser()), members, None if fdr is None else float(fdr))
@@ -121,6 +124,32 @@ def changed_members(states: dict[str, str], previous: dict[str, str] | None) -> 
     if previous is None:
         return []
     return [name for name, state in states.items() if previous.get(name) != state]
+
+
+def _with_globbed(members, spec, problems: list[str]):
+    """The file's `members` plus one per file that `members_from` matches (named after the file,
+    its path under the key `set` names); a listed member of the same name adds its own keys."""
+    if spec is None:
+        return members
+    if not isinstance(spec, dict) or not isinstance(spec.get("glob"), str) or not isinstance(spec.get("set", ""), str):
+        problems.append("members_from: a mapping {glob: 'data/members/*.jsonl', set: data.train_path}: one member per "
+                        "file, named after it, its path under the key `set` (default data.train_path)")
+        return members
+    problems += [f"members_from.{k}: unknown key (it has `glob` and `set`)" for k in spec if k not in ("glob", "set")]
+    listed = {m["name"]: m for m in members or [] if isinstance(m, dict) and isinstance(m.get("name"), str)}
+    files = sorted(glob.glob(os.path.expanduser(spec["glob"])))
+    if not files:
+        problems.append(f"members_from.glob: no file matches {spec['glob']!r} (relative to the working directory)")
+    found = []
+    for f in files:
+        name = Path(f).stem
+        if not NAME.match(name):
+            problems.append(f"members_from: {f}: {name!r} cannot name a member (letters, digits, '.', '_' or '-'); rename the file")
+            continue
+        own = listed.get(name, {}).get("set")
+        found.append({"name": name, "set": {spec.get("set", "data.train_path"): f, **(own if isinstance(own, dict) else {})}})
+    names = {m["name"] for m in found}
+    return found + [m for m in members or [] if not (isinstance(m, dict) and m.get("name") in names)]
 
 
 def _members(raw, extra: list[str], problems: list[str]) -> list[Member]:

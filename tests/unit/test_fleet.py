@@ -129,3 +129,24 @@ def test_the_watcher_sees_a_changed_added_or_removed_file_and_records_on_its_fir
     assert changed_members(states(), third) == ["folder"]
     assert changed_members({**states(), "new-member": "s"}, third) == ["folder", "new-member"]
     assert data_state([str(tmp_path / "missing.jsonl")]) != data_state([str(tmp_path / "b.jsonl")])
+
+
+def test_a_member_per_file_of_a_folder_and_listed_members_add_their_own_keys(tmp_path):
+    folder = tmp_path / "customers"
+    folder.mkdir()
+    for name in ("acme", "globex", "initech"):
+        (folder / f"{name}.jsonl").write_text("{}\n")
+    fleet = load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members_from": {"glob": str(folder / "*.jsonl")},
+                                         "members": [{"name": "globex", "set": {"training.learning_rate": 0.001}},
+                                                     {"name": "extra"}]}))
+    assert [m.name for m in fleet.members] == ["acme", "globex", "initech", "extra"]
+    globex = load_config(fleet.config, fleet.members[1].overrides)
+    assert globex.data.train_path.endswith("customers/globex.jsonl") and globex.training.learning_rate == 0.001
+    assert load_config(fleet.config, fleet.members[3].overrides).data.train_path.endswith("tiny_sums.jsonl")
+    (folder / "bad name.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError) as err:
+        load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members_from": {"glob": str(folder / "*.jsonl"),
+                                                                                     "sets": "x"}}))
+    assert "'bad name' cannot name a member" in str(err.value) and "members_from.sets: unknown key" in str(err.value)
+    with pytest.raises(ConfigError, match="no file matches"):
+        load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members_from": {"glob": str(tmp_path / "none/*.csv")}}))
