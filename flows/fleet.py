@@ -38,22 +38,25 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     completed by a `lora-register` subflow run named `<member>-gate`. `overrides` apply to
     every member."""
     fleet = only_members(load_fleet(fleet_path, overrides), members)
-    stem = _stem(fleet.path)
-    label_flow_run(f"fleet-{stem}" + (f"-{'-'.join(members)}"[:60] if members else ""), ["fleet"])
+    label_flow_run(f"fleet-{_stem(fleet.path)}" + (f"-{'-'.join(members)}"[:60] if members else ""), ["fleet"])
     # The fleet's own run sends the heartbeats: a member's would cost ~0.5 s to stop, twice per member.
     # The members train and evaluate here in turn on one base: read once, copied per load.
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), shared_bases():
         outcomes, gate = _run_members(fleet, force)
     ordered = [outcomes[m.name] for m in fleet.members]
     summary = summary_markdown(fleet, ordered, _run_links(ordered), gate)
-    where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]  # one key per fleet file
-    key = f"fleet-{stem}-{where}"
-    create_markdown_artifact(key=key, markdown=summary, description=f"fleet of {len(ordered)} members")
+    create_markdown_artifact(key=f"fleet-{_fleet_key(fleet.path)}", markdown=summary,
+                             description=f"fleet of {len(ordered)} members")
     return ordered
 
 
 def _stem(path: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", Path(path).stem.lower()).strip("-")[:40] or "fleet"
+
+
+def _fleet_key(path: str) -> str:
+    """One key per fleet file (its summary artifact, the watcher's state): `<stem>-<hash of its path>`."""
+    return f"{_stem(path)}-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]}"
 
 
 DATA_CHANGED = "prefect-lora.member.data-changed"
@@ -81,9 +84,7 @@ def watch_fleet(fleet_path: str, overrides: list[str] | None = None) -> list[str
             continue
         files[m.name] = [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
         states[m.name] = data_state(files[m.name])
-    shared = load_config(fleet.config)
-    where = hashlib.sha256(str(Path(fleet.path).resolve()).encode()).hexdigest()[:8]
-    state_file = Path(shared.scaling.storage_path) / "watch" / f"{_stem(fleet.path)}-{where}.json"
+    state_file = Path(load_config(fleet.config).scaling.storage_path) / "watch" / f"{_fleet_key(fleet.path)}.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     changed = changed_members(states, previous)
     for name in changed:
