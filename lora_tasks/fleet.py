@@ -204,6 +204,9 @@ class MemberOutcome:
                     else "promoted" if result.promoted else "not promoted")
         failed = [r for r in result.reasons if r.split(":", 1)[0] in result.failed_checks]
         reason = "" if result.promoted else (failed or result.reasons or [""])[0]
+        if result.held:
+            reason = "a baseline, completed after the fleet's gate" if result.gate_p_value is None else \
+                f"gate p-value {result.gate_p_value:.2g}, decided with the other members"
         return cls(name, decision, seconds, result.version, reason, result.metrics, result.run_id, result.tracking_uri,
                    result.gate_p_value)
 
@@ -258,19 +261,23 @@ def gate_line(fleet: Fleet, gate: FleetGate | None) -> str:
 
 def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome], links: dict[str, str] | None = None,
                      gate: FleetGate | None = None) -> str:
-    """The fleet run's summary: counts by decision, how the gates were decided together, and the
-    table of members, each member's name linking to its MLflow run where `links` has one."""
+    """The fleet run's summary: counts by decision, how the gates were decided together, the
+    table of members (each member's name linking to its MLflow run where `links` has one), and
+    below it what stopped each member that did not promote: a long reason in a table cell runs
+    off the Prefect UI's page."""
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.decision] = counts.get(o.decision, 0) + 1
     head = ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
+    columns = SUMMARY_COLUMNS[:-1]
     lines = [f"# Fleet `{Path(fleet.path).name}`: {len(outcomes)} members ({head})", "",
              f"Shared config `{fleet.config}`; each member is its own registered model with its own champion and gate.", "",
              gate_line(fleet, gate), "",
-             "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in summary_rows(outcomes):
-        cells = [cell.replace("|", "\\|") for cell in row]
+        cells = [cell.replace("|", "\\|") for cell in row[:-1]]
         if (links or {}).get(row[0]):
             cells[0] = f"[{cells[0]}]({links[row[0]]})"
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    reasons = [f"- **{o.name}** ({o.decision}): {o.reason}" for o in outcomes if o.reason]
+    return "\n".join(lines + (["", "What stopped a member:", "", *reasons] if reasons else [])) + "\n"

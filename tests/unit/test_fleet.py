@@ -66,8 +66,9 @@ def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it()
     fleet = Fleet("f/fleet.yaml", "configs/tiny.yaml", [])
     md = summary_markdown(fleet, outcomes, {"b": "http://mlflow/run/r2"}, FleetGate(0.05, 0.012, 2))
     assert "3 members (1 failed, 1 not promoted, 1 promoted)" in md
-    assert ("| [b](http://mlflow/run/r2) | not promoted | 2 | 0.2 [0.1, 0.3] | ratio 1.3 [1.25, 1.4], KL 0.9 | 0.91 | 14 | "
-            "reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5 |") in md
+    assert "| [b](http://mlflow/run/r2) | not promoted | 2 | 0.2 [0.1, 0.3] | ratio 1.3 [1.25, 1.4], KL 0.9 | 0.91 | 14 |\n" in md
+    assert "- **b** (not promoted): reference_kl: 0.9 [0.8, 1.0] beyond the limit 0.5\n" in md
+    assert "- **c** (failed): row 3, column completion: blank text\n" in md and "- **a**" not in md
     assert "2 member(s) gated together" in md and "(p <= 0.012)" in md and "at most 5% of the promotions" in md
     assert "Each member promotes on its own gate" in summary_markdown(replace(fleet, fdr=None), outcomes)
 
@@ -150,3 +151,9 @@ def test_a_member_per_file_of_a_folder_and_listed_members_add_their_own_keys(tmp
     assert "'bad name' cannot name a member" in str(err.value) and "members_from.sets: unknown key" in str(err.value)
     with pytest.raises(ConfigError, match="no file matches"):
         load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members_from": {"glob": str(tmp_path / "none/*.csv")}}))
+
+
+def test_a_held_member_says_it_waits_for_the_fleets_gate():
+    held = RunResult("a", None, False, ["held for the fleet's gate"], "r1", "d", "u", held=True, gate_p_value=0.004)
+    o = MemberOutcome.of("a", held, 5.0)
+    assert (o.decision, o.reason, o.p_value) == ("held", "gate p-value 0.004, decided with the other members", 0.004)
