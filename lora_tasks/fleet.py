@@ -212,7 +212,8 @@ class MemberOutcome:
 
     @classmethod
     def failure(cls, name: str, exc: BaseException, seconds: float) -> MemberOutcome:
-        return cls(name, "failed", seconds, reason=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return cls(name, "failed", seconds, reason=first if len(first) <= 600 else first[:599] + "…")
 
 
 def summary_rows(outcomes: list[MemberOutcome]) -> list[list[str]]:
