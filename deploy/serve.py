@@ -376,10 +376,20 @@ class Gateway:
         return self.served.get(self.cfg.model_name, {})
 
     def _read_aliases(self) -> dict[str, dict[str, str]]:
+        """Every served model's aliases; a member not registered yet has none until it is (the
+        default model must exist: it fixes the replicas' base)."""
+        from mlflow.exceptions import MlflowException
+
         from lora_tasks import registry, tracking
 
         c = tracking.client(self.cfg.tracking_uri)
-        return {name: {a: str(v) for a, v in registry.require_model(c, name).aliases.items()} for name in self.cfg.served}
+        read = {self.cfg.model_name: registry.require_model(c, self.cfg.model_name).aliases}
+        for name in self.cfg.members:
+            try:
+                read[name] = c.get_registered_model(name).aliases
+            except MlflowException:
+                read[name] = {}
+        return {name: {a: str(v) for a, v in aliases.items()} for name, aliases in read.items()}
 
     async def refresh(self) -> dict:
         """Re-read every served model's aliases; load each moved alias's new version before
@@ -541,8 +551,9 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
 
     from lora_tasks import registry
 
-    for name in cfg.served:  # a clear error before any actor starts
-        registry.resolve_version(cfg.tracking_uri, name, None)
+    # A clear error before any actor starts: the default model fixes the replicas' base. A member
+    # with no champion yet (or not registered yet) is followed and served once promoted.
+    registry.resolve_version(cfg.tracking_uri, cfg.model_name, None)
     token = resolve_token(cfg)
     check_exposure(cfg, token)
     if not ray.is_initialized():

@@ -418,18 +418,21 @@ def serve(
 
     names = [*([name] if name else []), *(member or [])]
     uri = load_serve_config(config, model_name="_", tracking_uri=tracking_uri).tracking_uri
-    for m in load_fleet(fleet).members if fleet else []:  # a fleet member with no champion yet is left out, said so
+    for served in names:  # one clear message before Ray starts
+        registry.resolve_version(uri, served, None)
+    waiting = []  # fleet members without a champion: followed from the start, served once promoted
+    for m in load_fleet(fleet).members if fleet else []:
         try:
             registry.resolve_version(uri, m.name, None)
             names.append(m.name)
         except RegistryError as exc:
-            print(f"not served: {m.name} ({exc})")
-    if not names:
+            waiting.append(m.name)
+            print(f"no champion yet: {m.name} (served once promoted; {exc})")
+    if not names:  # the default (first) model must have a champion: it fixes the replicas' base
         raise typer.BadParameter("give the registered model to serve (NAME), or --fleet FILE with a promoted member")
+    names += waiting
     cfg = load_serve_config(config, model_name=names[0], members=names[1:] or None, port=port, host=host,
                             tracking_uri=tracking_uri, mode=mode, canary_share=canary_share)
-    for served in cfg.served:  # one clear message before Ray starts
-        registry.resolve_version(cfg.tracking_uri, served, None)
     from deploy.serve import run_forever
 
     run_forever(cfg, ray_address=ray_address)

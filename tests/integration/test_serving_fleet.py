@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 RAY_TMP = os.environ["PREFECT_LORA_RAY_TMP"] + "-serve"  # as test_serving: one Ray session directory per checkout
 MEMBERS = [f"member-{i}" for i in range(6)]
+LATE = "member-late"  # in the fleet from the start, registered and promoted only while the server runs
 PROMPT = "What is 12 plus 30? Answer:"
 
 
@@ -34,7 +35,7 @@ def fleet_server(tmp_path_factory, tiny_model_dir):
         aliases.promote_version(uri, name, version, reason="first champion")
     adapter_bytes = next(Path(work).glob("adapter-member-0-*/adapter_model.safetensors")).stat().st_size
     limit_mb = 2.5 * adapter_bytes / 2**20  # two adapters fit, a third does not: memory binds before the count
-    cfg = ServeConfig(model_name=MEMBERS[0], members=MEMBERS[1:], tracking_uri=uri, port=free_port(), poll_interval_s=1.0,
+    cfg = ServeConfig(model_name=MEMBERS[0], members=[*MEMBERS[1:], LATE], tracking_uri=uri, port=free_port(), poll_interval_s=1.0,
                       max_adapters_per_replica=3, max_adapter_memory_mb=limit_mb, app_name="test-serving-fleet",
                       batch_wait_ms=300)  # requests sent together wait for each other: one batch of many adapters
     serving.start(cfg, ray_temp_dir=RAY_TMP)
@@ -111,3 +112,20 @@ def test_the_server_follows_each_members_champion(fleet_server, tiny_model_dir):
     assert served == f"member-2/{v2}" and text != before[1]
     assert _answer(c, "member-2/1") == before, "the old version stays servable by number"
 
+
+
+def test_a_member_promoted_after_the_server_started_is_served_without_a_restart(fleet_server, tiny_model_dir):
+    from deploy.testing import register_random_adapters
+    from lora_tasks import aliases
+
+    c, uri = fleet_server["client"], fleet_server["uri"]
+    r = c.post("/v1/completions", json={"model": f"{LATE}@champion", "prompt": PROMPT})
+    assert r.status_code == 404 and "promote a version first" in r.text, r.text
+    assert not any(m["id"].startswith(LATE) for m in c.get("/v1/models").json()["data"])
+
+    (version,) = register_random_adapters(uri, LATE, tiny_model_dir, [4242], fleet_server["work"])
+    aliases.promote_version(uri, LATE, version, reason="first champion, while serving")
+    assert c.post("/admin/refresh").json()["models"][LATE]["champion"] == version
+    served, text = _answer(c, LATE)
+    assert served == f"{LATE}/{version}" and text
+    assert f"{LATE}@champion" in {m["id"] for m in c.get("/v1/models").json()["data"]}
