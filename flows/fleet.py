@@ -1,4 +1,5 @@
-"""One flow run keeps a fleet fresh: every member's retraining in turn, as a subflow of its own.
+"""One flow run keeps a fleet fresh: every member's retraining as a subflow of its own, in turn
+or `concurrency` at a time (on a Ray cluster).
 
 A member whose data and config are unchanged since its champion is skipped by its own run; a
 member that fails (bad data, a broken config, a crash) is reported and the next one runs. With
@@ -9,10 +10,12 @@ summary artifact is a table of members with their decision, gain, forgetting and
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from lora_tasks.promotion import FleetGate
 @flow(name="lora-fleet", log_prints=True)
 def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bool = False,
                   members: list[str] | None = None) -> list[MemberOutcome]:
-    """Retrain every member of the fleet FLEET_PATH in turn (each a `lora-retrain` subflow run
+    """Retrain every member of the fleet FLEET_PATH (each a `lora-retrain` subflow run
     named after it), or only `members` (a data-changed event names one); with `fdr`, each run
     holds after its evaluation and the members' gates are then decided together, each member
     completed by a `lora-register` subflow run named `<member>-gate`. `overrides` apply to
@@ -40,7 +43,7 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     fleet = only_members(load_fleet(fleet_path, overrides), members)
     label_flow_run(f"fleet-{_stem(fleet.path)}" + (f"-{'-'.join(members)}"[:60] if members else ""), ["fleet"])
     # The fleet's own run sends the heartbeats: a member's would cost ~0.5 s to stop, twice per member.
-    # The members train and evaluate here in turn on one base: read once, copied per load.
+    # The members train and evaluate here on one base: read once, copied per load.
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), shared_bases():
         outcomes, gate = _run_members(fleet, force)
     ordered = [outcomes[m.name] for m in fleet.members]
@@ -100,17 +103,24 @@ def watch_fleet(fleet_path: str, overrides: list[str] | None = None) -> list[str
 
 
 def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], FleetGate | None]:
-    """Each member's run in turn (held after its evaluation when the gates are decided
-    together), then the gate for all of them and each held member's completion."""
-    log = get_run_logger()
-    outcomes, held = {}, {}
-    for i, member in enumerate(fleet.members, 1):
+    """Each member's run, `fleet.concurrency` at a time (held after its evaluation when the
+    gates are decided together), then the gate for all of them and each held member's completion."""
+    log, hold = get_run_logger(), fleet.fdr is not None
+
+    def first_phase(i: int, member) -> tuple[RunResult | None, MemberOutcome]:
         log.info("member %d/%d: %s", i, len(fleet.members), member.name)
         run = retrain.with_options(flow_run_name=member.name)
-        result, outcomes[member.name] = _run_member(member.name, lambda m=member, run=run: run(
-            fleet.config, m.overrides, force, hold=fleet.fdr is not None))
-        if result is not None and result.held:
-            held[member.name] = result
+        return _run_member(member.name, lambda: run(fleet.config, member.overrides, force, hold=hold))
+
+    if fleet.concurrency > 1 and len(fleet.members) > 1:
+        # One thread per running member, each in a copy of this flow run's context (its subflow's parent).
+        with ThreadPoolExecutor(min(fleet.concurrency, len(fleet.members)), thread_name_prefix="member") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, first_phase, i, m) for i, m in enumerate(fleet.members, 1)]
+            firsts = [f.result() for f in futures]
+    else:
+        firsts = [first_phase(i, m) for i, m in enumerate(fleet.members, 1)]
+    outcomes = {m.name: outcome for m, (_, outcome) in zip(fleet.members, firsts)}
+    held = {m.name: result for m, (result, _) in zip(fleet.members, firsts) if result is not None and result.held}
     gate = fleet_gate(fleet.fdr, [r.gate_p_value for r in held.values() if r.gate_p_value is not None]) if held else None
     if gate:
         log.info("%s", gate_line(fleet, gate))

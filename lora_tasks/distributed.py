@@ -30,10 +30,17 @@ from .validation import ValidationReport, ValidationResult, enforce_policy, vali
 RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
 
 
+_INIT_LOCK = threading.Lock()  # a fleet's members start their jobs from several threads: one ray.init
+
+
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address`, or start a local Ray sized for the job."""
-    if ray.is_initialized():
-        return
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            _init_ray(address, num_cpus)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Quiet, non-interactive runs: no usage stats, no dashboard.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

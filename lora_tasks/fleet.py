@@ -6,6 +6,7 @@ written as `prefect-lora run --set` would take them:
 
     config: configs/tiny.yaml
     fdr: 0.05            # the members' gates decided together (Benjamini–Hochberg); null: each alone
+    concurrency: 1       # members trained at once (a Ray cluster: one Ray Train job each); 1: in turn
     members_from: {glob: data/members/*.jsonl, set: data.train_path}   # one member per file, optional
     members:
       - name: sums-en
@@ -56,6 +57,11 @@ class Fleet:
     Benjamini–Hochberg threshold of every member evaluated in the same fleet run
     (`promotion.fdr_threshold`), so the expected share of wrongly promoted members among the
     promoted stays <= fdr. null: each member promotes on its own gate, in its own run."""
+    concurrency: int = 1
+    """Members run at once. Each member's training is its own Ray Train job (on the cluster at
+    `scaling.address`, which must hold that many members' workers) and its evaluation runs in
+    the fleet's process, so one member evaluates while others train. 1 (the default): in turn,
+    the fastest on one machine, where members would only share the same cores."""
 
 
 def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
@@ -74,12 +80,16 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     raw = plain(raw, problems=problems, source=str(p)) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict):
         raise ConfigError(["a fleet file is a mapping with `config` (the shared config) and `members` (a list)"], str(p))
-    problems += [f"{k}: unknown key (a fleet file has `config`, `members`, `members_from` and `fdr`)" for k in raw
-                 if k not in ("config", "members", "members_from", "fdr")]
+    problems += [f"{k}: unknown key (a fleet file has `config`, `members`, `members_from`, `fdr` and `concurrency`)"
+                 for k in raw if k not in ("config", "members", "members_from", "fdr", "concurrency")]
     fdr = raw.get("fdr", Fleet.fdr)
     if fdr is not None and (isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1):
         problems.append(f"fdr: {fdr!r} is not a rate: give the false discovery rate across members' gates, "
                         "e.g. 0.05, or null to let each member promote on its own gate")
+    concurrency = raw.get("concurrency", Fleet.concurrency)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        problems.append(f"concurrency: {concurrency!r} is not a count: give how many members run at once, "
+                        "e.g. 4 on a Ray cluster that holds four members' workers, or 1 to run them in turn")
     config = raw.get("config")
     if not isinstance(config, str) or not config.strip():
         problems.append("config: the path of the config every member shares is required")
@@ -88,7 +98,7 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     members = _members(_with_globbed(raw.get("members"), raw.get("members_from"), problems), list(overrides or []), problems)
     if problems:
         raise ConfigError(problems, str(p))
-    return Fleet(str(p), str(Path(config).expanduser()), members, None if fdr is None else float(fdr))
+    return Fleet(str(p), str(Path(config).expanduser()), members, None if fdr is None else float(fdr), concurrency)
 
 
 def only_members(fleet: Fleet, names: list[str] | None) -> Fleet:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -210,13 +211,18 @@ def shared_bases():
         _SHARED = outer
 
 
+_SHARED_LOCK = threading.Lock()  # members run in threads (a fleet's `concurrency`): one read of each base
+
+
 def _shared(key: tuple, load):
     """`load()`, or a copy of what it returned the first time within `shared_bases()`."""
     if _SHARED is None:
         return load()
-    if key not in _SHARED:
-        _SHARED[key] = load()
-    return copy.deepcopy(_SHARED[key])
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load()
+        original = _SHARED[key]
+    return copy.deepcopy(original)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -21,6 +21,20 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+    import ray
+
+    ray.shutdown()  # the concurrent members' local Ray
+
+
+def _shared_config(tmp_path: Path, **scaling) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
+    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
+    raw["training"]["max_steps"] = 20
+    raw["scaling"].update({"num_workers": 1, "storage_path": str(tmp_path / "runs"), **scaling})
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")}
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "shared.yaml"
 
 
 def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path):
@@ -29,13 +43,7 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
 
     from flows.fleet import retrain_fleet
 
-    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
-    raw["evaluation"]["reference"]["path"] = str(REPO / "configs" / "data" / "reference_general.txt")
-    raw["training"]["max_steps"] = 20
-    raw["scaling"].update({"num_workers": 1, "storage_path": str(tmp_path / "runs")})
-    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")}
-    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(raw))
+    _shared_config(tmp_path)
     rows = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
     rows[3]["completion"] = "   "
     (tmp_path / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -73,6 +81,35 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert "| skipped | 1 |" in summaries[0].data
     assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data
     assert "1 member(s) gated together" in summaries[0].data
+
+
+def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):
+    """`concurrency: 2` with the Ray launcher: both members' subflows run at the same time, each
+    trains in its own Ray Train worker, and each is gated and registered as it would be alone."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.fleet import retrain_fleet
+
+    shared = _shared_config(tmp_path, launcher="ray")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"config": str(shared), "concurrency": 2, "members": [
+        {"name": "sums-a"}, {"name": "sums-b", "set": {"training.seed": 7}}]}))
+
+    outcomes = retrain_fleet(str(fleet))
+    assert [(o.name, o.decision) for o in outcomes] == [("sums-a", "promoted"), ("sums-b", "promoted")], outcomes
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    nodes = [client.get_run(o.run_id).data.tags.get("train.worker_nodes") for o in outcomes]
+    assert all(n and n != "local" for n in nodes), f"trained on Ray Train, not in the flow's process: {nodes}"
+
+    async def member_runs():
+        async with get_client() as c:
+            return [r for r in await c.read_flow_runs()  # each retrain run renames itself `<member>-<run key>`
+                    if r.name.startswith(("sums-a-", "sums-b-")) and not r.name.endswith("-gate")]
+
+    a, b = sorted(asyncio.run(member_runs()), key=lambda r: r.name)
+    assert a.start_time < b.end_time and b.start_time < a.end_time, "the two members' runs overlap in time"
+    assert a.parent_task_run_id and b.parent_task_run_id, "each member is a subflow of the fleet's run"
 
 
 def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):

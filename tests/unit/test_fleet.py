@@ -83,6 +83,15 @@ def test_the_fleet_rate_is_read_and_checked(tmp_path):
             load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "fdr": bad, "members": members}))
 
 
+def test_the_fleet_concurrency_is_read_and_checked(tmp_path):
+    members = [{"name": "a"}]
+    assert load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "members": members})).concurrency == 1
+    assert load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "concurrency": 4, "members": members})).concurrency == 4
+    for bad in (0, 2.5, "auto", True, None):
+        with pytest.raises(ConfigError, match="concurrency: .* is not a count"):
+            load_fleet(_write(tmp_path, {"config": "configs/tiny.yaml", "concurrency": bad, "members": members}))
+
+
 def test_the_fleet_gate_counts_the_members_gated_together():
     assert fleet_gate(None, [0.01, 0.2]) is None
     gate = fleet_gate(0.05, [0.001, 0.01, 0.03, 0.2])
