@@ -95,11 +95,12 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
 
-        def visit(route: str, ready: str) -> str:
+        def visit(route: str, ready: str | None = None, ready_css: str | None = None) -> str:
+            """Open `route` and wait until the text `ready` (or an element matching `ready_css`) is shown."""
             sep = "&" if "?" in route else "?"  # every page in the model training view, not GenAI's
             page.goto(f"{url}/#/{route}{sep}workflowType=machine_learning")
             with contextlib.suppress(Exception):  # a missing element is a failed check below, not a crash
-                page.get_by_text(ready, exact=False).first.wait_for(timeout=30_000)
+                (page.locator(ready_css) if ready_css else page.get_by_text(ready, exact=False)).first.wait_for(timeout=30_000)
             with contextlib.suppress(Exception):  # the MLflow Assistant panel hides a third of the page
                 page.get_by_role("button", name="Close").last.click(timeout=1_000)
             page.wait_for_timeout(1500)  # charts and images settle
@@ -138,8 +139,9 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
                 frame.get_by_role("heading", name="Plots").scroll_into_view_if_needed(timeout=2_000)
         shot("mlflow-report.png")
         if t["model_id"]:
-            visit(f"experiments/{exp}/models/{t['model_id']}", "Registered")
-            found.check(page.locator(f"a[href*='/models/{model}/versions/{version}']").count() > 0,
+            version_link = f"a[href*='/models/{model}/versions/{version}']"
+            visit(f"experiments/{exp}/models/{t['model_id']}", ready_css=version_link)
+            found.check(page.locator(version_link).count() > 0,
                         "the logged model links its registered version")
         browser.close()
     return found
