@@ -335,12 +335,15 @@ class Evaluation:
         cfg, started = self.cfg, time.perf_counter()
         examples = encode_examples(rows, self.tokenizer, cfg)
         names = [n for n in (CHAMPION, ADAPTED, BASE) if n in self.views.names]
+        what = f"{', '.join(names)} at scale {scale:g} on {len(examples)} {part.name if part else 'eval'} rows"
+        log.info("evaluating %s: task scores, then forgetting", what)  # minutes of work on a small CPU: say so
         with autocast(cfg.training.precision, self.device):  # the precision the adapter trained in
             scored = {n: self._scores(n, scale, part.name if part else "all", examples, rows) for n in names}
         metrics, units, answers = ({n: s[i] for n, s in scored.items()} for i in range(3))
         metric, higher = primary_metric(cfg)
         intervals = _intervals(metric, higher, units, self.stats_kw)
         task_done = time.perf_counter()
+        log.info("evaluating %s: task scores done in %.0f s, forgetting next", what, task_done - started)
         self._blocks.identities = {n: self._identity(n, scale) for n in self.views.names}
         with autocast(cfg.training.precision, self.device), self.views.scaled(ADAPTED, scale):
             forgetting, f_intervals = measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info,
@@ -350,8 +353,7 @@ class Evaluation:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
         done = time.perf_counter()
         reused = [n for n in names if (n, 1.0, part.name if part else "all") in self._from_disk]
-        log.info("evaluated %s at scale %g on %d %s rows: task scores %.0f s%s, forgetting %.0f s", ", ".join(names), scale,
-                 len(examples), part.name if part else "eval", task_done - started,
+        log.info("evaluated %s: task scores %.0f s%s, forgetting %.0f s", what, task_done - started,
                  f" ({' and '.join(reused)} read from the score cache)" if reused else "", done - task_done)
         return EvalReport(
             task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
