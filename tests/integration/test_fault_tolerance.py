@@ -145,13 +145,14 @@ def saved_step(train_dir: Path, launcher: str) -> int | None:
     return int(latest.name.rsplit("_", 1)[1]) if latest else None
 
 
-@pytest.mark.parametrize("launcher, sig", [("ray", signal.SIGKILL), ("local", signal.SIGKILL), ("ray", signal.SIGTERM)],
-                         ids=["ray-sigkill", "local-sigkill", "ray-sigterm"])
-def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path, launcher, sig):
-    """SIGKILL of `prefect-lora run` (driver, local Ray and all; or the process training one
-    worker itself) mid-training; the same command again finds the run folder by config and
-    data, continues from the latest checkpoint and completes the same MLflow run.
+@pytest.mark.parametrize("launcher, stops", [("ray", [signal.SIGKILL, signal.SIGTERM]), ("local", [signal.SIGKILL])],
+                         ids=["ray-sigkill-then-sigterm", "local-sigkill"])
+def test_stopped_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_path, launcher, stops):
+    """`prefect-lora run` stopped mid-training by each signal of `stops` in turn, each attempt
+    after a checkpoint later than the one before; the same command again finds the run folder by
+    config and data, continues from the latest checkpoint and completes the same MLflow run.
 
+    SIGKILL kills the driver (local Ray and all; or the process training one worker itself).
     SIGTERM to the driver alone (a scheduler stopping it) is a clean stop: it exits by itself,
     leaves no process behind (Ray's, Prefect's temporary server) and marks the MLflow run KILLED."""
     from mlflow import MlflowClient
@@ -164,29 +165,35 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
     ray_tmp = tempfile.mkdtemp(prefix="pldk-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LORA_RAY_TMP": ray_tmp}
     cli = [str(Path(sys.executable).with_name("prefect-lora")), "run", str(cfg_path)]
-
-    first = subprocess.Popen(cli, env=env, cwd=tmp_path, start_new_session=True,
-                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        train_dirs = lambda: sorted((tmp_path / "runs").glob("tiny-sums/run-*/train"))
-        wait_for(lambda: train_dirs() and saved_step(train_dirs()[0], launcher), 240, "a checkpoint of the first attempt")
-        if sig == signal.SIGTERM:
-            first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=90) == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
-            wait_for(lambda: not _leftovers(ray_tmp), 30, "the stopped run's processes to end by themselves")
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # after a clean stop the whole group is gone
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        _kill_leftovers(ray_tmp)
-    run_dir = train_dirs()[0].parent
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri, registry_uri=uri)
-    if sig == signal.SIGTERM:
-        stopped = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id])
-        assert [r.info.status for r in stopped] == ["KILLED"]
-    steps_before = saved_step(run_dir / "train", launcher)  # what the dead attempt left for the next one
-    assert steps_before < 60
+    train_dirs = lambda: sorted((tmp_path / "runs").glob("tiny-sums/run-*/train"))
+    steps_before = 0
+    for attempt, sig in enumerate(stops, 1):
+        log = tmp_path / f"attempt-{attempt}.log"
+        stopped = subprocess.Popen(cli, env=env, cwd=tmp_path, start_new_session=True, stdout=open(log, "w"),
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda after=steps_before: train_dirs() and (saved_step(train_dirs()[0], launcher) or 0) > after, 240,
+                     f"a checkpoint of attempt {attempt} past step {steps_before}")
+            if sig == signal.SIGTERM:
+                stopped.send_signal(signal.SIGTERM)
+                assert stopped.wait(timeout=90) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+                wait_for(lambda: not _leftovers(ray_tmp), 30, "the stopped run's processes to end by themselves")
+            else:
+                os.killpg(stopped.pid, signal.SIGKILL)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # after a clean stop the whole group is gone
+                os.killpg(stopped.pid, signal.SIGKILL)
+            stopped.wait()
+            _kill_leftovers(ray_tmp)
+        if sig == signal.SIGTERM:
+            runs = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id])
+            assert [r.info.status for r in runs] == ["KILLED"], "one MLflow run, marked killed by the clean stop"
+        saved = saved_step(train_dirs()[0], launcher)  # what the stopped attempt left for the next one
+        assert steps_before < saved < 60
+        steps_before = saved
+    run_dir = train_dirs()[0].parent
 
     second = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     _kill_leftovers(ray_tmp)
@@ -194,17 +201,18 @@ def test_killed_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_p
 
     runs = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id],  # not the alias-audit one
                          filter_string="tags.`lora.run_key` != ''")
-    assert len(runs) == 1, "the re-run must continue the killed attempt's MLflow run, not start another"
+    assert len(runs) == 1, "the re-run must continue the stopped attempts' MLflow run, not start another"
     metrics = run_metrics(uri, runs[0].info.run_id)
-    print(f"\n[{launcher}] killed with the checkpoint of step {steps_before} saved; re-run resumed from step "
-          f"{metrics['train_start_step']:.0f}, ended at {metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
+    print(f"\n[{launcher}] stopped by {[signal.Signals(s).name for s in stops]}, the last with the checkpoint of step "
+          f"{steps_before} saved; re-run resumed from step {metrics['train_start_step']:.0f}, ended at "
+          f"{metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
     assert runs[0].info.status == "FINISHED"
     assert metrics["train_start_step"] == steps_before, "the re-run must continue from the latest saved checkpoint"
     assert metrics["train_step"] == 60
     state = final_state(str(checkpoints(run_dir / "train")[-1].parent))
     assert optimizer_steps(state) == {60}
     logged = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
-    assert logged == set(range(1, 61)), "every step's loss is in the run's history, from both attempts"
+    assert logged == set(range(1, 61)), "every step's loss is in the run's history, from every attempt"
 
 
 def _kill_leftovers(ray_tmp: str) -> None:
