@@ -46,6 +46,14 @@ def cpu_runs_bf16() -> bool:
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def device_kind(device: torch.device | str) -> str:
+    """What a precision was resolved for, in a few words: `CPU AVX512`, `CPU AVX2`, or the GPU's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {torch.backends.cpu.get_cpu_capability()}{', bf16 native' if cpu_runs_bf16() else ''}"
+
+
 def slow_bf16_warning(precision: str, device: torch.device | str) -> str | None:
     """A warning, with the slowdown measured here (a few milliseconds), when `precision` asks for
     bf16 on a CPU that has no bf16 instructions; None otherwise."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .config import PipelineConfig
 from .errors import NonFiniteLoss, TrainingError
 from .encoding import (
-    PROGRESS_EVERY_S, autocast, causal_lm_loss, collate, encode_examples, pack, resolve_precision, slow_bf16_warning,
+    PROGRESS_EVERY_S, autocast, causal_lm_loss, collate, device_kind, encode_examples, pack, resolve_precision, slow_bf16_warning,
 )
 from .modeling import apply_lora, load_base_model, load_tokenizer
 
@@ -297,6 +297,9 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     longest = max((len(x["input_ids"]) for x in examples), default=t.max_seq_length)
     model = _setup_model(cfg, ctx, tokenizer.pad_token_id, longest)
     _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
+    if ctx.rank == 0:  # what `precision: auto` chose on this machine, before the first step's line
+        print(f"training {total_steps} steps on {ctx.world_size} worker(s) in {resolve_precision(t.precision, ctx.device)} "
+              f"(training.precision: {t.precision}; {device_kind(ctx.device)})", flush=True)
     optimizer, scheduler = _setup_optimizer(cfg, model, ctx, total_steps)
     torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
     step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
