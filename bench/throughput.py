@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     n_params = count_parameters(load_base_model(cfg0.base_model.name_or_path, "causal_lm"))[1]
     lengths = sorted(len(x["input_ids"]) for x in examples)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measuring matmul peak ...", flush=True)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, CPU {capability}, {torch.get_num_threads()} threads; measuring matmul peak ...", flush=True)
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     names = [v for v in args.variants.split(",") if v]
     runs: dict[str, list[float]] = {n: [] for n in names}
@@ -229,7 +230,8 @@ def main(argv=None) -> int:
     print(f"\nSmolLM2-135M ({n_params / 1e6:.1f}M params), LoRA r={cfg0.lora.r} {cfg0.lora.target_modules}, "
           f"batch {args.batch_size}, {args.data} data (tokens/example min {lengths[0]}, median "
           f"{lengths[len(lengths) // 2]}, max {lengths[-1]}), {args.steps} steps, median of {args.rounds} rounds")
-    print(f"peak: fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, bf16 {peak['bf16']['gflops']:.0f} GFLOP/s ({args.threads} threads)")
+    print(f"peak: fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, bf16 {peak['bf16']['gflops']:.0f} GFLOP/s "
+          f"({args.threads} threads, CPU {capability})")
     print(f"{'variant':30} {'tok/s':>8} {'MFU (4N)':>9} {'vs plain':>9} {'best step':>10} {'MFU':>6} {'vs plain':>9}")
     for name, r in results.items():
         base_tps, base_best = ref.get(r["precision"]), ref_best.get(r["precision"])
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
               f"{r['mfu_best_step']:6.1%} {rel_best:>9}")
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"throughput-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "n_params": n_params, "peak": peak, "step_tokens": tokens,
+    out.write_text(json.dumps({"args": vars(args), "cpu_capability": capability, "n_params": n_params, "peak": peak, "step_tokens": tokens,
                                "torch": torch.__version__, "results": results}, indent=2))
     print(f"\nwrote {out}")
     return 0
