@@ -180,10 +180,8 @@ def test_stopped_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_
                 stopped.send_signal(signal.SIGTERM)
                 assert stopped.wait(timeout=90) == 128 + signal.SIGTERM, log.read_text()[-3000:]
                 wait_for(lambda: not _leftovers(ray_tmp), 30, "the stopped run's processes to end by themselves")
-            else:
-                os.killpg(stopped.pid, signal.SIGKILL)
         finally:
-            with contextlib.suppress(ProcessLookupError):  # after a clean stop the whole group is gone
+            with contextlib.suppress(ProcessLookupError):  # SIGKILL to the whole group (gone already after a clean stop)
                 os.killpg(stopped.pid, signal.SIGKILL)
             stopped.wait()
             _kill_leftovers(ray_tmp)
