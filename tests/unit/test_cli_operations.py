@@ -88,3 +88,33 @@ def test_run_pages_open_in_mlflows_model_training_view(tmp_path):
                      f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning")
     assert tracking.version_page(uri, "a model", "3") == "http://127.0.0.1:5000/#/models/a%20model/versions/3"
     assert tracking.version_page("https://mlflow.example/", "m", "3") == "https://mlflow.example/#/models/m/versions/3"
+
+
+def test_serve_fleet_follows_members_without_a_champion_yet(tmp_path, monkeypatch, tiny_model_dir):
+    """`serve --fleet`: the first member with a champion is the default (it fixes the base); a
+    member not promoted yet is served too, said so, and picked up once promoted (the gateway's
+    poll); a fleet with no champion at all is refused before Ray starts."""
+    from pathlib import Path
+
+    import yaml
+
+    import deploy.serve
+    from deploy.testing import register_random_adapters
+    from lora_tasks import aliases
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    (version,) = register_random_adapters(uri, "m-ready", tiny_model_dir, [1], tmp_path)
+    fleet = tmp_path / "fleet.yaml"
+    shared = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    fleet.write_text(yaml.safe_dump({"config": shared, "members": [{"name": "m-later"}, {"name": "m-ready"}]}))
+    served = []
+    monkeypatch.setattr(deploy.serve, "run_forever", lambda cfg, **kw: served.append(cfg))
+
+    refused = runner.invoke(app, ["serve", "--fleet", str(fleet), "--tracking-uri", uri])
+    assert refused.exit_code != 0 and "with a promoted member" in " ".join(refused.output.split()) and not served
+
+    aliases.promote_version(uri, "m-ready", version, reason="first champion")
+    result = runner.invoke(app, ["serve", "--fleet", str(fleet), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "no champion yet: m-later (served once promoted" in " ".join(result.output.split())
+    assert (served[0].model_name, served[0].members) == ("m-ready", ["m-later"])
