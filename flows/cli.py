@@ -103,6 +103,37 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
 @app.command()
 @_exit_on_errors()
+def warm(config: Path, set_: SetOption = None) -> None:
+    """Compute now what every run of CONFIG reads of the base model alone (its answers to the replay
+    prompts and probes, its scores on the eval split, its side of the forgetting comparison), so the
+    first scheduled run costs what later ones do. Trains nothing."""
+    from lora_tasks.config import load_config
+
+    _warm(load_config(config, set_))
+
+
+def _warm(cfg) -> None:
+    import logging
+
+    from lora_tasks.warm import warm_base
+
+    console.print(f"{cfg.model_name}: the base's answers and scores, computed once for every later run ...",
+                  highlight=False, soft_wrap=True)
+    progress = logging.StreamHandler(sys.stderr)  # minutes on a small CPU: its progress lines (no Prefect here)
+    progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("lora_tasks").addHandler(progress)
+    try:
+        w = warm_base(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
+    finally:
+        logging.getLogger("lora_tasks").removeHandler(progress)
+    kept = "task scores and forgetting states kept" if w.scores_kept else (
+        "answers kept; scores are not (the base has no content hash: a hub id)")
+    console.print(f"[green]ok[/]: {w.replay_prompts} replay prompts answered, {w.eval_rows} eval rows scored, {kept} "
+                  f"({w.seconds:.0f} s)", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_exit_on_errors()
 def run(
     config: Path,
     set_: SetOption = None,
@@ -233,8 +264,12 @@ def demo_prepare(
     data_dir: Annotated[Path, typer.Option(help="Where train.jsonl and eval.jsonl go.")] = Path(".prefect-lora/demo/data"),
     rows: Annotated[int, typer.Option(help="Training rows to generate.")] = 2000,
     eval_rows: Annotated[int, typer.Option(help="Eval rows to generate.")] = 200,
+    config: Annotated[Path, typer.Option(help="The demo's config, warmed for its data (see `warm`).")] = Path("configs/demo.yaml"),
+    warm_: Annotated[bool, typer.Option("--warm/--no-warm", help="Compute the base's answers and scores now, not in the first run.")] = True,
 ) -> None:
-    """Materialise the demo models once (GGUF -> safetensors) and write the demo data."""
+    """Materialise the demo models once (GGUF -> safetensors), write the demo data and compute
+    what the demo's runs read of the base model alone (`warm`)."""
+    from lora_tasks.config import load_config
     from lora_tasks.demo import write_demo_data
     from lora_tasks.modeling import resolve_base_model
 
@@ -242,6 +277,8 @@ def demo_prepare(
         console.print(f"{name} -> {resolve_base_model(name)}", highlight=False, soft_wrap=True)
     train, eval_ = write_demo_data(data_dir, rows, eval_rows)
     console.print(f"demo data: {train} ({rows} rows), {eval_} ({eval_rows} rows)", highlight=False, soft_wrap=True)
+    if warm_ and config.is_file():
+        _warm(load_config(config, [f"data.train_path={train}", f"data.eval_path={eval_}"]))
 
 
 def _print_summary(result: RunResult) -> None:

@@ -235,9 +235,10 @@ def _intervals(metric: str, higher: bool, scores: dict[str, dict], stats_kw: dic
     return out
 
 
-def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str | None = None, device: str = "cpu",
+def load_views(cfg: PipelineConfig, adapter_dir: str | None, champion_adapter_dir: str | None = None, device: str = "cpu",
                tokenizer=None):
-    """The models to compare, as named views (`base`, `adapted`, `champion` when given).
+    """The models to compare, as named views (`base`, `adapted`, `champion` when given; the base
+    alone without `adapter_dir`).
 
     LoRA: ONE copy of the base weights, both adapters loaded into the same PeftModel under the
     names `default` and `champion`; the base is the PeftModel under `disable_adapter()`.
@@ -250,6 +251,8 @@ def load_views(cfg: PipelineConfig, adapter_dir: str, champion_adapter_dir: str 
           "trust_remote_code": bm.trust_remote_code, "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(cfg.training.seed)  # a classifier's fresh head starts as it did in training
     base = load_base_model(bm.name_or_path, cfg.task, revision=bm.revision, **kw)
+    if adapter_dir is None:
+        return SeparateViews({BASE: base.to(device)})
     if cfg.training.method == "full":
         tuned = load_base_model(str(adapter_dir), cfg.task, **kw).to(device)
         if not champion_adapter_dir:
@@ -272,7 +275,7 @@ class Evaluation:
     beside a separately loaded base), scored on any rows, part of the forgetting evidence and
     scale of the new adapter. Scores of a view on a part are computed once and reused."""
 
-    def __init__(self, cfg: PipelineConfig, adapter_dir: str, device: str = "cpu", base_info: BaseModelInfo | None = None,
+    def __init__(self, cfg: PipelineConfig, adapter_dir: str | None, device: str = "cpu", base_info: BaseModelInfo | None = None,
                  champion_adapter_dir: str | None = None, champion_version: str | None = None):
         started = time.perf_counter()
         bm = cfg.base_model
@@ -328,6 +331,21 @@ class Evaluation:
         adapter = {CHAMPION: self.champion_adapter_dir, ADAPTED: self.adapter_dir}.get(name)
         precision = resolve_precision(self.cfg.training.precision, self.device)
         return score_cache.model_identity(self.base_info.content_hash, adapter, precision, self.device)
+
+    def keep_base(self, rows: list[dict], part: Part | None = None) -> None:
+        """Compute and keep on disk what every evaluation on `rows` and `part` reads of the base
+        alone: its task scores (`score_cache`), its answers to the probes and its side of the
+        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter."""
+        cfg, what = self.cfg, f"{len(rows)} {part.name if part else 'eval'} rows"
+        log.info("the base alone on %s: task scores, then forgetting", what)
+        with autocast(cfg.training.precision, self.device):
+            self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
+        if cfg.task != "causal_lm":  # a classifier's representation drift keeps nothing of the base
+            return
+        self._blocks.identities = {BASE: self._identity(BASE, 1.0)}
+        with autocast(cfg.training.precision, self.device):
+            measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
+                               self._blocks, sources=("corpus", "probes"))
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
@@ -396,6 +414,27 @@ def evaluate_adapter(
     return evaluate_remedies(ev, eval_rows, champion_metrics, search)
 
 
+def keep_base_scores(cfg: PipelineConfig, eval_rows: list[dict], device: str = "cpu",
+                     base_info: BaseModelInfo | None = None) -> None:
+    """What `evaluate_adapter` would compute of the base alone on `eval_rows` (on both parts of
+    a remedy's split evidence), computed now and kept on disk for every later evaluation."""
+    ev = Evaluation(cfg, None, device, base_info)
+    if cfg.remedy.strategy == "none":
+        ev.keep_base(eval_rows)
+        return
+    for part, rows in zip(("search", "confirm"), evidence_split(cfg, eval_rows)):
+        ev.keep_base(rows, Part(part, cfg.remedy.confirm_fraction))
+
+
+def evidence_split(cfg: PipelineConfig, eval_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A remedy's (search rows, confirm rows) of `eval_rows`, by each row's content."""
+    keys = [json.dumps([row.get(c) for c in sorted(row)], default=str) for row in eval_rows]
+    try:
+        return split_for_confirmation(eval_rows, keys, cfg.remedy.confirm_fraction)
+    except ValueError as exc:
+        raise DataError(f"remedy: {exc} (remedy.confirm_fraction: {cfg.remedy.confirm_fraction})") from None
+
+
 def scale_trials(ev: Evaluation, rows: list[dict], incumbent: Candidate | None, stop_when_sound: bool) -> list[Trial]:
     """The adapter of `ev` at each scale of `remedy.scales` on the search part, judged by the gate.
     With `stop_when_sound`, stop after the first (scale 1) when it keeps every forgetting limit."""
@@ -421,11 +460,7 @@ def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: d
     trial in `EvalReport.remedy`."""
     cfg, started = ev.cfg, time.perf_counter()
     r = cfg.remedy
-    keys = [json.dumps([row.get(c) for c in sorted(row)], default=str) for row in eval_rows]
-    try:
-        search_rows, confirm_rows = split_for_confirmation(eval_rows, keys, r.confirm_fraction)
-    except ValueError as exc:
-        raise DataError(f"remedy: {exc} (remedy.confirm_fraction: {r.confirm_fraction})") from None
+    search_rows, confirm_rows = evidence_split(cfg, eval_rows)
     metric, higher = primary_metric(cfg)
     incumbent = candidate_from_metrics(champion_metrics, metric, higher) if champion_metrics else None
     trials = scale_trials(ev, search_rows, incumbent, stop_when_sound=r.when == "refused")

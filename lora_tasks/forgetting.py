@@ -139,7 +139,7 @@ def compare_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: i
     todo = [n for n in views.names if n != BASE and n not in stored]
     if todo or BASE not in stored:
         _compare(views, blocks, batch_size, pad_id, device, score_from, todo, cache, key, out)
-        for n in [BASE, *todo]:
+        for n in [BASE, *todo] if BASE not in stored else todo:
             cache.keep_units(n, key, {"tokens": out["tokens"], "nll": out["nll"][n], **({"kl": out["kl"][n]} if n != BASE else {})})
     for n, units in stored.items():
         out["tokens"] = units["tokens"]
@@ -560,13 +560,14 @@ source on, and what measures it. Probes and benchmarks score causal LMs only (a 
 
 
 def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
-                       stats_kw: dict, part: Part | None = None, cache: BlockCache | None = None) -> tuple[dict, dict]:
-    """Forgetting of every non-base view against the base on each source `evaluation.reference`
-    turns on, on `part` of its evidence (all without one), reusing what `cache` holds:
-    ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
+                       stats_kw: dict, part: Part | None = None, cache: BlockCache | None = None,
+                       sources: tuple[str, ...] = tuple(SOURCES)) -> tuple[dict, dict]:
+    """Forgetting of every non-base view against the base on each of `sources` that
+    `evaluation.reference` turns on, on `part` of its evidence (all without one), reusing what
+    `cache` holds: ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
     m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part, cache)
     ref = cfg.evaluation.reference
-    for enabled, measure in SOURCES.values():
-        if ref is not None and enabled(ref):
+    for source, (enabled, measure) in SOURCES.items():
+        if source in sources and ref is not None and enabled(ref):
             measure(m)
     return m.metrics, m.intervals

@@ -34,6 +34,18 @@ def test_validate_passes_on_the_tiny_config(tmp_path):
     assert (tmp_path / "runs" / "tiny-sums" / "validate" / "validation_report.json").exists()
 
 
+def test_warm_keeps_the_base_scores_a_first_run_reads_and_a_second_warm_computes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_LORA_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["warm", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "60 eval rows scored, task scores and forgetting states kept" in result.output
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert [p.parent.name for p in kept].count("scores") == 1 and [p.suffix for p in kept].count(".pt") == 1
+    again = runner.invoke(app, ["warm", str(_config(tmp_path))])
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == kept
+
+
 def test_config_errors_are_one_message_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model_name: x\ntask: causal_lm\ntraining: {max_steps: 0}\nsurprise: 1\n")

@@ -186,3 +186,45 @@ def test_scores_are_reused_across_runs_and_todays_adapter_is_tomorrows_champion(
         "another champion: its scores afresh (the new adapter's and the base's reused)"
     promoted, n = run(rows, champion_dir=newer, adapter=_trained_like_adapter(cfg, tmp_path / "third", seed=3))
     assert n == 1 and promoted.champion == again.adapted, "yesterday's adapter, now the champion: read back, not scored"
+
+def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_running_the_base(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """`keep_base_scores` (what `prefect-lora warm` runs) keeps the base's task scores, probe
+    answers and forgetting states on both parts of a remedy's evidence: the first evaluation then
+    scores only the new adapter, runs the base's output layer alone, and reports what a run
+    without anything kept reports."""
+    from lora_tasks import evaluation
+    from lora_tasks.evaluation import keep_base_scores
+    from lora_tasks.modeling import describe_base_model
+
+    raw = _remedy_cfg(tmp_path, max_kl=100.0).model_dump(mode="json")
+    raw["evaluation"]["reference"].update(probes="general", max_probes=6)
+    raw["promotion"]["max_self_retention_ratio"] = None  # the adapter as trained is admissible: one trial
+    raw["evaluation"]["generation"] = {"max_new_tokens": 4}
+    cfg = config_from_dict(raw)
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(16)]
+    adapter, info = _trained_like_adapter(cfg, tmp_path / "ad"), describe_base_model(cfg.base_model.name_or_path)
+    scored = []
+    real = evaluation._task_scores
+    monkeypatch.setattr(evaluation, "_task_scores", lambda *a: scored.append(a[-1]) or real(*a))
+
+    monkeypatch.setenv("PREFECT_LORA_CACHE", str(tmp_path / "cold"))
+    cold = evaluate_adapter(cfg, adapter, rows, base_info=info)
+    assert scored == ["adapted", "base"] * 2, "search part, then confirm part"
+
+    warm = tmp_path / "warm"
+    monkeypatch.setenv("PREFECT_LORA_CACHE", str(warm))
+    scored.clear()
+    keep_base_scores(cfg, rows, base_info=info)
+    kept = {p: p.stat().st_mtime_ns for p in warm.rglob("*") if p.is_file()}
+    assert scored == ["base", "base"] and len(list(warm.glob("scores/*.json"))) == 2
+    assert len(list(warm.glob("forgetting/*.pt"))) == 4, "base states: probes and corpus, on each part"
+    scored.clear()
+    first = evaluate_adapter(cfg, adapter, rows, base_info=info)
+    assert scored == ["adapted", "adapted"], "the base's task scores were read, not computed"
+    assert [p.name for p, t in kept.items() if p.stat().st_mtime_ns != t] == [], "nothing of the base computed again"
+    assert len(list(warm.glob("forgetting/*.pt"))) == 4, "the base's states were reused"
+    assert first.base == cold.base and first.adapted == cold.adapted and first.samples == cold.samples
+    assert first.forgetting == pytest.approx(cold.forgetting, rel=1e-6)
+    assert first.forgetting["self_retention_tokens"] > 0 and first.forgetting["reference_tokens"] > 0
+    assert first.intervals.keys() == cold.intervals.keys() and first.remedy["chosen"] == cold.remedy["chosen"] == "scale=1"
