@@ -300,6 +300,9 @@ class GenerationEvalConfig(_Section):
     """Tokens generated per eval prompt (greedy)."""
     max_rows: int | None = Field(200, ge=1)
     """Eval rows scored by generation (the slow part); null scores all."""
+    batch_tokens: int = Field(8192, ge=1)
+    """Tokens per generation batch (prompt and new tokens per row): as many prompts as fit, not
+    `evaluation.batch_size`; each decoding step reads the weights once for the whole batch."""
     metric: Literal["exact", "json", "rouge_l"] = "exact"
     """`exact`: answer equals the completion after stripping; `json`: also per-field accuracy and
     valid-JSON rate; `rouge_l`: ROUGE-L F1 (summaries), which then is the primary metric."""

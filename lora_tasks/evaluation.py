@@ -200,7 +200,7 @@ def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, 
     rows = rows[: gen.max_rows] if gen.max_rows else rows
     answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], gen.max_new_tokens, bs,
                                device, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt,
-                               label=f"{name}'s answers on the eval rows")
+                               label=f"{name}'s answers on the eval rows", batch_tokens=gen.batch_tokens)
     per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
     metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
     return metrics, {**units, **per_row}, answers

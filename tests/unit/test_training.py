@@ -262,6 +262,28 @@ def test_slow_loops_say_where_they_are_at_least_every_few_seconds(tiny_model_dir
     assert steps == ["1/5", "2/5", "3/5", "4/5", "5/5"]
 
 
+def test_generation_batches_hold_as_many_prompts_as_fit_their_token_budget(tiny_model_dir):
+    """With `batch_tokens`, a batch takes prompts (shortest first) while rows x (its longest prompt
+    + new tokens) fits, at least one even when a single prompt does not; the answers are those of
+    fixed-size batches, in the prompts' order."""
+    from lora_tasks import encoding
+    from lora_tasks.modeling import load_base_model, load_tokenizer
+
+    lengths = [5, 30, 10, 10, 50, 20]
+    order = sorted(range(6), key=lambda i: lengths[i])
+    assert list(encoding._generation_batches(order, lengths, 10, 2, None)) == [[0, 2], [3, 5], [1, 4]]
+    assert list(encoding._generation_batches(order, lengths, 10, 2, 80)) == [[0, 2, 3], [5, 1], [4]]
+    assert list(encoding._generation_batches(order, lengths, 10, 2, 10)) == [[0], [2], [3], [5], [1], [4]]
+    tok, model = load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir, "causal_lm")
+    torch.manual_seed(0)
+    for p in model.parameters():  # weights that answer each prompt differently
+        p.data.normal_(0, 0.3)
+    prompts = [f"{'9' * (i % 7)}{i} + 1 =" for i in range(12)]
+    fixed = encoding.generate_answers(model, tok, prompts, 3, 2)
+    assert encoding.generate_answers(model, tok, prompts, 3, 2, batch_tokens=64) == fixed
+    assert len(set(fixed)) > 1, "the prompts get different answers: order is checked"
+
+
 def test_a_planted_trainer_state_is_refused_not_run(tmp_path):
     """A trainer_state.pt that holds more than tensors and plain values (a pickle that would run
     code) is refused with what to do; the trainer's own state loads."""
