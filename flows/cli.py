@@ -126,10 +126,10 @@ def _warm(cfg) -> None:
         w = warm_base(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
     finally:
         logging.getLogger("lora_tasks").removeHandler(progress)
-    kept = "task scores and forgetting states kept" if w.scores_kept else (
-        "answers kept; scores are not (the base has no content hash: a hub id)")
-    console.print(f"[green]ok[/]: {w.replay_prompts} replay prompts answered, {w.eval_rows} eval rows scored, {kept} "
-                  f"({w.seconds:.0f} s)", highlight=False, soft_wrap=True)
+    scored = (f"{w.eval_rows} eval rows scored, task scores and forgetting states kept" if w.scores_kept else
+              "no scores kept: the base has no content hash (a hub id; a local folder has one)")
+    console.print(f"[green]ok[/]: {w.replay_prompts} replay prompts answered, {scored} ({w.seconds:.0f} s)",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

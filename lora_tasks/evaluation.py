@@ -335,8 +335,11 @@ class Evaluation:
     def keep_base(self, rows: list[dict], part: Part | None = None) -> None:
         """Compute and keep on disk what every evaluation on `rows` and `part` reads of the base
         alone: its task scores (`score_cache`), its answers to the probes and its side of the
-        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter."""
+        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter;
+        does nothing for a base without a content hash (a hub id), whose scores are never kept."""
         cfg, what = self.cfg, f"{len(rows)} {part.name if part else 'eval'} rows"
+        if self._identity(BASE, 1.0) is None:
+            return
         log.info("the base alone on %s: task scores, then forgetting", what)
         with autocast(cfg.training.precision, self.device):
             self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
