@@ -23,7 +23,7 @@ from .replay import replay_rows
 @dataclass(frozen=True)
 class Warmed:
     replay_prompts: int
-    """Replay prompts the base has answered (0 without `replay.share`)."""
+    """Replay prompts the base has answered (0 without `replay.share` or with passages to replay)."""
     eval_rows: int
     scores_kept: bool
     """Whether the task scores and forgetting states were kept: a base without a content hash (a
@@ -39,6 +39,5 @@ def warm_base(cfg: PipelineConfig, out_dir: str | Path) -> Warmed:
     base = describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
     replay = replay_rows(cfg, len(data.train_rows), base)
     keep_base_scores(cfg, data.eval_rows, base_info=base)
-    prompt = cfg.data.prompt_column or cfg.data.text_column
-    return Warmed(len({r[prompt] for r in replay}), len(data.eval_rows), base.content_hash is not None,
-                  time.perf_counter() - started)
+    answered = len({r[cfg.data.prompt_column] for r in replay}) if cfg.replay.source == "self" else 0
+    return Warmed(answered, len(data.eval_rows), base.content_hash is not None, time.perf_counter() - started)
