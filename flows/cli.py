@@ -127,7 +127,7 @@ def _warm(cfg) -> None:
     finally:
         logging.getLogger("lora_tasks").removeHandler(progress)
     scored = (f"{w.eval_rows} eval rows scored, task scores and forgetting states kept" if w.scores_kept else
-              "no scores kept: the base has no content hash (a hub id; a local folder has one)")
+              "no scores kept: a hub id at a branch or tag may change; pin base_model.revision to a commit to keep them")
     console.print(f"[green]ok[/]: {w.replay_prompts} replay prompts answered, {scored} ({w.seconds:.0f} s)",
                   highlight=False, soft_wrap=True)
 

@@ -72,7 +72,7 @@ class BaseModelConfig(_Section):
     """Hugging Face hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), a local folder, or
     `builtin:tiny-llama` (a 2-layer Llama built in code, for smoke tests)."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) to pin; ignored for local folders."""
+    """Hub revision (branch, tag or commit); a commit lets runs keep the base's scores. Ignored for folders."""
     trust_remote_code: bool = False
     """Allow model code from the hub; off unless you trust the repository."""
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"

@@ -336,7 +336,7 @@ class Evaluation:
         """Compute and keep on disk what every evaluation on `rows` and `part` reads of the base
         alone: its task scores (`score_cache`), its answers to the probes and its side of the
         forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter;
-        does nothing for a base without a content hash (a hub id), whose scores are never kept."""
+        does nothing for a base without a content hash (a hub id at a branch), whose scores are never kept."""
         cfg, what = self.cfg, f"{len(rows)} {part.name if part else 'eval'} rows"
         if self._identity(BASE, 1.0) is None:
             return

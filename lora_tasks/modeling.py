@@ -185,10 +185,14 @@ class BaseModelInfo:
 
 
 def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseModelInfo:
-    """Lineage of the base: local folders are hashed; hub ids keep their pinned revision."""
+    """Lineage of the base: local folders are hashed; hub ids keep their revision, and one pinned
+    to a commit (40 hex digits) has an identity without a download: a commit's files never change.
+    A branch or tag (`main`) moves, so such a base has no content hash and nothing of it is cached."""
     resolved = resolve_base_model(name_or_path)
     if Path(resolved).is_dir():
         return BaseModelInfo(resolved, None, folder_hash(resolved))
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return BaseModelInfo(resolved, revision, hashlib.sha256(f"{resolved}@{revision}".encode()).hexdigest())
     return BaseModelInfo(resolved, revision or "main", None)
 
 

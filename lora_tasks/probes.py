@@ -14,6 +14,7 @@ training on the probes would fake the evidence the gate reads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def _has_chat_template(tokenizer) -> bool:
 
 
 def _cache_file(base_hash: str, max_new_tokens: int) -> Path:
-    return cache_dir() / "probes" / f"{base_hash[:16]}-{max_new_tokens}.jsonl"
+    """One file per base and answer length; `base_hash` may also be `hub-id@revision` (hashed here:
+    two ids of one organisation must not share a file, and a `/` is no file name)."""
+    return cache_dir() / "probes" / f"{hashlib.sha256(base_hash.encode()).hexdigest()[:16]}-{max_new_tokens}.jsonl"
 
 
 def _stored(base_hash: str, max_new_tokens: int) -> dict[str, str]:

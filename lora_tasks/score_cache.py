@@ -23,8 +23,8 @@ from .modeling import cache_dir, write_cache_file
 
 def model_identity(base_hash: str | None, adapter_dir: str | None, precision: str, device: str) -> str | None:
     """One model as it scores: base weights, adapter weights (None: the base itself), precision,
-    device and code versions. None when the base has no content hash (a hub id not materialised
-    locally): then nothing of it is cached."""
+    device and code versions. None when the base has no content hash (a hub id at a branch or
+    tag, which may move: pin `base_model.revision` to a commit): then nothing of it is cached."""
     if not base_hash:
         return None
     return json.dumps({"base": base_hash, "adapter": _files_hash(adapter_dir) if adapter_dir else None,

@@ -27,7 +27,7 @@ class Warmed:
     eval_rows: int
     scores_kept: bool
     """Whether the task scores and forgetting states were kept: a base without a content hash (a
-    hub id) keeps only its answers, keyed by id and revision."""
+    hub id at a branch or tag) keeps only its answers, keyed by id and revision."""
     seconds: float
 
 

@@ -47,3 +47,30 @@ def test_a_classifier_is_read_anew_for_its_fresh_head(monkeypatch, tiny_model_di
         load_base_model(tiny_model_dir, "sequence_classification", num_labels=2, pad_token_id=0)
         load_base_model(tiny_model_dir, "sequence_classification", num_labels=2, pad_token_id=0)
     assert reads["model"] == 2
+
+
+def test_a_hub_base_pinned_to_a_commit_has_an_identity_and_one_at_a_branch_has_none(tiny_model_dir):
+    """A commit's files never change, so a hub id at a commit is an identity (its scores are kept
+    across runs); at a branch or tag it may move (nothing kept). A local folder is hashed."""
+    from lora_tasks.modeling import describe_base_model
+
+    sha, other = "0123456789abcdef" * 2 + "01234567", "f" * 40
+    pinned = describe_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", sha)
+    assert pinned.revision == sha and len(pinned.content_hash) == 64
+    assert describe_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", other).content_hash != pinned.content_hash
+    assert describe_base_model("HuggingFaceTB/SmolLM2-360M-Instruct", sha).content_hash != pinned.content_hash
+    for moving in (None, "main", "v1.0", sha[:12]):
+        assert describe_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", moving).content_hash is None
+    local = describe_base_model(tiny_model_dir)
+    assert local.revision is None and local.content_hash == modeling.folder_hash(tiny_model_dir)
+
+
+def test_probe_answers_of_two_hub_ids_of_one_organisation_are_kept_apart(tmp_path, monkeypatch):
+    """The answers' file is named by a hash of the whole key: two ids alike in their first 16
+    characters (and a `/`) neither share a file nor make a folder."""
+    from lora_tasks import probes
+
+    monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
+    a = probes._cache_file("HuggingFaceTB/SmolLM2-135M-Instruct@main", 64)
+    b = probes._cache_file("HuggingFaceTB/SmolLM2-360M-Instruct@main", 64)
+    assert a != b and a.parent == b.parent == tmp_path / "probes"
