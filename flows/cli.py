@@ -91,7 +91,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
     from lora_tasks import power
 
     cfg = load_config(config, set_)
-    data = prepare_data(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
+    data = prepare_data(cfg, _checks_dir(cfg))
     Console().print(Markdown(data.report.to_markdown()))
     console.print(f"[green]ok[/]: {data.train_count} train and {len(data.eval_rows)} eval rows valid; "
                   f"fingerprint {data.fingerprint[:16]}")
@@ -99,6 +99,11 @@ def validate(config: Path, set_: SetOption = None) -> None:
     console.print("\n".join(power.report(cfg, checks)), highlight=False, soft_wrap=True, markup=False)
     for warning in power.enforce(cfg, checks):
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _checks_dir(cfg) -> Path:
+    """Where `validate` and `warm` write the data contract's report (no run folder: nothing trains)."""
+    return Path(cfg.scaling.storage_path) / cfg.model_name / "validate"
 
 
 @app.command()
@@ -123,7 +128,7 @@ def _warm(cfg) -> None:
     progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("lora_tasks").addHandler(progress)
     try:
-        w = warm_base(cfg, Path(cfg.scaling.storage_path) / cfg.model_name / "validate")
+        w = warm_base(cfg, _checks_dir(cfg))
     finally:
         logging.getLogger("lora_tasks").removeHandler(progress)
     scored = (f"{w.eval_rows} eval rows scored, task scores and forgetting states kept" if w.scores_kept else

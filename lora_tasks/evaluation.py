@@ -335,20 +335,15 @@ class Evaluation:
     def keep_base(self, rows: list[dict], part: Part | None = None) -> None:
         """Compute and keep on disk what every evaluation on `rows` and `part` reads of the base
         alone: its task scores (`score_cache`), its answers to the probes and its side of the
-        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter;
-        does nothing for a base without a content hash (a hub id at a branch), whose scores are never kept."""
-        cfg, what = self.cfg, f"{len(rows)} {part.name if part else 'eval'} rows"
-        if self._identity(BASE, 1.0) is None:
-            return
-        log.info("the base alone on %s: task scores, then forgetting", what)
-        with autocast(cfg.training.precision, self.device):
-            self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
-        if cfg.task != "causal_lm":  # a classifier's representation drift keeps nothing of the base
-            return
+        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter."""
+        cfg = self.cfg
+        log.info("the base alone on %d %s rows: task scores, then forgetting", len(rows), part.name if part else "eval")
         self._blocks.identities = {BASE: self._identity(BASE, 1.0)}
         with autocast(cfg.training.precision, self.device):
-            measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
-                               self._blocks, sources=("corpus", "probes"))
+            self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
+            if cfg.task == "causal_lm":  # a classifier's representation drift keeps nothing of the base
+                measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
+                                   self._blocks, sources=("corpus", "probes"))
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
@@ -420,7 +415,11 @@ def evaluate_adapter(
 def keep_base_scores(cfg: PipelineConfig, eval_rows: list[dict], device: str = "cpu",
                      base_info: BaseModelInfo | None = None) -> None:
     """What `evaluate_adapter` would compute of the base alone on `eval_rows` (on both parts of
-    a remedy's split evidence), computed now and kept on disk for every later evaluation."""
+    a remedy's split evidence), computed now and kept on disk for every later evaluation. Nothing
+    for a base without a content hash (a hub id at a branch): its scores are never kept, so the
+    model is not even loaded."""
+    if base_info is None or not base_info.content_hash:
+        return
     ev = Evaluation(cfg, None, device, base_info)
     if cfg.remedy.strategy == "none":
         ev.keep_base(eval_rows)
