@@ -277,11 +277,34 @@ def _logits_at(model, batch: dict[str, torch.Tensor], keep: torch.Tensor | int) 
     return logits, labels[:, keep + 1]
 
 
-def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens)."""
+def causal_lm_row_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a left-padded batch: (sum of its token losses, its number of target tokens, how
+    many of its first target tokens are the model's own greedy choice given the targets before)."""
     logits, targets = _logits_at(model, batch, _target_positions(batch["labels"], packed=False))
     loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return loss.sum(1), (targets != IGNORE_INDEX).sum(1)
+    scored = targets != IGNORE_INDEX  # left padding: a row's targets are its last positions
+    agreed = ((logits.argmax(-1) == targets) | ~scored).int().cumprod(1).bool() & scored
+    return loss.sum(1), scored.sum(1), agreed.sum(1)
+
+
+def greedy_answers_read_off(examples: list[dict], agreed: list[int], prompts: list[str], tokenizer, max_new_tokens: int,
+                            *, chat_template: bool = False, system_prompt: str | None = None) -> dict[int, str]:
+    """The greedy answers a loss pass has already shown, by row. Where the model's own next-token
+    choice is every target token in turn (the reference answer, then its end token), greedy
+    decoding from the prompt writes exactly that answer, so it need not be generated; likewise
+    when the first `max_new_tokens` targets agree (decoding stops there). A row qualifies only
+    when the loss pass saw the prompt generation sees (`prompts`, formatted as `generate_answers`
+    formats them), not one cut to fit max_seq_length. The answers are `generate_answers`' up to
+    the rounding that already tells two batchings of it apart (a near-tie of two tokens)."""
+    eos, out = tokenizer.eos_token_id, {}
+    lengths = _formatted(prompts, tokenizer, chat_template, system_prompt)[2]
+    for i, (ex, n, prompt) in enumerate(zip(examples, agreed, lengths)):
+        target = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        need = min(len(target), max_new_tokens)
+        ends = bool(target) and target[-1] == eos
+        if len(ex["input_ids"]) - len(target) == prompt and n >= need and (ends or len(target) >= max_new_tokens):
+            out[i] = tokenizer.decode(target[:need], skip_special_tokens=True)
+    return out
 
 
 @torch.no_grad()
@@ -296,8 +319,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     batch, so fewer, fuller batches cost less. With `label`, a progress line (`label: 48/120
     answers, 25 s`) is logged every `PROGRESS_EVERY_S` seconds."""
     started = last = time.perf_counter()
-    texts, special = format_prompts(prompts, tokenizer, chat_template, system_prompt)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    texts, special, lengths = _formatted(prompts, tokenizer, chat_template, system_prompt)
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = [""] * len(texts)
@@ -318,6 +340,13 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def _formatted(prompts: list[str], tokenizer, chat_template: bool, system_prompt: str | None
+               ) -> tuple[list[str], bool, list[int]]:
+    """`format_prompts`'s (texts, special) and each text's length in tokens."""
+    texts, special = format_prompts(prompts, tokenizer, chat_template, system_prompt)
+    return texts, special, [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
 def _generation_batches(order: list[int], lengths: list[int], max_new_tokens: int, batch_size: int,

@@ -21,7 +21,9 @@ from .errors import DataError
 from .block_cache import BlockCache
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
-from .encoding import autocast, causal_lm_row_losses, collate, encode_examples, generate_answers, resolve_precision
+from .encoding import (
+    autocast, causal_lm_row_losses, collate, encode_examples, generate_answers, greedy_answers_read_off, resolve_precision,
+)
 from .promotion import Candidate, candidate_from_metrics
 from .remedy import (
     Part, Trial, choose, describe_trial, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name,
@@ -104,17 +106,20 @@ def causal_lm_metrics(model, examples: list[dict], pad_id: int, batch_size: int,
 
 
 @torch.no_grad()
-def causal_lm_scores(model, examples: list[dict], pad_id: int, batch_size: int, device="cpu") -> tuple[dict, dict]:
-    """(metrics, per-example units: loss sums and target-token counts)."""
-    losses, tokens = [], []
+def causal_lm_scores(model, examples: list[dict], pad_id: int, batch_size: int, device="cpu"
+                     ) -> tuple[dict, dict, list[int]]:
+    """(metrics, per-example units: loss sums and target-token counts, per example how many of its
+    first target tokens the model itself would write: see `greedy_answers_read_off`)."""
+    losses, tokens, agreed = [], [], []
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id, "causal_lm").items()}
-        row_loss, row_tokens = causal_lm_row_losses(model, batch)
+        row_loss, row_tokens, row_agreed = causal_lm_row_losses(model, batch)
         losses += row_loss.tolist()
         tokens += row_tokens.tolist()
+        agreed += row_agreed.tolist()
     loss = sum(losses) / max(sum(tokens), 1)
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": sum(tokens)}
-    return metrics, {"loss_sum": np.array(losses), "tokens": np.array(tokens)}
+    return metrics, {"loss_sum": np.array(losses), "tokens": np.array(tokens)}, agreed
 
 
 @torch.no_grad()
@@ -193,14 +198,21 @@ def _task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, 
     bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
     if cfg.task == "sequence_classification":
         return (*classification_scores(model, examples, pad_id, len(cfg.data.labels), bs, device), [])
-    metrics, units = causal_lm_scores(model, examples, pad_id, bs, device)
+    metrics, units, agreed = causal_lm_scores(model, examples, pad_id, bs, device)
     gen = cfg.evaluation.generation
     if gen is None:
         return metrics, units, []
     rows = rows[: gen.max_rows] if gen.max_rows else rows
-    answers = generate_answers(model, tokenizer, [r[cfg.data.prompt_column] for r in rows], gen.max_new_tokens, bs,
-                               device, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt,
-                               label=f"{name}'s answers on the eval rows", batch_tokens=gen.batch_tokens)
+    prompts, prompting = [r[cfg.data.prompt_column] for r in rows], {
+        "chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt}
+    # A model that writes the reference answer token by token (its loss pass shows it) needs no decoding for it.
+    known = greedy_answers_read_off(examples, agreed, prompts, tokenizer, gen.max_new_tokens, **prompting)
+    todo = [p for i, p in enumerate(prompts) if i not in known]
+    log.info("%s's answers on the eval rows: %d of %d read off its loss pass (it writes the reference), %d to generate",
+             name, len(known), len(rows), len(todo))
+    fresh = iter(generate_answers(model, tokenizer, todo, gen.max_new_tokens, bs, device, **prompting,
+                                  label=f"{name}'s answers on the eval rows", batch_tokens=gen.batch_tokens) if todo else [])
+    answers = [known[i] if i in known else next(fresh) for i in range(len(rows))]
     per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
     metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
     return metrics, {**units, **per_row}, answers

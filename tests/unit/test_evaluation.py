@@ -228,3 +228,55 @@ def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_r
     assert first.forgetting == pytest.approx(cold.forgetting, rel=1e-6)
     assert first.forgetting["self_retention_tokens"] > 0 and first.forgetting["reference_tokens"] > 0
     assert first.intervals.keys() == cold.intervals.keys() and first.remedy["chosen"] == cold.remedy["chosen"] == "scale=1"
+
+
+def test_answers_a_model_writes_token_by_token_are_read_off_its_loss_pass_not_generated(tiny_model_dir, tmp_path, monkeypatch):
+    """Rows whose reference is the model's own greedy answer need no decoding: the loss pass shows
+    the model choosing each reference token, so `_task_scores` generates only the other rows, and
+    every answer and metric is what generating them all gives."""
+    from lora_tasks import encoding, evaluation
+    from lora_tasks.modeling import load_base_model, load_tokenizer
+
+    cfg = _cfg("causal_lm", tmp_path)
+    cfg.evaluation.generation = GenerationEvalConfig(max_new_tokens=4, metric="exact")
+    tok, model = load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir, "causal_lm")
+    torch.manual_seed(0)
+    for p in model.parameters():  # weights that answer each prompt differently...
+        p.data.normal_(0, 0.3)
+    plain = torch.tensor([tok.decode([i]).isascii() and tok.decode([i]).isalnum() or i == tok.eos_token_id
+                          for i in range(model.config.vocab_size)])
+    model.lm_head.register_forward_hook(lambda module, args, out: out.masked_fill(~plain, -1e4))  # ...in plain text
+    prompts = [f"{'9' * (i % 5)}{i} + 2 =" for i in range(12)]
+    own = encoding.generate_answers(model, tok, prompts, 4, 4)
+    rows = [{"prompt": p, "completion": a if i % 3 else "no"} for i, (p, a) in enumerate(zip(prompts, own))]
+    asked: list[str] = []
+    monkeypatch.setattr(evaluation, "generate_answers", lambda m, t, ps, *a, **k: asked.extend(ps) or encoding.generate_answers(m, t, ps, *a, **k))
+    metrics, _, answers = evaluation._task_scores(model, cfg, evaluation.encode_examples(rows, tok, cfg), rows, tok, "cpu")
+
+    assert answers == own and metrics["exact_match"] == pytest.approx(8 / 12)
+    assert asked == [prompts[i] for i in range(0, 12, 3)], "only the rows with another reference are generated"
+    assert len(set(own)) > 4 and any(len(a) < 4 for a in own), "distinct answers, some ended by the end token"
+
+
+def test_a_greedy_answer_is_read_off_only_when_every_token_decoding_would_write_agrees(tiny_model_dir):
+    """All of the answer and its end token, or the first max_new_tokens of it; never a prompt cut
+    to fit max_seq_length (generation would see another prompt)."""
+    from lora_tasks.encoding import IGNORE_INDEX, format_prompts, greedy_answers_read_off
+    from lora_tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    prompt = tok(format_prompts(["2 + 2 ="], tok)[0][0])["input_ids"]
+    answer, eos = tok(" 4", add_special_tokens=False)["input_ids"], tok.eos_token_id
+
+    def example(p, a):
+        return {"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}
+
+    def read(ex, agreed, max_new=8):
+        return greedy_answers_read_off([ex], [agreed], ["2 + 2 ="], tok, max_new)
+
+    whole = example(prompt, answer + [eos])
+    assert read(whole, len(answer) + 1) == {0: " 4"}
+    assert read(whole, len(answer)) == {}, "the end token not agreed: decoding would go on"
+    assert read(whole, 1, max_new=1) == {0: tok.decode(answer[:1])}, "decoding stops after max_new_tokens"
+    assert read(example(prompt, answer), len(answer)) == {}, "an answer cut by max_seq_length: what follows is unknown"
+    assert read(example(prompt[1:], answer + [eos]), len(answer) + 1) == {}, "the loss pass saw a shorter prompt"
