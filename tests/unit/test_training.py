@@ -314,3 +314,33 @@ def test_a_diverging_loss_is_a_training_error_that_is_not_retried(tiny_model_dir
     assert not _worth_retrying(None, None, failed(ConfigError(["x: bad"])))
     assert _worth_retrying(None, None, failed(TrainingError("training failed on Ray: a worker died")))
     assert _worth_retrying(None, None, Completed())
+
+
+def _ranks_after_broadcast(rank: int, store_path: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from lora_tasks import training
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each rank starts from its own values
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    training._broadcast_trainable(model)
+    out[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_the_weights_that_train_start_as_rank_zeros_and_the_frozen_base_is_not_sent(tmp_path):
+    """DDP is built without its initial broadcast of every weight (each rank loaded the same base
+    files); the trainable weights alone are made rank 0's, in one broadcast."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_ranks_after_broadcast, args=(str(tmp_path / "store"), out), nprocs=2, start_method="fork")
+        zero, one = out[0], out[1]
+    for name in ("1.weight", "1.bias"):
+        torch.testing.assert_close(one[name], zero[name], rtol=0, atol=0)
+    torch.manual_seed(1)
+    assert torch.equal(one["0.weight"], torch.nn.Linear(3, 3).weight), "a frozen weight keeps the rank's own value"
+    assert not torch.equal(one["0.weight"], zero["0.weight"])
