@@ -120,14 +120,12 @@ def warm(config: Path, set_: SetOption = None) -> None:
 def _warm(cfg) -> None:
     import logging
 
-    from flows.settings import start_prefect_api_early
+    from flows.settings import create_prefect_database_early
     from lora_tasks.warm import warm_base
 
     console.print(f"{cfg.model_name}: the base's answers and scores, computed once for every later run ...",
                   highlight=False, soft_wrap=True)
-    # Without a Prefect server, Prefect's local database is created now, beside this work, not in
-    # the first run (~5 s); its temporary server stops when this command exits.
-    api_ready = start_prefect_api_early()
+    database_ready = create_prefect_database_early()  # not in the first run
     progress = logging.StreamHandler(sys.stderr)  # minutes on a small CPU: its progress lines (no Prefect here)
     progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("lora_tasks").addHandler(progress)
@@ -135,7 +133,7 @@ def _warm(cfg) -> None:
         w = warm_base(cfg, _checks_dir(cfg))
     finally:
         logging.getLogger("lora_tasks").removeHandler(progress)
-        api_ready()
+        database_ready()
     scored = (f"{w.eval_rows} eval rows scored, task scores and forgetting states kept" if w.scores_kept else
               "no scores kept: a hub id at a branch or tag may change; pin base_model.revision to a commit to keep them")
     console.print(f"[green]ok[/]: {w.replay_prompts} replay prompts answered, {scored} ({w.seconds:.0f} s)",
@@ -204,7 +202,7 @@ def watch(
     from lora_tasks.fleet import load_fleet
 
     load_fleet(fleet_file)
-    from flows.settings import start_prefect_api_early
+    from flows.settings import create_prefect_database_early
 
     api_ready = start_prefect_api_early()
     from flows.fleet import watch_fleet
