@@ -202,7 +202,7 @@ def watch(
     from lora_tasks.fleet import load_fleet
 
     load_fleet(fleet_file)
-    from flows.settings import create_prefect_database_early
+    from flows.settings import start_prefect_api_early
 
     api_ready = start_prefect_api_early()
     from flows.fleet import watch_fleet
