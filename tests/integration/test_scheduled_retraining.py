@@ -56,6 +56,16 @@ class Receiver:
     def events(self, event: str) -> list[dict]:
         return [p for p in self.payloads if p.get("event") == event]
 
+    def one(self, event: str, flow_run_id: str, worker) -> dict:
+        """The one `event` posted for this flow run. Prefect runs a flow's state hooks after the
+        server has its final state, so the post may come a moment after the run reads finished."""
+        def posted():
+            return [p for p in self.events(event) if p["flow_run_id"] == flow_run_id]
+
+        wait_for(posted, 60, f"the {event} webhook of flow run {flow_run_id}\nworker log:\n{worker.tail()}", every=0.1)
+        (payload,) = posted()
+        return payload
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
@@ -164,8 +174,9 @@ def test_deployed_run_registers_and_promotes_and_notifies(stack, first):
     champion = c.get_model_version_by_alias("tiny-sums", "champion")
     assert champion.version == "1" and c.get_run(champion.run_id).data.tags["prefect.flow_run_id"] == first["id"]
     assert first["deployment_id"]
-    (promo,) = stack["hook"].events("promotion")
-    assert promo["model"] == "tiny-sums" and promo["version"] == "1" and promo["flow_run_id"] == first["id"]
+    promo = stack["hook"].one("promotion", first["id"], stack["worker"])
+    assert len(stack["hook"].events("promotion")) == 1
+    assert promo["model"] == "tiny-sums" and promo["version"] == "1"
     assert promo["mlflow_run_url"].startswith(stack["mlflow_url"]) and champion.run_id in promo["mlflow_run_url"]
     print("promotion payload:", json.dumps(promo))
     print(f"first run {first['total_run_time']:.1f}s")
@@ -191,7 +202,7 @@ def test_failing_run_posts_its_step_to_the_webhook(stack, first):
                            [{"prompt": f"What is {i} plus 1?", "completion": f" {i + 1}"} for i in range(30)]))
     run = finished(stack, trigger(stack, overrides=[f"data.train_path={bad}"]))
     assert run["state"]["type"] == "FAILED"
-    (fail,) = [p for p in stack["hook"].events("failure") if p["flow_run_id"] == run["id"]]
+    fail = stack["hook"].one("failure", run["id"], stack["worker"])
     assert fail["model"] == "tiny-sums" and fail["failed_step"] == "validate-data"
     assert "null_value" in fail["error"] or "contract" in fail["error"], fail
     print("failure payload:", json.dumps(fail))
@@ -206,20 +217,21 @@ def test_tracking_server_outage_loses_nothing(stack, first):
     run_id = trigger(stack, overrides=overrides)
     wait_for(lambda: (run_dir / "registration.json").exists(), 300, f"evaluation\n{stack['worker'].tail()}", every=0.05)
     stack["mlflow"].stop()  # down from registration on
-    run = finished(stack, run_id)
-    assert run["state"]["type"] == "FAILED", stack["worker"].tail()
-    pending = json.loads((run_dir / "registration.json").read_text())
-    assert pending["status"] in ("pending", "registered")  # "registered" only if the stop came late
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists() and (run_dir / "eval_report.json").exists()
-    (fail,) = [p for p in stack["hook"].events("failure") if p["flow_run_id"] == run_id]
-    assert fail["failed_step"] in ("log-to-mlflow", "register-adapter", "publish-reports", "apply-decision"), fail
-    assert pending["run_id"] in fail["mlflow_run_url"]
-    attempts = {t["name"].rsplit("-", 1)[0]: t["run_count"] for t in task_runs(stack, run_id)}
-    assert attempts[fail["failed_step"]] == 4, attempts  # 1 + 3 retries with backoff 1, 2, 4 s
-    print("outage failure payload:", json.dumps(fail), "attempts:", attempts)
-
-    stack["mlflow"].start()
-    wait_for(lambda: healthy(f"{stack['mlflow_url']}/health"), 120, "mlflow server restart")
+    try:
+        run = finished(stack, run_id)
+        assert run["state"]["type"] == "FAILED", stack["worker"].tail()
+        pending = json.loads((run_dir / "registration.json").read_text())
+        assert pending["status"] in ("pending", "registered")  # "registered" only if the stop came late
+        assert (run_dir / "adapter" / "adapter_model.safetensors").exists() and (run_dir / "eval_report.json").exists()
+        fail = stack["hook"].one("failure", run_id, stack["worker"])
+        assert fail["failed_step"] in ("log-to-mlflow", "register-adapter", "publish-reports", "apply-decision"), fail
+        assert pending["run_id"] in fail["mlflow_run_url"]
+        attempts = {t["name"].rsplit("-", 1)[0]: t["run_count"] for t in task_runs(stack, run_id)}
+        assert attempts[fail["failed_step"]] == 4, attempts  # 1 + 3 retries with backoff 1, 2, 4 s
+        print("outage failure payload:", json.dumps(fail), "attempts:", attempts)
+    finally:  # back up even when an assertion fails: the tests after this one need it
+        stack["mlflow"].start()
+        wait_for(lambda: healthy(f"{stack['mlflow_url']}/health"), 120, "mlflow server restart")
     started = time.monotonic()
     proc = subprocess.run(check=False, args=[str(BIN / "prefect-lora"), "register", str(run_dir)], env=stack["env"], cwd=stack["work"],
                           capture_output=True, text=True, timeout=300)
