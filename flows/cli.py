@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from lora_tasks.errors import LoraTaskError, ValidationFailed
+from lora_tasks.errors import LoraTaskError, RegistryError, ValidationFailed
 
 if TYPE_CHECKING:
     from lora_tasks.lifecycle import RunResult
@@ -64,8 +64,8 @@ def _fail(exc: Exception, code: int = 1) -> None:
 
 def _exit_on_errors(*also: type[Exception]):
     """End a command on an error the user can act on with one message and an exit code, never a
-    traceback: ValidationFailed exits 3 after its row-by-row report; LoraTaskError, and the
-    command's own `also` types, exit 1 (2 is Click's usage error)."""
+    traceback: ValidationFailed exits 3 after its row-by-row report; LoraTaskError, a tracking
+    server that does not answer, and the command's own `also` types, exit 1 (2 is Click's usage error)."""
     def decorate(command):
         @functools.wraps(command)
         def run_command(*args, **kwargs):
@@ -75,6 +75,12 @@ def _exit_on_errors(*also: type[Exception]):
                 _fail(exc, DATA_CONTRACT_BROKEN)
             except (LoraTaskError, *also) as exc:
                 _fail(exc)
+            except Exception as exc:
+                from lora_tasks.tracking import unreachable_server
+
+                if (message := unreachable_server(exc)) is None:
+                    raise
+                _fail(RegistryError(message))
 
         return run_command
 
@@ -338,6 +344,14 @@ TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", metavar
 NotifyOption = Annotated[Optional[str], typer.Option("--notify", help="URL of a running `prefect-lora serve` to swap at once (POST /admin/refresh).")]
 
 
+def _read_only() -> None:
+    """A read at a terminal: a tracking server that is down is said after two MLflow HTTP retries
+    (~5 s), not MLflow's default seven (~4 min). A value the user set stands."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+
 def _tracking(uri: Optional[str]) -> str:
     """The MLflow store of a command that takes no config: --tracking-uri, else MLFLOW_TRACKING_URI,
     else this folder's default store. A SQLite store that does not exist is an error, never created."""
@@ -412,6 +426,7 @@ def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption 
 
     from lora_tasks import aliases, registry
 
+    _read_only()
     uri = _tracking(tracking_uri)
     records, versions = aliases.alias_history(uri, name), registry.versions_overview(uri, name)
     if as_json:
@@ -526,6 +541,7 @@ def status(
     """Champion and challenger of each model: version, age, key metrics, lineage, last decision."""
     from lora_tasks import registry
 
+    _read_only()
     uri = _tracking(tracking_uri)
     names = [name] if name else registry.list_model_names(uri)
     models = [registry.model_status(uri, n) for n in names]

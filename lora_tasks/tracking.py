@@ -294,6 +294,27 @@ def is_server(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://"))
 
 
+_UNREACHABLE = {"Connection refused": "connection refused", "timed out": "no answer in time",
+                "Name or service not known": "unknown host", "Failed to establish a new connection": "no connection",
+                "Max retries exceeded": "no answer"}
+
+
+def unreachable_server(exc: BaseException) -> str | None:
+    """What to tell a user whose MLflow call never reached its tracking server (down, wrong
+    address), else None: the server, why, and where to point instead."""
+    text = str(exc)
+    if type(exc).__name__ != "MlflowException" or "API request to " not in text:
+        return None
+    why = next((w for needle, w in _UNREACHABLE.items() if needle in text), None)
+    if why is None:
+        return None
+    server = text.split("API request to ", 1)[1].split("/api/", 1)[0].split()[0]
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return (f"the MLflow tracking server at {without_credentials(server)} did not answer ({why}, after "
+            f"{retries} retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES). Start it, or point --tracking-uri or "
+            "MLFLOW_TRACKING_URI at one that runs.")
+
+
 def run_page(tracking_uri: str, run_id: str) -> str:
     """The run's page, in MLflow's model training view (`workflowType`), not its GenAI pages."""
     exp = client(tracking_uri).get_run(run_id).info.experiment_id

@@ -1,7 +1,9 @@
 """Operator commands without a server: clear errors for `register` on a folder that is not a run,
-and `status` on an empty store."""
+`status` on an empty store, and a tracking server that does not answer."""
 
 import json
+import os
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
@@ -23,7 +25,7 @@ def _empty_store(tmp_path) -> str:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/m.db"
-    MlflowClient(uri).search_registered_models()  # creates the store's tables
+    MlflowClient(uri, registry_uri=uri).search_registered_models()  # creates the store's tables
     return uri
 
 
@@ -49,6 +51,49 @@ def test_read_only_commands_never_create_a_store(tmp_path, monkeypatch, command)
     assert not (tmp_path / ".prefect-lora").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _empty_store(tmp_path))
     assert runner.invoke(app, ["status"]).exit_code == 0
+
+
+@pytest.fixture
+def mlflow_state_kept(monkeypatch):
+    """A command points MLflow's process-wide URIs (and their variables in os.environ) at the
+    server it reads, and sets MLflow's retry count: all put back after the test."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    with mock.patch.dict(os.environ):
+        yield
+
+
+@pytest.mark.parametrize("command", [["status"], ["history", "demo-orders"]])
+def test_a_tracking_server_that_does_not_answer_is_one_clear_error_in_seconds(mlflow_state_kept, command):
+    """Nothing listens on the port: one line naming the server (without its password) and the fix,
+    after two HTTP retries (MLflow's default seven wait ~4 minutes); a retry count the user set stands."""
+    from deploy.testing import free_port
+
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    server = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, [*command, "--tracking-uri", server.replace("//", "//ops:s3cret@")])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert f"the MLflow tracking server at {server} did not answer (connection refused, after 2 retries" in out
+    assert "--tracking-uri" in out and "Traceback" not in out and "s3cret" not in out
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    result = runner.invoke(app, [*command, "--tracking-uri", server])
+    assert result.exit_code == 1 and "after 0 retries" in result.output
+
+
+def test_only_errors_that_never_reached_the_server_read_as_unreachable():
+    from mlflow.exceptions import MlflowException
+
+    from lora_tasks.tracking import unreachable_server
+
+    timeout = MlflowException("API request to https://mlflow.example.com/api/2.0/mlflow/runs/get failed with exception "
+                              "HTTPSConnectionPool(host='mlflow.example.com', port=443): Read timed out. (read timeout=120)")
+    assert "at https://mlflow.example.com did not answer (no answer in time" in unreachable_server(timeout)
+    assert unreachable_server(MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'abc' not found")) is None
+    assert unreachable_server(ConnectionRefusedError("API request to http://x/api/ refused: Connection refused")) is None
 
 
 def test_version_is_printed():
