@@ -129,7 +129,12 @@ def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):
     assert watch_fleet(str(fleet)) == [], "the first look records"
     assert watch_fleet(str(fleet)) == []
     (tmp_path / "de.jsonl").write_text(text + json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
-    assert watch_fleet(str(fleet)) == ["sums-de"]
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    looked = CliRunner().invoke(app, ["watch", str(fleet)])  # what a schedule runs: `prefect-lora watch FLEET`
+    assert looked.exit_code == 0 and looked.output.strip().endswith("data changed: sums-de"), looked.output
     assert watch_fleet(str(fleet)) == [], "each change is told once"
     state = json.loads(next((tmp_path / "runs" / "watch").glob("fleet-*.json")).read_text())
     assert set(state) == {"sums-en", "sums-de"}
