@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -55,7 +56,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
         include_dashboard=False,
         logging_config=ray.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_LOG_LEVEL", "ERROR")),
     )
-    with _sigterm_handler():  # ray.init must not keep SIGTERM
+    with _sigterm_handler(), _root_logger_kept():  # ray.init must not keep SIGTERM, nor the driver's root logger
         if address:
             ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
         else:
@@ -64,6 +65,22 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
             # address="local": a fresh instance, never a `ray start` cluster that happens to run here
             ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
+
+
+@contextlib.contextmanager
+def _root_logger_kept():
+    """The driver's root logger as it was before the block. `ray.init(logging_config=...)` gives
+    the root logger a handler of Ray's (and sets its level): every error Prefect logged then came
+    out twice, the second time in Ray's format with Ray's ids. The config still applies to the
+    workers, where it belongs."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
 
 
 STOPPED_BY: int | None = None

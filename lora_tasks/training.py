@@ -319,6 +319,8 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     optimizer, scheduler = _setup_optimizer(cfg, model, ctx, total_steps)
     torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
     step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
+    if ctx.rank == 0 and step:
+        print(f"resuming from the checkpoint of step {step}/{total_steps}", flush=True)
     batches = _setup_batches(cfg, ctx, examples, tokenizer, start=step * t.gradient_accumulation_steps)
     start_step, started, tokens_seen, last_loss = step, time.perf_counter(), 0, float("nan")
     last_line = started

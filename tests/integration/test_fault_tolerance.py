@@ -179,6 +179,7 @@ def test_stopped_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_
             if sig == signal.SIGTERM:
                 stopped.send_signal(signal.SIGTERM)
                 assert stopped.wait(timeout=90) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+                assert "stopped by SIGTERM" in log.read_text() and "the same command resumes" in log.read_text()
                 wait_for(lambda: not _leftovers(ray_tmp), 30, "the stopped run's processes to end by themselves")
         finally:
             with contextlib.suppress(ProcessLookupError):  # SIGKILL to the whole group (gone already after a clean stop)
@@ -206,6 +207,7 @@ def test_stopped_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_
           f"{metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")
     assert runs[0].info.status == "FINISHED"
     assert metrics["train_start_step"] == steps_before, "the re-run must continue from the latest saved checkpoint"
+    assert f"resuming from the checkpoint of step {steps_before}/60" in second.stdout + second.stderr
     assert metrics["train_step"] == 60
     state = final_state(str(checkpoints(run_dir / "train")[-1].parent))
     assert optimizer_steps(state) == {60}

@@ -86,6 +86,19 @@ def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     assert {"reports/validation_report.json", "reports/validation_report.md", "reports/eval_report.json"} <= artifacts
 
 
+def test_ray_leaves_the_driver_logging_alone(first_run):
+    """Ray's logging config is for its workers: on the driver it gave the root logger a handler and
+    the level ERROR, and every error Prefect logged came out twice (once in Ray's format)."""
+    import logging
+
+    import ray
+
+    assert ray.is_initialized()
+    root = logging.getLogger()
+    assert root.level < logging.ERROR
+    assert not [h for h in root.handlers if any(type(f).__name__ == "CoreContextFilter" for f in h.filters)]
+
+
 def test_first_run_reads_well_in_mlflow(first_run):
     """Grouped charts, no one-point interval charts, params once, datasets, the logged model linked
     to its version, a short version with few tags, the audit trail in one run."""
