@@ -604,8 +604,9 @@ def main() -> None:
         if signum := stop_signal():
             import signal
 
-            Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the temporary Prefect "
-                                       "server; the same command resumes from the last checkpoint", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the temporary "
+                                       "Prefect server; the same command resumes from the last checkpoint",
+                                       highlight=False, soft_wrap=True)
             release_and_exit(128 + signum)
         raise
 
