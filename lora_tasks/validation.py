@@ -21,7 +21,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from .data import canonical_value, header_hint
+from .conflicts import check_no_duplicates, label_key, row_keys
+from .data import header_hint
 from .errors import DataError, ValidationFailed
 
 MISSING_COLUMN = "missing_column"
@@ -175,34 +176,9 @@ def _make_spec(task, text_column, prompt_column, completion_column, label_column
     if task == "sequence_classification":
         if not labels:
             raise ValueError("sequence_classification needs the declared label set (labels)")
-        keys = {_label_key(v): v for v in labels}
+        keys = {label_key(v): v for v in labels}
         return _Spec(task, [text_column], text_column, label_column, keys, [text_column, label_column])
     raise ValueError(f"unknown task {task!r}: use causal_lm or sequence_classification")
-
-
-def _label_key(v) -> str | None:
-    """Normalize a label so that 1, 1.0, np.int64(1) and "1" compare equal; None if unusable."""
-    if isinstance(v, (bool, np.bool_)):
-        return f"bool:{bool(v)}"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return str(int(v)) if math.isfinite(v) and float(v).is_integer() else None
-    if isinstance(v, str):  # "1" and "1.0" (a CSV cell) are the label 1, as 1 and 1.0 are in JSON or Parquet
-        s = v.strip()
-        whole = re.fullmatch(r"([+-]?\d+)(?:\.0*)?", s) if len(s) < 50 else None
-        return str(int(whole.group(1))) if whole else s
-    return None
-
-
-def _cell_key(v) -> str:
-    """A hashable, normalized form of one cell, for duplicate and overlap checks."""
-    if isinstance(v, str):
-        return "s:" + v.strip()
-    label = _label_key(v)
-    if label is not None:
-        return "l:" + label
-    return "o:" + json.dumps(canonical_value(v), default=str, sort_keys=True)
 
 
 def _stripped_len(v) -> int | None:
@@ -231,32 +207,7 @@ def _check_length(min_chars: int, max_chars: int) -> Callable[[pd.Series], pd.Se
 
 def _check_label_in_set(keys: set[str]) -> Callable[[pd.Series], pd.Series]:
     """Labels must be declared; 1, 1.0 and "1" all match a declared 1."""
-    return lambda s: s.map(lambda v: _label_key(v) in keys).astype(bool)
-
-
-def _check_no_duplicates(columns: list[str], label_column: str | None) -> Callable[[pd.DataFrame], pd.Series]:
-    """Later repeats of a row (after stripping) fail; the first occurrence passes."""
-
-    def check(df: pd.DataFrame) -> pd.Series:
-        if any(c not in df.columns for c in columns):
-            return pd.Series(True, index=df.index)
-        return ~_row_keys(df, columns, label_column).duplicated(keep="first")
-
-    return check
-
-
-def _row_keys(df: pd.DataFrame, columns: list[str], label_column: str | None) -> pd.Series:
-    """One normalized string per row over `columns` (texts stripped, labels normalized)."""
-    keys = [df[c].map(_label_cell_key if c == label_column else _cell_key) for c in columns]
-    out = keys[0].astype(object)
-    for k in keys[1:]:
-        out = out + "\x1f" + k.astype(object)
-    return out
-
-
-def _label_cell_key(v) -> str:
-    label = _label_key(v)
-    return "l:" + label if label is not None else _cell_key(v)
+    return lambda s: s.map(lambda v: label_key(v) in keys).astype(bool)
 
 
 def build_schema(
@@ -283,7 +234,7 @@ def build_schema(
         label_check = pa.Check(_check_label_in_set(set(spec.labels)), name=LABEL_NOT_IN_SET)
         columns[spec.label_column] = pa.Column(nullable=False, checks=[label_check])
     frame_checks = (
-        [pa.Check(_check_no_duplicates(spec.key_columns, spec.label_column), name=DUPLICATE_ROW)]
+        [pa.Check(check_no_duplicates(spec.key_columns, spec.label_column), name=DUPLICATE_ROW)]
         if check_duplicates
         else []
     )
@@ -451,7 +402,7 @@ class _SplitCheck:
     def _add_duplicate(self, pos: int) -> None:
         cols = self.spec.key_columns
         if self._first_of_key is None:
-            keys = _row_keys(self.frame, cols, self.spec.label_column)
+            keys = row_keys(self.frame, cols, self.spec.label_column)
             self._keys = keys.tolist()
             self._first_of_key = {}
             for p, k in enumerate(self._keys):
@@ -519,7 +470,7 @@ class _SplitCheck:
             out[col] = out[col].map(str.strip).astype(object)
         if self.spec.label_column is not None:
             out[self.spec.label_column] = (
-                out[self.spec.label_column].map(lambda v: self.spec.labels[_label_key(v)]).astype(object)
+                out[self.spec.label_column].map(lambda v: self.spec.labels[label_key(v)]).astype(object)
             )
         return out
 
