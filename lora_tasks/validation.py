@@ -589,6 +589,8 @@ def _json_value(v):
 def _short_repr(value: Any, limit: int = 80) -> str:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, tuple):  # a row's cells (duplicates, conflicts): (' a', 1), not (' a', np.int64(1))
+        value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
     if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
         return "null"
     r = repr(value)
