@@ -1,20 +1,33 @@
-"""When two rows are the same example: normalized keys, and the duplicate check that compares them.
+"""When two rows are the same example, and when the same input is given two answers.
 
 Keys strip texts and read whole-number labels as numbers, so "a film " and "a film", or 1, 1.0 and
 "1", compare equal; `validation`'s duplicate and train/eval overlap checks compare rows by them.
+A conflict is one input with different answers in one split: a text with two labels, or, where
+one right answer is expected, a prompt with two completions. Noisy labels are the commonest way a
+sound pipeline trains a useless model; which row of a conflict is right is not known, so every
+row of the group is reported (exact repeats are the duplicate check's business, not this one's).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .data import canonical_value
+
+CONFLICTING_LABEL = "conflicting_label"
+CONFLICTING_COMPLETION = "conflicting_completion"
+"""Check names as they appear in reports (see `validation`)."""
+
+SHOWN_PARTNERS = 5
+"""Conflicting rows named in one row's reason; the rest are counted."""
 
 
 def label_key(v) -> str | None:
@@ -65,3 +78,78 @@ def check_no_duplicates(columns: list[str], label_column: str | None) -> Callabl
         return ~row_keys(df, columns, label_column).duplicated(keep="first")
 
     return check
+
+
+def text_key(v) -> str | None:
+    """A text as the conflict check compares it (stripped, as for duplicates); None unless non-blank text."""
+    return (v.strip() or None) if isinstance(v, str) else None
+
+
+class Conflicts:
+    """The conflict groups of one split: rows that share an input and differ in their answer.
+
+    Rows whose input or answer key is None (not text, blank, an undeclared label) take no part:
+    their own checks report them."""
+
+    def __init__(self, inputs: Sequence[str | None], answers: Sequence[str | None]):
+        self.answers = list(answers)
+        groups: dict[str, list[int]] = {}
+        for pos, (i, a) in enumerate(zip(inputs, self.answers)):
+            if i is not None and a is not None:
+                groups.setdefault(i, []).append(pos)
+        self._group_of: dict[int, tuple[list[int], Counter]] = {}
+        for members in groups.values():
+            counts = Counter(self.answers[p] for p in members)
+            if len(counts) > 1:
+                self._group_of.update((p, (members, counts)) for p in members)
+
+    @classmethod
+    def of_frame(cls, df: pd.DataFrame, input_column: str, answer_column: str, labels: dict | None) -> Conflicts:
+        """The groups of a frame; with `labels` (normalized key -> declared label) answers are labels."""
+        # lists, not Series.map: a string column would turn the None of "takes no part" into NaN
+        if labels is None:
+            answers = [text_key(v) for v in df[answer_column]]
+        else:
+            answers = [k if (k := label_key(v)) in labels else None for v in df[answer_column]]
+        return cls([text_key(v) for v in df[input_column]], answers)
+
+    def __contains__(self, pos: int) -> bool:
+        return pos in self._group_of
+
+    def others(self, pos: int, limit: int = SHOWN_PARTNERS) -> tuple[list[int], int]:
+        """Up to `limit` positions (in order) giving `pos`'s input another answer, and how many there are."""
+        members, counts = self._group_of[pos]
+        mine = self.answers[pos]
+        shown = list(itertools.islice((q for q in members if self.answers[q] != mine), limit))
+        return shown, len(members) - counts[mine]
+
+
+def check_no_conflicts(
+    input_column: str, answer_column: str, labels: dict | None
+) -> Callable[[pd.DataFrame], pd.Series]:
+    """Every row of an input given two answers fails (which answer is right is not known)."""
+
+    def check(df: pd.DataFrame) -> pd.Series:
+        if input_column not in df.columns or answer_column not in df.columns:
+            return pd.Series(True, index=df.index)
+        found = Conflicts.of_frame(df, input_column, answer_column, labels)
+        return pd.Series([p not in found for p in range(len(df))], index=df.index)
+
+    return check
+
+
+def conflict_reason(
+    split: str, columns: tuple[str, str], here: str, others: list[tuple[int, str]], total: int, is_label: bool
+) -> str:
+    """Why a row conflicts: the other rows (row number, shown answer) with the same input, and the fix."""
+    input_column, answer_column = columns
+    by_answer: dict[str, list[str]] = {}
+    for row, shown in others:
+        by_answer.setdefault(shown, []).append(str(row))
+    listing = "; ".join(f"{answer_column} {a} in row{'s' if len(r) > 1 else ''} {', '.join(r)}"
+                        for a, r in by_answer.items())
+    more = f" and {total - len(others)} more row(s)" if total > len(others) else ""
+    why = ("one text with two labels is label noise" if is_label else
+           "exact and json scoring expect one right completion per prompt")
+    return (f"the same {input_column} has {listing}{more} of {split} ({answer_column} {here} here); "
+            f"fix or drop one of the rows ({why})")

@@ -21,7 +21,16 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from .conflicts import check_no_duplicates, label_key, row_keys
+from .conflicts import (
+    CONFLICTING_COMPLETION,
+    CONFLICTING_LABEL,
+    Conflicts,
+    check_no_conflicts,
+    check_no_duplicates,
+    conflict_reason,
+    label_key,
+    row_keys,
+)
 from .data import header_hint
 from .errors import DataError, ValidationFailed
 
@@ -35,7 +44,8 @@ LABEL_NOT_IN_SET = "label_not_in_set"
 DUPLICATE_ROW = "duplicate_row"
 TRAIN_EVAL_OVERLAP = "train_eval_overlap"
 CHECK_ERROR = "check_error"
-"""Check names as they appear in reports (`Issue.check`, `counts_by_check`)."""
+"""Check names as they appear in reports (`Issue.check`, `counts_by_check`); with CONFLICTING_LABEL and
+CONFLICTING_COMPLETION (from `conflicts`)."""
 
 ROW_CONVENTION = (
     "Row numbers are 1-based data rows of each split's source (header and blank lines not counted: "
@@ -166,6 +176,11 @@ class _Spec:
     labels: dict[str, Any] | None  # normalized key -> declared label
     key_columns: list[str]
 
+    @property
+    def answer_column(self) -> str | None:
+        """What a conflict differs in: the label, or the completion of a prompt (None for plain text)."""
+        return self.label_column or (self.text_columns[1] if len(self.text_columns) > 1 else None)
+
 
 def _make_spec(task, text_column, prompt_column, completion_column, label_column, labels) -> _Spec:
     if task == "causal_lm":
@@ -221,8 +236,13 @@ def build_schema(
     min_chars: int = 1,
     max_chars: int = 20_000,
     check_duplicates: bool = True,
+    check_conflicts: bool = True,
+    one_answer_per_prompt: bool = False,
 ) -> pa.DataFrameSchema:
-    """The pandera contract for one split of a task's data (cross-split checks live elsewhere)."""
+    """The pandera contract for one split of a task's data (cross-split checks live elsewhere).
+
+    Conflicts (one input, different answers) are checked for classification, and for prompts and
+    completions only with `one_answer_per_prompt` (exact or JSON scoring: one right answer)."""
     spec = _make_spec(task, text_column, prompt_column, completion_column, label_column, labels)
     text_checks = [
         pa.Check(_check_is_text(), name=TEXT_NOT_STR),
@@ -233,11 +253,12 @@ def build_schema(
     if spec.label_column is not None:
         label_check = pa.Check(_check_label_in_set(set(spec.labels)), name=LABEL_NOT_IN_SET)
         columns[spec.label_column] = pa.Column(nullable=False, checks=[label_check])
-    frame_checks = (
-        [pa.Check(check_no_duplicates(spec.key_columns, spec.label_column), name=DUPLICATE_ROW)]
-        if check_duplicates
-        else []
-    )
+    frame_checks = []
+    if check_duplicates:
+        frame_checks.append(pa.Check(check_no_duplicates(spec.key_columns, spec.label_column), name=DUPLICATE_ROW))
+    if check_conflicts and spec.answer_column and (spec.label_column or one_answer_per_prompt):
+        conflicts = check_no_conflicts(spec.input_column, spec.answer_column, spec.labels)
+        frame_checks.append(pa.Check(conflicts, name=CONFLICTING_LABEL if spec.labels else CONFLICTING_COMPLETION))
     return pa.DataFrameSchema(columns, checks=frame_checks, name=f"{task} data contract")
 
 
@@ -255,24 +276,22 @@ def validate_splits(
     max_chars: int = 20_000,
     check_duplicates: bool = True,
     check_overlap: bool = True,
+    check_conflicts: bool = True,
+    one_answer_per_prompt: bool = False,
 ) -> ValidationResult:
     """Check both splits against the task's contract and each other; never raises on bad data.
 
     Valid rows come back with texts stripped of surrounding whitespace and labels replaced by
     the declared label they match (so `labels.index(value)` works). A row failing any check is
-    invalid; a duplicate keeps its first occurrence and flags the later ones.
+    invalid; a duplicate keeps its first occurrence and flags the later ones; every row of a
+    conflict (one text with two labels; with `one_answer_per_prompt`, as exact or JSON scoring
+    expects, one prompt with two completions) is flagged, naming the rows it conflicts with.
     """
     spec = _make_spec(task, text_column, prompt_column, completion_column, label_column, labels)
     schema = build_schema(
-        task,
-        text_column=text_column,
-        prompt_column=prompt_column,
-        completion_column=completion_column,
-        label_column=label_column,
-        labels=labels,
-        min_chars=min_chars,
-        max_chars=max_chars,
-        check_duplicates=check_duplicates,
+        task, text_column=text_column, prompt_column=prompt_column, completion_column=completion_column,
+        label_column=label_column, labels=labels, min_chars=min_chars, max_chars=max_chars,
+        check_duplicates=check_duplicates, check_conflicts=check_conflicts, one_answer_per_prompt=one_answer_per_prompt,
     )
     checked = {
         name: _SplitCheck(name, df, spec, min_chars, max_chars) for name, df in zip(_SPLITS, (train_df, eval_df))
@@ -281,7 +300,11 @@ def validate_splits(
         c.run_schema(schema)
     if check_overlap:
         checked["eval"].check_overlap(checked["train"])
+    return _collect(task, checked)
 
+
+def _collect(task: str, checked: dict[str, _SplitCheck]) -> ValidationResult:
+    """The result of both splits' checks: valid and invalid rows, and one report."""
     issues = [i for c in checked.values() for i in c.sorted_issues()]
     invalid_frames = [c.invalid_frame() for c in checked.values()]
     counts: dict[str, int] = {}
@@ -318,6 +341,7 @@ class _SplitCheck:
         self.row_issues: dict[int, list[Issue]] = {}
         self._keys: list[str] = []
         self._first_of_key: dict[str, int] | None = None
+        self._conflicts: Conflicts | None = None
 
     def add(self, check: str, column: str | None, pos: int | None, reason: str, value: Any = None) -> None:
         if pos is None:
@@ -372,6 +396,9 @@ class _SplitCheck:
         if check == DUPLICATE_ROW:
             self._add_duplicate(pos)
             return
+        if check in (CONFLICTING_LABEL, CONFLICTING_COMPLETION):
+            self._add_conflict(check, pos)
+            return
         value = self.frame.at[pos, column] if column in self.frame.columns else None
         name, column, reason = self._describe(check, column, value)
         self.add(name, column, pos, reason, value)
@@ -416,6 +443,23 @@ class _SplitCheck:
             f"repeats row {self.rows[first]} of {self.name} on ({', '.join(cols)}); remove the repeat",
             value if len(value) > 1 else value[0],
         )
+
+    def _add_conflict(self, check: str, pos: int) -> None:
+        cols = (self.spec.input_column, self.spec.answer_column)
+        if self._conflicts is None:
+            self._conflicts = Conflicts.of_frame(self.frame, *cols, self.spec.labels)
+        if pos not in self._conflicts:
+            return
+        shown, total = self._conflicts.others(pos)
+        answer = self._shown_answer
+        others = [(self.rows[q], answer(q)) for q in shown]
+        reason = conflict_reason(self.name, cols, answer(pos), others, total, self.spec.label_column is not None)
+        self.add(check, ", ".join(cols), pos, reason, tuple(self.frame.at[pos, c] for c in cols))
+
+    def _shown_answer(self, pos: int) -> str:
+        """A row's label as declared, or its completion stripped, short enough for a reason."""
+        v = self.frame.at[pos, self.spec.answer_column]
+        return _short_repr(self.spec.labels[label_key(v)] if self.spec.labels else v.strip(), 40)
 
     def check_overlap(self, train: _SplitCheck) -> None:
         """Flag rows of this (eval) split whose input text appears in train's valid rows."""

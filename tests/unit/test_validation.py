@@ -35,6 +35,63 @@ def _found(result) -> list[tuple]:
     return [(i.split, i.check, i.column, i.row) for i in result.report.issues]
 
 
+def _pc(*pairs) -> pd.DataFrame:
+    return _frame([{"prompt": p, "completion": c} for p, c in pairs])
+
+
+ONE_ANSWER = {"one_answer_per_prompt": True}
+CONFLICT_CASES = [
+    pytest.param(
+        CLS,
+        {},
+        _cls(("a", 1), ("b", 0), (" a", 0)),
+        CLEAN_EVAL,
+        [("train", "conflicting_label", "text, label", 1), ("train", "conflicting_label", "text, label", 3)],
+        id="conflicting_label",
+    ),
+    pytest.param(
+        CLS,
+        {},
+        CLEAN_TRAIN,
+        _cls(("x", "1"), ("x ", 0), ("y", 0)),
+        [("eval", "conflicting_label", "text, label", 1), ("eval", "conflicting_label", "text, label", 2)],
+        id="conflicting_label_in_eval",
+    ),
+    pytest.param(CLS, {}, _cls(("a", 1), ("a ", "1.0"), ("b", 0)), CLEAN_EVAL,
+                 [("train", "duplicate_row", "text, label", 2)], id="same_label_is_a_duplicate_not_a_conflict"),
+    pytest.param(CLS, {"check_duplicates": False}, _cls(("a", 1), ("a", 1)), CLEAN_EVAL, [],
+                 id="same_label_without_duplicate_check_passes"),
+    pytest.param(CLS, {"check_conflicts": False}, _cls(("a", 1), ("a", 0)), CLEAN_EVAL, [], id="conflicts_off"),
+    pytest.param(CLS, {}, _cls(("a", 1), ("a", 7)), CLEAN_EVAL, [("train", "label_not_in_set", "label", 2)],
+                 id="an_undeclared_label_is_not_a_conflict"),
+    pytest.param(
+        CLS,
+        {},
+        _cls((None, 1), ("  ", 0), ("", 1), ("ok", 0)),
+        CLEAN_EVAL,
+        [("train", "null_value", "text", 1), ("train", "blank_text", "text", 2), ("train", "blank_text", "text", 3)],
+        id="missing_texts_do_not_conflict",
+    ),
+    pytest.param(CLS, {}, _cls(("a", 1), ("b", 0)), _cls(("a", 0)), [("eval", "train_eval_overlap", "text", 1)],
+                 id="across_splits_it_is_overlap"),
+    pytest.param(
+        PC,
+        ONE_ANSWER,
+        _pc(("p1", "c1"), ("p2", "c2"), ("p1 ", "c3")),
+        _pc(("p3", "c3")),
+        [("train", "conflicting_completion", "prompt, completion", 1),
+         ("train", "conflicting_completion", "prompt, completion", 3)],
+        id="conflicting_completion",
+    ),
+    pytest.param(PC, ONE_ANSWER, _pc(("p1", "c1"), ("p1", " c1 ")), _pc(("p3", "c3")),
+                 [("train", "duplicate_row", "prompt, completion", 2)], id="same_completion_is_a_duplicate"),
+    pytest.param(PC, {}, _pc(("p1", "c1"), ("p1", "c2")), _pc(("p3", "c3")), [], id="several_completions_allowed"),
+    pytest.param(PC, {**ONE_ANSWER, "check_conflicts": False}, _pc(("p1", "c1"), ("p1", "c2")), _pc(("p3", "c3")), [],
+                 id="completion_conflicts_off"),
+    pytest.param(LM, ONE_ANSWER, _frame([{"text": "t"}, {"text": "t"}]), _frame([{"text": "z"}]),
+                 [("train", "duplicate_row", "text", 2)], id="plain_text_has_no_answer_to_conflict"),
+]
+
 CASES = [
     pytest.param(
         CLS, {}, _cls(("a", 1), (None, 0), ("c", 1)), CLEAN_EVAL, [("train", "null_value", "text", 2)], id="null_text"
@@ -85,10 +142,19 @@ CASES = [
     pytest.param(
         CLS,
         {},
+        _cls(("a", 1), ("b", 0), ("a ", "1"), ("b", 0)),
+        CLEAN_EVAL,
+        [("train", "duplicate_row", "text, label", 3), ("train", "duplicate_row", "text, label", 4)],
+        id="duplicate_row",
+    ),
+    pytest.param(
+        CLS,
+        {},
         _cls(("a", 1), ("b", 0), ("a ", "1"), ("a", 0)),
         CLEAN_EVAL,
-        [("train", "duplicate_row", "text, label", 3)],
-        id="duplicate_row",
+        [("train", "duplicate_row", "text, label", 3)]
+        + [("train", "conflicting_label", "text, label", r) for r in (1, 3, 4)],
+        id="duplicate_in_a_conflict_is_both",
     ),
     pytest.param(CLS, {"check_duplicates": False}, _cls(("a", 1), ("a", 1)), CLEAN_EVAL, [], id="duplicates_off"),
     pytest.param(
@@ -100,6 +166,7 @@ CASES = [
         id="train_eval_overlap",
     ),
     pytest.param(CLS, {"check_overlap": False}, CLEAN_TRAIN, _cls(("good film", 1)), [], id="overlap_off"),
+    *CONFLICT_CASES,
     pytest.param(
         CLS,
         {},
@@ -184,6 +251,42 @@ def test_duplicate_reason_names_first_occurrence():
     rows = [(i.row, i.reason) for i in result.report.issues]
     assert [r for r, _ in rows] == [3, 4]
     assert all("repeats row 2 of train" in reason for _, reason in rows)
+
+
+def test_conflict_reasons_name_the_other_rows_their_labels_and_the_fix():
+    train = _cls(("a", 1), ("b", 0), ("a ", "0"), ("a", 1.0), ("b", 1))
+    result = validate_splits(train, CLEAN_EVAL, check_duplicates=False, **CLS)
+    reasons = {i.row: i.reason for i in result.report.issues}
+    assert set(reasons) == {1, 2, 3, 4, 5}
+    assert reasons[1].startswith("the same text has label 0 in row 3 of train (label 1 here); fix or drop one of")
+    assert reasons[3].startswith("the same text has label 1 in rows 1, 4 of train (label 0 here)")
+    assert "label 1 in row 5 of train (label 0 here)" in reasons[2]
+    assert all("fix or drop one of the rows" in r for r in reasons.values())
+    assert result.train.empty and len(result.invalid) == 5
+
+
+def test_a_large_conflict_names_a_few_rows_and_counts_the_rest():
+    train = _cls(*[(f"t{i % 2}" if i else "t0", 1) for i in range(15)], ("t0", 0))
+    issues = {i.row: i for i in validate_splits(train, CLEAN_EVAL, check_duplicates=False, **CLS).report.issues}
+    assert issues[16].reason.startswith("the same text has label 1 in rows 1, 3, 5, 7, 9 and 3 more row(s) of train")
+    assert "label 0 in row 16 of train (label 1 here)" in issues[1].reason
+    assert sorted(issues) == [1, 3, 5, 7, 9, 11, 13, 15, 16]
+
+
+def test_conflicts_under_quarantine_go_to_the_file_and_render_in_the_report(tmp_path):
+    train = _cls(*[(f"text {i}", i % 2) for i in range(18)], ("text 3", 0))
+    result = validate_splits(train, CLEAN_EVAL, **CLS)
+    out, path = enforce_policy(result, policy="quarantine", max_invalid_fraction=0.2, quarantine_dir=tmp_path)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [(r["row"], r["checks"], r["text"], r["label"]) for r in records] == [
+        (4, "conflicting_label", "text 3", 1), (19, "conflicting_label", "text 3", 0)]
+    assert "label 0 in row 19 of train" in records[0]["reason"]
+    assert "text 3" not in out.train["text"].tolist() and len(out.train) == 17
+    md = result.report.to_markdown()
+    assert "### conflicting_label: 2 row(s)" in md and "| train | 19 | text, label | ('text 3', 0) |" in md
+    assert json.loads(json.dumps(result.report.to_dict()))["counts_by_check"] == {"conflicting_label": 2}
+    with pytest.raises(ValidationFailed, match="conflicting_label 2 row"):
+        enforce_policy(result, policy="fail")
 
 
 def test_valid_rows_are_stripped_and_labels_as_declared():
