@@ -97,6 +97,10 @@ class ValidationPolicy(_Section):
     """Report rows repeated within a split."""
     check_overlap: bool = True
     """Report eval rows whose input also appears in the train split (leakage)."""
+    check_conflicts: bool = True
+    """Report every row of an input given different answers in one split: a text with two labels, or a prompt
+    with two completions where `evaluation.generation.metric` is exact or json (one right answer). In-memory
+    splits only: a train split streamed by Ray Data is validated batch by batch, never whole, so is not checked."""
 
     def cross_field_problems(self) -> list[Problem]:
         return [*self._check_bounds()]

@@ -86,12 +86,14 @@ class PreparedData:
 
 def contract_kwargs(cfg: PipelineConfig) -> dict:
     """The data contract's settings, as `validate_splits` takes them."""
-    d, v = cfg.data, cfg.data.validation
+    d, v, gen = cfg.data, cfg.data.validation, cfg.evaluation.generation
     return dict(
         task=cfg.task, text_column=d.text_column, prompt_column=d.prompt_column,
         completion_column=d.completion_column, label_column=d.label_column, labels=d.labels,
         min_chars=v.min_chars, max_chars=v.max_chars, check_duplicates=v.check_duplicates,
-        check_overlap=v.check_overlap,
+        check_overlap=v.check_overlap, check_conflicts=v.check_conflicts,
+        # exact-match and JSON scoring assume one right completion per prompt; ROUGE-L (summaries) does not
+        one_answer_per_prompt=gen is not None and gen.metric in ("exact", "json"),
     )
 
 

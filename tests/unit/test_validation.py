@@ -8,11 +8,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lora_tasks.config import config_from_dict, load_config
 from lora_tasks.data import load_table, split_train_eval
+from lora_tasks.demo import write_demo_data
 from lora_tasks.errors import LoraTaskError, ValidationFailed
+from lora_tasks.pipeline import contract_kwargs
 from lora_tasks.validation import ValidationReport, build_schema, enforce_policy, validate_splits
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[2]
 CLS = {"task": "sequence_classification", "labels": [0, 1]}
 LM = {"task": "causal_lm"}
 PC = {"task": "causal_lm", "prompt_column": "prompt", "completion_column": "completion"}
@@ -273,6 +277,36 @@ def test_a_large_conflict_names_a_few_rows_and_counts_the_rest():
     assert sorted(issues) == [1, 3, 5, 7, 9, 11, 13, 15, 16]
 
 
+@pytest.mark.parametrize(
+    "generation, reported",
+    [({"metric": "exact"}, True), ({"metric": "json"}, True), ({"metric": "rouge_l"}, False), (None, False)],
+)
+def test_completion_conflicts_follow_the_generation_metric(generation, reported, tmp_path):
+    cfg = config_from_dict({
+        "model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"train_path": str(tmp_path / "x.jsonl"), "prompt_column": "prompt", "completion_column": "completion"},
+        "training": {"max_steps": 5}, "evaluation": {"generation": generation},
+    })
+    train = _frame([{"prompt": "2+2?", "completion": "4"}, {"prompt": "hi", "completion": "hello"},
+                    {"prompt": "2+2? ", "completion": "5"}])
+    result = validate_splits(train, _frame([{"prompt": "3+3?", "completion": "6"}]), **contract_kwargs(cfg))
+    assert _found(result) == ([("train", "conflicting_completion", "prompt, completion", 1),
+                               ("train", "conflicting_completion", "prompt, completion", 3)] if reported else [])
+    if reported:
+        assert result.report.issues[0].reason.startswith("the same prompt has completion '5' in row 3 of train")
+        assert "exact and json scoring expect one right completion per prompt" in result.report.issues[0].reason
+    cfg.data.validation.check_conflicts = False
+    assert validate_splits(train, _frame([{"prompt": "3+3?", "completion": "6"}]), **contract_kwargs(cfg)).report.ok
+
+
+def test_the_demo_data_has_one_answer_per_prompt_as_its_json_metric_expects(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert contract_kwargs(cfg)["one_answer_per_prompt"]
+    train, eval_ = write_demo_data(tmp_path)  # as `prefect-lora demo prepare` writes it
+    report = validate_splits(load_table(train), load_table(eval_), **contract_kwargs(cfg)).report
+    assert report.ok, report.to_markdown()
+
+
 def test_conflicts_under_quarantine_go_to_the_file_and_render_in_the_report(tmp_path):
     train = _cls(*[(f"text {i}", i % 2) for i in range(18)], ("text 3", 0))
     result = validate_splits(train, CLEAN_EVAL, **CLS)
@@ -488,6 +522,22 @@ def test_real_sst2_validates_with_trailing_spaces_stripped():
     assert len(result.train) + len(result.eval) == 872
     assert not result.train["sentence"].str.endswith(" ").any()
     assert set(result.train["label"]) == {0, 1}
+
+
+def test_real_sst2_train_has_three_phrases_with_two_labels(tmp_path):
+    path = SHARED_DATA / "sst2" / "train.tsv"
+    if not path.is_file():
+        pytest.skip(f"real data not present at {path} (shared/data beside the checkout)")
+    cfg = load_config(REPO / "configs" / "sst2.yaml")
+    result = validate_splits(load_table(path), load_table(path.with_name("validation.tsv")), **contract_kwargs(cfg))
+    conflicts = sorted((i.row, i.value) for i in result.report.issues if i.check == "conflicting_label")
+    assert [v for _, v in conflicts] == [repr(("excruciatingly ", "0")), repr(("excruciatingly ", "1")),
+                                         repr(("sillier ", "0")), repr(("the only reason ", "0")),
+                                         repr(("sillier ", "1")), repr(("the only reason ", "1"))]
+    assert result.report.counts_by_check == {"duplicate_row": 290, "conflicting_label": 6}
+    assert not result.train["sentence"].isin(["excruciatingly", "sillier", "the only reason"]).any()
+    v = cfg.data.validation  # the shipped policy still lets the whole file through, the conflicts set aside
+    enforce_policy(result, policy=v.policy, max_invalid_fraction=v.max_invalid_fraction, quarantine_dir=tmp_path)
 
 
 def test_real_cnndm_quarantines_its_few_duplicates(tmp_path):
