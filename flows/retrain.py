@@ -150,8 +150,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     if report.remedy:
-        get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),
-                              report.remedy["chosen"])
+        get_run_logger().info("remedy %s: %d trial(s), chosen %s. %s", report.remedy["strategy"],
+                              len(report.remedy["trials"]), report.remedy["chosen"], report.remedy.get("why", ""))
     adapter_dir = report.remedy.get("adapter_dir") or adapter_dir  # a search trial's, when one was chosen
     return report, str(write_scaled_adapter(adapter_dir, Path(run_dir) / "adapter-remedied", report.adapter_scale))
 

@@ -149,8 +149,8 @@ def remedy_markdown(report: EvalReport) -> str:
         mark = " **chosen**" if t["name"] == r["chosen"] else ""
         lines.append(f"| {t['name']}{mark} | {_point_interval(t['task_gain'])} | "
                      f"{_point_interval(t['forgetting'][key]) if key else '–'} | {'yes' if t['admissible'] else 'no'} |")
-    if not r["needed"]:
-        lines.append("\nThe adapter as trained kept within every forgetting limit: no remedy was needed.")
+    if not r["needed"]:  # why: within every limit, or undecided within it (more evidence, not a remedy)
+        lines.append("\n" + (r.get("why") or "The adapter as trained kept within every forgetting limit: no remedy was needed."))
     elif r["chosen"]:
         lines.append(f"\nThe adapter as trained failed a forgetting limit; registered with {r['chosen']}: the gate "
                      f"reads its figures on the confirm part, which took no part in the choice.")
