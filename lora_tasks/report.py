@@ -372,7 +372,9 @@ def mlflow_markdown(run_id: str, run_page: str, version: str, version_page: str,
             f"- audit: {action}, {moved}\n")
 
 
-def skip_markdown(model_name: str, reason: str, champion_version: str, skip_run_id: str) -> str:
-    """The summary of a run skipped because nothing changed since the champion."""
-    return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained; champion "
-            f"version {champion_version} stays. MLflow run `{skip_run_id}` records this check.\n")
+def skip_markdown(model_name: str, reason: str, champion_version: str | None, skip_run_id: str) -> str:
+    """The summary of a run skipped because nothing changed since the champion or the latest
+    decided version (`lifecycle.repeated_version`)."""
+    stays = f"champion version {champion_version} stays" if champion_version else "there is no champion yet"
+    return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained or registered; {stays}. "
+            f"MLflow run `{skip_run_id}` records this check.\n")

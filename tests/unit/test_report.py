@@ -128,6 +128,8 @@ def test_closing_notes_say_what_happened_to_champion():
         "- audit: auto-promote, champion moved from version 2 to 3\n")
     skipped = skip_markdown("m", "skipped: no new data: same inputs", "2", "r9")
     assert skipped.startswith("# m: skipped: no new data\n") and "champion version 2 stays" in skipped and "`r9`" in skipped
+    refused = skip_markdown("m", "skipped: no new data: equal those of version 1, which the gate did not promote", None, "r9")
+    assert "Nothing was trained or registered; there is no champion yet." in refused
 
 
 def test_a_baseline_summary_is_not_registered():
