@@ -151,7 +151,8 @@ def _warm(cfg) -> None:
 def run(
     config: Path,
     set_: SetOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain even when data and config equal the champion's.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when data and config equal those of the champion "
+                                                        "or of the latest version the gate decided.")] = False,
 ) -> None:
     """Run the retraining flow for CONFIG: validate, train, evaluate, register, gate."""
     from lora_tasks.config import load_config
@@ -172,7 +173,8 @@ def run(
 def fleet(
     fleet_file: Annotated[Path, typer.Argument(metavar="FLEET", help="Fleet YAML: a shared `config` and its `members`.")],
     set_: SetOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Retrain members even when data and config equal their champion's.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain members even when data and config equal those of "
+                                                        "their champion or latest decided version.")] = False,
     member: Annotated[Optional[list[str]], typer.Option("--member", metavar="NAME", help="Run only this member (repeat it).")] = None,
 ) -> None:
     """Retrain every member of a fleet in one flow run; exit 1 when a member failed."""
@@ -299,7 +301,7 @@ def _print_summary(result: RunResult) -> None:
     from lora_tasks.report import metrics_table
 
     if result.skipped:
-        Console().print(f"[cyan]{result.reasons[0]}[/] (nothing trained; --force retrains)", highlight=False, soft_wrap=True)
+        Console().print(f"[cyan]{result.reasons[0]}[/] (nothing trained)", highlight=False, soft_wrap=True)
         return
 
     columns, rows = metrics_table(result.metrics)

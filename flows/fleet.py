@@ -1,7 +1,8 @@
 """One flow run keeps a fleet fresh: every member's retraining as a subflow of its own, in turn
 or `concurrency` at a time (on a Ray cluster).
 
-A member whose data and config are unchanged since its champion is skipped by its own run; a
+A member whose data and config are unchanged since its champion, or its latest version the gate
+decided (promoted or not), is skipped by its own run, and reported `skipped` with that version; a
 member that fails (bad data, a broken config, a crash) is reported and the next one runs. With
 many members some pass their own gate by chance, so the evaluated members' gates are decided
 together (Benjamini–Hochberg at the fleet's `fdr`) before any of them promotes. The fleet's

@@ -150,8 +150,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads
     get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
     if report.remedy:
-        get_run_logger().info("remedy %s: %d trial(s), chosen %s", report.remedy["strategy"], len(report.remedy["trials"]),
-                              report.remedy["chosen"])
+        get_run_logger().info("remedy %s: %d trial(s), chosen %s. %s", report.remedy["strategy"],
+                              len(report.remedy["trials"]), report.remedy["chosen"], report.remedy.get("why", ""))
     adapter_dir = report.remedy.get("adapter_dir") or adapter_dir  # a search trial's, when one was chosen
     return report, str(write_scaled_adapter(adapter_dir, Path(run_dir) / "adapter-remedied", report.adapter_scale))
 
@@ -291,12 +291,18 @@ def read_version(cfg: PipelineConfig, version: str | None):
     return registry.get_version(cfg.tracking.tracking_uri, cfg.model_name, version) if version else None
 
 
+@task(name="read-latest-decision", **MLFLOW_RETRIES)
+def read_latest_decided(cfg: PipelineConfig) -> lifecycle.Decided | None:
+    """The newest version the gate decided, promoted or not (`lifecycle.read_latest_decided`)."""
+    return lifecycle.read_latest_decided(cfg.tracking.tracking_uri, cfg.model_name)
+
+
 @task(name="record-skip", **MLFLOW_RETRIES)
-def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion) -> tuple[str, str]:
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], repeat: lifecycle.Repeat, champion) -> tuple[str, str]:
     """A short MLflow run tagged `promotion.decision=skipped`; returns (run id, reason)."""
-    reason = lifecycle.skip_reason(tags, champion.version)
-    get_run_logger().info("%s (pass force=True to retrain anyway)", reason)
-    return tracking.record_skip(cfg, tags, champion.version, reason), reason
+    reason = lifecycle.skip_reason(tags, repeat)
+    get_run_logger().info("%s", reason)
+    return tracking.record_skip(cfg, tags, repeat.version, champion.version if champion else None, reason), reason
 
 
 @task(name="apply-retention", **STEP)
@@ -384,13 +390,14 @@ def label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
         get_run_logger().warning("could not name or tag the flow run (%s)", exc)
 
 
-def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], champion, name: str):
-    skip_run, reason = record_skip(cfg, tags, champion)
+def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], repeat: lifecycle.Repeat, champion, name: str):
+    skip_run, reason = record_skip(cfg, tags, repeat, champion)
     label_flow_run(name, [cfg.model_name, "skipped"])
-    md = skip_markdown(cfg.model_name, reason, champion.version, skip_run)
+    champion_before = champion.version if champion else None
+    md = skip_markdown(cfg.model_name, reason, champion_before, skip_run)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
-    result = RunResult(cfg.model_name, champion.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
-                       skipped=True, champion_before=champion.version, summary=md)
+    result = RunResult(cfg.model_name, repeat.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
+                       skipped=True, champion_before=champion_before, summary=md)
     return Completed(message=lifecycle.SKIPPED_MESSAGE, data=result)
 
 
@@ -404,8 +411,8 @@ HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.
 def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False, hold: bool = False) -> RunResult:
     """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it.
 
-    Skipped (a Completed state "skipped: no new data") when the champion was trained on the same
-    data and config, unless `force`. `hold` stops after the evaluation, with registration.json
+    Skipped (a Completed state "skipped: no new data") when the champion, or the latest version the
+    gate decided (promoted or not), was trained on the same data and config, unless `force`. `hold` stops after the evaluation, with registration.json
     written and the gate's p-value in the result, for a caller that gates many runs together
     (a fleet) and completes each with `register_run`."""
     cfg = load_config(config_path, overrides)
@@ -418,8 +425,9 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
             "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
     champion = read_champion(cfg)
     name = f"{cfg.model_name}-{tags['lora.run_key']}"
-    if not force and lifecycle.unchanged_since(champion.tags if champion else None, tags):
-        return _skip(cfg, run_dir, tags, champion, name)
+    repeat = None if force else lifecycle.repeated_version(tags, champion, read_latest_decided(cfg))
+    if repeat is not None:
+        return _skip(cfg, run_dir, tags, repeat, champion, name)
     label_flow_run(name, [cfg.model_name])
     run_id, run_url = start_mlflow_run(cfg, run_dir, tags)
     notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)

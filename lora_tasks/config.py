@@ -440,8 +440,9 @@ class RemedyConfig(_Section):
     none is admissible (or with `when: always`), train up to `max_trials` - 1 more adapters over
     `search_space` as Ray Tune trials (each a child MLflow run), each tried at every scale."""
     when: Literal["refused", "always"] = "refused"
-    """`refused`: only when the unscaled adapter fails a forgetting check on the search part;
-    `always`: try every variant each run (a full frontier in every report)."""
+    """`refused`: only when the unscaled adapter's forgetting on the search part is shown past a
+    limit, or undecided with its estimate past it (`remedy.remedy_needed`; undecided within the
+    limit needs more evidence, not a remedy); `always`: every variant each run (a full frontier)."""
     scales: list[float] = Field(default_factory=lambda: [1.0, 0.8, 0.65, 0.5, 0.35])
     """Scales tried, each in (0, 1]; 1.0 (the adapter as trained) is always tried first."""
     confirm_fraction: float = Field(0.5, gt=0.0, lt=1.0)

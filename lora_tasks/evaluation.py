@@ -26,7 +26,7 @@ from .encoding import (
 )
 from .promotion import Candidate, candidate_from_metrics
 from .remedy import (
-    Part, Trial, choose, describe_trial, forgetting_failed, judge, remedy_summary, split_for_confirmation, trial_name,
+    Part, Trial, choose, describe_trial, judge, remedy_needed, remedy_summary, split_for_confirmation, trial_name,
 )
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
@@ -461,8 +461,8 @@ def scale_trials(ev: Evaluation, rows: list[dict], incumbent: Candidate | None, 
         trials.append(judge(Trial(trial_name({"scale": scale}), {"scale": scale}, cand, order, time.perf_counter() - t0),
                             incumbent, cfg.promotion))
         log.info("remedy trial %s", describe_trial(trials[-1]))
-        if order == 0 and stop_when_sound and not forgetting_failed(trials[0].decision):
-            break  # the adapter as trained keeps within every forgetting limit: nothing to remedy
+        if order == 0 and stop_when_sound and not remedy_needed(trials[0], cfg.promotion):
+            break  # nothing a remedy could mend (`remedy_needed`): no trials
     return trials
 
 
@@ -478,7 +478,7 @@ def evaluate_remedies(ev: Evaluation, eval_rows: list[dict], champion_metrics: d
     metric, higher = primary_metric(cfg)
     incumbent = candidate_from_metrics(champion_metrics, metric, higher) if champion_metrics else None
     trials = scale_trials(ev, search_rows, incumbent, stop_when_sound=r.when == "refused")
-    if search is not None and r.strategy == "search" and (r.when == "always" or forgetting_failed(trials[0].decision)):
+    if search is not None and r.strategy == "search" and (r.when == "always" or remedy_needed(trials[0], cfg.promotion)):
         trials += search(search_rows, incumbent, len(trials))
     chosen, needed = choose(trials, cfg.promotion)
     if chosen is not None and chosen.adapter_dir:

@@ -17,26 +17,79 @@ from .config import PipelineConfig
 from .errors import LoraTaskError
 
 SKIP_KEYS = ("lineage.data_fingerprint", "lineage.config_hash")
-"""The lineage a run must share with the champion to be skipped: same validated data, same config."""
+"""The lineage a run must share with a decided version to be skipped: same validated data, same config."""
 
 SKIPPED_MESSAGE = "skipped: no new data"
 REGISTRATION_FILE = "registration.json"
 BASELINE_REASON = "training.method is full: a baseline run, evaluated and logged but never registered or promoted"
+DECISIONS = {"promoted": "promoted", "rejected": "not promoted"}
+"""The gate's decisions as a version records them (tag `promotion.decision`, `aliases.settle_decision`),
+and as people read them. A version without one was not decided: its run failed before the gate
+(`prefect-lora register RUN_DIR` completes it), or it waits for its fleet's gate."""
 
 
-def unchanged_since(champion_tags: dict[str, str] | None, lineage: dict[str, str]) -> bool:
-    """Whether the champion was trained on exactly this data and config (then retraining is waste).
+def unchanged_since(version_tags: dict[str, str] | None, lineage: dict[str, str]) -> bool:
+    """Whether a version was trained on exactly this data and config (then retraining is waste).
 
-    Missing or empty values never match: a champion without lineage is always retrained against."""
-    if not champion_tags:
+    Missing or empty values never match: a version without lineage is always retrained against."""
+    if not version_tags:
         return False
-    return all(lineage.get(k) and champion_tags.get(k) == lineage.get(k) for k in SKIP_KEYS)
+    return all(lineage.get(k) and version_tags.get(k) == lineage.get(k) for k in SKIP_KEYS)
 
 
-def skip_reason(lineage: dict[str, str], champion_version: str) -> str:
-    """Why a run is skipped: the lineage it shares with the champion, shortened for people."""
+@dataclass(frozen=True)
+class Decided:
+    """A registered version and its tags (lineage, `promotion.decision`)."""
+
+    version: str
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """The registered version a run would repeat, trained on the same data and config: the run is skipped."""
+
+    version: str
+    champion: bool
+    """The current champion (it stays)."""
+    decision: str = ""
+    """What the gate decided of it (`DECISIONS`' words); empty for a champion without the tag."""
+
+
+def latest_decided(versions: list[Decided]) -> Decided | None:
+    """The newest version whose gate decided it, promoted or not (`DECISIONS`); None when none was."""
+    decided = [v for v in versions if v.tags.get("promotion.decision") in DECISIONS]
+    return max(decided, key=lambda v: int(v.version), default=None)
+
+
+def repeated_version(lineage: dict[str, str], champion, latest: Decided | None) -> Repeat | None:
+    """The version a run on `lineage` would repeat, so the run is skipped: the champion (anything
+    with `version` and `tags`) when it was trained on this data and config, else the latest decided
+    version when it was, whatever its decision: the same inputs would be evaluated again to the
+    same end, and a refused config would register a duplicate version on every scheduled run.
+    None: something changed, train."""
+    if champion is not None and unchanged_since(champion.tags, lineage):
+        return Repeat(champion.version, True, DECISIONS.get(champion.tags.get("promotion.decision"), ""))
+    if latest is not None and unchanged_since(latest.tags, lineage):
+        return Repeat(latest.version, False, DECISIONS[latest.tags["promotion.decision"]])
+    return None
+
+
+def read_latest_decided(tracking_uri: str, name: str) -> Decided | None:
+    """The newest decided version of `name` in the registry (`latest_decided`)."""
+    return latest_decided([Decided(v, tags) for v, tags in registry.versions_with_tags(tracking_uri, name)])
+
+
+def skip_reason(lineage: dict[str, str], repeat: Repeat) -> str:
+    """Why a run is skipped: the lineage it shares with the version it would repeat, that
+    version and its decision, and what runs it again."""
+    if repeat.champion:
+        what = f"champion version {repeat.version}"
+    else:
+        what = f"version {repeat.version}, which the gate {'promoted' if repeat.decision == 'promoted' else 'did not promote'}"
     return (f"{SKIPPED_MESSAGE}: data fingerprint {lineage['lineage.data_fingerprint'][:12]} and config hash "
-            f"{lineage['lineage.config_hash'][:12]} equal those of champion version {champion_version}")
+            f"{lineage['lineage.config_hash'][:12]} equal those of {what}; new data, a changed config or force "
+            "(--force, the flow's force=True) runs it again")
 
 
 # ----------------------------------------------------------------------------- retention
@@ -212,7 +265,8 @@ class RunResult:
 
     model_name: str
     version: str | None
-    """The version registered (a skipped run: the champion that stays; a baseline: None)."""
+    """The version registered (a skipped run: the version it would repeat, the champion or the latest
+    decided one; a baseline: None)."""
     promoted: bool
     reasons: list[str]
     """Every reason the gate gave, or why nothing was trained or registered."""
@@ -223,7 +277,8 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     """Flat evaluation metrics (`EvalReport.flat_metrics()`); empty when nothing was evaluated."""
     skipped: bool = False
-    """True when nothing was trained (unchanged data and config) or nothing was left to register."""
+    """True when nothing was trained (data and config unchanged since the champion or the latest
+    decided version) or nothing was left to register."""
     champion_before: str | None = None
     summary: str = ""
     """The run's Markdown summary, as the Prefect artifact shows it."""

@@ -101,7 +101,7 @@ def _show(point, bounds: tuple[float, float]) -> str:
     return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
 
 
-def _outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool) -> str:
+def check_outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool) -> str:
     """`pass` when the worse bound is within the limit, `fail` when even the better one is beyond
     it, `undecided` when the interval straddles it."""
     worse, better = (bounds[1], bounds[0]) if upper_is_worse else (bounds[0], bounds[1])
@@ -111,14 +111,44 @@ def _outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool) ->
 
 EVIDENCE_UNITS = {"corpus": "reference tokens", "probes": "probes", "benchmark": "benchmark questions"}
 
+LOOK_GROWTH = 1.5
+"""How much each look of a staged check grows the evidence over the one before (`sequential.looks`):
+the least that "more evidence" can mean, so the least multiple an undecided check's reason names."""
+NEAR_EDGE = 100.0
+"""Beyond this multiple of its evidence an undecided check names no amount: its estimate sits so near
+the limit that more evidence is unlikely to decide it (the estimate moves before the interval shrinks)."""
+
 
 def _evidence_needed(point: float, bounds: tuple[float, float], limit: float, unit: str) -> str:
-    """How much more evidence would decide a straddling check at this estimate: the interval's
-    half-width shrinks as one over the square root of the sample, so (half-width / gap)² times it."""
-    half, gap = (bounds[1] - bounds[0]) / 2, abs(point - limit)
-    if gap == 0 or half == 0:
+    """How much evidence would decide a straddling check if its estimate stayed where it is: the
+    interval's half-width on the limit's side shrinks as one over the square root of the sample, so
+    (that half-width / the estimate's distance to the limit)² times the evidence it has.
+
+    The multiple named is never below `LOOK_GROWTH`, the size of one more look: a figure such as
+    1.04x would read as "enough already", while no staged check adds less than one look. Past
+    `NEAR_EDGE`, or with the estimate on the limit, no amount is named: the estimate sits near
+    the limit and more evidence is unlikely to decide it."""
+    side = bounds[1] - point if limit > point else point - bounds[0]
+    gap = abs(point - limit)
+    if gap == 0:
         return f"the estimate sits on the limit: no number of {unit} decides it"
-    return f"about {max(1.0, (half / gap) ** 2):.1f}x the {unit} would decide it"
+    multiple = (side / gap) ** 2
+    if multiple > NEAR_EDGE:
+        return f"the estimate sits near the limit: more {unit} are unlikely to decide it (about {multiple:.0f}x would)"
+    if multiple <= LOOK_GROWTH:
+        return f"one more look, {LOOK_GROWTH:g}x the {unit}, would decide it at this estimate"
+    return f"about {multiple:.1f}x the {unit} would decide it at this estimate"
+
+
+def _gain_said(metric: str, gain: float, bounds: tuple[float, float], higher_is_better: bool) -> str:
+    """`accuracy improved by 0.2 over base` for a positive gain, `accuracy changed by -0.094 over
+    base` otherwise: a negative gain never reads as an improvement. The gain of a lower-is-better
+    metric is its drop, so a negative one says so."""
+    shown = _show(gain, bounds)
+    if gain > 0:
+        return f"{metric} improved by {shown} over base"
+    sign = "" if higher_is_better or gain == 0 else f" (a gain: lower {metric} is better, so it rose)"
+    return f"{metric} changed by {shown} over base{sign}"
 
 
 def _p_value(point: float, bounds: tuple[float, float], limit: float, upper_is_worse: bool, confidence: float) -> float:
@@ -159,7 +189,7 @@ def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate,
         return
     p.append(_p_value(value, bounds, limit, metric.higher_is_worse, confidence))
     shown, unit = _show(value, bounds), EVIDENCE_UNITS[metric.source]
-    _record(name, _outcome(bounds, limit, metric.higher_is_worse), reasons, failed, undecided, {
+    _record(name, check_outcome(bounds, limit, metric.higher_is_worse), reasons, failed, undecided, {
         "pass": f"{name}: {shown} within the limit {limit:.4g}",
         "fail": f"{name}: {shown} beyond the limit {limit:.4g}: forgetting shown (even the better bound is past it)",
         "undecided": f"{name}: {shown} straddles the limit {limit:.4g}: undecided, forgetting neither shown nor "
@@ -195,11 +225,11 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
         failed.append("task_gain")
         reasons.append(f"task_gain: {m} of base ({candidate.base_score}) or adapted ({candidate.adapted_score}) is missing or not finite")
     else:
-        shown = _show(gain, bounds)
-        _record("task_gain", _outcome(bounds, need, upper_is_worse=False), reasons, failed, undecided, {
-            "pass": f"task_gain: {m} improved by {shown} over base (required {need:.4g})",
-            "fail": f"task_gain: {m} improved by {shown} over base; even the upper bound is below the required {need:.4g}",
-            "undecided": f"task_gain: {m} improved by {shown} over base, straddling the required {need:.4g}: undecided; "
+        said = f"task_gain: {_gain_said(m, gain, bounds, candidate.higher_is_better)}"
+        _record("task_gain", check_outcome(bounds, need, upper_is_worse=False), reasons, failed, undecided, {
+            "pass": f"{said} (required {need:.4g})",
+            "fail": f"{said}; even the upper bound is below the required {need:.4g}",
+            "undecided": f"{said}, straddling the required {need:.4g}: undecided; "
                          f"{_evidence_needed(gain, bounds, need, 'eval rows')}",
         })
 
@@ -232,7 +262,7 @@ def _check_champion(candidate: Candidate, champion: Candidate | None, policy: Pr
             lead, v = f"{m} lead over version {champion.version} is [{low:.4g}, {high:.4g}] on the same data", champion.version
             point = (low + high) / 2  # the candidate carries the interval of the lead, not its point
             p.append(_p_value(point, (low, high), -tol, False, policy.confidence))
-            _record("champion", _outcome((low, high), -tol, upper_is_worse=False), reasons, failed, undecided, {
+            _record("champion", check_outcome((low, high), -tol, upper_is_worse=False), reasons, failed, undecided, {
                 "pass": f"champion: {lead} (tolerance {tol:.4g})",
                 "fail": f"champion: {lead}: worse than version {v} by more than the tolerance {tol:.4g}",
                 "undecided": f"champion: {lead}, straddling the tolerance {tol:.4g}: undecided; "

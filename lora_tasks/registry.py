@@ -292,6 +292,13 @@ def list_versions(tracking_uri: str, name: str) -> list[str]:
     return sorted((str(v.version) for v in c.search_model_versions(f"name = '{name}'")), key=int)
 
 
+def versions_with_tags(tracking_uri: str, name: str) -> list[tuple[str, dict[str, str]]]:
+    """Every version number of `name` with its tags (lineage, the gate's decision), oldest first;
+    an empty list when the model does not exist."""
+    found = client(tracking_uri).search_model_versions(f"name = '{name}'")
+    return [(str(v.version), dict(v.tags)) for v in sorted(found, key=lambda v: int(v.version))]
+
+
 def delete_versions(tracking_uri: str, name: str, versions: list[str]) -> list[str]:
     """Delete these versions of `name`, refusing any that an alias points at; returns those deleted."""
     c = client(tracking_uri)

@@ -186,17 +186,74 @@ def describe_trial(t: Trial) -> str:
     return f"{t.name}: {', '.join(parts)}, {verdict} ({t.seconds:.0f} s)"
 
 
-def forgetting_failed(decision: Decision) -> bool:
-    """Whether a gate decision failed on forgetting (what a remedy can mend), not only on gain."""
-    return any(c == "forgetting" or forgetting_metric(c) for c in decision.failed_checks)
+# ----------------------------------------------------------------------------- whether to remedy
+
+SHOWN, BEYOND, WITHIN, UNMEASURED = "shown", "estimate beyond", "estimate within", "unmeasured"
+"""How a forgetting check that did not pass stands (`forgetting_standing`)."""
+
+
+def forgetting_standing(trial: Trial, policy: PromotionPolicy) -> dict[str, str]:
+    """Each forgetting check the judged `trial` did not pass, by name, and how it stands:
+    - `SHOWN`: failed, beyond its limit even at the interval's better bound (or not a finite number);
+    - `BEYOND`: undecided, its point estimate itself past the limit: scaling the update down
+      lowers forgetting, so a remedy can bring such an estimate in;
+    - `WITHIN`: undecided, its point estimate within the limit: more evidence would decide it,
+      a remedy would only give up gain;
+    - `UNMEASURED`: no forgetting metric was measured (the check `forgetting`): no remedy measures one."""
+    decision, c, out = trial.decision, trial.candidate, {}
+    for name in decision.failed_checks if decision else []:
+        metric = forgetting_metric(name)
+        if name == "forgetting":
+            out[name] = UNMEASURED
+        elif metric is None:
+            continue
+        elif name not in decision.undecided_checks:
+            out[name] = SHOWN
+        else:
+            point, limit = c.forgetting[name], getattr(policy, metric.limit)
+            past = point > limit if metric.higher_is_worse else point < limit
+            out[name] = BEYOND if past else WITHIN
+    return out
+
+
+def remedy_needed(trial: Trial, policy: PromotionPolicy) -> bool:
+    """Whether the adapter as trained (`trial`, judged on the search part) warrants remedy trials:
+    a forgetting check shown beyond its limit, or undecided with its estimate past the limit. An
+    undecided check whose estimate is within needs more evidence, not a remedy (a scale trial of
+    a summarizer costs minutes of generation each)."""
+    return any(s in (SHOWN, BEYOND) for s in forgetting_standing(trial, policy).values())
+
+
+def remedy_reason(trial: Trial, policy: PromotionPolicy) -> str:
+    """Why the adapter as trained did or did not need a remedy, in one sentence for the log and
+    the remedy's summary."""
+    standing = forgetting_standing(trial, policy)
+    c = trial.candidate
+
+    def said(name: str) -> str:
+        limit = getattr(policy, forgetting_metric(name).limit)
+        return f"{name} {c.forgetting[name]:.4g} (limit {limit:.4g})"
+
+    named = {s: ", ".join(said(n) for n, v in standing.items() if v == s) for s in (SHOWN, BEYOND, WITHIN)}
+    why = {SHOWN: "failed (forgetting shown)",
+           BEYOND: "undecided with the estimate past the limit, which a smaller update can bring in"}
+    if named[SHOWN] or named[BEYOND]:
+        parts = [f"{named[s]} {why[s]}" for s in (SHOWN, BEYOND) if named[s]]
+        return f"The adapter as trained needs a remedy: {'; '.join(parts)}."
+    if named[WITHIN]:
+        return (f"The adapter as trained needs more evidence, not a remedy: {named[WITHIN]} undecided with the "
+                "estimate within the limit; more rows, probes, tokens or questions would decide it.")
+    if UNMEASURED in standing.values():
+        return "No remedy can help: no forgetting metric was measured, and a remedy measures none."
+    return "The adapter as trained kept within every forgetting limit: no remedy was needed."
 
 
 def choose(trials: list[Trial], policy: PromotionPolicy) -> tuple[Trial | None, bool]:
     """(the trial to confirm, whether a remedy was needed). `trials[0]` is the adapter as trained:
-    when it keeps within every forgetting limit, a remedy is not needed and it stands unless
-    another trial is admissible with more gain; when it does not, only an admissible trial
-    stands, and None means the gate must refuse (`apply_outcome`)."""
-    needed = forgetting_failed(trials[0].decision)
+    when it warrants no remedy (`remedy_needed`), it stands unless another trial is admissible
+    with more gain; when it does, only an admissible trial stands, and None means the gate must
+    refuse (`apply_outcome`)."""
+    needed = remedy_needed(trials[0], policy)
     chosen = select_trial(trials, policy)
     return (chosen if chosen or needed else trials[0]), needed
 
@@ -204,9 +261,10 @@ def choose(trials: list[Trial], policy: PromotionPolicy) -> tuple[Trial | None, 
 def remedy_summary(strategy: str, trials: list[Trial], chosen: Trial | None, needed: bool, policy: PromotionPolicy,
                    seconds: float, search_rows: int, confirm_rows: int) -> dict:
     """What `EvalReport.remedy` records: every trial's search figures, whether the adapter as
-    trained needed a remedy, the choice and the cost. Plain JSON."""
+    trained needed a remedy and why (`remedy_reason`), the choice and the cost. Plain JSON."""
     return {
-        "strategy": strategy, "needed": needed, "chosen": chosen.name if chosen else None,
+        "strategy": strategy, "needed": needed, "why": remedy_reason(trials[0], policy) if trials else "",
+        "chosen": chosen.name if chosen else None,
         "chosen_settings": chosen.settings if chosen else {},
         "adapter_dir": chosen.adapter_dir if chosen else None, "run_id": chosen.run_id if chosen else None,
         "trainings": 1 + len({t.adapter_dir for t in trials if t.adapter_dir}),

@@ -149,8 +149,8 @@ def remedy_markdown(report: EvalReport) -> str:
         mark = " **chosen**" if t["name"] == r["chosen"] else ""
         lines.append(f"| {t['name']}{mark} | {_point_interval(t['task_gain'])} | "
                      f"{_point_interval(t['forgetting'][key]) if key else '–'} | {'yes' if t['admissible'] else 'no'} |")
-    if not r["needed"]:
-        lines.append("\nThe adapter as trained kept within every forgetting limit: no remedy was needed.")
+    if not r["needed"]:  # why: within every limit, or undecided within it (more evidence, not a remedy)
+        lines.append("\n" + (r.get("why") or "The adapter as trained kept within every forgetting limit: no remedy was needed."))
     elif r["chosen"]:
         lines.append(f"\nThe adapter as trained failed a forgetting limit; registered with {r['chosen']}: the gate "
                      f"reads its figures on the confirm part, which took no part in the choice.")
@@ -372,7 +372,9 @@ def mlflow_markdown(run_id: str, run_page: str, version: str, version_page: str,
             f"- audit: {action}, {moved}\n")
 
 
-def skip_markdown(model_name: str, reason: str, champion_version: str, skip_run_id: str) -> str:
-    """The summary of a run skipped because nothing changed since the champion."""
-    return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained; champion "
-            f"version {champion_version} stays. MLflow run `{skip_run_id}` records this check.\n")
+def skip_markdown(model_name: str, reason: str, champion_version: str | None, skip_run_id: str) -> str:
+    """The summary of a run skipped because nothing changed since the champion or the latest
+    decided version (`lifecycle.repeated_version`)."""
+    stays = f"champion version {champion_version} stays" if champion_version else "there is no champion yet"
+    return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained or registered; {stays}. "
+            f"MLflow run `{skip_run_id}` records this check.\n")

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .promotion import _outcome
+from .promotion import LOOK_GROWTH, check_outcome
 from .stats import Interval
 
 SHAPE = 0.0
@@ -34,7 +34,7 @@ FUTILITY = 0.5
 """A check stops early, undecided, once its estimate lies this many standard errors past the limit."""
 
 
-def looks(first: int, budget: int, growth: float = 1.5) -> list[int]:
+def looks(first: int, budget: int, growth: float = LOOK_GROWTH) -> list[int]:
     """Sample sizes at which to look: `first`, then growing by `growth`, ending at `budget`."""
     out, n = [], max(2, first)
     while n < budget:
@@ -77,7 +77,7 @@ def _interval(values: np.ndarray, z: float) -> Interval:
 
 def outcome(interval: Interval, limit: float, upper_is_worse: bool) -> str:
     """`pass`, `fail` or `undecided`, read exactly as the fixed-size gate reads an interval."""
-    return _outcome((interval.low, interval.high), limit, upper_is_worse)
+    return check_outcome((interval.low, interval.high), limit, upper_is_worse)
 
 
 def look(values: np.ndarray, k: int, stages: list[int], limit: float, upper_is_worse: bool,

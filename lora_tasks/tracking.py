@@ -347,15 +347,18 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+0000")
 
 
-def record_skip(cfg: PipelineConfig, tags: dict[str, str], champion_version: str, reason: str) -> str:
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], version: str, champion_version: str | None,
+                reason: str) -> str:
     """A short, finished run tagged `promotion.decision=skipped`: the schedule ran and found nothing
-    new. The champion gets `schedule.last_skip` (when, which run). Returns the run id."""
+    new since `version` (the champion, or the latest decided version). That version gets
+    `schedule.last_skip` (when, which run). Returns the run id."""
     c = client(cfg.tracking.tracking_uri)
     exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
     run = c.create_run(exp_id, run_name=f"skipped-{tags.get('lora.run_key', '')}"[:250], tags={
         **{k: str(v) for k, v in tags.items()}, "promotion.decision": "skipped", "promotion.reasons": reason,
-        "promotion.champion_compared": str(champion_version), "mlflow.note.content": reason})
+        "promotion.champion_compared": str(champion_version), "promotion.repeats": str(version),
+        "mlflow.note.content": reason})
     c.set_terminated(run.info.run_id, status="FINISHED")
-    c.set_model_version_tag(cfg.model_name, str(champion_version), "schedule.last_skip",
+    c.set_model_version_tag(cfg.model_name, str(version), "schedule.last_skip",
                             json.dumps({"at": now_iso(), "run_id": run.info.run_id}))
     return run.info.run_id

@@ -1,5 +1,5 @@
 """A fleet in one flow run: every member its own registered model and gate; a broken member and a
-refused one stop none of the others; the second run skips the unchanged ones."""
+refused one stop none of the others; the second run skips the unchanged ones, the refused one too."""
 
 from __future__ import annotations
 
@@ -65,8 +65,11 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
     assert {m.name for m in client.search_registered_models()} == {"sums-good", "sums-refused"}
 
     second = retrain_fleet(str(fleet))
-    assert [o.decision for o in second] == ["skipped", "failed", "not promoted"]
-    assert second[0].version == "1" and second[2].version == "2"
+    assert [o.decision for o in second] == ["skipped", "failed", "skipped"]
+    assert second[0].version == "1" and second[2].version == "1"
+    assert "version 1, which the gate did not promote" in second[2].reason, second[2].reason
+    assert [str(v.version) for v in client.search_model_versions("name = 'sums-refused'")] == ["1"], \
+        "a refused member with unchanged data and config registers no duplicate version"
 
     async def latest_artifacts_and_runs():
         async with get_client() as c:
@@ -74,13 +77,14 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
 
     artifacts, runs = asyncio.run(latest_artifacts_and_runs())
     names = sorted(r.name for r in runs)
-    assert names.count("sums-good-gate") == 1 and names.count("sums-refused-gate") == 2, names
+    assert names.count("sums-good-gate") == 1 and names.count("sums-refused-gate") == 1, names
     assert "sums-broken-gate" not in names, "a member that failed has no gate to complete"
     summaries = [a for a in artifacts if (a.key or "").startswith("fleet-")]
     assert summaries and "[sums-good](http://127.0.0.1:5000/#/experiments/" in summaries[0].data
     assert "| skipped | 1 |" in summaries[0].data
-    assert "3 members (1 failed, 1 not promoted, 1 skipped)" in summaries[0].data
-    assert "1 member(s) gated together" in summaries[0].data
+    assert "3 members (1 failed, 2 skipped)" in summaries[0].data
+    assert "No member reached its gate in this run" in summaries[0].data
+    assert "**sums-refused** (skipped): skipped: no new data" in summaries[0].data
 
 
 def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):

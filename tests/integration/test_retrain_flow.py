@@ -191,6 +191,32 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
     assert "below the required 100" in v2.tags["promotion.reasons"]
 
 
+def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing(first_run, workdir):
+    """The config refused above (version 2, its champion version 1 of another config) again on the
+    same data: skipped on the latest decided version, not evaluated and registered once more as it
+    was on every scheduled run."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from lora_tasks import registry
+
+    uri = first_run.tracking_uri
+    before = registry.list_versions(uri, "tiny-sums")
+    assert before[-1] == "2", before  # the refused version of test_second_run_that_cannot_pass_keeps_champion
+    result = retrain(str(write_config(workdir, "tiny")), ["promotion.min_task_gain=100"])
+    assert result.skipped and result.promoted is False, result.reasons
+    assert result.version == "2" and result.champion_before == "1"
+    assert "equal those of version 2, which the gate did not promote; new data, a changed config or force" \
+        in result.reasons[0]
+    assert registry.list_versions(uri, "tiny-sums") == before, "no duplicate version registered"
+    client = MlflowClient(uri)
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["promotion.decision"] == "skipped" and tags["promotion.repeats"] == "2"
+    assert json.loads(client.get_model_version("tiny-sums", "2").tags["schedule.last_skip"])["run_id"] == result.run_id
+    assert "champion version 1 stays" in result.summary
+    assert str(client.get_model_version_by_alias("tiny-sums", "champion").version) == "1"
+
+
 def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
     """The skip returns a Completed state whose data is the run's result: the champion stays."""
     from flows.retrain import retrain
@@ -200,6 +226,7 @@ def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
     assert isinstance(result, RunResult) and result.skipped and result.promoted is False
     assert result.version == "1" == result.champion_before and result.run_id != first_run.run_id
     assert result.reasons[0].startswith(SKIPPED_MESSAGE) and "champion version 1" in result.summary
+    assert "champion version 1;" in result.reasons[0], "the champion is named though a refused version is newer"
 
 
 def test_classification_flow_on_two_workers(harness, workdir):

@@ -106,7 +106,7 @@ def test_summary_of_a_skipped_run_gives_its_reason_only(capsys):
     _print_summary(RunResult("m", "1", False, ["skipped: no new data: same data"], "r", "d", "sqlite:///x.db",
                              skipped=True))
     out = " ".join(capsys.readouterr().out.split())
-    assert "skipped: no new data: same data (nothing trained; --force retrains)" in out and "decision" not in out
+    assert "skipped: no new data: same data (nothing trained)" in out and "decision" not in out
 
 
 @pytest.mark.parametrize("error, also, code", [

@@ -146,10 +146,59 @@ def test_retention_that_fails_part_way_says_what_it_deleted(tmp_path, monkeypatc
     assert err.value.deleted.versions == []
 
 
-def test_skip_reason_names_the_shared_lineage_and_the_champion():
-    reason = lifecycle.skip_reason(LINEAGE, "4")
-    assert reason == f"{lifecycle.SKIPPED_MESSAGE}: data fingerprint {'f' * 12} and config hash {'c' * 12} " \
-                     "equal those of champion version 4"
+def test_skip_reason_names_the_shared_lineage_the_version_its_decision_and_what_runs_it_again():
+    shared = f"{lifecycle.SKIPPED_MESSAGE}: data fingerprint {'f' * 12} and config hash {'c' * 12} equal those of "
+    again = "; new data, a changed config or force (--force, the flow's force=True) runs it again"
+    assert lifecycle.skip_reason(LINEAGE, lifecycle.Repeat("4", True, "promoted")) == f"{shared}champion version 4{again}"
+    assert lifecycle.skip_reason(LINEAGE, lifecycle.Repeat("5", False, "not promoted")) == \
+        f"{shared}version 5, which the gate did not promote{again}"
+    assert "version 3, which the gate promoted;" in lifecycle.skip_reason(LINEAGE, lifecycle.Repeat("3", False, "promoted"))
+
+
+def decided(version, decision="rejected", **lineage):
+    tags = {**LINEAGE, **{f"lineage.{k}": v for k, v in lineage.items()}}
+    return lifecycle.Decided(version, {**tags, "promotion.decision": decision} if decision else tags)
+
+
+@pytest.mark.parametrize("versions, latest", [
+    ([decided("1", "promoted"), decided("2"), decided("3", None)], "2"),   # 3's run stopped before its gate
+    ([decided("9"), decided("10", "promoted")], "10"),                      # numeric, not string order
+    ([decided("4", "promoted"), decided("5", "skipped")], "4"),            # a value the gate never writes
+    ([decided("1", None)], None),                                           # registered, never decided
+    ([], None),                                                             # no model yet
+])
+def test_the_latest_decided_version_is_the_newest_the_gate_promoted_or_refused(versions, latest):
+    found = lifecycle.latest_decided(versions)
+    assert (found.version if found else None) == latest
+
+
+OTHER = {"data_fingerprint": "e" * 64}
+# (label, champion, latest decided, the version repeated (None: train), whether it is the champion, its decision)
+REPEAT_CASES = [
+    ("no champion, the latest refused on the same inputs", None, decided("1"), "1", False, "not promoted"),
+    ("a champion of another config, the latest refused on these", decided("1", "promoted", config_hash="d" * 64),
+     decided("2"), "2", False, "not promoted"),
+    ("the champion on the same inputs stays", decided("1", "promoted"), decided("2", config_hash="d" * 64), "1", True,
+     "promoted"),
+    ("champion and latest both on these inputs: the champion", decided("1", "promoted"), decided("2"), "1", True,
+     "promoted"),
+    ("new data since every decided version", decided("1", "promoted", **OTHER), decided("2", **OTHER), None, False, ""),
+    ("an older decided version on these inputs is not the latest", None, decided("3", **OTHER), None, False, ""),
+    ("nothing decided yet", None, None, None, False, ""),
+    ("a champion promoted by hand, never gated", decided("1", None), None, "1", True, ""),
+    ("a promoted version rolled back from is still decided", decided("1", "promoted", **OTHER), decided("2", "promoted"),
+     "2", False, "promoted"),
+]
+
+
+@pytest.mark.parametrize("label, champion, latest, version, champion_repeated, decision", REPEAT_CASES,
+                         ids=[c[0] for c in REPEAT_CASES])
+def test_a_run_repeating_the_champion_or_the_latest_decided_version_is_skipped(label, champion, latest, version,
+                                                                               champion_repeated, decision):
+    repeat = lifecycle.repeated_version(LINEAGE, champion, latest)
+    assert (repeat.version if repeat else None) == version
+    if repeat:
+        assert (repeat.champion, repeat.decision) == (champion_repeated, decision)
 
 
 def test_run_result_survives_pickling_as_prefect_persists_it():

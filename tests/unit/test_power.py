@@ -13,7 +13,7 @@ import pytest
 from lora_tasks import power, stats
 from lora_tasks.config import config_from_dict
 from lora_tasks.errors import ConfigError
-from lora_tasks.promotion import _outcome
+from lora_tasks.promotion import check_outcome
 
 
 def _benchmark(tmp_path: Path, questions: int) -> str:
@@ -110,7 +110,7 @@ def test_predicted_power_matches_the_gates_own_bootstrap(questions):
     for seed in range(300):
         drop = rng.choice([1.0, -1.0, 0.0], size=questions, p=[0.075, 0.075, 0.85])
         ci = stats.paired_diff_ci(drop, np.zeros(questions), resamples=400, seed=seed)
-        passed.append(_outcome((ci.low, ci.high), 0.05, upper_is_worse=True) == "pass")
+        passed.append(check_outcome((ci.low, ci.high), 0.05, upper_is_worse=True) == "pass")
     observed = float(np.mean(passed))
     assert abs(observed - predicted) < (0.15 if questions < 100 else 0.07), (observed, predicted)
     assert (observed < 0.5) == (predicted < 0.5)

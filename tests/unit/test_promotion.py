@@ -158,7 +158,7 @@ def test_each_check_passes_fails_or_is_undecided_with_the_evidence_it_needs(poin
     assert (bench in d.undecided_checks) is (outcome == "undecided") and (bench in d.failed_checks) is (outcome != "pass")
     if outcome == "undecided":
         assert "straddles the limit 0.05: undecided" in reason and "may exceed" not in reason
-        assert "about 12.2x the benchmark questions would decide it" in reason  # (0.0875 / 0.025)^2
+        assert "about 16.0x the benchmark questions would decide it" in reason  # (0.1 / 0.025)^2, the limit's side
     if outcome == "fail":
         assert "forgetting shown" in reason
 
@@ -170,3 +170,54 @@ def test_task_gain_has_three_outcomes_too(gain, outcome):
     cand = Candidate("eval_loss", False, 2.0, 2.0 - sum(gain) / 2, {}, "2", {"task_gain": gain})
     d = decide_promotion(cand, None, PromotionPolicy(min_task_gain=0.05, require_forgetting_metrics=False))
     assert d.promote is (outcome == "pass") and ("task_gain" in d.undecided_checks) is (outcome == "undecided")
+
+
+BENCH = "benchmark_quiz_accuracy_drop"
+# (label, point, interval, what the reason says of more evidence) against a drop limit of 0.05
+EVIDENCE_CASES = [
+    ("far from deciding", 0.025, (-0.05, 0.125), "about 16.0x the benchmark questions would decide it at this estimate"),
+    ("a bound just past the limit: at least one more look", 0.04, (0.0, 0.051),
+     "one more look, 1.5x the benchmark questions, would decide it at this estimate"),
+    ("an asymmetric interval once read 1.0x", 0.02, (0.015, 0.06), "about 1.8x the benchmark questions would decide it"),
+    ("just within the limit and wide", 0.049, (0.0, 0.1),
+     "the estimate sits near the limit: more benchmark questions are unlikely to decide it (about 2601x would)"),
+    ("just past the limit and wide", 0.052, (-0.01, 0.1), "the estimate sits near the limit"),
+    ("on the limit", 0.05, (0.0, 0.1), "the estimate sits on the limit: no number of benchmark questions decides it"),
+]
+
+
+@pytest.mark.parametrize("label, point, interval, says", EVIDENCE_CASES, ids=[c[0] for c in EVIDENCE_CASES])
+def test_an_undecided_check_names_an_honest_amount_of_evidence(label, point, interval, says):
+    """Never "about 1.0x" (which reads as "you have enough"): at least one more look's growth
+    (`sequential.looks`), and no amount at all where the estimate sits at the limit's edge."""
+    from lora_tasks.promotion import LOOK_GROWTH
+    from lora_tasks.sequential import looks
+
+    cand = Candidate("eval_loss", False, 2.0, 1.5, {BENCH: point}, "2", {"task_gain": (0.3, 0.7), BENCH: interval})
+    d = decide_promotion(cand, None, PromotionPolicy(max_benchmark_accuracy_drop=0.05, min_task_gain=0.05))
+    reason = next(r for r in d.reasons if r.startswith(BENCH))
+    assert BENCH in d.undecided_checks and "straddles the limit 0.05: undecided" in reason
+    assert says in reason, reason
+    assert "1.0x" not in reason and "about 1.1x" not in reason
+    assert looks(100, 1000)[1] == 100 * LOOK_GROWTH, "the floor is the growth of the next look"
+
+
+# (label, higher is better, base, adapted, gain interval, reads, never reads)
+GAIN_CASES = [
+    ("accuracy fell", True, 0.5, 0.406, (-0.15, -0.04), "task_gain: accuracy changed by -0.094 [-0.15, -0.04] over base",
+     "improved"),
+    ("accuracy rose", True, 0.5, 0.7, (0.1, 0.3), "task_gain: accuracy improved by 0.2 [0.1, 0.3] over base", "changed"),
+    ("no change", True, 0.5, 0.5, (-0.1, 0.1), "task_gain: accuracy changed by 0 [-0.1, 0.1] over base", "improved"),
+    ("loss rose", False, 2.0, 2.1, (-0.2, 0.0),
+     "task_gain: eval_loss changed by -0.1 [-0.2, 0] over base (a gain: lower eval_loss is better, so it rose)", "improved"),
+    ("loss fell", False, 2.0, 1.5, (0.3, 0.7), "task_gain: eval_loss improved by 0.5 [0.3, 0.7] over base", "rose"),
+]
+
+
+@pytest.mark.parametrize("label, higher, base, adapted, interval, reads, never", GAIN_CASES, ids=[c[0] for c in GAIN_CASES])
+def test_a_negative_gain_never_reads_as_an_improvement(label, higher, base, adapted, interval, reads, never):
+    cand = Candidate("accuracy" if higher else "eval_loss", higher, base, adapted, {}, "2", {"task_gain": interval})
+    d = decide_promotion(cand, None, PromotionPolicy(min_task_gain=0.05, require_forgetting_metrics=False))
+    reason = next(r for r in d.reasons if r.startswith("task_gain"))
+    assert reason.startswith(reads), reason
+    assert never not in reason

@@ -8,7 +8,8 @@ import pytest
 from lora_tasks.config import PromotionPolicy
 from lora_tasks.promotion import Candidate
 from lora_tasks.remedy import (
-    Trial, closest_trial, confirm_mask, forgetting_margin, judge, select_trial, split_for_confirmation,
+    BEYOND, SHOWN, UNMEASURED, WITHIN, Trial, choose, closest_trial, confirm_mask, forgetting_margin,
+    forgetting_standing, judge, remedy_needed, remedy_reason, remedy_summary, select_trial, split_for_confirmation,
 )
 
 POLICY = PromotionPolicy(min_task_gain=0.3, max_perplexity_ratio=1.2, max_self_retention_ratio=1.2, max_kl=0.5)
@@ -97,6 +98,60 @@ def test_the_remedy_section_keeps_existing_hashes_until_it_is_used():
     assert used.config_hash() != cfg.config_hash(), "a remedy changes what gets registered"
     assert used.training_hash() == cfg.training_hash(), "scaling needs no retraining: the same run folder"
     assert used.remedy.scales[0] == 1.0 and used.remedy.scales == sorted(used.remedy.scales, reverse=True)
+
+
+# ----------------------------------------------------------------------------- whether to remedy
+
+
+def measured(ratio, kl=(0.1, 0.05, 0.15), gain=(0.7, 0.6, 0.8), policy=POLICY, name="scale=1"):
+    """The adapter as trained, judged: each figure a (point, low, high)."""
+    forgetting = {} if ratio is None else {RATIO: ratio[0], "reference_kl": kl[0]}
+    intervals = {"task_gain": gain[1:]} | ({} if ratio is None else {RATIO: ratio[1:], "reference_kl": kl[1:]})
+    return judge(Trial(name, {"scale": 1.0}, Candidate("exact_match", True, 0.0, gain[0], forgetting, intervals=intervals)),
+                 None, policy)
+
+
+NEED_CASES = [
+    # (label, trial, how each forgetting check that did not pass stands, needed, the reason says)
+    ("sound: within every limit", measured((1.05, 1.0, 1.1)), {}, False, "kept within every forgetting limit"),
+    ("failed: forgetting shown", measured((1.3, 1.25, 1.35)), {RATIO: SHOWN}, True, "failed (forgetting shown)"),
+    ("undecided, the estimate past the limit: a smaller update can bring it in", measured((1.25, 1.15, 1.35)),
+     {RATIO: BEYOND}, True, "estimate past the limit"),
+    ("undecided, the estimate within the limit: more evidence, no trials", measured((1.15, 1.05, 1.25)),
+     {RATIO: WITHIN}, False, "needs more evidence, not a remedy"),
+    ("undecided on the limit itself: not past it", measured((1.2, 1.1, 1.3)), {RATIO: WITHIN}, False, "more evidence"),
+    ("one within, one past: the one past decides", measured((1.15, 1.05, 1.25), kl=(0.6, 0.45, 0.75)),
+     {RATIO: WITHIN, "reference_kl": BEYOND}, True, "reference_kl 0.6 (limit 0.5) undecided with the estimate past"),
+    ("not a finite number counts as failed", measured((math.nan, 1.0, 1.1)), {RATIO: SHOWN}, True, "failed"),
+    ("refused for gain alone: nothing to remedy", measured((1.05, 1.0, 1.1), gain=(0.2, 0.1, 0.3)), {}, False,
+     "kept within every forgetting limit"),
+    ("nothing measured: no remedy measures it", measured(None), {"forgetting": UNMEASURED}, False, "No remedy can help"),
+]
+
+
+@pytest.mark.parametrize("label, t, standing, needed, says", NEED_CASES, ids=[c[0] for c in NEED_CASES])
+def test_only_forgetting_shown_or_an_estimate_past_the_limit_starts_trials(label, t, standing, needed, says):
+    assert forgetting_standing(t, POLICY) == standing
+    assert remedy_needed(t, POLICY) is needed
+    assert says in remedy_reason(t, POLICY)
+
+
+def test_an_undecided_adapter_within_the_limit_stands_and_its_summary_says_why():
+    """No trials for more evidence: the adapter as trained is confirmed as it is, and a refusal is the
+    gate's (undecided) rather than the remedy's."""
+    from lora_tasks.promotion import Decision
+    from lora_tasks.remedy import apply_outcome
+
+    within = measured((1.15, 1.05, 1.25))
+    chosen, needed = choose([within], POLICY)
+    assert chosen is within and needed is False
+    summary = remedy_summary("scale", [within], chosen, needed, POLICY, 1.0, 30, 30)
+    assert summary["needed"] is False and "self_retention_perplexity_ratio 1.15 (limit 1.2)" in summary["why"]
+    refused = Decision(False, ["undecided"], [RATIO], [RATIO])
+    assert apply_outcome(refused, summary) is refused
+
+    past = measured((1.25, 1.15, 1.35))
+    assert choose([past], POLICY) == (None, True), "an adapter a remedy could mend is never confirmed unremedied"
 
 
 # ----------------------------------------------------------------------------- the search's trials

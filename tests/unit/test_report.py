@@ -128,6 +128,8 @@ def test_closing_notes_say_what_happened_to_champion():
         "- audit: auto-promote, champion moved from version 2 to 3\n")
     skipped = skip_markdown("m", "skipped: no new data: same inputs", "2", "r9")
     assert skipped.startswith("# m: skipped: no new data\n") and "champion version 2 stays" in skipped and "`r9`" in skipped
+    refused = skip_markdown("m", "skipped: no new data: equal those of version 1, which the gate did not promote", None, "r9")
+    assert "Nothing was trained or registered; there is no champion yet." in refused
 
 
 def test_a_baseline_summary_is_not_registered():
@@ -150,7 +152,7 @@ def _remedied() -> EvalReport:
     trials = [judge(Trial(f"scale={s:g}", {"scale": s}, Candidate(
         "exact_match", True, 0.0, g, {"self_retention_perplexity_ratio": ratio},
         intervals={"task_gain": (g - 0.08, g + 0.08), "self_retention_perplexity_ratio": (ratio - 0.03, ratio + 0.04)}),
-        order=i), None, policy) for i, (s, g, ratio) in enumerate([(1.0, 0.75, 1.19), (0.65, 0.7, 1.1), (0.35, 0.4, 1.03)])]
+        order=i), None, policy) for i, (s, g, ratio) in enumerate([(1.0, 0.75, 1.21), (0.65, 0.7, 1.1), (0.35, 0.4, 1.03)])]
     chosen, needed = choose(trials, policy)
     r = report(False)
     r.forgetting = {"self_retention_perplexity_ratio": 1.09}
@@ -168,7 +170,7 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     md = remedy_markdown(r)
     assert "## Remedy: scale (3 trial(s) from 1 training(s), 42 s; chosen on 60 search rows, confirmed on 60 others)" in md
     assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
-    assert "| scale=1 | 0.75 [0.67, 0.83] | 1.19 [1.16, 1.23] | no |" in md
+    assert "| scale=1 | 0.75 [0.67, 0.83] | 1.21 [1.18, 1.25] | no |" in md
     assert "registered with scale=0.65" in md
     from lora_tasks.report import remedy_rows
 
@@ -179,7 +181,7 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
                        "seconds": 0.0, "mlflow_run": ""}
     assert not rows[0]["admissible"] and not rows[0]["chosen"]
     assert ("Against the adapter as trained (search part): gain 0.7 vs 0.75, self_retention_perplexity_ratio 1.1 vs "
-            "1.19; cost 0 extra training(s) and 0 s of trials.") in md
+            "1.21; cost 0 extra training(s) and 0 s of trials.") in md
 
 
 def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
