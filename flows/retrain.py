@@ -144,7 +144,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     search = partial(search_trials, cfg, data.train_rows, run_dir, run_id, base)
     report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
                               champion_version=champion.version if champion else None,
-                              champion_metrics=champion.metrics if champion else None, search=search)
+                              champion_metrics=champion.metrics if champion else None, search=search,
+                              train_rows=data.train_rows)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     share = 1.0 if report.evidence == "all" else power.gate_share(cfg)  # a remedy's confirm part
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads

@@ -191,7 +191,7 @@ def compare_methods(cfg: PipelineConfig, train_rows: list[dict], eval_rows: list
                                artifact_bytes=_folder_bytes(folder), **timing)
             if evaluate and eval_rows:
                 log(f"[{method}] evaluating on {len(eval_rows)} eval rows ...")
-                report = evaluate_adapter(mcfg, str(folder), eval_rows)
+                report = evaluate_adapter(mcfg, str(folder), eval_rows, train_rows=train_rows)
                 res.eval_seconds, res.metrics, res.intervals = report.seconds, report.flat_metrics(), report.intervals
                 res.base_eval_loss, res.adapted_eval_loss = report.base.get("eval_loss"), report.adapted.get("eval_loss")
                 res.remedy = report.remedy

@@ -271,20 +271,20 @@ class ReferenceConfig(_Section):
     key_path: ClassVar[str] = "evaluation.reference"
 
     path: str | None = None
-    """Plain-text corpus of general text (one passage per line; blank lines are skipped):
-    `reference_perplexity_ratio` and `reference_kl` are measured on it."""
+    """Plain-text corpus of general text (one passage per line; blank lines are skipped): a causal
+    LM's `reference_perplexity_ratio` and `reference_kl`, a classifier's `reference_retrieval_loss`."""
     probes: Literal["general"] | None = None
     """`general`: the built-in probe prompts, scored on the base model's own (cached) greedy
     answers: `self_retention_perplexity_ratio` (perplexity ratio adapted/base on those answers) and
-    `self_retention_kl`. Without `path`, the `reference_*` metrics are measured on the probes too
-    (as before benchmarks and corpora could be combined)."""
+    `self_retention_kl`. Without `path`, the `reference_*` metrics are measured on the probes too."""
     benchmarks: list[str] = Field(default_factory=list)
     """Multiple-choice benchmarks, JSONL files of `{"question", "choices", "answer"}` (`answer`:
     the 0-based index of the right choice, or its text). Each choice is scored by the model's
     log-likelihood of it after the question; `benchmark_<file stem>_accuracy_drop` is base minus
     adapted accuracy."""
     max_tokens: int = Field(4096, ge=16)
-    """Token budget read from the corpus for forgetting metrics."""
+    """Token budget read from the corpus for forgetting metrics (a classifier's retrieval pairs
+    take ~60 each; `prefect-lora validate` says what a budget can show)."""
     max_benchmark_questions: int | None = Field(None, ge=1)
     """Score at most this many questions of each benchmark (the first ones); null scores all."""
     max_probes: int | None = Field(None, ge=2)
@@ -321,22 +321,25 @@ class EvaluationConfig(_Section):
     """General corpus for forgetting metrics; without it no forgetting is measured."""
     bootstrap_samples: int = Field(1000, ge=0)
     """Bootstrap resamples behind every confidence interval (0: intervals collapse to points)."""
+    baseline_rows: int | None = Field(20_000, ge=2)
+    """Classification: train rows (a seeded sample; null: all) the baseline's linear probe reads."""
 
 
 class PromotionPolicy(_Section):
     min_task_gain: float = 0.0
-    """Smallest improvement of the primary metric over the base model (in its own units;
-    loss improvements are base minus adapted). The lower bound of the paired gain's interval
-    must reach it: a gain that may be noise does not promote."""
+    """Smallest improvement of the primary metric over the base model (a classifier: over its
+    baseline, the better of the majority class and a linear probe), in the metric's units (loss:
+    base minus adapted). The lower bound of the paired gain's interval must reach it."""
     max_perplexity_ratio: float | None = Field(1.2, gt=0)
     """Largest allowed reference perplexity ratio adapted/base (causal LM); the upper bound of
     its interval (paired over reference blocks) is checked; null skips it."""
     max_kl: float | None = Field(0.5, ge=0)
     """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM); the
     upper bound of its interval is checked; null skips it."""
-    max_representation_drift: float | None = Field(0.2, ge=0)
-    """Largest allowed mean cosine distance of hidden states base vs adapted (classification);
-    the upper bound of its interval is checked; null skips it."""
+    max_retrieval_loss: float | None = Field(0.5, ge=0)
+    """Largest share of the base's hits a classifier's encoder may lose at finding which reference
+    passage continues which (`forgetting.retrieval_correct`: 1 - adapted / base); the upper bound
+    of its paired interval is checked; null skips it. Calibrated in docs/gate.md."""
     require_forgetting_metrics: bool = True
     """Refuse promotion when no forgetting metric was measured."""
     beat_champion: bool = True
@@ -353,17 +356,14 @@ class PromotionPolicy(_Section):
     multiple-choice benchmark (`evaluation.reference.benchmarks`); the upper bound of the paired
     drop is checked; null skips it."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    """Confidence of the bootstrap intervals the gate compares. The gate promotes only on
-    evidence: the gain's lower bound must reach `min_task_gain`, each forgetting metric's upper
-    bound must stay within its limit, and the lead over the champion's lower bound must not fall
-    below `-champion_tolerance` (all measured on the same eval data in the same run)."""
+    """Confidence of the bootstrap intervals the gate compares: each check reads the bound on its
+    worse side (gain and lead: the lower; forgetting: the upper), all on the same data and run."""
     more_evidence: float | None = Field(None, gt=1.0, le=100.0)
     """Staged benchmark checks: score each benchmark's questions in stages, from
     `evaluation.reference.max_benchmark_questions` up to this many times that (at most the whole
     file), stopping at the first look that passes or fails the check, or finds its estimate
-    well past the limit. Each look's interval is group-sequential (`lora_tasks/sequential.py`):
-    however many looks it takes, an adapter at the limit passes no more often than the
-    fixed-size gate lets it. null: one fixed-size look (bootstrap), as before."""
+    well past the limit. Each look's interval is group-sequential (`lora_tasks/sequential.py`), so
+    an adapter at the limit passes no more often than in one look. null: one fixed-size look."""
     underpowered: Literal["error", "warn"] = "error"
     """A check whose limit the configured evidence cannot show (a harmless adapter would pass it
     less than half the time: e.g. 40 benchmark questions against a 0.05 accuracy drop) is a

@@ -14,12 +14,19 @@ from pydantic import BaseModel
 from .errors import ConfigError
 
 
+REPLACED = {
+    "max_representation_drift": "no longer a setting: a classifier's forgetting is now the share of its encoder's retrieval hits lost "
+                                "on the reference corpus, bounded by promotion.max_retrieval_loss (docs/gate.md)",
+}
+"""Keys of earlier versions, with what replaced them."""
+
+
 def format_error(err: dict) -> str:
     """One pydantic error as `key.path: what is wrong (got value)`."""
     path = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{path}: unknown key (check its spelling and section)"
+        return f"{path}: {REPLACED.get(str(err['loc'][-1]), 'unknown key (check its spelling and section)')}"
     if kind == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from . import score_cache, stats
+from .baseline import ClassifierBaseline, baseline_scores, fitted_baseline
+from .embeddings import pooled_embeddings
 from .config import PipelineConfig
 from .errors import DataError
 from .block_cache import BlockCache
@@ -71,6 +73,9 @@ class EvalReport:
     `confirm` part that took no part in choosing among trials."""
     remedy: dict = field(default_factory=dict)
     """With a remedy: its strategy, every trial's search figures, the choice and its cost."""
+    baseline: dict = field(default_factory=dict)
+    """A classifier's base row (`lora_tasks/baseline.py`): `kind` (`majority` or `probe`, the
+    better on these rows) and each baseline's `<kind>_accuracy` and `<kind>_macro_f1`, side by side."""
 
     @property
     def task_gain(self) -> float:
@@ -88,6 +93,7 @@ class EvalReport:
         out.update({f"adapted_{k}": v for k, v in self.adapted.items()})
         out.update(self.forgetting)
         out.update({f"champion_{k}": v for k, v in (self.champion_forgetting or {}).items()})
+        out.update({f"baseline_{k}": v for k, v in self.baseline.items() if k.endswith(("_accuracy", "_macro_f1"))})
         out["task_gain"] = self.task_gain
         out["eval_seconds"] = self.seconds
         out.update({f"eval_{k}_seconds": v for k, v in self.timings.items()})
@@ -288,7 +294,8 @@ class Evaluation:
     scale of the new adapter. Scores of a view on a part are computed once and reused."""
 
     def __init__(self, cfg: PipelineConfig, adapter_dir: str | None, device: str = "cpu", base_info: BaseModelInfo | None = None,
-                 champion_adapter_dir: str | None = None, champion_version: str | None = None):
+                 champion_adapter_dir: str | None = None, champion_version: str | None = None,
+                 train_rows: list[dict] | None = None):
         started = time.perf_counter()
         bm = cfg.base_model
         self.cfg, self.device, self.base_info, self.champion_version = cfg, device, base_info, champion_version
@@ -301,6 +308,9 @@ class Evaluation:
         self._task: dict[tuple, tuple] = {}
         self._blocks = BlockCache()  # the forgetting comparison's reuse: the base's states, unchanging models' units
         self._from_disk: set[tuple] = set()  # keys of `_task` whose scores came from the disk cache
+        self.train_rows = train_rows  # a classifier's baseline is fit on them
+        self._baseline: ClassifierBaseline | None = None
+        self.baseline_summary: dict[str, dict] = {}  # per part: the classifier baseline's choice and figures
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
         """The same evaluation (base, champion) for another new adapter: a search trial's. This
@@ -308,7 +318,7 @@ class Evaluation:
         self.views = None
         gc.collect()
         return Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
-                          self.champion_version)
+                          self.champion_version, self.train_rows)
 
     def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
         """One view's task scores on `rows`: computed once per evaluation, and kept on disk across
@@ -316,6 +326,9 @@ class Evaluation:
         today's adapter is tomorrow's champion."""
         key = (name, scale if name == ADAPTED else 1.0, part)
         if key in self._task:
+            return self._task[key]
+        if name == BASE and self.cfg.task == "sequence_classification":
+            self._task[key] = self._baseline_scores(part, examples)
             return self._task[key]
         stored = self._stored_key(name, key[1], rows)
         scores = score_cache.load(stored) if stored else None
@@ -328,6 +341,25 @@ class Evaluation:
             self._from_disk.add(key)
         self._task[key] = scores
         return scores
+
+    def _baseline_scores(self, part: str, examples: list[dict]) -> tuple[dict, dict, list[str]]:
+        """A classifier's base row: the better of the majority class and the linear probe on the
+        frozen base (`baseline.py`), never its untrained head."""
+        started = time.perf_counter()
+        with self.views.use(BASE) as m:
+            if self._baseline is None:
+                self._baseline = fitted_baseline(self.cfg, m, self.tokenizer, self.train_rows, self._identity(BASE, 1.0),
+                                                 self.device)
+            features = pooled_embeddings(m, [e["input_ids"] for e in examples], self.tokenizer.pad_token_id or 0,
+                                         self.cfg.evaluation.batch_size, self.device)
+        y_true = np.array([e["labels"] for e in examples])
+        metrics, units, summary = baseline_scores(self._baseline, features, y_true, len(self.cfg.data.labels))
+        self.baseline_summary[part] = {**summary, "seconds": time.perf_counter() - started}
+        log.info("baseline on %d %s rows: majority class %.4g, linear probe %s: the %s is the base row (%.0f s)",
+                 len(examples), part, summary["majority_accuracy"],
+                 f"{summary['probe_accuracy']:.4g}" if "probe_accuracy" in summary else "none", summary["kind"],
+                 time.perf_counter() - started)
+        return metrics, units, []
 
     def _stored_key(self, name: str, scale: float, rows: list[dict]) -> str | None:
         """The disk cache key of a view's scores on `rows` (None: not kept, see `_identity`)."""
@@ -346,14 +378,15 @@ class Evaluation:
 
     def keep_base(self, rows: list[dict], part: Part | None = None) -> None:
         """Compute and keep on disk what every evaluation on `rows` and `part` reads of the base
-        alone: its task scores (`score_cache`), its answers to the probes and its side of the
-        forgetting comparison on a causal LM's probes and corpus (`block_cache`). Needs no adapter."""
+        alone: its task scores (`score_cache`; a classifier's baseline, `baseline.py`), its answers to
+        the probes and its side of the forgetting comparison on a causal LM's probes and corpus
+        (`block_cache`). Needs no adapter."""
         cfg = self.cfg
         log.info("the base alone on %d %s rows: task scores, then forgetting", len(rows), part.name if part else "eval")
         self._blocks.identities = {BASE: self._identity(BASE, 1.0)}
         with autocast(cfg.training.precision, self.device):
             self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
-            if cfg.task == "causal_lm":  # a classifier's representation drift keeps nothing of the base
+            if cfg.task == "causal_lm":  # a classifier's retrieval check keeps nothing of the base
                 measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
                                    self._blocks, sources=("corpus", "probes"))
 
@@ -391,6 +424,7 @@ class Evaluation:
             intervals=intervals, champion_forgetting=forgetting.get(CHAMPION, {}),
             timings={"load": self.load_seconds, "task": task_done - started, "forgetting": done - task_done},
             method=cfg.training.method, adapter_scale=scale, evidence=part.name if part else "all",
+            baseline=self.baseline_summary.get(part.name if part else "all", {}),
         )
 
 
@@ -406,7 +440,7 @@ def _samples(cfg: PipelineConfig, rows: list[dict], answers: dict[str, list[str]
 def evaluate_adapter(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
     champion_adapter_dir: str | None = None, champion_version: str | None = None, champion_metrics: dict | None = None,
-    search: Callable | None = None,
+    search: Callable | None = None, train_rows: list[dict] | None = None,
 ) -> EvalReport:
     """Score base, champion (when given) and the new model (challenger) on the same eval rows,
     measure forgetting of each against the base on the reference section's sources, and
@@ -417,22 +451,22 @@ def evaluate_adapter(
     `lora_tasks/remedy.py`); `search(search_rows, incumbent, first_order)` adds the trials of
     `remedy.strategy: search` (`lora_tasks/search.py`). `champion_metrics` (the champion's
     recorded metrics) lets the trials be judged against a champion scored elsewhere. `base_info`
-    keys the cache of probe answers."""
-    ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version)
+    keys the cache of probe answers. A classifier's base row is fit on `train_rows` (`baseline.py`)."""
+    ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version, train_rows)
     if cfg.remedy.strategy == "none":
         return ev.report(eval_rows)
     return evaluate_remedies(ev, eval_rows, champion_metrics, search)
 
 
 def keep_base_scores(cfg: PipelineConfig, eval_rows: list[dict], device: str = "cpu",
-                     base_info: BaseModelInfo | None = None) -> None:
+                     base_info: BaseModelInfo | None = None, train_rows: list[dict] | None = None) -> None:
     """What `evaluate_adapter` would compute of the base alone on `eval_rows` (on both parts of
     a remedy's split evidence), computed now and kept on disk for every later evaluation. Nothing
     for a base without a content hash (a hub id at a branch): its scores are never kept, so the
     model is not even loaded."""
     if base_info is None or not base_info.content_hash:
         return
-    ev = Evaluation(cfg, None, device, base_info)
+    ev = Evaluation(cfg, None, device, base_info, train_rows=train_rows)
     if cfg.remedy.strategy == "none":
         ev.keep_base(eval_rows)
         return

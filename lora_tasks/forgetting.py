@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import sequential, stats
 from .block_cache import BlockCache
 from .config import PipelineConfig
+from .embeddings import pooled_embeddings
 from .encoding import kl_per_position
 from .errors import DataError
 from .forgetting_table import forgetting_limits
@@ -197,23 +198,66 @@ def summarize_comparison(units: dict, name: str, prefix: str) -> dict[str, float
     }
 
 
+RETRIEVAL_PASSAGE_TOKENS = 32
+"""Tokens of each passage of a retrieval pair (special tokens included; fewer when
+`training.max_seq_length` is shorter): short enough that ~600 pairs cost one forward pass over
+~40k tokens, long enough that a base encoder finds many continuations (MiniLM: 16% of 1,000)."""
+
+
+def retrieval_pairs(texts: list[str], tokenizer, seq_len: int, max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Each paragraph (line) of the corpus long enough to cut in two, as (its opening, what follows
+    it): passages of up to `seq_len` tokens with the tokenizer's special tokens, the second at
+    least half as long as the first; until `max_tokens` tokens are used."""
+    prefix, suffix = _special_tokens(tokenizer)
+    part = max(seq_len - len(prefix) - len(suffix), 2)
+    pairs, used = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=2 * part)["input_ids"]
+        if len(ids) < part + part // 2:
+            continue
+        pairs.append((prefix + ids[:part] + suffix, prefix + ids[part:] + suffix))
+        used += len(ids)
+        if used >= max_tokens:
+            break
+    return pairs
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text's own (BERT: [CLS] and [SEP]; Llama: BOS)."""
+    full, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+    return full[:at], full[at + len(plain):]
+
+
 @torch.no_grad()
-def drift_on_blocks(views, blocks: list[list[int]], batch_size: int, pad_id: int, device="cpu") -> dict:
-    """Per-block summed cosine distance of final hidden states, base vs each other view, and tokens."""
-    others = [n for n in views.names if n != "base"]
-    drift, tokens = {n: [] for n in others}, []
-    for ids, mask, _ in _batches(blocks, batch_size, pad_id):
-        ids, mask = ids.to(device), mask.to(device)
-        with views.use("base") as m:
-            base = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
-        for name in others:
-            with views.use(name) as m:
-                h = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
-            drift[name] += ((1.0 - F.cosine_similarity(base, h, dim=-1)) * mask).sum(1).tolist()
-        tokens += mask.sum(1).tolist()
-    if sum(tokens) == 0:
-        raise DataError("reference corpus gave no tokens to score; give it more text")
-    return {"tokens": np.array(tokens, dtype=float), "drift": {k: np.array(v, dtype=float) for k, v in drift.items()}}
+def retrieval_correct(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device="cpu"
+                      ) -> np.ndarray:
+    """Per pair: 1.0 when the model's pooled embedding of the pair's opening is nearer (cosine) to
+    its own continuation than to any other pair's, else 0.0. A general retrieval task any text
+    encoder can be scored on, with no labels beyond the corpus's own paragraphs."""
+    q = pooled_embeddings(model, [a for a, _ in pairs], pad_id, batch_size, device)
+    k = pooled_embeddings(model, [b for _, b in pairs], pad_id, batch_size, device)
+    q /= np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+    k /= np.linalg.norm(k, axis=1, keepdims=True).clip(1e-12)
+    return (np.argmax(q @ k.T, axis=1) == np.arange(len(pairs))).astype(float)
+
+
+def retrieval_by_view(views, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device="cpu",
+                      cache: BlockCache | None = None) -> dict[str, np.ndarray]:
+    """`retrieval_correct` of every view; a view that does not change between runs (the base, a
+    champion) is read back from `cache` when an earlier run kept it."""
+    cache = cache if cache is not None else BlockCache()
+    key = "retrieval:" + hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    out = {}
+    for name in views.names:
+        kept = cache.units(name, key)
+        if kept is not None:
+            out[name] = kept["correct"]
+            continue
+        with views.use(name) as m:
+            out[name] = retrieval_correct(m, pairs, pad_id, batch_size, device)
+        cache.keep_units(name, key, {"correct": out[name]})
+    return out
 
 
 # ----------------------------------------------------------------------------- multiple-choice benchmarks
@@ -343,12 +387,15 @@ class _Measurement:
 
 
 def _measure_corpus(m: _Measurement) -> None:
-    """`evaluation.reference.path`: perplexity ratio and KL (causal LM), or representation drift.
+    """`evaluation.reference.path`: perplexity ratio and KL (causal LM), or retrieval (classifier).
     A causal LM's ratio and KL are staged like the probes' (`_staged_comparison`) over the
     corpus's blocks in file order, from `max_tokens` up to `corpus_token_budget` tokens."""
     cfg, ref = m.cfg, m.cfg.evaluation.reference
     bs, pad, seq = cfg.evaluation.batch_size, m.tokenizer.pad_token_id or 0, cfg.training.max_seq_length
     texts = read_reference_texts(ref.path)
+    if cfg.task != "causal_lm":
+        _measure_retrieval(m, texts)
+        return
     blocks = chunk_reference(texts, m.tokenizer, ref.max_tokens, seq)
 
     def units_of(part: list[list[int]]) -> dict | None:
@@ -361,18 +408,31 @@ def _measure_corpus(m: _Measurement) -> None:
         if len(more) > len(blocks):
             _staged_comparison(m, more, sequential.looks(len(blocks), len(more)), units_of, ["reference"])
             return
-    if cfg.task == "causal_lm":
-        if (units := units_of(blocks)) is None:
-            raise DataError("the forgetting text gave no tokens to score; give it more text")
-        m.add_comparison(units, "reference")
-        return
-    blocks = m.keep(blocks, [",".join(map(str, b)) for b in blocks])
-    units = drift_on_blocks(m.views, blocks, bs, pad, m.device)
+    if (units := units_of(blocks)) is None:
+        raise DataError("the forgetting text gave no tokens to score; give it more text")
+    m.add_comparison(units, "reference")
+
+
+def _measure_retrieval(m: _Measurement, texts: list[str]) -> None:
+    """A classifier's encoder on the reference corpus: the share of the base's retrieval hits
+    (`retrieval_correct`) the adapted encoder loses, `1 - adapted / base`, paired per paragraph."""
+    cfg, ref = m.cfg, m.cfg.evaluation.reference
+    seq = min(cfg.training.max_seq_length, RETRIEVAL_PASSAGE_TOKENS)
+    pairs = retrieval_pairs(texts, m.tokenizer, seq, ref.max_tokens)
+    pairs = m.keep(pairs, [",".join(map(str, a)) for a, _ in pairs])
+    if len(pairs) < 2:
+        raise DataError(f"the reference corpus {ref.path} gave {len(pairs)} paragraph(s) long enough to score retrieval "
+                        f"(a line needs about {seq * 3 // 2} tokens): give it more, or longer, lines, or raise "
+                        f"evaluation.reference.max_tokens")
+    correct = retrieval_by_view(m.views, pairs, m.tokenizer.pad_token_id or 0, cfg.evaluation.batch_size, m.device,
+                                m.cache)
+    base = correct[BASE]
     for n in m.others:
-        m.metrics[n]["reference_representation_drift"] = float(units["drift"][n].sum() / units["tokens"].sum())
-        m.metrics[n]["reference_tokens"] = float(units["tokens"].sum())
-        m.intervals[n]["reference_representation_drift"] = stats.ratio_ci(
-            units["drift"][n], units["tokens"], **m.stats_kw).to_list()
+        lost = base - correct[n]
+        m.metrics[n].update({"reference_retrieval_base": float(base.mean()), "reference_retrieval_adapted": float(correct[n].mean()),
+                             "reference_retrieval_loss": float(lost.sum() / base.sum()) if base.sum() else math.nan,
+                             "reference_retrieval_pairs": float(len(pairs))})
+        m.intervals[n]["reference_retrieval_loss"] = stats.ratio_ci(lost, base, **m.stats_kw).to_list()
 
 
 def corpus_token_budget(cfg: PipelineConfig) -> int:
@@ -508,7 +568,7 @@ def _measure_benchmarks(m: _Measurement) -> None:
         stages = benchmark_stages(cfg, len(questions))
         if m.part is not None:  # a remedy's split evidence: one look at the configured size
             stages = stages[:1]
-        key = f"benchmark_{_safe_name(path)}"
+        key = f"benchmark_{safe_name(path)}"
         if len(stages) > 1:
             _staged_benchmark(m, key, questions, stages, score)
             continue
@@ -546,7 +606,8 @@ def _staged_benchmark(m: _Measurement, key: str, questions: list[MCQuestion], st
             return
 
 
-def _safe_name(path: str) -> str:
+def safe_name(path: str) -> str:
+    """A benchmark file's stem as a metric name's part: lowercase letters, digits and underscores."""
     return "".join(c if c.isalnum() else "_" for c in Path(path).stem.lower()).strip("_") or "mc"
 
 

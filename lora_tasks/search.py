@@ -64,7 +64,7 @@ def run_trial(cfg: PipelineConfig, task_rows: list[dict], search_rows: list[dict
         rows = task_rows + replay_rows(tcfg, len(task_rows), base_info)
         trained = train_in_process(tcfg, rows, trial_dir, mlflow_run_id=child)
         train_seconds = time.perf_counter() - started
-        ev = Evaluation(tcfg, trained.adapter_dir, base_info=base_info)
+        ev = Evaluation(tcfg, trained.adapter_dir, base_info=base_info, train_rows=task_rows)
         out = []
         for scale in cfg.remedy.scales:
             t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def test_self_retention_alone_blocks_a_destructive_adapter(split, sound, destruc
         # adapter's self-retention ratio is ~2.2 here (a real base keeps its own answers far
         # better), the destructive one's ~2800. The limit sits between, at 3.
         "promotion": cfg.promotion.model_copy(update={
-            "max_perplexity_ratio": None, "max_kl": None, "max_representation_drift": None,
+            "max_perplexity_ratio": None, "max_kl": None, "max_retrieval_loss": None,
             "max_self_retention_ratio": 3.0}),
     })
     report, kept = decide(cfg, sound, eval_rows)

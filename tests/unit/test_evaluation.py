@@ -55,14 +55,25 @@ def test_untrained_adapter_equals_base_and_forgets_nothing(tiny_model_dir, tmp_p
     assert report.eval_rows == 10 and report.forgetting["reference_tokens"] > 100
 
 
-def test_classifier_report_has_accuracy_f1_and_drift(tiny_model_dir, tmp_path):
+def test_classifier_report_reads_the_baseline_not_the_untrained_head(tiny_model_dir, tmp_path):
     cfg = _cfg("sequence_classification", tmp_path)
-    rows = [{"text": f"item {i}", "label": "a" if i % 2 else "b"} for i in range(12)]
-    report = evaluate_adapter(cfg, _fresh_adapter(cfg, tmp_path / "ad"), rows)
+    (tmp_path / "ref.txt").write_text("".join(f"Paragraph {i} tells of rivers, bridges, towns and the roads that join "
+                                              f"them, year after year number {i * 7}.\n" for i in range(12)))
+    cfg.evaluation.reference.max_tokens = 5000  # every paragraph
+    train = [{"text": f"item {i}", "label": "b" if i % 4 else "a"} for i in range(40)]  # 3 in 4 are b
+    rows = [{"text": f"thing {i}", "label": "a" if i % 2 else "b"} for i in range(12)]
+    report = evaluate_adapter(cfg, _fresh_adapter(cfg, tmp_path / "ad"), rows, train_rows=train)
     assert report.primary_metric == "accuracy" and report.higher_is_better
+    b = report.baseline
+    assert b["kind"] in ("majority", "probe") and b["majority_label"] == 1 and b["majority_accuracy"] == 0.5
+    assert report.base["accuracy"] == max(b["majority_accuracy"], b["probe_accuracy"]) == b[f"{b['kind']}_accuracy"]
     assert 0.0 <= report.adapted["accuracy"] <= 1.0 and 0.0 <= report.adapted["macro_f1"] <= 1.0
-    assert report.adapted["accuracy"] == pytest.approx(report.base["accuracy"])  # same head, B = 0
-    assert report.forgetting["reference_representation_drift"] == pytest.approx(0.0, abs=1e-5)
+    flat = report.flat_metrics()
+    assert flat["baseline_majority_accuracy"] == 0.5 and flat["base_accuracy"] == report.base["accuracy"]
+    # the adapter as initialised (B = 0) is the base encoder: it finds every continuation the base finds
+    f = report.forgetting
+    assert f["reference_retrieval_adapted"] == f["reference_retrieval_base"] and f["reference_retrieval_pairs"] == 12
+    assert f["reference_retrieval_loss"] == 0.0 if f["reference_retrieval_base"] else math.isnan(f["reference_retrieval_loss"])
 
 
 def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, monkeypatch):

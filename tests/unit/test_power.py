@@ -85,7 +85,7 @@ def test_the_next_run_plans_with_the_spread_this_one_measured(tmp_path):
     checks = power.plan(cfg, 100)
     bench = _check(checks, "benchmark_")
     assert bench.measured == "run12345abc" and bench.sd == pytest.approx(0.02 / 1.959964 * math.sqrt(600), rel=1e-4)
-    assert "spread measured in run run12345" in bench.describe(0.95)
+    assert "spread measured in this model's run run12345" in bench.describe(0.95)
     assert _check(checks, "task_gain").sd == pytest.approx(0.1 / 1.959964 * 10, rel=1e-4)
     assert _check(checks, "self_retention").measured is None  # not in that run's intervals: still assumed
 

@@ -14,7 +14,7 @@ def loss_candidate(base=2.0, adapted=1.5, forgetting=GOOD_FORGETTING, version="2
 
 
 def acc_candidate(base=0.5, adapted=0.8, forgetting=None, version="2"):
-    return Candidate("accuracy", True, base, adapted, forgetting or {"reference_representation_drift": 0.05}, version)
+    return Candidate("accuracy", True, base, adapted, forgetting or {"reference_retrieval_loss": 0.1}, version)
 
 
 # (name, candidate, champion, promote, failed checks)
@@ -36,7 +36,7 @@ CASES = [
     ("champion without metric is not compared", loss_candidate(), loss_candidate(adapted=None, version="1"), True, []),
     ("classifier better", acc_candidate(), acc_candidate(adapted=0.75, version="1"), True, []),
     ("classifier worse than champion", acc_candidate(adapted=0.7), acc_candidate(adapted=0.75, version="1"), False, ["champion"]),
-    ("classifier drifts too far", acc_candidate(forgetting={"reference_representation_drift": 0.5}), None, False, ["reference_representation_drift"]),
+    ("classifier forgets how to retrieve", acc_candidate(forgetting={"reference_retrieval_loss": 0.7}), None, False, ["reference_retrieval_loss"]),
 ]
 
 
