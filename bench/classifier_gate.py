@@ -29,13 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_tasks.config import load_config  # noqa: E402
-from lora_tasks.evaluation import evaluate_adapter, load_views, primary_metric  # noqa: E402
-from lora_tasks.forgetting import chunk_reference, read_reference_texts  # noqa: E402
-from lora_tasks.launcher import train_in_process  # noqa: E402
-from lora_tasks.modeling import describe_base_model, load_tokenizer  # noqa: E402
-from lora_tasks.pipeline import prepare_in_memory  # noqa: E402
-from lora_tasks.promotion import candidate_from_metrics, decide_promotion  # noqa: E402
+from lora_tasks.config import load_config
+from lora_tasks.evaluation import evaluate_adapter, load_views, primary_metric
+from lora_tasks.forgetting import chunk_reference, read_reference_texts
+from lora_tasks.launcher import train_in_process
+from lora_tasks.modeling import describe_base_model, load_tokenizer
+from lora_tasks.pipeline import prepare_in_memory
+from lora_tasks.promotion import candidate_from_metrics, decide_promotion
 
 SHUFFLED = "shuffled"
 VARIANTS: dict[str, tuple[str, list[str]]] = {

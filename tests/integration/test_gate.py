@@ -133,3 +133,61 @@ def test_self_retention_alone_blocks_a_destructive_adapter(split, sound, destruc
     assert not decision.promote
     assert check in decision.failed_checks, decision.reasons
     assert any(r.startswith(check) and "forgetting" in r for r in decision.reasons)
+
+
+# ----------------------------------------------------------------------------- a classifier's gate
+
+
+def _xor_rows(n: int, seed: int) -> list[dict]:
+    """Label 1 when the text says red or big but not both, among filler words: the frozen base's
+    pooled embedding (a sum of what each word brings) gives a linear probe next to nothing, a
+    classifier fine-tuned through LoRA learns it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        red, big = rng.random() < 0.5, rng.random() < 0.5
+        words = [rng.choice(["the", "a", "of", "and", "to", "in", "on", "it"]) for _ in range(6)]
+        words += ["red" if red else "blue", "big" if big else "small"]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": int(red != big)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def classifier_cfg(tmp_path_factory):
+    from lora_tasks.config import config_from_dict
+
+    ref = tmp_path_factory.mktemp("ref") / "paragraphs.txt"
+    rng = random.Random(3)
+    # paragraphs that keep to their topic (a word of their own), so a sound encoder finds each one's continuation
+    ref.write_text("".join(" ".join(["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=7))] * 10) + "\n"
+                           for _ in range(150)))
+    return config_from_dict({  # the default promotion policy
+        "model_name": "xor", "task": "sequence_classification", "base_model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"train_path": "x", "labels": [0, 1]}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 200, "learning_rate": 1e-3, "batch_size": 16, "max_seq_length": 48, "warmup_steps": 5},
+        "scaling": {"num_workers": 1}, "evaluation": {"batch_size": 32, "reference": {"path": str(ref), "max_tokens": 100_000}},
+    })
+
+
+@pytest.mark.parametrize("labels", ["real", "shuffled"])
+def test_a_classifier_is_gated_against_the_baseline_a_team_would_deploy(classifier_cfg, tmp_path, labels):
+    from lora_tasks.evaluation import evaluate_adapter, primary_metric
+    from lora_tasks.promotion import candidate_from_metrics, decide_promotion
+
+    train_rows, eval_rows = _xor_rows(800, 0), _xor_rows(300, 1)
+    if labels == "shuffled":  # a useless adapter: it can learn the label prior and nothing else
+        shuffled = random.Random(2).sample([r["label"] for r in train_rows], len(train_rows))
+        train_rows = [{**r, "label": y} for r, y in zip(train_rows, shuffled)]
+    adapter = train(classifier_cfg, train_rows, tmp_path / "adapter")
+    report = evaluate_adapter(classifier_cfg, adapter, eval_rows, train_rows=train_rows)
+    metric, higher = primary_metric(classifier_cfg)
+    decision = decide_promotion(candidate_from_metrics(report.flat_metrics(), metric, higher, report.forgetting), None,
+                                classifier_cfg.promotion)
+    b = report.baseline
+    assert report.base["accuracy"] == max(b["majority_accuracy"], b["probe_accuracy"]) < 0.65, b  # not the random head
+    if labels == "real":
+        assert report.adapted["accuracy"] > 0.9 and decision.promote, decision.reasons
+    else:  # refused for its gain, not for forgetting
+        assert not decision.promote and decision.failed_checks == ["task_gain"], decision.reasons
+    assert report.intervals["reference_retrieval_loss"][2] <= classifier_cfg.promotion.max_retrieval_loss
