@@ -298,7 +298,7 @@ def demo_prepare(
 
 
 def _print_summary(result: RunResult) -> None:
-    from lora_tasks.report import metrics_table
+    from lora_tasks.report import baseline_note, metrics_table
 
     if result.skipped:
         Console().print(f"[cyan]{result.reasons[0]}[/] (nothing trained)", highlight=False, soft_wrap=True)
@@ -315,6 +315,8 @@ def _print_summary(result: RunResult) -> None:
     screen = Console()
     out = screen if screen.is_terminal else Console(width=200)  # piped or logged: no column squeezed or cut
     out.print(table)
+    if note := baseline_note(result.metrics):
+        out.print(note.rstrip(), highlight=False)
     verdict = ("[green]promoted to champion[/]" if result.promoted else
                "[cyan]baseline, logged only[/]" if baseline else "[yellow]not promoted[/]")
     out.print(f"decision: {verdict}")

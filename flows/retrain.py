@@ -164,7 +164,8 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
 
     uri, m = cfg.tracking.tracking_uri, train_metrics
     tracking.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
-                                        **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts", "precision") if k in m}})
+                                        **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts", "precision") if k in m},
+                                        **({"eval.baseline": report.baseline["kind"]} if report.baseline else {})})
     names = {"step": "train_step", "start_step": "train_start_step", "train_tokens_per_s": "train_tokens_per_s",
              "train_loop_seconds": "train_loop_seconds"}
     flat = {**{names[k]: v for k, v in m.items() if k in names}, **report.flat_metrics(),

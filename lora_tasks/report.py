@@ -265,10 +265,35 @@ def metrics_table(flat: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     for key in ("task_gain", "champion_delta"):
         if key in flat:
             rows.append([key, "", *([""] if has_champion else []), cell(key)])
+    for kind, label in baseline_kinds(flat):  # a classifier's base row, and what it was chosen from
+        for metric in ("accuracy", "macro_f1"):
+            rows.append([f"{label}: {metric}", cell(f"baseline_{kind}_{metric}"), *([""] if has_champion else []), ""])
     forgetting = sorted(k for k in flat if k.startswith(FORGETTING_PREFIXES) and "_ci_" not in k)
     for key in forgetting:  # every forgetting figure the gate's reasons may name, the champion's beside
         rows.append([key, "", *([cell(f"champion_{key}")] if has_champion else []), cell(key)])
     return columns, rows
+
+
+BASELINES = {"majority": "majority class of the train split", "probe": "linear probe on the frozen base"}
+
+
+def baseline_kinds(flat: dict[str, float]) -> list[tuple[str, str]]:
+    """A classifier's baselines in `flat` as (kind, label), the one that is the base row marked:
+    the probe when it is more accurate on the eval rows, else the majority class (`baseline.py`)."""
+    acc = {k: flat[f"baseline_{k}_accuracy"] for k in BASELINES if f"baseline_{k}_accuracy" in flat}
+    chosen = "probe" if acc.get("probe", -1.0) > acc.get("majority", -1.0) else "majority"
+    return [(k, f"{BASELINES[k]}{' (the base)' if k == chosen else ''}") for k in acc]
+
+
+def baseline_note(flat: dict[str, float]) -> str:
+    """One line on what a classifier's base row is, or "" (a causal LM: the base model itself)."""
+    kinds = baseline_kinds(flat)
+    if not kinds:
+        return ""
+    chosen = next(label for _, label in kinds if label.endswith("(the base)")).removesuffix(" (the base)")
+    return (f"The base column is the {chosen}: the better on these eval rows of the train split's majority class and a "
+            f"linear probe on the frozen base's embeddings, what a team would deploy without the adapter (never the "
+            f"base's untrained head).\n")
 
 
 def summary_markdown(
@@ -302,7 +327,8 @@ def summary_markdown(
 {_replay_line(cfg)}
 ## Evaluation ({report.eval_rows} eval examples{evidence}, {report.seconds:.0f} s; primary: `{report.primary_metric}`; {confidence})
 {table}
-{"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
+
+{baseline_note(report.flat_metrics())}{"" if report.forgetting else chr(10) + "No forgetting measured: set evaluation.reference." + chr(10)}
 {remedy_markdown(report)}
 ## Decision (champion before this run: {champ})
 {reasons}
@@ -337,6 +363,9 @@ def version_description(report: EvalReport, decision: Decision) -> str:
     base, adapted = flat.get(f"base_{m}"), flat.get(f"adapted_{m}")
     gain = report.intervals.get("task_gain")
     scores = f"{m} {_fmt(base)} → {_fmt(adapted)}" if base is not None and adapted is not None else f"{m} not scored"
+    if report.baseline:  # a classifier: say what the base figure is
+        kind = report.baseline["kind"]
+        scores = scores.replace(f"{m} {_fmt(base)}", f"{m} {_fmt(base)} ({BASELINES[kind]})", 1)
     if gain:
         scores += f" (gain {gain[0]:+.3g} [{gain[1]:.3g}, {gain[2]:.3g}])"
     kept = [f"{name.replace('_', ' ')} {_fmt(v)}" for name, v in report.forgetting.items()

@@ -117,7 +117,7 @@ def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str |
 
 _GATE = ("task_gain", "champion_delta", "champion_task_gain")
 _PLAIN_TRAIN = ("learning_rate",)
-_WHO = ("base", "adapted", "champion")
+_WHO = ("base", "baseline", "adapted", "champion")  # baseline: a classifier's majority class and linear probe
 
 
 def metric_key(name: str) -> str:

@@ -210,3 +210,25 @@ def test_the_audit_line_reads_as_a_sentence(before, after, says):
     text = mlflow_markdown("r1", "http://mlflow/#/runs/r1", "1", "http://mlflow/#/models/m/versions/1",
                            "promote" if before != after else "keep", before, after)
     assert says in text and "None" not in text
+
+
+def test_a_classifier_report_names_its_baseline_beside_the_adapted_model():
+    from lora_tasks.evaluation import EvalReport
+    from lora_tasks.promotion import Decision
+    from lora_tasks.report import baseline_note, metrics_table, version_description
+
+    report = EvalReport(task="sequence_classification", primary_metric="accuracy", higher_is_better=True,
+                        base={"accuracy": 0.81, "macro_f1": 0.80}, adapted={"accuracy": 0.86, "macro_f1": 0.86},
+                        intervals={"task_gain": [0.05, 0.02, 0.08]},
+                        baseline={"kind": "probe", "majority_accuracy": 0.51, "majority_macro_f1": 0.34,
+                                  "probe_accuracy": 0.81, "probe_macro_f1": 0.80, "train_rows": 12000})
+    flat = report.flat_metrics()
+    _, rows = metrics_table(flat)
+    cells = {r[0]: r[1] for r in rows}
+    assert cells["majority class of the train split: accuracy"] == "0.51"
+    assert cells["linear probe on the frozen base (the base): accuracy"] == "0.81" == cells["accuracy"]
+    assert "linear probe on the frozen base" in baseline_note(flat) and "untrained head" in baseline_note(flat)
+    first = version_description(report, Decision(True, ["task_gain: ok"], [])).splitlines()[0]
+    assert first.startswith("Promoted to champion: accuracy 0.81 (linear probe on the frozen base) → 0.86"), first
+    causal = {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5}
+    assert baseline_note(causal) == "" and not any("probe" in r[0] for r in metrics_table(causal)[1])
