@@ -121,23 +121,7 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
             page.wait_for_timeout(1000)
             text = page.inner_text("body")
         found.check(f"{model}-train" in text and f"{model}-eval" in text, "run overview lists the train and eval datasets")
-        text = visit(f"experiments/{exp}/runs/{run}/model-metrics", "train")
-        sections = [s for s in ("eval/adapted", "eval/base", "forgetting", "gate", "time", "train") if f"\n{s}\n" in text]
-        found.check(len(sections) == 6, f"metric charts in sections by prefix: {sections}")
-        page.get_by_placeholder("Search metric charts").fill("train/")
-        page.wait_for_timeout(2000)
-        found.check(page.get_by_text("loss", exact=True).count() > 0 and page.locator("canvas, svg.main-svg").count() > 0,
-                    "the train section shows the loss curve")
-        shot("mlflow-run-charts.png")
-        visit(f"experiments/{exp}/runs/{run}/artifactPath/reports/evaluation_report.html", "evaluation_report.html")
-        page.wait_for_timeout(2000)  # the report renders in its own frame
-        loaded = sum(f.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 300).length")
-                     for f in page.frames[1:])
-        found.check(loaded >= 2, f"the report shows its plots ({loaded} images drawn)")
-        for frame in page.frames[1:]:  # the screenshot shows the plots, not only the summary above them
-            with contextlib.suppress(Exception):
-                frame.get_by_role("heading", name="Plots").scroll_into_view_if_needed(timeout=2_000)
-        shot("mlflow-report.png")
+        _check_charts_and_report(page, visit, shot, found, f"experiments/{exp}/runs/{run}")
         if t["model_id"]:
             version_link = f"a[href*='/models/{model}/versions/{version}']"
             visit(f"experiments/{exp}/models/{t['model_id']}", ready_css=version_link)
@@ -145,6 +129,27 @@ def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium
                         "the logged model links its registered version")
         browser.close()
     return found
+
+
+def _check_charts_and_report(page, visit, shot, found: Findings, run_route: str) -> None:
+    """The run's charts (one section per prefix, the loss curve) and its HTML report with its plots."""
+    text = visit(f"{run_route}/model-metrics", "train")
+    sections = [s for s in ("eval/adapted", "eval/base", "forgetting", "gate", "time", "train") if f"\n{s}\n" in text]
+    found.check(len(sections) == 6, f"metric charts in sections by prefix: {sections}")
+    page.get_by_placeholder("Search metric charts").fill("train/")
+    page.wait_for_timeout(2000)
+    found.check(page.get_by_text("loss", exact=True).count() > 0 and page.locator("canvas, svg.main-svg").count() > 0,
+                "the train section shows the loss curve")
+    shot("mlflow-run-charts.png")
+    visit(f"{run_route}/artifactPath/reports/evaluation_report.html", "evaluation_report.html")
+    page.wait_for_timeout(2000)  # the report renders in its own frame
+    loaded = sum(f.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 300).length")
+                 for f in page.frames[1:])
+    found.check(loaded >= 2, f"the report shows its plots ({loaded} images drawn)")
+    for frame in page.frames[1:]:  # the screenshot shows the plots, not only the summary above them
+        with contextlib.suppress(Exception):
+            frame.get_by_role("heading", name="Plots").scroll_into_view_if_needed(timeout=2_000)
+    shot("mlflow-report.png")
 
 
 def _check_version_page(text: str, page, found: Findings, run: str, version: str) -> None:
