@@ -8,7 +8,8 @@ the fair baseline. Prints one row per adapter and writes JSON (docs/gate.md's ca
 Training runs in this process on one worker with the config's global batch (2 workers x 16 = 32
 rows a step, `scaling.num_workers=1 training.batch_size=32`): the same rows per step and steps
 as the shipped config, without Ray's start-up. Each adapter is kept in `--work`, so a second call
-only evaluates (`--retrain` trains again). Every adapter is then scored as a run scores it
+only evaluates (`--retrain` trains again); `--twice NAME` evaluates one adapter a second time,
+with the baseline's probe and the base's retrieval hits read back (what a repeated run pays). Every adapter is then scored as a run scores it
 (`evaluation.evaluate_adapter`: baseline, adapted, forgetting, intervals) and gated by
 `promotion.decide_promotion` under the default policy (no champion). Beside the gate's own
 forgetting figure the JSON keeps the representation drift the gate read before (mean cosine
@@ -109,6 +110,12 @@ def run_variant(name: str, kind: str, overrides: list[str], args) -> dict:
     t0 = time.perf_counter()
     report = evaluate_adapter(cfg, str(adapter), data.eval_rows, base_info=base, train_rows=data.train_rows)
     eval_s = time.perf_counter() - t0
+    again = {}
+    if name == args.twice:  # the same evaluation once more: the probe and the base's retrieval hits read back
+        t0 = time.perf_counter()
+        rep2 = evaluate_adapter(cfg, str(adapter), data.eval_rows, base_info=base, train_rows=data.train_rows)
+        again = {"eval_seconds_again": time.perf_counter() - t0, "baseline_seconds_again": rep2.baseline.get("seconds"),
+                 "eval_timings_again": rep2.timings}
     metric, higher = primary_metric(cfg)
     decision = decide_promotion(candidate_from_metrics(report.flat_metrics(), metric, higher, report.forgetting), None,
                                 cfg.promotion)
@@ -120,7 +127,7 @@ def run_variant(name: str, kind: str, overrides: list[str], args) -> dict:
             "decision": "promoted" if decision.promote else "refused", "failed_checks": decision.failed_checks,
             "undecided_checks": decision.undecided_checks, "reasons": decision.reasons,
             "train_seconds": train_s, "eval_seconds": eval_s, "eval_timings": report.timings,
-            "baseline_seconds": report.baseline.get("seconds")}
+            "baseline_seconds": report.baseline.get("seconds"), **again}
 
 
 def show(row: dict) -> str:
@@ -140,6 +147,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/classifier-gate"))
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--twice", default="sound-s1", help="evaluate this variant twice: cold, then with the caches warm")
     p.add_argument("--train-only", action="store_true", help="train the adapters, evaluate nothing")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/classifier-gate.json")
     args = p.parse_args()

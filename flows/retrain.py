@@ -27,7 +27,7 @@ from lora_tasks.forgetting_table import forgetting_limits
 from lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
 from lora_tasks.evaluation import EvalReport, evaluate_adapter
 from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
-from lora_tasks.launcher import prepare_data
+from lora_tasks.launcher import baseline_rows, prepare_data
 from lora_tasks.lifecycle import RunResult
 from lora_tasks.pipeline import PreparedData, columns, lineage_tags, run_dir_for, same_base
 from lora_tasks.promotion import Decision, FleetGate
@@ -145,7 +145,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
                               champion_version=champion.version if champion else None,
                               champion_metrics=champion.metrics if champion else None, search=search,
-                              train_rows=data.train_rows)
+                              train_rows=baseline_rows(cfg, data))
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     share = 1.0 if report.evidence == "all" else power.gate_share(cfg)  # a remedy's confirm part
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads

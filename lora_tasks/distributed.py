@@ -232,6 +232,17 @@ def _streamed_train(cfg: PipelineConfig, spec: StreamSpec):
     return ds
 
 
+def sample_stream_rows(cfg: PipelineConfig, spec: StreamSpec, limit: int | None) -> list[dict]:
+    """A seeded sample of about `limit` (all without one) valid train rows of a streamed split:
+    what a classifier's baseline is fit on, without holding the split in memory."""
+    ensure_ray_for(cfg)
+    ds = _streamed_train(cfg, spec).map_batches(
+        valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": spec.eval_fraction, "split": "train"})
+    if limit and spec.num_rows > limit:
+        ds = ds.random_sample(min(1.0, 1.1 * limit / spec.num_rows), seed=cfg.training.seed)
+    return ds.take(limit or spec.num_rows)
+
+
 def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
     """Validate the train source on Ray Data (`map_batches`, one summary per batch), apply the
     policy, set invalid rows aside as JSONL files (quarantine), and collect the eval rows.

@@ -386,9 +386,8 @@ class Evaluation:
         self._blocks.identities = {BASE: self._identity(BASE, 1.0)}
         with autocast(cfg.training.precision, self.device):
             self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
-            if cfg.task == "causal_lm":  # a classifier's retrieval check keeps nothing of the base
-                measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
-                                   self._blocks, sources=("corpus", "probes"))
+            measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
+                               self._blocks, sources=("corpus", "probes"))
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the

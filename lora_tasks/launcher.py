@@ -43,6 +43,16 @@ def prepare_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
     return prepare_in_memory(cfg, out_dir)
 
 
+def baseline_rows(cfg: PipelineConfig, data: PreparedData) -> list[dict]:
+    """The train rows a classifier's baseline (`baseline.py`) is fit on: the split in memory, or a
+    sample of `evaluation.baseline_rows` of a streamed one (read on Ray Data)."""
+    if cfg.task != "sequence_classification" or data.train_stream is None:
+        return data.train_rows
+    from .distributed import sample_stream_rows
+
+    return sample_stream_rows(cfg, data.train_stream, cfg.evaluation.baseline_rows)
+
+
 def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:
     """`local` or `ray`: what `scaling.launcher` means for this config."""
     why_not_local = cfg.why_not_in_process(streaming)

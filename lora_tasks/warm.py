@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .evaluation import keep_base_scores
-from .launcher import prepare_data
+from .launcher import baseline_rows, prepare_data
 from .modeling import describe_base_model
 from .replay import replay_rows
 
@@ -38,6 +38,6 @@ def warm_base(cfg: PipelineConfig, out_dir: str | Path) -> Warmed:
     data = prepare_data(cfg, out_dir)
     base = describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
     replay = replay_rows(cfg, len(data.train_rows), base)
-    keep_base_scores(cfg, data.eval_rows, base_info=base, train_rows=data.train_rows)
+    keep_base_scores(cfg, data.eval_rows, base_info=base, train_rows=baseline_rows(cfg, data))
     answered = len({r[cfg.data.prompt_column] for r in replay}) if cfg.replay.source == "self" else 0
     return Warmed(answered, len(data.eval_rows), base.content_hash is not None, time.perf_counter() - started)
