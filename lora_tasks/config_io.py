@@ -169,10 +169,14 @@ def without_defaults_added_later(d: dict) -> dict:
     d = {k: v for k, v in d.items() if not unused.get(k)}  # sections added later, while unused
     for section, key, default in _ADDED_LATER:
         d = without_default(d, section.split("."), key, default)
+    if d.get("task") == "causal_lm" and isinstance(d.get("promotion"), dict):  # as hashed before it was replaced
+        d = {**d, "promotion": {**d["promotion"], "max_representation_drift": 0.2}}
     return d
 
 
 # (section, setting, default) of settings added after configs were first hashed
 _ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"), ("training", "attention", "auto"),
                 ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
-                ("promotion", "more_evidence", None), ("evaluation.reference", "max_probes", None))
+                ("promotion", "more_evidence", None), ("evaluation.reference", "max_probes", None),
+                ("data.validation", "check_conflicts", True), ("evaluation", "baseline_rows", 20_000),
+                ("promotion", "max_retrieval_loss", 0.5))

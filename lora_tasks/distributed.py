@@ -23,7 +23,9 @@ from .config import PipelineConfig
 from .data import load_table, sample_rows, source_fingerprint
 from .errors import DataError, NonFiniteLoss, TrainingError, ValidationFailed
 from .pipeline import PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs
-from .streaming import invalid_batch, merge_summaries, stream_format, summarise_batch, valid_batch
+from .streaming import (
+    SAMPLE_ORDER, invalid_batch, merge_summaries, sample_batch, stream_format, summarise_batch, valid_batch,
+)
 from .training import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
 from .validation import ValidationReport, ValidationResult, enforce_policy, validate_splits
 
@@ -233,14 +235,16 @@ def _streamed_train(cfg: PipelineConfig, spec: StreamSpec):
 
 
 def sample_stream_rows(cfg: PipelineConfig, spec: StreamSpec, limit: int | None) -> list[dict]:
-    """A seeded sample of about `limit` (all without one) valid train rows of a streamed split:
-    what a classifier's baseline is fit on, without holding the split in memory."""
+    """A sample of `limit` (all without one) valid train rows of a streamed split, chosen by content
+    hash, so the same in every run (and the baseline fit on it is read back from its cache): what
+    a classifier's baseline is fit on, without holding the split in memory."""
     ensure_ray_for(cfg)
-    ds = _streamed_train(cfg, spec).map_batches(
-        valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": spec.eval_fraction, "split": "train"})
-    if limit and spec.num_rows > limit:
-        ds = ds.random_sample(min(1.0, 1.1 * limit / spec.num_rows), seed=cfg.training.seed)
-    return ds.take(limit or spec.num_rows)
+    share = 1.0 if not limit or spec.num_rows <= limit else min(1.0, 1.2 * limit / spec.num_rows)
+    rows = _streamed_train(cfg, spec).map_batches(
+        valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": spec.eval_fraction, "split": "train"}
+    ).map_batches(sample_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "share": share}).take_all()
+    rows.sort(key=lambda r: r[SAMPLE_ORDER])  # Ray Data keeps no order: the content hash gives one
+    return [{k: v for k, v in r.items() if k != SAMPLE_ORDER} for r in rows[:limit]]
 
 
 def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:

@@ -310,6 +310,7 @@ class Evaluation:
         self._from_disk: set[tuple] = set()  # keys of `_task` whose scores came from the disk cache
         self.train_rows = train_rows  # a classifier's baseline is fit on them
         self._baseline: ClassifierBaseline | None = None
+        self._baseline_kind: str | None = None  # chosen on the first rows scored (a remedy: its search part), then kept
         self.baseline_summary: dict[str, dict] = {}  # per part: the classifier baseline's choice and figures
 
     def with_adapter(self, adapter_dir: str) -> Evaluation:
@@ -317,8 +318,10 @@ class Evaluation:
         one's models are released first: one copy of the base weights at a time."""
         self.views = None
         gc.collect()
-        return Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
-                          self.champion_version, self.train_rows)
+        ev = Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
+                        self.champion_version, self.train_rows)
+        ev._baseline, ev._baseline_kind = self._baseline, self._baseline_kind  # the same base, the same baseline
+        return ev
 
     def _scores(self, name: str, scale: float, part: str, examples, rows) -> tuple[dict, dict, list[str]]:
         """One view's task scores on `rows`: computed once per evaluation, and kept on disk across
@@ -353,7 +356,9 @@ class Evaluation:
             features = pooled_embeddings(m, [e["input_ids"] for e in examples], self.tokenizer.pad_token_id or 0,
                                          self.cfg.evaluation.batch_size, self.device)
         y_true = np.array([e["labels"] for e in examples])
-        metrics, units, summary = baseline_scores(self._baseline, features, y_true, len(self.cfg.data.labels))
+        metrics, units, summary = baseline_scores(self._baseline, features, y_true, len(self.cfg.data.labels),
+                                                  self._baseline_kind)
+        self._baseline_kind = summary["kind"]
         self.baseline_summary[part] = {**summary, "seconds": time.perf_counter() - started}
         log.info("baseline on %d %s rows: majority class %.4g, linear probe %s: the %s is the base row (%.0f s)",
                  len(examples), part, summary["majority_accuracy"],

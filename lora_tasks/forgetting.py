@@ -233,13 +233,16 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 def retrieval_correct(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device="cpu"
                       ) -> np.ndarray:
     """Per pair: 1.0 when the model's pooled embedding of the pair's opening is nearer (cosine) to
-    its own continuation than to any other pair's, else 0.0. A general retrieval task any text
+    its own continuation than to every other pair's, else 0.0. A general retrieval task any text
     encoder can be scored on, with no labels beyond the corpus's own paragraphs."""
     q = pooled_embeddings(model, [a for a, _ in pairs], pad_id, batch_size, device)
     k = pooled_embeddings(model, [b for _, b in pairs], pad_id, batch_size, device)
     q /= np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
     k /= np.linalg.norm(k, axis=1, keepdims=True).clip(1e-12)
-    return (np.argmax(q @ k.T, axis=1) == np.arange(len(pairs))).astype(float)
+    sims = q @ k.T
+    own = np.diag(sims).copy()
+    np.fill_diagonal(sims, -np.inf)
+    return (own > sims.max(axis=1)).astype(float)  # a tie is no hit: an encoder that maps all text to one point finds none
 
 
 def retrieval_by_view(views, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device="cpu",
@@ -427,10 +430,14 @@ def _measure_retrieval(m: _Measurement, texts: list[str]) -> None:
     correct = retrieval_by_view(m.views, pairs, m.tokenizer.pad_token_id or 0, cfg.evaluation.batch_size, m.device,
                                 m.cache)
     base = correct[BASE]
+    if not base.sum():
+        raise DataError(f"the base model finds none of the {len(pairs)} reference paragraphs' continuations in {ref.path}, "
+                        f"so there is no retrieval to lose: give the corpus paragraphs that keep to their topic (a line "
+                        f"each), or set promotion.max_retrieval_loss: null")
     for n in m.others:
         lost = base - correct[n]
         m.metrics[n].update({"reference_retrieval_base": float(base.mean()), "reference_retrieval_adapted": float(correct[n].mean()),
-                             "reference_retrieval_loss": float(lost.sum() / base.sum()) if base.sum() else math.nan,
+                             "reference_retrieval_loss": float(lost.sum() / base.sum()),
                              "reference_retrieval_pairs": float(len(pairs))})
         m.intervals[n]["reference_retrieval_loss"] = stats.ratio_ci(lost, base, **m.stats_kw).to_list()
 

@@ -26,6 +26,8 @@ class ForgettingMetric:
     """Its label on the gain-vs-forgetting plot."""
     neutral: float
     """The value the base model itself has (where the base sits on the plot)."""
+    unit: str | None = None
+    """What more evidence of it means, when not its source's (`promotion.EVIDENCE_UNITS`)."""
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
@@ -36,7 +38,7 @@ FORGETTING_METRICS = (
                      "reference perplexity ratio adapted/base", 1.0),
     ForgettingMetric("reference_kl", "corpus", "max_kl", True, "reference KL(base || adapted) per token", 0.0),
     ForgettingMetric("reference_retrieval_loss", "corpus", "max_retrieval_loss", True,
-                     "share of the base's reference retrieval hits lost", 0.0),
+                     "share of the base's reference retrieval hits lost", 0.0, "reference paragraphs"),
     ForgettingMetric("self_retention_perplexity_ratio", "probes", "max_self_retention_ratio", True,
                      "perplexity ratio on the base's own answers (self-retention)", 1.0),
     ForgettingMetric("benchmark_*_accuracy_drop", "benchmark", "max_benchmark_accuracy_drop", True,

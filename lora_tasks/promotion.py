@@ -101,11 +101,16 @@ def _show(point, bounds: tuple[float, float]) -> str:
     return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
 
 
-def check_outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool) -> str:
+def check_outcome(bounds: tuple[float, float], limit: float, upper_is_worse: bool, strict: bool = False) -> str:
     """`pass` when the worse bound is within the limit, `fail` when even the better one is beyond
-    it, `undecided` when the interval straddles it."""
+    it, `undecided` when the interval straddles it. `strict` (a superiority check: the gain must
+    exceed what is required) counts a bound on the limit as beyond it: an adapter that predicts
+    exactly what the base does shows no gain, even over a requirement of 0."""
     worse, better = (bounds[1], bounds[0]) if upper_is_worse else (bounds[0], bounds[1])
-    beyond = (lambda x: x > limit) if upper_is_worse else (lambda x: x < limit)
+    if strict:
+        beyond = (lambda x: x >= limit) if upper_is_worse else (lambda x: x <= limit)
+    else:
+        beyond = (lambda x: x > limit) if upper_is_worse else (lambda x: x < limit)
     return "pass" if not beyond(worse) else "fail" if beyond(better) else "undecided"
 
 
@@ -151,15 +156,17 @@ def _gain_said(metric: str, gain: float, bounds: tuple[float, float], higher_is_
     return f"{metric} changed by {shown} over base{sign}"
 
 
-def _p_value(point: float, bounds: tuple[float, float], limit: float, upper_is_worse: bool, confidence: float) -> float:
+def _p_value(point: float, bounds: tuple[float, float], limit: float, upper_is_worse: bool, confidence: float,
+             strict: bool = False) -> float:
     """The one-sided p-value of "beyond the limit" that the check's interval implies: the normal
     tail of the estimate's margin to the limit, in units of the worse side's half-width over
     z((1 + confidence) / 2). So p <= (1 - confidence) / 2 exactly when the worse bound is within
-    the limit, as the gate reads it; a point without an interval gives 0 (within) or 1."""
+    the limit, as the gate reads it; a point without an interval gives 0 (within) or 1 (on the
+    limit: 1 for a `strict` check, as `check_outcome` reads it)."""
     margin = (limit - point) if upper_is_worse else (point - limit)
     half = (bounds[1] - point) if upper_is_worse else (point - bounds[0])
     if half <= 0:
-        return 0.0 if margin >= 0 else 1.0
+        return 0.0 if margin > 0 or (margin == 0 and not strict) else 1.0
     z = NormalDist().inv_cdf((1 + confidence) / 2) * margin / half
     return 0.5 * math.erfc(z / math.sqrt(2))  # the upper tail, exact far out (1 - cdf would round to 0)
 
@@ -188,7 +195,7 @@ def _check_forgetting(name: str, metric: ForgettingMetric, candidate: Candidate,
                        f"it cannot be shown within the limit {limit:.4g}")
         return
     p.append(_p_value(value, bounds, limit, metric.higher_is_worse, confidence))
-    shown, unit = _show(value, bounds), EVIDENCE_UNITS[metric.source]
+    shown, unit = _show(value, bounds), metric.unit or EVIDENCE_UNITS[metric.source]
     _record(name, check_outcome(bounds, limit, metric.higher_is_worse), reasons, failed, undecided, {
         "pass": f"{name}: {shown} within the limit {limit:.4g}",
         "fail": f"{name}: {shown} beyond the limit {limit:.4g}: forgetting shown (even the better bound is past it)",
@@ -220,15 +227,15 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, policy: P
 
     gain, need = candidate.task_gain, policy.min_task_gain
     bounds = _bounds(candidate, "task_gain", gain)
-    p.append(1.0 if bounds is None else _p_value(gain, bounds, need, False, confidence))
+    p.append(1.0 if bounds is None else _p_value(gain, bounds, need, False, confidence, strict=True))
     if bounds is None:
         failed.append("task_gain")
         reasons.append(f"task_gain: {m} of base ({candidate.base_score}) or adapted ({candidate.adapted_score}) is missing or not finite")
     else:
         said = f"task_gain: {_gain_said(m, gain, bounds, candidate.higher_is_better)}"
-        _record("task_gain", check_outcome(bounds, need, upper_is_worse=False), reasons, failed, undecided, {
-            "pass": f"{said} (required {need:.4g})",
-            "fail": f"{said}; even the upper bound is below the required {need:.4g}",
+        _record("task_gain", check_outcome(bounds, need, upper_is_worse=False, strict=True), reasons, failed, undecided, {
+            "pass": f"{said} (required: more than {need:.4g})",
+            "fail": f"{said}; even the upper bound is not above the required {need:.4g}",
             "undecided": f"{said}, straddling the required {need:.4g}: undecided; "
                          f"{_evidence_needed(gain, bounds, need, 'eval rows')}",
         })

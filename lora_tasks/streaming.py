@@ -65,8 +65,26 @@ def eval_mask(df: pd.DataFrame, cols: list[str], eval_fraction: float | None) ->
     worker, and identical rows always land in the same split (no train/eval overlap)."""
     if not eval_fraction:
         return np.zeros(len(df), dtype=bool)
-    keys = [_dump_row([canonical_value(v) for v in row]) for row in df[cols].itertuples(index=False, name=None)]
-    return np.array([int.from_bytes(hashlib.sha256(k).digest()[:8], "big") / 2**64 < eval_fraction for k in keys])
+    return content_share(df, cols) < eval_fraction
+
+
+def content_share(df: pd.DataFrame, cols: list[str], salt: bytes = b"") -> np.ndarray:
+    """Each row's content hash (salted) as a number in [0, 1): the same in every pass and run."""
+    keys = [salt + _dump_row([canonical_value(v) for v in row]) for row in df[cols].itertuples(index=False, name=None)]
+    return np.array([int.from_bytes(hashlib.sha256(k).digest()[:8], "big") / 2**64 for k in keys], dtype=float)
+
+
+SAMPLE_ORDER = "_sample_order"
+"""Column of `sample_batch`: the row's place in the sample (its salted content hash)."""
+
+
+def sample_batch(df: pd.DataFrame, cfg: PipelineConfig, share: float) -> pd.DataFrame:
+    """The rows of a (valid) batch whose content hash, salted apart from the eval split's, falls
+    below `share`, with it in `SAMPLE_ORDER`: a sample that is the same in every run."""
+    order = content_share(df, columns(cfg), salt=b"sample:")
+    out = df[order < share].copy()
+    out[SAMPLE_ORDER] = order[order < share]
+    return out
 
 
 def _dump_row(values: list) -> bytes:

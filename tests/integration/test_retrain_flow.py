@@ -188,7 +188,7 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
         "a version refused for its gain never takes canary traffic"
     v2 = client.get_model_version("tiny-sums", "2")
     assert v2.tags["promotion.decision"] == "rejected"
-    assert "below the required 100" in v2.tags["promotion.reasons"]
+    assert "not above the required 100" in v2.tags["promotion.reasons"]
 
 
 def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing(first_run, workdir):

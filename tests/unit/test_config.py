@@ -185,3 +185,18 @@ def test_any_value_at_any_key_is_a_config_or_a_one_line_error(key, value):
 def _values(d):
     for v in d.values():
         yield from (_values(v) if isinstance(v, dict) else [v])
+
+
+def test_settings_added_for_classifiers_leave_a_causal_lm_config_hash_as_it_was():
+    """A scheduled causal-LM pipeline must still skip its unchanged rerun after an upgrade: the
+    hashed dict is the one hashed before (`max_representation_drift` at its old default, none of
+    the settings added since)."""
+    from lora_tasks.config import load_config
+    from lora_tasks.config_io import without_defaults_added_later
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    hashed = without_defaults_added_later(cfg.model_dump(mode="json"))
+    assert hashed["promotion"]["max_representation_drift"] == 0.2 and "max_retrieval_loss" not in hashed["promotion"]
+    assert "baseline_rows" not in hashed["evaluation"] and "check_conflicts" not in hashed["data"]["validation"]
+    cls = load_config(REPO / "configs" / "sst2.yaml")
+    assert "max_representation_drift" not in without_defaults_added_later(cls.model_dump(mode="json"))["promotion"]

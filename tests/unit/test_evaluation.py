@@ -57,8 +57,9 @@ def test_untrained_adapter_equals_base_and_forgets_nothing(tiny_model_dir, tmp_p
 
 def test_classifier_report_reads_the_baseline_not_the_untrained_head(tiny_model_dir, tmp_path):
     cfg = _cfg("sequence_classification", tmp_path)
-    (tmp_path / "ref.txt").write_text("".join(f"Paragraph {i} tells of rivers, bridges, towns and the roads that join "
-                                              f"them, year after year number {i * 7}.\n" for i in range(12)))
+    words = ["harbour", "lantern", "meadow", "copper", "violin", "glacier", "orchard", "tunnel", "saddle", "pepper",
+             "walnut", "thunder"]
+    (tmp_path / "ref.txt").write_text("".join(" ".join([w] * 10) + "\n" for w in words))  # each line keeps to its word
     cfg.evaluation.reference.max_tokens = 5000  # every paragraph
     train = [{"text": f"item {i}", "label": "b" if i % 4 else "a"} for i in range(40)]  # 3 in 4 are b
     rows = [{"text": f"thing {i}", "label": "a" if i % 2 else "b"} for i in range(12)]
@@ -73,7 +74,7 @@ def test_classifier_report_reads_the_baseline_not_the_untrained_head(tiny_model_
     # the adapter as initialised (B = 0) is the base encoder: it finds every continuation the base finds
     f = report.forgetting
     assert f["reference_retrieval_adapted"] == f["reference_retrieval_base"] and f["reference_retrieval_pairs"] == 12
-    assert f["reference_retrieval_loss"] == 0.0 if f["reference_retrieval_base"] else math.isnan(f["reference_retrieval_loss"])
+    assert f["reference_retrieval_base"] > 0 and f["reference_retrieval_loss"] == 0.0
 
 
 def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, monkeypatch):

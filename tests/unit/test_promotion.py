@@ -221,3 +221,18 @@ def test_a_negative_gain_never_reads_as_an_improvement(label, higher, base, adap
     reason = next(r for r in d.reasons if r.startswith("task_gain"))
     assert reason.startswith(reads), reason
     assert never not in reason
+
+
+def test_an_adapter_that_predicts_what_the_baseline_predicts_shows_no_gain_even_over_zero():
+    """A shuffled-label classifier that learned only the majority class: every eval row's paired
+    difference is 0, so its gain interval is [0, 0]. That is no gain, whatever `min_task_gain: 0` says."""
+    from lora_tasks.config import PromotionPolicy
+
+    same = Candidate("accuracy", True, 0.509, 0.509, {"reference_retrieval_loss": 0.05}, None,
+                     {"task_gain": (0.0, 0.0), "reference_retrieval_loss": (-0.05, 0.14)})
+    decision = decide_promotion(same, None, PromotionPolicy())
+    assert not decision.promote and decision.failed_checks == ["task_gain"]
+    assert "not above the required 0" in decision.reasons[0] and decision.p_value == 1.0
+    better = Candidate("accuracy", True, 0.8, 0.85, {"reference_retrieval_loss": 0.05}, None,
+                       {"task_gain": (0.02, 0.08), "reference_retrieval_loss": (-0.05, 0.14)})
+    assert decide_promotion(better, None, PromotionPolicy()).promote
