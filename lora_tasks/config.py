@@ -336,7 +336,7 @@ class PromotionPolicy(_Section):
     max_kl: float | None = Field(0.5, ge=0)
     """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM); the
     upper bound of its interval is checked; null skips it."""
-    max_retrieval_loss: float | None = Field(0.5, ge=0)
+    max_retrieval_loss: float | None = Field(0.7, ge=0)
     """Largest share of the base's hits a classifier's encoder may lose at finding which reference
     passage continues which (`forgetting.retrieval_correct`: 1 - adapted / base); the upper bound
     of its paired interval is checked; null skips it. Calibrated in docs/gate.md."""

@@ -179,4 +179,4 @@ _ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"),
                 ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
                 ("promotion", "more_evidence", None), ("evaluation.reference", "max_probes", None),
                 ("data.validation", "check_conflicts", True), ("evaluation", "baseline_rows", 20_000),
-                ("promotion", "max_retrieval_loss", 0.5))
+                ("promotion", "max_retrieval_loss", 0.7))
