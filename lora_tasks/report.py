@@ -279,19 +279,22 @@ BASELINES = {"majority": "majority class of the train split", "probe": "linear p
 
 def baseline_kinds(flat: dict[str, float]) -> list[tuple[str, str]]:
     """A classifier's baselines in `flat` as (kind, label), the one that is the base row marked:
-    the probe when it is more accurate on the eval rows, else the majority class (`baseline.py`)."""
-    acc = {k: flat[f"baseline_{k}_accuracy"] for k in BASELINES if f"baseline_{k}_accuracy" in flat}
-    chosen = "probe" if acc.get("probe", -1.0) > acc.get("majority", -1.0) else "majority"
-    return [(k, f"{BASELINES[k]}{' (the base)' if k == chosen else ''}") for k in acc]
+    the one whose scores are the base's (not chosen again here: a remedy keeps the kind its search
+    part chose, which need not be the better on the confirm rows)."""
+    kinds = [k for k in BASELINES if f"baseline_{k}_accuracy" in flat]
+    base = [flat.get(f"base_{m}") for m in ("accuracy", "macro_f1")]
+    chosen = next((k for k in kinds if [flat.get(f"baseline_{k}_{m}") for m in ("accuracy", "macro_f1")] == base),
+                  None)
+    return [(k, f"{BASELINES[k]}{' (the base)' if k == chosen else ''}") for k in kinds]
 
 
 def baseline_note(flat: dict[str, float]) -> str:
     """One line on what a classifier's base row is, or "" (a causal LM: the base model itself)."""
-    kinds = baseline_kinds(flat)
-    if not kinds:
+    chosen = next((label.removesuffix(" (the base)") for _, label in baseline_kinds(flat) if label.endswith("(the base)")),
+                  None)
+    if chosen is None:
         return ""
-    chosen = next(label for _, label in kinds if label.endswith("(the base)")).removesuffix(" (the base)")
-    return (f"The base column is the {chosen}: the better on these eval rows of the train split's majority class and a "
+    return (f"The base column is the {chosen}: the better on the eval rows of the train split's majority class and a "
             f"linear probe on the frozen base's embeddings, what a team would deploy without the adapter (never the "
             f"base's untrained head).\n")
 
