@@ -8,8 +8,11 @@ the fair baseline. Prints one row per adapter and writes JSON (docs/gate.md's ca
 Training runs in this process on one worker with the config's global batch (2 workers x 16 = 32
 rows a step, `scaling.num_workers=1 training.batch_size=32`): the same rows per step and steps
 as the shipped config, without Ray's start-up. Each adapter is kept in `--work`, so a second call
-only evaluates (`--retrain` trains again); `--twice NAME` evaluates one adapter a second time,
-with the baseline's probe and the base's retrieval hits read back (what a repeated run pays). Every adapter is then scored as a run scores it
+only evaluates (`--retrain` trains again). `--twice NAME` evaluates as three nightly runs do:
+yesterday's, of another adapter on 95% of the train rows (cold with a fresh `PREFECT_LORA_CACHE`),
+today's, of this adapter on all of them (5% new rows: the probe is fit again, only the new rows are
+embedded, the base's figures are read back), and today's repeated (everything read back); it
+prints the baseline's share of each evaluation. Every adapter is then scored as a run scores it
 (`evaluation.evaluate_adapter`: baseline, adapted, forgetting, intervals) and gated by
 `promotion.decide_promotion` under the default policy (no champion). Beside the gate's own
 forgetting figure the JSON keeps the representation drift the gate read before (mean cosine
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -96,6 +100,21 @@ def representation_drift(cfg, adapter_dir: str) -> float:
     return total / tokens
 
 
+def yesterdays_adapter(adapter: Path, folder: Path) -> Path:
+    """A copy of `adapter` with one weight nudged by 1e-6: another adapter to the caches (its own
+    scores), the same figures to the eye; what yesterday's run trained, for the nightly timings."""
+    from safetensors.torch import load_file, save_file
+
+    out = folder / "adapter-yesterday"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(adapter, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1e-6
+    save_file(weights, out / "adapter_model.safetensors")
+    return out
+
+
 def run_variant(name: str, kind: str, overrides: list[str], args) -> dict:
     folder = args.work / name
     cfg = variant_config(args.config, args.data, overrides)
@@ -107,15 +126,25 @@ def run_variant(name: str, kind: str, overrides: list[str], args) -> dict:
         adapter = Path(train_in_process(cfg, data.train_rows, folder).adapter_dir)
         train_s = time.perf_counter() - t0
     base = describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
-    t0 = time.perf_counter()
-    report = evaluate_adapter(cfg, str(adapter), data.eval_rows, base_info=base, train_rows=data.train_rows)
-    eval_s = time.perf_counter() - t0
-    again = {}
-    if name == args.twice:  # the same evaluation once more: the probe and the base's retrieval hits read back
+
+    def timed(train_rows, adapter_dir=adapter):
         t0 = time.perf_counter()
-        rep2 = evaluate_adapter(cfg, str(adapter), data.eval_rows, base_info=base, train_rows=data.train_rows)
-        again = {"eval_seconds_again": time.perf_counter() - t0, "baseline_seconds_again": rep2.baseline.get("seconds"),
-                 "eval_timings_again": rep2.timings}
+        rep = evaluate_adapter(cfg, str(adapter_dir), data.eval_rows, base_info=base, train_rows=train_rows)
+        return rep, time.perf_counter() - t0
+
+    nights = {}
+    if name == args.twice:  # yesterday: another adapter, 95% of today's train rows
+        rep, secs = timed(data.train_rows[: len(data.train_rows) * 19 // 20], yesterdays_adapter(adapter, folder))
+        nights["yesterday"] = {"eval_seconds": secs, "baseline_seconds": rep.baseline.get("seconds"), "timings": rep.timings}
+    report, eval_s = timed(data.train_rows)
+    if name == args.twice:  # the same run once more: the probe and the base's retrieval hits read back
+        rep, secs = timed(data.train_rows)
+        nights["repeated"] = {"eval_seconds": secs, "baseline_seconds": rep.baseline.get("seconds"), "timings": rep.timings}
+        nights["grown_5pct"] = {"eval_seconds": eval_s, "baseline_seconds": report.baseline.get("seconds"),
+                                "timings": report.timings}
+        for night, f in nights.items():
+            print(f"{night}: evaluation {f['eval_seconds']:.1f} s, of which baseline {f['baseline_seconds']:.1f} s "
+                  f"({f['baseline_seconds'] / f['eval_seconds']:.0%})", flush=True)
     metric, higher = primary_metric(cfg)
     decision = decide_promotion(candidate_from_metrics(report.flat_metrics(), metric, higher, report.forgetting), None,
                                 cfg.promotion)
@@ -127,7 +156,7 @@ def run_variant(name: str, kind: str, overrides: list[str], args) -> dict:
             "decision": "promoted" if decision.promote else "refused", "failed_checks": decision.failed_checks,
             "undecided_checks": decision.undecided_checks, "reasons": decision.reasons,
             "train_seconds": train_s, "eval_seconds": eval_s, "eval_timings": report.timings,
-            "baseline_seconds": report.baseline.get("seconds"), **again}
+            "baseline_seconds": report.baseline.get("seconds"), **({"nights": nights} if nights else {})}
 
 
 def show(row: dict) -> str:
@@ -147,7 +176,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/classifier-gate"))
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     p.add_argument("--retrain", action="store_true")
-    p.add_argument("--twice", default="sound-s1", help="evaluate this variant twice: cold, then with the caches warm")
+    p.add_argument("--twice", default="sound-s1", help="evaluate this variant as three nightly runs: yesterday, today with 5%% new rows, today repeated")
     p.add_argument("--train-only", action="store_true", help="train the adapters, evaluate nothing")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/classifier-gate.json")
     args = p.parse_args()

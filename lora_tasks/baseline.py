@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
-from .embeddings import pooled_embeddings
+from .embeddings import kept_embeddings
 from .encoding import encode_examples
 from .errors import LoraTaskError
 from .modeling import cache_dir, write_cache_file
@@ -176,7 +176,8 @@ def _path(key: str) -> Path:
 def fitted_baseline(cfg, model, tokenizer, train_rows: list[dict], identity: str | None, device="cpu") -> ClassifierBaseline:
     """The baseline of `cfg`'s train rows (a seeded sample of `evaluation.baseline_rows`) on the
     frozen base `model`: read back when kept, else embedded, fit and kept (when the base has an
-    `identity`, see `score_cache.model_identity`)."""
+    `identity`, see `score_cache.model_identity`). Rows embedded for an earlier train split are
+    read back, so a split that grew pays only for its new rows (`kept_embeddings`)."""
     if not train_rows:
         raise LoraTaskError("a classifier's baseline (majority class, linear probe) is fit on the train rows: none given")
     limit, seed = cfg.evaluation.baseline_rows, cfg.training.seed
@@ -189,8 +190,8 @@ def fitted_baseline(cfg, model, tokenizer, train_rows: list[dict], identity: str
     key = baseline_key(identity, settings, texts, labels) if identity else None
     if key and (kept := load_baseline(key)) is not None:
         return kept
-    features = pooled_embeddings(model, [e["input_ids"] for e in examples], tokenizer.pad_token_id or 0,
-                                 cfg.evaluation.batch_size, device)
+    features = kept_embeddings(model, [e["input_ids"] for e in examples], tokenizer.pad_token_id or 0,
+                               cfg.evaluation.batch_size, key and f"{identity}|{cfg.model_name}", device)
     baseline = fit_baseline(features, np.array(labels), len(cfg.data.labels), seed)
     if key:
         save_baseline(key, baseline)

@@ -17,18 +17,32 @@ import torch
 
 from . import score_cache, stats
 from .baseline import ClassifierBaseline, baseline_scores, fitted_baseline
-from .embeddings import pooled_embeddings
-from .config import PipelineConfig
-from .errors import DataError
 from .block_cache import BlockCache
+from .config import PipelineConfig
+from .embeddings import kept_embeddings
+from .encoding import (
+    autocast,
+    causal_lm_row_losses,
+    collate,
+    encode_examples,
+    generate_answers,
+    greedy_answers_read_off,
+    resolve_precision,
+)
+from .errors import DataError
 from .forgetting import measure_forgetting
 from .modeling import BaseModelInfo, load_adapted_model, load_base_model, load_tokenizer
-from .encoding import (
-    autocast, causal_lm_row_losses, collate, encode_examples, generate_answers, greedy_answers_read_off, resolve_precision,
-)
 from .promotion import Candidate, candidate_from_metrics
 from .remedy import (
-    Part, Trial, choose, describe_trial, judge, remedy_needed, remedy_summary, split_for_confirmation, trial_name,
+    Part,
+    Trial,
+    choose,
+    describe_trial,
+    judge,
+    remedy_needed,
+    remedy_summary,
+    split_for_confirmation,
+    trial_name,
 )
 from .views import ADAPTED, BASE, CHAMPION, PeftViews, SeparateViews
 
@@ -350,11 +364,12 @@ class Evaluation:
         frozen base (`baseline.py`), never its untrained head."""
         started = time.perf_counter()
         with self.views.use(BASE) as m:
+            identity = self._identity(BASE, 1.0)
             if self._baseline is None:
-                self._baseline = fitted_baseline(self.cfg, m, self.tokenizer, self.train_rows, self._identity(BASE, 1.0),
-                                                 self.device)
-            features = pooled_embeddings(m, [e["input_ids"] for e in examples], self.tokenizer.pad_token_id or 0,
-                                         self.cfg.evaluation.batch_size, self.device)
+                self._baseline = fitted_baseline(self.cfg, m, self.tokenizer, self.train_rows, identity, self.device)
+            features = kept_embeddings(m, [e["input_ids"] for e in examples], self.tokenizer.pad_token_id or 0,
+                                       self.cfg.evaluation.batch_size,  # the eval rows, kept from the last run
+                                       identity and f"{identity}|{self.cfg.model_name}|eval-{part}", self.device)
         y_true = np.array([e["labels"] for e in examples])
         metrics, units, summary = baseline_scores(self._baseline, features, y_true, len(self.cfg.data.labels),
                                                   self._baseline_kind)
