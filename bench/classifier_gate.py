@@ -34,13 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_tasks.config import load_config
-from lora_tasks.evaluation import evaluate_adapter, load_views, primary_metric
-from lora_tasks.forgetting import chunk_reference, read_reference_texts
-from lora_tasks.launcher import train_in_process
-from lora_tasks.modeling import describe_base_model, load_tokenizer
-from lora_tasks.pipeline import prepare_in_memory
-from lora_tasks.promotion import candidate_from_metrics, decide_promotion
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.data.evidence import read_reference_texts
+from prefect_lora.lora_tasks.data.prepare import prepare_in_memory
+from prefect_lora.lora_tasks.gate.promotion import candidate_from_metrics, decide_promotion
+from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter, load_views, primary_metric
+from prefect_lora.lora_tasks.measurement.forgetting import chunk_reference
+from prefect_lora.lora_tasks.modeling import describe_base_model, load_tokenizer
+from prefect_lora.lora_tasks.training.launcher import train_in_process
 
 SHUFFLED = "shuffled"
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -59,8 +59,8 @@ def main() -> None:
         print(text[-4000:])
         raise SystemExit(f"demo run failed with exit code {proc.returncode}")
 
-    from lora_tasks import tracking
-    from lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.registry import tracking
 
     cfg = load_config(args.config)
     run_id = re.search(r"MLflow run (\w+)", text).group(1)

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from lora_tasks import evaluation
-from lora_tasks.config import load_config
-from lora_tasks.encoding import autocast, encode_examples, resolve_precision
-from lora_tasks.launcher import prepare_data
-from lora_tasks.views import ADAPTED
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.measurement import evaluation
+from prefect_lora.lora_tasks.training.compute import compute_for
+from prefect_lora.lora_tasks.training.encoding import encode_examples
+from prefect_lora.lora_tasks.training.launcher import prepare_data
+from prefect_lora.lora_tasks.training.views import ADAPTED
 
 
 def main() -> None:
@@ -53,13 +53,13 @@ def main() -> None:
         for way, fn in ways.items():
             evaluation.greedy_answers_read_off = fn
             started = time.perf_counter()
-            with autocast(cfg.training.precision, "cpu"), views.use(ADAPTED) as model:
-                metrics, _, answers[way] = evaluation._task_scores(model, cfg, examples, rows, tokenizer, "cpu", ADAPTED)
+            with compute_for(cfg.training.precision).autocast(), views.use(ADAPTED) as model:
+                metrics, _, answers[way] = evaluation.task_scores(model, cfg, examples, rows, tokenizer, "cpu", ADAPTED)
             seconds[way].append(time.perf_counter() - started)
     evaluation.greedy_answers_read_off = read_off
     a, b = answers.values()
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "precision": resolve_precision(cfg.training.precision, "cpu"), "rows": len(rows),
+           "precision": compute_for(cfg.training.precision).precision, "rows": len(rows),
            "seconds": {w: statistics.median(s) for w, s in seconds.items()}, "all_seconds": seconds,
            "answers_same": sum(x == y for x, y in zip(a, b)), "exact_match": metrics.get("exact_match"), "read_off": known[-1]}
     for key, value in out.items():

@@ -41,7 +41,7 @@ def run(args: list[str], env: dict, cwd: Path) -> tuple[float, str]:
 
 def member_rows(output: str) -> list[dict[str, str]]:
     """The rows of the fleet's table as the command prints it (rich's box characters)."""
-    from lora_tasks.fleet import SUMMARY_COLUMNS
+    from prefect_lora.lora_tasks.fleet import SUMMARY_COLUMNS
 
     rows = []
     for line in output.splitlines():

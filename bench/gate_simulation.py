@@ -1,5 +1,5 @@
 """The gate's error rates and evidence, simulated: today's fixed-size bootstrap against the staged
-check on a confidence sequence (`lora_tasks.sequential`), on synthetic paired scores.
+check on a confidence sequence (`prefect_lora.lora_tasks.measurement.sequential`), on synthetic paired scores.
 
     python bench/gate_simulation.py [--gates 1000] [--out bench/results/gate-simulation.json]
 
@@ -34,7 +34,7 @@ from statistics import NormalDist
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_tasks import sequential, stats
+from prefect_lora.lora_tasks.measurement import sequential, stats
 
 SCENARIOS = {"clear-pass": -1.0, "harmless": 0.0, "at-limit": 1.0, "clear-fail": 2.0}
 """True effect, in multiples of the limit."""

@@ -42,15 +42,15 @@ def main(steps: int = 8) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU visible: nothing to check")
         return 1
-    from lora_tasks.config import load_config
-    from lora_tasks.distributed import train_adapter
-    from lora_tasks.launcher import prepare_data
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.training.distributed import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     gpus = torch.cuda.device_count()
     print(f"{gpus} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     peak = {"fp32": matmul_peak_gpu(torch.float32), "bf16": matmul_peak_gpu(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e3:.1f} TFLOP/s, bf16 {peak['bf16'] / 1e3:.1f} TFLOP/s", flush=True)
-    from lora_tasks.modeling import count_parameters, load_base_model
+    from prefect_lora.lora_tasks.modeling import count_parameters, load_base_model
 
     n_params = count_parameters(load_base_model("builtin:smollm2-135m-instruct", "causal_lm"))[1]
     cases = {

@@ -9,7 +9,7 @@ against the same base on the same eval rows (task gain in eval loss, paired boot
 and on WikiText-2 as the reference corpus (perplexity ratio adapted/base and mean per-token
 KL(base || adapted), with intervals), and for each: trainable parameters, training-state memory
 (weights + gradients + AdamW state, measured on the tensors), peak RSS while training, median
-step time and artifact size (`lora_tasks/compare.py`, the same report as
+step time and artifact size (`lora_tasks/measurement/compare.py`, the same report as
 `prefect-lora compare-full CONFIG`). Prints a table and writes JSON to bench/results/.
 Learning rates differ on purpose (each method at a usual rate for it); both are printed.
 Sized for a 2-core CPU in under 10 minutes; raise --steps and --eval-rows on a bigger machine.
@@ -52,8 +52,7 @@ def parse_args(argv=None):
 
 def _config(args, method: str):
     import yaml
-
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     raw = yaml.safe_load(Path(args.config).read_text())
     raw["training"].update(method=method, max_steps=args.steps, batch_size=args.batch_size, max_seq_length=args.seq_len,
@@ -72,7 +71,7 @@ def _config(args, method: str):
 
 
 def _rows(cfg, n_eval: int):
-    from lora_tasks.data import load_table
+    from prefect_lora.lora_tasks.data.sources import load_table
 
     train = load_table(cfg.data.train_path, cfg.data.format).to_dict("records")
     evals = load_table(cfg.data.eval_path, cfg.data.format).to_dict("records")[:n_eval]
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lora_tasks.compare import compare_methods, format_table, to_json
+    from prefect_lora.lora_tasks.measurement.compare import compare_methods, format_table, to_json
 
     if not Path(args.reference).is_file():
         print(f"reference corpus {args.reference} not found (WikiText-2 valid.txt); pass --reference", file=sys.stderr)

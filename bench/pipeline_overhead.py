@@ -61,9 +61,9 @@ def run_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from lora_tasks.config import load_config
-    from lora_tasks.launcher import prepare_data
-    from lora_tasks.training import WorkerContext, train_worker
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
+    from prefect_lora.lora_tasks.training.loop import WorkerContext, train_worker
 
     cfg = load_config(args.config, overrides(args))
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,10 +78,10 @@ def run_worker(args) -> dict:
 def child(args) -> None:
     """(c): one cold flow run; prints one JSON line with its timings."""
     t0 = time.perf_counter()
-    from flows.settings import start_prefect_api_early  # as `prefect-lora run` does
+    from prefect_lora.flows.settings import start_prefect_api_early  # as `prefect-lora run` does
 
     api_ready = start_prefect_api_early()
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     imported = time.perf_counter()
     api_ready()
@@ -96,7 +96,7 @@ def child(args) -> None:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    from lora_tasks import tracking
+    from prefect_lora.lora_tasks.registry import tracking
 
     logged = tracking.run_metrics(result.tracking_uri, result.run_id)
     tasks = sorted(((tr.start_time, tr.name.rsplit("-", 1)[0], (tr.end_time - tr.start_time).total_seconds())
@@ -114,7 +114,7 @@ def child(args) -> None:
 # Creates the Prefect and MLflow databases a machine keeps after its first run, in another process.
 _FIRST_USE = """
 import sys
-from flows import settings
+from prefect_lora.flows import settings
 from prefect.server.api.server import SubprocessASGIServer
 s = SubprocessASGIServer(); s.start(); s.stop()
 from mlflow import MlflowClient

@@ -26,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import settings  # noqa: F401  (quiet defaults)
-
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
+from prefect_lora.flows import settings  # noqa: F401  (quiet defaults)
 
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:", "Say hello to the team.", "Sum of 7 and 8 is"]
 
@@ -108,13 +107,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+    from prefect_lora.deploy import serve as serving
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.modeling import resolve_base_model
+    from prefect_lora.lora_tasks.registry import aliases
     from ray import serve
-
-    from deploy import serve as serving
-    from deploy.serve_core import ServeConfig
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
-    from lora_tasks.modeling import resolve_base_model
 
     work = Path(tempfile.mkdtemp(prefix="pl-serve-bench-"))
     uri, name = f"sqlite:///{work}/mlflow.db", "bench-model"

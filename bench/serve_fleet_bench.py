@@ -28,15 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import settings  # noqa: F401  (quiet defaults)
+from prefect_lora.deploy.testing import free_port
+from prefect_lora.flows import settings  # noqa: F401  (quiet defaults)
 
 from bench.serve_bench import load
-from deploy.testing import free_port
 
 
 def register_members(uri: str, base: str, n: int, work: Path) -> list[str]:
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     names = [f"member-{i:03d}" for i in range(n)]
     for i, name in enumerate(names):
@@ -59,11 +59,10 @@ def main() -> None:
     import httpx
     import ray
     import torch
+    from prefect_lora.deploy import serve as serving
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.lora_tasks.modeling import resolve_base_model
     from ray import serve
-
-    from deploy import serve as serving
-    from deploy.serve_core import ServeConfig
-    from lora_tasks.modeling import resolve_base_model
 
     work = Path(tempfile.mkdtemp(prefix="pl-serve-fleet-bench-"))
     uri, base = f"sqlite:///{work}/mlflow.db", resolve_base_model(args.base)

@@ -92,7 +92,7 @@ def matmul_peak(dtype, sizes=(512, 1024, 2048), seconds: float = 1.5) -> dict:
 
 
 def load_rows(args, cfg) -> list[dict]:
-    from lora_tasks.data import load_table
+    from prefect_lora.lora_tasks.data.sources import load_table
 
     rows = load_table(cfg.data.train_path, cfg.data.format).to_dict("records")
     rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
@@ -109,7 +109,7 @@ def load_rows(args, cfg) -> list[dict]:
 
 def step_tokens(cfg, examples, steps: int) -> list[int]:
     """Real tokens in each optimizer step, in the order the worker loop reads them (1 worker)."""
-    from lora_tasks.training import iterate_batches
+    from prefect_lora.lora_tasks.training.loop import iterate_batches
 
     t = cfg.training
     order = iterate_batches(len(examples), t.batch_size, 0, 1, t.seed)
@@ -127,7 +127,7 @@ def step_tokens(cfg, examples, steps: int) -> list[int]:
 
 def run_worker(cfg, rows) -> list[float]:
     """Step end times of `train_worker` (the project's loop), called in-process."""
-    from lora_tasks.training import WorkerContext, train_worker
+    from prefect_lora.lora_tasks.training.loop import WorkerContext, train_worker
 
     stamps: list[float] = []
     train_worker(cfg, rows, WorkerContext(log=lambda m, s: stamps.append(time.perf_counter())))
@@ -140,11 +140,10 @@ def run_plain(cfg, rows) -> list[float]:
 
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
+    from prefect_lora.lora_tasks.modeling import load_tokenizer, resolve_base_model
+    from prefect_lora.lora_tasks.training.encoding import IGNORE_INDEX, encode_examples
+    from prefect_lora.lora_tasks.training.loop import iterate_batches
     from transformers import AutoModelForCausalLM
-
-    from lora_tasks.modeling import load_tokenizer, resolve_base_model
-    from lora_tasks.encoding import IGNORE_INDEX, encode_examples
-    from lora_tasks.training import iterate_batches
 
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -183,9 +182,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lora_tasks.config import load_config
-    from lora_tasks.modeling import count_parameters, load_base_model, load_tokenizer
-    from lora_tasks.encoding import encode_examples
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.modeling import count_parameters, load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training.encoding import encode_examples
 
     base = ["scaling.num_workers=1", f"training.max_steps={args.steps}", f"training.batch_size={args.batch_size}",
             f"training.max_seq_length={args.seq_len}", "training.log_every=1", "training.checkpoint_every=null",

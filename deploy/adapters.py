@@ -39,8 +39,7 @@ class AdapterSet:
         """Attach the key's adapter if it is not attached, and mark it most recently used;
         detaching others to stay within bounds never detaches one in `keep`."""
         from peft import PeftModel
-
-        from lora_tasks.export import copy_safe_adapter
+        from prefect_lora.lora_tasks.registry.export import copy_safe_adapter
 
         name = self.name_of(key)
         if name in self.loaded:

@@ -27,10 +27,8 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from ray import serve
-
-from deploy.adapters import AdapterSet
-from deploy.serve_core import (
+from prefect_lora.deploy.adapters import AdapterSet
+from prefect_lora.deploy.serve_core import (
     MicroBatcher,
     RequestProblem,
     Secret,
@@ -48,7 +46,8 @@ from deploy.serve_core import (
     served_key,
     split_key,
 )
-from lora_tasks.versions import is_version
+from prefect_lora.lora_tasks.versions import is_version
+from ray import serve
 
 logger = logging.getLogger("ray.serve")
 SERVE_CACHE = 1024  # Serve's own per-replica LRU of model ids; a replica's adapters are bounded by its config
@@ -64,8 +63,7 @@ class _Replica:
 
     def _setup(self, cfg: dict) -> None:
         import torch
-
-        from lora_tasks.modeling import load_tokenizer
+        from prefect_lora.lora_tasks.modeling import load_tokenizer
 
         self.cfg = ServeConfig(**cfg)
         self.device = torch.device(self.cfg.device)
@@ -80,7 +78,7 @@ class _Replica:
 
     def _first_version(self) -> str:
         """The key of the default model's version that fixes the replica's base (its champion)."""
-        from lora_tasks import registry, tracking
+        from prefect_lora.lora_tasks.registry import registry, tracking
 
         c, name = tracking.client(self.cfg.tracking_uri), self.cfg.model_name
         model = registry.require_model(c, name)
@@ -93,7 +91,7 @@ class _Replica:
         return served_key(name, str(max(int(v.version) for v in versions)))
 
     def _files_for(self, key: str):
-        from lora_tasks import registry
+        from prefect_lora.lora_tasks.registry import registry
 
         if key not in self._files:
             name, version = split_key(key)
@@ -115,7 +113,7 @@ class _Replica:
     async def run(self, op: str, payload: dict) -> dict:
         """Serve one request for the version named by the multiplexed model id, in a batch with
         the concurrent requests it can share a forward pass with (`_batch_key`, `MicroBatcher`)."""
-        from lora_tasks.errors import LoraTaskError, RegistryError
+        from prefect_lora.lora_tasks.errors import LoraTaskError, RegistryError
 
         version = serve.get_multiplexed_model_id()
         try:
@@ -172,7 +170,7 @@ class _Replica:
         if op == "chat":
             texts, special = self._chat_text(mcfg, payload["messages"])
         else:
-            from lora_tasks.encoding import format_prompts
+            from prefect_lora.lora_tasks.training.encoding import format_prompts
 
             texts, special = format_prompts(payload["prompts"], self.tokenizer, bool(mcfg.get("chat_template")),
                                             mcfg.get("system_prompt"))
@@ -256,8 +254,7 @@ class AdapterModel(_Replica):
 
     def __init__(self, cfg: dict):
         import torch
-
-        from lora_tasks.modeling import load_base_model
+        from prefect_lora.lora_tasks.modeling import load_base_model
 
         self._setup(cfg)
         labels = self.base_config.get("labels")
@@ -312,7 +309,7 @@ class MergedModel(_Replica):
         self._setup(cfg)
 
     def _build(self, version: str):
-        from lora_tasks.export import load_adapted
+        from prefect_lora.lora_tasks.registry.export import load_adapted
 
         model, _ = load_adapted(self._files_for(version), trust_remote_code=self.cfg.trust_remote_code)
         merged = model.merge_and_unload().to(self.device)
@@ -379,8 +376,7 @@ class Gateway:
         """Every served model's aliases; a member not registered yet has none until it is (the
         default model must exist: it fixes the replicas' base)."""
         from mlflow.exceptions import MlflowException
-
-        from lora_tasks import registry, tracking
+        from prefect_lora.lora_tasks.registry import registry, tracking
 
         c = tracking.client(self.cfg.tracking_uri)
         read = {self.cfg.model_name: registry.require_model(c, self.cfg.model_name).aliases}
@@ -548,8 +544,7 @@ def build_app(cfg: ServeConfig, token: Secret | None = None):
 def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str | None = None):
     """Start (or reuse) Ray and Serve and deploy the app; returns the gateway's handle."""
     import ray
-
-    from lora_tasks import registry
+    from prefect_lora.lora_tasks.registry import registry
 
     # A clear error before any actor starts: the default model fixes the replicas' base. A member
     # with no champion yet (or not registered yet) is followed and served once promoted.

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from prefect_lora.lora_tasks.config_io import yaml_error
+from prefect_lora.lora_tasks.versions import canonical_version, is_version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from lora_tasks.config_io import yaml_error
-from lora_tasks.versions import canonical_version, is_version
 
 TOKEN_ENV = "PREFECT_LORA_SERVE_TOKEN"
 ALIASES = ("champion", "challenger")

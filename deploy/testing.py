@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lora_tasks import aliases, registry, tracking
-from lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.registry import aliases, registry, tracking
 
 
 def free_port() -> int:
@@ -38,8 +38,7 @@ def make_random_adapter(base_dir: str, out_dir: str | Path, seed: int, scale: fl
     the (saved) classifier head is random too."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-
-    from lora_tasks.modeling import load_base_model
+    from prefect_lora.lora_tasks.modeling import load_base_model
 
     torch.manual_seed(seed)
     causal = task == "causal_lm"

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from flows import settings  # noqa: F401  (quiet defaults first)
-
 import functools
 import os
 import sys
@@ -11,14 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from prefect_lora.flows import settings  # noqa: F401  (quiet defaults first)
+from prefect_lora.lora_tasks.errors import LoraTaskError, RegistryError, ValidationFailed
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from lora_tasks.errors import LoraTaskError, RegistryError, ValidationFailed
-
 if TYPE_CHECKING:
-    from lora_tasks.lifecycle import RunResult
+    from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 
 def _flag_type(option: typer.core.TyperOption, ctx) -> str | None:
     """A flag takes no value: its help shows no type (typer prints `<bool>`, as if one were typed)."""
@@ -35,7 +33,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for jq and
 
 def _show_version(value: bool) -> None:
     if value:
-        from lora_tasks import __version__
+        from prefect_lora.lora_tasks import __version__
 
         typer.echo(f"prefect-lora {__version__}")
         raise typer.Exit()
@@ -76,7 +74,7 @@ def _exit_on_errors(*also: type[Exception]):
             except (LoraTaskError, *also) as exc:
                 _fail(exc)
             except Exception as exc:
-                from lora_tasks.tracking import unreachable_server
+                from prefect_lora.lora_tasks.registry.tracking import unreachable_server
 
                 if (message := unreachable_server(exc)) is None:
                     raise
@@ -91,10 +89,9 @@ def _exit_on_errors(*also: type[Exception]):
 @_exit_on_errors()
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check CONFIG and its data against the contract; print the report. Trains nothing."""
-    from lora_tasks.config import load_config
-    from lora_tasks.launcher import prepare_data
-
-    from lora_tasks import power
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.measurement import power
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     cfg = load_config(config, set_)
     data = prepare_data(cfg, _checks_dir(cfg))
@@ -118,7 +115,7 @@ def warm(config: Path, set_: SetOption = None) -> None:
     """Compute now what every run of CONFIG reads of the base model alone (its answers to the replay
     prompts and probes, its scores on the eval split, its side of the forgetting comparison), so the
     first scheduled run costs what later ones do. Trains nothing."""
-    from lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config import load_config
 
     _warm(load_config(config, set_))
 
@@ -126,8 +123,8 @@ def warm(config: Path, set_: SetOption = None) -> None:
 def _warm(cfg) -> None:
     import logging
 
-    from flows.settings import create_prefect_database_early
-    from lora_tasks.warm import warm_base
+    from prefect_lora.flows.settings import create_prefect_database_early
+    from prefect_lora.lora_tasks.warm import warm_base
 
     console.print(f"{cfg.model_name}: the base's answers and scores, computed once for every later run ...",
                   highlight=False, soft_wrap=True)
@@ -155,13 +152,13 @@ def run(
                                                         "or of the latest version the gate decided.")] = False,
 ) -> None:
     """Run the retraining flow for CONFIG: validate, train, evaluate, register, gate."""
-    from lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config import load_config
 
     load_config(config, set_)  # config errors before any engine starts
-    from flows.settings import hide_expected_tracebacks, start_prefect_api_early
+    from prefect_lora.flows.settings import hide_expected_tracebacks, start_prefect_api_early
 
     api_ready = start_prefect_api_early()
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     hide_expected_tracebacks()
     api_ready()
@@ -178,13 +175,13 @@ def fleet(
     member: Annotated[Optional[list[str]], typer.Option("--member", metavar="NAME", help="Run only this member (repeat it).")] = None,
 ) -> None:
     """Retrain every member of a fleet in one flow run; exit 1 when a member failed."""
-    from lora_tasks.fleet import SUMMARY_COLUMNS, load_fleet, only_members, summary_rows
+    from prefect_lora.lora_tasks.fleet import SUMMARY_COLUMNS, load_fleet, only_members, summary_rows
 
     only_members(load_fleet(fleet_file, set_), member)  # the file's errors before any engine starts
-    from flows.settings import hide_expected_tracebacks, start_prefect_api_early
+    from prefect_lora.flows.settings import hide_expected_tracebacks, start_prefect_api_early
 
     api_ready = start_prefect_api_early()
-    from flows.fleet import retrain_fleet
+    from prefect_lora.flows.fleet import retrain_fleet
 
     hide_expected_tracebacks()
     api_ready()
@@ -207,13 +204,13 @@ def watch(
 ) -> None:
     """Look at every member's data once and emit a data-changed event for each member whose data
     changed since the last look (the first look only records); a deployment trigger retrains it."""
-    from lora_tasks.fleet import load_fleet
+    from prefect_lora.lora_tasks.fleet import load_fleet
 
     load_fleet(fleet_file)
-    from flows.settings import start_prefect_api_early
+    from prefect_lora.flows.settings import start_prefect_api_early
 
     api_ready = start_prefect_api_early()
-    from flows.fleet import watch_fleet
+    from prefect_lora.flows.fleet import watch_fleet
 
     api_ready()
     changed = watch_fleet(str(fleet_file))
@@ -224,8 +221,8 @@ def secrets_to_environment(overrides: list[str]) -> list[str]:
     """`overrides` without `notifications.webhook_url`, whose value goes to the environment the
     in-process flow reads it from (`PREFECT_LORA_WEBHOOK_URL`): Prefect stores a flow's parameters
     and shows them in its UI, and a webhook URL often carries a token."""
-    from flows.notifications import WEBHOOK_ENV
-    from lora_tasks.config_io import parse_overrides
+    from prefect_lora.flows.notifications import WEBHOOK_ENV
+    from prefect_lora.lora_tasks.config_io import parse_overrides
 
     kept = []
     for item, (keys, value) in zip(overrides, parse_overrides(overrides)):
@@ -251,9 +248,9 @@ def compare_full(
     artifact size, task gain and forgetting side by side."""
     import json
 
-    from lora_tasks.compare import compare_methods, format_table, to_json
-    from lora_tasks.config import load_config
-    from lora_tasks.launcher import prepare_data
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.measurement.compare import compare_methods, format_table, to_json
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     cfg = load_config(config, set_)
     folder = Path(cfg.scaling.storage_path) / cfg.model_name / "compare-full"
@@ -285,9 +282,9 @@ def demo_prepare(
 ) -> None:
     """Materialise the demo models once (GGUF -> safetensors), write the demo data and compute
     what the demo's runs read of the base model alone (`warm`)."""
-    from lora_tasks.config import load_config
-    from lora_tasks.demo import write_demo_data
-    from lora_tasks.modeling import resolve_base_model
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.data.demo import write_demo_data
+    from prefect_lora.lora_tasks.modeling import resolve_base_model
 
     for name in ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2"):
         console.print(f"{name} -> {resolve_base_model(name)}", highlight=False, soft_wrap=True)
@@ -298,7 +295,7 @@ def demo_prepare(
 
 
 def _print_summary(result: RunResult) -> None:
-    from lora_tasks.report import baseline_note, metrics_table
+    from prefect_lora.lora_tasks.registry.report import baseline_note, metrics_table
 
     if result.skipped:
         Console().print(f"[cyan]{result.reasons[0]}[/] (nothing trained)", highlight=False, soft_wrap=True)
@@ -331,7 +328,7 @@ def _mlflow_pages(result: RunResult) -> list[str]:
     """Where to look in the MLflow UI: the command that starts it on a local store, the run's page
     and the version's; or the store, when it cannot be read now (a server down, a store gone):
     never a new store created by looking."""
-    from lora_tasks import tracking
+    from prefect_lora.lora_tasks.registry import tracking
 
     try:
         uri = _tracking(result.tracking_uri)
@@ -361,7 +358,7 @@ def _tracking(uri: Optional[str]) -> str:
     else this folder's default store. A SQLite store that does not exist is an error, never created."""
     import os
 
-    from lora_tasks.config import TrackingConfig
+    from prefect_lora.lora_tasks.config import TrackingConfig
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
     chosen = uri or env or TrackingConfig().tracking_uri
@@ -388,11 +385,11 @@ def promote(
     notify: NotifyOption = None,
 ) -> None:
     """Make VERSION of model NAME the champion (manual; audited with --reason)."""
-    from lora_tasks import registry
+    from prefect_lora.lora_tasks.registry import registry
 
     registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
-    from flows.promote import promote as promote_flow
-    from flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.promote import promote as promote_flow
+    from prefect_lora.flows.settings import hide_expected_tracebacks
 
     hide_expected_tracebacks()
     _print_record(promote_flow(name, version, reason, _tracking(tracking_uri), notify))
@@ -408,15 +405,15 @@ def rollback(
     notify: NotifyOption = None,
 ) -> None:
     """Point NAME's champion back at the previous champion (or --to VERSION); audited."""
-    from lora_tasks import aliases, registry
+    from prefect_lora.lora_tasks.registry import aliases, registry
 
     uri = _tracking(tracking_uri)
     if to is None and aliases.previous_champion(uri, name) is None:
         aliases.rollback_champion(uri, name)  # raises the clear "no previous champion" message
     elif to is not None:
         registry.get_version(uri, name, to)
-    from flows.rollback import rollback as rollback_flow
-    from flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.rollback import rollback as rollback_flow
+    from prefect_lora.flows.settings import hide_expected_tracebacks
 
     hide_expected_tracebacks()
     _print_record(rollback_flow(name, to, reason, uri, notify))
@@ -428,7 +425,7 @@ def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption 
     """Print every version of NAME, then every recorded alias move (who, when, from, to, why), oldest first."""
     import json
 
-    from lora_tasks import aliases, registry
+    from prefect_lora.lora_tasks.registry import aliases, registry
 
     _read_only()
     uri = _tracking(tracking_uri)
@@ -475,10 +472,10 @@ def serve(
 ) -> None:
     """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C; with
     --member or --fleet, many registered models of one base, each by NAME@ALIAS."""
-    from deploy.serve_core import load_serve_config
-    from lora_tasks import registry
-    from lora_tasks.errors import RegistryError
-    from lora_tasks.fleet import load_fleet
+    from prefect_lora.deploy.serve_core import load_serve_config
+    from prefect_lora.lora_tasks.errors import RegistryError
+    from prefect_lora.lora_tasks.fleet import load_fleet
+    from prefect_lora.lora_tasks.registry import registry
 
     names = [*([name] if name else []), *(member or [])]
     uri = load_serve_config(config, model_name="_", tracking_uri=tracking_uri).tracking_uri
@@ -497,7 +494,7 @@ def serve(
     names += waiting
     cfg = load_serve_config(config, model_name=names[0], members=names[1:] or None, port=port, host=host,
                             tracking_uri=tracking_uri, mode=mode, canary_share=canary_share)
-    from deploy.serve import run_forever
+    from prefect_lora.deploy.serve import run_forever
 
     run_forever(cfg, ray_address=ray_address)
 
@@ -512,7 +509,7 @@ def export(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Export a registered adapter: --adapter DIR (PEFT folder) and/or --merged DIR (merged model)."""
-    from lora_tasks import export as exporter
+    from prefect_lora.lora_tasks.registry import export as exporter
 
     if not merged and not adapter:
         raise LoraTaskError("say what to write: --adapter DIR, --merged DIR, or both")
@@ -543,7 +540,7 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Champion and challenger of each model: version, age, key metrics, lineage, last decision."""
-    from lora_tasks import registry
+    from prefect_lora.lora_tasks.registry import registry
 
     _read_only()
     uri = _tracking(tracking_uri)
@@ -582,11 +579,11 @@ def register(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Complete a registration that failed (e.g. MLflow was down): register, gate, promote. No training."""
-    from lora_tasks.lifecycle import read_pending
+    from prefect_lora.lora_tasks.registry.lifecycle import read_pending
 
     pending = read_pending(run_dir)  # a clear error before any engine starts
-    from flows.retrain import register_run
-    from flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.retrain import register_run
+    from prefect_lora.flows.settings import hide_expected_tracebacks
 
     hide_expected_tracebacks()
     if console.is_terminal:
@@ -599,7 +596,7 @@ def register(
 
 
 def main() -> None:
-    from flows.settings import release_and_exit, stop_cleanly_on_signals, stop_signal
+    from prefect_lora.flows.settings import release_and_exit, stop_cleanly_on_signals, stop_signal
 
     stop_cleanly_on_signals()  # a stopped command ends its MLflow run and stops Ray and Prefect's server
     try:

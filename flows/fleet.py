@@ -23,14 +23,21 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-from flows.retrain import label_flow_run, register_run, retrain
-from lora_tasks.fleet import (
-    Fleet, MemberOutcome, changed_members, data_state, fleet_gate, gate_line, load_fleet, only_members, summary_markdown,
+from prefect_lora.flows.retrain import label_flow_run, register_run, retrain
+from prefect_lora.lora_tasks.fleet import (
+    Fleet,
+    MemberOutcome,
+    changed_members,
+    data_state,
+    fleet_gate,
+    gate_line,
+    load_fleet,
+    only_members,
+    summary_markdown,
 )
-from lora_tasks.lifecycle import RunResult
-from lora_tasks.modeling import shared_bases
-from lora_tasks.promotion import FleetGate
+from prefect_lora.lora_tasks.gate.promotion import FleetGate
+from prefect_lora.lora_tasks.modeling import shared_bases
+from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 
 
 @flow(name="lora-fleet", log_prints=True)
@@ -75,8 +82,7 @@ def watch_fleet(fleet_path: str, overrides: list[str] | None = None) -> list[str
     Returns the members it emitted for. Run it on an interval (prefect.yaml), or emit the same
     event from whatever writes the data."""
     from prefect.events import emit_event
-
-    from lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config import load_config
 
     fleet = load_fleet(fleet_path, overrides)
     log, states, files = get_run_logger(), {}, {}
@@ -146,7 +152,7 @@ def _run_member(name: str, call) -> tuple[RunResult | None, MemberOutcome]:
 
 def _run_links(outcomes: list[MemberOutcome]) -> dict[str, str]:
     """Each member's MLflow run page, where the store answers (a link is never worth a failure)."""
-    from lora_tasks import tracking
+    from prefect_lora.lora_tasks.registry import tracking
 
     links = {}
     for o in outcomes:

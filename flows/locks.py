@@ -1,4 +1,4 @@
-"""The lock an alias move holds (`lora_tasks.aliases`): with a Prefect server configured
+"""The lock an alias move holds (`prefect_lora.lora_tasks.registry.aliases`): with a Prefect server configured
 (`PREFECT_API_URL`), a Prefect global concurrency limit of one slot per registered model,
 `prefect-lora-alias-<model>`, which every flow and CLI call on every machine talking to that
 server shares; on Prefect's ephemeral API, none (the registry's local file lock)."""
@@ -12,7 +12,7 @@ LOCK_TIMEOUT_S = 120.0
 
 
 def shared_alias_lock():
-    """`lock(model_name)` for `lora_tasks.aliases`, or None where no Prefect server is configured."""
+    """`lock(model_name)` for `prefect_lora.lora_tasks.registry.aliases`, or None where no Prefect server is configured."""
     from prefect.settings import get_current_settings
 
     return _prefect_slot if get_current_settings().api.url else None

@@ -12,7 +12,7 @@ import logging
 import os
 import urllib.request
 
-from lora_tasks.secrets import redact_url
+from prefect_lora.lora_tasks.secrets import redact_url
 
 WEBHOOK_ENV = "PREFECT_LORA_WEBHOOK_URL"
 _RUNS: dict[str, dict] = {}
@@ -63,7 +63,7 @@ def _settings(flow_run) -> tuple[dict, dict]:
     settings = facts.get("notifications")
     if settings is None:
         try:
-            from lora_tasks.config import load_config
+            from prefect_lora.lora_tasks.config import load_config
 
             params = flow_run.parameters or {}
             cfg = load_config(params["config_path"], params.get("overrides"))

@@ -1,17 +1,15 @@
 """Manual promotion: point `champion` at a registered version, with a reason, audited; optionally
-tell a running server to swap now. Only wiring: the work is in `lora_tasks.aliases`."""
+tell a running server to swap now. Only wiring: the work is in `prefect_lora.lora_tasks.registry.aliases`."""
 
 from __future__ import annotations
-
-from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-
-from flows.locks import shared_alias_lock
-from lora_tasks import aliases
-from lora_tasks.config import TrackingConfig
+from prefect_lora.flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
+from prefect_lora.flows.locks import shared_alias_lock
+from prefect_lora.lora_tasks.config import TrackingConfig
+from prefect_lora.lora_tasks.registry import aliases
 
 DEFAULT_TRACKING_URI = TrackingConfig().tracking_uri
 
@@ -23,7 +21,7 @@ def move_champion(tracking_uri: str, model_name: str, version: str, reason: str,
 
 @task(name="notify-server", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def notify_server(url: str) -> dict:
-    from deploy.serve_core import notify_server as notify
+    from prefect_lora.deploy.serve_core import notify_server as notify
 
     result = notify(url)
     get_run_logger().info("server now serves %s", result.get("aliases"))

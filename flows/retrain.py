@@ -6,8 +6,6 @@ Every step writes into the run folder under the storage path, so a failure keeps
 
 from __future__ import annotations
 
-from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
-
 import os
 from functools import partial
 from pathlib import Path
@@ -18,28 +16,39 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Completed
-
-from flows import notifications
-from flows.locks import shared_alias_lock
-from lora_tasks import aliases, lifecycle, power, registry, tracking
-from lora_tasks.config import PipelineConfig, config_from_dict, load_config
-from lora_tasks.forgetting_table import forgetting_limits
-from lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
-from lora_tasks.evaluation import EvalReport, evaluate_adapter
-from lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
-from lora_tasks.launcher import baseline_rows, prepare_data
-from lora_tasks.lifecycle import RunResult
-from lora_tasks.pipeline import PreparedData, columns, lineage_tags, run_dir_for, same_base
-from lora_tasks.promotion import Decision, FleetGate
-from lora_tasks.remedy import decide_on_report, remedy_tags
-from lora_tasks.replay import replay_rows
-from lora_tasks.search import search_trials
-from lora_tasks.secrets import redacted_config
-from lora_tasks.report import (
-    baseline_markdown, logged_metrics, metrics_rows, mlflow_markdown, redecision_markdown, remedy_rows, skip_markdown,
-    summary_markdown, version_description,
+from prefect_lora.flows import (
+    notifications,
+    settings,  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
 )
-
+from prefect_lora.flows.locks import shared_alias_lock
+from prefect_lora.lora_tasks.config import PipelineConfig, config_from_dict, load_config
+from prefect_lora.lora_tasks.data.prepare import PreparedData, columns, lineage_tags, run_dir_for, same_base
+from prefect_lora.lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
+from prefect_lora.lora_tasks.gate.decide import decide_on_report
+from prefect_lora.lora_tasks.gate.promotion import Decision, FleetGate
+from prefect_lora.lora_tasks.gate.remedies import evaluate_with_remedies
+from prefect_lora.lora_tasks.gate.remedy import remedy_tags
+from prefect_lora.lora_tasks.measurement import power
+from prefect_lora.lora_tasks.measurement.evaluation import EvalReport
+from prefect_lora.lora_tasks.measurement.forgetting_table import forgetting_limits
+from prefect_lora.lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
+from prefect_lora.lora_tasks.registry import aliases, lifecycle, registry, tracking
+from prefect_lora.lora_tasks.registry.lifecycle import RunResult
+from prefect_lora.lora_tasks.registry.report import (
+    baseline_markdown,
+    logged_metrics,
+    metrics_rows,
+    mlflow_markdown,
+    redecision_markdown,
+    remedy_rows,
+    skip_markdown,
+    summary_markdown,
+    version_description,
+)
+from prefect_lora.lora_tasks.search import search_trials
+from prefect_lora.lora_tasks.secrets import redacted_config
+from prefect_lora.lora_tasks.training.launcher import baseline_rows, prepare_data
+from prefect_lora.lora_tasks.training.replay import replay_rows
 
 
 def _retry_delays() -> list[float]:
@@ -111,9 +120,10 @@ def _worth_retrying(task, task_run, state) -> bool:
 # from the latest checkpoint in the run folder.
 @task(name="train-adapter", **STEP, retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
 def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: str):
-    from lora_tasks.launcher import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import train_adapter
 
-    result = train_adapter(cfg, rows, run_dir, mlflow_run_id=run_id, stream=stream)
+    result = train_adapter(cfg, rows, run_dir, step_log=tracking.metric_logger(cfg.tracking.tracking_uri, run_id),
+                           stream=stream)
     m = result.metrics
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
@@ -142,10 +152,10 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     import json
 
     search = partial(search_trials, cfg, data.train_rows, run_dir, run_id, base)
-    report = evaluate_adapter(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
-                              champion_version=champion.version if champion else None,
-                              champion_metrics=champion.metrics if champion else None, search=search,
-                              train_rows=baseline_rows(cfg, data))
+    report = evaluate_with_remedies(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
+                                    champion_version=champion.version if champion else None,
+                                    champion_metrics=champion.metrics if champion else None, search=search,
+                                    train_rows=baseline_rows(cfg, data))
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     share = 1.0 if report.evidence == "all" else power.gate_share(cfg)  # a remedy's confirm part
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads
@@ -189,7 +199,7 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
 @task(name="publish-reports", **MLFLOW_RETRIES)
 def publish_reports(cfg: PipelineConfig, run_id: str, run_dir: str, report: EvalReport, summary: str) -> None:
     """Markdown report and PNG plots into the run folder and the MLflow run (`reports/`)."""
-    from lora_tasks.report import embed_images, write_report
+    from prefect_lora.lora_tasks.registry.report import embed_images, write_report
 
     uri = cfg.tracking.tracking_uri
     limits = {"min_task_gain": cfg.promotion.min_task_gain, **forgetting_limits(cfg.promotion, report.forgetting)}
@@ -278,7 +288,7 @@ def _notify_server(promoted: bool) -> None:
     url = os.environ.get("PREFECT_LORA_SERVE_URL")
     if not (url and promoted):
         return
-    from deploy.serve_core import notify_server
+    from prefect_lora.deploy.serve_core import notify_server
 
     try:
         get_run_logger().info("server at %s now serves %s", url, notify_server(url).get("aliases"))

@@ -3,15 +3,13 @@ named version; audited; optionally tell a running server to swap now. Only wirin
 
 from __future__ import annotations
 
-from flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-
-from flows.locks import shared_alias_lock
-from flows.promote import DEFAULT_TRACKING_URI, notify_server
-from lora_tasks import aliases
+from prefect_lora.flows import settings  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
+from prefect_lora.flows.locks import shared_alias_lock
+from prefect_lora.flows.promote import DEFAULT_TRACKING_URI, notify_server
+from prefect_lora.lora_tasks.registry import aliases
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE)

@@ -65,7 +65,7 @@ def stop_cleanly_on_signals() -> None:
 
 def stop_signal() -> int | None:
     """The signal that stopped this command, if one did (here, or while it waited on Ray)."""
-    return _STOP_SIGNAL or getattr(sys.modules.get("lora_tasks.distributed"), "STOPPED_BY", None)
+    return _STOP_SIGNAL or getattr(sys.modules.get("prefect_lora.lora_tasks.training.distributed"), "STOPPED_BY", None)
 
 
 def release_and_exit(code: int) -> None:
@@ -95,7 +95,7 @@ def hide_expected_tracebacks() -> None:
     to fix, the message already says what and where, so the stack only hides it."""
     import logging
 
-    from lora_tasks.errors import LoraTaskError
+    from prefect_lora.lora_tasks.errors import LoraTaskError
 
     def expected(exc: BaseException | None) -> bool:
         while exc is not None:

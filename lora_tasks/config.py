@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -362,7 +363,7 @@ class PromotionPolicy(_Section):
     """Staged benchmark checks: score each benchmark's questions in stages, from
     `evaluation.reference.max_benchmark_questions` up to this many times that (at most the whole
     file), stopping at the first look that passes or fails the check, or finds its estimate
-    well past the limit. Each look's interval is group-sequential (`lora_tasks/sequential.py`), so
+    well past the limit. Each look's interval is group-sequential (`lora_tasks/measurement/sequential.py`), so
     an adapter at the limit passes no more often than in one look. null: one fixed-size look."""
     underpowered: Literal["error", "warn"] = "error"
     """A check whose limit the configured evidence cannot show (a harmless adapter would pass it
@@ -374,7 +375,7 @@ class PromotionPolicy(_Section):
 
 class ReplayConfig(_Section):
     """General data mixed into training so the adapter keeps what the base knew (causal LM).
-    Off while `share` is 0. See `lora_tasks/replay.py`."""
+    Off while `share` is 0. See `lora_tasks/training/replay.py`."""
 
     share: float = Field(0.0, ge=0.0, le=0.5)
     """Share of the training examples that are replay (0.2: one in five)."""
@@ -431,7 +432,7 @@ class SearchSpace(_Section):
 
 class RemedyConfig(_Section):
     """What to do when the gate would refuse the adapter for forgetting: try variants of it and
-    keep the best one that passes (see `lora_tasks/remedy.py`). Off by default."""
+    keep the best one that passes (see `lora_tasks/gate/remedy.py`). Off by default."""
 
     strategy: Literal["none", "scale", "search"] = "none"
     """`scale`: evaluate the trained adapter at smaller scales of its update (LoRA's scaling

@@ -13,7 +13,6 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 
-
 REPLACED = {
     "max_representation_drift": "no longer a setting: a classifier's forgetting is now the share of its encoder's retrieval hits lost "
                                 "on the reference corpus, bounded by promotion.max_retrieval_loss (docs/gate.md)",

@@ -32,8 +32,8 @@ import yaml
 
 from .config_io import plain, yaml_error
 from .errors import ConfigError
-from .lifecycle import RunResult
-from .promotion import FleetGate, fdr_threshold
+from .gate.promotion import FleetGate, fdr_threshold
+from .registry.lifecycle import RunResult
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 

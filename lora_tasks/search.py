@@ -2,8 +2,8 @@
 (learning rate, rank, replay share), each a Ray Tune trial and a child MLflow run under the
 pipeline's run, each tried at every scale of `remedy.scales` on the search part of the evidence.
 
-The choice among all trials and its confirmation stay in `evaluation.evaluate_remedies`: this
-module only produces the trials (see `lora_tasks/remedy.py` for why the evidence is split)."""
+The choice among all trials and its confirmation stay in `gate.remedies.evaluate_remedies`: this
+module only produces the trials (see `lora_tasks/measurement/evidence_split.py` for why the evidence is split)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import tracking
 from .config import PipelineConfig
-from .evaluation import Evaluation, primary_metric
-from .forgetting_table import forgetting_metric
-from .launcher import run_trials, train_in_process
+from .gate.promotion import Candidate, candidate_from_metrics
+from .gate.remedy import Trial, describe_trial, judge, search_grid, search_space, trial_config, trial_name
+from .measurement.evaluation import Evaluation, primary_metric
+from .measurement.evidence_split import Part
+from .measurement.forgetting_table import forgetting_metric
 from .modeling import BaseModelInfo
-from .promotion import Candidate, candidate_from_metrics
-from .remedy import Part, Trial, describe_trial, judge, search_grid, search_space, trial_config, trial_name
-from .replay import replay_rows
+from .registry import tracking
+from .training.launcher import run_trials, train_in_process
+from .training.replay import replay_rows
 
 TRIALS_DIR = "trials"
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def run_trial(cfg: PipelineConfig, task_rows: list[dict], search_rows: list[dict
     child = tracking.start_child_run(uri, parent_run_id, trial_name(settings), settings) if parent_run_id else None
     try:
         rows = task_rows + replay_rows(tcfg, len(task_rows), base_info)
-        trained = train_in_process(tcfg, rows, trial_dir, mlflow_run_id=child)
+        trained = train_in_process(tcfg, rows, trial_dir, step_log=child and tracking.metric_logger(uri, child))
         train_seconds = time.perf_counter() - started
         ev = Evaluation(tcfg, trained.adapter_dir, base_info=base_info, train_rows=task_rows)
         out = []

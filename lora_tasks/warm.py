@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig
-from .evaluation import keep_base_scores
-from .launcher import baseline_rows, prepare_data
+from .measurement.evaluation import keep_base_scores
 from .modeling import describe_base_model
-from .replay import replay_rows
+from .training.launcher import baseline_rows, prepare_data
+from .training.replay import replay_rows
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export anoth
 for _kept in ("scores", "power"):
     shutil.rmtree(Path(os.environ["PREFECT_LORA_CACHE"]) / _kept, ignore_errors=True)
 
-import flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
+import prefect_lora.flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
 
 
 def _interrupt(signum, frame):
@@ -50,8 +50,7 @@ def changed_tiny(tiny_model_dir):
 
     def make(seed: int = 0, std: float = 0.05):
         import torch
-
-        from lora_tasks.modeling import apply_lora, load_base_model
+        from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model
 
         torch.manual_seed(seed)
         model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
@@ -67,6 +66,6 @@ def changed_tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The built-in 2-layer Llama (hidden 64) with a byte tokenizer, materialised once."""
-    from lora_tasks.modeling import TINY_LLAMA, resolve_base_model
+    from prefect_lora.lora_tasks.modeling import TINY_LLAMA, resolve_base_model
 
     return resolve_base_model(TINY_LLAMA)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES = os.environ.get("PREFECT_LORA_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")

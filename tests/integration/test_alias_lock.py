@@ -12,9 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect_lora.deploy.testing import free_port
 from services import Service, postgres_database
-
-from deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +47,8 @@ def servers(tmp_path_factory):
 
 
 def test_racing_promotions_from_separate_homes_leave_one_champion_and_a_chain_of_moves(servers, tiny_model_dir):
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases, registry
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases, registry
 
     uri, work = servers["mlflow"], servers["work"]
     versions = register_random_adapters(uri, NAME, tiny_model_dir, seeds=[1, 2, 3, 4], workdir=work / "adapters")

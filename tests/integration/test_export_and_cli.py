@@ -15,8 +15,8 @@ PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:"]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     work = tmp_path_factory.mktemp("export")
     uri = f"sqlite:///{work}/mlflow.db"
@@ -26,7 +26,7 @@ def store(tmp_path_factory, tiny_model_dir):
 
 
 def _greedy(model, tokenizer, prompts, n=6):
-    from lora_tasks.encoding import generate_answers
+    from prefect_lora.lora_tasks.training.encoding import generate_answers
 
     return generate_answers(model, tokenizer, prompts, n, 8)
 
@@ -45,10 +45,9 @@ def test_champion_loads_through_pyfunc_with_a_signature(store):
 
 def test_export_adapter_and_merged_give_the_same_answers(store, tmp_path):
     from peft import PeftModel
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.registry import export
     from transformers import AutoModelForCausalLM
-
-    from lora_tasks import export
-    from lora_tasks.modeling import load_base_model, load_tokenizer
 
     a = export.export_adapter(store["uri"], f"{NAME}@champion", tmp_path / "adapter")
     assert a.version == store["v1"]
@@ -72,8 +71,8 @@ def test_export_adapter_and_merged_give_the_same_answers(store, tmp_path):
 
 
 def test_export_errors_name_the_problem(store, tmp_path):
-    from lora_tasks import export
-    from lora_tasks.errors import LoraTaskError
+    from prefect_lora.lora_tasks.errors import LoraTaskError
+    from prefect_lora.lora_tasks.registry import export
 
     with pytest.raises(LoraTaskError, match="no alias 'staging'"):
         export.export_adapter(store["uri"], f"{NAME}@staging", tmp_path / "x")
@@ -92,9 +91,9 @@ def harness():
 
 
 def test_promote_and_rollback_flows_then_history(store, harness):
-    from flows.promote import promote
-    from flows.rollback import rollback
-    from lora_tasks import aliases, registry
+    from prefect_lora.flows.promote import promote
+    from prefect_lora.flows.rollback import rollback
+    from prefect_lora.lora_tasks.registry import aliases, registry
 
     uri, v1, v2 = store["uri"], store["v1"], store["v2"]
     record = promote(NAME, v2, "wins the A/B test", tracking_uri=uri)
@@ -111,7 +110,7 @@ def test_promote_and_rollback_flows_then_history(store, harness):
 
 
 def app_():
-    from flows.cli import app
+    from prefect_lora.flows.cli import app
 
     return app
 
@@ -138,10 +137,10 @@ def test_cli_promote_runs_the_flow(store, tmp_path):
     import subprocess
     import sys
 
-    from lora_tasks import registry
+    from prefect_lora.lora_tasks.registry import registry
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "promote", NAME, store["v2"], "--reason", "cli test",
+    proc = subprocess.run([sys.executable, "-m", "prefect_lora.flows.cli", "promote", NAME, store["v2"], "--reason", "cli test",
                            "--tracking-uri", store["uri"]], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "promote" in proc.stderr and f"-> {store['v2']}" in proc.stderr

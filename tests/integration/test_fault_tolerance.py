@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from lora_tasks.tracking import run_metrics
-from lora_tasks.training import read_trainer_state
+from prefect_lora.lora_tasks.registry.tracking import run_metrics
+from prefect_lora.lora_tasks.training.loop import read_trainer_state
 
 pytestmark = pytest.mark.slow
 
@@ -92,11 +91,10 @@ def ray_local():
 def test_sigkill_of_a_worker_resumes_exactly_from_the_latest_checkpoint(tmp_path, ray_local):
     """Ray Train restarts the worker group from the latest checkpoint: the run completes with
     exactly STEPS optimizer updates, and loss and weights equal an uninterrupted run's."""
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.training.distributed import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
     from safetensors.torch import load_file
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.distributed import train_adapter
-    from lora_tasks.launcher import prepare_data
 
     cfg = config_from_dict(tiny_raw(tmp_path))
     rows = prepare_data(cfg, tmp_path / "data").train_rows
@@ -137,7 +135,7 @@ def test_sigkill_of_a_worker_resumes_exactly_from_the_latest_checkpoint(tmp_path
 def saved_step(train_dir: Path, launcher: str) -> int | None:
     """The step a new attempt would continue from: Ray's registered checkpoint, or the newest
     complete checkpoint of the in-process launcher."""
-    from lora_tasks.launcher import latest_checkpoint
+    from prefect_lora.lora_tasks.training.launcher import latest_checkpoint
 
     if launcher == "ray":
         return registered_step(train_dir)
@@ -249,10 +247,10 @@ def _leftovers(ray_tmp: str) -> list[int]:
 def test_checkpoints_go_to_a_storage_uri_and_reports_stay_local(tmp_path, ray_local, monkeypatch):
     """A URI storage path (here file://, read through pyarrow like s3:// or gs://): checkpoints
     land under it, the run's local folder keeps the final adapter."""
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.distributed import train_adapter
-    from lora_tasks.launcher import prepare_data
-    from lora_tasks.pipeline import run_dir_for
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.data.prepare import run_dir_for
+    from prefect_lora.lora_tasks.training.distributed import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     monkeypatch.chdir(tmp_path)
     raw = tiny_raw(tmp_path, max_steps=6)

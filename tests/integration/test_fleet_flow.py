@@ -40,8 +40,7 @@ def _shared_config(tmp_path: Path, **scaling) -> Path:
 def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
-
-    from flows.fleet import retrain_fleet
+    from prefect_lora.flows.fleet import retrain_fleet
 
     _shared_config(tmp_path)
     rows = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
@@ -92,8 +91,7 @@ def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):
     trains in its own Ray Train worker, and each is gated and registered as it would be alone."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
-
-    from flows.fleet import retrain_fleet
+    from prefect_lora.flows.fleet import retrain_fleet
 
     shared = _shared_config(tmp_path, launcher="ray")
     fleet = tmp_path / "fleet.yaml"
@@ -117,7 +115,7 @@ def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):
 
 
 def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):
-    from flows.fleet import watch_fleet
+    from prefect_lora.flows.fleet import watch_fleet
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["scaling"]["storage_path"] = str(tmp_path / "runs")
@@ -133,9 +131,8 @@ def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):
     assert watch_fleet(str(fleet)) == [], "the first look records"
     assert watch_fleet(str(fleet)) == []
     (tmp_path / "de.jsonl").write_text(text + json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    from prefect_lora.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     looked = CliRunner().invoke(app, ["watch", str(fleet)])  # what a schedule runs: `prefect-lora watch FLEET`
     assert looked.exit_code == 0 and looked.output.strip().endswith("data changed: sums-de"), looked.output

@@ -24,11 +24,10 @@ def ray_session():
 
 def test_fsdp_trains_like_ddp_and_resumes(tmp_path, ray_session):
     import torch
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.training.distributed import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
     from safetensors.torch import load_file
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.distributed import train_adapter
-    from lora_tasks.launcher import prepare_data
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")

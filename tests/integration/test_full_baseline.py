@@ -18,14 +18,14 @@ ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jso
 
 
 def tiny_cfg(workdir: Path | None = None, **training):
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
     raw["evaluation"]["reference"] = {"path": str(REPO / "configs" / "data" / "reference_general.txt"), "max_tokens": 1024,
                                       "benchmarks": [str(REPO / "configs" / "data" / "mc_general.jsonl")]}
     raw["evaluation"]["bootstrap_samples"] = 200
-    raw["promotion"]["underpowered"] = "warn"  # 40 questions cannot show a 0.05 drop (lora_tasks/power.py)
+    raw["promotion"]["underpowered"] = "warn"  # 40 questions cannot show a 0.05 drop (lora_tasks/measurement/power.py)
     raw["training"].update({"method": "full", "max_steps": 8, "learning_rate": 1e-3, **training})
     raw["scaling"]["num_workers"] = 1
     if workdir is not None:
@@ -35,7 +35,7 @@ def tiny_cfg(workdir: Path | None = None, **training):
 
 
 def train(cfg, out: Path, resume_from: str | None = None, keep_checkpoint: Path | None = None) -> dict:
-    from lora_tasks.training import ADAPTER_DIR, WorkerContext, train_worker
+    from prefect_lora.lora_tasks.training.loop import ADAPTER_DIR, WorkerContext, train_worker
 
     def keep(metrics, checkpoint_dir):
         if checkpoint_dir:
@@ -47,9 +47,8 @@ def train(cfg, out: Path, resume_from: str | None = None, keep_checkpoint: Path 
 
 
 def test_full_fine_tuning_saves_the_whole_model_resumes_and_is_compared_with_its_base(tmp_path):
+    from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter
     from safetensors.torch import load_file
-
-    from lora_tasks.evaluation import evaluate_adapter
 
     _, cfg = tiny_cfg()
     first = train(cfg, tmp_path / "full", keep_checkpoint=tmp_path / "ckpt")
@@ -83,8 +82,7 @@ def harness():
 
 def test_the_flow_logs_a_full_run_as_a_baseline_and_registers_nothing(harness, tmp_path):
     from mlflow import MlflowClient
-
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     raw, _ = tiny_cfg(tmp_path)
     path = tmp_path / "full.yaml"

@@ -19,7 +19,7 @@ ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jso
 
 
 def tiny_cfg(**training):
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
@@ -30,7 +30,7 @@ def tiny_cfg(**training):
 
 
 def train(cfg, rows, out: Path) -> str:
-    from lora_tasks.training import WorkerContext, train_worker
+    from prefect_lora.lora_tasks.training.loop import WorkerContext, train_worker
 
     def keep(metrics, checkpoint_dir):
         if checkpoint_dir:
@@ -68,8 +68,8 @@ def destructive(tmp_path_factory, split):
 
 
 def decide(cfg, adapter, eval_rows, champion_dir=None, champion_version=None):
-    from lora_tasks.evaluation import evaluate_adapter
-    from lora_tasks.promotion import Candidate, candidate_from_metrics, decide_promotion
+    from prefect_lora.lora_tasks.gate.promotion import Candidate, candidate_from_metrics, decide_promotion
+    from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter
 
     report = evaluate_adapter(cfg, adapter, eval_rows, champion_adapter_dir=champion_dir, champion_version=champion_version)
     flat = report.flat_metrics()
@@ -155,7 +155,7 @@ def _xor_rows(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def classifier_cfg(tmp_path_factory):
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     ref = tmp_path_factory.mktemp("ref") / "paragraphs.txt"
     rng = random.Random(3)
@@ -172,8 +172,8 @@ def classifier_cfg(tmp_path_factory):
 
 @pytest.mark.parametrize("labels", ["real", "shuffled"])
 def test_a_classifier_is_gated_against_the_baseline_a_team_would_deploy(classifier_cfg, tmp_path, labels):
-    from lora_tasks.evaluation import evaluate_adapter, primary_metric
-    from lora_tasks.promotion import candidate_from_metrics, decide_promotion
+    from prefect_lora.lora_tasks.gate.promotion import candidate_from_metrics, decide_promotion
+    from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter, primary_metric
 
     train_rows, eval_rows = _xor_rows(800, 0), _xor_rows(300, 1)
     if labels == "shuffled":  # a useless adapter: it can learn the label prior and nothing else

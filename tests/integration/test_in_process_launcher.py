@@ -13,10 +13,9 @@ pytestmark = pytest.mark.slow
 
 def test_in_process_training_equals_one_ray_train_worker(tmp_path):
     import ray
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.training.launcher import prepare_data, train_adapter
     from safetensors.torch import load_file
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.launcher import prepare_data, train_adapter
 
     raw = tiny_raw(tmp_path, max_steps=12)
     raw["scaling"]["num_workers"] = 1

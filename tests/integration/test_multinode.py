@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,10 @@ import multiprocessing as mp
 import threading
 
 import pytest
-
-from lora_tasks import aliases, registry, tracking
-from lora_tasks.config import PromotionPolicy
-from lora_tasks.errors import RegistryError
-from lora_tasks.promotion import candidate_from_metrics, decide_promotion
+from prefect_lora.lora_tasks.config import PromotionPolicy
+from prefect_lora.lora_tasks.errors import RegistryError
+from prefect_lora.lora_tasks.gate.promotion import candidate_from_metrics, decide_promotion
+from prefect_lora.lora_tasks.registry import aliases, registry, tracking
 
 pytestmark = pytest.mark.slow
 NAME = "race-model"

@@ -6,7 +6,6 @@ scale can keep, the adapter is refused, never promoted unremedied."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _run(workdir, name, max_kl, **promotion):
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     # The tiny adapter's reference KL is ~0.027 as trained (tests/integration/test_retrain_flow.py's
     # config): a limit of 0.015 refuses it unscaled, while its update at 0.6 or less keeps within it.
@@ -87,7 +86,7 @@ def test_the_remedy_turns_a_refusal_into_a_confirmed_smaller_scale(harness, work
 
 
 def test_a_limit_no_scale_can_keep_is_refused(harness, workdir):
-    # A limit no adapter can show is a config error before training (lora_tasks/power.py) once a run
+    # A limit no adapter can show is a config error before training (lora_tasks/measurement/power.py) once a run
     # measured the spread; `warn` runs anyway, to reach the remedy's refusal.
     result = _run(workdir, "hopeless", max_kl=1e-7, underpowered="warn")  # resumes the trained run
     assert not result.promoted
@@ -101,10 +100,9 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
     import json
 
     from mlflow import MlflowClient
+    from prefect_lora.flows.retrain import retrain
+    from prefect_lora.lora_tasks.registry import lifecycle
     from safetensors.torch import load_file
-
-    from flows.retrain import retrain
-    from lora_tasks import lifecycle
 
     remedy = {"strategy": "search", "when": "always", "scales": [1.0, 0.5], "max_trials": 2,
               "search_space": {"learning_rate": [7.5e-4], "r": [8], "replay_share": [0.0]}}
@@ -145,7 +143,7 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
 def test_replay_trains_end_to_end_with_the_bases_own_answers(harness, workdir):
     """replay.share 0.2, source self: the base's answers to the built-in replay prompts are mixed
     into training (a new training: another run folder), and the run registers its adapter."""
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     path = write_config(workdir, "replayed", scaling={"num_workers": 1, "storage_path": str(workdir / "runs")},
                         replay={"share": 0.2, "max_new_tokens": 8}, promotion={"beat_champion": False})
@@ -157,7 +155,7 @@ def test_replay_trains_end_to_end_with_the_bases_own_answers(harness, workdir):
     train = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name.endswith("-train"))
     assert run.data.params["replay.share"] == "0.2" and json.loads(train.profile)["num_rows"] == 340, \
         "replay rows are not task data"
-    from lora_tasks.config import load_config
-    from lora_tasks.pipeline import run_dir_for
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.data.prepare import run_dir_for
 
     assert run_dir_for(load_config(path, ["replay.share=0"])) != Path(result.run_dir), "a replayed training: its own folder"

@@ -5,9 +5,8 @@ version an alias points at. No training: versions are registered from a plain fo
 from __future__ import annotations
 
 import pytest
-
-from lora_tasks import aliases, lifecycle, registry, tracking
-from lora_tasks.errors import RegistryError
+from prefect_lora.lora_tasks.errors import RegistryError
+from prefect_lora.lora_tasks.registry import aliases, lifecycle, registry, tracking
 
 pytestmark = pytest.mark.slow
 

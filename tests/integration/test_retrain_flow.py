@@ -48,7 +48,7 @@ def write_config(workdir: Path, name: str, **sections) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(harness, workdir):
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # several samples even in a short run
@@ -103,8 +103,7 @@ def test_first_run_reads_well_in_mlflow(first_run):
     """Grouped charts, no one-point interval charts, params once, datasets, the logged model linked
     to its version, a short version with few tags, the audit trail in one run."""
     from mlflow import MlflowClient
-
-    from lora_tasks import aliases, registry
+    from prefect_lora.lora_tasks.registry import aliases, registry
 
     client = MlflowClient(first_run.tracking_uri)
     run = client.get_run(first_run.run_id)
@@ -177,8 +176,7 @@ def test_summary_artifact_published(first_run):
 
 def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
     from mlflow import MlflowClient
-
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     result = retrain(str(write_config(workdir, "tiny")), ["promotion.min_task_gain=100"])
     assert result.promoted is False and result.version == "2"
@@ -196,9 +194,8 @@ def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing
     same data: skipped on the latest decided version, not evaluated and registered once more as it
     was on every scheduled run."""
     from mlflow import MlflowClient
-
-    from flows.retrain import retrain
-    from lora_tasks import registry
+    from prefect_lora.flows.retrain import retrain
+    from prefect_lora.lora_tasks.registry import registry
 
     uri = first_run.tracking_uri
     before = registry.list_versions(uri, "tiny-sums")
@@ -219,8 +216,8 @@ def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing
 
 def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
     """The skip returns a Completed state whose data is the run's result: the champion stays."""
-    from flows.retrain import retrain
-    from lora_tasks.lifecycle import SKIPPED_MESSAGE, RunResult
+    from prefect_lora.flows.retrain import retrain
+    from prefect_lora.lora_tasks.registry.lifecycle import SKIPPED_MESSAGE, RunResult
 
     result = retrain(str(write_config(workdir, "tiny")))
     assert isinstance(result, RunResult) and result.skipped and result.promoted is False
@@ -230,7 +227,7 @@ def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
 
 
 def test_classification_flow_on_two_workers(harness, workdir):
-    from flows.retrain import retrain
+    from prefect_lora.flows.retrain import retrain
 
     rows = [{"text": f"{w} review number {i}", "label": int(w == "great")} for i, w in
             enumerate(["great", "awful"] * 60)]
@@ -266,7 +263,7 @@ def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):
               "prompt_column": None, "completion_column": None},
     )
     env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home")}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "prefect_lora.flows.cli", "run", str(path)], capture_output=True, text=True,
                           env=env, timeout=300, cwd=workdir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out  # the data broke its contract
@@ -298,7 +295,7 @@ def test_mlflow_ui_shows_the_run_in_a_browser(first_run, tmp_path):
     """The MLflow UI itself, in headless Chromium: the champion's version page, the run's datasets,
     its chart sections and loss curve, the report's plots and the logged model's version link."""
     pytest.importorskip("playwright", reason="the browser check drives Chromium with Playwright (pip install playwright)")
-    from deploy.ui_check import check_mlflow_ui, find_chromium
+    from prefect_lora.deploy.ui_check import check_mlflow_ui, find_chromium
 
     if not find_chromium():
         pytest.skip("no Chromium on PATH (apt-get install chromium): the browser check cannot run")

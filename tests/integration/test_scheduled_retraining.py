@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect_lora.deploy.testing import free_port
 from services import Service, healthy, postgres_database, s3_bucket, wait_for
-
-from deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -209,8 +208,8 @@ def test_failing_run_posts_its_step_to_the_webhook(stack, first):
 
 
 def test_tracking_server_outage_loses_nothing(stack, first):
-    from lora_tasks.config import load_config
-    from lora_tasks.pipeline import run_dir_for
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.data.prepare import run_dir_for
 
     overrides = ["training.max_steps=17"]  # new training: not skipped, its own run folder
     run_dir = run_dir_for(load_config(stack["config"], overrides))
@@ -242,7 +241,7 @@ def test_tracking_server_outage_loses_nothing(stack, first):
     c = mlflow_client(stack)
     v2 = c.get_model_version("tiny-sums", "2")
     assert v2.run_id == pending["run_id"] and v2.tags["lineage.data_fingerprint"] == pending["tags"]["lineage.data_fingerprint"]
-    from lora_tasks.tracking import run_metrics
+    from prefect_lora.lora_tasks.registry.tracking import run_metrics
 
     metrics = run_metrics(stack["mlflow_url"], v2.run_id)
     assert metrics["adapted_eval_loss"] == pytest.approx(pending["report"]["adapted"]["eval_loss"])

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +26,10 @@ def server(tmp_path_factory, tiny_model_dir):
     import os
 
     import httpx
-
-    from deploy import serve as serving
-    from deploy.serve_core import ServeConfig
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy import serve as serving
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     work = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{work}/mlflow.db"
@@ -81,8 +79,7 @@ def test_health_models_and_both_versions_answer_differently(server):
 
 def test_promotion_and_rollback_swap_under_load_without_failures(server):
     import httpx
-
-    from lora_tasks import aliases
+    from prefect_lora.lora_tasks.registry import aliases
 
     answers = server.get("answers") or {}
     assert len(answers) == 2, "runs after the test that records each version's answer"
@@ -176,12 +173,11 @@ def test_requests_without_the_token_get_401_and_the_token_is_never_logged(server
 def classifier(server, tiny_model_dir, tmp_path_factory):
     """A classification model served as a second app beside the first (same Ray, own route prefix)."""
     import httpx
+    from prefect_lora.deploy import serve as serving
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
     from ray import serve
-
-    from deploy import serve as serving
-    from deploy.serve_core import ServeConfig
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
 
     work = tmp_path_factory.mktemp("serve-cls")
     uri = f"sqlite:///{work}/mlflow.db"

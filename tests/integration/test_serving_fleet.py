@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from deploy.testing import free_port
+from prefect_lora.deploy.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +21,10 @@ PROMPT = "What is 12 plus 30? Answer:"
 @pytest.fixture(scope="module")
 def fleet_server(tmp_path_factory, tiny_model_dir):
     import httpx
-
-    from deploy import serve as serving
-    from deploy.serve_core import ServeConfig
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy import serve as serving
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     work = tmp_path_factory.mktemp("serve-fleet")
     uri = f"sqlite:///{work}/mlflow.db"
@@ -99,8 +97,8 @@ def test_a_batch_that_mixes_members_gives_each_row_its_own_adapter(fleet_server)
 
 
 def test_the_server_follows_each_members_champion(fleet_server, tiny_model_dir):
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     c, uri = fleet_server["client"], fleet_server["uri"]
     before = _answer(c, "member-2@champion")
@@ -115,8 +113,8 @@ def test_the_server_follows_each_members_champion(fleet_server, tiny_model_dir):
 
 
 def test_a_member_promoted_after_the_server_started_is_served_without_a_restart(fleet_server, tiny_model_dir):
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     c, uri = fleet_server["client"], fleet_server["uri"]
     r = c.post("/v1/completions", json={"model": f"{LATE}@champion", "prompt": PROMPT})

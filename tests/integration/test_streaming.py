@@ -27,7 +27,7 @@ def shard_rows(folder: Path, rows: list[dict], shards: int, fmt: str) -> Path:
 
 
 def config(tmp_path: Path, train_path: Path, **data):
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"].update({"train_path": str(train_path), "loader": "ray_data", **data})
@@ -54,8 +54,8 @@ def rows() -> list[dict]:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_streamed_contract_agrees_with_the_in_memory_one_and_quarantines(tmp_path, ray_session, rows, fmt):
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.launcher import prepare_data
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     bad = [dict(r) for r in rows]
     bad[3]["completion"] = "   "          # blank text
@@ -83,8 +83,8 @@ def test_streamed_contract_agrees_with_the_in_memory_one_and_quarantines(tmp_pat
 
 
 def test_broken_streamed_data_fails_naming_the_file(tmp_path, ray_session, rows):
-    from lora_tasks.errors import ValidationFailed
-    from lora_tasks.launcher import prepare_data
+    from prefect_lora.lora_tasks.errors import ValidationFailed
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
 
     bad = [dict(r) for r in rows]
     bad[7]["completion"] = "  "
@@ -100,10 +100,9 @@ def test_two_workers_train_from_the_stream_deterministically(tmp_path, ray_sessi
     fixed, which is what lets a restart skip exactly the trained micro-batches); a third run in a
     finished run's folder finds its final checkpoint and trains nothing more."""
     import torch
+    from prefect_lora.lora_tasks.training.distributed import train_adapter
+    from prefect_lora.lora_tasks.training.launcher import prepare_data
     from safetensors.torch import load_file
-
-    from lora_tasks.distributed import train_adapter
-    from lora_tasks.launcher import prepare_data
 
     src = shard_rows(tmp_path / "src", rows, 3, "parquet")
     cfg = config(tmp_path, src)

@@ -2,10 +2,16 @@
 
 import numpy as np
 import pytest
-
-from lora_tasks.baseline import (
-    ClassifierBaseline, baseline_key, baseline_scores, choose_baseline, fit_baseline, fit_probe, load_baseline,
-    majority_label, save_baseline,
+from prefect_lora.lora_tasks.measurement.baseline import (
+    ClassifierBaseline,
+    baseline_key,
+    baseline_scores,
+    choose_baseline,
+    fit_baseline,
+    fit_probe,
+    load_baseline,
+    majority_label,
+    save_baseline,
 )
 
 

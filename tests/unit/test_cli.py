@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from prefect_lora.flows.cli import _exit_on_errors, app
+from prefect_lora.lora_tasks.errors import LoraTaskError, ValidationFailed
 from typer.testing import CliRunner
-
-from flows.cli import _exit_on_errors, app
-from lora_tasks.errors import LoraTaskError, ValidationFailed
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -84,8 +83,8 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 def test_summary_names_a_version_or_says_a_full_run_is_a_baseline(capsys):
     from dataclasses import replace
 
-    from flows.cli import _print_summary
-    from lora_tasks.lifecycle import RunResult
+    from prefect_lora.flows.cli import _print_summary
+    from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 
     result = RunResult(model_name="m", version="3", promoted=True, reasons=["eval_loss improved"], run_id="r",
                        run_dir="d", tracking_uri="sqlite:///x.db",
@@ -100,8 +99,8 @@ def test_summary_names_a_version_or_says_a_full_run_is_a_baseline(capsys):
 
 
 def test_summary_of_a_skipped_run_gives_its_reason_only(capsys):
-    from flows.cli import _print_summary
-    from lora_tasks.lifecycle import RunResult
+    from prefect_lora.flows.cli import _print_summary
+    from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 
     _print_summary(RunResult("m", "1", False, ["skipped: no new data: same data"], "r", "d", "sqlite:///x.db",
                              skipped=True))
@@ -174,8 +173,8 @@ def test_validate_prints_each_checks_power_and_refuses_a_limit_no_adapter_can_sh
 
 
 def test_a_webhook_url_given_with_set_reaches_the_flow_through_the_environment_not_its_parameters(monkeypatch):
-    from flows.cli import secrets_to_environment
-    from flows.notifications import WEBHOOK_ENV
+    from prefect_lora.flows.cli import secrets_to_environment
+    from prefect_lora.flows.notifications import WEBHOOK_ENV
 
     monkeypatch.setenv(WEBHOOK_ENV, "before")  # restored after the test
     kept = secrets_to_environment(["training.max_steps=3", "notifications.webhook_url=https://hooks.example/T0K3N"])

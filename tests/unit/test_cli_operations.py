@@ -6,9 +6,8 @@ import os
 from unittest import mock
 
 import pytest
+from prefect_lora.flows.cli import _age, app
 from typer.testing import CliRunner
-
-from flows.cli import _age, app
 
 runner = CliRunner()
 
@@ -70,7 +69,7 @@ def mlflow_state_kept(monkeypatch):
 def test_a_tracking_server_that_does_not_answer_is_one_clear_error_in_seconds(mlflow_state_kept, command):
     """Nothing listens on the port: one line naming the server (without its password) and the fix,
     after two HTTP retries (MLflow's default seven wait ~4 minutes); a retry count the user set stands."""
-    from deploy.testing import free_port
+    from prefect_lora.deploy.testing import free_port
 
     os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     server = f"http://127.0.0.1:{free_port()}"
@@ -86,8 +85,7 @@ def test_a_tracking_server_that_does_not_answer_is_one_clear_error_in_seconds(ml
 
 def test_only_errors_that_never_reached_the_server_read_as_unreachable():
     from mlflow.exceptions import MlflowException
-
-    from lora_tasks.tracking import unreachable_server
+    from prefect_lora.lora_tasks.registry.tracking import unreachable_server
 
     timeout = MlflowException("API request to https://mlflow.example.com/api/2.0/mlflow/runs/get failed with exception "
                               "HTTPSConnectionPool(host='mlflow.example.com', port=443): Read timed out. (read timeout=120)")
@@ -97,7 +95,7 @@ def test_only_errors_that_never_reached_the_server_read_as_unreachable():
 
 
 def test_version_is_printed():
-    from lora_tasks import __version__
+    from prefect_lora.lora_tasks import __version__
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"prefect-lora {__version__}"
@@ -120,8 +118,7 @@ def test_run_pages_open_in_mlflows_model_training_view(tmp_path):
     from pathlib import Path
 
     from mlflow import MlflowClient
-
-    from lora_tasks import tracking
+    from prefect_lora.lora_tasks.registry import tracking
 
     uri = f"sqlite:///{tmp_path}/m.db"
     c = MlflowClient(uri)
@@ -142,10 +139,9 @@ def test_serve_fleet_follows_members_without_a_champion_yet(tmp_path, monkeypatc
     from pathlib import Path
 
     import yaml
-
-    import deploy.serve
-    from deploy.testing import register_random_adapters
-    from lora_tasks import aliases
+    from prefect_lora.deploy import serve as deploy_serve
+    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.lora_tasks.registry import aliases
 
     uri = f"sqlite:///{tmp_path}/m.db"
     (version,) = register_random_adapters(uri, "m-ready", tiny_model_dir, [1], tmp_path)
@@ -153,7 +149,7 @@ def test_serve_fleet_follows_members_without_a_champion_yet(tmp_path, monkeypatc
     shared = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     fleet.write_text(yaml.safe_dump({"config": shared, "members": [{"name": "m-later"}, {"name": "m-ready"}]}))
     served = []
-    monkeypatch.setattr(deploy.serve, "run_forever", lambda cfg, **kw: served.append(cfg))
+    monkeypatch.setattr(deploy_serve, "run_forever", lambda cfg, **kw: served.append(cfg))
 
     refused = runner.invoke(app, ["serve", "--fleet", str(fleet), "--tracking-uri", uri])
     assert refused.exit_code != 0 and "with a promoted member" in " ".join(refused.output.split()) and not served

@@ -4,10 +4,9 @@ import json
 from pathlib import Path
 
 import yaml
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.measurement.compare import compare_methods, format_table, ratios, to_json
 from typer.testing import CliRunner
-
-from lora_tasks.compare import compare_methods, format_table, ratios, to_json
-from lora_tasks.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
@@ -40,7 +39,7 @@ def test_lora_keeps_a_fraction_of_full_fine_tunings_training_state(tiny_model_di
 
 
 def test_compare_full_command_prints_the_table_and_writes_json(tiny_model_dir, tmp_path):
-    from flows.cli import app
+    from prefect_lora.flows.cli import app
 
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["data"]["train_path"] = str(REPO / "configs" / "data" / "tiny_sums.jsonl")
@@ -58,7 +57,7 @@ def test_compare_full_command_prints_the_table_and_writes_json(tiny_model_dir, t
 
 
 def test_full_fine_tuning_is_compared_without_a_remedy_lora_keeps_its_own():
-    from lora_tasks.compare import config_for
+    from prefect_lora.lora_tasks.measurement.compare import config_for
 
     raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
     cfg = config_from_dict(raw)

@@ -4,9 +4,8 @@ import pytest
 import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
-from lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
+from prefect_lora.lora_tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -191,8 +190,8 @@ def test_settings_added_for_classifiers_leave_a_causal_lm_config_hash_as_it_was(
     """A scheduled causal-LM pipeline must still skip its unchanged rerun after an upgrade: the
     hashed dict is the one hashed before (`max_representation_drift` at its old default, none of
     the settings added since)."""
-    from lora_tasks.config import load_config
-    from lora_tasks.config_io import without_defaults_added_later
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config_io import without_defaults_added_later
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     hashed = without_defaults_added_later(cfg.model_dump(mode="json"))

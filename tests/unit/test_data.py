@@ -1,4 +1,4 @@
-"""Tests of lora_tasks.data: every format, every bad input, splits, sampling, fingerprints."""
+"""Tests of prefect_lora.lora_tasks.data.sources: every format, every bad input, splits, sampling, fingerprints."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from lora_tasks.data import fingerprint, load_table, sample_rows, split_train_eval
-from lora_tasks.errors import DataError, LoraTaskError
+from prefect_lora.lora_tasks.data.sources import fingerprint, load_table, sample_rows, split_train_eval
+from prefect_lora.lora_tasks.errors import DataError, LoraTaskError
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -21,10 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from lora_tasks.data import load_table, split_train_eval
-from lora_tasks.errors import DataError, ValidationFailed
-from lora_tasks.validation import enforce_policy, validate_splits
+from prefect_lora.lora_tasks.data.sources import load_table, split_train_eval
+from prefect_lora.lora_tasks.data.validation import enforce_policy, validate_splits
+from prefect_lora.lora_tasks.errors import DataError, ValidationFailed
 
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 

@@ -1,10 +1,9 @@
 import json
 
 import pytest
-
-from lora_tasks.config import load_config
-from lora_tasks.demo import FIELDS, generate_rows, write_demo_data
-from lora_tasks.evaluation import generation_metrics, score_json
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.data.demo import FIELDS, generate_rows, write_demo_data
+from prefect_lora.lora_tasks.measurement.evaluation import generation_metrics, score_json
 
 
 def test_generator_is_deterministic_distinct_and_valid_json():
@@ -56,7 +55,7 @@ def test_demo_config_uses_offline_model_and_probes():
 
 
 def test_the_demo_keeps_the_default_forgetting_policy_and_remedies_a_refusal():
-    from lora_tasks.config import PromotionPolicy
+    from prefect_lora.lora_tasks.config import PromotionPolicy
 
     cfg, default = load_config("configs/demo.yaml"), PromotionPolicy()
     for limit in ("max_perplexity_ratio", "max_self_retention_ratio", "max_kl", "confidence"):

@@ -6,8 +6,7 @@ import itertools
 
 import pandas as pd
 import pytest
-
-from lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.config import config_from_dict
 
 
 class FakeShard:
@@ -34,7 +33,7 @@ def cfg(batch_size: int):
 
 @pytest.mark.parametrize("world_size,start", [(1, 0), (1, 7), (2, 3), (2, 11), (3, 5)])
 def test_resuming_at_a_count_gives_exactly_the_remaining_batches(world_size, start):
-    from lora_tasks.distributed import _shard_batches
+    from prefect_lora.lora_tasks.training.distributed import _shard_batches
 
     n, bs = 50, 4
     for rank in range(world_size):
@@ -45,7 +44,7 @@ def test_resuming_at_a_count_gives_exactly_the_remaining_batches(world_size, sta
 
 
 def test_ranks_share_each_global_batch_without_overlap_and_epochs_reshuffle():
-    from lora_tasks.distributed import _shard_batches
+    from prefect_lora.lora_tasks.training.distributed import _shard_batches
 
     n, bs, world = 40, 4, 2
     per_epoch = n // (bs * world)
@@ -56,8 +55,8 @@ def test_ranks_share_each_global_batch_without_overlap_and_epochs_reshuffle():
 
 
 def test_too_few_rows_for_one_batch_is_a_clear_error():
-    from lora_tasks.distributed import _shard_batches
-    from lora_tasks.errors import TrainingError
+    from prefect_lora.lora_tasks.errors import TrainingError
+    from prefect_lora.lora_tasks.training.distributed import _shard_batches
 
     with pytest.raises(TrainingError, match="cannot fill one batch"):
         _shard_batches(FakeShard(5), cfg(4), 0, 2, 5)

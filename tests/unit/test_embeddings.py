@@ -1,9 +1,8 @@
 """Pooled embeddings kept per base: a train split that grew pays only for its new rows."""
 
 import numpy as np
-
-from lora_tasks.embeddings import kept_embeddings, pooled_embeddings
-from lora_tasks.modeling import load_base_model
+from prefect_lora.lora_tasks.measurement.embeddings import kept_embeddings, pooled_embeddings
+from prefect_lora.lora_tasks.modeling import load_base_model
 
 
 def test_kept_embeddings_embed_only_rows_not_seen_before(tiny_model_dir, tmp_path, monkeypatch):

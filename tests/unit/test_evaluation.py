@@ -2,10 +2,9 @@ import math
 
 import pytest
 import torch
-
-from lora_tasks.config import GenerationEvalConfig, config_from_dict
-from lora_tasks.evaluation import evaluate_adapter
-from lora_tasks.stats import macro_f1
+from prefect_lora.lora_tasks.config import GenerationEvalConfig, config_from_dict
+from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter
+from prefect_lora.lora_tasks.measurement.stats import macro_f1
 
 
 @pytest.mark.parametrize("y_true, y_pred, n, expected", [
@@ -34,7 +33,7 @@ def _cfg(task, tmp_path):
 
 def _fresh_adapter(cfg, folder):
     """A LoRA adapter as initialised (B = 0): the adapted model equals its base exactly."""
-    from lora_tasks.modeling import apply_lora, load_base_model
+    from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model
 
     torch.manual_seed(cfg.training.seed)
     base = load_base_model(cfg.base_model.name_or_path, cfg.task, num_labels=2 if cfg.data.labels else None, pad_token_id=0)
@@ -78,8 +77,8 @@ def test_classifier_report_reads_the_baseline_not_the_untrained_head(tiny_model_
 
 
 def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, monkeypatch):
-    from lora_tasks import probes
-    from lora_tasks.modeling import describe_base_model
+    from prefect_lora.lora_tasks.training import probes
+    from prefect_lora.lora_tasks.modeling import describe_base_model
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(probes, "GENERAL_PROBES", probes.GENERAL_PROBES[:3])
@@ -94,7 +93,7 @@ def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, m
 
 def _trained_like_adapter(cfg, folder, seed=0):
     """A LoRA adapter with random B (as after training): the adapted model differs from its base."""
-    from lora_tasks.modeling import apply_lora, load_base_model
+    from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model
 
     torch.manual_seed(seed)
     base = load_base_model(cfg.base_model.name_or_path, cfg.task, pad_token_id=0)
@@ -110,8 +109,8 @@ def _trained_like_adapter(cfg, folder, seed=0):
 def test_a_scaled_adapter_is_evaluated_in_memory_as_it_is_written(tiny_model_dir, tmp_path):
     """Scaling LoRA's update in memory (the remedy's trials) and writing the scaled adapter (what
     gets registered and served) give the same model; a scale near 0 is the base."""
-    from lora_tasks.evaluation import Evaluation
-    from lora_tasks.modeling import write_scaled_adapter
+    from prefect_lora.lora_tasks.measurement.evaluation import Evaluation
+    from prefect_lora.lora_tasks.modeling import write_scaled_adapter
 
     cfg = _cfg("causal_lm", tmp_path)
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(8)]
@@ -138,9 +137,10 @@ def _remedy_cfg(tmp_path, max_kl):
 
 
 def test_the_scale_remedy_confirms_the_best_admissible_scale_on_held_out_evidence(tiny_model_dir, tmp_path):
-    from lora_tasks.evaluation import Evaluation, evaluate_remedies
-    from lora_tasks.remedy import apply_outcome
-    from lora_tasks.promotion import Decision
+    from prefect_lora.lora_tasks.gate.decide import apply_outcome
+    from prefect_lora.lora_tasks.gate.promotion import Decision
+    from prefect_lora.lora_tasks.gate.remedies import evaluate_remedies
+    from prefect_lora.lora_tasks.measurement.evaluation import Evaluation
 
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(24)]
     adapter = _trained_like_adapter(_cfg("causal_lm", tmp_path), tmp_path / "ad")
@@ -169,13 +169,13 @@ def test_scores_are_reused_across_runs_and_todays_adapter_is_tomorrows_champion(
     answers included) from the disk cache, to the same figures; other rows, another champion or
     another new adapter are scored afresh; and a new adapter, once it is the champion, is read
     back (same files, same scores) instead of scored again."""
-    from lora_tasks import evaluation, score_cache
-    from lora_tasks.modeling import describe_base_model
+    from prefect_lora.lora_tasks.measurement import evaluation, score_cache
+    from prefect_lora.lora_tasks.modeling import describe_base_model
 
     monkeypatch.setattr(score_cache, "cache_dir", lambda: tmp_path / "cache")
     scored = []
-    real = evaluation._task_scores
-    monkeypatch.setattr(evaluation, "_task_scores", lambda m, *a: scored.append(m) or real(m, *a))
+    real = evaluation.task_scores
+    monkeypatch.setattr(evaluation, "task_scores", lambda m, *a: scored.append(m) or real(m, *a))
     cfg = _cfg("causal_lm", tmp_path)
     cfg.evaluation.generation = GenerationEvalConfig(max_new_tokens=4)
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(6)]
@@ -205,9 +205,10 @@ def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_r
     answers and forgetting states on both parts of a remedy's evidence: the first evaluation then
     scores only the new adapter, runs the base's output layer alone, and reports what a run
     without anything kept reports."""
-    from lora_tasks import evaluation
-    from lora_tasks.evaluation import keep_base_scores
-    from lora_tasks.modeling import describe_base_model
+    from prefect_lora.lora_tasks.gate.remedies import evaluate_with_remedies
+    from prefect_lora.lora_tasks.measurement import evaluation
+    from prefect_lora.lora_tasks.measurement.evaluation import keep_base_scores
+    from prefect_lora.lora_tasks.modeling import describe_base_model
 
     raw = _remedy_cfg(tmp_path, max_kl=100.0).model_dump(mode="json")
     raw["evaluation"]["reference"].update(probes="general", max_probes=6)
@@ -217,11 +218,11 @@ def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_r
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(16)]
     adapter, info = _trained_like_adapter(cfg, tmp_path / "ad"), describe_base_model(cfg.base_model.name_or_path)
     scored = []
-    real = evaluation._task_scores
-    monkeypatch.setattr(evaluation, "_task_scores", lambda *a: scored.append(a[-1]) or real(*a))
+    real = evaluation.task_scores
+    monkeypatch.setattr(evaluation, "task_scores", lambda *a: scored.append(a[-1]) or real(*a))
 
     monkeypatch.setenv("PREFECT_LORA_CACHE", str(tmp_path / "cold"))
-    cold = evaluate_adapter(cfg, adapter, rows, base_info=info)
+    cold = evaluate_with_remedies(cfg, adapter, rows, base_info=info)
     assert scored == ["adapted", "base"] * 2, "search part, then confirm part"
 
     warm = tmp_path / "warm"
@@ -232,7 +233,7 @@ def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_r
     assert scored == ["base", "base"] and len(list(warm.glob("scores/*.json"))) == 2
     assert len(list(warm.glob("forgetting/*.pt"))) == 4, "base states: probes and corpus, on each part"
     scored.clear()
-    first = evaluate_adapter(cfg, adapter, rows, base_info=info)
+    first = evaluate_with_remedies(cfg, adapter, rows, base_info=info)
     assert scored == ["adapted", "adapted"], "the base's task scores were read, not computed"
     assert [p.name for p, t in kept.items() if p.stat().st_mtime_ns != t] == [], "nothing of the base computed again"
     assert len(list(warm.glob("forgetting/*.pt"))) == 4, "the base's states were reused"
@@ -244,10 +245,11 @@ def test_the_base_kept_ahead_of_the_first_run_gives_it_the_same_report_without_r
 
 def test_answers_a_model_writes_token_by_token_are_read_off_its_loss_pass_not_generated(tiny_model_dir, tmp_path, monkeypatch):
     """Rows whose reference is the model's own greedy answer need no decoding: the loss pass shows
-    the model choosing each reference token, so `_task_scores` generates only the other rows, and
+    the model choosing each reference token, so `task_scores` generates only the other rows, and
     every answer and metric is what generating them all gives."""
-    from lora_tasks import encoding, evaluation
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.measurement import evaluation
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training import encoding
 
     cfg = _cfg("causal_lm", tmp_path)
     cfg.evaluation.generation = GenerationEvalConfig(max_new_tokens=4, metric="exact")
@@ -263,7 +265,7 @@ def test_answers_a_model_writes_token_by_token_are_read_off_its_loss_pass_not_ge
     rows = [{"prompt": p, "completion": a if i % 3 else "no"} for i, (p, a) in enumerate(zip(prompts, own))]
     asked: list[str] = []
     monkeypatch.setattr(evaluation, "generate_answers", lambda m, t, ps, *a, **k: asked.extend(ps) or encoding.generate_answers(m, t, ps, *a, **k))
-    metrics, _, answers = evaluation._task_scores(model, cfg, evaluation.encode_examples(rows, tok, cfg), rows, tok, "cpu")
+    metrics, _, answers = evaluation.task_scores(model, cfg, evaluation.encode_examples(rows, tok, cfg), rows, tok, "cpu")
 
     assert answers == own and metrics["exact_match"] == pytest.approx(8 / 12)
     assert asked == [prompts[i] for i in range(0, 12, 3)], "only the rows with another reference are generated"
@@ -273,8 +275,8 @@ def test_answers_a_model_writes_token_by_token_are_read_off_its_loss_pass_not_ge
 def test_a_greedy_answer_is_read_off_only_when_every_token_decoding_would_write_agrees(tiny_model_dir):
     """All of the answer and its end token, or the first max_new_tokens of it; never a prompt cut
     to fit max_seq_length (generation would see another prompt)."""
-    from lora_tasks.encoding import IGNORE_INDEX, format_prompts, greedy_answers_read_off
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.training.encoding import IGNORE_INDEX, format_prompts, greedy_answers_read_off
 
     tok = load_tokenizer(tiny_model_dir)
     prompt = tok(format_prompts(["2 + 2 ="], tok)[0][0])["input_ids"]

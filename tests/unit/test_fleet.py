@@ -6,12 +6,19 @@ from dataclasses import replace
 
 import pytest
 import yaml
-
-from lora_tasks.config import load_config
-from lora_tasks.errors import ConfigError
-from lora_tasks.fleet import MemberOutcome, changed_members, data_state, fleet_gate, load_fleet, only_members, summary_markdown
-from lora_tasks.lifecycle import RunResult
-from lora_tasks.promotion import FleetGate
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.fleet import (
+    MemberOutcome,
+    changed_members,
+    data_state,
+    fleet_gate,
+    load_fleet,
+    only_members,
+    summary_markdown,
+)
+from prefect_lora.lora_tasks.gate.promotion import FleetGate
+from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 
 
 def _write(tmp_path, raw) -> str:
@@ -61,7 +68,7 @@ def test_the_summary_names_each_members_decision_and_the_check_that_stopped_it()
                 MemberOutcome.failure("c", ValueError("row 3, column completion: blank text\nmore"), 1.0)]
     assert [o.decision for o in outcomes] == ["promoted", "not promoted", "failed"]
     assert outcomes[0].reason == "" and outcomes[1].reason.startswith("reference_kl: 0.9") and outcomes[2].reason == "row 3, column completion: blank text"
-    from lora_tasks.fleet import Fleet
+    from prefect_lora.lora_tasks.fleet import Fleet
 
     fleet = Fleet("f/fleet.yaml", "configs/tiny.yaml", [])
     md = summary_markdown(fleet, outcomes, {"b": "http://mlflow/run/r2"}, FleetGate(0.05, 0.012, 2))

@@ -3,10 +3,15 @@ share of wrongly promoted members on simulated fleets."""
 
 import numpy as np
 import pytest
-
-from lora_tasks.config import PromotionPolicy
-from lora_tasks.promotion import Candidate, FleetGate, apply_fleet_gate, decide_promotion, fdr_threshold
-from lora_tasks.remedy import apply_outcome
+from prefect_lora.lora_tasks.config import PromotionPolicy
+from prefect_lora.lora_tasks.gate.decide import apply_outcome
+from prefect_lora.lora_tasks.gate.promotion import (
+    Candidate,
+    FleetGate,
+    apply_fleet_gate,
+    decide_promotion,
+    fdr_threshold,
+)
 
 POLICY = PromotionPolicy(min_task_gain=0.05, max_perplexity_ratio=1.2, max_kl=0.5)
 Z = 1.959963984540054  # the 97.5% normal quantile: POLICY.confidence 0.95, two-sided

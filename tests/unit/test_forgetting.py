@@ -1,11 +1,11 @@
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
-
-from lora_tasks.forgetting import chunk_reference, read_reference_texts, token_kl
-from lora_tasks.errors import DataError
+from prefect_lora.lora_tasks.data.evidence import read_reference_texts
+from prefect_lora.lora_tasks.errors import DataError
+from prefect_lora.lora_tasks.measurement.forgetting import chunk_reference, token_kl
 
 
 def test_kl_of_identical_logits_is_zero():
@@ -55,7 +55,7 @@ def test_reference_errors(tmp_path, content, message):
 
 
 def test_chunking_respects_budget_and_length(tiny_model_dir):
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     blocks = chunk_reference(["abcdefghij"] * 20, tok, max_tokens=50, seq_len=16)
@@ -70,9 +70,9 @@ def test_reference_on_real_wikitext(shared_data):
 
 
 def test_probe_answers_are_cached_and_scored_on_answers_only(tiny_model_dir, tmp_path, monkeypatch):
-    from lora_tasks import probes
-    from lora_tasks.forgetting import causal_lm_forgetting
-    from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training import probes
+    from prefect_lora.lora_tasks.measurement.forgetting import causal_lm_forgetting
+    from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(probes, "GENERAL_PROBES", probes.GENERAL_PROBES[:4])
@@ -93,8 +93,8 @@ def test_probe_answers_are_cached_and_scored_on_answers_only(tiny_model_dir, tmp
 
 def test_probe_answers_are_kept_per_prompt_so_fewer_or_more_prompts_generate_only_the_new_ones(tiny_model_dir, tmp_path,
                                                                                                monkeypatch):
-    from lora_tasks import probes
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training import probes
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     asked: list[list[str]] = []
@@ -118,10 +118,9 @@ def test_the_comparison_on_scored_positions_matches_full_logits_and_its_cache(ch
     length and reuses the base's states: each must leave every per-block figure as the plain
     computation (full logits of every position, block by block) gives it."""
     import torch.nn.functional as F
-
-    from lora_tasks.block_cache import BlockCache
-    from lora_tasks.forgetting import compare_on_blocks
-    from lora_tasks.views import PeftViews
+    from prefect_lora.lora_tasks.measurement.block_cache import BlockCache
+    from prefect_lora.lora_tasks.measurement.forgetting import compare_on_blocks
+    from prefect_lora.lora_tasks.training.views import PeftViews
 
     model = changed_tiny(seed=0)  # a trained-looking update, not the zero of a fresh adapter
     blocks = [list(torch.randint(3, 200, (n,)).tolist()) for n in (9, 30, 17, 5, 24, 12)]
@@ -156,10 +155,10 @@ def test_the_next_run_reads_unchanging_models_units_and_the_base_states_from_dis
     """A later run (a fresh `BlockCache`) runs no model whose units were kept (the base, the
     adapter that became champion) and, for a new adapter, only the base's output layer: the
     figures are those a run without any cache computes."""
-    from lora_tasks import block_cache
-    from lora_tasks.block_cache import BlockCache
-    from lora_tasks.forgetting import compare_on_blocks
-    from lora_tasks.views import PeftViews
+    from prefect_lora.lora_tasks.measurement import block_cache
+    from prefect_lora.lora_tasks.measurement.block_cache import BlockCache
+    from prefect_lora.lora_tasks.measurement.forgetting import compare_on_blocks
+    from prefect_lora.lora_tasks.training.views import PeftViews
 
     monkeypatch.setattr(block_cache, "cache_dir", lambda: tmp_path)
     model = changed_tiny(seed=1)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lora_tasks.config import PromotionPolicy, config_from_dict
-from lora_tasks.errors import DataError
-from lora_tasks.evaluation import evaluate_adapter, rouge_l
-from lora_tasks.forgetting import MCQuestion, mc_blocks, mc_correct, read_mc_benchmark
-from lora_tasks.promotion import Candidate, candidate_from_metrics, decide_promotion
-from lora_tasks.views import SeparateViews
+from prefect_lora.lora_tasks.config import PromotionPolicy, config_from_dict
+from prefect_lora.lora_tasks.data.evidence import MCQuestion, read_mc_benchmark
+from prefect_lora.lora_tasks.errors import DataError
+from prefect_lora.lora_tasks.gate.promotion import Candidate, candidate_from_metrics, decide_promotion
+from prefect_lora.lora_tasks.measurement.evaluation import evaluate_adapter, rouge_l
+from prefect_lora.lora_tasks.measurement.forgetting import mc_blocks, mc_correct
+from prefect_lora.lora_tasks.training.views import SeparateViews
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,7 @@ def test_reference_sources_combine_and_old_configs_still_load():
 
 
 def test_an_empty_reference_section_is_an_error():
-    from lora_tasks.errors import ConfigError
+    from prefect_lora.lora_tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="at least one of"):
         config_from_dict(_raw())
@@ -210,7 +210,7 @@ def test_candidate_from_flat_metrics_reads_benchmark_intervals():
 
 
 def test_full_model_equal_to_its_base_forgets_nothing(tiny_model_dir, tmp_path):
-    from lora_tasks.modeling import load_base_model
+    from prefect_lora.lora_tasks.modeling import load_base_model
 
     ref = tmp_path / "ref.txt"
     ref.write_text("General text about rivers and bridges.\nAnother line of ordinary prose.\n" * 5)
@@ -241,7 +241,7 @@ def test_full_model_equal_to_its_base_forgets_nothing(tiny_model_dir, tmp_path):
 def _staged_run(tmp_path, pattern: str, **promotion) -> tuple[dict, dict]:
     """A 600-question benchmark through `_measure_benchmarks` with `promotion.more_evidence`: per
     question of `pattern` (repeated), `+` base right and adapted wrong, `-` the reverse, `.` both right."""
-    from lora_tasks.forgetting import _measure_benchmarks, _Measurement
+    from prefect_lora.lora_tasks.measurement.forgetting import _measure_benchmarks, _Measurement
 
     tok = _Tok()
     x, y = tok(" x")["input_ids"][1], tok(" y")["input_ids"][1]
@@ -290,8 +290,7 @@ def _staged_probes(log_ratio: float, spread: float, limit: float = 1.2, **promot
     """352 probes of 40 tokens through `_staged_comparison`: per probe, the adapted model's NLL
     exceeds the base's by `log_ratio` per token on average, with a per-probe spread `spread`."""
     import numpy as np
-
-    from lora_tasks.forgetting import _Measurement, _staged_comparison, staged_sizes
+    from prefect_lora.lora_tasks.measurement.forgetting import _Measurement, _staged_comparison, staged_sizes
 
     rng = np.random.default_rng(0)
     diff = rng.normal(log_ratio, spread, 352) * 40
@@ -332,9 +331,8 @@ def test_probes_in_stages_score_more_probes_only_while_the_ratio_is_undecided():
 
 def test_a_ratio_looked_at_as_a_mean_has_the_bootstrap_spread():
     import numpy as np
-
-    from lora_tasks import stats
-    from lora_tasks.sequential import _interval, ratio_values
+    from prefect_lora.lora_tasks.measurement import stats
+    from prefect_lora.lora_tasks.measurement.sequential import _interval, ratio_values
 
     rng = np.random.default_rng(3)
     tokens = rng.integers(10, 80, 400).astype(float)
@@ -347,9 +345,9 @@ def test_a_ratio_looked_at_as_a_mean_has_the_bootstrap_spread():
 
 
 def test_the_reference_corpus_is_staged_too_reading_more_of_the_file_only_while_undecided(changed_tiny, tiny_model_dir):
-    from lora_tasks.forgetting import _measure_corpus, _Measurement
-    from lora_tasks.modeling import load_tokenizer
-    from lora_tasks.views import PeftViews
+    from prefect_lora.lora_tasks.measurement.forgetting import _measure_corpus, _Measurement
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.training.views import PeftViews
 
     model = changed_tiny(seed=0, std=0.02)
 

@@ -5,12 +5,10 @@ import json
 import shutil
 
 import pytest
-from test_training import REPO, ROWS
-from test_training import make_cfg
-
-from lora_tasks.config import load_config
-from lora_tasks.errors import ConfigError, TrainingError
-from lora_tasks.launcher import launcher_for, latest_checkpoint, train_in_process
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.errors import ConfigError, TrainingError
+from prefect_lora.lora_tasks.training.launcher import latest_checkpoint, launcher_for, train_in_process
+from test_training import REPO, ROWS, make_cfg
 
 
 def _with(cfg, **scaling):

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-
-from lora_tasks import lifecycle
-from lora_tasks.errors import LoraTaskError
+from prefect_lora.lora_tasks.errors import LoraTaskError
+from prefect_lora.lora_tasks.registry import lifecycle
 
 LINEAGE = {"lineage.data_fingerprint": "f" * 64, "lineage.config_hash": "c" * 64, "lineage.base_model": "b"}
 
@@ -87,7 +86,7 @@ def test_read_pending_names_what_is_missing(tmp_path):
 def test_operational_sections_do_not_change_the_config_hash():
     from pathlib import Path
 
-    from lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.config import load_config
 
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
     base = load_config(tiny).config_hash()
@@ -96,7 +95,7 @@ def test_operational_sections_do_not_change_the_config_hash():
 
 
 def _retention_config(tmp_path, **retention):
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
 
     return config_from_dict({
         "model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},

@@ -1,9 +1,8 @@
 """Bases shared in one process (a fleet's members): read once, each load its own copy."""
 
 import torch
-
-from lora_tasks import modeling
-from lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer, shared_bases
+from prefect_lora.lora_tasks import modeling
+from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer, shared_bases
 
 
 def _count_reads(monkeypatch) -> dict[str, int]:
@@ -52,7 +51,7 @@ def test_a_classifier_is_read_anew_for_its_fresh_head(monkeypatch, tiny_model_di
 def test_a_hub_base_pinned_to_a_commit_has_an_identity_and_one_at_a_branch_has_none(tiny_model_dir):
     """A commit's files never change, so a hub id at a commit is an identity (its scores are kept
     across runs); at a branch or tag it may move (nothing kept). A local folder is hashed."""
-    from lora_tasks.modeling import describe_base_model
+    from prefect_lora.lora_tasks.modeling import describe_base_model
 
     sha, other = "0123456789abcdef" * 2 + "01234567", "f" * 40
     pinned = describe_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", sha)
@@ -68,7 +67,7 @@ def test_a_hub_base_pinned_to_a_commit_has_an_identity_and_one_at_a_branch_has_n
 def test_probe_answers_of_two_hub_ids_of_one_organisation_are_kept_apart(tmp_path, monkeypatch):
     """The answers' file is named by a hash of the whole key: two ids alike in their first 16
     characters (and a `/`) neither share a file nor make a folder."""
-    from lora_tasks import probes
+    from prefect_lora.lora_tasks.training import probes
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     a = probes._cache_file("HuggingFaceTB/SmolLM2-135M-Instruct@main", 64)

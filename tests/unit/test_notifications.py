@@ -9,8 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
 
 import pytest
-
-from flows import notifications
+from prefect_lora.flows import notifications
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from prefect_lora.lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.training.encoding import causal_lm_loss, collate, encode_examples, pack
+from prefect_lora.lora_tasks.training.loop import WorkerContext, make_optimizer, train_worker
 from test_training import ROWS
 from test_training import make_cfg as _cfg
-
-from lora_tasks.errors import ConfigError
-from lora_tasks.encoding import causal_lm_loss, collate, encode_examples, pack
-from lora_tasks.training import WorkerContext, make_optimizer, train_worker
 
 
 def _examples(tok, n=8):
@@ -38,7 +37,7 @@ def test_pack_fills_rows_no_wider_than_the_longest_example():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_row_logits_equal_each_example_alone(tiny_model_dir, attn):
     """No attention across example boundaries: a packed row's logits are each example's own."""
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     model = _model(tiny_model_dir, attn)
@@ -59,7 +58,7 @@ def test_packed_row_logits_equal_each_example_alone(tiny_model_dir, attn):
 
 def test_packed_loss_equals_padded_loss(tiny_model_dir):
     """The same eval loss (sum and token count) whether the batch is padded or packed."""
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     model = load_base_model(tiny_model_dir, "causal_lm").eval()

@@ -1,4 +1,4 @@
-"""Power before the run (lora_tasks/power.py): what each check can show at the configured sizes,
+"""Power before the run (lora_tasks/measurement/power.py): what each check can show at the configured sizes,
 checked against the gate's own bootstrap on simulated scores."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from lora_tasks import power, stats
-from lora_tasks.config import config_from_dict
-from lora_tasks.errors import ConfigError
-from lora_tasks.promotion import check_outcome
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.measurement import power, stats
+from prefect_lora.lora_tasks.measurement.stats import check_outcome
 
 
 def _benchmark(tmp_path: Path, questions: int) -> str:
@@ -127,7 +126,7 @@ def test_with_a_remedy_the_plan_counts_the_confirm_part_the_gate_reads(tmp_path)
 
 
 def test_max_probes_scores_a_spread_of_the_probes_and_the_plan_counts_them(tmp_path):
-    from lora_tasks.probes import GENERAL_PROBES, probe_prompts
+    from prefect_lora.lora_tasks.training.probes import GENERAL_PROBES, probe_prompts
 
     some = probe_prompts(60)
     assert len(some) == len(set(some)) == 60 and some[0] == GENERAL_PROBES[0]

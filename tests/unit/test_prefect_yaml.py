@@ -9,9 +9,8 @@ import pytest
 import yaml
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
-
-from lora_tasks.config import load_config
-from lora_tasks.fleet import load_fleet
+from prefect_lora.lora_tasks.config import load_config
+from prefect_lora.lora_tasks.fleet import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -55,7 +54,7 @@ def test_one_scheduled_retraining_per_registered_model(monkeypatch):
 
 
 def test_the_data_changed_trigger_matches_the_watchers_event_and_names_the_member():
-    from flows.fleet import DATA_CHANGED
+    from prefect_lora.flows.fleet import DATA_CHANGED
 
     (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
     (trigger,) = dep["triggers"]
@@ -73,8 +72,7 @@ def test_the_trigger_renders_the_events_member_into_the_flows_parameters():
     from prefect.server.events.actions import RunDeployment
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
-
-    from flows.fleet import DATA_CHANGED
+    from prefect_lora.flows.fleet import DATA_CHANGED
 
     (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
     params = copy.deepcopy(dep["triggers"][0]["parameters"])

@@ -1,9 +1,8 @@
 import math
 
 import pytest
-
-from lora_tasks.config import PromotionPolicy
-from lora_tasks.promotion import Candidate, decide_promotion
+from prefect_lora.lora_tasks.config import PromotionPolicy
+from prefect_lora.lora_tasks.gate.promotion import Candidate, decide_promotion
 
 POLICY = PromotionPolicy(min_task_gain=0.05, max_perplexity_ratio=1.2, max_kl=0.5, champion_tolerance=0.0)
 GOOD_FORGETTING = {"reference_perplexity_ratio": 1.05, "reference_kl": 0.1}
@@ -71,7 +70,7 @@ def test_reasons_name_numbers():
 
 
 def test_candidate_from_logged_metrics():
-    from lora_tasks.promotion import candidate_from_metrics
+    from prefect_lora.lora_tasks.gate.promotion import candidate_from_metrics
 
     c = candidate_from_metrics({"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "other": 9.0}, "eval_loss", False,
                                GOOD_FORGETTING, "3")
@@ -110,7 +109,7 @@ def test_gate_compares_intervals(name, intervals, champion, promote, failed):
 
 
 def test_candidate_from_flat_metrics_reads_the_intervals():
-    from lora_tasks.promotion import candidate_from_metrics
+    from prefect_lora.lora_tasks.gate.promotion import candidate_from_metrics
 
     flat = {"base_eval_loss": 2.0, "adapted_eval_loss": 1.5, "task_gain_ci_low": 0.4, "task_gain_ci_high": 0.6,
             "reference_kl_ci_low": 0.1, "reference_kl_ci_high": 0.2, "champion_delta_ci_low": -0.1}
@@ -121,9 +120,9 @@ def test_candidate_from_flat_metrics_reads_the_intervals():
 def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     """The one table of forgetting metrics stays whole: each row's limit is a policy field and its
     source is one that evaluation measures."""
-    from lora_tasks import forgetting
-    from lora_tasks.config import PromotionPolicy
-    from lora_tasks.forgetting_table import FORGETTING_METRICS, forgetting_limits
+    from prefect_lora.lora_tasks.config import PromotionPolicy
+    from prefect_lora.lora_tasks.measurement import forgetting
+    from prefect_lora.lora_tasks.measurement.forgetting_table import FORGETTING_METRICS, forgetting_limits
 
     fields = set(PromotionPolicy.model_fields)
     assert {m.limit for m in FORGETTING_METRICS} <= fields
@@ -138,7 +137,7 @@ def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     (False, ["reference_kl"], False), (False, ["champion", "reference_kl"], False),
 ])
 def test_only_a_version_fit_to_serve_is_admitted_as_challenger(promote, failed, admitted):
-    from lora_tasks.promotion import Decision
+    from prefect_lora.lora_tasks.gate.promotion import Decision
 
     assert Decision(promote, ["r"], failed).admitted is admitted
 
@@ -148,7 +147,7 @@ def test_only_a_version_fit_to_serve_is_admitted_as_challenger(promote, failed, 
 def test_each_check_passes_fails_or_is_undecided_with_the_evidence_it_needs(point, interval, outcome):
     """A 40-question benchmark: a drop of 0.025 [-0.05, 0.125] against a limit of 0.05 is not
     forgetting seen but too little evidence, and says how much more would decide it."""
-    from lora_tasks.promotion import Candidate
+    from prefect_lora.lora_tasks.gate.promotion import Candidate
 
     bench = "benchmark_quiz_accuracy_drop"
     cand = Candidate("eval_loss", False, 2.0, 1.5, {bench: point}, "2", {"task_gain": (0.3, 0.7), bench: interval})
@@ -165,7 +164,7 @@ def test_each_check_passes_fails_or_is_undecided_with_the_evidence_it_needs(poin
 
 @pytest.mark.parametrize("gain, outcome", [((0.1, 0.3), "pass"), ((-0.2, 0.02), "fail"), ((0.0, 0.2), "undecided")])
 def test_task_gain_has_three_outcomes_too(gain, outcome):
-    from lora_tasks.promotion import Candidate
+    from prefect_lora.lora_tasks.gate.promotion import Candidate
 
     cand = Candidate("eval_loss", False, 2.0, 2.0 - sum(gain) / 2, {}, "2", {"task_gain": gain})
     d = decide_promotion(cand, None, PromotionPolicy(min_task_gain=0.05, require_forgetting_metrics=False))
@@ -190,8 +189,7 @@ EVIDENCE_CASES = [
 def test_an_undecided_check_names_an_honest_amount_of_evidence(label, point, interval, says):
     """Never "about 1.0x" (which reads as "you have enough"): at least one more look's growth
     (`sequential.looks`), and no amount at all where the estimate sits at the limit's edge."""
-    from lora_tasks.promotion import LOOK_GROWTH
-    from lora_tasks.sequential import looks
+    from prefect_lora.lora_tasks.measurement.sequential import LOOK_GROWTH, looks
 
     cand = Candidate("eval_loss", False, 2.0, 1.5, {BENCH: point}, "2", {"task_gain": (0.3, 0.7), BENCH: interval})
     d = decide_promotion(cand, None, PromotionPolicy(max_benchmark_accuracy_drop=0.05, min_task_gain=0.05))
@@ -226,7 +224,7 @@ def test_a_negative_gain_never_reads_as_an_improvement(label, higher, base, adap
 def test_an_adapter_that_predicts_what_the_baseline_predicts_shows_no_gain_even_over_zero():
     """A shuffled-label classifier that learned only the majority class: every eval row's paired
     difference is 0, so its gain interval is [0, 0]. That is no gain, whatever `min_task_gain: 0` says."""
-    from lora_tasks.config import PromotionPolicy
+    from prefect_lora.lora_tasks.config import PromotionPolicy
 
     same = Candidate("accuracy", True, 0.509, 0.509, {"reference_retrieval_loss": 0.05}, None,
                      {"task_gain": (0.0, 0.0), "reference_retrieval_loss": (-0.05, 0.14)})

@@ -4,13 +4,25 @@ import math
 import random
 
 import pytest
-
-from lora_tasks.config import PromotionPolicy
-from lora_tasks.promotion import Candidate
-from lora_tasks.remedy import (
-    BEYOND, SHOWN, UNMEASURED, WITHIN, Trial, choose, closest_trial, confirm_mask, forgetting_margin,
-    forgetting_standing, judge, remedy_needed, remedy_reason, remedy_summary, select_trial, split_for_confirmation,
+from prefect_lora.lora_tasks.config import PromotionPolicy
+from prefect_lora.lora_tasks.gate.promotion import Candidate
+from prefect_lora.lora_tasks.gate.remedy import (
+    BEYOND,
+    SHOWN,
+    UNMEASURED,
+    WITHIN,
+    Trial,
+    choose,
+    closest_trial,
+    forgetting_margin,
+    forgetting_standing,
+    judge,
+    remedy_needed,
+    remedy_reason,
+    remedy_summary,
+    select_trial,
 )
+from prefect_lora.lora_tasks.measurement.evidence_split import confirm_mask, split_for_confirmation
 
 POLICY = PromotionPolicy(min_task_gain=0.3, max_perplexity_ratio=1.2, max_self_retention_ratio=1.2, max_kl=0.5)
 RATIO = "self_retention_perplexity_ratio"
@@ -88,9 +100,8 @@ def test_too_few_items_to_split_is_a_clear_error():
 
 
 def test_the_remedy_section_keeps_existing_hashes_until_it_is_used():
+    from prefect_lora.lora_tasks.config import config_from_dict
     from test_training import make_cfg
-
-    from lora_tasks.config import config_from_dict
 
     cfg = make_cfg()
     raw = cfg.model_dump(mode="json")
@@ -139,8 +150,8 @@ def test_only_forgetting_shown_or_an_estimate_past_the_limit_starts_trials(label
 def test_an_undecided_adapter_within_the_limit_stands_and_its_summary_says_why():
     """No trials for more evidence: the adapter as trained is confirmed as it is, and a refusal is the
     gate's (undecided) rather than the remedy's."""
-    from lora_tasks.promotion import Decision
-    from lora_tasks.remedy import apply_outcome
+    from prefect_lora.lora_tasks.gate.decide import apply_outcome
+    from prefect_lora.lora_tasks.gate.promotion import Decision
 
     within = measured((1.15, 1.05, 1.25))
     chosen, needed = choose([within], POLICY)
@@ -158,7 +169,7 @@ def test_an_undecided_adapter_within_the_limit_stands_and_its_summary_says_why()
 
 
 def test_the_search_grid_starts_with_the_configured_run_and_grows_by_the_smallest_change():
-    from lora_tasks.remedy import search_grid
+    from prefect_lora.lora_tasks.gate.remedy import search_grid
 
     space = {"learning_rate": [4e-4, 2e-4, 1e-4], "r": [16, 8], "replay_share": [0.0, 0.25]}
     grid = search_grid(space, 12)
@@ -172,10 +183,9 @@ def test_the_search_grid_starts_with_the_configured_run_and_grows_by_the_smalles
 
 
 def test_the_default_search_space_comes_from_the_configured_run():
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.gate.remedy import search_space
     from test_training import make_cfg
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.remedy import search_space
 
     cfg = make_cfg()
     space = search_space(cfg)
@@ -187,10 +197,9 @@ def test_the_default_search_space_comes_from_the_configured_run():
 
 
 def test_a_trial_trains_as_one_worker_with_the_same_global_batch_and_alpha_over_r():
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.gate.remedy import trial_config, trial_name
     from test_training import make_cfg
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.remedy import trial_config, trial_name
 
     raw = make_cfg().model_dump(mode="json")
     raw["scaling"] = {**raw["scaling"], "num_workers": 2, "cpus_per_worker": 3}
@@ -212,10 +221,9 @@ def test_a_trial_trains_as_one_worker_with_the_same_global_batch_and_alpha_over_
     ({"replay_share": [0.6]}, "at most 0.5"),
 ])
 def test_a_bad_search_space_names_its_key(space, fragment):
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.errors import ConfigError
     from test_training import make_cfg
-
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.errors import ConfigError
 
     raw = make_cfg().model_dump(mode="json")
     with pytest.raises(ConfigError, match=fragment) as err:
@@ -224,7 +232,7 @@ def test_a_bad_search_space_names_its_key(space, fragment):
 
 
 def test_a_trial_reads_as_one_progress_line():
-    from lora_tasks.remedy import describe_trial
+    from prefect_lora.lora_tasks.gate.remedy import describe_trial
 
     line = describe_trial(trial("scale=0.8", 0.62, 1.1))
     assert line.startswith("scale=0.8: task_gain 0.67 [0.62, 0.72], self_retention_perplexity_ratio 1.07 [1.04, 1.1]")

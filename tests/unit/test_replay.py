@@ -6,11 +6,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.training.encoding import IGNORE_INDEX, REPLAY_KEY, encode_examples
 from test_training import make_cfg
-
-from lora_tasks.config import config_from_dict
-from lora_tasks.encoding import IGNORE_INDEX, REPLAY_KEY, encode_examples
-from lora_tasks.errors import ConfigError
 
 
 def _with(cfg, **sections):
@@ -42,7 +41,7 @@ def test_bad_replay_settings_are_config_errors(sections, message):
 
 
 def test_replay_rows_are_encoded_as_the_base_answered_them(tiny_model_dir):
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     cfg = _with(make_cfg(), data={"system_prompt": "Answer in JSON."})
@@ -61,8 +60,8 @@ def test_replay_rows_are_encoded_as_the_base_answered_them(tiny_model_dir):
 
 
 def test_replay_rows_make_up_the_share_cycling_through_the_set(tiny_model_dir, tmp_path, monkeypatch):
-    from lora_tasks import probes
-    from lora_tasks.replay import replay_rows
+    from prefect_lora.lora_tasks.training import probes
+    from prefect_lora.lora_tasks.training.replay import replay_rows
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     prompts = tmp_path / "replay.txt"
@@ -78,8 +77,8 @@ def test_replay_rows_make_up_the_share_cycling_through_the_set(tiny_model_dir, t
 
 
 def test_the_base_answers_only_as_many_replay_prompts_as_training_reads_twice_over(tiny_model_dir, tmp_path, monkeypatch):
-    from lora_tasks import probes
-    from lora_tasks.replay import replay_rows
+    from prefect_lora.lora_tasks.training import probes
+    from prefect_lora.lora_tasks.training.replay import replay_rows
 
     monkeypatch.setattr(probes, "cache_dir", lambda: tmp_path)
     prompts = tmp_path / "replay.txt"
@@ -98,8 +97,8 @@ def test_the_base_answers_only_as_many_replay_prompts_as_training_reads_twice_ov
 
 
 def test_replay_that_overlaps_the_forgetting_evidence_is_refused(tmp_path):
-    from lora_tasks.probes import GENERAL_PROBES, REPLAY_PROMPTS
-    from lora_tasks.replay import check_disjoint
+    from prefect_lora.lora_tasks.training.probes import GENERAL_PROBES, REPLAY_PROMPTS
+    from prefect_lora.lora_tasks.training.replay import check_disjoint
 
     leaky = tmp_path / "replay.txt"
     leaky.write_text(f"Tell me a joke.\n{GENERAL_PROBES[3].upper()}\n")
@@ -119,8 +118,7 @@ def _mixed_examples(tok):
 def _adapted(tiny_model_dir):
     """The tiny base with a LoRA adapter that changes it (B not zero), and that model's base."""
     import torch
-
-    from lora_tasks.modeling import apply_lora, load_base_model
+    from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model
 
     torch.manual_seed(0)
     model = apply_lora(load_base_model(tiny_model_dir, "causal_lm"), "causal_lm", r=4, alpha=8, dropout=0.0,
@@ -141,10 +139,9 @@ def test_kl_penalty_is_the_base_to_adapted_kl_on_replay_targets_only(tiny_model_
     """The added loss is exactly weight x KL(base || adapted), summed over the replay examples'
     target tokens, each computed alone with full logits; task rows add nothing."""
     import torch
-
-    from lora_tasks.encoding import causal_lm_loss, collate, pack
-    from lora_tasks.forgetting import token_kl
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.measurement.forgetting import token_kl
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.training.encoding import causal_lm_loss, collate, pack
 
     tok = load_tokenizer(tiny_model_dir)
     model, base = _adapted(tiny_model_dir)
@@ -170,12 +167,10 @@ def test_kl_penalty_keeps_replay_closer_to_the_base(tiny_model_dir, tmp_path):
     """Trained on the same rows and steps, the adapter with the KL penalty ends nearer the base
     on the replay examples (KL per token) than the one with replay alone."""
     import torch
-
     from peft import PeftModel
-
-    from lora_tasks.encoding import collate, causal_lm_loss
-    from lora_tasks.modeling import load_base_model, load_tokenizer
-    from lora_tasks.training import WorkerContext, train_worker
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training.encoding import causal_lm_loss, collate
+    from prefect_lora.lora_tasks.training.loop import WorkerContext, train_worker
 
     tok = load_tokenizer(tiny_model_dir)
     rows = [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}", **({REPLAY_KEY: "chat"} if i % 2 else {})}

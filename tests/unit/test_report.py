@@ -6,9 +6,8 @@ import base64
 import re
 
 import pytest
-
-from lora_tasks.evaluation import EvalReport
-from lora_tasks.report import embed_images, write_report
+from prefect_lora.lora_tasks.measurement.evaluation import EvalReport
+from prefect_lora.lora_tasks.registry.report import embed_images, write_report
 
 
 def report(champion: bool) -> EvalReport:
@@ -58,9 +57,9 @@ def test_without_history_or_forgetting_only_what_exists_is_drawn(tmp_path):
 
 
 def _summary(decision, version="3", champion_version="2", **sections):
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.lifecycle import DataSummary
-    from lora_tasks.report import summary_markdown
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.registry.lifecycle import DataSummary
+    from prefect_lora.lora_tasks.registry.report import summary_markdown
 
     cfg = config_from_dict({"model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
                             "data": {"train_path": "x.jsonl", "prompt_column": "p", "completion_column": "c"},
@@ -70,7 +69,7 @@ def _summary(decision, version="3", champion_version="2", **sections):
 
 
 def test_summary_reads_the_data_summary_and_names_decision_and_tracking():
-    from lora_tasks.promotion import Decision
+    from prefect_lora.lora_tasks.gate.promotion import Decision
 
     md = _summary(Decision(True, ["gain 0.5 above 0"], []))
     assert md.startswith("# m: version 3 **promoted to `champion`**")
@@ -83,7 +82,7 @@ def test_summary_reads_the_data_summary_and_names_decision_and_tracking():
 
 
 def test_summary_says_what_replay_the_adapter_trained_with():
-    from lora_tasks.promotion import Decision
+    from prefect_lora.lora_tasks.gate.promotion import Decision
 
     md = _summary(Decision(True, ["ok"], []), replay={"share": 0.1, "kl_weight": 1.0})
     assert ("- replay: 10% of the training examples are the base model's own answers to general prompts, with a "
@@ -91,8 +90,8 @@ def test_summary_says_what_replay_the_adapter_trained_with():
 
 
 def test_version_description_is_one_plain_sentence_then_the_reasons():
-    from lora_tasks.promotion import Decision
-    from lora_tasks.report import version_description
+    from prefect_lora.lora_tasks.gate.promotion import Decision
+    from prefect_lora.lora_tasks.registry.report import version_description
 
     text = version_description(report(True), Decision(False, ["no gain", "perplexity ratio 1.09 above 1.05"], ["task_gain"]))
     first, _, rest = text.partition("\n\n")
@@ -103,7 +102,7 @@ def test_version_description_is_one_plain_sentence_then_the_reasons():
 
 
 def test_metrics_grouped_for_mlflow_and_the_rest_in_one_table():
-    from lora_tasks.report import logged_metrics, metrics_rows
+    from prefect_lora.lora_tasks.registry.report import logged_metrics, metrics_rows
 
     flat = {**report(True).flat_metrics(), "reference_tokens": 4096.0, "train_rows": 10}
     logged = logged_metrics(flat)
@@ -117,8 +116,8 @@ def test_metrics_grouped_for_mlflow_and_the_rest_in_one_table():
 
 
 def test_closing_notes_say_what_happened_to_champion():
-    from lora_tasks.promotion import Decision
-    from lora_tasks.report import mlflow_markdown, redecision_markdown, skip_markdown
+    from prefect_lora.lora_tasks.gate.promotion import Decision
+    from prefect_lora.lora_tasks.registry.report import mlflow_markdown, redecision_markdown, skip_markdown
 
     again = redecision_markdown(Decision(False, ["worse than version 7"], ["beat_champion"]), "7")
     assert again == ("\n## Decided again\nThe champion moved to version 7 during this run; the gate was re-run "
@@ -133,9 +132,9 @@ def test_closing_notes_say_what_happened_to_champion():
 
 
 def test_a_baseline_summary_is_not_registered():
-    from lora_tasks.config import config_from_dict
-    from lora_tasks.lifecycle import BASELINE_REASON, DataSummary
-    from lora_tasks.report import baseline_markdown
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.registry.lifecycle import BASELINE_REASON, DataSummary
+    from prefect_lora.lora_tasks.registry.report import baseline_markdown
 
     cfg = config_from_dict({"model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},
                             "data": {"train_path": "x.jsonl"}, "training": {"max_steps": 5, "method": "full"}})
@@ -144,9 +143,9 @@ def test_a_baseline_summary_is_not_registered():
     assert "champion before this run: none" in md
 
 def _remedied() -> EvalReport:
-    from lora_tasks.config import PromotionPolicy
-    from lora_tasks.promotion import Candidate
-    from lora_tasks.remedy import Trial, choose, judge, remedy_summary
+    from prefect_lora.lora_tasks.config import PromotionPolicy
+    from prefect_lora.lora_tasks.gate.promotion import Candidate
+    from prefect_lora.lora_tasks.gate.remedy import Trial, choose, judge, remedy_summary
 
     policy = PromotionPolicy(min_task_gain=0.3, max_self_retention_ratio=1.2)
     trials = [judge(Trial(f"scale={s:g}", {"scale": s}, Candidate(
@@ -161,7 +160,7 @@ def _remedied() -> EvalReport:
 
 
 def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
-    from lora_tasks.report import remedy_markdown
+    from prefect_lora.lora_tasks.registry.report import remedy_markdown
 
     r = _remedied()
     files = write_report(r, "# summary\n", {}, tmp_path, {"self_retention_perplexity_ratio": 1.2, "min_task_gain": 0.3})
@@ -172,7 +171,7 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
     assert "| scale=0.65 **chosen** | 0.7 [0.62, 0.78] | 1.1 [1.07, 1.14] | yes |" in md
     assert "| scale=1 | 0.75 [0.67, 0.83] | 1.21 [1.18, 1.25] | no |" in md
     assert "registered with scale=0.65" in md
-    from lora_tasks.report import remedy_rows
+    from prefect_lora.lora_tasks.registry.report import remedy_rows
 
     rows = remedy_rows(r)
     assert [row["trial"] for row in rows] == ["scale=1", "scale=0.65", "scale=0.35"]
@@ -185,7 +184,7 @@ def test_a_remedy_adds_its_frontier_and_its_trials_to_the_report(tmp_path):
 
 
 def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
-    from lora_tasks.report import metrics_table
+    from prefect_lora.lora_tasks.registry.report import metrics_table
 
     flat = {"base_exact_match": 0.1, "adapted_exact_match": 0.8, "champion_exact_match": 0.7,
             "adapted_exact_match_ci_low": 0.7, "adapted_exact_match_ci_high": 0.9, "task_gain": 0.7,
@@ -205,7 +204,7 @@ def test_the_metrics_table_shows_every_forgetting_figure_the_reasons_may_name():
     ("1", "1", "champion stays version 1"), (None, None, "no champion yet"),
 ])
 def test_the_audit_line_reads_as_a_sentence(before, after, says):
-    from lora_tasks.report import mlflow_markdown
+    from prefect_lora.lora_tasks.registry.report import mlflow_markdown
 
     text = mlflow_markdown("r1", "http://mlflow/#/runs/r1", "1", "http://mlflow/#/models/m/versions/1",
                            "promote" if before != after else "keep", before, after)
@@ -213,9 +212,9 @@ def test_the_audit_line_reads_as_a_sentence(before, after, says):
 
 
 def test_a_classifier_report_names_its_baseline_beside_the_adapted_model():
-    from lora_tasks.evaluation import EvalReport
-    from lora_tasks.promotion import Decision
-    from lora_tasks.report import baseline_note, metrics_table, version_description
+    from prefect_lora.lora_tasks.gate.promotion import Decision
+    from prefect_lora.lora_tasks.measurement.evaluation import EvalReport
+    from prefect_lora.lora_tasks.registry.report import baseline_note, metrics_table, version_description
 
     report = EvalReport(task="sequence_classification", primary_metric="accuracy", higher_is_better=True,
                         base={"accuracy": 0.81, "macro_f1": 0.80}, adapted={"accuracy": 0.86, "macro_f1": 0.86},

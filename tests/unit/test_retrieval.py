@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from lora_tasks.config import config_from_dict
-from lora_tasks.errors import ConfigError
-from lora_tasks.forgetting import retrieval_by_view, retrieval_correct, retrieval_pairs
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.errors import ConfigError
+from prefect_lora.lora_tasks.measurement.forgetting import retrieval_by_view, retrieval_correct, retrieval_pairs
 
 
 class _Encoder(torch.nn.Module):
@@ -75,7 +74,7 @@ def test_an_encoder_that_keeps_its_geometry_loses_nothing_and_a_collapsed_one_lo
 
 
 def test_the_base_side_is_read_back_from_the_cache(tmp_path, monkeypatch):
-    from lora_tasks.block_cache import BlockCache
+    from prefect_lora.lora_tasks.measurement.block_cache import BlockCache
 
     monkeypatch.setenv("PREFECT_LORA_CACHE", str(tmp_path))
     pairs = retrieval_pairs(_paragraphs(10), _ByteTokenizer(), seq_len=40, max_tokens=10_000)
@@ -95,7 +94,7 @@ def test_the_replaced_drift_limit_says_what_replaced_it():
 
 
 def test_a_classifier_power_plan_counts_reference_paragraphs(tmp_path):
-    from lora_tasks.power import plan
+    from prefect_lora.lora_tasks.measurement.power import plan
 
     ref = tmp_path / "ref.txt"
     ref.write_text("".join(p + "\n" for p in _paragraphs(200)))
@@ -110,8 +109,8 @@ def test_a_classifier_power_plan_counts_reference_paragraphs(tmp_path):
 
 
 def test_a_corpus_where_the_base_finds_nothing_is_a_clear_error(tmp_path):
-    from lora_tasks.errors import DataError
-    from lora_tasks.forgetting import _Measurement, _measure_retrieval
+    from prefect_lora.lora_tasks.errors import DataError
+    from prefect_lora.lora_tasks.measurement.forgetting import _measure_retrieval, _Measurement
 
     cfg = config_from_dict({
         "model_name": "m", "task": "sequence_classification", "base_model": {"name_or_path": "builtin:tiny-llama"},

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from lora_tasks.secrets import redact_url, redacted_config, without_credentials
+from prefect_lora.lora_tasks.secrets import redact_url, redacted_config, without_credentials
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -31,9 +30,8 @@ def test_configs_show_the_secret_redacted_and_store_it_left_out():
 
 def test_the_mlflow_run_params_hold_the_webhook_redacted(tmp_path):
     from mlflow import MlflowClient
-
-    from lora_tasks import tracking
-    from lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.registry import tracking
 
     cfg = config_from_dict({
         "model_name": "m", "task": "causal_lm", "base_model": {"name_or_path": "builtin:tiny-llama"},

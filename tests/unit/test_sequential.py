@@ -1,4 +1,4 @@
-"""The staged gate check (lora_tasks/sequential.py): its error over all looks, and what it saves."""
+"""The staged gate check (lora_tasks/measurement/sequential.py): its error over all looks, and what it saves."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-
-from lora_tasks import sequential
+from prefect_lora.lora_tasks.measurement import sequential
 
 STAGES = sequential.looks(50, 400)
 

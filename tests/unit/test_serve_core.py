@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from deploy.serve_core import (
+from prefect_lora.deploy.serve_core import (
     RequestProblem,
     Secret,
     ServeConfig,
@@ -197,7 +196,7 @@ def test_a_missing_secret_block_is_one_clear_message(monkeypatch):
     ("- a\n- b\n", "must be a mapping of settings"), ("port: 0\n", "port"), (b"\xff\xfe", "not UTF-8"),
 ])
 def test_a_bad_serve_config_is_one_message_naming_the_fix(tmp_path, content, says):
-    from deploy.serve_core import load_serve_config
+    from prefect_lora.deploy.serve_core import load_serve_config
 
     path = tmp_path / "serve.yaml"
     if content == "dir":
@@ -211,7 +210,7 @@ def test_a_bad_serve_config_is_one_message_naming_the_fix(tmp_path, content, say
 
 
 def test_options_not_given_leave_the_serve_files_host_and_port(tmp_path):
-    from deploy.serve_core import load_serve_config
+    from prefect_lora.deploy.serve_core import load_serve_config
 
     (tmp_path / "s.yaml").write_text("host: 10.1.2.3\nport: 9001\nallow_unauthenticated: true\n")
     cfg = load_serve_config(tmp_path / "s.yaml", model_name="m", host=None, port=None)
@@ -225,7 +224,7 @@ def test_options_not_given_leave_the_serve_files_host_and_port(tmp_path):
     ("0.0.0.0", None, True, True),
 ])
 def test_serving_beyond_this_machine_needs_a_token_or_an_explicit_yes(host, token, allowed, ok):
-    from deploy.serve_core import ServeConfig, check_exposure
+    from prefect_lora.deploy.serve_core import ServeConfig, check_exposure
 
     cfg = ServeConfig(model_name="m", host=host, allow_unauthenticated=allowed)
     if ok:
@@ -248,7 +247,7 @@ def _batched_run(calls: list, delay: float = 0.05):
 def test_concurrent_requests_of_one_key_run_as_one_batch_and_each_gets_its_own_result():
     import asyncio
 
-    from deploy.serve_core import MicroBatcher
+    from prefect_lora.deploy.serve_core import MicroBatcher
 
     calls: list = []
 
@@ -268,7 +267,7 @@ def test_concurrent_requests_of_one_key_run_as_one_batch_and_each_gets_its_own_r
 def test_a_request_counts_its_rows_and_a_cancelled_one_is_left_out():
     import asyncio
 
-    from deploy.serve_core import MicroBatcher
+    from prefect_lora.deploy.serve_core import MicroBatcher
 
     calls: list = []
 

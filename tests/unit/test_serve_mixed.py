@@ -12,11 +12,11 @@ import torch
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory, tiny_model_dir):
     """The replica's inference code (`_Replica`) over an `AdapterSet` of three random adapters."""
-    from deploy.adapters import AdapterSet
-    from deploy.serve import _Replica
-    from deploy.serve_core import ServeConfig
-    from deploy.testing import make_random_adapter
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.deploy.adapters import AdapterSet
+    from prefect_lora.deploy.serve import _Replica
+    from prefect_lora.deploy.serve_core import ServeConfig
+    from prefect_lora.deploy.testing import make_random_adapter
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
 
     work = tmp_path_factory.mktemp("mixed")
     dirs = {f"m/{i}": make_random_adapter(tiny_model_dir, work / f"a{i}", 40 + i) for i in range(3)}

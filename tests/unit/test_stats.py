@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from lora_tasks.stats import bootstrap, mean_ci, paired_diff_ci, perplexity_ratio_ci, ratio_ci
+from prefect_lora.lora_tasks.measurement.stats import bootstrap, mean_ci, paired_diff_ci, perplexity_ratio_ci, ratio_ci
 
 
 def test_mean_interval_covers_the_true_mean_about_95_percent_of_the_time():

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from lora_tasks.tracking import flat_name, metric_key
+from prefect_lora.lora_tasks.registry.tracking import flat_name, metric_key
 
 GROUPED = {
     "train_loss": "train/loss", "learning_rate": "train/learning_rate", "train_tokens_per_s": "train/tokens_per_s",
@@ -34,7 +33,7 @@ def test_runs_logged_before_the_grouping_read_the_same():
 
 
 def test_the_training_curve_is_logged_in_batches_and_nothing_is_left_behind(monkeypatch):
-    from lora_tasks import tracking
+    from prefect_lora.lora_tasks.registry import tracking
 
     writes: list[list] = []
     monkeypatch.setattr(tracking.MlflowClient, "log_batch", lambda self, run_id, metrics: writes.append(list(metrics)))

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lora_tasks.config import config_from_dict
-from lora_tasks.encoding import IGNORE_INDEX, collate, encode_examples
-from lora_tasks.training import WorkerContext, iterate_batches, lr_lambda, plan_steps, train_worker
+from prefect_lora.lora_tasks.config import config_from_dict
+from prefect_lora.lora_tasks.training.encoding import IGNORE_INDEX, collate, encode_examples
+from prefect_lora.lora_tasks.training.loop import WorkerContext, iterate_batches, lr_lambda, plan_steps, train_worker
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [json.loads(line) for line in (REPO / "configs" / "data" / "tiny_sums.jsonl").read_text().splitlines()]
@@ -28,7 +27,7 @@ def make_cfg(task="causal_lm", **training):
 
 
 def test_prompt_tokens_carry_no_loss_and_eos_is_learned(tiny_model_dir):
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     ex = encode_examples([{"prompt": "1 + 2 =", "completion": " 3"}], tok, make_cfg())[0]
@@ -38,7 +37,7 @@ def test_prompt_tokens_carry_no_loss_and_eos_is_learned(tiny_model_dir):
 
 
 def test_long_prompt_is_cut_from_the_left(tiny_model_dir):
-    from lora_tasks.modeling import load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     ex = encode_examples([{"prompt": "x" * 200 + "END", "completion": " ok"}], tok, make_cfg())[0]
@@ -56,8 +55,8 @@ def test_collate_left_pads_causal_batches_without_loss():
 
 def test_completion_only_logits_give_the_full_loss(tiny_model_dir):
     """The left-padded, logits-only-where-needed loss equals HF's loss on the unpadded rows."""
-    from lora_tasks.modeling import load_base_model, load_tokenizer
-    from lora_tasks.encoding import causal_lm_loss
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training.encoding import causal_lm_loss
 
     tok = load_tokenizer(tiny_model_dir)
     model = load_base_model(tiny_model_dir, "causal_lm")
@@ -179,15 +178,16 @@ def test_eager_attention_trains_the_same_steps_as_sdpa(tiny_model_dir):
     ("cpu", "bf16", 120, "sequence_classification", "sdpa"),  # not measured: left as it was
 ])
 def test_auto_attention_is_eager_only_for_short_bf16_causal_lm_on_cpu(device, precision, longest, task, expected):
-    from lora_tasks.training import attention_kernel
+    from prefect_lora.lora_tasks.training.compute import Compute
+    from prefect_lora.lora_tasks.training.loop import attention_kernel
 
-    cfg = make_cfg(task, precision=precision)
-    assert attention_kernel(cfg, torch.device(device), longest) == expected
-    assert attention_kernel(make_cfg(task, precision=precision, attention="sdpa"), torch.device(device), longest) == "sdpa"
+    compute = Compute(torch.device(device), precision, precision)
+    assert attention_kernel(make_cfg(task, precision=precision), compute, longest) == expected
+    assert attention_kernel(make_cfg(task, precision=precision, attention="sdpa"), compute, longest) == "sdpa"
 
 
 def test_gpu_only_options_are_refused_on_a_cpu_config():
-    from lora_tasks.errors import ConfigError
+    from prefect_lora.lora_tasks.errors import ConfigError
 
     raw = make_cfg().model_dump()
     raw["base_model"]["quantization"] = "4bit"
@@ -197,8 +197,8 @@ def test_gpu_only_options_are_refused_on_a_cpu_config():
 
 def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
     """Without a prompt every token but the first is a target (the first has nothing before it)."""
-    from lora_tasks.modeling import load_base_model
-    from lora_tasks.encoding import causal_lm_loss
+    from prefect_lora.lora_tasks.modeling import load_base_model
+    from prefect_lora.lora_tasks.training.encoding import causal_lm_loss
 
     model = load_base_model(tiny_model_dir, "causal_lm")
     ids = torch.randint(3, 200, (2, 12))
@@ -209,7 +209,7 @@ def test_plain_text_causal_lm_loss_equals_hf_loss(tiny_model_dir):
 
 
 def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(monkeypatch):
-    from lora_tasks.encoding import autocast, resolve_precision
+    from prefect_lora.lora_tasks.training.compute import compute_for, resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     for capability, avx512_bf16, amx, expected in [("AVX512", True, False, "bf16"), ("AVX512", False, True, "bf16"),
@@ -218,25 +218,26 @@ def test_auto_precision_is_bf16_only_where_the_device_runs_it_fast(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_precision("auto", "cpu") == expected
-        assert (type(autocast("auto", "cpu")).__name__ == "autocast") == (expected == "bf16")
+        resolved = compute_for.__wrapped__("auto", "cpu")  # not the process's cached one: the CPU is patched
+        assert resolved.precision == expected and (type(resolved.autocast()).__name__ == "autocast") == (expected == "bf16")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_precision("auto", "cuda") == "fp32"
 
 
 def test_explicit_bf16_on_a_cpu_without_bf16_warns_with_the_measured_slowdown(monkeypatch):
-    from lora_tasks import encoding
+    from prefect_lora.lora_tasks.training import compute
 
-    monkeypatch.setattr(encoding, "cpu_runs_bf16", lambda: False)
-    warning = encoding.slow_bf16_warning("bf16", "cpu")
+    monkeypatch.setattr(compute, "cpu_runs_bf16", lambda: False)
+    warning = compute.slow_bf16_warning("bf16", "cpu")
     slower = float(re.search(r"ran (\d+)x slower", warning).group(1))
     assert slower >= 0 and "training.precision: auto" in warning
-    assert encoding.slow_bf16_warning("auto", "cpu") is None and encoding.slow_bf16_warning("fp32", "cpu") is None
-    monkeypatch.setattr(encoding, "cpu_runs_bf16", lambda: True)
-    assert encoding.slow_bf16_warning("bf16", "cpu") is None
+    assert compute.slow_bf16_warning("auto", "cpu") is None and compute.slow_bf16_warning("fp32", "cpu") is None
+    monkeypatch.setattr(compute, "cpu_runs_bf16", lambda: True)
+    assert compute.slow_bf16_warning("bf16", "cpu") is None
 
 
 def test_a_progress_line_gives_step_loss_rate_and_time_left():
-    from lora_tasks.training import progress_line
+    from prefect_lora.lora_tasks.training.loop import progress_line
 
     line = progress_line(step=8, total=48, done=8, loss=0.41234, elapsed=36.8, tokens=45_402)
     assert line == "training step 8/48 (17%): loss 0.4123, 1,234 tokens/s, 4.6 s/step, about 3 min 4 s left"
@@ -247,13 +248,14 @@ def test_slow_loops_say_where_they_are_at_least_every_few_seconds(tiny_model_dir
     """However slow each step or batch, a line comes every PROGRESS_EVERY_S seconds (0 here: every one)."""
     import logging
 
-    from lora_tasks import encoding, training
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training import encoding
+    from prefect_lora.lora_tasks.training import loop as training
 
     monkeypatch.setattr(encoding, "PROGRESS_EVERY_S", 0.0)
     monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
     tok = load_tokenizer(tiny_model_dir)
-    with caplog.at_level(logging.INFO, logger="lora_tasks.encoding"):
+    with caplog.at_level(logging.INFO, logger="prefect_lora.lora_tasks.training.encoding"):
         encoding.generate_answers(load_base_model(tiny_model_dir, "causal_lm"), tok, [f"{i} + 1 =" for i in range(5)], 2, 2,
                                   label="probe answers")
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["probe answers: 2/5 answers", "probe answers: 4/5 answers"]
@@ -266,8 +268,8 @@ def test_generation_batches_hold_as_many_prompts_as_fit_their_token_budget(tiny_
     """With `batch_tokens`, a batch takes prompts (shortest first) while rows x (its longest prompt
     + new tokens) fits, at least one even when a single prompt does not; the answers are those of
     fixed-size batches, in the prompts' order."""
-    from lora_tasks import encoding
-    from lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+    from prefect_lora.lora_tasks.training import encoding
 
     lengths = [5, 30, 10, 10, 50, 20]
     order = sorted(range(6), key=lambda i: lengths[i])
@@ -289,8 +291,8 @@ def test_a_planted_trainer_state_is_refused_not_run(tmp_path):
     code) is refused with what to do; the trainer's own state loads."""
     import pickle
 
-    from lora_tasks.errors import TrainingError
-    from lora_tasks.training import read_trainer_state
+    from prefect_lora.lora_tasks.errors import TrainingError
+    from prefect_lora.lora_tasks.training.loop import read_trainer_state
 
     ok = tmp_path / "ok.pt"
     torch.save({"step": 3, "torch_rng": [torch.get_rng_state()], "scheduler": {"last_epoch": 3}}, ok)
@@ -303,9 +305,8 @@ def test_a_planted_trainer_state_is_refused_not_run(tmp_path):
 
 def test_a_diverging_loss_is_a_training_error_that_is_not_retried(tiny_model_dir):
     from prefect.states import Completed, Failed
-
-    from flows.retrain import _worth_retrying
-    from lora_tasks.errors import ConfigError, NonFiniteLoss, TrainingError
+    from prefect_lora.flows.retrain import _worth_retrying
+    from prefect_lora.lora_tasks.errors import ConfigError, NonFiniteLoss, TrainingError
 
     with pytest.raises(NonFiniteLoss, match=r"training loss became (nan|inf) at step \d; lower training.learning_rate"):
         train_worker(make_cfg(learning_rate=1e30, max_grad_norm=None, max_steps=3), ROWS[:32], WorkerContext())
@@ -318,8 +319,7 @@ def test_a_diverging_loss_is_a_training_error_that_is_not_retried(tiny_model_dir
 
 def _ranks_after_broadcast(rank: int, store_path: str, out: dict) -> None:
     import torch.distributed as dist
-
-    from lora_tasks import training
+    from prefect_lora.lora_tasks.training import loop as training
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     torch.manual_seed(rank)  # each rank starts from its own values

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from lora_tasks.config import config_from_dict, load_config
-from lora_tasks.data import load_table, split_train_eval
-from lora_tasks.demo import write_demo_data
-from lora_tasks.errors import LoraTaskError, ValidationFailed
-from lora_tasks.pipeline import contract_kwargs
-from lora_tasks.validation import ValidationReport, build_schema, enforce_policy, validate_splits
+from prefect_lora.lora_tasks.config import config_from_dict, load_config
+from prefect_lora.lora_tasks.data.demo import write_demo_data
+from prefect_lora.lora_tasks.data.prepare import contract_kwargs
+from prefect_lora.lora_tasks.data.sources import load_table, split_train_eval
+from prefect_lora.lora_tasks.data.validation import ValidationReport, build_schema, enforce_policy, validate_splits
+from prefect_lora.lora_tasks.errors import LoraTaskError, ValidationFailed
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from lora_tasks.errors import RegistryError
-from lora_tasks.versions import canonical_version, is_version
+from prefect_lora.lora_tasks.errors import RegistryError
+from prefect_lora.lora_tasks.versions import canonical_version, is_version
 
 
 @pytest.mark.parametrize("given_, canonical", [("2", "2"), ("0002", "2"), (7, "7"), ("10", "10")])

@@ -1,0 +1,364 @@
+"""MLflow tracking I/O: the pipeline's runs, their params, metrics, tags and artifacts. No decisions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from ..config import PipelineConfig
+from ..measurement.forgetting_table import FORGETTING_PREFIXES
+from ..secrets import redacted_config, without_credentials
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """A client bound to `tracking_uri`; also points the fluent API there (pyfunc logging needs it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""Marks the experiment as model training: the MLflow UI opens its runs, charts and models, not
+its GenAI pages (an empty traces view)."""
+
+
+def ensure_experiment(c: MlflowClient, name: str, artifact_location: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location when absent; marked as
+    model training either way (`EXPERIMENT_KIND`) unless someone chose a kind for it already."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        return exp.experiment_id
+    location = artifact_location if "://" in artifact_location else Path(artifact_location).resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config as `section.key` -> string, the way MLflow params want it."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
+    """Create the pipeline's MLflow run with the config as params; returns the run id."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    unfinished = _unfinished_run(c, exp_id, tags)
+    if unfinished:  # an earlier attempt of this very run died: continue its record
+        c.update_run(unfinished, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(unfinished, k, v)
+        return unfinished
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    params = flatten(redacted_config(cfg.model_dump(mode="json")))  # a webhook URL's token never in params
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def start_child_run(tracking_uri: str, parent_run_id: str, run_name: str, params: dict) -> str:
+    """A run nested under `parent_run_id` in the MLflow UI (a remedy's trial), with `params`."""
+    c = client(tracking_uri)
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(parent.info.experiment_id, run_name=run_name,
+                       tags={"mlflow.parentRunId": parent_run_id, "remedy.trial": run_name})
+    for k, v in flatten(params).items():
+        c.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def download_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """A run's artifact folder, downloaded into `dst` (created)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(client(tracking_uri).download_artifacts(run_id, artifact_path, str(dst)))
+
+
+def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str | None:
+    """The latest run of the same run key and config hash that did not finish, if any."""
+    key, config_hash = tags.get("lora.run_key"), tags.get("lineage.config_hash")
+    if not key or not config_hash:
+        return None
+    runs = c.search_runs(
+        [exp_id],
+        filter_string=f"tags.`lora.run_key` = '{key}' and tags.`lineage.config_hash` = '{config_hash}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric names. The code speaks flat names (`train_loss`, `base_accuracy`, `reference_kl`,
+# `task_gain`); MLflow gets them grouped by a `/` prefix so its UI shows one section per group
+# (sorted by name): `eval/adapted/`, `eval/base/`, `eval/champion/`, `forgetting/`, `gate/`,
+# `time/` (seconds of each part), `train/` (the per-step loss and learning rate), and MLflow's own
+# `system/` in its own tab. Reading a run back turns the names flat again, so runs logged before
+# the grouping read the same.
+# ---------------------------------------------------------------------------------------------
+
+_GATE = ("task_gain", "champion_delta", "champion_task_gain")
+_PLAIN_TRAIN = ("learning_rate",)
+_WHO = ("base", "baseline", "adapted", "champion")  # baseline: a classifier's majority class and linear probe
+
+
+def metric_key(name: str) -> str:
+    """The grouped MLflow name of flat metric `name`."""
+    if name.endswith("_seconds"):
+        return f"time/{name}"
+    if name in _GATE:
+        return f"gate/{name}"
+    if name in _PLAIN_TRAIN:
+        return f"train/{name}"
+    if name.startswith(FORGETTING_PREFIXES):
+        return f"forgetting/{name}"
+    for who in _WHO:
+        rest = name.removeprefix(f"{who}_")
+        if rest != name:
+            return f"forgetting/{who}/{rest}" if rest.startswith(FORGETTING_PREFIXES) else f"eval/{who}/{rest}"
+    for group in ("train", "eval"):
+        if name.startswith(f"{group}_"):
+            return f"{group}/{name.removeprefix(group + '_')}"
+    return name
+
+
+def flat_name(key: str) -> str:
+    """The flat name of MLflow metric `key` (the inverse of `metric_key`; other names unchanged)."""
+    group, _, rest = key.partition("/")
+    if not rest:
+        return key
+    if group in ("gate", "time"):
+        return rest
+    if group == "train":
+        return rest if rest in _PLAIN_TRAIN else f"train_{rest}"
+    who, _, tail = rest.partition("/")
+    if group in ("eval", "forgetting") and who in _WHO and tail:
+        return f"{who}_{tail}"
+    if group == "forgetting":
+        return rest
+    return f"eval_{rest}" if group == "eval" else key
+
+
+def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest metrics under their flat names."""
+    return {flat_name(k): v for k, v in MlflowClient(tracking_uri).get_run(run_id).data.metrics.items()}
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log numeric metrics (flat names, grouped by `metric_key`) in one batch; non-numbers are skipped."""
+    now = int(time.time() * 1000)
+    items = [
+        Metric(metric_key(k), float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if items:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=items)
+
+
+class MetricLogger:
+    """A `(metrics, step)` callback for the training loop that logs to the run in batches: one
+    write at most every `every_s` seconds, and what is left on `flush()` (the launchers flush at
+    every checkpoint and at the end). A write per step cost ~15 ms on a SQLite store, a third of a
+    small model's step on a CPU."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
+        self.tracking_uri, self.run_id, self.every_s = tracking_uri, run_id, every_s
+        self._pending: list[Metric] = []
+        self._last = time.monotonic()
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if time.monotonic() - self._last >= self.every_s or len(self._pending) >= 900:  # log_batch takes 1,000
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+        self._last = time.monotonic()
+
+
+def metric_logger(tracking_uri: str, run_id: str) -> MetricLogger:
+    """The training loop's `(metrics, step)` callback that logs to the run (`MetricLogger`)."""
+    return MetricLogger(tracking_uri, run_id)
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file or folder to the run's artifacts."""
+    c = MlflowClient(tracking_uri)
+    p = Path(path)
+    (c.log_artifacts if p.is_dir() else c.log_artifact)(run_id, str(p), artifact_path)
+
+
+def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Log rows as an MLflow table (shown in the run's Artifacts and the evaluation view)."""
+    if rows:
+        import pandas as pd
+
+        MlflowClient(tracking_uri).log_table(run_id, pd.DataFrame(rows), artifact_file)
+
+
+def log_datasets(tracking_uri: str, run_id: str, splits: dict[str, tuple[str, int]], name: str, digest: str,
+                 columns: list[str]) -> None:
+    """Record the data a run used as MLflow datasets (the run's "Datasets"): one per split, named
+    `<name>-<split>`, with the data fingerprint as digest, its source file, its columns (all
+    strings, as the contract reads them) and its row count. `splits` maps `train` and `eval` to
+    (source path, rows). Only metadata: the rows stay where they are."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    schema = json.dumps({"mlflow_colspec": [{"type": "string", "name": c, "required": True} for c in columns]})
+    inputs = [
+        DatasetInput(Dataset(f"{name}-{split}", digest[:32], "local",
+                             json.dumps({"uri": Path(path).resolve().as_uri() if "://" not in path else path}),
+                             schema, json.dumps({"num_rows": rows})),
+                     [InputTag("mlflow.data.context", {"train": "training", "eval": "evaluation"}[split])])
+        for split, (path, rows) in splits.items()
+    ]
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = MlflowClient(tracking_uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, every_s: float = 10.0):
+    """Log this machine's CPU, memory, disk and network use (`system/*` metrics, GPU too where
+    one is present) to the run every `every_s` seconds while the block runs: MLflow's charts of
+    what training and evaluation cost. Only the machine of this process (with a local Ray, all
+    of the run's workers); nothing when psutil is absent."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracking_uri)  # a retry goes on
+    except ImportError:  # psutil missing
+        monitor = None
+    if monitor is not None:
+        monitor.start()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("train_loss", "learning_rate")) -> dict:
+    """(step, value) pairs per metric of a run, e.g. the loss curve the workers logged."""
+    c = client(tracking_uri)
+    history = {}
+    for k in keys:  # grouped names, or flat ones for runs logged before the grouping
+        history[k] = [(m.step, m.value) for m in c.get_metric_history(run_id, metric_key(k))] or \
+            [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+    return history
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` serves a local store by default."""
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of `tracking_uri` is: the tracking server itself, or for a local store
+    the address `mlflow ui` (`ui_command`) serves it on by default."""
+    return without_credentials(tracking_uri).rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+
+
+def is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+_UNREACHABLE = {"Connection refused": "connection refused", "timed out": "no answer in time",
+                "Name or service not known": "unknown host", "Failed to establish a new connection": "no connection",
+                "Max retries exceeded": "no answer"}
+
+
+def unreachable_server(exc: BaseException) -> str | None:
+    """What to tell a user whose MLflow call never reached its tracking server (down, wrong
+    address), else None: the server, why, and where to point instead."""
+    text = str(exc)
+    if type(exc).__name__ != "MlflowException" or "API request to " not in text:
+        return None
+    why = next((w for needle, w in _UNREACHABLE.items() if needle in text), None)
+    if why is None:
+        return None
+    server = text.split("API request to ", 1)[1].split("/api/", 1)[0].split()[0]
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return (f"the MLflow tracking server at {without_credentials(server)} did not answer ({why}, after "
+            f"{retries} retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES). Start it, or point --tracking-uri or "
+            "MLFLOW_TRACKING_URI at one that runs.")
+
+
+def run_page(tracking_uri: str, run_id: str) -> str:
+    """The run's page, in MLflow's model training view (`workflowType`), not its GenAI pages."""
+    exp = client(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+
+
+def version_page(tracking_uri: str, name: str, version: str) -> str:
+    """A registered version's page."""
+    from urllib.parse import quote
+
+    return f"{ui_base(tracking_uri)}/#/models/{quote(name, safe='')}/versions/{version}"
+
+
+def run_url(tracking_uri: str, run_id: str) -> str:
+    """Where the run is seen: its page on a server's UI, or for a local store the `mlflow ui`
+    command (this environment's) and the page it then serves."""
+    page = run_page(tracking_uri, run_id)
+    return page if is_server(tracking_uri) else f"{ui_command(tracking_uri)}, then {page}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that starts the MLflow UI on a local store, with this environment's `mlflow`."""
+    return f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {tracking_uri}"
+
+
+def now_iso() -> str:
+    """Now in UTC, ISO-8601 with microseconds: the time stamp of audit records and skip tags."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+0000")
+
+
+def record_skip(cfg: PipelineConfig, tags: dict[str, str], version: str, champion_version: str | None,
+                reason: str) -> str:
+    """A short, finished run tagged `promotion.decision=skipped`: the schedule ran and found nothing
+    new since `version` (the champion, or the latest decided version). That version gets
+    `schedule.last_skip` (when, which run). Returns the run id."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
+    run = c.create_run(exp_id, run_name=f"skipped-{tags.get('lora.run_key', '')}"[:250], tags={
+        **{k: str(v) for k, v in tags.items()}, "promotion.decision": "skipped", "promotion.reasons": reason,
+        "promotion.champion_compared": str(champion_version), "promotion.repeats": str(version),
+        "mlflow.note.content": reason})
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    c.set_model_version_tag(cfg.model_name, str(version), "schedule.last_skip",
+                            json.dumps({"at": now_iso(), "run_id": run.info.run_id}))
+    return run.info.run_id
