@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -138,9 +140,23 @@ def _runtime_env() -> dict:
     """What an existing cluster's workers get with the job: this package's code (uploaded, so the
     cluster needs only the dependencies, not a copy of the project) and quiet, offline-safe
     settings. The config and in-memory data travel in the trainer's `train_loop_config`."""
-    root = Path(__file__).resolve().parents[1]
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    return {"py_modules": [str(root / "lora_tasks")], "env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}
+    return {"py_modules": [_package_for_workers()], "env_vars": {"TOKENIZERS_PARALLELISM": "false", **env}}
+
+
+@functools.cache
+def _package_for_workers() -> str:
+    """The `prefect_lora` package folder as workers import it: where it is installed (a wheel
+    holds `lora_tasks` inside it), else, from a checkout or an editable install where the folders
+    sit apart, a copy of its `__init__` and of `lora_tasks` (workers need no flows)."""
+    top = sys.modules[__name__.split(".")[0]]
+    package, library = Path(top.__file__).parent, Path(__file__).resolve().parents[1]
+    if (package / "lora_tasks").resolve() == library:
+        return str(package)
+    staged = Path(tempfile.mkdtemp(prefix="prefect-lora-job-")) / package.name
+    shutil.copytree(library, staged / "lora_tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(package / "__init__.py", staged / "__init__.py")
+    return str(staged)
 
 
 # Settings of the driver that workers elsewhere must see too (model cache, hub access, logging).
