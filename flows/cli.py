@@ -151,10 +151,12 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Retrain even when data and config equal those of the champion "
                                                         "or of the latest version the gate decided.")] = False,
 ) -> None:
-    """Run the retraining flow for CONFIG: validate, train, evaluate, register, gate."""
+    """Run the retraining flow for CONFIG (a YAML file, or block:NAME): validate, train, evaluate, register, gate."""
+    from prefect_lora.flows.blocks import block_name
     from prefect_lora.lora_tasks.config import load_config
 
-    load_config(config, set_)  # config errors before any engine starts
+    if block_name(str(config)) is None:  # a block is read by the flow
+        load_config(config, set_)  # config errors before any engine starts
     from prefect_lora.flows.settings import hide_expected_tracebacks, start_prefect_api_early
 
     api_ready = start_prefect_api_early()
@@ -267,6 +269,22 @@ def compare_full(
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+block_app = typer.Typer(no_args_is_help=True, help="The pipeline config as a Prefect block: saved by name, edited in the UI.")
+app.add_typer(block_app, name="block")
+
+
+@block_app.command("save")
+@_exit_on_errors()
+def block_save(config: Path, name: Annotated[str, typer.Option(help="The block's name: lowercase letters, digits, dashes.")],
+               set_: SetOption = None, overwrite: Annotated[bool, typer.Option(help="Replace a block of that name.")] = False) -> None:
+    """Save CONFIG as the Prefect block NAME: edit it in the Prefect UI, run it with `prefect-lora run block:NAME`."""
+    from prefect_lora.flows.blocks import save_config_block
+
+    save_config_block(config, name, set_, overwrite)
+    console.print(f"[green]ok[/]: {config} saved as block {name} (run it: prefect-lora run block:{name})",
+                  highlight=False, soft_wrap=True)
+
+
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo: SmolLM2 learns customer messages -> JSON.")
 app.add_typer(demo_app, name="demo")
 
@@ -341,8 +359,8 @@ def _mlflow_pages(result: RunResult) -> list[str]:
         return [f"MLflow: the store {result.tracking_uri}, run {result.run_id}"]
 
 
-TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else this folder's store sqlite:///.prefect-lora/mlflow.db).")]
-NotifyOption = Annotated[Optional[str], typer.Option("--notify", help="URL of a running `prefect-lora serve` to swap at once (POST /admin/refresh).")]
+TrackingOption = Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else this folder's store sqlite:///.prefect-lora/mlflow.db).")]
+NotifyOption = Annotated[str | None, typer.Option("--notify", help="URL of a running `prefect-lora serve` to swap at once (POST /admin/refresh).")]
 
 
 def _read_only() -> None:
@@ -353,7 +371,7 @@ def _read_only() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 
-def _tracking(uri: Optional[str]) -> str:
+def _tracking(uri: str | None) -> str:
     """The MLflow store of a command that takes no config: --tracking-uri, else MLFLOW_TRACKING_URI,
     else this folder's default store. A SQLite store that does not exist is an error, never created."""
     import os
@@ -399,8 +417,8 @@ def promote(
 @_exit_on_errors()
 def rollback(
     name: str,
-    to: Annotated[Optional[str], typer.Option("--to", help="Version to go back to (default: the previous champion).")] = None,
-    reason: Annotated[Optional[str], typer.Option("--reason", help="Why: kept in the audit history.")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Version to go back to (default: the previous champion).")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why: kept in the audit history.")] = None,
     tracking_uri: TrackingOption = None,
     notify: NotifyOption = None,
 ) -> None:
@@ -456,19 +474,19 @@ def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption 
 @app.command()
 @_exit_on_errors(ValueError)  # an invalid serve config (deploy.serve_core raises ValueError)
 def serve(
-    name: Annotated[Optional[str], typer.Argument(help="Registered model to serve (the default for requests "
+    name: Annotated[str | None, typer.Argument(help="Registered model to serve (the default for requests "
                                                        "that name none); with --fleet, the fleet's first member.")] = None,
     member: Annotated[Optional[list[str]], typer.Option("--member", metavar="NAME", help="Another registered model on the same base "
                                                         "to serve beside NAME (repeat it).")] = None,
     fleet: Annotated[Optional[Path], typer.Option("--fleet", help="Serve every member of this fleet file.")] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default: the serve config's, else 8000).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Listen address (default: the serve config's, else 127.0.0.1; "
+    host: Annotated[str | None, typer.Option(help="Listen address (default: the serve config's, else 127.0.0.1; "
                                                      "another address needs a token).")] = None,
     tracking_uri: TrackingOption = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Serve config YAML (limits, canary, token block...).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="adapter (multiplexed on one base) or merged.")] = None,
+    mode: Annotated[str | None, typer.Option(help="adapter (multiplexed on one base) or merged.")] = None,
     canary_share: Annotated[Optional[float], typer.Option(help="Share of champion traffic sent to the challenger.")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
 ) -> None:
     """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C; with
     --member or --fleet, many registered models of one base, each by NAME@ALIAS."""
@@ -535,7 +553,7 @@ def _age(seconds: float) -> str:
 @app.command()
 @_exit_on_errors()
 def status(
-    name: Annotated[Optional[str], typer.Argument(help="Registered model (default: every model in the store).")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registered model (default: every model in the store).")] = None,
     tracking_uri: TrackingOption = None,
     as_json: JsonOption = False,
 ) -> None:

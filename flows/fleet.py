@@ -82,19 +82,19 @@ def watch_fleet(fleet_path: str, overrides: list[str] | None = None) -> list[str
     Returns the members it emitted for. Run it on an interval (prefect.yaml), or emit the same
     event from whatever writes the data."""
     from prefect.events import emit_event
-    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.flows.blocks import read_config
 
     fleet = load_fleet(fleet_path, overrides)
     log, states, files = get_run_logger(), {}, {}
     for m in fleet.members:
         try:
-            cfg = load_config(fleet.config, m.overrides)
+            cfg = read_config(fleet.config, m.overrides)
         except Exception as exc:  # noqa: BLE001  (a broken member is its own run's error to report)
             log.warning("member %s: config does not load (%s); not watched", m.name, exc)
             continue
         files[m.name] = [p for p in (cfg.data.train_path, cfg.data.eval_path) if p]
         states[m.name] = data_state(files[m.name])
-    state_file = Path(load_config(fleet.config).scaling.storage_path) / "watch" / f"{_fleet_key(fleet.path)}.json"
+    state_file = Path(read_config(fleet.config).scaling.storage_path) / "watch" / f"{_fleet_key(fleet.path)}.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     changed = changed_members(states, previous)
     for name in changed:

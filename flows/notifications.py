@@ -63,10 +63,10 @@ def _settings(flow_run) -> tuple[dict, dict]:
     settings = facts.get("notifications")
     if settings is None:
         try:
-            from prefect_lora.lora_tasks.config import load_config
+            from prefect_lora.flows.blocks import read_config
 
             params = flow_run.parameters or {}
-            cfg = load_config(params["config_path"], params.get("overrides"))
+            cfg = read_config(params["config_path"], params.get("overrides"))
             settings = cfg.notifications.model_dump()
             facts.setdefault("model_name", cfg.model_name)
         except Exception:  # noqa: BLE001  (a broken config is itself the failure being reported)

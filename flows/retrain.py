@@ -18,10 +18,11 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect_lora.flows import (
     notifications,
-    settings,  # noqa: F401  (quiet, non-interactive defaults before prefect loads)
+    settings,
 )
+from prefect_lora.flows.blocks import read_config
 from prefect_lora.flows.locks import shared_alias_lock
-from prefect_lora.lora_tasks.config import PipelineConfig, config_from_dict, load_config
+from prefect_lora.lora_tasks.config import PipelineConfig, config_from_dict
 from prefect_lora.lora_tasks.data.prepare import PreparedData, columns, lineage_tags, run_dir_for, same_base
 from prefect_lora.lora_tasks.errors import ConfigError, DataError, NonFiniteLoss, ValidationFailed
 from prefect_lora.lora_tasks.gate.decide import decide_on_report
@@ -168,9 +169,12 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
 
 
 @task(name="log-to-mlflow", **MLFLOW_RETRIES)
-def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.DataSummary, report: EvalReport,
-                train_metrics: dict) -> None:
+def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.DataSummary | PreparedData,
+                report: EvalReport, train_metrics: dict) -> None:
+    """The run's metrics, tables, datasets and the data contract's reports into its MLflow run."""
     import json
+
+    data = data if isinstance(data, lifecycle.DataSummary) else lifecycle.DataSummary.of(data)
 
     uri, m = cfg.tracking.tracking_uri, train_metrics
     tracking.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
@@ -421,13 +425,14 @@ HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.
 
 @flow(name="lora-retrain", log_prints=True, **HOOKS)
 def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False, hold: bool = False) -> RunResult:
-    """Retrain a LoRA adapter from CONFIG, evaluate it against its base, register and gate it.
+    """Retrain a LoRA adapter from CONFIG (a YAML file, or block:NAME of a saved `PipelineConfigBlock`),
+    evaluate it against its base, register and gate it.
 
     Skipped (a Completed state "skipped: no new data") when the champion, or the latest version the
     gate decided (promoted or not), was trained on the same data and config, unless `force`. `hold` stops after the evaluation, with registration.json
     written and the gate's p-value in the result, for a caller that gates many runs together
     (a fleet) and completes each with `register_run`."""
-    cfg = load_config(config_path, overrides)
+    cfg = read_config(config_path, overrides)
     run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
     notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir,
                            notifications=cfg.notifications.model_dump())

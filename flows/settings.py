@@ -33,8 +33,8 @@ import sys
 if not (sys.stderr.isatty() and sys.stdout.isatty()):  # scheduled runs under a worker: log lines, no progress bars
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-import logging  # noqa: E402
-import warnings  # noqa: E402
+import logging
+import warnings
 
 logging.getLogger("lora_tasks").setLevel(logging.INFO)  # its progress lines (INFO) reach the flow's log
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter around each run

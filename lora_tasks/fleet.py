@@ -49,7 +49,7 @@ class Member:
 class Fleet:
     path: str
     config: str
-    """The shared config every member starts from."""
+    """The shared config every member starts from: a YAML file, or block:NAME (a saved config block)."""
     members: list[Member]
     fdr: float | None = 0.05
     """False discovery rate across the members' gates: each member's run is held after its
@@ -93,8 +93,9 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     config = raw.get("config")
     if not isinstance(config, str) or not config.strip():
         problems.append("config: the path of the config every member shares is required")
-    elif not Path(config).expanduser().is_file():
-        problems.append(f"config: no such file {config!r} (relative paths are relative to the working directory)")
+    elif not config.startswith("block:") and not Path(config).expanduser().is_file():
+        problems.append(f"config: no such file {config!r} (relative paths are relative to the working directory; "
+                        "block:NAME names a config saved as a Prefect block)")
     members = _members(_with_globbed(raw.get("members"), raw.get("members_from"), problems), list(overrides or []), problems)
     if problems:
         raise ConfigError(problems, str(p))

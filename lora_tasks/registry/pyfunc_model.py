@@ -81,7 +81,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             probs = self.model(**enc).logits.softmax(-1)
             score, idx = probs.max(-1)
             return pd.DataFrame({"label": [str(self.labels[i]) for i in idx.tolist()], "score": score.tolist()})
-        from lora_tasks.encoding import generate_answers
+        from lora_tasks.training.encoding import generate_answers
 
         max_new = int((params or {}).get("max_new_tokens", 64))
         return pd.DataFrame({"completion": generate_answers(self.model, self.tokenizer, texts, max_new, 8, **self.prompting)})

@@ -78,7 +78,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
             python_model=pyfunc_model.__file__,  # model from code: loading unpickles nothing
             artifacts={"adapter": str(adapter_dir), "settings": str(settings)},
             signature=signature,
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # lora_tasks, which the model file imports
             pip_requirements=_requirements(),
         )
     return info.model_uri
