@@ -36,4 +36,4 @@ _all, __getattr__, __dir__ = lazy_exports(__name__, {
     "lora_tasks.gate.decide": ["decide_on_report"],
     "lora_tasks.registry.lifecycle": ["RunResult"],
 })
-__all__ = ["__version__", *_all]
+__all__ = ["__version__", *_all]  # noqa: PLE0604  (names, listed by lazy_exports)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_wheel_holds_one_package_and_its_console_script(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (wheel,) = tmp_path.glob("prefect_lora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
