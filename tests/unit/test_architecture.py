@@ -135,3 +135,19 @@ def test_the_domain_core_imports_without_prefect_ray_or_torch(module):
                           "print(sorted(m for m in ('prefect', 'ray', 'torch') if m in sys.modules))"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_code_imports_the_installed_names_only():
+    """`flows`, `deploy` and `lora_tasks` are folders of the checkout, installed as
+    `prefect_lora.flows` etc.: an import by the folder's name works only from a checkout. The
+    pyfunc model file is the one exception: MLflow loads it beside a copy of lora_tasks."""
+    by_folder = []
+    for folder in ("lora_tasks", "flows", "deploy", "bench", "tests", "prefect_lora"):
+        for p in (ROOT / folder).rglob("*.py"):
+            if p.name == "pyfunc_model.py":
+                continue
+            for node in ast.walk(ast.parse(p.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
+                by_folder += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in OURS - {"prefect_lora"}]
+    assert by_folder == []
