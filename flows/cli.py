@@ -131,11 +131,11 @@ def _warm(cfg) -> None:
     database_ready = create_prefect_database_early()  # not in the first run
     progress = logging.StreamHandler(sys.stderr)  # minutes on a small CPU: its progress lines (no Prefect here)
     progress.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logging.getLogger("lora_tasks").addHandler(progress)
+    logging.getLogger("prefect_lora.lora_tasks").addHandler(progress)
     try:
         w = warm_base(cfg, _checks_dir(cfg))
     finally:
-        logging.getLogger("lora_tasks").removeHandler(progress)
+        logging.getLogger("prefect_lora.lora_tasks").removeHandler(progress)
         database_ready()
     scored = (f"{w.eval_rows} eval rows scored, task scores and forgetting states kept" if w.scores_kept else
               "no scores kept: a hub id at a branch or tag may change; pin base_model.revision to a commit to keep them")

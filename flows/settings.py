@@ -36,7 +36,7 @@ if not (sys.stderr.isatty() and sys.stdout.isatty()):  # scheduled runs under a 
 import logging
 import warnings
 
-logging.getLogger("lora_tasks").setLevel(logging.INFO)  # its progress lines (INFO) reach the flow's log
+logging.getLogger("prefect_lora.lora_tasks").setLevel(logging.INFO)  # its progress lines (INFO) reach the flow's log
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter around each run
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -151,3 +151,11 @@ def test_code_imports_the_installed_names_only():
                     [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
                 by_folder += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in OURS - {"prefect_lora"}]
     assert by_folder == []
+
+
+def test_the_librarys_progress_lines_reach_the_flow_log_under_the_installed_name():
+    import logging
+
+    import prefect_lora.flows.settings  # noqa: F401  (sets the levels)
+
+    assert logging.getLogger("prefect_lora.lora_tasks.measurement.evaluation").getEffectiveLevel() == logging.INFO
