@@ -128,10 +128,14 @@ def prepare_in_memory(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
 
 
 def code_version() -> str:
-    """The package version, plus the git commit when running from a checkout."""
+    """The package version, plus the git commit when running from a checkout (not the commit of a
+    project whose virtual environment holds the installed package)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():
+        return __version__
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
