@@ -24,21 +24,24 @@ def check_evidence_files(cfg: PipelineConfig) -> None:
         read_mc_benchmark(path)
 
 
+def _text_lines(p: Path, what: str, missing_fix: str) -> list[str]:
+    """The lines of UTF-8 text file `p` (`what` it is, in errors), or a DataError saying the fix."""
+    if not p.is_file():
+        raise DataError(f"{what} {p} does not exist; {missing_fix}")
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {p} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+
 
 def read_reference_texts(path: str | Path) -> list[str]:
     """Non-blank lines of a plain-text corpus, stripped (WikiText's blank lines are skipped)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"reference corpus {p} does not exist; set evaluation.reference.path to a text file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"reference corpus {p} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    lines = _text_lines(p, "reference corpus", "set evaluation.reference.path to a text file")
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise DataError(f"reference corpus {p} has no non-blank line")
     return texts
-
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,12 @@ class MCQuestion:
     """0-based index of the right choice."""
 
 
-
 def read_mc_benchmark(path: str | Path) -> list[MCQuestion]:
     """A JSONL multiple-choice benchmark: one `{"question", "choices", "answer"}` object per line,
     `answer` the 0-based index of the right choice or its text. Any bad line raises a DataError
     naming the file, the line and the field."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"benchmark file {p} does not exist; check evaluation.reference.benchmarks")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"benchmark file {p} is not UTF-8 text (byte {exc.start})") from None
+    lines = _text_lines(p, "benchmark file", "check evaluation.reference.benchmarks")
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
