@@ -20,7 +20,7 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     # lora_tasks' progress lines (a remedy's trials) appear in the flow's log and the Prefect UI.
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "lora_tasks",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "prefect_lora.lora_tasks",
     # Library deprecation chatter (also in Ray workers, which inherit this environment).
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }

@@ -156,6 +156,8 @@ def test_code_imports_the_installed_names_only():
 def test_the_librarys_progress_lines_reach_the_flow_log_under_the_installed_name():
     import logging
 
-    import prefect_lora.flows.settings  # noqa: F401  (sets the levels)
+    from prefect_lora.flows import settings
+    from prefect_lora.lora_tasks.measurement import evaluation
 
-    assert logging.getLogger("prefect_lora.lora_tasks.measurement.evaluation").getEffectiveLevel() == logging.INFO
+    assert evaluation.log.getEffectiveLevel() == logging.INFO
+    assert evaluation.log.name.startswith(settings.DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"] + "."), "Prefect forwards them"
