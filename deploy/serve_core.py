@@ -14,16 +14,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from prefect_lora.lora_tasks.config_io import yaml_error
+from prefect_lora.lora_tasks.config_io import StrictNumbers, plain, read_yaml
+from prefect_lora.lora_tasks.errors import ConfigError
 from prefect_lora.lora_tasks.versions import canonical_version, is_version
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 TOKEN_ENV = "PREFECT_LORA_SERVE_TOKEN"
 ALIASES = ("champion", "challenger")
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(StrictNumbers):
     """How one registered model is served. Every field has a safe default."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -117,11 +117,12 @@ def _read_serve_yaml(path: Path) -> dict:
         raise ValueError(f"serve config {path}: {'is a folder' if path.is_dir() else 'no such file'}; "
                          "give a YAML file like deploy/serve.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"serve config {path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"serve config {path}: {yaml_error(exc)}") from None
+        raw = read_yaml(path, "serve config")
+        raw = plain(raw, source="serve config")  # aliases expanded within bounds, huge numbers refused by key
+    except ConfigError as exc:
+        raise ValueError(f"serve config {path}: {'; '.join(exc.problems)}") from None
+    except OSError as exc:
+        raise ValueError(f"serve config {path}: cannot read it ({exc.strerror or exc})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -90,10 +90,11 @@ def _exit_on_errors(*also: type[Exception]):
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check CONFIG and its data against the contract; print the report. Trains nothing."""
     from prefect_lora.lora_tasks.config import load_config
+
+    cfg = load_config(config, set_)  # a config error before torch and the data layer are imported
     from prefect_lora.lora_tasks.measurement import power
     from prefect_lora.lora_tasks.training.launcher import prepare_data
 
-    cfg = load_config(config, set_)
     data = prepare_data(cfg, _checks_dir(cfg))
     Console().print(Markdown(data.report.to_markdown()))
     console.print(f"[green]ok[/]: {data.train_count} train and {len(data.eval_rows)} eval rows valid; "

@@ -16,13 +16,14 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal  # noqa: UP035
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .config_io import (  # noqa: F401  (part of the API)
+    StrictNumbers,
     apply_overrides,
     format_error,
     parse_overrides,
+    read_yaml,
     resolve_paths,
     without_defaults_added_later,
     yaml_error,
@@ -43,7 +44,7 @@ def _problem_line(prefix: str, key: str, message: str) -> str:
     return f"{path}: {message}" if path else message
 
 
-class _Section(BaseModel):
+class _Section(StrictNumbers):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               allow_inf_nan=False)  # no setting means anything with inf or nan
 
@@ -201,8 +202,8 @@ class TrainingConfig(_Section):
     """Tokens per example; longer ones are truncated (causal LM keeps the prompt's end)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping; null turns it off."""
-    seed: int = 42
-    """Seeds data order, LoRA init and dropout."""
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    """Seeds data order, LoRA init and dropout: 0 to 2**32 - 1 (numpy's range)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: much less memory for
     long sequences, about a third more compute."""
@@ -465,8 +466,8 @@ class RemedyConfig(_Section):
 class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///.prefect-lora/mlflow.db"
     """MLflow tracking URI: a SQLite file (default) or a server `http://host:5000`."""
-    experiment: str | None = None
-    """MLflow experiment name; defaults to the registered model name."""
+    experiment: str | None = Field(None, min_length=1, max_length=250)
+    """MLflow experiment name (at most 250 characters); defaults to the registered model name."""
     artifact_location: str = ".prefect-lora/mlartifacts"
     """Artifact root for a new experiment (ignored when the experiment exists)."""
 
@@ -507,8 +508,8 @@ class RetentionConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    """Registered model name in MLflow (letters, digits, `_ . -`)."""
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)
+    """Registered model name in MLflow and folder of its runs (letters, digits, `_ . -`; at most 100)."""
     task: TaskType
     """`causal_lm` or `sequence_classification`."""
     base_model: BaseModelConfig
@@ -633,18 +634,16 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | No
         raise ConfigError([format_error(e) for e in exc.errors()] + cross_field, source) from None
     if cross_field:
         raise ConfigError(cross_field, source)
-    return resolve_paths(cfg)
+    return resolve_paths(cfg, source)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
     """Load and validate a YAML config file; `overrides` are `key.path=value` strings."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"no such file: {p} (give the path to a YAML config, e.g. configs/tiny.yaml)"], str(p))
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(["file is not UTF-8 text"], str(p)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([yaml_error(exc)], str(p)) from None
+        if not p.is_file():
+            raise ConfigError([f"no such file: {p} (give the path to a YAML config, e.g. configs/tiny.yaml)"], str(p))
+        raw = read_yaml(p, str(p))
+    except OSError as exc:  # unreadable, or a name too long for the file system
+        raise ConfigError([f"cannot read it ({exc.strerror or exc}): give the path to a YAML config"], str(p)) from None
     return config_from_dict(raw if raw is not None else {}, source=str(p), overrides=overrides)

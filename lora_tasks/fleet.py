@@ -28,9 +28,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
-from .config_io import plain, yaml_error
+from .config_io import plain, read_yaml
 from .errors import ConfigError
 from .gate.promotion import FleetGate, fdr_threshold
 from .registry.lifecycle import RunResult
@@ -69,13 +67,9 @@ def load_fleet(path: str | Path, overrides: list[str] | None = None) -> Fleet:
     Every problem of the file's shape is reported at once, naming the member."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = read_yaml(p, str(p))
     except OSError as exc:
         raise ConfigError([f"cannot read the fleet file ({exc.strerror or exc}): give the path to a fleet YAML"], str(p)) from None
-    except UnicodeDecodeError:
-        raise ConfigError(["file is not UTF-8 text"], str(p)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([yaml_error(exc)], str(p)) from None
     problems: list[str] = []
     raw = plain(raw, problems=problems, source=str(p)) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict):

@@ -180,3 +180,36 @@ def test_a_webhook_url_given_with_set_reaches_the_flow_through_the_environment_n
     kept = secrets_to_environment(["training.max_steps=3", "notifications.webhook_url=https://hooks.example/T0K3N"])
     assert kept == ["training.max_steps=3"]
     assert os.environ[WEBHOOK_ENV] == "https://hooks.example/T0K3N"
+
+
+BILLION_LAUGHS = "lol0: &lol0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]\n" for i in range(1, 10))
+
+
+def _one_error(result, *needles: str) -> None:
+    """The command ended with exit 1 and one problem, naming `needles`, and no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and all(n in problems[0] for n in needles), result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("override, needles", [
+    ("training.seed=-1", ("training.seed", "greater than or equal to 0")),  # was numpy's ValueError mid-run
+    ("model_name=" + "m" * 300, ("model_name", "at most 100 characters")),  # was OSError: file name too long
+    ("training.batch_size=true", ("training.batch_size", "is a boolean")),  # was read as 1
+    ("training.max_steps=" + "9" * 5000, ("training.max_steps", "out of range")),  # was int()'s conversion limit
+    ("training.learning_rate=1e400", ("training.learning_rate", "finite")),
+])
+def test_values_a_run_cannot_use_end_validate_and_run_with_one_error_naming_the_key(tmp_path, command, override, needles):
+    _one_error(runner.invoke(app, [command, str(_config(tmp_path)), "--set", override]), *needles)
+
+
+def test_a_yaml_alias_bomb_is_refused_not_expanded(tmp_path):
+    """Found by hand: 9 levels of 9 aliases took `validate` past 1.1 GB and 120 s, expanding
+    387 million values. The expansion is bounded: refused by the key it reached."""
+    path = _config(tmp_path)
+    path.write_text(path.read_text() + BILLION_LAUGHS)
+    _one_error(runner.invoke(app, ["validate", str(path)]), "lol", "expands to more than 100,000 values")

@@ -159,3 +159,16 @@ def test_serve_fleet_follows_members_without_a_champion_yet(tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert "no champion yet: m-later (served once promoted" in " ".join(result.output.split())
     assert (served[0].model_name, served[0].members) == ("m-ready", ["m-later"])
+
+
+@pytest.mark.parametrize("command", [["promote", "m", "1" * 5000, "--reason", "r"], ["rollback", "m", "--to", "1" * 5000]])
+def test_a_version_of_thousands_of_digits_is_one_error_not_a_conversion_traceback(tmp_path, tiny_model_dir, command):
+    """Found by hand: `promote NAME <5000 digits>` ended in int()'s conversion-limit ValueError."""
+    from prefect_lora.deploy.testing import register_random_adapters
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    register_random_adapters(uri, "m", tiny_model_dir, [1], tmp_path)
+    result = runner.invoke(app, [*command, "--tracking-uri", uri])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and "5,000 digits is not a version number" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

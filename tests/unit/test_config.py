@@ -5,6 +5,7 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prefect_lora.lora_tasks.config import PipelineConfig, apply_overrides, config_from_dict, load_config
+from prefect_lora.lora_tasks.config_io import MAX_VALUES, load_yaml
 from prefect_lora.lora_tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,42 +149,168 @@ def _leaves(d: dict, prefix: str = "") -> list[str]:
     return [k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
 
 
+def _values(d):
+    for v in d.values():
+        yield from (_values(v) if isinstance(v, dict) else [v])
+
+
 LEAVES = _leaves(config_from_dict(MINIMAL).model_dump(mode="json"))
+HUGE_NUMBERS = st.sampled_from([10**5000, -(10**5000), 2**63, -(2**64), 10**40, float("1e400"), float("-1e400"), 1e308])
+LONG_STRINGS = st.integers(100, 5000).flatmap(lambda n: st.sampled_from(["a" * n, "/" + "b" * n, "c/" * (n // 2), "~" + "d" * n]))
 ODD_VALUES = st.one_of(st.dates(), st.datetimes(), st.binary(max_size=4), st.sets(st.integers(), max_size=2),
                        st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**40), 10**40),
-                       st.text(max_size=8), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+                       st.text(max_size=8), st.none(), st.booleans(), st.lists(st.integers(), max_size=2),
+                       HUGE_NUMBERS, LONG_STRINGS, st.lists(st.booleans(), min_size=1, max_size=2),
+                       st.sampled_from(["\ud800", "a\udfffb", "~" + "u" * 300 + "/x"]))
+
+
+def _with(raw: dict, key: str, value) -> dict:
+    import copy
+
+    raw = copy.deepcopy(raw)
+    node = raw
+    *sections, leaf = key.split(".")
+    for s in sections:
+        node = node.setdefault(s, {})
+    node[leaf] = value
+    return raw
+
+
+def _names_the_key(exc: ConfigError, key: str) -> None:
+    """Every problem is one line; one of them names the key, or its section where the value broke
+    a rule between keys (`replay.share` set, `replay.source` then needs a prompt column)."""
+    assert exc.problems and all(isinstance(p, str) and "\n" not in p for p in exc.problems)
+    leaf, section = key.rsplit(".", 1)[-1], key.split(".")[0]
+    assert any(key in p or leaf in p or p.startswith(section) for p in exc.problems), (key, exc.problems)
+
+
+def _sound(cfg: PipelineConfig) -> None:
+    """An accepted config hashes, has every key, and holds no inf, nan, or boolean where a number goes."""
+    import math
+
+    assert len(cfg.config_hash()) >= 12
+    assert _leaves(cfg.model_dump(mode="json")) == LEAVES
+    assert not [v for v in _values(cfg.model_dump()) if isinstance(v, float) and not math.isfinite(v)]
+    defaults = dict(zip(LEAVES, _values(config_from_dict(MINIMAL).model_dump()), strict=True))
+    for key, v in zip(LEAVES, _values(cfg.model_dump()), strict=True):
+        number = isinstance(defaults[key], (int, float)) and not isinstance(defaults[key], bool)
+        assert not (number and isinstance(v, bool)), (key, v)
 
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.sampled_from(LEAVES), value=ODD_VALUES)
 @example(key="replay.path", value="\x00")  # found by this test: a path with NUL broke resolving paths
 @example(key="training.learning_rate", value=float("inf"))
+@example(key="base_model.name_or_path", value="e" * 300)  # found by this test: OSError, file name too long
+@example(key="training.max_steps", value=10**5000)  # no str() of it: int() refuses 4,300 digits
 def test_any_value_at_any_key_is_a_config_or_a_one_line_error(key, value):
-    """What YAML can produce (dates, binary, sets, inf, nan, huge ints) never escapes as anything
-    but a ConfigError naming the key; an accepted config hashes and has no inf or nan."""
-    import copy
-    import math
-
-    raw = copy.deepcopy(MINIMAL)
-    node = raw
-    *sections, leaf = key.split(".")
-    for s in sections:
-        node = node.setdefault(s, {})
-    node[leaf] = value
+    """What YAML can produce (dates, binary, sets, inf, nan, huge ints, long text) never escapes as
+    anything but a ConfigError naming the key; an accepted config hashes and has no inf or nan."""
     try:
-        cfg = config_from_dict(raw)
+        cfg = config_from_dict(_with(MINIMAL, key, value))
     except ConfigError as exc:
-        assert exc.problems and all(isinstance(p, str) and "\n" not in p for p in exc.problems)
+        _names_the_key(exc, key)
         return
-    assert len(cfg.config_hash()) >= 12
-    dumped = _leaves(cfg.model_dump(mode="json"))
-    assert dumped == LEAVES
-    assert not [v for v in _values(cfg.model_dump()) if isinstance(v, float) and not math.isfinite(v)]
+    _sound(cfg)
 
 
-def _values(d):
-    for v in d.values():
-        yield from (_values(v) if isinstance(v, dict) else [v])
+def _alias_nest(depth: int, width: int, leaf: str) -> tuple[str, int]:
+    """YAML flow text of `depth` lists, each holding an anchor and `width - 1` aliases of it (the
+    billion laughs at 9 x 9), and how many leaves it expands to."""
+    text = leaf
+    for i in range(depth):
+        text = f"[&a{i} {text}" + f", *a{i}" * (width - 1) + "]"
+    return text, width**depth
+
+
+YAML_TEXTS = st.one_of(
+    st.builds(_alias_nest, st.integers(1, 9), st.integers(1, 9), st.sampled_from(["x", "1", "true", "null", "{a: 1}"])),
+    st.builds(lambda text: (text, 1), st.sampled_from(["1e400", "-1e400", ".inf", ".nan", "0x" + "f" * 5000, "9" * 20,
+                                                       "&s {k: *s}", "&s [*s]", "yes", "[yes, no]", '"\\ud800"'])),
+    st.integers(4301, 6000).map(lambda n: ("9" * n, 1)),  # more digits than int() converts
+    st.integers(100, 5000).map(lambda n: ("'" + "s" * n + "'", 1)),
+    st.integers(20, 90).map(lambda d: ("[" * d + "]" * d, 1)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.sampled_from(LEAVES), text_and_size=YAML_TEXTS)
+@example(key="training.seed", text_and_size=_alias_nest(9, 9, '"lol"'))  # the billion laughs, 387 million leaves
+@example(key="data.labels", text_and_size=_alias_nest(9, 9, "x"))  # a list field: pydantic would walk it all
+def test_any_yaml_at_any_key_is_a_config_or_an_error_naming_the_key(key, text_and_size):
+    """YAML's own ways to be large (aliases of aliases, a recursive alias, numbers beyond int()'s
+    4,300 digits or float's range, deep nesting, long text) at every key: a config or a ConfigError
+    naming the key. Never a hang: the expansion is bounded by construction (MAX_VALUES), so a text
+    that expands beyond it is refused as such."""
+    text, size = text_and_size
+    doc = yaml.safe_dump(_with(MINIMAL, key, "__VALUE__")).replace("__VALUE__", text)
+    try:
+        cfg = config_from_dict(load_yaml(doc))
+    except ConfigError as exc:
+        _names_the_key(exc, key)
+        assert size <= MAX_VALUES or "expands to more than" in str(exc), exc.problems
+        return
+    assert size <= MAX_VALUES
+    _sound(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 150 + "]" * 150, "nested more than 100 levels deep"),  # PyYAML itself would raise RecursionError
+    ("&a [*a]", "nested more than 32 levels deep"),
+])
+def test_nesting_beyond_reason_is_a_config_error_not_a_recursion_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_with(MINIMAL, "data.labels", "__VALUE__")).replace("__VALUE__", text))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_with(MINIMAL, "data.train_path", "x\udc00.jsonl"), "data.train_path: contains a lone surrogate ('\\udc00')"),
+    ({**MINIMAL, "\ud800": 1}, "\\ud800: the key contains a lone surrogate"),
+])
+def test_a_lone_surrogate_in_a_key_or_value_is_named_and_printable(raw, message):
+    """YAML's "\\ud800" is a str no file name or terminal takes: named, and shown escaped."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+    str(err.value).encode("utf-8")  # a terminal can print it
+
+
+def test_a_file_larger_than_any_config_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "# " + "x" * 300_000 + "\n")
+    with pytest.raises(ConfigError, match="larger than 256 KiB"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", [k for k, v in zip(LEAVES, _values(config_from_dict(MINIMAL).model_dump()), strict=True)
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)])
+def test_a_boolean_is_no_number(key):
+    """Found by hand: `batch_size: true` was read as 1 (pydantic's lax bool -> int)."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_with(MINIMAL, key, True))
+    assert any(p.startswith(f"{key}: True is a boolean") for p in err.value.problems), err.value.problems
+
+
+def test_unquoted_yes_no_labels_are_refused_not_read_as_1_and_0():
+    raw = _with(_with(MINIMAL, "task", "sequence_classification"), "data.labels", [True, False])
+    with pytest.raises(ConfigError, match="data.labels: .* holds a boolean .* quote the text"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.seed", -1, "training.seed: Input should be greater than or equal to 0"),  # numpy refused it mid-run
+    ("training.seed", 2**32, "training.seed: Input should be less than or equal to 4294967295"),
+    ("model_name", "m" * 101, "model_name: String should have at most 100 characters"),  # OSError: name too long
+    ("tracking.experiment", "e" * 251, "tracking.experiment: String should have at most 250 characters"),
+    ("training.batch_size", 1e300, "training.batch_size: Unable to parse input string as an integer, exceeded maximum"),
+    ("training.max_steps", 2**63, "training.max_steps: the number is out of range"),
+])
+def test_values_the_run_cannot_use_are_refused_when_the_config_is_read(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_with(MINIMAL, key, value))
+    assert message in str(err.value) and len(str(err.value)) < 400
 
 
 def test_settings_added_for_classifiers_leave_a_causal_lm_config_hash_as_it_was():

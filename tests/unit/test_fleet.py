@@ -173,3 +173,16 @@ def test_a_held_member_says_it_waits_for_the_fleets_gate():
     held = RunResult("a", None, False, ["held for the fleet's gate"], "r1", "d", "u", held=True, gate_p_value=0.004)
     o = MemberOutcome.of("a", held, 5.0)
     assert (o.decision, o.reason, o.p_value) == ("held", "gate p-value 0.004, decided with the other members", 0.004)
+
+
+@pytest.mark.parametrize("content, says", [
+    ("config: configs/tiny.yaml\nmembers: &m0 [{name: a}, {name: a}, {name: a}]\n"
+     + "".join(f"x{i}: &m{i} [{', '.join([f'*m{i - 1}'] * 9)}]\n" for i in range(1, 10)), "expands to more than"),
+    ("config: configs/tiny.yaml\nconcurrency: " + "9" * 5000 + "\nmembers: [{name: a}]\n", "concurrency: the number is out of range"),
+    ("config: configs/tiny.yaml\nmembers: " + "[" * 150 + "]" * 150 + "\n", "nested more than 100 levels"),
+])
+def test_a_fleet_file_that_yaml_makes_huge_is_one_config_error(tmp_path, content, says):
+    """A fleet file is read as a config is: no alias expansion beyond bounds, no int() traceback,
+    no RecursionError."""
+    with pytest.raises(ConfigError, match=says):
+        load_fleet(_write(tmp_path, content))

@@ -284,3 +284,20 @@ def test_a_request_counts_its_rows_and_a_cancelled_one_is_left_out():
 
     assert asyncio.run(main()) == ["v1:a", "v1:b", "v1:c"]
     assert [items for _, items in calls] == [["a"], ["b"], ["c"]]  # 3 + 2 rows would pass the 4-row limit
+
+
+@pytest.mark.parametrize("content, says", [
+    ("members: &m0 [a, a, a, a, a, a, a, a, a]\n" + "".join(f"x{i}: &m{i} [{', '.join([f'*m{i - 1}'] * 9)}]\n"
+                                                              for i in range(1, 10)), "expands to more than"),
+    ("port: " + "9" * 5000 + "\n", "port: the number is out of range"),  # was int()'s conversion-limit ValueError
+    ("port: true\n", "port: .*True is a boolean"),  # was read as port 1
+    ("members: " + "[" * 150 + "]" * 150 + "\n", "nested more than 100 levels"),  # was a RecursionError
+])
+def test_a_serve_config_that_yaml_makes_huge_is_one_message(tmp_path, content, says):
+    """The serve config is read as a pipeline config is: aliases expanded within bounds, numbers
+    beyond 64 bits and booleans where a number goes refused under their key."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=says) as err:
+        load_serve_config(path, model_name="m")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
