@@ -1,6 +1,8 @@
-"""What the pipeline records in MLflow is not lost, on real stores: a run whose first param
-writes the store refused ends, once retried, with every param of its config (a SQLite file, and
-the MLflow server on PostgreSQL that production-shaped tests use).
+"""What the pipeline records in MLflow is neither lost nor put astray, on real stores: a run whose
+first param writes the store refused ends, once retried, with every param of its config (a
+SQLite file, and the MLflow server on PostgreSQL that production-shaped tests use); the audit
+record of a first run's refusal lands under the configured artifact location, not in a
+`mlruns/` folder of whatever directory the run was started from.
 
 The store refuses writes for real: a trigger in its database aborts each insert into `params`
 (past a count), as a full disk or a read-only replica would; dropping it is the store coming back."""
@@ -144,3 +146,28 @@ def test_a_run_whose_param_writes_the_tracking_server_refused_gets_every_param_o
     expected = _expected_params(cfg)
     run_id = _retried_start(cfg, *_postgres_fault(dsn), after=100)
     assert tracking.client(uri).get_run(run_id).data.params == expected
+
+
+def test_a_first_refusal_is_audited_under_the_configured_artifact_location(tmp_path, monkeypatch):
+    from prefect_lora.lora_tasks.gate.promotion import Decision
+    from prefect_lora.lora_tasks.registry import aliases, registry
+
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where `prefect-lora run` was started: none of its business
+    uri, artifacts, name = f"sqlite:///{store}/mlflow.db", store / "artifacts", "refused-first"
+    c = tracking.client(uri)
+    run = c.create_run(tracking.ensure_experiment(c, name, str(artifacts)))
+    c.set_terminated(run.info.run_id)
+    version = registry.register_version(uri, name, f"{run.info.artifact_uri}/adapter", run.info.run_id, {"x": "1"})
+    refused = Decision(promote=False, reasons=["task gain 0.01 below min_task_gain 0.05"], failed_checks=["task_gain"])
+    final, against, record = aliases.settle_decision(uri, name, version, refused, None, lambda champion: refused,
+                                                     actor="test")
+
+    assert (final.promote, against, record.action) == (False, None, "kept")
+    assert not (elsewhere / "mlruns").exists(), sorted(str(p) for p in (elsewhere / "mlruns").rglob("*"))
+    written = sorted(artifacts.rglob(f"{aliases.AUDIT_DIR}/*.json"))
+    assert len(written) == 1, sorted(str(p) for p in tmp_path.rglob("*.json"))
+    (history,) = aliases.alias_history(uri, name)
+    assert (history["action"], history["details"]["candidate"], history["reason"]) == (
+        "kept", version, f"version {version} refused: task gain 0.01 below min_task_gain 0.05")
