@@ -13,6 +13,7 @@ from prefect_lora.flows import settings  # noqa: F401  (quiet defaults first)
 from prefect_lora.lora_tasks.errors import LoraTaskError, RegistryError, ValidationFailed
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ DATA_CONTRACT_BROKEN = 3
 def _fail(exc: Exception, code: int = 1) -> None:
     if isinstance(exc, ValidationFailed) and exc.report is not None:
         Console().print(Markdown(exc.report.to_markdown(50)))
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)  # verbatim
     raise typer.Exit(code)
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import urllib.request
 
-from prefect_lora.lora_tasks.secrets import redact_url
+from prefect_lora.lora_tasks.secrets import redact_url, scrubbed
 
 WEBHOOK_ENV = "PREFECT_LORA_WEBHOOK_URL"
 _RUNS: dict[str, dict] = {}
@@ -43,16 +43,16 @@ def note_failed_task(task, task_run, state) -> None:
 def post_json(url: str, payload: dict, timeout_s: float = 5.0) -> bool:
     """POST `payload` as JSON; True when the webhook answered 2xx. Never raises."""
     body = json.dumps(payload, default=str).encode()
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": "prefect-lora"})
-    try:
+    try:  # building the request parses the URL: a malformed one fails here
+        req = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "prefect-lora"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             ok = 200 <= resp.status < 300
         if not ok:
             _logger().warning("webhook %s answered %s", redact_url(url), resp.status)
         return ok
     except Exception as exc:  # noqa: BLE001  (a notification never fails the flow)
-        _logger().warning("could not notify webhook %s: %s", redact_url(url), str(exc).replace(url, redact_url(url)))
+        _logger().warning("could not notify webhook %s: %s", redact_url(url), scrubbed(str(exc), url))
         return False
 
 

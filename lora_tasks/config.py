@@ -29,6 +29,7 @@ from .config_io import (  # noqa: F401  (part of the API)
     yaml_error,
 )
 from .errors import ConfigError
+from .secrets import webhook_url_problem
 
 TaskType = Literal["causal_lm", "sequence_classification"]
 
@@ -492,9 +493,8 @@ class NotificationsConfig(_Section):
     def cross_field_problems(self) -> list[Problem]:
         return [*self._check_url()]
 
-    def _check_url(self) -> Iterator[Problem]:
-        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
-            yield "webhook_url", f"must be an http:// or https:// URL, got {self.webhook_url!r}"
+    def _check_url(self) -> Iterator[Problem]:  # the URL is shown redacted, if at all: it may hold a token
+        yield from [("webhook_url", p)] if self.webhook_url and (p := webhook_url_problem(self.webhook_url)) else []
 
 
 class RetentionConfig(_Section):

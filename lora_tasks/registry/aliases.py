@@ -163,12 +163,16 @@ def _audit_experiment(c: MlflowClient, near_experiment: str) -> str:
 
 
 def _audit_run(c: MlflowClient, name: str, version: str | None) -> str:
-    """The id of `name`'s audit run, created (finished) when absent."""
+    """The id of `name`'s audit run, created (finished) when absent, near the experiment of
+    `version`'s run (of the model's newest version with a run when None; MLflow's Default
+    experiment, whose artifacts sit in the working directory, only when no version has one)."""
     run_id = c.get_registered_model(name).tags.get(AUDIT_RUN_TAG)
     if run_id:
         return run_id
-    mv = c.get_model_version(name, version) if version else None
-    near = c.get_run(mv.run_id).info.experiment_id if mv and mv.run_id else "0"
+    versions = [c.get_model_version(name, version)] if version else \
+        sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version))
+    mv = next((v for v in versions if v.run_id), None)
+    near = c.get_run(mv.run_id).info.experiment_id if mv else "0"
     run = c.create_run(_audit_experiment(c, near), run_name=name, tags={
         "prefect_lora.audit_for": name,
         "mlflow.note.content": f"Every alias move of registered model `{name}`, one JSON file per move under `{AUDIT_DIR}/`."})
@@ -181,7 +185,8 @@ def _write_audit(c: MlflowClient, record: AliasRecord) -> None:
     import tempfile
     import uuid
 
-    run_id = _audit_run(c, record.name, record.to_version or record.from_version)
+    # A refusal with no champion yet moves no version: the candidate's run locates the audit run.
+    run_id = _audit_run(c, record.name, record.to_version or record.from_version or record.details.get("candidate"))
     stamp = record.at.replace("-", "").replace(":", "").replace("+0000", "Z")
     file = f"{stamp}-{record.alias}-{record.action}-v{record.to_version}-{uuid.uuid4().hex[:6]}.json"
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from ..measurement.forgetting_table import FORGETTING_PREFIXES
 from ..secrets import redacted_config, without_credentials
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+log = logging.getLogger(__name__)
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -59,21 +61,45 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def start_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str]) -> str:
-    """Create the pipeline's MLflow run with the config as params; returns the run id."""
+    """Create the pipeline's MLflow run with the config as params; returns the run id. A retry of
+    an attempt that died part way continues its run and logs the params it still lacks."""
     c = client(cfg.tracking.tracking_uri)
     exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
-    unfinished = _unfinished_run(c, exp_id, tags)
-    if unfinished:  # an earlier attempt of this very run died: continue its record
-        c.update_run(unfinished, status="RUNNING")
-        for k, v in tags.items():
-            c.set_tag(unfinished, k, v)
-        return unfinished
-    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    # Before the run exists: a config that cannot become params leaves no empty run behind.
     params = flatten(redacted_config(cfg.model_dump(mode="json")))  # a webhook URL's token never in params
-    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run.info.run_id, params=items[i : i + 100])
-    return run.info.run_id
+    run_id = _unfinished_run(c, exp_id, tags)
+    if run_id:  # an earlier attempt of this very run died: continue its record
+        c.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+    else:
+        run_id = c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    log_missing_params(c, run_id, params)
+    return run_id
+
+
+PARAMS_DIFFERING_TAG = "lora.params_differing"
+"""Tag of a continued run whose params, logged by an earlier attempt, differ from this attempt's."""
+
+
+def log_missing_params(c: MlflowClient, run_id: str, params: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Log the params of `params` that the run lacks (an earlier attempt may have logged some).
+    MLflow params never change: one the run holds with another value keeps it, and is reported in
+    a warning and the run's tag `PARAMS_DIFFERING_TAG`. Returns those, as key -> (held, new)."""
+    params = {k: v[:6000] for k, v in params.items()}  # MLflow's limit on a param's value
+    held = c.get_run(run_id).data.params
+    missing = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in held]
+    for i in range(0, len(missing), 100):
+        c.log_batch(run_id, params=missing[i : i + 100])
+    differing = {k: (held[k], v) for k, v in params.items() if k in held and held[k] != v}
+    if differing:
+        shown = json.dumps({k: {"logged": old, "now": new} for k, (old, new) in differing.items()})
+        shown = shown if len(shown) <= 5000 else json.dumps(sorted(differing))[:5000]  # the keys, where values overflow
+        log.warning("MLflow run %s already holds %d param(s) with other values than this attempt's (kept, as MLflow "
+                    "params cannot change; tag %s lists them): %s", run_id, len(differing), PARAMS_DIFFERING_TAG,
+                    ", ".join(sorted(differing)))
+        c.set_tag(run_id, PARAMS_DIFFERING_TAG, shown)
+    return differing
 
 
 def start_child_run(tracking_uri: str, parent_run_id: str, run_name: str, params: dict) -> str:

@@ -124,6 +124,18 @@ def test_user_errors_end_a_command_with_one_line_and_their_exit_code(error, also
     assert f"error: {error}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["model_name 'a[/]b' is not allowed", "[bold]x[/bold] and [brackets]"])
+def test_an_error_is_printed_verbatim_whatever_brackets_it_quotes(text, capsys):
+    """An error quotes what the user wrote: its brackets are text, not console markup."""
+    @_exit_on_errors()
+    def command():
+        raise LoraTaskError(text)
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert f"error: {text}" in " ".join(capsys.readouterr().err.split())
+
+
 def test_other_errors_keep_their_traceback():
     @_exit_on_errors()
     def command():

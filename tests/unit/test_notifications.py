@@ -116,3 +116,17 @@ def test_a_failed_post_logs_where_it_went_not_the_token(caplog):
     with caplog.at_level("WARNING", logger="prefect_lora.notifications"):
         assert notifications.post_json(url, {"a": 1}, timeout_s=1) is False
     assert "sekrit-token" not in caplog.text and f"http://127.0.0.1:{port}/…(redacted)" in caplog.text
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/h/sekrit-token", "http://[::1/h/sekrit-token",
+                                 "http://[zz]/sekrit-token", "http://127.0.0.1:sekrit-token/h",
+                                 "hooks.example.com/sekrit-token"])
+def test_the_failure_hook_survives_a_webhook_url_it_cannot_parse(url, monkeypatch, caplog):
+    """The env var's URL is not checked by the config: the hook logs it redacted and goes on."""
+    monkeypatch.setenv(notifications.WEBHOOK_ENV, url)
+    run = _run()
+    notifications.remember(run.id, model_name="m", notifications={})
+    with caplog.at_level("WARNING", logger="prefect_lora.notifications"):
+        notifications.on_failure(None, run, SimpleNamespace(name="Failed", message="x"))
+    assert "could not notify webhook (redacted)" in caplog.text and "sekrit-token" not in caplog.text
+    assert run.id not in notifications._RUNS
