@@ -305,8 +305,14 @@ class MetricLogger:
 
 
 def _short_reason(exc: BaseException) -> str:
-    """The first line of an error, short, with any `user:password@` taken out."""
-    first = (str(exc).strip().splitlines() or [""])[0]
+    """Why a write failed, short: a tracking server and what it did (`_UNREACHABLE`), else the
+    error's first line; never a `user:password@`."""
+    text = str(exc)
+    if "API request to " in text:
+        server = text.split("API request to ", 1)[1].split("/api/", 1)[0].split()[0]
+        why = next((w for needle, w in _UNREACHABLE.items() if needle in text), "an error")
+        return f"{without_credentials(server)}: {why}"
+    first = (text.strip().splitlines() or [""])[0]
     first = re.sub(r"//[^/@\s]+@", "//", first)
     return f"{type(exc).__name__}: {first[:160]}"
 
