@@ -123,8 +123,8 @@ def _worth_retrying(task, task_run, state) -> bool:
 def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: str):
     from prefect_lora.lora_tasks.training.launcher import train_adapter
 
-    result = train_adapter(cfg, rows, run_dir, step_log=tracking.metric_logger(cfg.tracking.tracking_uri, run_id),
-                           stream=stream)
+    result = train_adapter(cfg, rows, run_dir, step_log=tracking.metric_logger(cfg.tracking.tracking_uri, run_id, run_dir),
+                           stream=stream)  # a store outage never fails training: the curve is kept in run_dir
     m = result.metrics
     if m.get("start_step"):
         get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
@@ -177,6 +177,9 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
     data = data if isinstance(data, lifecycle.DataSummary) else lifecycle.DataSummary.of(data)
 
     uri, m = cfg.tracking.tracking_uri, train_metrics
+    kept = tracking.replay_kept_points(uri, run_id, run_dir)  # first: the curve training could not log, once
+    if kept:
+        get_run_logger().info("logged %d point(s) of the training curve kept while the MLflow store was unreachable", kept)
     tracking.set_run_tags(uri, run_id, {"training.method": cfg.training.method,
                                         **{f"train.{k}": str(m[k]) for k in ("worker_nodes", "worker_hosts", "precision") if k in m},
                                         **({"eval.baseline": report.baseline["kind"]} if report.baseline else {})})

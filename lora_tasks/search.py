@@ -63,8 +63,10 @@ def run_trial(cfg: PipelineConfig, task_rows: list[dict], search_rows: list[dict
     child = tracking.start_child_run(uri, parent_run_id, trial_name(settings), settings) if parent_run_id else None
     try:
         rows = task_rows + replay_rows(tcfg, len(task_rows), base_info)
-        trained = train_in_process(tcfg, rows, trial_dir, step_log=child and tracking.metric_logger(uri, child))
+        trained = train_in_process(tcfg, rows, trial_dir, step_log=child and tracking.metric_logger(uri, child, trial_dir))
         train_seconds = time.perf_counter() - started
+        if child:  # what the store could not take during training (an outage), before the trial's other writes
+            tracking.replay_kept_points(uri, child, trial_dir)
         ev = Evaluation(tcfg, trained.adapter_dir, base_info=base_info, train_rows=task_rows)
         out = []
         for scale in cfg.remedy.scales:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from mlflow.entities import Metric
 from ..config import PipelineConfig
 from ..measurement.forgetting_table import FORGETTING_PREFIXES
 from ..secrets import redacted_config, without_credentials
+from .kept_points import PointFile, PointMemory, kept_points_path
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 log = logging.getLogger(__name__)
@@ -203,13 +207,42 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 class MetricLogger:
     """A `(metrics, step)` callback for the training loop that logs to the run in batches: one
     write at most every `every_s` seconds, and what is left on `flush()` (the launchers flush at
-    every checkpoint and at the end). A write per step cost ~15 ms on a SQLite store, a third of a
-    small model's step on a CPU."""
+    every checkpoint, and `close()` at the end). A write per step cost ~15 ms on a SQLite store, a
+    third of a small model's step on a CPU.
 
-    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0):
+    The store being down never stops training: each point is first appended to the run folder's
+    `metrics/<run id>.jsonl` (`keep_dir`; in memory, bounded, without one), then written to the
+    store by a thread of its own, so the loop never waits on it. A failed write is tried again at
+    a later flush, after `backoff_s` (the last delay repeats); the training log says in one line
+    that the store is unreachable and the points are kept, and in one more when it is back. What
+    the store still lacks when training ends stays in the file: `replay_kept_points` logs it,
+    exactly once (the flow does so before its other writes). `background=False` writes in the
+    caller's thread (tests)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every_s: float = 2.0, keep_dir: str | Path | None = None, *,
+                 backoff_s: tuple[float, ...] = (2, 5, 15, 30, 60), final_wait_s: float = 20.0,
+                 background: bool = True, send=None):
         self.tracking_uri, self.run_id, self.every_s = tracking_uri, run_id, every_s
+        self.keep_path = kept_points_path(keep_dir, run_id) if keep_dir else None
+        self.backoff_s, self.final_wait_s, self.background, self.send = backoff_s, final_wait_s, background, send
+        self._start()
+
+    def _start(self) -> None:
+        """The state of this process (a Ray worker gets the logger pickled, without it)."""
         self._pending: list[Metric] = []
         self._last = time.monotonic()
+        self._journal: PointFile | PointMemory | None = None
+        self._thread: threading.Thread | None = None
+        self._wake, self._closing = threading.Event(), False
+        self._failures, self._retry_at, self.unreachable = 0, 0.0, False
+
+    def __getstate__(self) -> dict:
+        keep = ("tracking_uri", "run_id", "every_s", "keep_path", "backoff_s", "final_wait_s", "background", "send")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start()
 
     def __call__(self, metrics: dict, step: int) -> None:
         now = int(time.time() * 1000)
@@ -219,15 +252,111 @@ class MetricLogger:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
-        self._last = time.monotonic()
+        """Keep what is pending (run folder) and have it written to the store; never raises."""
+        points, self._pending, self._last = self._pending, [], time.monotonic()
+        self._keep(points)
+        if not self.background:
+            self._attempt(force=False)
+        elif self._journal is not None:
+            if self._thread is None:
+                ctx = contextvars.copy_context()  # its lines go where the loop's do (a Prefect task's log)
+                self._thread = threading.Thread(target=ctx.run, args=(self._send_loop,), daemon=True,
+                                                name=f"metric-logger-{self.run_id}")
+                self._thread.start()
+            self._wake.set()
+
+    def close(self) -> None:
+        """The last flush, at the end of training: one more try (whatever the backoff), waited for
+        up to `final_wait_s`; what the store did not take stays kept, and the log says where."""
+        self.flush()
+        if self._thread is not None:
+            self._closing = True
+            self._wake.set()
+            self._thread.join(self.final_wait_s)
+            self._thread, self._closing = None, False
+        else:
+            self._attempt(force=True)
+        left = self._journal.unsent_count() if self._journal is not None else 0
+        if left:
+            where = self.keep_path or "memory"
+            print(f"MLflow store still unreachable at the end of training: {left} point(s) of the curve kept in "
+                  f"{where}; they are logged with the run's results (tracking.replay_kept_points)", flush=True)
+
+    def _keep(self, points: list[Metric]) -> None:
+        if self._journal is None:
+            self._journal = PointMemory()
+            if self.keep_path is not None:
+                self._journal = PointFile(self.keep_path)
+        try:
+            self._journal.append(points)
+        except OSError as exc:  # the run folder cannot be written here: memory it is, bounded
+            print(f"cannot keep the training curve in {self.keep_path} ({exc.strerror or exc}); "
+                  "keeping it in memory until the MLflow store takes it", flush=True)
+            self._journal = PointMemory()
+            self._journal.append(points)
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            closing = self._closing
+            self._attempt(force=closing)
+            if closing:
+                return
+
+    def _attempt(self, force: bool) -> None:
+        """Write what the store lacks; on failure, back off and say so once. Never raises."""
+        if self._journal is None or (not force and time.monotonic() < self._retry_at):
+            return
+        try:
+            sent = self._journal.send_unsent(self._write)
+        except Exception as exc:  # noqa: BLE001  (any failure of the store: the points stay kept)
+            self._failures += 1
+            self._retry_at = time.monotonic() + self.backoff_s[min(self._failures, len(self.backoff_s)) - 1]
+            if not self.unreachable:
+                self.unreachable = True
+                print(f"MLflow store unreachable ({_short_reason(exc)}): training goes on, the curve's points are kept "
+                      f"in {self.keep_path or 'memory'} and logged when the store is back", flush=True)
+            return
+        self._failures = 0
+        if self.unreachable:
+            self.unreachable = False
+            print(f"MLflow store reachable again: {sent} kept point(s) of the curve logged", flush=True)
+
+    def _write(self, points: list[Metric]) -> None:
+        if self.send is not None:
+            self.send(points)
+        else:
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=points)
 
 
-def metric_logger(tracking_uri: str, run_id: str) -> MetricLogger:
-    """The training loop's `(metrics, step)` callback that logs to the run (`MetricLogger`)."""
-    return MetricLogger(tracking_uri, run_id)
+def _short_reason(exc: BaseException) -> str:
+    """Why a write failed, short: a tracking server and what it did (`_UNREACHABLE`), else the
+    error's first line; never a `user:password@`."""
+    text = str(exc)
+    if "API request to " in text:
+        server = text.split("API request to ", 1)[1].split("/api/", 1)[0].split()[0]
+        why = next((w for needle, w in _UNREACHABLE.items() if needle in text), "an error")
+        return f"{without_credentials(server)}: {why}"
+    first = (text.strip().splitlines() or [""])[0]
+    first = re.sub(r"//[^/@\s]+@", "//", first)
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
+def metric_logger(tracking_uri: str, run_id: str, keep_dir: str | Path | None = None) -> MetricLogger:
+    """The training loop's `(metrics, step)` callback that logs to the run (`MetricLogger`),
+    keeping its points in `keep_dir` (the run folder) until the store has them."""
+    return MetricLogger(tracking_uri, run_id, keep_dir=keep_dir)
+
+
+def replay_kept_points(tracking_uri: str, run_id: str, run_dir: str | Path) -> int:
+    """Log the points of run `run_id`'s curve that its `MetricLogger` kept in `run_dir` and the
+    store does not have yet (the store was down when training ended); returns how many. Exactly
+    once: the file's marker moves after each batch, and a point keeps its time stamp, so one sent
+    again after a crash between the two is the same point (a SQL store keeps it once). Raises
+    when the store is still unreachable (the caller retries)."""
+    c = MlflowClient(tracking_uri)
+    return PointFile(kept_points_path(run_dir, run_id)).send_unsent(lambda points: c.log_batch(run_id, metrics=points))
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -186,7 +186,7 @@ def _ray_worker_loop(config: dict) -> None:
 
     def report_with_placement(metrics: dict, checkpoint_dir: str | None) -> None:
         if log and rank == 0:
-            log.flush()  # the curve up to a checkpoint is logged with it
+            log.flush()  # the curve up to a checkpoint is kept with it, and sent to the store
         report({**metrics, **placement}, checkpoint_dir)
 
     resume_dir = None
@@ -206,7 +206,7 @@ def _ray_worker_loop(config: dict) -> None:
             train_worker(cfg, config["rows"], worker_ctx)
         finally:
             if log and rank == 0:
-                log.flush()
+                getattr(log, "close", log.flush)()  # the last flush: what the store lacks stays kept
 
 
 def _shard_batches(shard, cfg: PipelineConfig, rank: int, world_size: int, num_rows: int):

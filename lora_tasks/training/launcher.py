@@ -67,8 +67,9 @@ def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:
 def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, step_log=None,
                   max_failures: int | None = None, stream: StreamSpec | None = None) -> TrainResult:
     """Train with the launcher `scaling.launcher` picks; the adapter ends in `run_dir/adapter`.
-    `step_log` takes the loop's `(metrics, step)` and is flushed at each checkpoint (the caller's
-    MLflow run: `registry.tracking.metric_logger`); it travels to Ray's rank 0 by pickle.
+    `step_log` takes the loop's `(metrics, step)`, is flushed at each checkpoint and closed at the
+    end (the caller's MLflow run: `registry.tracking.metric_logger`, which never raises into the
+    loop, a store outage included); it travels to Ray's rank 0 by pickle.
 
     Either way, a new attempt with the same run folder (a Prefect retry, or the same config and
     data run again) continues from the latest checkpoint."""
@@ -108,7 +109,7 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         last["metrics"] = metrics
         if log:
-            log.flush()  # the curve up to a checkpoint is logged with it
+            log.flush()  # the curve up to a checkpoint is kept with it, and sent to the store
         if checkpoint_dir:
             last["path"] = _keep_checkpoint(train_dir, checkpoint_dir, int(metrics["step"]))
     ctx = WorkerContext(device=device, report=report, resume_from=str(latest) if latest else None,
@@ -119,7 +120,7 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
         train_worker(cfg, rows, ctx)
     finally:
         if log:
-            log.flush()
+            getattr(log, "close", log.flush)()  # the last flush: what the store lacks stays kept
         torch.set_num_threads(threads)
         gc.collect()  # the model and optimizer are garbage now: free them before evaluation loads the base again
         if device.type == "cuda":

@@ -37,7 +37,7 @@ def test_the_training_curve_is_logged_in_batches_and_nothing_is_left_behind(monk
 
     writes: list[list] = []
     monkeypatch.setattr(tracking.MlflowClient, "log_batch", lambda self, run_id, metrics: writes.append(list(metrics)))
-    log = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=60)
+    log = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=60, background=False)
     for step in range(1, 11):
         log({"train_loss": 1.0 / step, "learning_rate": 0.1, "note": "skipped: not a number"}, step)
     assert writes == [], "within every_s: nothing written yet"
@@ -46,7 +46,7 @@ def test_the_training_curve_is_logged_in_batches_and_nothing_is_left_behind(monk
     assert [(m.key, m.step) for m in batch[:2]] == [("train/loss", 1), ("train/learning_rate", 1)] and len(batch) == 20
     log.flush()
     assert len(writes) == 1, "a flush with nothing pending writes nothing"
-    each = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=0)
+    each = tracking.MetricLogger("sqlite:///unused.db", "run", every_s=0, background=False)
     each({"train_loss": 0.5}, 1)
     each({"train_loss": 0.4}, 2)
     assert [len(w) for w in writes[1:]] == [1, 1]
