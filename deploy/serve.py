@@ -20,6 +20,7 @@ token is never logged (it travels as a `Secret`, whose repr is masked).
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -37,14 +38,13 @@ from prefect_lora.deploy.serve_core import (
     check_body_size,
     check_exposure,
     choose_alias,
-    parse_chat,
-    parse_classify,
-    parse_completion,
     parse_json,
-    parse_model_field,
+    parse_request,
+    per_row,
     resolve_token,
     served_key,
     split_key,
+    split_rows,
 )
 from prefect_lora.lora_tasks.versions import is_version
 from ray import serve
@@ -147,23 +147,45 @@ class _Replica:
             model, names = self._activate(items)
             mcfgs = [self._files_for(version).model_config for version, _, _ in items]
             if op == "classify":
-                sizes = [len(p["texts"]) for _, _, p in items]
-                texts = [t for _, _, p in items for t in p["texts"]]
-                names = _per_row(names, sizes) if names else None
-                return _split(self._classify(model, _per_row(mcfgs, sizes), texts, names), sizes)
+                return self._classify_requests(model, names, mcfgs, items)
             prepared = [self._prompt_text(mcfg, op, payload) for mcfg, (_, _, payload) in zip(mcfgs, items)]
-            results: dict[int, object] = {i: RequestProblem(400, f"prompt is {max(p[2])} tokens; the limit is "
-                                                                 f"{self.cfg.max_prompt_tokens}")
-                                          for i, p in enumerate(prepared) if max(p[2]) > self.cfg.max_prompt_tokens}
+            results: dict[int, object] = {i: problem for i, p in enumerate(prepared)
+                                          if (problem := self._prompt_problem(op, p[2]))}
             for special in {p[1] for i, p in enumerate(prepared) if i not in results}:  # one generate per prompt style
                 group = [i for i, p in enumerate(prepared) if p[1] == special and i not in results]
                 sizes = [len(prepared[i][0]) for i in group]
                 texts = [t for i in group for t in prepared[i][0]]
-                with self._by_row(_per_row([names[i] for i in group], sizes) if names else None) as extra:
-                    out = self._generate(model, texts, special, _per_row([items[i][2]["max_tokens"] for i in group], sizes),
+                with self._by_row(per_row([names[i] for i in group], sizes) if names else None) as extra:
+                    out = self._generate(model, texts, special, per_row([items[i][2]["max_tokens"] for i in group], sizes),
                                          temperature, **extra)
-                results.update(zip(group, _split(out, sizes)))
+                results.update(zip(group, split_rows(out, sizes)))
             return [results[i] for i in range(len(items))]
+
+    def _classify_requests(self, model, names: list[str] | None, mcfgs: list[dict], items: list[tuple]) -> list:
+        """`_infer_batch` for classifications: one forward pass over the texts of every request that can run."""
+        lengths = [[len(ids) for ids in self.tokenizer(p["texts"])["input_ids"]] for _, _, p in items]
+        results: dict[int, object] = {i: problem for i, n in enumerate(lengths)
+                                      if (problem := self._prompt_problem("classify", n))}
+        run = [i for i in range(len(items)) if i not in results]
+        sizes = [len(items[i][2]["texts"]) for i in run]
+        if run:
+            texts = [t for i in run for t in items[i][2]["texts"]]
+            rows = per_row([names[i] for i in run], sizes) if names else None
+            out = self._classify(model, per_row([mcfgs[i] for i in run], sizes), texts, rows)
+            results.update(zip(run, split_rows(out, sizes)))
+        return [results[i] for i in range(len(items))]
+
+    def _prompt_problem(self, op: str, lengths: list[int]) -> RequestProblem | None:
+        """Why a request's texts (their `lengths` in tokens) cannot run, if they cannot: refused
+        before its batch runs, so that it fails alone."""
+        field = {"chat": "messages", "classify": "input"}.get(op, "prompt")
+        if op != "classify" and max(lengths) > self.cfg.max_prompt_tokens:  # (a classifier truncates)
+            return RequestProblem(400, f"prompt is {max(lengths)} tokens; the limit is {self.cfg.max_prompt_tokens}",
+                                  param=field)
+        if min(lengths) == 0:  # nothing to run on: a tokenizer with no start token reads nothing in an empty text
+            return RequestProblem(400, f"'{field}' holds a text of no tokens (an empty text, for this model): send at "
+                                       "least one character", param=field)
+        return None
 
     def _prompt_text(self, mcfg: dict, op: str, payload: dict) -> tuple[list[str], bool, list[int]]:
         """A request's prompts as the model reads them, whether to add special tokens, their lengths in tokens."""
@@ -321,25 +343,6 @@ class MergedModel(_Replica):
         return await asyncio.to_thread(self._build, version)
 
 
-def _per_row(values: list, sizes: list[int]) -> list:
-    """Each request's value repeated for each of its rows."""
-    return [v for v, n in zip(values, sizes) for _ in range(n)]
-
-
-def _split(rows: dict[str, list], sizes: list[int]) -> list[dict]:
-    """Per-row lists of a batch's result cut into one result per request of `sizes` rows; token
-    counts are summed per request."""
-    out, start = [], 0
-    for size in sizes:
-        part = {k: v[start : start + size] for k, v in rows.items()}
-        for k in ("prompt_tokens", "completion_tokens"):
-            if k in part:
-                part[k] = int(sum(part[k]))
-        out.append(part)
-        start += size
-    return out
-
-
 # ----------------------------------------------------------------------------- HTTP gateway
 
 async def _awaited(response):
@@ -349,9 +352,23 @@ async def _awaited(response):
 app = FastAPI(title="prefect-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON in ASCII: any string survives it, a lone surrogate a message quotes from a request included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 @app.exception_handler(RequestProblem)
 async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return _AsciiJSON(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(Exception)
+async def _failure(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of the server's own is still a JSON answer (Starlette logs it)."""
+    problem = RequestProblem(500, f"internal error ({exc.__class__.__name__}); the server's log has it", "server_error")
+    return _AsciiJSON(problem.body(), status_code=500)
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -444,9 +461,9 @@ class Gateway:
                                       f"(promote a version first){models}", "model_not_found")
         return aliases[ref]
 
-    async def _run(self, body: dict, op: str, payload: dict) -> tuple[dict, str]:
+    async def _run(self, op: str, body: dict) -> tuple[dict, str]:
         """Run the request on the version it names; the result and `NAME/VERSION`."""
-        name, ref = parse_model_field(body.get("model"), self.cfg.served)
+        name, ref, payload = parse_request(op, body, self.cfg)
         aliases = self.served.get(name, {})
         ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
                            and aliases.get("challenger") != aliases.get("champion"))
@@ -482,8 +499,7 @@ class Gateway:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "complete", parse_completion(body, self.cfg))
+        result, version = await self._run("complete", await self._guard(request))
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": version,
@@ -494,8 +510,7 @@ class Gateway:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "chat", parse_chat(body, self.cfg))
+        result, version = await self._run("chat", await self._guard(request))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": version,
@@ -506,8 +521,7 @@ class Gateway:
 
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "classify", parse_classify(body, self.cfg))
+        result, version = await self._run("classify", await self._guard(request))
         return {"object": "classification", "model": version,
                 "data": [{"index": i, "label": lab, "score": s}
                          for i, (lab, s) in enumerate(zip(result["labels"], result["scores"]))]}
