@@ -20,6 +20,7 @@ token is never logged (it travels as a `Secret`, whose repr is masked).
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import threading
@@ -567,7 +568,8 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
     check_exposure(cfg, token)
     if not ray.is_initialized():
         kwargs = {"_temp_dir": ray_temp_dir} if ray_temp_dir else {}
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
+        with _sigterm_kept():
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix="/", blocking=False)
     logger.info("serving %s on http://%s:%s (auth %s)", ", ".join(cfg.served), cfg.host, cfg.port, "on" if token else "off")
@@ -575,30 +577,68 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
 
 
 def stop(cfg: ServeConfig | None = None, *, shutdown_ray: bool = True) -> None:
-    """Delete the app (or all of Serve) and, by default, shut Ray down."""
+    """Delete the app (or all of Serve) and, by default, shut Ray down: a local Ray's processes
+    have ended when it returns (also those of a `ray.init` that a signal interrupted)."""
     import ray
 
-    if not ray.is_initialized():
-        return
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     finally:
         if shutdown_ray:
-            ray.shutdown()
+            wait = {"wait_for_processes": True} if "wait_for_processes" in inspect.signature(ray.shutdown).parameters else {}
+            ray.shutdown(**wait)
 
 
-def run_forever(cfg: ServeConfig, **kwargs) -> None:
-    """`prefect-lora serve`: start, print where, wait for Ctrl-C or SIGTERM, stop Serve and Ray cleanly."""
+@contextlib.contextmanager
+def _sigterm_kept():
+    """The SIGTERM handler from before the block is the one after it, not ray.init's (a bare
+    `sys.exit(15)`: the interpreter tore down around Ray's threads and aborted, exit 134, Serve
+    and Ray's helpers left running). A SIGTERM that reaches Ray's handler meanwhile is passed on."""
     import signal
 
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    main = threading.current_thread() is threading.main_thread()
+    kept = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        start(cfg, **kwargs)
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM or not callable(kept):
+            raise
+        kept(signal.SIGTERM, None)
+        raise
+    finally:
+        if kept is not None:
+            signal.signal(signal.SIGTERM, kept)
+
+
+def run_forever(cfg: ServeConfig, **kwargs) -> int | None:
+    """`prefect-lora serve`: start, print where, serve until Ctrl-C or SIGTERM (what systemd and
+    Kubernetes send), stop Serve and Ray; return the signal. A signal stops the start-up too, as a
+    KeyboardInterrupt (the one exception Ray's waits pass on); one during the stop is only noted."""
+    import signal
+
+    stopped: list[int] = []
+    stopping = threading.Event()
+
+    def stop_on(signum, frame):
+        stopped.append(signum)
+        if len(stopped) == 1 and not stopping.is_set():
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start(cfg, **kwargs)  # keeps stop_on for SIGTERM across ray.init (`_sigterm_kept`)
         more = f" and {len(cfg.served) - 1} more model(s)" if cfg.members else ""
         print(f"serving {cfg.model_name}{more} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
               f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
-        done.wait()
+        while True:  # until stop_on raises: it runs in this thread, which a signal caught by one of Ray's
+            time.sleep(1)  # threads does not wake from a blocking wait
+    except KeyboardInterrupt:
+        if not stopped:  # not from stop_on: not a stop this function asked for
+            raise
     finally:
+        stopping.set()
         stop(cfg)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stopped[0]
