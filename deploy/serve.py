@@ -20,6 +20,8 @@ token is never logged (it travels as a `Secret`, whose repr is masked).
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on the routes.
 import asyncio
 import contextlib
+import inspect
+import json
 import logging
 import threading
 import time
@@ -37,14 +39,13 @@ from prefect_lora.deploy.serve_core import (
     check_body_size,
     check_exposure,
     choose_alias,
-    parse_chat,
-    parse_classify,
-    parse_completion,
     parse_json,
-    parse_model_field,
+    parse_request,
+    per_row,
     resolve_token,
     served_key,
     split_key,
+    split_rows,
 )
 from prefect_lora.lora_tasks.versions import is_version
 from ray import serve
@@ -147,23 +148,45 @@ class _Replica:
             model, names = self._activate(items)
             mcfgs = [self._files_for(version).model_config for version, _, _ in items]
             if op == "classify":
-                sizes = [len(p["texts"]) for _, _, p in items]
-                texts = [t for _, _, p in items for t in p["texts"]]
-                names = _per_row(names, sizes) if names else None
-                return _split(self._classify(model, _per_row(mcfgs, sizes), texts, names), sizes)
+                return self._classify_requests(model, names, mcfgs, items)
             prepared = [self._prompt_text(mcfg, op, payload) for mcfg, (_, _, payload) in zip(mcfgs, items)]
-            results: dict[int, object] = {i: RequestProblem(400, f"prompt is {max(p[2])} tokens; the limit is "
-                                                                 f"{self.cfg.max_prompt_tokens}")
-                                          for i, p in enumerate(prepared) if max(p[2]) > self.cfg.max_prompt_tokens}
+            results: dict[int, object] = {i: problem for i, p in enumerate(prepared)
+                                          if (problem := self._prompt_problem(op, p[2]))}
             for special in {p[1] for i, p in enumerate(prepared) if i not in results}:  # one generate per prompt style
                 group = [i for i, p in enumerate(prepared) if p[1] == special and i not in results]
                 sizes = [len(prepared[i][0]) for i in group]
                 texts = [t for i in group for t in prepared[i][0]]
-                with self._by_row(_per_row([names[i] for i in group], sizes) if names else None) as extra:
-                    out = self._generate(model, texts, special, _per_row([items[i][2]["max_tokens"] for i in group], sizes),
+                with self._by_row(per_row([names[i] for i in group], sizes) if names else None) as extra:
+                    out = self._generate(model, texts, special, per_row([items[i][2]["max_tokens"] for i in group], sizes),
                                          temperature, **extra)
-                results.update(zip(group, _split(out, sizes)))
+                results.update(zip(group, split_rows(out, sizes)))
             return [results[i] for i in range(len(items))]
+
+    def _classify_requests(self, model, names: list[str] | None, mcfgs: list[dict], items: list[tuple]) -> list:
+        """`_infer_batch` for classifications: one forward pass over the texts of every request that can run."""
+        lengths = [[len(ids) for ids in self.tokenizer(p["texts"])["input_ids"]] for _, _, p in items]
+        results: dict[int, object] = {i: problem for i, n in enumerate(lengths)
+                                      if (problem := self._prompt_problem("classify", n))}
+        run = [i for i in range(len(items)) if i not in results]
+        sizes = [len(items[i][2]["texts"]) for i in run]
+        if run:
+            texts = [t for i in run for t in items[i][2]["texts"]]
+            rows = per_row([names[i] for i in run], sizes) if names else None
+            out = self._classify(model, per_row([mcfgs[i] for i in run], sizes), texts, rows)
+            results.update(zip(run, split_rows(out, sizes)))
+        return [results[i] for i in range(len(items))]
+
+    def _prompt_problem(self, op: str, lengths: list[int]) -> RequestProblem | None:
+        """Why a request's texts (their `lengths` in tokens) cannot run, if they cannot: refused
+        before its batch runs, so that it fails alone."""
+        field = {"chat": "messages", "classify": "input"}.get(op, "prompt")
+        if op != "classify" and max(lengths) > self.cfg.max_prompt_tokens:  # (a classifier truncates)
+            return RequestProblem(400, f"prompt is {max(lengths)} tokens; the limit is {self.cfg.max_prompt_tokens}",
+                                  param=field)
+        if min(lengths) == 0:  # nothing to run on: a tokenizer with no start token reads nothing in an empty text
+            return RequestProblem(400, f"'{field}' holds a text of no tokens (an empty text, for this model): send at "
+                                       "least one character", param=field)
+        return None
 
     def _prompt_text(self, mcfg: dict, op: str, payload: dict) -> tuple[list[str], bool, list[int]]:
         """A request's prompts as the model reads them, whether to add special tokens, their lengths in tokens."""
@@ -321,25 +344,6 @@ class MergedModel(_Replica):
         return await asyncio.to_thread(self._build, version)
 
 
-def _per_row(values: list, sizes: list[int]) -> list:
-    """Each request's value repeated for each of its rows."""
-    return [v for v, n in zip(values, sizes) for _ in range(n)]
-
-
-def _split(rows: dict[str, list], sizes: list[int]) -> list[dict]:
-    """Per-row lists of a batch's result cut into one result per request of `sizes` rows; token
-    counts are summed per request."""
-    out, start = [], 0
-    for size in sizes:
-        part = {k: v[start : start + size] for k, v in rows.items()}
-        for k in ("prompt_tokens", "completion_tokens"):
-            if k in part:
-                part[k] = int(sum(part[k]))
-        out.append(part)
-        start += size
-    return out
-
-
 # ----------------------------------------------------------------------------- HTTP gateway
 
 async def _awaited(response):
@@ -349,9 +353,23 @@ async def _awaited(response):
 app = FastAPI(title="prefect-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON in ASCII: any string survives it, a lone surrogate a message quotes from a request included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 @app.exception_handler(RequestProblem)
 async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return _AsciiJSON(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(Exception)
+async def _failure(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of the server's own is still a JSON answer (Starlette logs it)."""
+    problem = RequestProblem(500, f"internal error ({exc.__class__.__name__}); the server's log has it", "server_error")
+    return _AsciiJSON(problem.body(), status_code=500)
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -444,9 +462,9 @@ class Gateway:
                                       f"(promote a version first){models}", "model_not_found")
         return aliases[ref]
 
-    async def _run(self, body: dict, op: str, payload: dict) -> tuple[dict, str]:
+    async def _run(self, op: str, body: dict) -> tuple[dict, str]:
         """Run the request on the version it names; the result and `NAME/VERSION`."""
-        name, ref = parse_model_field(body.get("model"), self.cfg.served)
+        name, ref, payload = parse_request(op, body, self.cfg)
         aliases = self.served.get(name, {})
         ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
                            and aliases.get("challenger") != aliases.get("champion"))
@@ -482,8 +500,7 @@ class Gateway:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "complete", parse_completion(body, self.cfg))
+        result, version = await self._run("complete", await self._guard(request))
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": version,
@@ -494,8 +511,7 @@ class Gateway:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "chat", parse_chat(body, self.cfg))
+        result, version = await self._run("chat", await self._guard(request))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": version,
@@ -506,8 +522,7 @@ class Gateway:
 
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> dict:
-        body = await self._guard(request)
-        result, version = await self._run(body, "classify", parse_classify(body, self.cfg))
+        result, version = await self._run("classify", await self._guard(request))
         return {"object": "classification", "model": version,
                 "data": [{"index": i, "label": lab, "score": s}
                          for i, (lab, s) in enumerate(zip(result["labels"], result["scores"]))]}
@@ -553,7 +568,8 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
     check_exposure(cfg, token)
     if not ray.is_initialized():
         kwargs = {"_temp_dir": ray_temp_dir} if ray_temp_dir else {}
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
+        with _sigterm_kept():
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix="/", blocking=False)
     logger.info("serving %s on http://%s:%s (auth %s)", ", ".join(cfg.served), cfg.host, cfg.port, "on" if token else "off")
@@ -561,30 +577,68 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
 
 
 def stop(cfg: ServeConfig | None = None, *, shutdown_ray: bool = True) -> None:
-    """Delete the app (or all of Serve) and, by default, shut Ray down."""
+    """Delete the app (or all of Serve) and, by default, shut Ray down: a local Ray's processes
+    have ended when it returns (also those of a `ray.init` that a signal interrupted)."""
     import ray
 
-    if not ray.is_initialized():
-        return
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     finally:
         if shutdown_ray:
-            ray.shutdown()
+            wait = {"wait_for_processes": True} if "wait_for_processes" in inspect.signature(ray.shutdown).parameters else {}
+            ray.shutdown(**wait)
 
 
-def run_forever(cfg: ServeConfig, **kwargs) -> None:
-    """`prefect-lora serve`: start, print where, wait for Ctrl-C or SIGTERM, stop Serve and Ray cleanly."""
+@contextlib.contextmanager
+def _sigterm_kept():
+    """The SIGTERM handler from before the block is the one after it, not ray.init's (a bare
+    `sys.exit(15)`: the interpreter tore down around Ray's threads and aborted, exit 134, Serve
+    and Ray's helpers left running). A SIGTERM that reaches Ray's handler meanwhile is passed on."""
     import signal
 
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    main = threading.current_thread() is threading.main_thread()
+    kept = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        start(cfg, **kwargs)
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM or not callable(kept):
+            raise
+        kept(signal.SIGTERM, None)
+        raise
+    finally:
+        if kept is not None:
+            signal.signal(signal.SIGTERM, kept)
+
+
+def run_forever(cfg: ServeConfig, **kwargs) -> int | None:
+    """`prefect-lora serve`: start, print where, serve until Ctrl-C or SIGTERM (what systemd and
+    Kubernetes send), stop Serve and Ray; return the signal. A signal stops the start-up too, as a
+    KeyboardInterrupt (the one exception Ray's waits pass on); one during the stop is only noted."""
+    import signal
+
+    stopped: list[int] = []
+    stopping = threading.Event()
+
+    def stop_on(signum, frame):
+        stopped.append(signum)
+        if len(stopped) == 1 and not stopping.is_set():
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start(cfg, **kwargs)  # keeps stop_on for SIGTERM across ray.init (`_sigterm_kept`)
         more = f" and {len(cfg.served) - 1} more model(s)" if cfg.members else ""
         print(f"serving {cfg.model_name}{more} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
               f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
-        done.wait()
+        while True:  # until stop_on raises: it runs in this thread, which a signal caught by one of Ray's
+            time.sleep(1)  # threads does not wake from a blocking wait
+    except KeyboardInterrupt:
+        if not stopped:  # not from stop_on: not a stop this function asked for
+            raise
     finally:
+        stopping.set()
         stop(cfg)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stopped[0]

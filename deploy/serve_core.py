@@ -10,6 +10,7 @@ import hmac
 import json
 import os
 import random
+import reprlib
 from collections import deque
 from pathlib import Path
 from typing import Any, Literal
@@ -186,14 +187,48 @@ def resolve_token(cfg: ServeConfig) -> Secret | None:
 
 
 class RequestProblem(Exception):
-    """A request the server refuses, with the HTTP status and a message for the caller."""
+    """A request the server refuses, with the HTTP status, a message for the caller that says
+    what to send instead, and the request field at fault (`param`, as OpenAI's errors name it)."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        self.status, self.message, self.kind = status, message, kind
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        self.status, self.message, self.kind, self.param = status, message, kind, param
         super().__init__(message)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "code": self.status, "param": self.param}}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 40
+
+
+def shown(value: Any) -> str:
+    """A request's value as an error message quotes it: short (a long string, a deep or long
+    list is cut), control characters, lone surrogates and bidi marks escaped."""
+    return _REPR.repr(value)
+
+
+class HugeNumber:
+    """An integer literal in a request body longer than any setting takes (`MAX_NUMBER_DIGITS`):
+    kept as its length, so that the field's own check refuses it by name (Python refuses to read
+    integers of more than 4,300 digits, and nothing here needs more than 20)."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+MAX_NUMBER_DIGITS = 30
+MAX_VERSION = 2**31 - 1
+"""The largest version number MLflow's registry can hold (an SQL INTEGER)."""
+MAX_ALIAS_CHARS = 255
+"""The longest alias MLflow accepts."""
+
+
+def _json_int(literal: str) -> int | HugeNumber:
+    return HugeNumber(literal) if len(literal) > MAX_NUMBER_DIGITS else int(literal)
 
 
 def check_auth(authorization: str | None, token: Secret | None) -> None:
@@ -213,21 +248,26 @@ def check_body_size(size: int | str | None, cfg: ServeConfig) -> None:
     try:
         size = int(size or 0)
     except ValueError:
-        raise RequestProblem(400, f"Content-Length {size!r} is not a number of bytes") from None
+        raise RequestProblem(400, f"Content-Length {shown(size)} is not a number of bytes: send the body's size "
+                                  "in bytes, or no Content-Length") from None
     if size > cfg.max_body_bytes:
         raise RequestProblem(413, f"request body is over {cfg.max_body_bytes} bytes (at least {size}); "
                                   f"the limit is {cfg.max_body_bytes}")
 
 
 def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object. An integer too long for any setting is read as a
+    `HugeNumber`, which the field's own check refuses by name."""
     try:
-        data = json.loads(body or b"null")
+        data = json.loads(body or b"null", parse_int=_json_int)
     except (ValueError, UnicodeDecodeError):
-        raise RequestProblem(400, "request body is not valid JSON") from None
+        raise RequestProblem(400, "request body is not valid JSON: send a UTF-8 JSON object like "
+                                  '{"prompt": "..."}') from None
     except RecursionError:
-        raise RequestProblem(400, "request body nests JSON too deeply") from None
+        raise RequestProblem(400, "request body nests JSON too deeply: send a flat JSON object like "
+                                  '{"prompt": "..."}') from None
     if not isinstance(data, dict):
-        raise RequestProblem(400, "request body must be a JSON object")
+        raise RequestProblem(400, f"request body must be a JSON object like {{\"prompt\": \"...\"}}, not {shown(data)}")
     return data
 
 
@@ -235,26 +275,36 @@ def parse_model_field(model: Any, names: str | list[str]) -> tuple[str, str]:
     """The served model and the alias or version a request's `model` names: NAME, NAME@ALIAS,
     NAME/VERSION, or ALIAS or VERSION of the first of `names` (the default model).
 
-    Absent means the default model's champion."""
+    Absent means the default model's champion. A version or alias that no registry can hold (past
+    `MAX_VERSION`, longer than `MAX_ALIAS_CHARS`) is a 404 here, before any lookup."""
     names = [names] if isinstance(names, str) else list(names)
     if model is None or model == "" or model in names:
         return (model or names[0]), "champion"
     if not isinstance(model, str):
-        raise RequestProblem(400, f"'model' must be a string like {names[0]}, {names[0]}@champion or {names[0]}/3")
+        raise RequestProblem(400, f"'model' must be a string like {names[0]}, {names[0]}@champion or {names[0]}/3, "
+                                  f"not {shown(model)}", param="model")
     name, ref = names[0], model
     if "@" in model or "/" in model:
         sep = "@" if "@" in model else "/"
         name, _, ref = model.rpartition(sep) if sep == "/" else model.partition(sep)
         if name not in names:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise RequestProblem(404, f"this server serves {shown}, not {name!r}; use model={names[0]}@champion or "
-                                      f"{names[0]}/VERSION (GET /v1/models lists them)", "model_not_found")
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise RequestProblem(404, f"this server serves {listed}, not {shown(name)}; use model={names[0]}@champion or "
+                                      f"{names[0]}/VERSION (GET /v1/models lists them)", "model_not_found", "model")
     ref = ref.removeprefix("v") if ref[:1] == "v" and is_version(ref[1:]) else ref
-    if is_version(ref) and int(ref) > 0:
-        return name, canonical_version(ref)  # `3`, `03` and `v3` are one model, loaded once
+    digits = ref.lstrip("0")  # (Python reads no integer of more than 4,300 digits, leading zeros included)
+    if is_version(ref) and digits:
+        if len(digits) > len(str(MAX_VERSION)) or int(digits) > MAX_VERSION:
+            raise RequestProblem(404, f"{name} has no version {shown(digits)} ({len(digits)} digits): registered "
+                                      f"versions run from 1 to at most {MAX_VERSION}; use {name}/VERSION with a "
+                                      f"registered one, or {name}@champion", "model_not_found", "model")
+        return name, canonical_version(digits)  # `3`, `03` and `v3` are one model, loaded once
     if not ref or not ref.isascii() or not ref.replace("-", "").replace("_", "").isalnum() or ref.isdigit():
-        raise RequestProblem(400, f"cannot read model {model!r}: use {name}, {name}@ALIAS or {name}/VERSION "
-                                  "(a version in ASCII digits)")
+        raise RequestProblem(400, f"cannot read model {shown(model)}: use {name}, {name}@ALIAS or {name}/VERSION "
+                                  "(a version in ASCII digits)", param="model")
+    if len(ref) > MAX_ALIAS_CHARS:
+        raise RequestProblem(404, f"{name} has no alias {shown(ref)}: aliases have at most {MAX_ALIAS_CHARS} characters; "
+                                  f"use {name}@champion or {name}/VERSION", "model_not_found", "model")
     return name, ref
 
 
@@ -265,15 +315,28 @@ def choose_alias(ref: str, canary_share: float, has_challenger: bool, rng: rando
     return ref
 
 
+def _check_unicode(text: str, field: str) -> None:
+    """Text a tokenizer can read: no lone surrogate (JSON's `"\\ud800"` decodes to one, UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestProblem(400, f"'{field}' holds a lone surrogate ({shown(text[exc.start])} at character "
+                                  f"{exc.start}), which is not text: send valid Unicode (pair each \\ud800-\\udbff "
+                                  "escape with a \\udc00-\\udfff one)", param=field) from None
+
+
 def _texts(value: Any, field: str, cfg: ServeConfig) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
-        raise RequestProblem(400, f"'{field}' must be a string or a non-empty list of strings")
+        raise RequestProblem(400, f"'{field}' must be a string or a non-empty list of strings, not {shown(value)}",
+                             param=field)
     if len(items) > cfg.max_batch:
-        raise RequestProblem(400, f"'{field}' holds {len(items)} items; at most {cfg.max_batch} per request")
+        raise RequestProblem(400, f"'{field}' holds {len(items)} items; at most {cfg.max_batch} per request", param=field)
     for x in items:
         if len(x) > cfg.max_prompt_chars:
-            raise RequestProblem(400, f"'{field}' has a text of {len(x)} characters; the limit is {cfg.max_prompt_chars}")
+            raise RequestProblem(400, f"'{field}' has a text of {len(x)} characters; the limit is {cfg.max_prompt_chars}",
+                                 param=field)
+        _check_unicode(x, field)
     return items
 
 
@@ -283,9 +346,11 @@ def _max_tokens(body: dict, cfg: ServeConfig) -> int:
     if n is None:
         n = default
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise RequestProblem(400, "'max_tokens' must be a positive integer")
+        raise RequestProblem(400, f"'max_tokens' must be a positive integer (at most {cfg.max_tokens_cap}), "
+                                  f"not {shown(n)}", param="max_tokens")
     if n > cfg.max_tokens_cap:
-        raise RequestProblem(400, f"'max_tokens' is {n}; this server allows at most {cfg.max_tokens_cap}")
+        raise RequestProblem(400, f"'max_tokens' is {shown(n)}; this server allows at most {cfg.max_tokens_cap}",
+                             param="max_tokens")
     return n
 
 
@@ -294,7 +359,8 @@ def _temperature(body: dict) -> float:
     if t is None:
         return 0.0
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not (t == 0 or MIN_TEMPERATURE <= t <= 2):
-        raise RequestProblem(400, f"'temperature' must be 0 (greedy) or a number from {MIN_TEMPERATURE} to 2")
+        raise RequestProblem(400, f"'temperature' must be 0 (greedy) or a number from {MIN_TEMPERATURE} to 2, "
+                                  f"not {shown(t)}", param="temperature")
     return float(t)
 
 
@@ -304,7 +370,7 @@ MIN_TEMPERATURE = 0.01
 
 def parse_completion(body: dict, cfg: ServeConfig) -> dict:
     if "prompt" not in body:
-        raise RequestProblem(400, "'prompt' is required")
+        raise RequestProblem(400, "'prompt' is required: a text or a list of texts", param="prompt")
     return {"prompts": _texts(body["prompt"], "prompt", cfg), "max_tokens": _max_tokens(body, cfg),
             "temperature": _temperature(body)}
 
@@ -312,24 +378,60 @@ def parse_completion(body: dict, cfg: ServeConfig) -> dict:
 def parse_chat(body: dict, cfg: ServeConfig) -> dict:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise RequestProblem(400, "'messages' must be a non-empty list of {role, content} objects")
+        raise RequestProblem(400, "'messages' must be a non-empty list of {role, content} objects, "
+                                  f"not {shown(messages)}", param="messages")
     clean = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise RequestProblem(400, "each message needs a role (system, user or assistant) and a string content")
+            raise RequestProblem(400, "each of 'messages' needs a role (system, user or assistant) and a string "
+                                      f"content, not {shown(m)}", param="messages")
+        _check_unicode(m["content"], "messages")
         clean.append({"role": m["role"], "content": m["content"]})
     total = sum(len(m["content"]) for m in clean)
     if total > cfg.max_prompt_chars:
-        raise RequestProblem(400, f"messages hold {total} characters; the limit is {cfg.max_prompt_chars}")
+        raise RequestProblem(400, f"'messages' hold {total} characters in all; the limit is {cfg.max_prompt_chars}",
+                             param="messages")
     if not any(m["role"] == "user" for m in clean):
-        raise RequestProblem(400, "'messages' needs at least one user message")
+        raise RequestProblem(400, "'messages' needs at least one user message", param="messages")
     return {"messages": clean, "max_tokens": _max_tokens(body, cfg), "temperature": _temperature(body)}
 
 
 def parse_classify(body: dict, cfg: ServeConfig) -> dict:
     if "input" not in body:
-        raise RequestProblem(400, "'input' is required: a text or a list of texts")
+        raise RequestProblem(400, "'input' is required: a text or a list of texts", param="input")
     return {"texts": _texts(body["input"], "input", cfg)}
+
+
+PARSERS = {"complete": parse_completion, "chat": parse_chat, "classify": parse_classify}
+"""Each inference route's (`Gateway`'s `op`) reading of a request body into the replica's payload."""
+
+
+def parse_request(op: str, body: dict, cfg: ServeConfig) -> tuple[str, str, dict]:
+    """What an inference route reads of a request's JSON body, in its order: the payload the
+    replica runs (`PARSERS`), then the served model and the alias or version it names. Every
+    problem is a RequestProblem: a 4xx naming the field and what to send."""
+    payload = PARSERS[op](body, cfg)
+    name, ref = parse_model_field(body.get("model"), cfg.served)
+    return name, ref, payload
+
+
+def per_row(values: list, sizes: list[int]) -> list:
+    """Each request's value repeated for each of its rows."""
+    return [v for v, n in zip(values, sizes) for _ in range(n)]
+
+
+def split_rows(rows: dict[str, list], sizes: list[int]) -> list[dict]:
+    """Per-row lists of a batch's result cut into one result per request of `sizes` rows; token
+    counts are summed per request."""
+    out, start = [], 0
+    for size in sizes:
+        part = {k: v[start : start + size] for k, v in rows.items()}
+        for k in ("prompt_tokens", "completion_tokens"):
+            if k in part:
+                part[k] = int(sum(part[k]))
+        out.append(part)
+        start += size
+    return out
 
 
 def notify_server(url: str, token: str | None = None, timeout_s: float = 60.0) -> dict:

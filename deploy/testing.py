@@ -70,3 +70,47 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
         aliases.set_challenger(tracking_uri, name, versions[-1], "a random adapter, for serving tests", run_id)
         tracking.end_run(tracking_uri, run_id)
     return versions
+
+
+HUGE_DIGITS = "9" * 5000
+"""More digits than Python reads as an integer (4,300): in a version, a `max_tokens`, a Content-Length."""
+_HUGE_MARK = "@@huge-integer@@"
+ROUTES = {"/v1/completions": "complete", "/v1/chat/completions": "chat", "/v1/classify": "classify"}
+"""The inference routes and the operation (`deploy.serve.ROUTE_NAME`) each runs."""
+
+
+def request_bodies(names: tuple[str, ...] = ("m",)):
+    """A hypothesis strategy of (route, request body bytes) that tries a server's request rules:
+    bodies of random shape (wrong types, missing fields, nested junk, bytes that are no JSON),
+    odd Unicode (lone surrogates, NUL, bidi controls, 10,000-character strings), integers of
+    5,000 digits as numbers and in model references and versions, and valid requests among them
+    (for the served models `names`)."""
+    import json
+
+    from hypothesis import strategies as st
+
+    odd = st.sampled_from(["\ud800", "a\udfffb", "\udbff\udbff", "\x00", "nul\x00here", "\u202eevil\u202c", "\u200f",
+                           "\ufeff", "x" * 10_000, "\u0663", "\u00b2", "\U0001d7d8", "\U0001f642", HUGE_DIGITS, ""])
+    text = st.one_of(st.text(st.characters(exclude_categories=()), max_size=20), odd, st.sampled_from(["hi", "2 plus 2?"]))
+    number = st.one_of(st.integers(), st.integers(-2, 20), st.floats(), st.just(_HUGE_MARK))
+    junk = st.recursive(st.one_of(st.none(), st.booleans(), number, text),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=8)
+    ref = st.one_of(text, st.sampled_from(["champion", "challenger", "staging", "1", "01", "v1", "0", "2", "99", "-1", "1.0",
+                                           "2147483648", "0" * 5000 + "1", HUGE_DIGITS, "v" + HUGE_DIGITS, "a" * 300]))
+    model = st.one_of(junk, st.builds(lambda name, sep, r: f"{name}{sep}{r}", st.sampled_from([*names, "other", ""]) | text,
+                                      st.sampled_from(["@", "/", ""]), ref))
+    prompt = st.one_of(junk, text, st.lists(text, min_size=1, max_size=3))
+    role = st.sampled_from(["user", "system", "assistant", "robot"]) | junk
+    messages = st.one_of(junk, st.lists(st.fixed_dictionaries({"role": role, "content": text | junk}), min_size=1, max_size=3))
+    fields = st.fixed_dictionaries({}, optional={
+        "model": model, "prompt": prompt, "messages": messages, "input": prompt,
+        "max_tokens": st.integers(1, 8) | number | junk, "temperature": st.sampled_from([0, 0.5, 2]) | number | junk})
+    plain = st.text(st.characters(codec="utf-8"), max_size=30)  # any valid Unicode: NUL, bidi controls, emoji...
+    valid = st.fixed_dictionaries(
+        {"prompt": plain | st.lists(plain, min_size=1, max_size=2), "input": plain,
+         "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": plain}),
+                              min_size=1, max_size=2).map(lambda m: [*m, {"role": "user", "content": "hi"}])},
+        optional={"model": st.sampled_from([*names, f"{names[0]}@champion", f"{names[0]}/1", "01", "challenger"]),
+                  "max_tokens": st.integers(1, 8), "temperature": st.sampled_from([0, 0.5, 2])})
+    dumped = st.one_of(valid, fields, junk).map(lambda body: json.dumps(body).replace(f'"{_HUGE_MARK}"', HUGE_DIGITS).encode())
+    return st.tuples(st.sampled_from(sorted(ROUTES)), dumped | st.binary(max_size=40))

@@ -490,8 +490,9 @@ def serve(
     canary_share: Annotated[Optional[float], typer.Option(help="Share of champion traffic sent to the challenger.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
 ) -> None:
-    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C; with
-    --member or --fleet, many registered models of one base, each by NAME@ALIAS."""
+    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C or
+    SIGTERM, which stop Serve and Ray (exit 130 / 143); with --member or --fleet, many registered
+    models of one base, each by NAME@ALIAS."""
     from prefect_lora.deploy.serve_core import load_serve_config
     from prefect_lora.lora_tasks.errors import RegistryError
     from prefect_lora.lora_tasks.fleet import load_fleet
@@ -516,7 +517,13 @@ def serve(
                             tracking_uri=tracking_uri, mode=mode, canary_share=canary_share)
     from prefect_lora.deploy.serve import run_forever
 
-    run_forever(cfg, ray_address=ray_address)
+    if signum := run_forever(cfg, ray_address=ray_address):
+        import signal
+
+        from prefect_lora.flows.settings import release_and_exit
+
+        console.print(f"stopped by {signal.Signals(signum).name}: Serve and Ray are shut down", highlight=False)
+        release_and_exit(128 + signum)  # 143 / 130, as `run`; at once, past Ray's native threads
 
 
 @app.command()

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect_lora.deploy.testing import free_port
+from hypothesis import HealthCheck, given, settings
+from prefect_lora.deploy.testing import HUGE_DIGITS, free_port, request_bodies
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def server(tmp_path_factory, tiny_model_dir):
     v1, v2 = register_random_adapters(uri, NAME, tiny_model_dir, [11, 22], work)
     aliases.promote_version(uri, NAME, v1, reason="first champion")
     cfg = ServeConfig(model_name=NAME, tracking_uri=uri, port=free_port(), poll_interval_s=1.0,
-                      max_prompt_chars=400, max_prompt_tokens=64, max_tokens_cap=16, max_body_bytes=2048,
+                      max_prompt_chars=400, max_prompt_tokens=64, max_tokens_cap=16, max_body_bytes=8192,
                       app_name="test-serving")
     os.environ["PREFECT_LORA_SERVE_TOKEN"] = TOKEN
     try:
@@ -134,8 +135,8 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
     ({"json": {"prompt": "hi", "max_tokens": 17}}, 400, "at most 16"),
     ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     ({"content": b"[1]"}, 400, "JSON object"),
-    ({"content": b'{"prompt": "' + b"x" * 3000 + b'"}'}, 413, "limit is 2048"),
-    ({"content": iter([b'{"prompt": "', b"x" * 3000, b'"}'])}, 413, "limit is 2048"),  # chunked: no Content-Length
+    ({"content": b'{"prompt": "' + b"x" * 9000 + b'"}'}, 413, "limit is 8192"),
+    ({"content": iter([b'{"prompt": "', b"x" * 9000, b'"}'])}, 413, "limit is 8192"),  # chunked: no Content-Length
     ({"content": b"[" * 1000 + b"]" * 1000}, 400, "nests JSON too deeply"),
     ({"json": {"prompt": "hi", "temperature": 1e-300}}, 400, "0 (greedy)"),
     ({"json": {"prompt": "hi", "model": f"{NAME}/\u0661"}}, 400, "ASCII digits"),
@@ -144,14 +145,33 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
     ({"json": {"prompt": "hi", "model": f"{NAME}/99"}}, 404, "no version '99'"),
     ({"json": {"messages": "hello"}, "path": "/v1/chat/completions"}, 400, "'messages'"),
     ({"json": {"input": "a text"}, "path": "/v1/classify"}, 400, "causal_lm model: use /v1/completions"),
+    ({"json": {"prompt": ["hi", ""]}}, 400, "no tokens"),  # found by the fuzz test: was a 500 (generate on nothing)
+    ({"json": {"prompt": "hi", "model": f"{NAME}/{HUGE_DIGITS}"}}, 404, "(5000 digits)"),  # was a 500 in plain text
+    ({"content": b'{"prompt": "\\ud800"}'}, 400, "lone surrogate"),  # was a 500 in plain text
+    ({"content": b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "path": "/v1/chat/completions"}, 400,
+     "lone surrogate"),
+    ({"content": b'{"prompt": "hi", "max_tokens": ' + HUGE_DIGITS.encode() + b"}"}, 400, "integer of 5000 digits"),
 ])
 def test_bad_requests_get_4xx_with_a_message_and_the_server_stays_up(server, kwargs, status, needle):
     c = server["client"]
     path = kwargs.pop("path", "/v1/completions")
     r = c.post(path, **kwargs)
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]["message"]
+    assert r.headers["content-type"] == "application/json" and needle in r.json()["error"]["message"]
     assert c.get("/health").status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(route_and_body=request_bodies((NAME,)))
+def test_any_request_body_is_answered_200_or_4xx_in_json_never_500(server, route_and_body):
+    """The real gateway and replica under the same fuzzed bodies as the rules' unit test
+    (tests/unit/test_serve_fuzz.py): what passes the rules must run on the model."""
+    route, body = route_and_body
+    r = server["client"].post(route, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (body[:300], r.status_code, r.text[:500])
+    assert r.headers["content-type"] == "application/json", r.text[:300]
+    answer = r.json()
+    assert ("choices" in answer) if r.status_code == 200 else answer["error"]["message"]
 
 
 def test_requests_without_the_token_get_401_and_the_token_is_never_logged(server):
@@ -197,3 +217,8 @@ def test_classification_route(classifier):
     assert [d["index"] for d in data] == [0, 1] and all(d["label"] in {"neg", "pos"} and 0.5 <= d["score"] <= 1 for d in data)
     r = classifier.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 400 and "use /v1/classify" in r.json()["error"]["message"]
+    for texts in ("", ["a great film", ""]):  # the byte tokenizer reads no token in "": was a 500
+        r = classifier.post("/v1/classify", json={"input": texts})
+        assert r.status_code == 400 and "no tokens" in r.json()["error"]["message"], r.text
+    r = classifier.post("/v1/classify", json={"input": ["\x00", "\u202eevil\u202c", "\U0001f642"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 3, r.text
