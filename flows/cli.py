@@ -407,8 +407,9 @@ def promote(
 
     registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
     from prefect_lora.flows.promote import promote as promote_flow
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     _print_record(promote_flow(name, version, reason, _tracking(tracking_uri), notify))
 
@@ -431,8 +432,9 @@ def rollback(
     elif to is not None:
         registry.get_version(uri, name, to)
     from prefect_lora.flows.rollback import rollback as rollback_flow
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     _print_record(rollback_flow(name, to, reason, uri, notify))
 
@@ -601,8 +603,9 @@ def register(
 
     pending = read_pending(run_dir)  # a clear error before any engine starts
     from prefect_lora.flows.retrain import register_run
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     if console.is_terminal:
         with console.status(f"registering {pending.config.get('model_name')} from {run_dir}"):
