@@ -41,6 +41,14 @@ from .loop import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
 RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
 
 
+# Where this process's local Ray tells its workers the state API is: nowhere that answers (the
+# instance runs no dashboard). Ray Train's placement-group cleaner asks the state API every second
+# whether the run's controller lives; without an address it searched the host for a Ray instance:
+# beside another one (`ray start`, another user's job) it raised "Found multiple active Ray
+# instances" (a traceback in every run), or, where `ray start` left its address in /tmp/ray, went
+# to that instance instead. A refused connection is an answer the cleaner waits out quietly.
+NO_STATE_API = "http://127.0.0.1:1"
+
 _INIT_LOCK = threading.Lock()  # a fleet's members start their jobs from several threads: one ray.init
 
 
@@ -73,7 +81,8 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
             # One machine has no node to drain: no preemption watcher (and no core-worker error line about its actor).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": a fresh instance, never a `ray start` cluster that happens to run here
-            ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR,
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": NO_STATE_API}}, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
 
 
@@ -185,6 +194,7 @@ def _ray_worker_loop(config: dict) -> None:
     placement = _gather_placement(rank, ctx.get_world_size())
 
     def report_with_placement(metrics: dict, checkpoint_dir: str | None) -> None:
+        _exit_if_driver_gone(config.get("driver"))
         if log and rank == 0:
             log.flush()  # the curve up to a checkpoint is logged with it
         report({**metrics, **placement}, checkpoint_dir)
@@ -207,6 +217,33 @@ def _ray_worker_loop(config: dict) -> None:
         finally:
             if log and rank == 0:
                 log.flush()
+
+
+def _driver_identity() -> dict:
+    """This process as a local Ray's workers can tell it is alive: pid and start time."""
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _exit_if_driver_gone(driver: dict | None) -> None:
+    """End this worker at once when the driver that started the local Ray is gone (killed:
+    SIGKILL, the OOM killer). Ray stops the workers of a dead driver's cluster only when its
+    raylet goes, a few seconds later: a worker reporting meanwhile wrote a checkpoint (and logged
+    steps) for a run that no longer existed. A driver killed but not yet reaped (a zombie) is gone.
+    On a cluster (`scaling.address`) the driver may be on another machine: Ray's own fate
+    sharing with the job applies there."""
+    if not driver:
+        return
+    import psutil
+
+    try:
+        process = psutil.Process(driver["pid"])
+        alive = abs(process.create_time() - driver["started"]) < 1 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if not alive:
+        os._exit(1)
 
 
 def _shard_batches(shard, cfg: PipelineConfig, rank: int, world_size: int, num_rows: int):
@@ -380,6 +417,7 @@ def train_adapter(
             "rows": rows,
             "stream": {"num_rows": stream.num_rows} if stream else None,
             "step_log": step_log,
+            "driver": None if s.address else _driver_identity(),
         },
         datasets=datasets or None,
         **({"dataset_config": data_config} if data_config else {}),
