@@ -46,8 +46,7 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_show_v
 
     Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message),
     2 a usage error, 3 the data broke its contract (the report names each row and check),
-    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes;
-    a Ctrl-C during Ray training lets Ray Train abort its run first and exits 1)."""
+    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes)."""
 
 
 DATA_CONTRACT_BROKEN = 3
@@ -619,18 +618,18 @@ def register(
 def main() -> None:
     from prefect_lora.flows.settings import release_and_exit, stop_cleanly_on_signals, stop_signal
 
-    stop_cleanly_on_signals()  # a stopped command ends its MLflow run and stops Ray and Prefect's server
-    try:
-        app()
-    except SystemExit:
-        if signum := stop_signal():
-            import signal
+    with stop_cleanly_on_signals():  # a stopped command ends its MLflow run and stops Ray and Prefect's server
+        try:
+            app()
+        except SystemExit:
+            if signum := stop_signal():
+                import signal
 
-            Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the temporary "
-                                       "Prefect server; the same command resumes from the last checkpoint",
-                                       highlight=False, soft_wrap=True)
-            release_and_exit(128 + signum)
-        raise
+                Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the "
+                                           "temporary Prefect server; the same command resumes from the last checkpoint",
+                                           highlight=False, soft_wrap=True)
+                release_and_exit(128 + signum)
+            raise
 
 
 if __name__ == "__main__":

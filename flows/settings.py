@@ -50,12 +50,14 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 _STOP_SIGNAL: int | None = None
 
 
-def stop_cleanly_on_signals() -> None:
-    """SIGTERM ends this process as Ctrl-C does: by an exception, so `finally` blocks run and the
-    command can release what it started (`release_and_exit`). Without it, Python's default
-    handler kills the process where it stands (Prefect re-sends the signal to that handler after
-    marking the flow run crashed): the temporary Prefect server and the local Ray cluster are left
-    running, the MLflow run stays RUNNING. Which signal stopped the process is kept (`stop_signal`)."""
+@contextlib.contextmanager
+def stop_cleanly_on_signals():
+    """In the block, SIGTERM ends this process as Ctrl-C does: by an exception, so `finally`
+    blocks run and the command can release what it started (`release_and_exit`). Without it,
+    Python's default handler kills the process where it stands (Prefect re-sends the signal to
+    that handler after marking the flow run crashed): the temporary Prefect server and the local
+    Ray cluster are left running, the MLflow run stays RUNNING. Which signal stopped the process
+    is kept (`stop_signal`). After the block, SIGTERM and SIGINT go to the handlers from before."""
     import signal
 
     def stop(signum, frame):
@@ -63,8 +65,13 @@ def stop_cleanly_on_signals() -> None:
         _STOP_SIGNAL = signum
         raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
 
 
 def stop_signal() -> int | None:

@@ -74,7 +74,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
         include_dashboard=False,
         logging_config=ray.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_LOG_LEVEL", "ERROR")),
     )
-    with _sigterm_handler(), _root_logger_kept():  # ray.init must not keep SIGTERM, nor the driver's root logger
+    with _signal_handlers(), _root_logger_kept():  # ray.init must not keep SIGTERM, nor the driver's root logger
         if address:
             ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
         else:
@@ -108,34 +108,54 @@ STOPPED_BY: int | None = None
 
 @contextlib.contextmanager
 def interruptible():
-    """While the driver waits on Ray, SIGTERM interrupts it as Ctrl-C does. Ray's waits pass on
-    only KeyboardInterrupt: any other exception raised by a signal handler inside them (Prefect's
-    TerminationSignal, SystemExit) comes out as a SystemError, which a task would retry."""
+    """While the driver waits on Ray, SIGTERM and SIGINT interrupt it as Ctrl-C does. Ray's waits
+    pass on only KeyboardInterrupt: any other exception raised by a signal handler inside them
+    (Prefect's TerminationSignal, SystemExit) comes out as a SystemError, which a task would
+    retry. Whatever Ray installs meanwhile ends with the block: a handler of a finished run
+    would swallow the caller's Ctrl-C."""
     def stop(signum, frame):
         global STOPPED_BY
         STOPPED_BY = signum
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
-    with _sigterm_handler(stop):
+    with _signal_handlers(stop):
         yield
+
+
+_RESTORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
-def _sigterm_handler(handler=None):
-    """SIGTERM handled by `handler` in the block (None: whatever the block installs), and by the
-    handler from before again after it. Without the restore, ray.init would keep SIGTERM: a bare
-    `sys.exit`, and a native handler that aborts the process 3 s after the signal, so a stopped
-    run could not clean up (its Prefect server and MLflow run were left behind). Signal handlers
-    belong to the main thread: elsewhere nothing changes."""
+def _signal_handlers(stop=None):
+    """SIGTERM and SIGINT handled by `stop` in the block (None: whatever the block installs), and
+    SIGTERM, SIGINT and SIGUSR1 by the handlers from before again after it. Without the restore,
+    ray.init would keep SIGTERM (a bare `sys.exit`, and a native handler that aborts the process
+    3 s after the signal, so a stopped run could not clean up: its Prefect server and MLflow run
+    were left behind), and Tune would keep SIGINT and SIGUSR1. Signal handlers belong to the main
+    thread: elsewhere nothing changes."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    if main and handler is not None:
-        signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.getsignal(sig) for sig in _RESTORED_SIGNALS} if main else {}
+    if main and stop is not None:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     try:
         yield
     finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer that leaves SIGINT to the driver (`interruptible`). Ray Train's own handler,
+    set in `fit` and never put back, aborts the run's controller and then calls `sys.exit(0)`
+    inside a Ray wait: Ctrl-C during training came out as a SystemError (a task retried it, a test
+    session went on with its next test), and after training it reached a finished run's handler
+    instead of the program. Ctrl-C now stops the driver as SIGTERM does; the next attempt resumes
+    from the latest checkpoint as after any stop."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        pass
 
 
 def ensure_ray_for(cfg: PipelineConfig) -> None:
@@ -410,7 +430,7 @@ def train_adapter(
             valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": stream.eval_fraction, "split": "train"})
         datasets = {"train": train}
         data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True))
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         _ray_worker_loop,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
@@ -471,6 +491,7 @@ def tune_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str |
         return {"result": trial(settings[config["index"]])}
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no progress tables in a scheduled job's log
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the driver (`interruptible`), not just Tune
     tuner = tune.Tuner(
         tune.with_resources(run, resources),
         param_space={"index": tune.grid_search(list(range(len(settings))))},
