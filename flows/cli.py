@@ -47,8 +47,7 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_show_v
 
     Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message),
     2 a usage error, 3 the data broke its contract (the report names each row and check),
-    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes;
-    a Ctrl-C during Ray training lets Ray Train abort its run first and exits 1)."""
+    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes)."""
 
 
 DATA_CONTRACT_BROKEN = 3
@@ -409,8 +408,9 @@ def promote(
 
     registry.get_version(_tracking(tracking_uri), name, version)  # typos fail here, before any engine starts
     from prefect_lora.flows.promote import promote as promote_flow
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     _print_record(promote_flow(name, version, reason, _tracking(tracking_uri), notify))
 
@@ -433,8 +433,9 @@ def rollback(
     elif to is not None:
         registry.get_version(uri, name, to)
     from prefect_lora.flows.rollback import rollback as rollback_flow
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     _print_record(rollback_flow(name, to, reason, uri, notify))
 
@@ -610,8 +611,9 @@ def register(
 
     pending = read_pending(run_dir)  # a clear error before any engine starts
     from prefect_lora.flows.retrain import register_run
-    from prefect_lora.flows.settings import hide_expected_tracebacks
+    from prefect_lora.flows.settings import bind_prefect_server, hide_expected_tracebacks
 
+    bind_prefect_server()  # its temporary Prefect server ends with this process, even a killed one
     hide_expected_tracebacks()
     if console.is_terminal:
         with console.status(f"registering {pending.config.get('model_name')} from {run_dir}"):
@@ -625,18 +627,18 @@ def register(
 def main() -> None:
     from prefect_lora.flows.settings import release_and_exit, stop_cleanly_on_signals, stop_signal
 
-    stop_cleanly_on_signals()  # a stopped command ends its MLflow run and stops Ray and Prefect's server
-    try:
-        app()
-    except SystemExit:
-        if signum := stop_signal():
-            import signal
+    with stop_cleanly_on_signals():  # a stopped command ends its MLflow run and stops Ray and Prefect's server
+        try:
+            app()
+        except SystemExit:
+            if signum := stop_signal():
+                import signal
 
-            Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the temporary "
-                                       "Prefect server; the same command resumes from the last checkpoint",
-                                       highlight=False, soft_wrap=True)
-            release_and_exit(128 + signum)
-        raise
+                Console(stderr=True).print(f"stopped by {signal.Signals(signum).name}: shutting down Ray and the "
+                                           "temporary Prefect server; the same command resumes from the last checkpoint",
+                                           highlight=False, soft_wrap=True)
+                release_and_exit(128 + signum)
+            raise
 
 
 if __name__ == "__main__":

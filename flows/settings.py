@@ -2,6 +2,10 @@
 
 Every value is only a default: a variable already set in the environment wins."""
 
+from __future__ import annotations
+
+import contextlib
+import functools
 import os
 
 DEFAULTS = {
@@ -46,12 +50,14 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 _STOP_SIGNAL: int | None = None
 
 
-def stop_cleanly_on_signals() -> None:
-    """SIGTERM ends this process as Ctrl-C does: by an exception, so `finally` blocks run and the
-    command can release what it started (`release_and_exit`). Without it, Python's default
-    handler kills the process where it stands (Prefect re-sends the signal to that handler after
-    marking the flow run crashed): the temporary Prefect server and the local Ray cluster are left
-    running, the MLflow run stays RUNNING. Which signal stopped the process is kept (`stop_signal`)."""
+@contextlib.contextmanager
+def stop_cleanly_on_signals():
+    """In the block, SIGTERM ends this process as Ctrl-C does: by an exception, so `finally`
+    blocks run and the command can release what it started (`release_and_exit`). Without it,
+    Python's default handler kills the process where it stands (Prefect re-sends the signal to
+    that handler after marking the flow run crashed): the temporary Prefect server and the local
+    Ray cluster are left running, the MLflow run stays RUNNING. Which signal stopped the process
+    is kept (`stop_signal`). After the block, SIGTERM and SIGINT go to the handlers from before."""
     import signal
 
     def stop(signum, frame):
@@ -59,8 +65,13 @@ def stop_cleanly_on_signals() -> None:
         _STOP_SIGNAL = signum
         raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
 
 
 def stop_signal() -> int | None:
@@ -149,18 +160,100 @@ def start_prefect_api_early():
     flows are imported. With a Prefect server configured, it does nothing."""
     import threading
 
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
+    server = bind_prefect_server()
+    if server is None:
         return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer  # the client imports it anyway in this mode
 
     def boot() -> None:
         try:
-            SubprocessASGIServer().start()
+            server.start()
         except Exception:  # noqa: BLE001  (the flow's own client tries again, and says why if it fails)
             pass
 
     thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
     thread.start()
     return thread.join
+
+
+def bind_prefect_server():
+    """Without a Prefect server (no PREFECT_API_URL set), make the temporary server Prefect's
+    client starts in this process one that ends with this process, however it ends, and return it
+    (not started yet); with a server configured, None. Prefect stops its temporary server at
+    exit, but a process killed by SIGKILL (or the OOM killer) runs no exit code: its server, ~200
+    MB, was left serving nobody until someone found and killed it. Call it before any flow runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    return _bound_server_class()()  # the client asks for the same instance: one per port, None here
+
+
+@functools.cache
+def _bound_server_class():
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer  # the client imports it anyway in this mode
+
+    class ParentBoundServer(SubprocessASGIServer):
+        """Prefect's temporary server, with a guard process (`server_guard`) that stops it when
+        the process that started it is gone."""
+
+        guard: _Guard | None = None
+        guard_lock = threading.Lock()  # the early boot thread and a flow's client may start it together
+
+        def start(self, timeout: int | None = None) -> None:
+            super().start(timeout)
+            with self.guard_lock:
+                if self.guard is None and self.server_process is not None:
+                    self.guard = _Guard.start(self.server_process.pid)
+
+        def stop(self) -> None:
+            super().stop()
+            with self.guard_lock:
+                if self.guard is not None:
+                    self.guard.close()
+                    self.guard = None
+
+    return ParentBoundServer
+
+
+class _Guard:
+    """A `server_guard` process watching a server: it holds the read end of a pipe whose write end
+    only this process holds (not inherited by any child: Python's descriptors are close-on-exec),
+    so the kernel closes it when this process ends, and a pidfd of the server."""
+
+    def __init__(self, process, write_end: int) -> None:
+        self.process, self.write_end = process, write_end
+
+    @classmethod
+    def start(cls, pid: int) -> _Guard | None:
+        import subprocess
+
+        from prefect_lora.flows import server_guard
+
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: Prefect's own stop at exit only
+            return None
+        read_end, write_end = os.pipe()
+        try:
+            process = subprocess.Popen([sys.executable, "-I", "-S", server_guard.__file__, str(read_end), str(pidfd)],
+                                       pass_fds=(read_end, pidfd), stdin=subprocess.DEVNULL)
+        except OSError:
+            os.close(write_end)
+            return None
+        finally:
+            os.close(read_end)
+            os.close(pidfd)
+        return cls(process, write_end)
+
+    def close(self) -> None:
+        """After the server stopped: the guard sees it and exits; reap it."""
+        import subprocess
+
+        os.close(self.write_end)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -13,11 +12,18 @@ import pytest
 # Set before prefect, ray or transformers are imported by any test module.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
-os.environ.setdefault("PREFECT_LORA_CACHE", str(Path(tempfile.gettempdir()) / "prefect-lora-test-cache"))
 os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export another to keep parallel checkouts apart
-# Scores and spreads cached by an earlier session may come from other code: every session starts afresh.
-for _kept in ("scores", "power"):
-    shutil.rmtree(Path(os.environ["PREFECT_LORA_CACHE"]) / _kept, ignore_errors=True)
+# A cache of this session's own: scores, spreads, forgetting blocks, baselines computed by this
+# checkout's code in this session. Sessions of other checkouts run beside it on a shared host,
+# and the cache keys name the package version, not the code: one cache shared by all of them
+# let a session read another branch's scores (and each session's start wiped the others'). The
+# built-in models (versioned folders, built the same way by every checkout) stay shared, under
+# PREFECT_LORA_CACHE (default: /tmp/prefect-lora-test-cache/models), so none is rebuilt per session.
+_SHARED_MODELS = Path(os.environ.get("PREFECT_LORA_CACHE", Path(tempfile.gettempdir()) / "prefect-lora-test-cache")) / "models"
+_SHARED_MODELS.mkdir(parents=True, exist_ok=True)
+(_SESSION_HOME / "cache").mkdir()
+(_SESSION_HOME / "cache" / "models").symlink_to(_SHARED_MODELS, target_is_directory=True)
+os.environ["PREFECT_LORA_CACHE"] = str(_SESSION_HOME / "cache")
 
 import prefect_lora.flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
 

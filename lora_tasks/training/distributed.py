@@ -41,6 +41,14 @@ from .loop import ADAPTER_DIR, TrainResult, WorkerContext, train_worker
 RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
 
 
+# Where this process's local Ray tells its workers the state API is: nowhere that answers (the
+# instance runs no dashboard). Ray Train's placement-group cleaner asks the state API every second
+# whether the run's controller lives; without an address it searched the host for a Ray instance:
+# beside another one (`ray start`, another user's job) it raised "Found multiple active Ray
+# instances" (a traceback in every run), or, where `ray start` left its address in /tmp/ray, went
+# to that instance instead. A refused connection is an answer the cleaner waits out quietly.
+NO_STATE_API = "http://127.0.0.1:1"
+
 _INIT_LOCK = threading.Lock()  # a fleet's members start their jobs from several threads: one ray.init
 
 
@@ -66,14 +74,15 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
         include_dashboard=False,
         logging_config=ray.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_LOG_LEVEL", "ERROR")),
     )
-    with _sigterm_handler(), _root_logger_kept():  # ray.init must not keep SIGTERM, nor the driver's root logger
+    with _signal_handlers(), _root_logger_kept():  # ray.init must not keep SIGTERM, nor the driver's root logger
         if address:
             ray.init(address=address, runtime_env=_runtime_env(), **kwargs)
         else:
             # One machine has no node to drain: no preemption watcher (and no core-worker error line about its actor).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": a fresh instance, never a `ray start` cluster that happens to run here
-            ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR,
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": NO_STATE_API}}, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
 
 
@@ -99,34 +108,54 @@ STOPPED_BY: int | None = None
 
 @contextlib.contextmanager
 def interruptible():
-    """While the driver waits on Ray, SIGTERM interrupts it as Ctrl-C does. Ray's waits pass on
-    only KeyboardInterrupt: any other exception raised by a signal handler inside them (Prefect's
-    TerminationSignal, SystemExit) comes out as a SystemError, which a task would retry."""
+    """While the driver waits on Ray, SIGTERM and SIGINT interrupt it as Ctrl-C does. Ray's waits
+    pass on only KeyboardInterrupt: any other exception raised by a signal handler inside them
+    (Prefect's TerminationSignal, SystemExit) comes out as a SystemError, which a task would
+    retry. Whatever Ray installs meanwhile ends with the block: a handler of a finished run
+    would swallow the caller's Ctrl-C."""
     def stop(signum, frame):
         global STOPPED_BY
         STOPPED_BY = signum
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
-    with _sigterm_handler(stop):
+    with _signal_handlers(stop):
         yield
+
+
+_RESTORED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
-def _sigterm_handler(handler=None):
-    """SIGTERM handled by `handler` in the block (None: whatever the block installs), and by the
-    handler from before again after it. Without the restore, ray.init would keep SIGTERM: a bare
-    `sys.exit`, and a native handler that aborts the process 3 s after the signal, so a stopped
-    run could not clean up (its Prefect server and MLflow run were left behind). Signal handlers
-    belong to the main thread: elsewhere nothing changes."""
+def _signal_handlers(stop=None):
+    """SIGTERM and SIGINT handled by `stop` in the block (None: whatever the block installs), and
+    SIGTERM, SIGINT and SIGUSR1 by the handlers from before again after it. Without the restore,
+    ray.init would keep SIGTERM (a bare `sys.exit`, and a native handler that aborts the process
+    3 s after the signal, so a stopped run could not clean up: its Prefect server and MLflow run
+    were left behind), and Tune would keep SIGINT and SIGUSR1. Signal handlers belong to the main
+    thread: elsewhere nothing changes."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    if main and handler is not None:
-        signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.getsignal(sig) for sig in _RESTORED_SIGNALS} if main else {}
+    if main and stop is not None:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     try:
         yield
     finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer that leaves SIGINT to the driver (`interruptible`). Ray Train's own handler,
+    set in `fit` and never put back, aborts the run's controller and then calls `sys.exit(0)`
+    inside a Ray wait: Ctrl-C during training came out as a SystemError (a task retried it, a test
+    session went on with its next test), and after training it reached a finished run's handler
+    instead of the program. Ctrl-C now stops the driver as SIGTERM does; the next attempt resumes
+    from the latest checkpoint as after any stop."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        pass
 
 
 def ensure_ray_for(cfg: PipelineConfig) -> None:
@@ -185,6 +214,7 @@ def _ray_worker_loop(config: dict) -> None:
     placement = _gather_placement(rank, ctx.get_world_size())
 
     def report_with_placement(metrics: dict, checkpoint_dir: str | None) -> None:
+        _exit_if_driver_gone(config.get("driver"))
         if log and rank == 0:
             log.flush()  # the curve up to a checkpoint is kept with it, and sent to the store
         report({**metrics, **placement}, checkpoint_dir)
@@ -207,6 +237,33 @@ def _ray_worker_loop(config: dict) -> None:
         finally:
             if log and rank == 0:
                 getattr(log, "close", log.flush)()  # the last flush: what the store lacks stays kept
+
+
+def _driver_identity() -> dict:
+    """This process as a local Ray's workers can tell it is alive: pid and start time."""
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _exit_if_driver_gone(driver: dict | None) -> None:
+    """End this worker at once when the driver that started the local Ray is gone (killed:
+    SIGKILL, the OOM killer). Ray stops the workers of a dead driver's cluster only when its
+    raylet goes, a few seconds later: a worker reporting meanwhile wrote a checkpoint (and logged
+    steps) for a run that no longer existed. A driver killed but not yet reaped (a zombie) is gone.
+    On a cluster (`scaling.address`) the driver may be on another machine: Ray's own fate
+    sharing with the job applies there."""
+    if not driver:
+        return
+    import psutil
+
+    try:
+        process = psutil.Process(driver["pid"])
+        alive = abs(process.create_time() - driver["started"]) < 1 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if not alive:
+        os._exit(1)
 
 
 def _shard_batches(shard, cfg: PipelineConfig, rank: int, world_size: int, num_rows: int):
@@ -373,13 +430,14 @@ def train_adapter(
             valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": stream.eval_fraction, "split": "train"})
         datasets = {"train": train}
         data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True))
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         _ray_worker_loop,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
             "rows": rows,
             "stream": {"num_rows": stream.num_rows} if stream else None,
             "step_log": step_log,
+            "driver": None if s.address else _driver_identity(),
         },
         datasets=datasets or None,
         **({"dataset_config": data_config} if data_config else {}),
@@ -433,6 +491,7 @@ def tune_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str |
         return {"result": trial(settings[config["index"]])}
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no progress tables in a scheduled job's log
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the driver (`interruptible`), not just Tune
     tuner = tune.Tuner(
         tune.with_resources(run, resources),
         param_space={"index": tune.grid_search(list(range(len(settings))))},
