@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -317,6 +318,10 @@ def resolve_paths(cfg: BaseModel, source: str = "config") -> BaseModel:
         raise ConfigError(exc.problems, source) from None
 
 
+_HUB_ID = re.compile(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}")
+"""A Hugging Face repository id (huggingface_hub's own rule, without importing it here)."""
+
+
 def _resolve_paths(cfg: BaseModel) -> BaseModel:
     cfg.data.train_path = _absolute(cfg.data.train_path, "data.train_path")
     cfg.data.eval_path = _absolute(cfg.data.eval_path, "data.eval_path")
@@ -328,6 +333,11 @@ def _resolve_paths(cfg: BaseModel) -> BaseModel:
     bm = cfg.base_model.name_or_path
     if bm.startswith((".", "/", "~")) or _exists(bm, "base_model.name_or_path"):
         cfg.base_model.name_or_path = _absolute(bm, "base_model.name_or_path")
+    elif not bm.startswith("builtin:") and (not _HUB_ID.fullmatch(bm) or "--" in bm or ".." in bm):
+        shown = bm if len(bm) <= 80 else f"{bm[:60]}... ({len(bm)} characters)"
+        raise ConfigError([f"base_model.name_or_path: {shown!r} is no local folder and no Hugging Face hub id; give a "
+                           "folder that exists, or an id `namespace/name` of letters, digits, '-', '_' and '.' "
+                           "(at most 96 characters each)"])
     cfg.replay.path = _absolute(cfg.replay.path, "replay.path")
     cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path, "scaling.storage_path")
     cfg.tracking.artifact_location = _absolute(cfg.tracking.artifact_location, "tracking.artifact_location")

@@ -306,6 +306,8 @@ def test_unquoted_yes_no_labels_are_refused_not_read_as_1_and_0():
     ("tracking.experiment", "e" * 251, "tracking.experiment: String should have at most 250 characters"),
     ("training.batch_size", 1e300, "training.batch_size: Unable to parse input string as an integer, exceeded maximum"),
     ("training.max_steps", 2**63, "training.max_steps: the number is out of range"),
+    ("base_model.name_or_path", "h" * 300, "(300 characters)' is no local folder and no Hugging Face hub id"),  # failed at load
+    ("base_model.name_or_path", "org/two words", "'org/two words' is no local folder and no Hugging Face hub id"),
 ])
 def test_values_the_run_cannot_use_are_refused_when_the_config_is_read(key, value, message):
     with pytest.raises(ConfigError) as err:
