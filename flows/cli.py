@@ -280,7 +280,9 @@ def block_save(config: Path, name: Annotated[str, typer.Option(help="The block's
                set_: SetOption = None, overwrite: Annotated[bool, typer.Option(help="Replace a block of that name.")] = False) -> None:
     """Save CONFIG as the Prefect block NAME: edit it in the Prefect UI, run it with `prefect-lora run block:NAME`."""
     from prefect_lora.flows.blocks import save_config_block
+    from prefect_lora.flows.settings import bind_prefect_server
 
+    bind_prefect_server()  # without a server configured, Prefect's temporary one ends with this process
     save_config_block(config, name, set_, overwrite)
     console.print(f"[green]ok[/]: {config} saved as block {name} (run it: prefect-lora run block:{name})",
                   highlight=False, soft_wrap=True)
