@@ -13,6 +13,7 @@ versions answered from one instant on (a staged rollout's step compares them on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -177,6 +178,8 @@ class SignalStore:
         self.started = clock()
         self.totals: dict[str, Tally] = {}
         self.rejected: Counter = Counter()
+        self._born: dict[str, int] = {}  # when each version's totals started (a count of starts): see `since`
+        self._starts = itertools.count()
         self._slots: deque[tuple[float, dict[str, Tally]]] = deque(maxlen=slots + 1)
 
     def add(self, key: str | None, tally: Tally, status: int = 200) -> None:
@@ -185,9 +188,12 @@ class SignalStore:
         if key is None or status == 404:
             self.rejected[status] += 1
             return
+        if key not in self.totals:
+            self._born[key] = next(self._starts)
         self.totals[key] = self.totals.pop(key, Tally()) + tally  # latest last: the oldest goes past the bound
         if len(self.totals) > self.max_versions:
-            self.totals.pop(next(iter(self.totals)))
+            self._born.pop(gone := next(iter(self.totals)))
+            self.totals.pop(gone)
         slot = self._slot()
         slot[key] = slot.get(key, Tally()) + tally
 
@@ -209,13 +215,19 @@ class SignalStore:
                     out[key] = out.get(key, Tally()) + tally
         return now - since, out
 
-    def mark(self) -> dict[str, Tally]:
+    def mark(self) -> dict[str, tuple[int, Tally]]:
         """The counts now, for `since`: a window that starts at this instant for every version."""
-        return {key: tally + Tally() for key, tally in self.totals.items()}
+        return {key: (self._born[key], tally + Tally()) for key, tally in self.totals.items()}
 
-    def since(self, mark: dict[str, Tally]) -> dict[str, Tally]:
-        """Each version's counts from `mark` on (versions with none left out)."""
-        return {key: diff for key, tally in self.totals.items() if (diff := tally - mark.get(key, Tally())).requests}
+    def since(self, mark: dict[str, tuple[int, Tally]]) -> dict[str, Tally]:
+        """Each version's counts from `mark` on (versions with none left out; one dropped past
+        `max_versions` and counted again since counts from its return)."""
+        out = {}
+        for key, tally in self.totals.items():
+            born, before = mark.get(key, (None, Tally()))
+            if (diff := tally - before if born == self._born[key] else tally).requests:
+                out[key] = diff
+        return out
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -144,6 +144,10 @@ def test_requests_that_name_no_served_version_are_counted_apart_and_versions_are
         store.add(f"m/{v}", failed(500, 0.1), 500)
     assert list(store.totals) == ["m/3", "m/1", "m/4"]  # the least recently seen went
     assert store.totals["m/1"].errors == 2
+    mark = store.mark()
+    store.add("m/5", failed(500, 0.1), 500)  # m/3 goes: marked at 1 error, and ...
+    store.add("m/3", failed(400, 0.0), 400)  # ... back with none of its old counts
+    assert store.since(mark)["m/3"] == failed(400, 0.0) and store.since(mark)["m/5"].errors == 1
 
 
 def test_the_exposition_parses_as_prometheus_text_with_each_versions_counts():
