@@ -28,8 +28,9 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prefect_lora.deploy.adapters import AdapterSet
+from prefect_lora.deploy.live_export import PROMETHEUS_TEXT, LiveSignals
 from prefect_lora.deploy.serve_core import (
     MicroBatcher,
     RequestProblem,
@@ -42,6 +43,7 @@ from prefect_lora.deploy.serve_core import (
     parse_json,
     parse_request,
     per_row,
+    read_aliases,
     resolve_token,
     served_key,
     split_key,
@@ -380,8 +382,11 @@ class Gateway:
         self.served: dict[str, dict[str, str]] = {}  # model -> alias -> version
         self.swaps = 0
         self._refresh_lock = asyncio.Lock()
+        self.live = LiveSignals(self.cfg.tracking_uri, self.cfg.signals_window_s, self.cfg.signals_interval_s)
         await self.refresh()
         self._poller = asyncio.get_running_loop().create_task(self._poll())
+        if self.cfg.signals_interval_s:
+            self._summaries = asyncio.get_running_loop().create_task(self.live.run())
 
     # -- aliases
 
@@ -390,26 +395,11 @@ class Gateway:
         """The default model's aliases."""
         return self.served.get(self.cfg.model_name, {})
 
-    def _read_aliases(self) -> dict[str, dict[str, str]]:
-        """Every served model's aliases; a member not registered yet has none until it is (the
-        default model must exist: it fixes the replicas' base)."""
-        from mlflow.exceptions import MlflowException
-        from prefect_lora.lora_tasks.registry import registry, tracking
-
-        c = tracking.client(self.cfg.tracking_uri)
-        read = {self.cfg.model_name: registry.require_model(c, self.cfg.model_name).aliases}
-        for name in self.cfg.members:
-            try:
-                read[name] = c.get_registered_model(name).aliases
-            except MlflowException:
-                read[name] = {}
-        return {name: {a: str(v) for a, v in aliases.items()} for name, aliases in read.items()}
-
     async def refresh(self) -> dict:
         """Re-read every served model's aliases; load each moved alias's new version before
         pointing at it."""
         async with self._refresh_lock:
-            new = await asyncio.to_thread(self._read_aliases)
+            new = await asyncio.to_thread(read_aliases, self.cfg)
             for name, aliases in new.items():
                 self.served[name] = await self._swap(name, dict(self.served.get(name, {})), aliases)
             return {"model": self.cfg.model_name, "aliases": dict(self.aliases), "swaps": self.swaps,
@@ -424,6 +414,7 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001  (keep serving the old version)
                 logger.error("%s@%s -> version %s not swapped: loading failed (%s)", name, alias, version, exc)
                 continue
+            await self.live.prepare(served_key(name, version))  # its answers are checked from the first
             logger.info("%s@%s now serves version %s (was %s)", name, alias, version, ready.get(alias))
             ready[alias] = version
             self.swaps += 1
@@ -462,23 +453,25 @@ class Gateway:
                                       f"(promote a version first){models}", "model_not_found")
         return aliases[ref]
 
-    async def _run(self, op: str, body: dict) -> tuple[dict, str]:
-        """Run the request on the version it names; the result and `NAME/VERSION`."""
-        name, ref, payload = parse_request(op, body, self.cfg)
-        aliases = self.served.get(name, {})
-        ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
-                           and aliases.get("challenger") != aliases.get("champion"))
-        key = served_key(name, self._version(name, ref))
-        response = self.model.options(multiplexed_model_id=key).run.remote(op, payload)
-        try:
-            result = await asyncio.wait_for(_awaited(response), self.cfg.request_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise RequestProblem(504, f"the request took longer than {self.cfg.request_timeout_s:g} s "
-                                      "(request_timeout_s); ask for fewer tokens or try again", "timeout") from None
-        if "error" in result:
-            raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
-        return result, key
+    async def _run(self, op: str, request: Request) -> tuple[dict, str]:
+        """Run the request on the version it names; the result and `NAME/VERSION`, counted in the live signals."""
+        with self.live.request() as seen:
+            name, ref, payload = parse_request(op, await self._guard(request), self.cfg)
+            aliases = self.served.get(name, {})
+            ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
+                               and aliases.get("challenger") != aliases.get("champion"))
+            seen.key = key = served_key(name, self._version(name, ref))
+            response = self.model.options(multiplexed_model_id=key).run.remote(op, payload)
+            try:
+                result = await asyncio.wait_for(_awaited(response), self.cfg.request_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise RequestProblem(504, f"the request took longer than {self.cfg.request_timeout_s:g} s "
+                                          "(request_timeout_s); ask for fewer tokens or try again", "timeout") from None
+            if "error" in result:
+                raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
+            seen.result = result
+            return result, key
 
     def _usage(self, result: dict) -> dict:
         p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
@@ -500,7 +493,7 @@ class Gateway:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> dict:
-        result, version = await self._run("complete", await self._guard(request))
+        result, version = await self._run("complete", request)
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": version,
@@ -511,7 +504,7 @@ class Gateway:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> dict:
-        result, version = await self._run("chat", await self._guard(request))
+        result, version = await self._run("chat", request)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": version,
@@ -522,7 +515,7 @@ class Gateway:
 
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> dict:
-        result, version = await self._run("classify", await self._guard(request))
+        result, version = await self._run("classify", request)
         return {"object": "classification", "model": version,
                 "data": [{"index": i, "label": lab, "score": s}
                          for i, (lab, s) in enumerate(zip(result["labels"], result["scores"]))]}
@@ -536,6 +529,12 @@ class Gateway:
         return {"mode": self.cfg.mode, "replica": await self.model.stats.remote(),
                 "max_adapters_per_replica": self.cfg.max_adapters_per_replica,
                 "max_adapter_memory_mb": self.cfg.max_adapter_memory_mb}
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        """Each served version's live signals in Prometheus' text format (auth as every route but /health)."""
+        check_auth(request.headers.get("authorization"), self.token)
+        return PlainTextResponse(self.live.metrics_text(), media_type=PROMETHEUS_TEXT)
 
     @app.post("/admin/refresh")
     async def notify(self, request: Request) -> dict:
@@ -630,7 +629,7 @@ def run_forever(cfg: ServeConfig, **kwargs) -> int | None:
         start(cfg, **kwargs)  # keeps stop_on for SIGTERM across ray.init (`_sigterm_kept`)
         more = f" and {len(cfg.served) - 1} more model(s)" if cfg.members else ""
         print(f"serving {cfg.model_name}{more} ({cfg.mode}) on http://{cfg.host}:{cfg.port}  "
-              f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /admin/refresh]", flush=True)
+              f"[/health, /v1/models, /v1/completions, /v1/chat/completions, /v1/classify, /metrics, /admin/refresh]", flush=True)
         while True:  # until stop_on raises: it runs in this thread, which a signal caught by one of Ray's
             time.sleep(1)  # threads does not wake from a blocking wait
     except KeyboardInterrupt:

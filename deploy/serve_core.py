@@ -81,6 +81,12 @@ class ServeConfig(StrictNumbers):
     """Torch device of the model replicas (`cuda` gives each replica one GPU)."""
     request_timeout_s: float = Field(60.0, gt=0)
     """Longest a request may take end to end; it is answered 504 and its work cancelled after."""
+    signals_interval_s: float | None = Field(60.0, gt=0)
+    """How often each served version's live signals are summarised to MLflow (metrics `live/...`
+    on the version's run, the version tag `live.signals`) and, where a Prefect API is configured,
+    to Prefect as events; null: on `/metrics` only."""
+    signals_window_s: float = Field(300.0, gt=0)
+    """The recent window of `/metrics`' latency quantiles (its counters run from the start)."""
     allow_unauthenticated: bool = False
     """Serve on a non-loopback `host` with no bearer token: refused unless this is true (for a
     network that already authenticates, e.g. behind a gateway)."""
@@ -99,6 +105,22 @@ def served_key(name: str, version: str) -> str:
 def split_key(key: str) -> tuple[str, str]:
     name, _, version = key.rpartition("/")
     return name, version
+
+
+def read_aliases(cfg: ServeConfig) -> dict[str, dict[str, str]]:
+    """Every served model's aliases (alias -> version); a member not registered yet has none
+    until it is (the default model must exist: it fixes the replicas' base)."""
+    from mlflow.exceptions import MlflowException
+    from prefect_lora.lora_tasks.registry import registry, tracking
+
+    c = tracking.client(cfg.tracking_uri)
+    read = {cfg.model_name: registry.require_model(c, cfg.model_name).aliases}
+    for name in cfg.members:
+        try:
+            read[name] = c.get_registered_model(name).aliases
+        except MlflowException:
+            read[name] = {}
+    return {name: {a: str(v) for a, v in aliases.items()} for name, aliases in read.items()}
 
 
 def load_serve_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:

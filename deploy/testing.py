@@ -22,13 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_config(name: str, base_dir: str, tracking_uri: str, artifacts: str, task: str = "causal_lm"):
+def tiny_config(name: str, base_dir: str, tracking_uri: str, artifacts: str, task: str = "causal_lm",
+                required_fields: list[str] | None = None):
+    """A config of `task` on the tiny base; with `required_fields`, its answers are JSON objects
+    holding them (`evaluation.generation`: metric json), as the live output checks read them."""
     data = ({"train_path": "unused.jsonl", "prompt_column": "prompt", "completion_column": "completion"}
             if task == "causal_lm" else {"train_path": "unused.jsonl", "text_column": "text", "labels": ["neg", "pos"]})
     raw = {
         "model_name": name, "task": task, "base_model": {"name_or_path": str(base_dir)}, "data": data,
         "training": {"max_steps": 1, "max_seq_length": 64, "seed": 0},
         "tracking": {"tracking_uri": tracking_uri, "artifact_location": artifacts},
+        **({"evaluation": {"generation": {"metric": "json", "required_fields": required_fields}}}
+           if required_fields is not None else {}),
     }
     return config_from_dict(raw, "tiny serving config")
 
@@ -54,10 +59,11 @@ def make_random_adapter(base_dir: str, out_dir: str | Path, seed: int, scale: fl
 
 
 def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds: list[int],
-                             workdir: str | Path | None = None, task: str = "causal_lm") -> list[str]:
-    """Register one version per seed; returns the version numbers."""
+                             workdir: str | Path | None = None, task: str = "causal_lm",
+                             required_fields: list[str] | None = None) -> list[str]:
+    """Register one version per seed; returns the version numbers. `required_fields`: see `tiny_config`."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="pl-adapters-"))
-    cfg = tiny_config(name, base_dir, tracking_uri, str(workdir / "mlartifacts"), task)
+    cfg = tiny_config(name, base_dir, tracking_uri, str(workdir / "mlartifacts"), task, required_fields)
     versions = []
     for seed in seeds:
         adapter = make_random_adapter(base_dir, workdir / f"adapter-{name}-{seed}", seed, task=task)

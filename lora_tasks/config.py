@@ -10,8 +10,6 @@ whose working directory differs, see the same files.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal  # noqa: UP035
@@ -21,6 +19,7 @@ from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_v
 from .config_io import (  # noqa: F401  (part of the API)
     StrictNumbers,
     apply_overrides,
+    config_digest,
     format_error,
     parse_overrides,
     read_yaml,
@@ -312,6 +311,9 @@ class GenerationEvalConfig(_Section):
     metric: Literal["exact", "json", "rouge_l"] = "exact"
     """`exact`: answer equals the completion after stripping; `json`: also per-field accuracy and
     valid-JSON rate; `rouge_l`: ROUGE-L F1 (summaries), which then is the primary metric."""
+    required_fields: list[str] = Field(default_factory=list)
+    """`json`: fields every answer's object must hold; the registered version carries them, and
+    serving counts live answers that are no JSON object or lack one (`/metrics`, `live/` metrics)."""
 
 
 class EvaluationConfig(_Section):
@@ -545,6 +547,9 @@ class PipelineConfig(_Section):
     def _check_generation(self) -> Iterator[Problem]:
         if self.evaluation.generation and (self.task != "causal_lm" or self.data.prompt_column is None):
             yield "evaluation.generation", "needs task causal_lm with prompt_column and completion_column"
+        gen = self.evaluation.generation
+        if gen and gen.required_fields and gen.metric != "json":
+            yield "evaluation.generation.required_fields", "needs metric: json (answers that are JSON objects)"
         ref = self.evaluation.reference
         if ref is not None and self.task != "causal_lm" and (ref.probes or ref.benchmarks):
             yield "evaluation.reference", ("probes and benchmarks score generations and choices: causal_lm only "
@@ -606,7 +611,7 @@ class PipelineConfig(_Section):
         """sha256 of the canonical JSON of this config: equal configs give equal hashes. The
         operational sections (`notifications`, `retention`) are left out: changing where alerts go
         or how much is kept does not make a new model, so a scheduled run still skips."""
-        return _sha256_json(without_defaults_added_later(self.model_dump(mode="json", exclude={"notifications", "retention"})))
+        return config_digest(self.model_dump(mode="json", exclude={"notifications", "retention"}))
 
     def training_hash(self) -> str:
         """sha256 of the settings that decide the trained weights (task, base model, data, LoRA,
@@ -614,12 +619,7 @@ class PipelineConfig(_Section):
         results go. A run is identified by this hash and the data's fingerprint."""
         d = self.model_dump(mode="json", include={"task", "base_model", "data", "lora", "training", "replay"})
         d["num_workers"], d["strategy"] = self.scaling.num_workers, self.scaling.strategy
-        return _sha256_json(without_defaults_added_later(d))
-
-
-def _sha256_json(obj) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+        return config_digest(d)
 
 
 def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | None = None) -> PipelineConfig:

@@ -6,6 +6,8 @@ config is loaded. `config.py` holds the config's types."""
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 import re
 import types
@@ -361,6 +363,12 @@ def without_default(d: dict, path: list[str], key: str, default: Any) -> dict:
     return d
 
 
+def config_digest(d: dict) -> str:
+    """sha256 of the canonical JSON of a dumped config (or part), as first hashed (`without_defaults_added_later`)."""
+    blob = json.dumps(without_defaults_added_later(d), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def without_defaults_added_later(d: dict) -> dict:
     """`d` without settings added after configs were first hashed, while they hold their
     default: a config that does not use them keeps the hash it had (and its run folder, and the
@@ -379,4 +387,5 @@ _ADDED_LATER = (("training", "packing", False), ("scaling", "launcher", "auto"),
                 ("replay", "kl_weight", 0.0), ("promotion", "underpowered", "error"),
                 ("promotion", "more_evidence", None), ("evaluation.reference", "max_probes", None),
                 ("data.validation", "check_conflicts", True), ("evaluation", "baseline_rows", 20_000),
-                ("promotion", "max_retrieval_loss", 0.7))
+                ("promotion", "max_retrieval_loss", 0.7),
+                ("evaluation.generation", "required_fields", []))

@@ -63,6 +63,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         "system_prompt": cfg.data.system_prompt,
         # a local base is pinned by content: loading checks the folder still holds the same bytes
         "base_model_hash": client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("lineage.base_model_hash") or None,
+        **answer_contract(cfg),
     }
     import tempfile
 
@@ -84,8 +85,17 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
     return info.model_uri
 
 
+def answer_contract(cfg: PipelineConfig) -> dict:
+    """What a served version's answers must be, for the live output checks: `answer_format`
+    `json` (a JSON object, as evaluation scores `metric: json`) and its `required_fields`."""
+    gen = cfg.evaluation.generation
+    if cfg.task != "causal_lm" or gen is None or gen.metric != "json":
+        return {}
+    return {"answer_format": "json", "required_fields": list(gen.required_fields)}
+
+
 SETTINGS_FILE = "adapter_settings.json"
-"""The logged model's settings (task, base, revision, labels, prompting): the `settings` artifact."""
+"""The logged model's settings (task, base, revision, labels, prompting, answer contract): the `settings` artifact."""
 
 
 @dataclass(frozen=True)
@@ -255,12 +265,8 @@ def download_version(tracking_uri: str, name: str, version: str, dst: str | Path
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    pyfunc = mlmodel.get("flavors", {}).get("python_function", {}) or {}
-    artifacts = pyfunc.get("artifacts") or {}
-    if "settings" in artifacts:
-        model_config = json.loads((local / artifacts["settings"]["path"]).read_text())
-    else:  # logged before the settings artifact
-        model_config = pyfunc.get("model_config") or pyfunc.get("config") or {}
+    model_config = _settings(mlmodel, lambda path: local / path)
+    artifacts = (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
     adapter = local / (artifacts.get("adapter", {}).get("path") or "artifacts/adapter")
     if not (adapter / "adapter_model.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
         raise RegistryError(
@@ -268,6 +274,31 @@ def download_version(tracking_uri: str, name: str, version: str, dst: str | Path
             "artifacts/adapter; only safetensors adapters are loaded (no pickle). Re-register it with prefect-lora"
         )
     return VersionFiles(name, str(version), local, adapter, dict(model_config))
+
+
+def version_settings(tracking_uri: str, name: str, version: str) -> dict:
+    """A registered version's settings (`SETTINGS_FILE`: task, base, labels, answer contract)
+    without its adapter's weights: what the serving gateway reads of a version."""
+    import tempfile
+
+    import yaml
+
+    client(tracking_uri)
+    uri = f"models:/{name}/{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        def fetch(path: str) -> Path:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=tmp))
+
+        return _settings(yaml.safe_load(fetch("MLmodel").read_text()), fetch)
+
+
+def _settings(mlmodel: dict, fetch) -> dict:
+    """The settings of a logged model whose MLmodel is `mlmodel`; `fetch(path)` gives one of its files."""
+    pyfunc = mlmodel.get("flavors", {}).get("python_function", {}) or {}
+    artifacts = pyfunc.get("artifacts") or {}
+    if "settings" in artifacts:
+        return json.loads(fetch(artifacts["settings"]["path"]).read_text())
+    return pyfunc.get("model_config") or pyfunc.get("config") or {}  # logged before the settings artifact
 
 
 def download_adapter(tracking_uri: str, name: str, version: str, dst_dir: str | Path) -> Path:

@@ -328,3 +328,17 @@ def test_settings_added_for_classifiers_leave_a_causal_lm_config_hash_as_it_was(
     assert "baseline_rows" not in hashed["evaluation"] and "check_conflicts" not in hashed["data"]["validation"]
     cls = load_config(REPO / "configs" / "sst2.yaml")
     assert "max_representation_drift" not in without_defaults_added_later(cls.model_dump(mode="json"))["promotion"]
+
+
+def test_required_fields_need_json_answers_and_leave_the_hash_of_configs_without_them():
+    """`evaluation.generation.required_fields` (the live output checks' JSON contract) came after
+    configs were first hashed: a config without it keeps its hash."""
+    from prefect_lora.lora_tasks.config_io import without_defaults_added_later
+
+    raw = {**MINIMAL, "data": {"train_path": "x.jsonl", "prompt_column": "p", "completion_column": "c"}}
+    with pytest.raises(ConfigError, match=r"evaluation.generation.required_fields: needs metric: json"):
+        config_from_dict(_with(raw, "evaluation.generation", {"metric": "exact", "required_fields": ["a"]}))
+    plain = config_from_dict(_with(raw, "evaluation.generation", {"metric": "json"}))
+    assert "required_fields" not in without_defaults_added_later(plain.model_dump(mode="json"))["evaluation"]["generation"]
+    fields = config_from_dict(_with(raw, "evaluation.generation", {"metric": "json", "required_fields": ["a"]}))
+    assert fields.config_hash() != plain.config_hash() and fields.training_hash() == plain.training_hash()
