@@ -631,7 +631,7 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] | No
     try:
         cfg = PipelineConfig.model_validate(raw, context={COLLECT_PROBLEMS: cross_field})
     except ValidationError as exc:
-        raise ConfigError([format_error(e) for e in exc.errors()] + cross_field, source) from None
+        raise ConfigError([format_error(e, PipelineConfig) for e in exc.errors()] + cross_field, source) from None
     if cross_field:
         raise ConfigError(cross_field, source)
     return resolve_paths(cfg, source)

@@ -6,6 +6,7 @@ config is loaded. `config.py` holds the config's types."""
 from __future__ import annotations
 
 import datetime
+import difflib
 import hashlib
 import json
 import os
@@ -52,12 +53,13 @@ def shown(value: Any, limit: int = 80) -> str:
     return f"{text[: limit - 20]}...{size}"
 
 
-def format_error(err: dict) -> str:
-    """One pydantic error as `key.path: what is wrong (got value)`."""
+def format_error(err: dict, model: type[BaseModel] | None = None) -> str:
+    """One pydantic error as `key.path: what is wrong (got value)`; an unknown key of a `model`
+    config names the key meant (`unknown_key`)."""
     path = ".".join(_in_path(p) for p in err["loc"]) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{path}: {REPLACED.get(str(err['loc'][-1]), 'unknown key (check its spelling and section)')}"
+        return f"{path}: {REPLACED.get(str(err['loc'][-1])) or unknown_key(model, err['loc'])}"
     if kind == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
@@ -65,6 +67,44 @@ def format_error(err: dict) -> str:
     if kind != "value_error" and not isinstance(value, (dict, list)):
         return f"{path}: {msg} (got {shown(value)})"
     return f"{path}: {msg}"
+
+
+def unknown_key(model: type[BaseModel] | None, loc: tuple) -> str:
+    """What to say of the unknown key at `loc` (a pydantic error's location) of a `model` config:
+    the nearest key of its section (`did you mean `learning_rate`?`), else the key of that name in
+    another section (`scaling.num_workers`), else to check its spelling and section."""
+    key, section = str(loc[-1]), _section_at(model, loc[:-1])
+    if section is not None and (near := difflib.get_close_matches(key, list(section.model_fields), n=1)):
+        return f"unknown key: did you mean `{near[0]}`?"
+    if model is not None and (elsewhere := [p for p in _key_paths(model) if p.rpartition(".")[2] == key]):
+        return f"unknown key here: did you mean `{elsewhere[0]}`?"
+    return "unknown key (check its spelling and section)"
+
+
+def _section_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The section type at key path `loc` of `model` (list indexes skipped), None when none is."""
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _section_type(field.annotation) if field else None
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section type `annotation` holds (itself, or inside an Optional or a list), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((t for a in get_args(annotation) if (t := _section_type(a))), None)
+
+
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key path of a `model` config, sections first-level first (`training.learning_rate`)."""
+    paths = [f"{prefix}{name}" for name in model.model_fields]
+    for name, field in model.model_fields.items():
+        if section := _section_type(field.annotation):
+            paths += _key_paths(section, f"{prefix}{name}.")
+    return paths
 
 
 def yaml_error(exc: Exception) -> str:
