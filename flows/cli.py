@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ _typed, typer.core.TyperOption.display_type_rich = typer.core.TyperOption.displa
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA retraining pipelines on Prefect, Ray Train and MLflow.")
 console = Console(stderr=True)
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.path=value (repeatable).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for jq and scripts) instead of a table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for jq and scripts) instead of a table; an error "
+                                                          'as {"error": MESSAGE, "kind": TYPE}.')]
 
 
 def _show_version(value: bool) -> None:
@@ -45,40 +47,54 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_show_v
                                                    help="Print the version and exit.")] = False) -> None:
     """LoRA retraining pipelines on Prefect, Ray Train and MLflow.
 
-    Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message),
-    2 a usage error, 3 the data broke its contract (the report names each row and check),
-    143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked KILLED; the same command resumes)."""
+    Exit codes: 0 done (promoted or not: the reasons are printed), 1 an error (one message; with
+    --json, a JSON object on stdout too), 2 a usage error, 3 the data broke its contract (the report
+    names each row and check), 143 / 130 stopped by SIGTERM / Ctrl-C (the MLflow run is marked
+    KILLED; the same command resumes)."""
 
 
 DATA_CONTRACT_BROKEN = 3
 
 
-def _fail(exc: Exception, code: int = 1) -> None:
+def _fail(exc: Exception, code: int = 1, as_json: bool = False) -> None:
+    if as_json:
+        _json_error(exc)
     if isinstance(exc, ValidationFailed) and exc.report is not None:
         Console().print(Markdown(exc.report.to_markdown(50)))
     console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)  # verbatim
     raise typer.Exit(code)
 
 
+def _json_error(exc: Exception) -> None:
+    """A failed `--json` command's stdout: one JSON object a script can read (`jq .error`)."""
+    typer.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__}))
+
+
 def _exit_on_errors(*also: type[Exception]):
     """End a command on an error the user can act on with one message and an exit code, never a
     traceback: ValidationFailed exits 3 after its row-by-row report; LoraTaskError, a tracking
-    server that does not answer, and the command's own `also` types, exit 1 (2 is Click's usage error)."""
+    server that does not answer, and the command's own `also` types, exit 1 (2 is Click's usage error).
+    Under `--json` each failure also prints a JSON object on stdout (`_json_error`)."""
     def decorate(command):
         @functools.wraps(command)
         def run_command(*args, **kwargs):
+            as_json = kwargs.get("as_json") is True
             try:
                 return command(*args, **kwargs)
             except ValidationFailed as exc:
-                _fail(exc, DATA_CONTRACT_BROKEN)
+                _fail(exc, DATA_CONTRACT_BROKEN, as_json)
             except (LoraTaskError, *also) as exc:
-                _fail(exc)
+                _fail(exc, as_json=as_json)
+            except (typer.Exit, typer.Abort, typer.BadParameter):
+                raise
             except Exception as exc:
                 from prefect_lora.lora_tasks.registry.tracking import unreachable_server
 
                 if (message := unreachable_server(exc)) is None:
+                    if as_json:  # a bug's traceback still follows, on stderr
+                        _json_error(exc)
                     raise
-                _fail(RegistryError(message))
+                _fail(RegistryError(message), as_json=as_json)
 
         return run_command
 
@@ -249,8 +265,6 @@ def compare_full(
     """Train CONFIG with LoRA and with full fine-tuning (same data and steps, in this process, no
     Ray, no MLflow); print trainable parameters, training-state and peak memory, step time,
     artifact size, task gain and forgetting side by side."""
-    import json
-
     from prefect_lora.lora_tasks.config import load_config
     from prefect_lora.lora_tasks.measurement.compare import compare_methods, format_table, to_json
     from prefect_lora.lora_tasks.training.launcher import prepare_data
@@ -385,7 +399,7 @@ def _tracking(uri: str | None) -> str:
     chosen = uri or env or TrackingConfig().tracking_uri
     if chosen.startswith("sqlite:///") and not Path(chosen.removeprefix("sqlite:///")).is_file():
         source = "--tracking-uri" if uri else "MLFLOW_TRACKING_URI" if env else "the default store of this folder"
-        raise LoraTaskError(f"no MLflow store at {Path(chosen.removeprefix('sqlite:///')).resolve()} ({source}): run "
+        raise RegistryError(f"no MLflow store at {Path(chosen.removeprefix('sqlite:///')).resolve()} ({source}): run "
                             "from the project folder, or pass --tracking-uri or set MLFLOW_TRACKING_URI")
     return chosen
 
@@ -446,34 +460,16 @@ def rollback(
 @_exit_on_errors()
 def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption = False) -> None:
     """Print every version of NAME, then every recorded alias move (who, when, from, to, why), oldest first."""
-    import json
-
-    from prefect_lora.lora_tasks.registry import aliases, registry
+    from prefect_lora.flows.cli_views import history_view
+    from prefect_lora.lora_tasks.registry import overview
 
     _read_only()
     uri = _tracking(tracking_uri)
-    records, versions = aliases.alias_history(uri, name), registry.versions_overview(uri, name)
+    versions, records = overview.versions_overview(uri, name), overview.alias_history(uri, name)
     if as_json:
         typer.echo(json.dumps({"name": name, "versions": versions, "alias_moves": records}, indent=2, default=str))
         return
-    table = Table(title=f"{name}: alias history")
-    for col in ("when", "alias", "action", "from", "to", "who", "why"):
-        table.add_column(col, overflow="fold")
-    dash = lambda v: "-" if v in (None, "", "None") else str(v)
-    for r in records:
-        table.add_row(r["at"][:19], r["alias"], r["action"], dash(r["from_version"]), dash(r["to_version"]), dash(r["actor"]),
-                      dash(r["reason"]))
-    out = Console(width=None if sys.stdout.isatty() else 200)  # a log or a pipe gets whole lines
-    listing = Table(title=f"{name}: versions")
-    for col in ("version", "created", "aliases", "decision", "MLflow run"):
-        listing.add_column(col)
-    for v in versions:
-        from datetime import datetime, timezone
-
-        created = datetime.fromtimestamp((v["created_ms"] or 0) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        listing.add_row(v["version"], created, ", ".join(v["aliases"]) or "-", v["decision"] or "-", str(v["run_id"] or "-"))
-    out.print(listing)
-    out.print(table)
+    Console().print(history_view(name, versions, records), highlight=False)
 
 
 @app.command()
@@ -554,14 +550,6 @@ def export(
                       highlight=False, soft_wrap=True)
 
 
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 @app.command()
 @_exit_on_errors()
 def status(
@@ -570,36 +558,20 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Champion and challenger of each model: version, age, key metrics, lineage, last decision."""
-    from prefect_lora.lora_tasks.registry import registry
+    from prefect_lora.lora_tasks.registry import overview
 
     _read_only()
     uri = _tracking(tracking_uri)
-    names = [name] if name else registry.list_model_names(uri)
-    models = [registry.model_status(uri, n) for n in names]
+    models = [overview.model_status(uri, n) for n in ([name] if name else overview.model_names(uri))]
     if as_json:
-        import json
-
         typer.echo(json.dumps({"tracking_uri": uri, "models": models}, indent=2, default=str))
         return
     if not models:
         console.print(f"no registered models in {uri}", highlight=False, soft_wrap=True)
         return
-    table = Table(title=f"prefect-lora models ({uri})")
-    for col in ("model", "alias", "version", "age", "decision", "key metrics", "data / config", "base model"):
-        table.add_column(col)
-    for m in models:
-        for alias in (registry.CHAMPION, registry.CHALLENGER):
-            v = m[alias]
-            if v is None:
-                table.add_row(m["name"], alias, "–", "", "", "", "", "")
-                continue
-            metrics = ", ".join(f"{k} {val:.4g}" for k, val in v["metrics"].items())
-            lin = v["lineage"]
-            skip = f"\nlast skip {v['last_skip']['at'][:16]}" if v.get("last_skip") else ""
-            table.add_row(m["name"], alias, v["version"], _age(v["age_s"]), str(v["decision"] or ""), metrics,
-                          f"{lin.get('data_fingerprint', '')[:12]} / {lin.get('config_hash', '')[:12]}{skip}",
-                          lin.get("base_model", ""))
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    from prefect_lora.flows.cli_views import status_view
+
+    Console().print(status_view(uri, models), highlight=False)
 
 
 @app.command()

@@ -40,3 +40,11 @@ class NonFiniteLoss(TrainingError):
 
 class RegistryError(LoraTaskError):
     """The MLflow registry could not be read or written as asked."""
+
+
+class UnknownModel(RegistryError):
+    """No registered model of that name: the message names those that exist."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"no registered model named {name!r} in this tracking store; registered models: "
+                         f"{known or 'none'}. Check the name or --tracking-uri")

@@ -1,11 +1,15 @@
 """Version identity: the one spelling of a registered version number, which the registry, the
-alias moves, the audit trail, serving and the CLI all compare."""
+alias moves, the audit trail, serving and the CLI all compare, and the aliases that name one."""
 
 from __future__ import annotations
 
 import re
 
 from .errors import RegistryError
+
+# A version the gate admits becomes the challenger and a bare model reference means the champion.
+# Moving an alias (lock, compare-and-set, audit) is `registry/aliases.py`'s job.
+CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def is_version(ref: object) -> bool:

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from ..errors import RegistryError
 from ..versions import canonical_version
+from .overview import AUDIT_DIR, AUDIT_RUN_TAG, LEGACY_AUDIT_TAG_PREFIX, alias_history  # noqa: F401
 from .registry import CHALLENGER, CHAMPION, VersionInfo, get_alias, get_version, require_model
 from .tracking import EXPERIMENT_KIND, client, now_iso
 
@@ -140,11 +141,7 @@ def _hold(lock: AliasLock | None, tracking_uri: str, name: str, timeout_s: float
 # `prefect_lora.audit_run` names it): one JSON file per record under `alias_moves/`, named by
 # time, alias, action and version, so the run's artifact list reads as the timeline. A file per
 # record is never rewritten: two writers cannot lose each other's records, whatever the lock did.
-AUDIT_RUN_TAG = "prefect_lora.audit_run"
 AUDIT_EXPERIMENT = "prefect-lora-alias-audit"
-AUDIT_DIR = "alias_moves"
-LEGACY_AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
-"""Where records were kept before the audit run (one model tag each); still read."""
 
 
 def _audit_experiment(c: MlflowClient, near_experiment: str) -> str:
@@ -192,21 +189,6 @@ def _write_audit(c: MlflowClient, record: AliasRecord) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / file).write_text(json.dumps(record.to_dict(), sort_keys=True, indent=1))
         c.log_artifact(run_id, str(Path(tmp) / file), AUDIT_DIR)
-
-
-def alias_history(tracking_uri: str, name: str, alias: str | None = None) -> list[dict]:
-    """Every audit record of `name` (alias moves and kept decisions), oldest first."""
-    import tempfile
-
-    c = client(tracking_uri)
-    model = require_model(c, name)
-    records = [json.loads(v) for k, v in model.tags.items() if k.startswith(LEGACY_AUDIT_TAG_PREFIX)]
-    if model.tags.get(AUDIT_RUN_TAG) and c.list_artifacts(model.tags[AUDIT_RUN_TAG], AUDIT_DIR):
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(c.download_artifacts(model.tags[AUDIT_RUN_TAG], AUDIT_DIR, tmp))
-            records += [json.loads(p.read_text()) for p in folder.glob("*.json")]
-    records.sort(key=lambda r: r.get("at", ""))
-    return [r for r in records if alias is None or r.get("alias") == alias]
 
 
 def compare_and_set_alias(

@@ -1,11 +1,10 @@
 """MLflow model registry I/O: the adapter logged as a pyfunc model, its registered versions (read by
-number or alias, described, downloaded, listed, deleted) and their status. No decisions; alias
-moves are in `aliases.py`."""
+number or alias, described, downloaded, listed, deleted). No decisions; alias moves are in
+`aliases.py`, what `status` and `history` read in `overview.py`."""
 
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -16,14 +15,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ..config import PipelineConfig
-from ..errors import RegistryError
+from ..errors import RegistryError, UnknownModel
 from ..measurement.forgetting_table import forgetting_metric
-from ..versions import canonical_version, is_version
+from ..versions import CHALLENGER, CHAMPION, canonical_version, is_version  # noqa: F401  (the alias names, here too)
 from .tracking import client, run_metrics
-
-# The alias names live with the versions: a version the gate admits becomes the challenger and a bare model
-# reference means the champion. Moving an alias (lock, compare-and-set, audit) is `aliases.py`'s job.
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def _requirements() -> list[str]:
@@ -158,11 +153,7 @@ def require_model(c: MlflowClient, name: str):
     try:
         return c.get_registered_model(name)
     except MlflowException:
-        names = sorted(m.name for m in c.search_registered_models(max_results=50))
-        raise RegistryError(
-            f"no registered model named {name!r} in this tracking store; registered models: {names or 'none'}. "
-            "Check the name or --tracking-uri"
-        ) from None
+        raise UnknownModel(name, sorted(m.name for m in c.search_registered_models(max_results=50))) from None
 
 
 def get_version(tracking_uri: str, name: str, version: str) -> VersionInfo:
@@ -308,13 +299,8 @@ def download_adapter(tracking_uri: str, name: str, version: str, dst_dir: str | 
 
 
 # ---------------------------------------------------------------------------------------------
-# Operations: retention deletes, status of every model.
+# Operations: retention deletes.
 # ---------------------------------------------------------------------------------------------
-
-
-def list_model_names(tracking_uri: str) -> list[str]:
-    """Every registered model in the store, sorted."""
-    return sorted(m.name for m in client(tracking_uri).search_registered_models(max_results=1000))
 
 
 def list_versions(tracking_uri: str, name: str) -> list[str]:
@@ -341,43 +327,3 @@ def delete_versions(tracking_uri: str, name: str, versions: list[str]) -> list[s
         c.delete_model_version(name, str(v))
         done.append(str(v))
     return done
-
-
-def version_status(tracking_uri: str, name: str, alias: str) -> dict | None:
-    """What an operator needs about the version behind `alias`: metrics, lineage, age, decision."""
-    c = client(tracking_uri)
-    try:
-        mv = c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    tags = dict(mv.tags)
-    metrics = _version_metrics(tracking_uri, mv)
-    primary = tags.get("eval.primary_metric")
-    key = {k: metrics[k] for k in (f"adapted_{primary}", "task_gain", "reference_perplexity_ratio", "reference_kl",
-                                   "self_retention_perplexity_ratio", "champion_delta") if k in metrics}
-    age_s = time.time() - (mv.creation_timestamp or 0) / 1000
-    return {"alias": alias, "version": str(mv.version), "run_id": mv.run_id, "created_ms": mv.creation_timestamp,
-            "age_s": age_s, "primary_metric": primary, "metrics": key, "decision": tags.get("promotion.decision"),
-            "lineage": {k.removeprefix("lineage."): v for k, v in tags.items() if k.startswith("lineage.")},
-            "last_skip": json.loads(tags["schedule.last_skip"]) if tags.get("schedule.last_skip") else None}
-
-
-def model_status(tracking_uri: str, name: str) -> dict:
-    """Champion and challenger of `name` (None when unset) and its version count."""
-    c = client(tracking_uri)
-    require_model(c, name)
-    return {"name": name, "versions": len(list_versions(tracking_uri, name)),
-            CHAMPION: version_status(tracking_uri, name, CHAMPION),
-            CHALLENGER: version_status(tracking_uri, name, CHALLENGER)}
-
-
-def versions_overview(tracking_uri: str, name: str) -> list[dict]:
-    """Every version of `name`, oldest first: number, creation time (ms), aliases, gate decision, run."""
-    c = client(tracking_uri)
-    model = require_model(c, name)
-    aliases: dict[str, list[str]] = {}
-    for alias, v in model.aliases.items():
-        aliases.setdefault(str(v), []).append(alias)
-    return [{"version": str(v.version), "created_ms": v.creation_timestamp, "aliases": sorted(aliases.get(str(v.version), [])),
-             "decision": v.tags.get("promotion.decision", ""), "run_id": v.run_id}
-            for v in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))]
