@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -27,11 +28,13 @@ def _flag_type(option: typer.core.TyperOption, ctx) -> str | None:
 
 _typed, typer.core.TyperOption.display_type_rich = typer.core.TyperOption.display_type_rich, _flag_type
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA retraining pipelines on Prefect, Ray Train and MLflow.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
 console = Console(stderr=True)
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.path=value (repeatable).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for jq and scripts) instead of a table; an error "
                                                           'as {"error": MESSAGE, "kind": TYPE}.')]
+ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="The pipeline's YAML config.", show_default=False)]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Registered model.", show_default=False)]
 
 
 def _show_version(value: bool) -> None:
@@ -103,7 +106,7 @@ def _exit_on_errors(*also: type[Exception]):
 
 @app.command()
 @_exit_on_errors()
-def validate(config: Path, set_: SetOption = None) -> None:
+def validate(config: ConfigArg, set_: SetOption = None) -> None:
     """Check CONFIG and its data against the contract; print the report. Trains nothing."""
     from prefect_lora.lora_tasks.config import load_config
 
@@ -128,10 +131,11 @@ def _checks_dir(cfg) -> Path:
 
 @app.command()
 @_exit_on_errors()
-def warm(config: Path, set_: SetOption = None) -> None:
-    """Compute now what every run of CONFIG reads of the base model alone (its answers to the replay
-    prompts and probes, its scores on the eval split, its side of the forgetting comparison), so the
-    first scheduled run costs what later ones do. Trains nothing."""
+def warm(config: ConfigArg, set_: SetOption = None) -> None:
+    """Compute now what every run of CONFIG reads of the base model alone. Trains nothing.
+
+    Its answers to the replay prompts and probes, its scores on the eval split and its side of the
+    forgetting comparison are kept, so the first scheduled run costs what later ones do."""
     from prefect_lora.lora_tasks.config import load_config
 
     _warm(load_config(config, set_))
@@ -163,7 +167,8 @@ def _warm(cfg) -> None:
 @app.command()
 @_exit_on_errors()
 def run(
-    config: Path,
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The pipeline's YAML config, or block:NAME (a saved "
+                                                                 "config block).", show_default=False)],
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when data and config equal those of the champion "
                                                         "or of the latest version the gate decided.")] = False,
@@ -221,8 +226,10 @@ def fleet(
 def watch(
     fleet_file: Annotated[Path, typer.Argument(metavar="FLEET", help="Fleet YAML whose members' data to look at.")],
 ) -> None:
-    """Look at every member's data once and emit a data-changed event for each member whose data
-    changed since the last look (the first look only records); a deployment trigger retrains it."""
+    """Emit a data-changed event for each member of FLEET whose data changed since the last look.
+
+    Looks at every member's data once (the first look only records it); a deployment trigger on the
+    event retrains the member."""
     from prefect_lora.lora_tasks.fleet import load_fleet
 
     load_fleet(fleet_file)
@@ -255,16 +262,17 @@ def secrets_to_environment(overrides: list[str]) -> list[str]:
 @app.command("compare-full")
 @_exit_on_errors()
 def compare_full(
-    config: Path,
+    config: ConfigArg,
     set_: SetOption = None,
     full_lr: Annotated[Optional[float], typer.Option(help="Learning rate of full fine-tuning (default: the config's, usually too high for it; 2e-5 is usual).")] = None,
     eval_rows: Annotated[Optional[int], typer.Option(help="Score at most this many eval rows (default: all sampled).")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Memory, speed and size only: skip scoring gain and forgetting.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the JSON here (default: the run folder's compare_full.json).")] = None,
 ) -> None:
-    """Train CONFIG with LoRA and with full fine-tuning (same data and steps, in this process, no
-    Ray, no MLflow); print trainable parameters, training-state and peak memory, step time,
-    artifact size, task gain and forgetting side by side."""
+    """Train CONFIG with LoRA and with full fine-tuning; print both side by side.
+
+    Same data and steps, in this process (no Ray, no MLflow): trainable parameters, training-state
+    and peak memory, step time, artifact size, task gain and forgetting."""
     from prefect_lora.lora_tasks.config import load_config
     from prefect_lora.lora_tasks.measurement.compare import compare_methods, format_table, to_json
     from prefect_lora.lora_tasks.training.launcher import prepare_data
@@ -290,7 +298,7 @@ app.add_typer(block_app, name="block")
 
 @block_app.command("save")
 @_exit_on_errors()
-def block_save(config: Path, name: Annotated[str, typer.Option(help="The block's name: lowercase letters, digits, dashes.")],
+def block_save(config: ConfigArg, name: Annotated[str, typer.Option(help="The block's name: lowercase letters, digits, dashes.")],
                set_: SetOption = None, overwrite: Annotated[bool, typer.Option(help="Replace a block of that name.")] = False) -> None:
     """Save CONFIG as the Prefect block NAME: edit it in the Prefect UI, run it with `prefect-lora run block:NAME`."""
     from prefect_lora.flows.blocks import save_config_block
@@ -315,8 +323,10 @@ def demo_prepare(
     config: Annotated[Path, typer.Option(help="The demo's config, warmed for its data (see `warm`).")] = Path("configs/demo.yaml"),
     warm_: Annotated[bool, typer.Option("--warm/--no-warm", help="Compute the base's answers and scores now, not in the first run.")] = True,
 ) -> None:
-    """Materialise the demo models once (GGUF -> safetensors), write the demo data and compute
-    what the demo's runs read of the base model alone (`warm`)."""
+    """Materialise the demo models, write the demo data and warm the demo's config.
+
+    The models are converted once (GGUF -> safetensors); warming computes what the demo's runs read
+    of the base model alone (see `warm`)."""
     from prefect_lora.lora_tasks.config import load_config
     from prefect_lora.lora_tasks.data.demo import write_demo_data
     from prefect_lora.lora_tasks.modeling import resolve_base_model
@@ -413,8 +423,8 @@ def _print_record(record: dict) -> None:
 @app.command()
 @_exit_on_errors()
 def promote(
-    name: str,
-    version: str,
+    name: NameArg,
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number to make the champion.", show_default=False)],
     reason: Annotated[str, typer.Option("--reason", help="Why this version: kept in the audit history.")],
     tracking_uri: TrackingOption = None,
     notify: NotifyOption = None,
@@ -434,7 +444,7 @@ def promote(
 @app.command()
 @_exit_on_errors()
 def rollback(
-    name: str,
+    name: NameArg,
     to: Annotated[str | None, typer.Option("--to", help="Version to go back to (default: the previous champion).")] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why: kept in the audit history.")] = None,
     tracking_uri: TrackingOption = None,
@@ -458,7 +468,7 @@ def rollback(
 
 @app.command()
 @_exit_on_errors()
-def history(name: str, tracking_uri: TrackingOption = None, as_json: JsonOption = False) -> None:
+def history(name: NameArg, tracking_uri: TrackingOption = None, as_json: JsonOption = False) -> None:
     """Print every version of NAME, then every recorded alias move (who, when, from, to, why), oldest first."""
     from prefect_lora.flows.cli_views import history_view
     from prefect_lora.lora_tasks.registry import overview
@@ -489,9 +499,10 @@ def serve(
     canary_share: Annotated[Optional[float], typer.Option(help="Share of champion traffic sent to the challenger.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster (default: start a local one).")] = None,
 ) -> None:
-    """Serve NAME's champion (and any version by alias or number) over HTTP until Ctrl-C or
-    SIGTERM, which stop Serve and Ray (exit 130 / 143); with --member or --fleet, many registered
-    models of one base, each by NAME@ALIAS."""
+    """Serve NAME's champion (and any version by alias or number) over HTTP.
+
+    Runs until Ctrl-C or SIGTERM, which stop Serve and Ray (exit 130 / 143). With --member or
+    --fleet, many registered models of one base, each by NAME@ALIAS."""
     from prefect_lora.deploy.serve_core import load_serve_config
     from prefect_lora.lora_tasks.errors import RegistryError
     from prefect_lora.lora_tasks.fleet import load_fleet
@@ -553,7 +564,7 @@ def export(
 @app.command()
 @_exit_on_errors()
 def status(
-    name: Annotated[str | None, typer.Argument(help="Registered model (default: every model in the store).")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Registered model (default: every model in the store).")] = None,
     tracking_uri: TrackingOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -596,6 +607,19 @@ def register(
         console.print(f"registering {pending.config.get('model_name')} from {run_dir}", highlight=False, soft_wrap=True)
         result = register_run(str(run_dir.resolve()), tracking_uri)
     _print_summary(result)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Each help paragraph of `typer_app`'s commands as one line, for Rich to wrap at the terminal's
+    width: typer keeps a docstring's line breaks after its first paragraph, and in the commands list."""
+    reflow = lambda text: text and "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+    for info in [*typer_app.registered_commands, *filter(None, [typer_app.registered_callback])]:
+        info.help = reflow(info.help or info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

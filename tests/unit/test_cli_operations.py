@@ -1,5 +1,5 @@
 """Operator commands without a server: clear errors for `register` on a folder that is not a run,
-`status` on an empty store, and a tracking server that does not answer."""
+`status` on an empty store, and a tracking server that does not answer; every command's help."""
 
 import json
 import os
@@ -176,3 +176,39 @@ def test_a_version_of_thousands_of_digits_is_one_error_not_a_conversion_tracebac
     assert "Traceback" not in result.output and "5,000 digits is not a version number" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def _odd_breaks(text: str, width: int) -> list[str]:
+    """Lines of a help screen broken before they had to be: the next line goes on with the same text
+    (it starts where this line's last column starts) and its first word would have fit (Rich fills each
+    line, so such a break comes from a line break in the help text itself). Typer's `[required]` and
+    `[default: ...]` tags are laid out apart and skipped."""
+    lines, odd = [line.replace("│", " ") for line in text.splitlines()], []
+    for line, after in zip(lines, lines[1:]):
+        start = len(after) - len(after.lstrip())
+        goes_on = after.strip() and start < len(line) and line[start - 1 : start + 1].startswith(" ") and \
+            line[start] != " " and "  " not in line[start:].rstrip()  # this line's last column
+        word = after.split()[0] if after.strip() else ""
+        if goes_on and not word.startswith("[") and len(line.rstrip()) + 1 + len(word) <= width - 2:
+            odd.append(f"{line.strip()} / {after.strip()}")
+    return odd
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_every_help_screen_reads_cleanly(width):
+    """Each command's help fits the width and wraps its text between words where the line is full."""
+    import typer
+
+    screens = [()] + list(_commands(typer.main.get_command(app)))
+    assert ("warm",) in screens and ("demo", "prepare") in screens
+    for path in screens:
+        result = CliRunner(env={"COLUMNS": str(width)}).invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert max(map(len, result.output.splitlines())) <= width, (path, result.output)
+        assert _odd_breaks(result.output, width) == [], (path, result.output)
