@@ -53,20 +53,17 @@ def recorded_metrics(tags: dict[str, str]) -> dict[str, float] | None:
 
 def model_names(tracking_uri: str) -> list[str]:
     """Every registered model in the store, sorted."""
-    if (store := _LocalStore.open(tracking_uri)) is not None:
-        with store:
-            return sorted(store.model_names())
-    from .tracking import client
+    if (names := _read_locally(tracking_uri, _LocalStore.model_names)) is None:
+        from .tracking import client
 
-    return sorted(m.name for m in client(tracking_uri).search_registered_models(max_results=1000))
+        names = [m.name for m in client(tracking_uri).search_registered_models(max_results=1000)]
+    return sorted(names)
 
 
 def model_status(tracking_uri: str, name: str) -> dict:
     """Champion and challenger of `name` (None when unset) and its version count."""
-    if (store := _LocalStore.open(tracking_uri)) is not None:
-        with store:
-            if (found := store.model_status(name)) is not None:
-                return found
+    if (found := _read_locally(tracking_uri, lambda store: store.model_status(name))) is not None:
+        return found
     from mlflow.exceptions import MlflowException
 
     from .registry import list_versions, require_model
@@ -89,9 +86,8 @@ def model_status(tracking_uri: str, name: str) -> dict:
 
 def versions_overview(tracking_uri: str, name: str) -> list[dict]:
     """Every version of `name`, oldest first: number, creation time (ms), aliases, gate decision, run."""
-    if (store := _LocalStore.open(tracking_uri)) is not None:
-        with store:
-            return store.versions_overview(name)
+    if (rows := _read_locally(tracking_uri, lambda store: store.versions_overview(name))) is not None:
+        return rows
     from .registry import require_model
     from .tracking import client
 
@@ -103,14 +99,20 @@ def versions_overview(tracking_uri: str, name: str) -> list[dict]:
 
 def alias_history(tracking_uri: str, name: str, alias: str | None = None) -> list[dict]:
     """Every audit record of `name` (alias moves and kept decisions), oldest first."""
-    records = None
-    if (store := _LocalStore.open(tracking_uri)) is not None:
-        with store:
-            records = store.audit_records(name)
+    records = _read_locally(tracking_uri, lambda store: store.audit_records(name))
     if records is None:
         records = _audit_records_from_mlflow(tracking_uri, name)
     records.sort(key=lambda r: r.get("at", ""))
     return [r for r in records if alias is None or r.get("alias") == alias]
+
+
+def _read_locally(tracking_uri: str, read):
+    """`read(store)` of the local SQLite store at `tracking_uri`; None where there is none, or it
+    cannot answer as MLflow would (then MLflow is asked)."""
+    if (store := _LocalStore.open(tracking_uri)) is None:
+        return None
+    with store:
+        return read(store)
 
 
 def _audit_records_from_mlflow(tracking_uri: str, name: str) -> list[dict]:
@@ -213,12 +215,17 @@ class _LocalStore:
         rows = self._rows("SELECT alias, version FROM registered_model_aliases WHERE name = ?{where}", name)
         return None if rows is None else {alias: str(version) for alias, version in rows}
 
-    def model_status(self, name: str) -> dict | None:
+    def _model(self, name: str) -> tuple[list[tuple], dict[str, dict[str, str]], dict[str, str]] | None:
+        """(versions, their tags, aliases) of `name`; raises UnknownModel when it is not registered."""
         if not self._require_model(name):
             return None
-        versions, tags, aliases = self._versions(name), self._tags(name), self._aliases(name)
-        if versions is None or tags is None or aliases is None:
+        parts = self._versions(name), self._tags(name), self._aliases(name)
+        return None if None in parts else parts
+
+    def model_status(self, name: str) -> dict | None:
+        if (model := self._model(name)) is None:
             return None
+        versions, tags, aliases = model
         found = {"name": name, "versions": len(versions)}
         by_number = {str(v[0]): v for v in versions}
         for alias in (CHAMPION, CHALLENGER):
@@ -232,11 +239,9 @@ class _LocalStore:
         return found
 
     def versions_overview(self, name: str) -> list[dict] | None:
-        if not self._require_model(name):
+        if (model := self._model(name)) is None:
             return None
-        versions, tags, aliases = self._versions(name), self._tags(name), self._aliases(name)
-        if versions is None or tags is None or aliases is None:
-            return None
+        versions, tags, aliases = model
         by_version = _by_version(aliases)
         return [_version_row(v, created, by_version, tags.get(str(v), {}), run_id) for v, created, run_id in versions]
 
