@@ -53,7 +53,7 @@ class FittedTable:
                  for i, h in enumerate(self.headers)]
         measured = [[Measurement.get(console, options, c) for c in column] for column in cells]
         words = [max(m.minimum for m in ms) for ms in measured]
-        body = [max(w, *(m.maximum for m in ms[1:])) for w, ms in zip(words, measured)]
+        body = [max([w, *(m.maximum for m in ms[1:])]) for w, ms in zip(words, measured)]
         widths = fit_widths([max(m.maximum for m in ms) for ms in measured],
                             options.max_width - self.GAP * (len(self.headers) - 1), body, words)
         if widths is None:

@@ -144,3 +144,9 @@ def test_labels_are_short_and_ages_read_like_a_person_would_say_them():
     assert [label(k) for k in ("adapted_exact_match", "task_gain", "reference_kl", "champion_delta", "benchmark_mmlu_accuracy_drop")] == [
         "exact match", "gain", "KL", "vs champion", "benchmark mmlu accuracy drop"]
     assert [age(s) for s in (5, 90, 7200, 3 * 86400)] == ["5s", "1.5m", "2.0h", "3.0d"]
+
+
+def test_history_of_a_model_with_no_versions_left_nor_moves():
+    out = _render(history_view("m", [], []), 80)
+    assert out.splitlines()[1].split() == ["version", "created", "aliases", "decision", "MLflow", "run"]
+    assert out.rstrip().endswith("none recorded")
