@@ -1,6 +1,7 @@
 """Operator commands without a server: clear errors for `register` on a folder that is not a run,
 `status` on an empty store, and a tracking server that does not answer; every command's help."""
 
+import itertools
 import json
 import os
 from unittest import mock
@@ -190,7 +191,7 @@ def _odd_breaks(text: str, width: int) -> list[str]:
     line, so such a break comes from a line break in the help text itself). Typer's `[required]` and
     `[default: ...]` tags are laid out apart and skipped."""
     lines, odd = [line.replace("│", " ") for line in text.splitlines()], []
-    for line, after in zip(lines, lines[1:]):
+    for line, after in itertools.pairwise(lines):
         start = len(after) - len(after.lstrip())
         goes_on = after.strip() and start < len(line) and line[start - 1 : start + 1].startswith(" ") and \
             line[start] != " " and "  " not in line[start:].rstrip()  # this line's last column

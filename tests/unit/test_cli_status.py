@@ -3,6 +3,7 @@ equal those read through MLflow, the commands import no MLflow there, COLUMNS se
 piped output, and `--json` prints a JSON error object when a command fails."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,7 +108,8 @@ def test_status_and_history_of_a_local_store_import_no_mlflow(store, command):
             f"sys.argv = ['prefect-lora', *{command!r}, '--tracking-uri', {store!r}]\n"
             "try:\n    cli.main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "print('mlflow imported' if 'mlflow' in sys.modules else 'no mlflow')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"COLUMNS": "100"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "100"},
+                         check=False)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("no mlflow"), out.stdout + out.stderr
     assert "wins the A/B test" in out.stdout or "4.8" in out.stdout
 

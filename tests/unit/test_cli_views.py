@@ -124,7 +124,7 @@ def test_history_says_each_move_in_a_few_lines_oldest_first():
                                       ["champion", "rollback", "2", "→", "1"]]
     rollback = out.split("rollback")[1]
     assert rollback.splitlines()[1:3] == ["    by alice@laptop", "    bad answers in production"]
-    assert re.search(r"^1\s+2026-12-07 08:16:43\s+challenger, champion\s+promoted\s+ea91a3eb", out, re.M), out
+    assert re.search(r"^1\s+2026-12-07 08:16:43\s+challenger, champion\s+promoted\s+ea91a3eb", out, re.MULTILINE), out
 
 
 def test_column_widths_shrink_the_widest_slack_first_headers_before_cells_and_never_below_a_word():
