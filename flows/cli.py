@@ -424,7 +424,8 @@ def _print_record(record: dict) -> None:
 @_exit_on_errors()
 def promote(
     name: NameArg,
-    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number to make the champion.", show_default=False)],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number to make the champion.",
+                                           show_default=False)],
     reason: Annotated[str, typer.Option("--reason", help="Why this version: kept in the audit history.")],
     tracking_uri: TrackingOption = None,
     notify: NotifyOption = None,
@@ -564,7 +565,8 @@ def export(
 @app.command()
 @_exit_on_errors()
 def status(
-    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Registered model (default: every model in the store).")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Registered model (default: every model in "
+                                                                   "the store).")] = None,
     tracking_uri: TrackingOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -147,7 +147,8 @@ def _move(r: dict, widths: dict[str, int]) -> Iterable:
     """One record: a line saying when, which alias, what, from and to; by whom and why below it."""
     dash = lambda v: NONE if v in (None, "", "None") else str(v)
     yield Text.assemble((r["at"][:19].replace("T", " "), "bold"), "  ", r["alias"].ljust(widths["alias"]), "  ",
-                        (r["action"].ljust(widths["action"]), "bold"), f"  {dash(r['from_version'])} → {dash(r['to_version'])}")
+                        (r["action"].ljust(widths["action"]), "bold"),
+                        f"  {dash(r['from_version'])} → {dash(r['to_version'])}")
     yield _indent(Text(f"by {dash(r['actor'])}"), 4)
     for line in dash(r["reason"]).splitlines():
         yield _indent(Text(line), 4)

@@ -163,8 +163,9 @@ class _LocalStore:
     def open(cls, tracking_uri: str) -> _LocalStore | None:
         """The store at a `sqlite:///PATH` URI that exists, unless MLflow's workspaces are on; else None."""
         path = tracking_uri.removeprefix("sqlite:///")
-        if path == tracking_uri or "?" in path or not Path(path).is_file() or \
-                os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("true", "1") or os.environ.get("MLFLOW_WORKSPACE"):
+        workspaces = os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("true", "1") or \
+            os.environ.get("MLFLOW_WORKSPACE")
+        if path == tracking_uri or "?" in path or not Path(path).is_file() or workspaces:
             return None
         try:
             return cls(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30))

@@ -36,8 +36,9 @@ def store(tmp_path_factory) -> str:
                        "task_gain_ci_low": 0.3, "task_gain_ci_high": 0.6, "reference_kl": 0.02 * i, "train_loss": 3.0}
             tracking.log_metrics(uri, run, metrics)
             v = c.create_model_version(name, str(tmp / "src"), run_id=run).version
-            for key, value in {"lineage.base_model": "builtin:tiny-llama", "lineage.data_fingerprint": f"{i}" * 64,
-                               "lineage.config_hash": "c" * 64, "promotion.decision": "promoted" if i < 3 else "rejected"}.items():
+            tags = {"lineage.base_model": "builtin:tiny-llama", "lineage.data_fingerprint": f"{i}" * 64,
+                    "lineage.config_hash": "c" * 64, "promotion.decision": "promoted" if i < 3 else "rejected"}
+            for key, value in tags.items():
                 c.set_model_version_tag(name, v, key, value)
             if name == "m":
                 registry.record_evaluation(uri, name, v, metrics, "eval_loss")
@@ -45,7 +46,8 @@ def store(tmp_path_factory) -> str:
                 c.set_model_version_tag(name, v, "eval.primary_metric", "eval_loss")
     c.delete_model_version("m", "4")
     aliases.compare_and_set_alias(uri, "m", "1", expected=None, reason=REASON, action="auto-promote", actor="ci@host")
-    aliases.compare_and_set_alias(uri, "m", "2", expected="1", reason="wins the A/B test", action="promote", actor="alice@host")
+    aliases.compare_and_set_alias(uri, "m", "2", expected="1", reason="wins the A/B test", action="promote",
+                                  actor="alice@host")
     aliases.move_alias(uri, "m", "3", alias="challenger", action="admit", reason="admitted by the gate", actor="ci@host")
     c.set_registered_model_alias("legacy", "champion", "1")
     return uri
@@ -76,7 +78,8 @@ def test_the_store_read_straight_gives_what_mlflow_gives(store, monkeypatch):
     assert (champion["version"], challenger["version"], challenger["decision"]) == ("2", "3", "rejected")
     assert champion["metrics"] == {"adapted_eval_loss": 4.8, "task_gain": 0.6, "reference_kl": 0.04}
     assert champion["lineage"]["data_fingerprint"] == "2" * 64
-    assert [(v["version"], v["aliases"]) for v in direct["versions"]] == [("1", []), ("2", ["champion"]), ("3", ["challenger"])]
+    assert [(v["version"], v["aliases"]) for v in direct["versions"]] == [
+        ("1", []), ("2", ["champion"]), ("3", ["challenger"])]
     assert [(r["action"], r["from_version"], r["to_version"], r["actor"]) for r in direct["history"]] == [
         ("auto-promote", None, "1", "ci@host"), ("promote", "1", "2", "alice@host"), ("admit", None, "3", "ci@host")]
     assert [r["action"] for r in direct["champion moves"]] == ["auto-promote", "promote"]
@@ -108,8 +111,8 @@ def test_status_and_history_of_a_local_store_import_no_mlflow(store, command):
             f"sys.argv = ['prefect-lora', *{command!r}, '--tracking-uri', {store!r}]\n"
             "try:\n    cli.main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "print('mlflow imported' if 'mlflow' in sys.modules else 'no mlflow')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "100"},
-                         check=False)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "COLUMNS": "100"})
     assert out.returncode == 0 and out.stdout.rstrip().endswith("no mlflow"), out.stdout + out.stderr
     assert "wins the A/B test" in out.stdout or "4.8" in out.stdout
 

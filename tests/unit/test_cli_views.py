@@ -33,11 +33,11 @@ MODELS = [
      "champion": _version("champion", "3", "promoted", DEMO_METRICS, skip={"at": "2026-12-07T02:00:04+0000"}),
      "challenger": _version("challenger", "3", "promoted", DEMO_METRICS)},
     {"name": "tiny-sums", "versions": 2,
-     "champion": _version("champion", "1", "promoted", {"adapted_eval_loss": 4.979, "task_gain": 0.4891,
-                                                          "reference_perplexity_ratio": 0.9684, "reference_kl": 0.02669}),
-     "challenger": _version("challenger", "2", "rejected", {"adapted_eval_loss": 5.008, "task_gain": 0.4604,
-                                                             "reference_perplexity_ratio": 0.9821, "reference_kl": 0.02002,
-                                                             "champion_delta": -0.02873}, config_hash="230e2a59137b9de7")},
+     "champion": _version("champion", "1", "promoted", {
+         "adapted_eval_loss": 4.979, "task_gain": 0.4891, "reference_perplexity_ratio": 0.9684, "reference_kl": 0.02669}),
+     "challenger": _version("challenger", "2", "rejected", {
+         "adapted_eval_loss": 5.008, "task_gain": 0.4604, "reference_perplexity_ratio": 0.9821, "reference_kl": 0.02002,
+         "champion_delta": -0.02873}, config_hash="230e2a59137b9de7")},
     {"name": "sums-careful", "versions": 1, "champion": None,
      "challenger": _version("challenger", "1", "rejected", {"adapted_eval_loss": 5.1})},
 ]
@@ -104,7 +104,8 @@ def test_the_decision_is_coloured_on_a_terminal_only(monkeypatch):
     assert re.search(r"\x1b\[32mpromoted", coloured) and re.search(r"\x1b\[33mrejected", coloured)
     assert "\x1b[" not in _render(status_view("sqlite:///m.db", MODELS), 100)  # a file or a pipe
     monkeypatch.setenv("NO_COLOR", "1")
-    assert "\x1b[3" not in _render(status_view("sqlite:///m.db", MODELS), 100, force_terminal=True, color_system="standard")
+    no_color = _render(status_view("sqlite:///m.db", MODELS), 100, force_terminal=True, color_system="standard")
+    assert "\x1b[3" not in no_color
 
 
 @pytest.mark.parametrize("width", [100, 80])
@@ -120,8 +121,8 @@ def test_history_fits_the_width_and_breaks_no_word(width):
 def test_history_says_each_move_in_a_few_lines_oldest_first():
     out = _render(history_view("demo-orders", VERSIONS, MOVES), 100)
     heads = [line.split() for line in out.splitlines() if line.startswith("2026-")]
-    assert [h[2:] for h in heads] == [["champion", "auto-promote", "–", "→", "1"], ["challenger", "admit", "–", "→", "1"],
-                                      ["champion", "rollback", "2", "→", "1"]]
+    assert [h[2:] for h in heads] == [["champion", "auto-promote", "–", "→", "1"],
+                                      ["challenger", "admit", "–", "→", "1"], ["champion", "rollback", "2", "→", "1"]]
     rollback = out.split("rollback")[1]
     assert rollback.splitlines()[1:3] == ["    by alice@laptop", "    bad answers in production"]
     assert re.search(r"^1\s+2026-12-07 08:16:43\s+challenger, champion\s+promoted\s+ea91a3eb", out, re.MULTILINE), out
@@ -141,8 +142,8 @@ def test_status_falls_back_to_a_line_a_version_where_no_table_fits():
 
 
 def test_labels_are_short_and_ages_read_like_a_person_would_say_them():
-    assert [label(k) for k in ("adapted_exact_match", "task_gain", "reference_kl", "champion_delta", "benchmark_mmlu_accuracy_drop")] == [
-        "exact match", "gain", "KL", "vs champion", "benchmark mmlu accuracy drop"]
+    names = ("adapted_exact_match", "task_gain", "reference_kl", "champion_delta", "benchmark_mmlu_accuracy_drop")
+    assert [label(k) for k in names] == ["exact match", "gain", "KL", "vs champion", "benchmark mmlu accuracy drop"]
     assert [age(s) for s in (5, 90, 7200, 3 * 86400)] == ["5s", "1.5m", "2.0h", "3.0d"]
 
 
