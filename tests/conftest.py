@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 # Set before prefect, ray or transformers are imported by any test module.
+# One intra-op thread per process, inherited by the commands and servers the tests start: the
+# tests' models are tiny, where a second thread only costs, and on a machine shared with other
+# work torch's thread pool waits on a descheduled thread at every operation (a tiny-model forward
+# pass took 395 ms with two threads beside a busy neighbour, 9 ms with one). Export another value
+# to try the suite with more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export another to keep parallel checkouts apart
