@@ -356,8 +356,9 @@ def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: E
     tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
-    result = RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir, cfg.tracking.tracking_uri,
-                       report.flat_metrics(), champion_before=champion_before, summary=summary, method="full")
+    result = RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir,
+                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before,
+                       summary=summary, method="full")
     return _finished(cfg, headline(cfg.model_name, report), result, "baseline")
 
 
@@ -391,8 +392,9 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     notifications.remember(flow_run.id, promoted=decision.promote, version=version, champion_before=champion_before)
     apply_retention(cfg, run_dir, version)
     result = RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
-                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before, summary=summary,
-                       method=cfg.training.method, failed_checks=list(decision.failed_checks), gate_p_value=decision.p_value)
+                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before,
+                       summary=summary, method=cfg.training.method, failed_checks=list(decision.failed_checks),
+                       gate_p_value=decision.p_value)
     return _finished(cfg, headline(cfg.model_name, report, decision, version), result,
                      "promoted" if decision.promote else "not-promoted")
 

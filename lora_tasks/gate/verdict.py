@@ -35,7 +35,8 @@ def _shown(report: EvalReport, names: list[str], intervals: bool = False) -> str
 def evaluation_line(report: EvalReport) -> str:
     """`60 eval rows: exact_match 0 → 0.85 (+0.85 [0.76, 0.94]); forgetting reference_kl 0.069 [0.065,
     0.074]`: what the evaluation found, the champion beside it when there is one."""
-    m, rows = report.primary_metric, f"{report.eval_rows} {'eval' if report.evidence == 'all' else report.evidence} rows"
+    m, part = report.primary_metric, "eval" if report.evidence == "all" else report.evidence
+    rows = f"{report.eval_rows} {part} rows"
     scale = f", the adapter at scale {report.adapter_scale:g}" if report.adapter_scale != 1 else ""
     champion = (f"; champion (version {report.champion_version}) {figure(report.champion[m])}"
                 if report.champion and m in report.champion else "")

@@ -375,8 +375,9 @@ class Evaluation:
         self._baseline_kind = summary["kind"]
         self.baseline_summary[part] = {**summary, "seconds": time.perf_counter() - started}
         probe = stats.figure(summary["probe_accuracy"]) if "probe_accuracy" in summary else "none"
-        self.say(f"baseline on {len(examples)} {part} rows: majority class {stats.figure(summary['majority_accuracy'])}, "
-                 f"linear probe {probe}: the {summary['kind']} is the base row ({time.perf_counter() - started:.0f} s)")
+        majority = stats.figure(summary["majority_accuracy"])
+        self.say(f"baseline on {len(examples)} {part} rows: majority class {majority}, linear probe {probe}: "
+                 f"the {summary['kind']} is the base row ({time.perf_counter() - started:.0f} s)")
         return metrics, units, []
 
     def _stored_key(self, name: str, scale: float, rows: list[dict]) -> str | None:

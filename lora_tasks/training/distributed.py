@@ -230,7 +230,8 @@ def _ray_worker_loop(config: dict) -> None:
             rank=rank, world_size=ctx.get_world_size(), device=device,
             report=report_with_placement, resume_from=resume_dir,
             **({"log": log} if log and rank == 0 else {}),
-            **({"progress": _progress_onto(relay)} if relay is not None and rank == 0 else {}),  # (an empty queue is falsy)
+            # `is not None`: an empty queue is falsy
+            **({"progress": _progress_onto(relay)} if relay is not None and rank == 0 else {}),
         )
         stream = config.get("stream")
         if stream:
@@ -280,7 +281,8 @@ def _relayed_progress(progress: Callable[[str], None] | None):
                 return
             progress(line)
 
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True, name="training-progress")
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True,
+                              name="training-progress")
     thread.start()
     try:
         yield queue

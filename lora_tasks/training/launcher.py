@@ -81,7 +81,8 @@ def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *,
         return train_in_process(cfg, rows, run_dir, step_log=step_log, progress=progress)
     from .distributed import train_adapter as train_on_ray
 
-    return train_on_ray(cfg, rows, run_dir, step_log=step_log, max_failures=max_failures, stream=stream, progress=progress)
+    return train_on_ray(cfg, rows, run_dir, step_log=step_log, max_failures=max_failures, stream=stream,
+                        progress=progress)
 
 
 def run_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | Path) -> list:

@@ -105,6 +105,7 @@ def test_the_flow_logs_a_full_run_as_a_baseline_and_registers_nothing(harness, t
 
     with get_client(sync_client=True) as prefect:  # the Prefect runs list: the outcome after the run's name
         flow_run = prefect.read_flow_run(UUID(run.data.tags["prefect.flow_run_id"]))
-    assert flow_run.state.message.startswith(f"{raw['model_name']} full fine-tuning baseline (not registered): eval_loss -")
-    assert flow_run.name.endswith(" — full fine-tuning baseline (not registered): " + flow_run.state.message.split(": ", 1)[1])
+    outcome = "full fine-tuning baseline (not registered): eval_loss -"
+    assert flow_run.state.message.startswith(f"{raw['model_name']} {outcome}"), flow_run.state.message
+    assert flow_run.name.endswith(" — " + flow_run.state.message.removeprefix(f"{raw['model_name']} "))
     assert "baseline" in flow_run.tags

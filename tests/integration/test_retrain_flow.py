@@ -67,7 +67,8 @@ def flow_run_logs(flow_run_id) -> list[str]:
 
     APILogWorker.drain_all(timeout=30)
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                sort=LogSort.TIMESTAMP_ASC)
     return [log.message for log in logs]
 
 
@@ -323,8 +324,9 @@ def test_flow_run_is_named_and_tagged_for_its_model_and_decision(first_run):
     run = flow_run_of(first_run)
     assert flow_run_logs(run.id)[0] == f"Beginning flow run 'tiny-sums-{tags['lora.run_key']}' for flow 'lora-retrain'"
     assert run.state.is_completed()
+    message = run.state.message
     assert re.fullmatch(r"tiny-sums v1 promoted: eval_loss -0\.\d+ \[-0\.\d+, -0\.\d+\]; forgetting within limits "
-                        r"\(reference_perplexity_ratio \d\.\d+, reference_kl 0\.\d+\)", run.state.message), run.state.message
+                        r"\(reference_perplexity_ratio \d\.\d+, reference_kl 0\.\d+\)", message), message
     assert run.name == f"tiny-sums-{tags['lora.run_key']} — {run.state.message.removeprefix('tiny-sums ')}"
     assert {"tiny-sums", "promoted"} <= set(run.tags)
     assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{run.id}")  # the test harness serves a UI
@@ -338,7 +340,7 @@ def test_flow_run_log_has_training_and_evaluation_progress_in_rounded_sentences(
     lines = flow_run_logs(flow_run_of(first_run).id)
     steps = [re.match(r"training step (\d+)/60 \(\d+%\): loss (\d+\.?\d*), [\d,]+ tokens/s", line) for line in lines]
     steps = [(int(m.group(1)), float(m.group(2))) for m in steps if m]
-    assert {1, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60} <= {s for s, _ in steps}, lines  # from rank 0, relayed by the driver
+    assert {1, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60} <= {s for s, _ in steps}, lines  # rank 0's, via the driver
     assert steps[-1][1] < steps[0][1]
     assert "training 60 steps on 2 worker(s) in " in "\n".join(lines)
     for phase in (r"evaluating adapted, base at scale 1 on 60 eval rows: task scores, then forgetting",

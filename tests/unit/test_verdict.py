@@ -35,26 +35,23 @@ def test_a_figure_has_three_significant_digits(x, shown):
     assert figure(x, 0.5632, 0.658) == f"{shown} [0.563, 0.658]"
 
 
-@pytest.mark.parametrize("case, decision, kw, message", [
-    ("promoted", PROMOTED, {"version": "3"},
-     "demo-orders v3 promoted: exact_match +0.852 [0.759, 0.944]; forgetting within limits "
-     "(self_retention_perplexity_ratio 0.889, reference_kl 0.069)"),
-    ("refused for its gain", Decision(False, [], ["task_gain", "champion"]), {"version": "4"},
-     "demo-orders v4 not promoted (failed: task_gain, champion): exact_match +0.852 [0.759, 0.944]; "
-     "forgetting within limits (self_retention_perplexity_ratio 0.889, reference_kl 0.069)"),
-    ("forgetting shown", Decision(False, [], ["reference_kl"]), {"version": "5"},
-     "demo-orders v5 not promoted (failed: reference_kl): exact_match +0.852 [0.759, 0.944]; "
+GAIN = "exact_match +0.852 [0.759, 0.944]"
+WITHIN = "forgetting within limits (self_retention_perplexity_ratio 0.889, reference_kl 0.069)"
+
+
+@pytest.mark.parametrize("decision, kw, outcome, forgetting", [
+    (PROMOTED, {"version": "3"}, "v3 promoted", WITHIN),
+    (Decision(False, [], ["task_gain", "champion"]), {"version": "4"}, "v4 not promoted (failed: task_gain, champion)",
+     WITHIN),
+    (Decision(False, [], ["reference_kl"]), {"version": "5"}, "v5 not promoted (failed: reference_kl)",
      "forgetting shown: reference_kl 0.069 [0.0651, 0.0741]"),
-    ("undecided", Decision(False, [], ["self_retention_perplexity_ratio"], ["self_retention_perplexity_ratio"]),
-     {"version": "6"},
-     "demo-orders v6 not promoted (undecided: self_retention_perplexity_ratio): exact_match +0.852 [0.759, 0.944]; "
+    (Decision(False, [], ["self_retention_perplexity_ratio"], ["self_retention_perplexity_ratio"]), {"version": "6"},
+     "v6 not promoted (undecided: self_retention_perplexity_ratio)",
      "forgetting undecided: self_retention_perplexity_ratio 0.889 [0.876, 0.906]"),
-    ("held for a fleet", Decision(True, [], [], p_value=0.00123456), {"held": True},
-     "demo-orders held for the fleet's gate (p-value 0.00123): exact_match +0.852 [0.759, 0.944]; forgetting within "
-     "limits (self_retention_perplexity_ratio 0.889, reference_kl 0.069)"),
-])
-def test_the_headline_names_the_decision_the_gain_and_the_forgetting(case, decision, kw, message):
-    assert headline("demo-orders", json_report(), decision, **kw) == message
+    (Decision(True, [], [], p_value=0.00123456), {"held": True}, "held for the fleet's gate (p-value 0.00123)", WITHIN),
+], ids=["promoted", "refused for its gain", "forgetting shown", "undecided", "held for a fleet"])
+def test_the_headline_names_the_decision_the_gain_and_the_forgetting(decision, kw, outcome, forgetting):
+    assert headline("demo-orders", json_report(), decision, **kw) == f"demo-orders {outcome}: {GAIN}; {forgetting}"
 
 
 def test_a_loss_that_fell_reads_as_a_negative_change_and_a_baseline_as_not_registered():
