@@ -23,6 +23,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.states import Completed
 from prefect_lora.flows.retrain import label_flow_run, register_run, retrain
 from prefect_lora.lora_tasks.fleet import (
     Fleet,
@@ -32,6 +33,7 @@ from prefect_lora.lora_tasks.fleet import (
     fleet_gate,
     gate_line,
     load_fleet,
+    member_counts,
     only_members,
     summary_markdown,
 )
@@ -47,7 +49,7 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     named after it), or only `members` (a data-changed event names one); with `fdr`, each run
     holds after its evaluation and the members' gates are then decided together, each member
     completed by a `lora-register` subflow run named `<member>-gate`. `overrides` apply to
-    every member."""
+    every member. The run's name and state message end with the members counted by decision."""
     fleet = only_members(load_fleet(fleet_path, overrides), members)
     label_flow_run(f"fleet-{_stem(fleet.path)}" + (f"-{'-'.join(members)}"[:60] if members else ""), ["fleet"])
     # The fleet's own run sends the heartbeats: a member's would cost ~0.5 s to stop, twice per member.
@@ -58,7 +60,8 @@ def retrain_fleet(fleet_path: str, overrides: list[str] | None = None, force: bo
     summary = summary_markdown(fleet, ordered, _run_links(ordered), gate)
     create_markdown_artifact(key=f"fleet-{_fleet_key(fleet.path)}", markdown=summary,
                              description=f"fleet of {len(ordered)} members")
-    return ordered
+    label_flow_run(outcome=member_counts(ordered))  # the runs list shows names, not state messages
+    return Completed(message=f"fleet {Path(fleet.path).name}: {member_counts(ordered)}", data=ordered)
 
 
 def _stem(path: str) -> str:

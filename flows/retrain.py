@@ -15,7 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
-from prefect.states import Completed
+from prefect.states import Completed, State
+from prefect.utilities.urls import url_for
 from prefect_lora.flows import (
     notifications,
     settings,
@@ -29,9 +30,11 @@ from prefect_lora.lora_tasks.gate.decide import decide_on_report
 from prefect_lora.lora_tasks.gate.promotion import Decision, FleetGate
 from prefect_lora.lora_tasks.gate.remedies import evaluate_with_remedies
 from prefect_lora.lora_tasks.gate.remedy import remedy_tags
+from prefect_lora.lora_tasks.gate.verdict import evaluation_line, headline
 from prefect_lora.lora_tasks.measurement import power
 from prefect_lora.lora_tasks.measurement.evaluation import EvalReport
 from prefect_lora.lora_tasks.measurement.forgetting_table import forgetting_limits
+from prefect_lora.lora_tasks.measurement.stats import figure
 from prefect_lora.lora_tasks.modeling import BaseModelInfo, describe_base_model, write_scaled_adapter
 from prefect_lora.lora_tasks.registry import aliases, lifecycle, registry, tracking
 from prefect_lora.lora_tasks.registry.lifecycle import RunResult
@@ -40,6 +43,7 @@ from prefect_lora.lora_tasks.registry.report import (
     logged_metrics,
     metrics_rows,
     mlflow_markdown,
+    prefect_markdown,
     redecision_markdown,
     remedy_rows,
     skip_markdown,
@@ -123,14 +127,16 @@ def _worth_retrying(task, task_run, state) -> bool:
 def train(cfg: PipelineConfig, rows: list[dict], stream, run_dir: str, run_id: str):
     from prefect_lora.lora_tasks.training.launcher import train_adapter
 
+    log = get_run_logger()
     result = train_adapter(cfg, rows, run_dir, step_log=tracking.metric_logger(cfg.tracking.tracking_uri, run_id, run_dir),
-                           stream=stream)  # a store outage never fails training: the curve is kept in run_dir
+                           stream=stream,  # a store outage never fails training: the curve is kept in run_dir
+                           progress=log.info)  # the workers' progress lines, in this task's log as they come
     m = result.metrics
     if m.get("start_step"):
-        get_run_logger().warning("training continued from the checkpoint of step %s", m["start_step"])
-    loss = f"loss {m['train_loss']:.4g}" if m.get("train_loss") is not None else "no step left to train"
+        log.warning("training continued from the checkpoint of step %s", m["start_step"])
+    loss = f"final loss {figure(m['train_loss'])}" if m.get("train_loss") is not None else "no step left to train"
     hosts = ", ".join(sorted(set(str(m.get("worker_hosts") or m.get("worker_nodes") or "").split(",")) - {""})) or "-"
-    get_run_logger().info("adapter trained: step %s, %s, on node(s) %s", m.get("step"), loss, hosts)
+    log.info("adapter trained to step %s (%s) on host(s) %s", m.get("step"), loss, hosts)
     return result
 
 
@@ -152,18 +158,18 @@ def evaluate(cfg: PipelineConfig, run_dir: str, adapter_dir: str, data: Prepared
     `remedy.strategy: search` trains its trials from here, as Ray Tune trials and child runs."""
     import json
 
-    search = partial(search_trials, cfg, data.train_rows, run_dir, run_id, base)
+    search, log = partial(search_trials, cfg, data.train_rows, run_dir, run_id, base), get_run_logger()
     report = evaluate_with_remedies(cfg, adapter_dir, data.eval_rows, base_info=base, champion_adapter_dir=champion_dir,
                                     champion_version=champion.version if champion else None,
                                     champion_metrics=champion.metrics if champion else None, search=search,
-                                    train_rows=baseline_rows(cfg, data))
+                                    train_rows=baseline_rows(cfg, data), progress=log.info)
     (Path(run_dir) / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))  # kept whatever follows
     share = 1.0 if report.evidence == "all" else power.gate_share(cfg)  # a remedy's confirm part
     power.remember(cfg, len(data.eval_rows), report.intervals, run_id, share)  # the next run plans with these spreads
-    get_run_logger().info("task gain %.4g on %s; forgetting %s", report.task_gain, report.primary_metric, report.forgetting)
+    log.info("evaluated on %s", evaluation_line(report))
     if report.remedy:
-        get_run_logger().info("remedy %s: %d trial(s), chosen %s. %s", report.remedy["strategy"],
-                              len(report.remedy["trials"]), report.remedy["chosen"], report.remedy.get("why", ""))
+        log.info("remedy %s: %d trial(s), chosen %s. %s", report.remedy["strategy"], len(report.remedy["trials"]),
+                 report.remedy["chosen"] or "none", report.remedy.get("why", ""))
     adapter_dir = report.remedy.get("adapter_dir") or adapter_dir  # a search trial's, when one was chosen
     return report, str(write_scaled_adapter(adapter_dir, Path(run_dir) / "adapter-remedied", report.adapter_scale))
 
@@ -251,7 +257,8 @@ def read_champion(cfg: PipelineConfig):
 @task(name="decide-promotion", **STEP)
 def decide(cfg: PipelineConfig, report: EvalReport, version: str, champion, fleet_gate: FleetGate | None = None) -> Decision:
     decision = decide_on_report(cfg.promotion, report, version, champion, fleet_gate)
-    get_run_logger().info("promotion %s: %s", "passed" if decision.promote else "refused", "; ".join(decision.reasons))
+    get_run_logger().info("the gate %s version %s: %s", "promotes" if decision.promote else "does not promote", version,
+                          "; ".join(decision.reasons))
     return decision
 
 
@@ -341,26 +348,30 @@ def apply_retention(cfg: PipelineConfig, run_dir: str, version: str | None) -> l
 
 
 def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: EvalReport, run_id: str, run_dir: str,
-                     champion) -> RunResult:
+                     champion, flow_run_url: str | None) -> State:
     """End a `training.method: full` run: reports in MLflow and Prefect, no version, no promotion."""
     champion_before = champion.version if champion else None
-    summary = baseline_markdown(cfg, data, report, run_id, champion_before)
+    summary = baseline_markdown(cfg, data, report, run_id, champion_before) + prefect_markdown(flow_run_url)
     publish_reports(cfg, run_id, run_dir, report, summary)
     tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
-    return RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir, cfg.tracking.tracking_uri,
-                     report.flat_metrics(), champion_before=champion_before, summary=summary, method="full")
+    result = RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir,
+                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before,
+                       summary=summary, method="full")
+    return _finished(cfg, headline(cfg.model_name, report), result, "baseline")
 
 
 def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion,
-              fleet_gate: FleetGate | None = None) -> RunResult:
+              fleet_gate: FleetGate | None = None) -> State:
     """Log, register, gate and promote a trained and evaluated adapter: the end of `retrain` and
-    all of `register_run`. `pending` (registration.json) says how far an earlier attempt got."""
-    run_id, run_dir = pending.run_id, pending.run_dir
+    all of `register_run`. `pending` (registration.json) says how far an earlier attempt got.
+    The flow's final state: Completed with the decision and the gain as its message, the
+    `RunResult` as its result."""
+    run_id, run_dir, flow_run_url = pending.run_id, pending.run_dir, pending.tags.get(FLOW_RUN_URL_TAG)
     log_results(cfg, run_id, run_dir, pending.data, report, pending.train_metrics)
     if cfg.training.method == "full":  # a baseline: evaluated and logged, never registered or promoted
-        result = _finish_baseline(cfg, pending.data, report, run_id, run_dir, champion)
+        result = _finish_baseline(cfg, pending.data, report, run_id, run_dir, champion, flow_run_url)
         pending.status = "done"
         pending.save()
         return result
@@ -372,17 +383,20 @@ def _complete(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, repor
     champion_before = champion.version if champion else None
     decision = decide(cfg, report, version, champion, fleet_gate)
     summary = summary_markdown(cfg, pending.data, report, decision, version, run_id, champion_before)
+    summary += prefect_markdown(flow_run_url)
     publish_reports(cfg, run_id, run_dir, report, summary)
     decision, summary = apply_decision(cfg, version, decision, run_id, summary, report, champion, fleet_gate)
     pending.status = "done"
     pending.save()
-    label_flow_run(tags=[cfg.model_name, "promoted" if decision.promote else "not-promoted"])
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} v{version}")
     notifications.remember(flow_run.id, promoted=decision.promote, version=version, champion_before=champion_before)
     apply_retention(cfg, run_dir, version)
-    return RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
-                     cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before, summary=summary,
-                     method=cfg.training.method, failed_checks=list(decision.failed_checks), gate_p_value=decision.p_value)
+    result = RunResult(cfg.model_name, version, decision.promote, decision.reasons, run_id, run_dir,
+                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=champion_before,
+                       summary=summary, method=cfg.training.method, failed_checks=list(decision.failed_checks),
+                       gate_p_value=decision.p_value)
+    return _finished(cfg, headline(cfg.model_name, report, decision, version), result,
+                     "promoted" if decision.promote else "not-promoted")
 
 
 def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
@@ -394,9 +408,14 @@ def _mark_failed(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
         get_run_logger().warning("could not mark MLflow run %s ended (%s)", run_id, err)
 
 
-def label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
+OUTCOME_SEP = " — "
+"""Between a finished run's name and its outcome, as the Prefect runs list shows them."""
+
+
+def label_flow_run(name: str | None = None, tags: list[str] = (), outcome: str | None = None) -> None:
     """Name and tag this flow run as the Prefect UI lists it (`<model>-<run key>`; the model and
-    the decision as tags). Best effort: a label never fails a run."""
+    the decision as tags); a finished run's name ends with its `outcome` (the runs list shows a
+    run's name and tags, not its state's message). Best effort: a label never fails a run."""
     if not flow_run.id:
         return
     from prefect.client.orchestration import get_client
@@ -404,20 +423,28 @@ def label_flow_run(name: str | None = None, tags: list[str] = ()) -> None:
     try:
         with get_client(sync_client=True) as client:
             current = client.read_flow_run(flow_run.id)
-            client.update_flow_run(flow_run.id, name=name or current.name, tags=sorted({*current.tags, *tags}))
+            name = name or current.name.split(OUTCOME_SEP)[0]
+            client.update_flow_run(flow_run.id, name=f"{name}{OUTCOME_SEP}{outcome}" if outcome else name,
+                                   tags=sorted({*current.tags, *tags}))
     except Exception as exc:  # noqa: BLE001
         get_run_logger().warning("could not name or tag the flow run (%s)", exc)
 
 
-def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], repeat: lifecycle.Repeat, champion, name: str):
+def _finished(cfg: PipelineConfig, message: str, result: RunResult, decision: str) -> State:
+    """The end of a run as Prefect lists it: its outcome after its name, the decision as a tag, and
+    a Completed state with `message` (`verdict.headline`) as its message and `result` as its result."""
+    label_flow_run(tags=[cfg.model_name, decision], outcome=message.removeprefix(f"{cfg.model_name} "))
+    return Completed(message=message, data=result)
+
+
+def _skip(cfg: PipelineConfig, run_dir: str, tags: dict[str, str], repeat: lifecycle.Repeat, champion):
     skip_run, reason = record_skip(cfg, tags, repeat, champion)
-    label_flow_run(name, [cfg.model_name, "skipped"])
     champion_before = champion.version if champion else None
     md = skip_markdown(cfg.model_name, reason, champion_before, skip_run)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=md, description=f"{cfg.model_name}: skipped")
     result = RunResult(cfg.model_name, repeat.version, False, [reason], skip_run, run_dir, cfg.tracking.tracking_uri,
                        skipped=True, champion_before=champion_before, summary=md)
-    return Completed(message=lifecycle.SKIPPED_MESSAGE, data=result)
+    return _finished(cfg, lifecycle.skip_headline(cfg.model_name, repeat), result, "skipped")
 
 
 settings.hide_expected_tracebacks()  # a bad config or bad data is one log line under a worker too
@@ -425,30 +452,59 @@ settings.hide_expected_tracebacks()  # a bad config or bad data is one log line 
 HOOKS = {"on_failure": [notifications.on_failure], "on_crashed": [notifications.on_failure],
          "on_completion": [notifications.on_completion]}
 
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"
+"""The MLflow run's link back to its Prefect flow run, where Prefect has a UI (not on the ephemeral API)."""
 
-@flow(name="lora-retrain", log_prints=True, **HOOKS)
+_RUN_DIRS: dict[str, str] = {}
+"""Each starting flow run's run folder, found while naming it (hashing the data once per run)."""
+
+
+def _retrain_run_name() -> str:
+    """`<model>-<run key>`: what the Prefect UI lists a retraining run as, set before its first log
+    line. A config that does not load names the run after its file; the flow then says why."""
+    params = flow_run.parameters
+    try:
+        cfg = read_config(params["config_path"], params.get("overrides"))
+        run_dir = _RUN_DIRS[str(flow_run.id)] = str(run_dir_for(cfg))
+        return f"{cfg.model_name}-{run_dir.rsplit('run-', 1)[-1]}"
+    except Exception:  # noqa: BLE001  (a run is named whatever its config; its first task reports the error)
+        return f"lora-retrain-{Path(str(params.get('config_path', 'config'))).stem}"
+
+
+def _register_run_name() -> str:
+    """`<model>-<run key>-register`: the run folder's own names (`storage/MODEL/run-KEY`)."""
+    run_dir = Path(flow_run.parameters["run_dir"])
+    return f"{run_dir.parent.name}-{run_dir.name.removeprefix('run-')}-register"
+
+
+@flow(name="lora-retrain", log_prints=True, flow_run_name=_retrain_run_name, **HOOKS)
 def retrain(config_path: str, overrides: list[str] | None = None, force: bool = False, hold: bool = False) -> RunResult:
     """Retrain a LoRA adapter from CONFIG (a YAML file, or block:NAME of a saved `PipelineConfigBlock`),
     evaluate it against its base, register and gate it.
 
-    Skipped (a Completed state "skipped: no new data") when the champion, or the latest version the
-    gate decided (promoted or not), was trained on the same data and config, unless `force`. `hold` stops after the evaluation, with registration.json
-    written and the gate's p-value in the result, for a caller that gates many runs together
-    (a fleet) and completes each with `register_run`."""
+    The run ends Completed with the outcome in one line as its message (`tiny-sums v3 promoted:
+    eval_loss -0.611 [-0.658, -0.563]; forgetting within limits (...)`, `verdict.headline`) and the
+    `RunResult` as its result. Skipped (message "<model> skipped: no new data (...)") when the
+    champion, or the latest version the gate decided (promoted or not), was trained on the same data
+    and config, unless `force`. `hold` stops after the evaluation, with registration.json written
+    and the gate's p-value in the result, for a caller that gates many runs together (a fleet) and
+    completes each with `register_run`."""
     cfg = read_config(config_path, overrides)
-    run_dir = str(run_dir_for(cfg))  # named by config and data: a retry finds its checkpoints here
+    # Named by config and data (a retry finds its checkpoints there); found once while naming the run.
+    run_dir = _RUN_DIRS.pop(str(flow_run.id), None) or str(run_dir_for(cfg))
     notifications.remember(flow_run.id, model_name=cfg.model_name, run_dir=run_dir,
                            notifications=cfg.notifications.model_dump())
     data = validate_data(cfg, run_dir)
     base = describe_base(cfg)
     tags = {**lineage_tags(cfg, base, data.fingerprint), "prefect.flow_run_id": str(flow_run.id or ""),
             "run_dir": run_dir, "lora.run_key": run_dir.rsplit("run-", 1)[-1]}
+    if flow_run.id and (url := url_for("flow-run", obj_id=flow_run.id)):  # none on Prefect's ephemeral API
+        tags[FLOW_RUN_URL_TAG] = url
     champion = read_champion(cfg)
-    name = f"{cfg.model_name}-{tags['lora.run_key']}"
     repeat = None if force else lifecycle.repeated_version(tags, champion, read_latest_decided(cfg))
     if repeat is not None:
-        return _skip(cfg, run_dir, tags, repeat, champion, name)
-    label_flow_run(name, [cfg.model_name])
+        return _skip(cfg, run_dir, tags, repeat, champion)
+    label_flow_run(f"{cfg.model_name}-{tags['lora.run_key']}", [cfg.model_name])  # a fleet's member is named so too
     run_id, run_url = start_mlflow_run(cfg, run_dir, tags)
     notifications.remember(flow_run.id, mlflow_run_id=run_id, mlflow_run_url=run_url)
     try:
@@ -470,18 +526,19 @@ def retrain(config_path: str, overrides: list[str] | None = None, force: bool = 
         raise
 
 
-def _held(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> RunResult:
+def _held(cfg: PipelineConfig, pending: lifecycle.PendingRegistration, report: EvalReport, champion) -> State:
     """A run evaluated and held for its fleet's gate: nothing registered yet, its MLflow run open."""
-    p_value = None if cfg.training.method == "full" else decide_on_report(cfg.promotion, report, None, champion).p_value
-    label_flow_run(tags=[cfg.model_name, "held"])
+    own = None if cfg.training.method == "full" else decide_on_report(cfg.promotion, report, None, champion)
+    p_value = own.p_value if own else None
     get_run_logger().info("evaluated; held for the fleet's gate (gate p-value %s)",
-                          "none: a baseline" if p_value is None else f"{p_value:.3g}")
-    return RunResult(cfg.model_name, None, False, ["held for the fleet's gate"], pending.run_id, pending.run_dir,
-                     cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=pending.champion_version,
-                     method=cfg.training.method, held=True, gate_p_value=p_value)
+                          "none: a baseline" if p_value is None else figure(p_value))
+    result = RunResult(cfg.model_name, None, False, ["held for the fleet's gate"], pending.run_id, pending.run_dir,
+                       cfg.tracking.tracking_uri, report.flat_metrics(), champion_before=pending.champion_version,
+                       method=cfg.training.method, held=True, gate_p_value=p_value)
+    return _finished(cfg, headline(cfg.model_name, report, own, held=True), result, "held")
 
 
-@flow(name="lora-register", log_prints=True, **HOOKS)
+@flow(name="lora-register", log_prints=True, flow_run_name=_register_run_name, **HOOKS)
 def register_run(run_dir: str, tracking_uri: str | None = None, fleet_gate: FleetGate | None = None) -> RunResult:
     """Complete the registration of a run that trained and evaluated its adapter but could not
     register it (e.g. the tracking server was down), or that was held for its fleet's gate
@@ -496,7 +553,7 @@ def register_run(run_dir: str, tracking_uri: str | None = None, fleet_gate: Flee
     if pending.status == "done":
         result = lifecycle.already_registered(pending, run_dir, cfg.model_name, cfg.tracking.tracking_uri)
         get_run_logger().info(result.reasons[0])
-        return result
+        return Completed(message=f"{cfg.model_name}: {result.reasons[0]}", data=result)
     report = EvalReport(**{k: v for k, v in pending.report.items() if k != "task_gain"})
     champion = read_version(cfg, pending.champion_version)
     try:

@@ -265,18 +265,22 @@ def gate_line(fleet: Fleet, gate: FleetGate | None) -> str:
             f"expected to be wrong (false discovery rate {gate.fdr:g}).")
 
 
+def member_counts(outcomes: list[MemberOutcome]) -> str:
+    """`3 members (1 not promoted, 2 promoted)`: the fleet run's outcome in a few words."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.decision] = counts.get(o.decision, 0) + 1
+    return f"{len(outcomes)} members ({', '.join(f'{n} {d}' for d, n in sorted(counts.items()))})"
+
+
 def summary_markdown(fleet: Fleet, outcomes: list[MemberOutcome], links: dict[str, str] | None = None,
                      gate: FleetGate | None = None) -> str:
     """The fleet run's summary: counts by decision, how the gates were decided together, the
     table of members (each member's name linking to its MLflow run where `links` has one), and
     below it what stopped each member that did not promote: a long reason in a table cell runs
     off the Prefect UI's page."""
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.decision] = counts.get(o.decision, 0) + 1
-    head = ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
     columns = SUMMARY_COLUMNS[:-1]
-    lines = [f"# Fleet `{Path(fleet.path).name}`: {len(outcomes)} members ({head})", "",
+    lines = [f"# Fleet `{Path(fleet.path).name}`: {member_counts(outcomes)}", "",
              f"Shared config `{fleet.config}`; each member is its own registered model with its own champion and gate.", "",
              gate_line(fleet, gate), "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]

@@ -10,4 +10,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "decide": ["decide_on_report", "apply_outcome"],
     "remedy": ["Trial", "choose", "judge", "remedy_needed"],
     "remedies": ["evaluate_with_remedies"],
+    "verdict": ["evaluation_line", "headline"],
 })

@@ -9,7 +9,7 @@ from statistics import NormalDist
 from ..config import PromotionPolicy
 from ..measurement.forgetting_table import FORGETTING_METRICS, ForgettingMetric, forgetting_limits, forgetting_metric
 from ..measurement.sequential import LOOK_GROWTH
-from ..measurement.stats import check_outcome
+from ..measurement.stats import check_outcome, figure
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _bounds(candidate: Candidate, name: str, point) -> tuple[float, float] | Non
 
 
 def _show(point, bounds: tuple[float, float]) -> str:
-    return f"{point:.4g}" if bounds[0] == bounds[1] else f"{point:.4g} [{bounds[0]:.4g}, {bounds[1]:.4g}]"
+    return figure(point) if bounds[0] == bounds[1] else figure(point, *bounds)
 
 
 EVIDENCE_UNITS = {"corpus": "reference tokens", "probes": "probes", "benchmark": "benchmark questions"}

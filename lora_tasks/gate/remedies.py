@@ -5,7 +5,6 @@ adapter as trained, measured on all the evidence."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
@@ -16,13 +15,11 @@ from ..modeling import BaseModelInfo
 from .promotion import Candidate, candidate_from_metrics
 from .remedy import Trial, choose, describe_trial, judge, remedy_needed, remedy_summary, trial_name
 
-log = logging.getLogger(__name__)
-
 
 def evaluate_with_remedies(
     cfg: PipelineConfig, adapter_dir: str, eval_rows: list[dict], device: str = "cpu", base_info: BaseModelInfo | None = None,
     champion_adapter_dir: str | None = None, champion_version: str | None = None, champion_metrics: dict | None = None,
-    search: Callable | None = None, train_rows: list[dict] | None = None,
+    search: Callable | None = None, train_rows: list[dict] | None = None, progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Score base, champion (when given) and the new model (challenger) on the same eval rows,
     measure forgetting of each against the base on the reference section's sources, and
@@ -33,8 +30,10 @@ def evaluate_with_remedies(
     `lora_tasks/gate/remedy.py`); `search(search_rows, incumbent, first_order)` adds the trials of
     `remedy.strategy: search` (`lora_tasks/search.py`). `champion_metrics` (the champion's
     recorded metrics) lets the trials be judged against a champion scored elsewhere. `base_info`
-    keys the cache of probe answers. A classifier's base row is fit on `train_rows` (`baseline.py`)."""
-    ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version, train_rows)
+    keys the cache of probe answers. A classifier's base row is fit on `train_rows` (`baseline.py`).
+    Each phase (a view's task scores, a source of forgetting, a trial) says so to `progress`
+    (default: the evaluation module's logger)."""
+    ev = Evaluation(cfg, adapter_dir, device, base_info, champion_adapter_dir, champion_version, train_rows, progress)
     if cfg.remedy.strategy == "none":
         return ev.report(eval_rows)
     return evaluate_remedies(ev, eval_rows, champion_metrics, search)
@@ -51,7 +50,7 @@ def scale_trials(ev: Evaluation, rows: list[dict], incumbent: Candidate | None, 
         cand = candidate_from_metrics(rep.flat_metrics(), metric, higher, rep.forgetting)
         trials.append(judge(Trial(trial_name({"scale": scale}), {"scale": scale}, cand, order, time.perf_counter() - t0),
                             incumbent, cfg.promotion))
-        log.info("remedy trial %s", describe_trial(trials[-1]))
+        ev.say(f"remedy trial {describe_trial(trials[-1])}")
         if order == 0 and stop_when_sound and not remedy_needed(trials[0], cfg.promotion):
             break  # nothing a remedy could mend (`remedy_needed`): no trials
     return trials

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,6 +35,12 @@ from .evidence_split import Part, split_for_confirmation
 from .forgetting import measure_forgetting
 
 log = logging.getLogger(__name__)
+
+
+def log_line(line: str) -> None:
+    """Where progress lines go without a `progress` callback: this module's logger (a flow run's
+    log when `PREFECT_LOGGING_EXTRA_LOGGERS` names the library; stderr under `prefect-lora warm`)."""
+    log.info("%s", line)
 
 # The metric the promotion gate reads, and whether larger is better.
 PRIMARY_METRIC = {"causal_lm": ("eval_loss", False), "sequence_classification": ("accuracy", True)}
@@ -199,9 +206,10 @@ def generation_units(predictions: list[str], targets: list[str], metric: str) ->
     return out
 
 
-def task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, name: str = "model"
-                 ) -> tuple[dict, dict, list[str]]:
-    """(metrics, per-unit values, generated answers) of one model (`name`, for progress lines) on the eval split."""
+def task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, name: str = "model",
+                progress: Callable[[str], None] = log_line) -> tuple[dict, dict, list[str]]:
+    """(metrics, per-unit values, generated answers) of one model (`name`, for the lines to
+    `progress`) on the eval split."""
     bs, pad_id = cfg.evaluation.batch_size, tokenizer.pad_token_id
     if cfg.task == "sequence_classification":
         return (*classification_scores(model, examples, pad_id, len(cfg.data.labels), bs, device), [])
@@ -215,10 +223,11 @@ def task_scores(model, cfg: PipelineConfig, examples, rows, tokenizer, device, n
     # A model that writes the reference answer token by token (its loss pass shows it) needs no decoding for it.
     known = greedy_answers_read_off(examples, agreed, prompts, tokenizer, gen.max_new_tokens, **prompting)
     todo = [p for i, p in enumerate(prompts) if i not in known]
-    log.info("%s's answers on the eval rows: %d of %d read off its loss pass (it writes the reference), %d to generate",
-             name, len(known), len(rows), len(todo))
+    progress(f"{name}'s answers on the eval rows: {len(known)} of {len(rows)} read off its loss pass (it writes the "
+             f"reference), {len(todo)} to generate")
     fresh = iter(generate_answers(model, tokenizer, todo, gen.max_new_tokens, bs, device, **prompting,
-                                  label=f"{name}'s answers on the eval rows", batch_tokens=gen.batch_tokens) if todo else [])
+                                  label=f"{name}'s answers on the eval rows", batch_tokens=gen.batch_tokens,
+                                  progress=progress) if todo else [])
     answers = [known[i] if i in known else next(fresh) for i in range(len(rows))]
     per_row = generation_units(answers, [r[cfg.data.completion_column] for r in rows], gen.metric)
     metrics.update({k: float(v.mean()) if len(v) else 0.0 for k, v in per_row.items()})
@@ -296,8 +305,9 @@ class Evaluation:
 
     def __init__(self, cfg: PipelineConfig, adapter_dir: str | None, device: str = "cpu", base_info: BaseModelInfo | None = None,
                  champion_adapter_dir: str | None = None, champion_version: str | None = None,
-                 train_rows: list[dict] | None = None):
+                 train_rows: list[dict] | None = None, progress: Callable[[str], None] | None = None):
         started = time.perf_counter()
+        self.say = progress or log_line  # each phase's line: a flow's run logger, or this module's logger
         bm = cfg.base_model
         self.cfg, self.device, self.base_info, self.champion_version = cfg, device, base_info, champion_version
         self.compute = compute_for(cfg.training.precision, device)  # the precision the adapter trained in
@@ -309,7 +319,6 @@ class Evaluation:
         self.load_seconds = time.perf_counter() - started
         self._task: dict[tuple, tuple] = {}
         self._blocks = BlockCache()  # the forgetting comparison's reuse: the base's states, unchanging models' units
-        self._from_disk: set[tuple] = set()  # keys of `_task` whose scores came from the disk cache
         self.train_rows = train_rows  # a classifier's baseline is fit on them
         self._baseline: ClassifierBaseline | None = None
         self._baseline_kind: str | None = None  # chosen on the first rows scored (a remedy: its search part), then kept
@@ -321,7 +330,7 @@ class Evaluation:
         self.views = None
         gc.collect()
         ev = Evaluation(self.cfg, adapter_dir, self.device, self.base_info, self.champion_adapter_dir,
-                        self.champion_version, self.train_rows)
+                        self.champion_version, self.train_rows, self.say)
         ev._baseline, ev._baseline_kind = self._baseline, self._baseline_kind  # the same base, the same baseline
         return ev
 
@@ -335,16 +344,18 @@ class Evaluation:
         if name == BASE and self.cfg.task == "sequence_classification":
             self._task[key] = self._baseline_scores(part, examples)
             return self._task[key]
-        stored = self._stored_key(name, key[1], rows)
+        stored, started = self._stored_key(name, key[1], rows), time.perf_counter()
         scores = score_cache.load(stored) if stored else None
+        when = "read from the score cache" if scores is not None else None
         if scores is None:
             with self.views.scaled(name, key[1]), self.views.use(name) as m:
-                scores = task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device, name)
+                scores = task_scores(m, self.cfg, examples, rows, self.tokenizer, self.device, name, self.say)
             if stored:
                 score_cache.save(stored, scores)
-        else:
-            self._from_disk.add(key)
         self._task[key] = scores
+        metric, when = primary_metric(self.cfg)[0], when or f"{time.perf_counter() - started:.0f} s"
+        self.say(f"{name}'s task scores on {len(rows)} {'eval' if part == 'all' else part} rows: "
+                 f"{metric} {stats.figure(scores[0][metric])} ({when})")
         return scores
 
     def _baseline_scores(self, part: str, examples: list[dict]) -> tuple[dict, dict, list[str]]:
@@ -363,10 +374,10 @@ class Evaluation:
                                                   self._baseline_kind)
         self._baseline_kind = summary["kind"]
         self.baseline_summary[part] = {**summary, "seconds": time.perf_counter() - started}
-        log.info("baseline on %d %s rows: majority class %.4g, linear probe %s: the %s is the base row (%.0f s)",
-                 len(examples), part, summary["majority_accuracy"],
-                 f"{summary['probe_accuracy']:.4g}" if "probe_accuracy" in summary else "none", summary["kind"],
-                 time.perf_counter() - started)
+        probe = stats.figure(summary["probe_accuracy"]) if "probe_accuracy" in summary else "none"
+        majority = stats.figure(summary["majority_accuracy"])
+        self.say(f"baseline on {len(examples)} {part} rows: majority class {majority}, linear probe {probe}: "
+                 f"the {summary['kind']} is the base row ({time.perf_counter() - started:.0f} s)")
         return metrics, units, []
 
     def _stored_key(self, name: str, scale: float, rows: list[dict]) -> str | None:
@@ -389,12 +400,12 @@ class Evaluation:
         the probes and its side of the forgetting comparison on a causal LM's probes and corpus
         (`block_cache`). Needs no adapter."""
         cfg = self.cfg
-        log.info("the base alone on %d %s rows: task scores, then forgetting", len(rows), part.name if part else "eval")
+        self.say(f"the base alone on {len(rows)} {part.name if part else 'eval'} rows: task scores, then forgetting")
         self._blocks.identities = {BASE: self._identity(BASE, 1.0)}
         with self.compute.autocast():
             self._scores(BASE, 1.0, part.name if part else "all", encode_examples(rows, self.tokenizer, cfg), rows)
             measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info, self.stats_kw, part,
-                               self._blocks, sources=("corpus", "probes"))
+                               self._blocks, sources=("corpus", "probes"), progress=self.say)
 
     def report(self, rows: list[dict], *, part: Part | None = None, scale: float = 1.0) -> EvalReport:
         """Base, champion and the new adapter at `scale` on `rows`, forgetting on `part` of the
@@ -403,25 +414,22 @@ class Evaluation:
         examples = encode_examples(rows, self.tokenizer, cfg)
         names = [n for n in (CHAMPION, ADAPTED, BASE) if n in self.views.names]
         what = f"{', '.join(names)} at scale {scale:g} on {len(examples)} {part.name if part else 'eval'} rows"
-        log.info("evaluating %s: task scores, then forgetting", what)  # minutes of work on a small CPU: say so
+        self.say(f"evaluating {what}: task scores, then forgetting")  # minutes of work on a small CPU: say so
         with self.compute.autocast():
             scored = {n: self._scores(n, scale, part.name if part else "all", examples, rows) for n in names}
         metrics, units, answers = ({n: s[i] for n, s in scored.items()} for i in range(3))
         metric, higher = primary_metric(cfg)
         intervals = _intervals(metric, higher, units, self.stats_kw)
         task_done = time.perf_counter()
-        log.info("evaluating %s: task scores done in %.0f s, forgetting next", what, task_done - started)
         self._blocks.identities = {n: self._identity(n, scale) for n in self.views.names}
         with self.compute.autocast(), self.views.scaled(ADAPTED, scale):
             forgetting, f_intervals = measure_forgetting(cfg, self.views, self.tokenizer, self.device, self.base_info,
-                                                         self.stats_kw, part, self._blocks)
+                                                         self.stats_kw, part, self._blocks, progress=self.say)
         intervals.update(f_intervals[ADAPTED])
         if CHAMPION in names:
             intervals.update({f"champion_{k}": v for k, v in f_intervals[CHAMPION].items()})
         done = time.perf_counter()
-        reused = [n for n in names if (n, 1.0, part.name if part else "all") in self._from_disk]
-        log.info("evaluated %s: task scores %.0f s%s, forgetting %.0f s", what, task_done - started,
-                 f" ({' and '.join(reused)} read from the score cache)" if reused else "", done - task_done)
+        self.say(f"evaluated {what}: task scores {task_done - started:.0f} s, forgetting {done - task_done:.0f} s")
         return EvalReport(
             task=cfg.task, primary_metric=metric, higher_is_better=higher, base=metrics[BASE], adapted=metrics[ADAPTED],
             forgetting=forgetting[ADAPTED], eval_rows=len(examples), seconds=self.load_seconds + done - started,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from . import sequential, stats
 from .block_cache import BlockCache
 from .embeddings import pooled_embeddings
 from .evidence_split import Part
-from .forgetting_table import forgetting_limits
+from .forgetting_table import forgetting_limits, forgetting_metric
 
 
 def token_kl(base_logits: torch.Tensor, adapted_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -295,6 +297,8 @@ class _Measurement:
     """One side of the split evidence (a remedy's search or confirm part), or None for all of it."""
     cache: BlockCache | None = None
     """What `compare_on_blocks` reuses: the base's states, the units of models that do not change."""
+    say: Callable[[str], None] | None = None
+    """Where progress lines go (the base's probe answers, while they are generated)."""
     metrics: dict[str, dict] = field(default_factory=dict)
     intervals: dict[str, dict] = field(default_factory=dict)
 
@@ -389,7 +393,7 @@ def _measure_probes(m: _Measurement) -> None:
     def units_of(asked: list[str]) -> dict | None:
         with m.views.use(BASE) as model:
             rows = base_answers(model, m.tokenizer, info.content_hash or f"{info.name_or_path}@{info.revision}",
-                                batch_size=bs, prompts=asked)
+                                batch_size=bs, prompts=asked, progress=m.say)
         rows = m.keep(rows, [r["prompt"] for r in rows])
         blocks, starts = probe_blocks(rows, m.tokenizer, max(cfg.training.max_seq_length, 256))
         if not blocks:
@@ -545,6 +549,21 @@ def safe_name(path: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in Path(path).stem.lower()).strip("_") or "mc"
 
 
+SOURCE_NAMES = {"corpus": "the reference corpus", "probes": "the probes", "benchmark": "the benchmarks"}
+
+
+def _measured_line(m: _Measurement, source: str, before: dict[str, set], seconds: float) -> str:
+    """`forgetting on the probes (12 s): adapted self_retention_perplexity_ratio 0.889 [0.876, 0.906]`:
+    the bounded figures `source` added to each view, rounded, with their intervals."""
+    said = []
+    for view in m.others:
+        for name in sorted(set(m.metrics[view]) - before[view]):
+            if forgetting_metric(name):
+                low, high = (m.intervals[view].get(name) or [None] * 3)[1:]
+                said.append(f"{view} {name} {stats.figure(m.metrics[view][name], low, high)}")
+    return f"forgetting on {SOURCE_NAMES[source]} ({seconds:.0f} s)" + (f": {', '.join(said)}" if said else "")
+
+
 SOURCES = {
     "corpus": (lambda ref: bool(ref.path), _measure_corpus),
     "probes": (lambda ref: bool(ref.probes), _measure_probes),
@@ -556,13 +575,18 @@ source on, and what measures it. Probes and benchmarks score causal LMs only (a 
 
 def measure_forgetting(cfg: PipelineConfig, views, tokenizer, device, base_info: BaseModelInfo | None,
                        stats_kw: dict, part: Part | None = None, cache: BlockCache | None = None,
-                       sources: tuple[str, ...] = tuple(SOURCES)) -> tuple[dict, dict]:
+                       sources: tuple[str, ...] = tuple(SOURCES), progress: Callable[[str], None] | None = None
+                       ) -> tuple[dict, dict]:
     """Forgetting of every non-base view against the base on each of `sources` that
     `evaluation.reference` turns on, on `part` of its evidence (all without one), reusing what
-    `cache` holds: ({view: {metric: value}}, {view: {metric: [point, low, high]}})."""
-    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part, cache)
+    `cache` holds: ({view: {metric: value}}, {view: {metric: [point, low, high]}}). With
+    `progress`, a line per source with its figures (`_measured_line`)."""
+    m = _Measurement(cfg, views, tokenizer, device, stats_kw, base_info, part, cache, progress)
     ref = cfg.evaluation.reference
     for source, (enabled, measure) in SOURCES.items():
         if source in sources and ref is not None and enabled(ref):
+            before, started = {n: set(m.metrics[n]) for n in m.others}, time.perf_counter()
             measure(m)
+            if progress:
+                progress(_measured_line(m, source, before, time.perf_counter() - started))
     return m.metrics, m.intervals

@@ -29,6 +29,20 @@ class Interval:
         return f"{self.point:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
+def figure(point: float, low: float | None = None, high: float | None = None) -> str:
+    """A figure as a sentence shows it (a log line, a run's state message): 3 significant digits
+    (`0.0286`, `4.81`, `267`, `1,230`), its interval in brackets when given (`0.611 [0.563, 0.658]`)."""
+    shown = _rounded(point)
+    return shown if low is None or high is None else f"{shown} [{_rounded(low)}, {_rounded(high)}]"
+
+
+def _rounded(x: float) -> str:
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return str(x)
+    v = float(f"{x:.3g}")
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:g}"
+
+
 def bootstrap(
     estimator: Callable[[np.ndarray], float], n_units: int, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
     batched: bool = False,

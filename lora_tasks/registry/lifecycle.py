@@ -92,6 +92,13 @@ def skip_reason(lineage: dict[str, str], repeat: Repeat) -> str:
             "(--force, the flow's force=True) runs it again")
 
 
+def skip_headline(model_name: str, repeat: Repeat) -> str:
+    """`demo-orders skipped: no new data (champion version 3 has the same data and config)`: a skipped
+    run in one line (a flow run's state message)."""
+    what = f"champion version {repeat.version}" if repeat.champion else f"version {repeat.version}"
+    return f"{model_name} {SKIPPED_MESSAGE} ({what} has the same data and config)"
+
+
 # ----------------------------------------------------------------------------- retention
 
 

@@ -410,3 +410,9 @@ def skip_markdown(model_name: str, reason: str, champion_version: str | None, sk
     stays = f"champion version {champion_version} stays" if champion_version else "there is no champion yet"
     return (f"# {model_name}: {SKIPPED_MESSAGE}\n\n{reason}.\n\nNothing was trained or registered; {stays}. "
             f"MLflow run `{skip_run_id}` records this check.\n")
+
+
+def prefect_markdown(flow_run_url: str | None) -> str:
+    """The closing link back to the Prefect flow run that made the run; nothing without one (Prefect's
+    ephemeral API has no UI to link to)."""
+    return f"\n## Prefect\n- flow run: [{flow_run_url.rsplit('/', 1)[-1]}]({flow_run_url})\n" if flow_run_url else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -13,6 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -223,10 +225,13 @@ def _ray_worker_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="lora-resume-") as tmp:
         if checkpoint is not None:
             resume_dir = checkpoint.to_directory(tmp)
+        relay = config.get("progress")
         worker_ctx = WorkerContext(
             rank=rank, world_size=ctx.get_world_size(), device=device,
             report=report_with_placement, resume_from=resume_dir,
             **({"log": log} if log and rank == 0 else {}),
+            # `is not None`: an empty queue is falsy
+            **({"progress": _progress_onto(relay)} if relay is not None and rank == 0 else {}),
         )
         stream = config.get("stream")
         if stream:
@@ -237,6 +242,54 @@ def _ray_worker_loop(config: dict) -> None:
         finally:
             if log and rank == 0:
                 getattr(log, "close", log.flush)()  # the last flush: what the store lacks stays kept
+
+
+def _progress_onto(queue) -> Callable[[str], None]:
+    """Rank 0's progress lines onto the driver's queue (`_relayed_progress`); printed, as without
+    one, when the queue is gone."""
+    def put(line: str) -> None:
+        try:
+            queue.put_nowait(line)
+        except Exception:  # noqa: BLE001  (the driver's queue gone: the line still reaches Ray's log)
+            print(line, flush=True)
+
+    return put
+
+
+@contextlib.contextmanager
+def _relayed_progress(progress: Callable[[str], None] | None):
+    """Rank 0's progress lines, wherever it runs, handed to `progress` in this process as they come:
+    the workers put them on a Ray queue (an actor that takes no CPU), a thread here takes them off
+    (in this context: a Prefect task's logger knows its run). Yields the queue for the workers;
+    None without `progress` (they print, and Ray shows the lines in this process's terminal)."""
+    if progress is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    queue, finished = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def relay() -> None:
+        while True:
+            try:
+                line = queue.get(timeout=0.5)
+            except Empty:
+                if finished.is_set():
+                    return  # every line put before training ended has been handed on
+                continue
+            except Exception:  # noqa: BLE001  (Ray shut down under it: no more lines come)
+                return
+            progress(line)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True,
+                              name="training-progress")
+    thread.start()
+    try:
+        yield queue
+    finally:
+        finished.set()
+        thread.join(timeout=10)
+        queue.shutdown()
 
 
 def _driver_identity() -> dict:
@@ -413,30 +466,53 @@ def train_adapter(
     step_log=None,
     max_failures: int | None = None,
     stream: StreamSpec | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train on Ray Train with `cfg.scaling` (whatever `scaling.launcher` says); copy the final adapter to `run_dir/adapter`.
 
     Checkpoints go to `train/` under the run's checkpoint storage (the run folder, or its place
     under a storage URI). Ray Train restarts failed workers from the latest checkpoint up to
     `max_failures` times (default `scaling.max_failures`); a new attempt with the same run folder
-    (a Prefect retry, or the same config and data run again) continues from it too."""
-    s = cfg.scaling
+    (a Prefect retry, or the same config and data run again) continues from it too. Rank 0's
+    progress lines come to `progress` here as they are written (`_relayed_progress`)."""
     ensure_ray_for(cfg)
     run_dir = Path(run_dir)
     storage = checkpoint_storage(cfg, run_dir)
+    with _relayed_progress(progress) as relay:
+        trainer = _trainer(cfg, rows, storage, step_log, max_failures, stream, relay)
+        try:
+            with interruptible():
+                result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _training_error(exc, storage) from exc
+    if result.checkpoint is None:
+        raise TrainingError("training finished without reporting a checkpoint")
+    adapter_dir = run_dir / ADAPTER_DIR
+    with result.checkpoint.as_directory() as ckpt:
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        shutil.copytree(Path(ckpt) / ADAPTER_DIR, adapter_dir)
+    return TrainResult(str(adapter_dir), result.checkpoint.path, dict(result.metrics or {}))
+
+
+def _trainer(cfg: PipelineConfig, rows: list[dict], storage: str, step_log, max_failures: int | None,
+             stream: StreamSpec | None, relay) -> TorchTrainer:
+    """The job of `train_adapter`: `_ray_worker_loop` on `scaling.num_workers` workers, checkpoints in `storage`."""
+    s = cfg.scaling
     datasets, data_config = {}, None
     if stream is not None:  # every worker reads the whole ordered stream and keeps its slice
         train = _streamed_train(cfg, stream).map_batches(
             valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": stream.eval_fraction, "split": "train"})
         datasets = {"train": train}
         data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True))
-    trainer = _Trainer(
+    return _Trainer(
         _ray_worker_loop,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
             "rows": rows,
             "stream": {"num_rows": stream.num_rows} if stream else None,
             "step_log": step_log,
+            "progress": relay,
             "driver": None if s.address else _driver_identity(),
         },
         datasets=datasets or None,
@@ -452,19 +528,6 @@ def train_adapter(
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
-    try:
-        with interruptible():
-            result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise _training_error(exc, storage) from exc
-    if result.checkpoint is None:
-        raise TrainingError("training finished without reporting a checkpoint")
-    adapter_dir = run_dir / ADAPTER_DIR
-    with result.checkpoint.as_directory() as ckpt:
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        shutil.copytree(Path(ckpt) / ADAPTER_DIR, adapter_dir)
-    return TrainResult(str(adapter_dir), result.checkpoint.path, dict(result.metrics or {}))
 
 
 def _training_error(exc: Exception, storage) -> TrainingError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -248,14 +248,14 @@ def greedy_answers_read_off(examples: list[dict], agreed: list[int], prompts: li
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device="cpu", *,
                      chat_template: bool = False, system_prompt: str | None = None, label: str | None = None,
-                     batch_tokens: int | None = None) -> list[str]:
+                     batch_tokens: int | None = None, progress: Callable[[str], None] | None = None) -> list[str]:
     """Greedy answers to `prompts` (formatted by `format_prompts`), in their order. Batches hold
     prompts of similar length (sorted by tokens: little padding), left-padded so every row
     continues from its last token; a batch stops as soon as every row has ended. A batch holds
     `batch_size` prompts or, with `batch_tokens`, as many as fit that many tokens (prompt and new
     tokens, at the batch's longest prompt): a decoding step reads every weight once for the whole
     batch, so fewer, fuller batches cost less. With `label`, a progress line (`label: 48/120
-    answers, 25 s`) is logged every `PROGRESS_EVERY_S` seconds."""
+    answers, 25 s`) goes to `progress` (default: this module's logger) every `PROGRESS_EVERY_S` seconds."""
     started = last = time.perf_counter()
     texts, special, lengths = _formatted(prompts, tokenizer, chat_template, system_prompt)
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -273,7 +273,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                 answers[j] = text
             done, now = done + len(rows), time.perf_counter()
             if label and now - last >= PROGRESS_EVERY_S and done < len(order):
-                log.info("%s: %d/%d answers, %.0f s", label, done, len(order), now - started)
+                line = f"{label}: {done}/{len(order)} answers, {now - started:.0f} s"
+                if progress:
+                    progress(line)
+                else:
+                    log.info("%s", line)
                 last = now
     finally:
         tokenizer.padding_side = side

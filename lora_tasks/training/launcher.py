@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import PipelineConfig
@@ -65,19 +66,23 @@ def launcher_for(cfg: PipelineConfig, streaming: bool = False) -> str:
 
 
 def train_adapter(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, step_log=None,
-                  max_failures: int | None = None, stream: StreamSpec | None = None) -> TrainResult:
+                  max_failures: int | None = None, stream: StreamSpec | None = None,
+                  progress: Callable[[str], None] | None = None) -> TrainResult:
     """Train with the launcher `scaling.launcher` picks; the adapter ends in `run_dir/adapter`.
     `step_log` takes the loop's `(metrics, step)`, is flushed at each checkpoint and closed at the
     end (the caller's MLflow run: `registry.tracking.metric_logger`, which never raises into the
-    loop, a store outage included); it travels to Ray's rank 0 by pickle.
+    loop, a store outage included); it travels to Ray's rank 0 by pickle. `progress` takes each
+    progress line of rank 0 (`loop.progress_line`), in this process whichever launcher trains (a
+    flow's run logger); without it they are printed where the loop runs.
 
     Either way, a new attempt with the same run folder (a Prefect retry, or the same config and
     data run again) continues from the latest checkpoint."""
     if launcher_for(cfg, streaming=stream is not None) == "local":
-        return train_in_process(cfg, rows, run_dir, step_log=step_log)
+        return train_in_process(cfg, rows, run_dir, step_log=step_log, progress=progress)
     from .distributed import train_adapter as train_on_ray
 
-    return train_on_ray(cfg, rows, run_dir, step_log=step_log, max_failures=max_failures, stream=stream)
+    return train_on_ray(cfg, rows, run_dir, step_log=step_log, max_failures=max_failures, stream=stream,
+                        progress=progress)
 
 
 def run_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | Path) -> list:
@@ -90,7 +95,8 @@ def run_trials(cfg: PipelineConfig, trial, settings: list[dict], run_dir: str | 
     return tune_trials(cfg, trial, settings, run_dir)
 
 
-def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, step_log=None) -> TrainResult:
+def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path, *, step_log=None,
+                     progress: Callable[[str], None] | None = None) -> TrainResult:
     """One worker, here: `scaling.cpus_per_worker` torch threads (as a Ray worker gets), the
     device `scaling.use_gpu` asks for, checkpoints in `run_dir/train/checkpoint_step_NNNNNN`
     (written whole, then renamed into place, so the latest one is always complete)."""
@@ -113,7 +119,7 @@ def train_in_process(cfg: PipelineConfig, rows: list[dict], run_dir: str | Path,
         if checkpoint_dir:
             last["path"] = _keep_checkpoint(train_dir, checkpoint_dir, int(metrics["step"]))
     ctx = WorkerContext(device=device, report=report, resume_from=str(latest) if latest else None,
-                        **({"log": log} if log else {}))
+                        **({"log": log} if log else {}), **({"progress": progress} if progress else {}))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     try:

@@ -47,6 +47,10 @@ def _no_report(metrics: dict, checkpoint_dir: str | None) -> None:
     pass
 
 
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclass
 class WorkerContext:
     """What a launcher tells the loop about where it runs and how results leave it."""
@@ -56,6 +60,9 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     log: Callable[[dict, int], None] = _no_log
     """Called on rank 0 with step metrics (loss, learning rate) every `training.log_every` steps."""
+    progress: Callable[[str], None] = print_line
+    """Called on rank 0 with each progress line (steps, loss, time left; resuming; precision), as
+    often as a watching person needs one: a flow's run logger, or the terminal."""
     report: Callable[[dict, str | None], None] = _no_report
     """Called on every rank at each checkpoint; `checkpoint_dir` is set on rank 0 only."""
     resume_from: str | None = None
@@ -310,7 +317,7 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     `training.checkpoint_every` steps and at the end."""
     t, compute = cfg.training, compute_for(cfg.training.precision, ctx.device)
     if ctx.rank == 0 and (warning := slow_bf16_warning(t.precision, ctx.device)):
-        print(f"WARNING: {warning}", flush=True)
+        ctx.progress(f"WARNING: {warning}")
     _seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.base_model.name_or_path, cfg.base_model.revision, cfg.base_model.trust_remote_code)
     examples = encode_examples(rows, tokenizer, cfg) if ctx.stream is None else []
@@ -318,12 +325,12 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
     model = _setup_model(cfg, ctx, tokenizer.pad_token_id, longest)
     _, total_steps = plan_steps(ctx.stream_rows if ctx.stream else len(examples), cfg, ctx.world_size)
     if ctx.rank == 0:  # what `precision: auto` chose on this machine, before the first step's line
-        print(f"training {total_steps} steps on {ctx.world_size} worker(s) in {compute.describe()}", flush=True)
+        ctx.progress(f"training {total_steps} steps on {ctx.world_size} worker(s) in {compute.describe()}")
     optimizer, scheduler = _setup_optimizer(cfg, model, ctx, total_steps)
     torch.manual_seed(t.seed + ctx.rank)  # every rank its own dropout stream (weights are already equal)
     step = _load_trainer_state(model, optimizer, scheduler, ctx.resume_from, ctx.rank) if ctx.resume_from else 0
     if ctx.rank == 0 and step:
-        print(f"resuming from the checkpoint of step {step}/{total_steps}", flush=True)
+        ctx.progress(f"resuming from the checkpoint of step {step}/{total_steps}")
     batches = _setup_batches(cfg, ctx, examples, tokenizer, start=step * t.gradient_accumulation_steps)
     start_step, started, tokens_seen, last_loss = step, time.perf_counter(), 0, float("nan")
     last_line = started
@@ -338,8 +345,8 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
         now = time.perf_counter()
         if ctx.rank == 0 and (step == start_step + 1 or step % max(total_steps // 10, 1) == 0 or step == total_steps
                               or now - last_line >= PROGRESS_EVERY_S):
-            print(progress_line(step, total_steps, step - start_step, last_loss, now - started, tokens_seen * ctx.world_size),
-                  flush=True)  # the flow's log (Prefect captures prints) and a watching terminal
+            ctx.progress(progress_line(step, total_steps, step - start_step, last_loss, now - started,
+                                       tokens_seen * ctx.world_size))
             last_line = now
         if step == total_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
             elapsed = time.perf_counter() - started
@@ -353,13 +360,15 @@ def train_worker(cfg: PipelineConfig, rows: list[dict], ctx: WorkerContext) -> d
 
 
 def progress_line(step: int, total: int, done: int, loss: float, elapsed: float, tokens: int) -> str:
-    """`training step 8/48 (17%): loss 0.4120, 1,234 tokens/s, 4.6 s/step, about 3 min 4 s left`:
-    `done` steps (of this attempt) took `elapsed` seconds and saw `tokens` tokens on all ranks."""
+    """`training step 8/48 (17%): loss 0.412, 1,230 tokens/s, 4.6 s/step, about 3 min 4 s left`:
+    `done` steps (of this attempt) took `elapsed` seconds and saw `tokens` tokens on all ranks.
+    Figures to 3 significant digits: a log line is read, not parsed (MLflow has every value)."""
     per_step = elapsed / max(done, 1)
     left = round(per_step * (total - step))
     eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
-    return (f"training step {step}/{total} ({step / total:.0%}): loss {loss:.4f}, {tokens / max(elapsed, 1e-9):,.0f} "
-            f"tokens/s, {per_step:.1f} s/step, about {eta} left")
+    rate = float(f"{tokens / max(elapsed, 1e-9):.3g}")
+    return (f"training step {step}/{total} ({step / total:.0%}): loss {loss:.3g}, {rate:,.0f} tokens/s, "
+            f"{float(f'{per_step:.2g}'):g} s/step, about {eta} left")
 
 
 def _setup_model(cfg: PipelineConfig, ctx: WorkerContext, pad_token_id: int | None, longest: int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..modeling import cache_dir, write_cache_file
@@ -144,10 +145,10 @@ def cached_answers(base_hash: str, max_new_tokens: int, prompts: list[str]) -> l
 
 
 def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, batch_size: int = 8,
-                 prompts: list[str] | None = None) -> list[dict]:
+                 prompts: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """The base model's greedy answers to `prompts` (the probes by default), in their order, without
     empty ones. Each prompt is answered once per base and kept: a later call asking for fewer,
-    more or other prompts generates only those never asked."""
+    more or other prompts generates only those never asked (progress lines to `progress`)."""
     prompts = GENERAL_PROBES if prompts is None else prompts
     stored = _stored(base_hash, max_new_tokens)
     missing = list(dict.fromkeys(p for p in prompts if p not in stored))
@@ -156,7 +157,8 @@ def base_answers(model, tokenizer, base_hash: str, max_new_tokens: int = 64, bat
         with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
             answers = generate_answers(model, tokenizer, missing, max_new_tokens, batch_size,
                                        chat_template=_has_chat_template(tokenizer),
-                                       label="the base's answers to the general prompts (once per base model)")
+                                       label="the base's answers to the general prompts (once per base model)",
+                                       progress=progress)
         stored = {**_stored(base_hash, max_new_tokens), **dict(zip(missing, answers))}  # another run may have added some
         text = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in stored.items())
         write_cache_file(_cache_file(base_hash, max_new_tokens), lambda f: f.write(text.encode("utf-8")))

@@ -75,9 +75,17 @@ def test_a_fleet_runs_every_member_and_one_failure_stops_none(harness, tmp_path)
             return await c.read_latest_artifacts(), await c.read_flow_runs()
 
     artifacts, runs = asyncio.run(latest_artifacts_and_runs())
-    names = sorted(r.name for r in runs)
+    names = sorted(r.name.split(" — ")[0] for r in runs)  # a finished run's outcome follows its name
     assert names.count("sums-good-gate") == 1 and names.count("sums-refused-gate") == 1, names
     assert "sums-broken-gate" not in names, "a member that failed has no gate to complete"
+    fleets = sorted((r.name, r.state.message) for r in runs if r.name.startswith("fleet-"))
+    assert fleets == [(f"fleet-fleet — {counts}", f"fleet fleet.yaml: {counts}") for counts in
+                      ("3 members (1 failed, 1 not promoted, 1 promoted)", "3 members (1 failed, 2 skipped)")], fleets
+    gates = {r.name.split(" — ")[0]: r.state.message for r in runs if r.name.split(" — ")[0].endswith("-gate")}
+    assert gates["sums-good-gate"].startswith("sums-good v1 promoted: eval_loss -"), gates
+    assert gates["sums-refused-gate"].startswith("sums-refused v1 not promoted (failed: task_gain"), gates
+    held = [r for r in runs if (r.state.message or "").startswith("sums-good held for the fleet's gate (p-value ")]
+    assert len(held) == 1 and held[0].name.endswith(" — " + held[0].state.message.removeprefix("sums-good ")), held
     summaries = [a for a in artifacts if (a.key or "").startswith("fleet-")]
     assert summaries and "[sums-good](http://127.0.0.1:5000/#/experiments/" in summaries[0].data
     assert "| skipped | 1 |" in summaries[0].data
@@ -107,7 +115,7 @@ def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):
     async def member_runs():
         async with get_client() as c:
             return [r for r in await c.read_flow_runs()  # each retrain run renames itself `<member>-<run key>`
-                    if r.name.startswith(("sums-a-", "sums-b-")) and not r.name.endswith("-gate")]
+                    if r.name.startswith(("sums-a-", "sums-b-")) and "-gate" not in r.name]
 
     a, b = sorted(asyncio.run(member_runs()), key=lambda r: r.name)
     assert a.start_time < b.end_time and b.start_time < a.end_time, "the two members' runs overlap in time"

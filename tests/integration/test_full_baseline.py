@@ -99,3 +99,13 @@ def test_the_flow_logs_a_full_run_as_a_baseline_and_registers_nothing(harness, t
     reports = {a.path for a in client.list_artifacts(result.run_id, "reports")}
     assert "reports/evaluation_report.md" in reports and "reports/gain_vs_forgetting.png" in reports
     assert client.search_model_versions(f"name='{raw['model_name']}'") == []
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # the Prefect runs list: the outcome after the run's name
+        flow_run = prefect.read_flow_run(UUID(run.data.tags["prefect.flow_run_id"]))
+    outcome = "full fine-tuning baseline (not registered): eval_loss -"
+    assert flow_run.state.message.startswith(f"{raw['model_name']} {outcome}"), flow_run.state.message
+    assert flow_run.name.endswith(" — " + flow_run.state.message.removeprefix(f"{raw['model_name']} "))
+    assert "baseline" in flow_run.tags

@@ -46,6 +46,40 @@ def write_config(workdir: Path, name: str, **sections) -> Path:
     return path
 
 
+def flow_run_of(result):
+    """The Prefect flow run that made `result` (its MLflow run's `prefect.flow_run_id`)."""
+    from uuid import UUID
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    tags = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(tags["prefect.flow_run_id"]))
+
+
+def flow_run_logs(flow_run_id) -> list[str]:
+    """Every line the flow run logged, in order, once the log handler has sent what it holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs]
+
+
+FLOAT = re.compile(r"(?<![\w.])-?(\d+\.\d+)(?![\w.])")
+"""A decimal figure standing alone (not a version, an address or part of a name)."""
+
+
+def significant_digits(number: str) -> int:
+    return len(number.replace(".", "").lstrip("0"))
+
+
 @pytest.fixture(scope="module")
 def first_run(harness, workdir):
     from prefect_lora.flows.retrain import retrain
@@ -187,6 +221,7 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
     v2 = client.get_model_version("tiny-sums", "2")
     assert v2.tags["promotion.decision"] == "rejected"
     assert "not above the required 100" in v2.tags["promotion.reasons"]
+    assert flow_run_of(result).state.message.startswith("tiny-sums v2 not promoted (failed: task_gain): eval_loss -0.")
 
 
 def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing(first_run, workdir):
@@ -224,6 +259,8 @@ def test_rerun_with_unchanged_data_and_config_is_skipped(first_run, workdir):
     assert result.version == "1" == result.champion_before and result.run_id != first_run.run_id
     assert result.reasons[0].startswith(SKIPPED_MESSAGE) and "champion version 1" in result.summary
     assert "champion version 1;" in result.reasons[0], "the champion is named though a refused version is newer"
+    assert flow_run_of(result).state.message == \
+        "tiny-sums skipped: no new data (champion version 1 has the same data and config)"
 
 
 def test_classification_flow_on_two_workers(harness, workdir):
@@ -278,17 +315,42 @@ def test_bad_data_fails_the_cli_run_naming_rows_and_checks(workdir):
 
 
 def test_flow_run_is_named_and_tagged_for_its_model_and_decision(first_run):
-    """The Prefect UI lists the run as `<model>-<run key>`, tagged with the model and the decision."""
-    from uuid import UUID
-
+    """The Prefect UI lists the run as `<model>-<run key>` from its first log line on, then, when it
+    ends, with its outcome after the name (what the runs list shows), tagged with the model and the
+    decision; its state's message is the outcome in one line; the MLflow run links back to it."""
     from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
 
     tags = MlflowClient(first_run.tracking_uri).get_run(first_run.run_id).data.tags
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(UUID(tags["prefect.flow_run_id"]))
-    assert run.name == f"tiny-sums-{tags['lora.run_key']}"
+    run = flow_run_of(first_run)
+    assert flow_run_logs(run.id)[0] == f"Beginning flow run 'tiny-sums-{tags['lora.run_key']}' for flow 'lora-retrain'"
+    assert run.state.is_completed()
+    message = run.state.message
+    assert re.fullmatch(r"tiny-sums v1 promoted: eval_loss -0\.\d+ \[-0\.\d+, -0\.\d+\]; forgetting within limits "
+                        r"\(reference_perplexity_ratio \d\.\d+, reference_kl 0\.\d+\)", message), message
+    assert run.name == f"tiny-sums-{tags['lora.run_key']} — {run.state.message.removeprefix('tiny-sums ')}"
     assert {"tiny-sums", "promoted"} <= set(run.tags)
+    assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{run.id}")  # the test harness serves a UI
+    assert f"- flow run: [{run.id}]({tags['prefect.flow_run_url']})" in tags["mlflow.note.content"]
+
+
+def test_flow_run_log_has_training_and_evaluation_progress_in_rounded_sentences(first_run):
+    """What the terminal shows goes to the flow run's log: the Ray workers' training progress (every
+    tenth of the 60 steps), each evaluation phase with its figures; no figure longer than 4
+    significant digits."""
+    lines = flow_run_logs(flow_run_of(first_run).id)
+    steps = [re.match(r"training step (\d+)/60 \(\d+%\): loss (\d+\.?\d*), [\d,]+ tokens/s", line) for line in lines]
+    steps = [(int(m.group(1)), float(m.group(2))) for m in steps if m]
+    assert {1, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60} <= {s for s, _ in steps}, lines  # rank 0's, via the driver
+    assert steps[-1][1] < steps[0][1]
+    assert "training 60 steps on 2 worker(s) in " in "\n".join(lines)
+    for phase in (r"evaluating adapted, base at scale 1 on 60 eval rows: task scores, then forgetting",
+                  r"adapted's task scores on 60 eval rows: eval_loss \d\.\d+ \(",
+                  r"base's task scores on 60 eval rows: eval_loss \d\.\d+ \(",
+                  r"forgetting on the reference corpus \(\d+ s\): adapted reference_kl 0\.\d+ \[",
+                  r"evaluated on 60 eval rows: eval_loss \d\.\d+ → \d\.\d+ \(-0\.\d+ \["):
+        assert any(re.match(phase, line) for line in lines), (phase, lines)
+    long = [(n, line) for line in lines for n in FLOAT.findall(line) if significant_digits(n) > 4]
+    assert not long, long
 
 
 def test_mlflow_ui_shows_the_run_in_a_browser(first_run, tmp_path):

@@ -183,7 +183,8 @@ def test_deployed_run_registers_and_promotes_and_notifies(stack, first):
 
 def test_second_trigger_with_unchanged_data_is_skipped(stack, first):
     run = finished(stack, trigger(stack))
-    assert run["state"]["type"] == "COMPLETED" and run["state"]["message"] == "skipped: no new data"
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["state"]["message"] == "tiny-sums skipped: no new data (champion version 1 has the same data and config)"
     names = sorted(t["name"].rsplit("-", 1)[0] for t in task_runs(stack, run["id"]))
     assert "train-adapter" not in names and "record-skip" in names, names
     c = mlflow_client(stack)

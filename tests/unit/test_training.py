@@ -240,7 +240,7 @@ def test_a_progress_line_gives_step_loss_rate_and_time_left():
     from prefect_lora.lora_tasks.training.loop import progress_line
 
     line = progress_line(step=8, total=48, done=8, loss=0.41234, elapsed=36.8, tokens=45_402)
-    assert line == "training step 8/48 (17%): loss 0.4123, 1,234 tokens/s, 4.6 s/step, about 3 min 4 s left"
+    assert line == "training step 8/48 (17%): loss 0.412, 1,230 tokens/s, 4.6 s/step, about 3 min 4 s left"
     assert progress_line(48, 48, 40, 0.1, 10.0, 100).endswith("about 0 s left")
 
 
