@@ -1,10 +1,12 @@
-"""What a user sees in the MLflow UI, checked in a real browser: starts `mlflow ui` on a store,
+"""What a user sees in the MLflow UI (and the Prefect UI), checked in a real browser: starts `mlflow ui` on a store,
 opens a registered model's champion in headless Chromium (Debian's `chromium` driven by
 Playwright) and asserts that the run's loss chart, its datasets, the report's images, the
 `champion` alias and the links between version, run and logged model are on screen. Saves a
-screenshot of each page (docs/ uses them).
+screenshot of each page (docs/ uses them). With `--prefect-ui`, also opens the champion's flow run
+in the Prefect UI: its outcome on the runs list, its training and evaluation progress in its logs.
 
-    python -m deploy.ui_check --tracking-uri sqlite:///.prefect-lora/mlflow.db --model demo-orders --out docs/
+    python -m deploy.ui_check --tracking-uri sqlite:///.prefect-lora/mlflow.db --model demo-orders --out docs/ \
+        [--prefect-ui http://127.0.0.1:4200]
 
 Exit 0 when every check passed; otherwise each failed check is printed and the exit code is 1.
 """
@@ -78,7 +80,8 @@ def _targets(tracking_uri: str, model: str) -> dict:
     mv = c.get_model_version_by_alias(model, "champion")
     run = c.get_run(mv.run_id)
     model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
-    return {"version": str(mv.version), "run": mv.run_id, "experiment": run.info.experiment_id, "model_id": model_id}
+    return {"version": str(mv.version), "run": mv.run_id, "experiment": run.info.experiment_id, "model_id": model_id,
+            "flow_run": run.data.tags.get("prefect.flow_run_id")}
 
 
 def check_mlflow_ui(tracking_uri: str, model: str, out_dir: str | Path, chromium: str | None = None) -> Findings:
@@ -152,6 +155,46 @@ def _check_charts_and_report(page, visit, shot, found: Findings, run_route: str)
     shot("mlflow-report.png")
 
 
+def check_prefect_ui(ui_url: str, flow_run_id: str, out_dir: str | Path, chromium: str | None = None) -> Findings:
+    """Open a retraining flow run in the Prefect UI (a `prefect server start` with its UI at
+    `ui_url`) and check what an operator must see: on the runs list, the run's outcome (decision,
+    gain) without opening it; on its page, the training and evaluation progress in its logs."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium or find_chromium()
+    if not chromium:
+        raise RuntimeError("no Chromium found: apt-get install chromium (Debian) or set --chromium")
+    run = httpx.get(f"{ui_url}/api/flow_runs/{flow_run_id}", timeout=30).json()
+    found, out = Findings(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    outcome = run["name"].partition(" — ")[2].split(":")[0]  # "v1 promoted": a finished run's name carries it
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{ui_url}/runs")
+        with contextlib.suppress(Exception):
+            page.get_by_text(outcome, exact=False).first.wait_for(timeout=30_000)
+        text = page.inner_text("body")
+        found.check(bool(outcome) and "[" in run["name"] and run["name"] in text,
+                    f"the runs list shows the run's outcome: {run['name']!r}")
+        page.screenshot(path=str(out / "prefect-runs.png"))
+        found.screenshots.append(out / "prefect-runs.png")
+        page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
+        with contextlib.suppress(Exception):
+            page.get_by_text("training step", exact=False).first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)
+        text = page.inner_text("body")
+        found.check(text.count("training step") >= 2, "the flow run's logs show the training progress")
+        found.check("evaluated on" in text, "the flow run's logs show the evaluation")
+        with contextlib.suppress(Exception):  # the screenshot shows the training lines
+            page.get_by_text("training step", exact=False).first.scroll_into_view_if_needed(timeout=2_000)
+        page.screenshot(path=str(out / "prefect-flow-run.png"))
+        found.screenshots.append(out / "prefect-flow-run.png")
+        browser.close()
+    return found
+
+
 def _check_version_page(text: str, page, found: Findings, run: str, version: str) -> None:
     found.check("champion" in text, f"version {version} page shows the champion alias")
     found.check(page.locator(f"a[href*='{run}']").count() > 0, "the version page links its run")
@@ -163,8 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="registered model whose champion is checked")
     p.add_argument("--out", default="ui-screenshots", help="folder for the screenshots")
     p.add_argument("--chromium", default=None, help="Chromium binary (default: found on PATH)")
+    p.add_argument("--prefect-ui", default=None, help="also check the champion's flow run in this Prefect UI "
+                                                        "(e.g. http://127.0.0.1:4200, from `prefect server start`)")
     args = p.parse_args(argv)
     found = check_mlflow_ui(args.tracking_uri, args.model, args.out, args.chromium)
+    if args.prefect_ui:
+        flow_run = _targets(args.tracking_uri, args.model)["flow_run"]
+        prefect = check_prefect_ui(args.prefect_ui.rstrip("/"), flow_run, args.out, args.chromium)
+        found.passed += prefect.passed
+        found.failed += prefect.failed
+        found.screenshots += prefect.screenshots
     for what in found.passed:
         print(f"ok    {what}")
     for what in found.failed:

@@ -91,7 +91,7 @@ def _stack(work: Path, mlflow_db: str, prefect_db: str, s3: dict[str, str]):
     env = {**os.environ,
            "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(pport),
-           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",  # the UI on: the browser check opens it
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
            "PREFECT_LORA_PROJECT_DIR": str(REPO), "PREFECT_LORA_WEBHOOK_URL": hook.url,
            "PREFECT_LORA_MLFLOW_RETRY_DELAYS": "1,2,4",  # backoff, short enough for a test
@@ -102,7 +102,7 @@ def _stack(work: Path, mlflow_db: str, prefect_db: str, s3: dict[str, str]):
     mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
                                 "--host", "127.0.0.1", "--port", str(mport), "--workers", "1"], env, logs, cwd=work)
     server = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                        "--port", str(pport), "--no-ui"], env, logs)
+                                        "--port", str(pport)], env, logs)
     worker = Service("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "lora-process", "--type", "process"],
                      env, logs)
     services = [mlflow, server, worker]
@@ -125,7 +125,7 @@ def _stack(work: Path, mlflow_db: str, prefect_db: str, s3: dict[str, str]):
         cfg["retention"] = {"keep_checkpoints": 1}
         config = work / "tiny.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        yield {"work": work, "env": env, "api": api, "mlflow": mlflow, "mlflow_url": mlflow_url, "hook": hook,
+        yield {"work": work, "env": env, "api": api, "ui": f"http://127.0.0.1:{pport}", "mlflow": mlflow, "mlflow_url": mlflow_url, "hook": hook,
                "config": config, "worker": worker, "server": server}
     finally:
         for service in reversed(services):
@@ -179,6 +179,21 @@ def test_deployed_run_registers_and_promotes_and_notifies(stack, first):
     assert promo["mlflow_run_url"].startswith(stack["mlflow_url"]) and champion.run_id in promo["mlflow_run_url"]
     print("promotion payload:", json.dumps(promo))
     print(f"first run {first['total_run_time']:.1f}s")
+
+
+def test_prefect_ui_shows_the_outcome_on_the_runs_list_and_the_progress_in_the_logs(stack, first, tmp_path):
+    """The Prefect UI itself, in headless Chromium: the run's decision and gain on the runs list,
+    its training and evaluation progress in its logs (what the terminal shows)."""
+    pytest.importorskip("playwright", reason="the browser check drives Chromium with Playwright (pip install playwright)")
+    from prefect_lora.deploy.ui_check import check_prefect_ui, find_chromium
+
+    if not find_chromium():
+        pytest.skip("no Chromium on PATH (apt-get install chromium): the browser check cannot run")
+    found = check_prefect_ui(stack["ui"], first["id"], tmp_path)
+    print("\n" + "\n".join(f"ok {p}" for p in found.passed))
+    assert not found.failed, found.failed
+    assert first["name"].startswith("tiny-sums-") and " — v1 promoted: " in first["name"], first["name"]
+    assert first["state"]["message"].startswith("tiny-sums v1 promoted: "), first["state"]["message"]
 
 
 def test_second_trigger_with_unchanged_data_is_skipped(stack, first):
