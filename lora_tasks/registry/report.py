@@ -416,7 +416,7 @@ def mlflow_markdown(run_id: str, run_page: str, version: str, version_page: str,
         moved = f"champion moved from version {from_version} to {to_version}"
     else:
         moved = f"champion set to version {to_version} (the first)"
-    runs = f"- runs list, decision and headline figures: [{runs_page}]({runs_page})\n" if runs_page else ""
+    runs = f"- runs list: [decision and headline figures]({runs_page})\n" if runs_page else ""
     return (f"\n## MLflow\n- run: [{run_id}]({run_page})\n- registered version: [version {version}]({version_page})\n"
             f"{runs}- audit: {action}, {moved}\n")
 

@@ -394,9 +394,9 @@ def run_datasets(c: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
 
 
 def run_figures(tracking_uri: str, run_id: str) -> dict[str, float]:
-    """Every figure of a run under its flat name: its MLflow metrics, and what only its table
-    `reports/metrics.json` keeps (scores, counts, timings, each interval as `<name>_ci_low` and
-    `_ci_high`); just the metrics for a run without the table."""
+    """Every figure of a run under its flat name: its table `reports/metrics.json` (scores, counts,
+    timings, each interval as `<name>_ci_low` and `_ci_high`; unrounded), and its MLflow metrics
+    (the curve's last points); just the metrics for a run without the table."""
     import tempfile
 
     figures = run_metrics(tracking_uri, run_id)
@@ -407,10 +407,10 @@ def run_figures(tracking_uri: str, run_id: str) -> dict[str, float]:
             return figures
     for row in (dict(zip(table["columns"], r)) for r in table["data"]):
         name = flat_name(row["metric"])
-        figures.setdefault(name, row["value"])
+        figures[name] = row["value"]
         for bound in ("ci_low", "ci_high"):
             if row.get(bound) is not None:
-                figures.setdefault(f"{name}_{bound}", row[bound])
+                figures[f"{name}_{bound}"] = row[bound]
     return figures
 
 

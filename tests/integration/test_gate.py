@@ -134,6 +134,7 @@ def test_self_retention_alone_blocks_a_destructive_adapter(split, sound, destruc
     assert not decision.promote
     assert check in decision.failed_checks, decision.reasons
     assert any(r.startswith(check) and "forgetting" in r for r in decision.reasons)
+    assert not [r for r in decision.reasons if r.startswith("reference_")], "one reason a figure, under its own name"
 
 
 # ----------------------------------------------------------------------------- a classifier's gate

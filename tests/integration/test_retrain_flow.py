@@ -116,7 +116,7 @@ def test_first_run_reads_well_in_mlflow(first_run):
     table = json.loads(Path(client.download_artifacts(first_run.run_id, tracking.METRICS_TABLE)).read_text())
     rows = {r[0]: r for r in table["data"]}
     assert rows["task_gain"][2] < rows["task_gain"][1] < rows["task_gain"][3]  # value inside its interval
-    assert rows["base_eval_loss"][1] == first_run.metrics["base_eval_loss"] and rows["eval_seconds"][1] > 0
+    assert rows["base_eval_loss"][1] == pytest.approx(first_run.metrics["base_eval_loss"]) and rows["eval_seconds"][1] > 0
     figures = tracking.run_figures(first_run.tracking_uri, first_run.run_id)  # metrics and table, flat names
     assert figures["train_step"] == 60 and figures["base_eval_loss_ci_low"] < figures["base_eval_loss"]
     comparison = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/comparison.json")).read_text())

