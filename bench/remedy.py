@@ -144,7 +144,8 @@ def main() -> None:
             out.write_text(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "results": results}, indent=2))
             r = results[-1]
             print(f"{arm:<14} {r['wall_s']:>7.0f} s  promoted={r['promoted']!s:<5}  gain {_ci(r['task_gain'])}  "
-                  f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('self_retention_kl'))}  chosen {r['remedy'].get('chosen')}",
+                  f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('self_retention_kl'))}  "
+                  f"chosen {r['remedy'].get('chosen')}",
                   flush=True)
     by = {r["arm"]: r for r in results}
     if {"unconstrained", "remedied"} <= set(by):

@@ -104,7 +104,8 @@ def describe_base(cfg: PipelineConfig) -> BaseModelInfo:
 @task(name="start-mlflow-run", **MLFLOW_RETRIES)
 def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> tuple[str, str]:
     """The run's id and where it is seen (the link notifications carry)."""
-    run_id = tracking.start_run(cfg, run_name=f"{cfg.model_name} {run_dir.rsplit('/', 1)[-1]}", tags=tags)  # renamed once decided
+    name = f"{cfg.model_name} {run_dir.rsplit('/', 1)[-1]}"  # until the gate decides (`report.run_title`)
+    run_id = tracking.start_run(cfg, run_name=name, tags=tags)
     return run_id, tracking.run_url(cfg.tracking.tracking_uri, run_id)
 
 
@@ -287,7 +288,8 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     summary += mlflow_markdown(run_id, tracking.run_page(uri, run_id), version, tracking.version_page(uri, name, version),
                                record.action, record.from_version, record.to_version, tracking.runs_page(uri, run_id))
     tracking.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
-                                        "mlflow.note.content": summary, "mlflow.runName": run_title(name, version, final.promote)})
+                                        "mlflow.note.content": summary,
+                                        "mlflow.runName": run_title(name, version, final.promote)})
     tracking.end_run(uri, run_id)
     _notify_server(final.promote)
     return final, summary
@@ -351,8 +353,9 @@ def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: E
     champion_before = champion.version if champion else None
     summary = baseline_markdown(cfg, data, report, run_id, champion_before)
     publish_reports(cfg, run_id, run_dir, report, summary)
-    tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary,
-                                                              "mlflow.runName": f"{cfg.model_name} full fine-tuning baseline"})
+    tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {
+        "promotion.decision": "baseline", "mlflow.note.content": summary,
+        "mlflow.runName": f"{cfg.model_name} full fine-tuning baseline"})
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
     return RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir, cfg.tracking.tracking_uri,

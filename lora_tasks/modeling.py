@@ -244,7 +244,8 @@ def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseM
     if Path(resolved).is_dir():
         return BaseModelInfo(resolved, None, folder_hash(resolved), base_model_name(resolved, name_or_path))
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
-        return BaseModelInfo(resolved, revision, hashlib.sha256(f"{resolved}@{revision}".encode()).hexdigest(), resolved)
+        pinned = hashlib.sha256(f"{resolved}@{revision}".encode()).hexdigest()
+        return BaseModelInfo(resolved, revision, pinned, resolved)
     return BaseModelInfo(resolved, revision or "main", None, resolved)
 
 

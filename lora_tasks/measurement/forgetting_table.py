@@ -43,9 +43,10 @@ FORGETTING_METRICS = (
     ForgettingMetric("reference_retrieval_loss", "corpus", "max_retrieval_loss", True,
                      "share of the base's reference retrieval hits lost", 0.0, "reference paragraphs"),
     ForgettingMetric("self_retention_perplexity_ratio", "probes", "max_self_retention_ratio", True,
-                     "perplexity ratio on the base's own answers (self-retention)", 1.0, stands_in="max_perplexity_ratio"),
-    ForgettingMetric("self_retention_kl", "probes", None, True, "KL(base || adapted) per token on the base's own answers",
-                     0.0, stands_in="max_kl"),
+                     "perplexity ratio on the base's own answers (self-retention)", 1.0,
+                     stands_in="max_perplexity_ratio"),
+    ForgettingMetric("self_retention_kl", "probes", None, True,
+                     "KL(base || adapted) per token on the base's own answers", 0.0, stands_in="max_kl"),
     ForgettingMetric("benchmark_*_accuracy_drop", "benchmark", "max_benchmark_accuracy_drop", True,
                      "benchmark accuracy drop (base - adapted)", 0.0),
 )

@@ -215,7 +215,8 @@ def plan(cfg: PipelineConfig, eval_rows: int) -> list[CheckPower]:
             neutral, worse = 0.0, None
         else:
             corpus = bool(cfg.evaluation.reference and cfg.evaluation.reference.path)
-            limit, neutral, worse = forgetting_limits(policy, [check], corpus)[check], metric.neutral, metric.higher_is_worse
+            limit = forgetting_limits(policy, [check], corpus)[check]
+            neutral, worse = metric.neutral, metric.higher_is_worse
             if limit is None:
                 continue
         sd, run = (known[check]["sd"], known[check]["run_id"]) if check in known else (_prior(check, unit), None)

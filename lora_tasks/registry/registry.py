@@ -105,7 +105,7 @@ NOTE = "mlflow.note.content"
 def adapter_about(model_name: str, lineage: dict[str, str]) -> str:
     """A logged adapter's first lines: what it is for, its base (by id, with its revision or
     content hash) and its data, from the lineage tags of its run or version."""
-    base, revision, digest = (lineage.get(f"lineage.{k}") for k in ("base_model", "base_model_revision", "base_model_hash"))
+    base, revision, digest = (lineage.get(f"lineage.base_model{k}") for k in ("", "_revision", "_hash"))
     pinned = f" at revision {revision}" if revision else f" (content sha256 {digest[:12]})" if digest else ""
     return (f"LoRA adapter of `{model_name}` ({lineage.get('lineage.task', 'task unknown')}) on the base model "
             f"{base or 'unknown'}{pinned}; trained on `{model_name}-train`, scored on `{model_name}-eval`.")

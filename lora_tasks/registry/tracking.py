@@ -402,7 +402,8 @@ def run_figures(tracking_uri: str, run_id: str) -> dict[str, float]:
     figures = run_metrics(tracking_uri, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            table = json.loads(Path(MlflowClient(tracking_uri).download_artifacts(run_id, METRICS_TABLE, tmp)).read_text())
+            path = MlflowClient(tracking_uri).download_artifacts(run_id, METRICS_TABLE, tmp)
+            table = json.loads(Path(path).read_text())
         except (mlflow.exceptions.MlflowException, OSError, ValueError):
             return figures
     for row in (dict(zip(table["columns"], r)) for r in table["data"]):
@@ -516,7 +517,7 @@ def keep_runs_view(tracking_uri: str, run_id: str, metrics: list[str]) -> None:
     c = MlflowClient(tracking_uri)
     exp = c.get_run(run_id).info.experiment_id
     columns = ["tags.`promotion.decision`", *(f"metrics.`{metric_key(m)}`" for m in metrics)]
-    widths = {col: max(80, min(110, 20 + 7 * len(col.split("`")[1]))) for col in columns}  # at 1440 px, all beside the name
+    widths = {col: max(80, min(110, 20 + 7 * len(col.split("`")[1]))) for col in columns}  # all beside the name at 1440
     state = json.dumps({"selectedColumns": columns, "columnOrder": columns, "columnWidths": widths,
                         "orderByKey": "attributes.start_time", "orderByAsc": False}, sort_keys=True)
     held = json.loads(c.get_experiment(exp).tags.get(_VIEW_TAG) or "{}")
@@ -531,7 +532,8 @@ def keep_runs_view(tracking_uri: str, run_id: str, metrics: list[str]) -> None:
 def runs_page(tracking_uri: str, run_id: str) -> str:
     """The run's experiment's runs list, in the saved view of `keep_runs_view`."""
     exp = client(tracking_uri).get_run(run_id).info.experiment_id
-    return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs?viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+    view = f"viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs?{view}"
 
 
 def version_page(tracking_uri: str, name: str, version: str) -> str:

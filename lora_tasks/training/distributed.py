@@ -369,7 +369,8 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
         eval_rows = [{c: r[c] for c in columns(cfg)} for r in eval_rows]
     fp = hashlib.sha256(f"{source_fingerprint(d.train_path, d.eval_path)}:{json.dumps(report.to_dict(), sort_keys=True, default=str)}".encode()).hexdigest()
     # the streamed train rows are never all read here: their source and the split rule identify them
-    digests = {"train": hashlib.sha256(f"{source_fingerprint(d.train_path)}:train:{eval_fraction}".encode()).hexdigest(),
+    train_source = f"{source_fingerprint(d.train_path)}:train:{eval_fraction}"
+    digests = {"train": hashlib.sha256(train_source.encode()).hexdigest(),
                "eval": fingerprint(pd.DataFrame(eval_rows, columns=columns(cfg)))}
     return PreparedData(
         train_rows=[], eval_rows=eval_rows, fingerprint=fp, report=report, digests=digests,

@@ -116,7 +116,8 @@ def test_first_run_reads_well_in_mlflow(first_run):
     table = json.loads(Path(client.download_artifacts(first_run.run_id, tracking.METRICS_TABLE)).read_text())
     rows = {r[0]: r for r in table["data"]}
     assert rows["task_gain"][2] < rows["task_gain"][1] < rows["task_gain"][3]  # value inside its interval
-    assert rows["base_eval_loss"][1] == pytest.approx(first_run.metrics["base_eval_loss"]) and rows["eval_seconds"][1] > 0
+    assert rows["base_eval_loss"][1] == pytest.approx(first_run.metrics["base_eval_loss"])
+    assert rows["eval_seconds"][1] > 0
     figures = tracking.run_figures(first_run.tracking_uri, first_run.run_id)  # metrics and table, flat names
     assert figures["train_step"] == 60 and figures["base_eval_loss_ci_low"] < figures["base_eval_loss"]
     comparison = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/comparison.json")).read_text())
@@ -158,11 +159,12 @@ def test_the_logged_model_says_what_it_is_on_which_data_and_how_it_scored(first_
 
     client = MlflowClient(first_run.tracking_uri)
     version = client.get_model_version("tiny-sums", "1")
-    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # SQLite keeps no model_id
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # SQLite: no model_id
     assert logged.name == "tiny-sums-adapter" and logged.source_run_id == first_run.run_id
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-sums", "version": "1"}]
     about = logged.tags["mlflow.note.content"]
-    assert about.startswith("LoRA adapter of `tiny-sums` (causal_lm) on the base model builtin:tiny-llama (content sha256 ")
+    assert about.startswith("LoRA adapter of `tiny-sums` (causal_lm) on the base model builtin:tiny-llama "
+                            "(content sha256 ")
     assert "Version 1: Promoted to champion" in about
     on = {m.key: m.dataset_name for m in logged.metrics}
     assert on == {"train/loss": "tiny-sums-train", "task_gain": "tiny-sums-eval", "task_gain_ci_low": "tiny-sums-eval",

@@ -177,9 +177,11 @@ NEW_CASES = [
     ("benchmark drop NaN", {BENCH: math.nan}, {BENCH: (math.nan, math.nan)}, False, [BENCH]),
     ("benchmark bound NaN though the point is fine", {BENCH: 0.0}, {BENCH: (0.0, math.nan)}, False, [BENCH]),
     ("self-retention KL beside a corpus is informative, not a gate",
-     {"self_retention_kl": 9.0, "reference_kl": 0.1, BENCH: 0.0}, {"reference_kl": (0.05, 0.2), BENCH: (0.0, 0.0)}, True, []),
+     {"self_retention_kl": 9.0, "reference_kl": 0.1, BENCH: 0.0}, {"reference_kl": (0.05, 0.2), BENCH: (0.0, 0.0)},
+     True, []),
     ("without a corpus the probes stand in for it: max_kl bounds their KL",
-     {"self_retention_kl": 0.6, BENCH: 0.0}, {"self_retention_kl": (0.55, 0.65), BENCH: (0.0, 0.0)}, False, ["self_retention_kl"]),
+     {"self_retention_kl": 0.6, BENCH: 0.0}, {"self_retention_kl": (0.55, 0.65), BENCH: (0.0, 0.0)}, False,
+     ["self_retention_kl"]),
     ("without a corpus the tighter of the two ratio limits bounds the probes' ratio",
      {"self_retention_perplexity_ratio": 1.12}, {"self_retention_perplexity_ratio": (1.1, 1.14)}, False,
      ["self_retention_perplexity_ratio"]),
@@ -207,7 +209,8 @@ def test_only_unbounded_forgetting_metrics_do_not_satisfy_the_requirement():
 
 
 @pytest.mark.parametrize("names, corpus, expected", [
-    (["self_retention_perplexity_ratio", "self_retention_kl"], None, {"self_retention_perplexity_ratio": 1.13, "self_retention_kl": 0.5}),
+    (["self_retention_perplexity_ratio", "self_retention_kl"], None,
+     {"self_retention_perplexity_ratio": 1.13, "self_retention_kl": 0.5}),
     (["self_retention_perplexity_ratio", "self_retention_kl", "reference_kl"], None,
      {"self_retention_perplexity_ratio": 1.2, "self_retention_kl": None, "reference_kl": 0.5}),
     (["self_retention_kl"], True, {"self_retention_kl": None}),

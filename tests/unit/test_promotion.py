@@ -125,7 +125,8 @@ def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     from prefect_lora.lora_tasks.measurement.forgetting_table import FORGETTING_METRICS, forgetting_limits
 
     fields = set(PromotionPolicy.model_fields)
-    assert {m.limit for m in FORGETTING_METRICS} - {None} <= fields and {m.stands_in for m in FORGETTING_METRICS} - {None} <= fields
+    assert {m.limit for m in FORGETTING_METRICS} - {None} <= fields
+    assert {m.stands_in for m in FORGETTING_METRICS} - {None} <= fields
     assert all(m.limit or m.stands_in for m in FORGETTING_METRICS), "every row is bounded by some field"
     assert {m.source for m in FORGETTING_METRICS} <= set(forgetting.SOURCES)
     limits = forgetting_limits(PromotionPolicy(max_benchmark_accuracy_drop=0.1),
