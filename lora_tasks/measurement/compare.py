@@ -242,6 +242,7 @@ def format_table(results: dict[str, MethodResult]) -> str:
         ("reference ppl ratio", lambda r: _ci(r, "reference_perplexity_ratio")),
         ("reference KL(base||adapted)", lambda r: _ci(r, "reference_kl")),
         ("self-retention ppl ratio", lambda r: _ci(r, "self_retention_perplexity_ratio")),
+        ("self-retention KL(base||adapted)", lambda r: _ci(r, "self_retention_kl")),
     ]
     width = max(len(n) for n, _ in rows)
     lines = [f"{'':{width}}" + "".join(f"  {m:>26}" for m in results)]

@@ -388,7 +388,7 @@ def _measure_probes(m: _Measurement) -> None:
     probes (`_staged_comparison`; not on a remedy's search part, which only chooses)."""
     cfg, bs = m.cfg, m.cfg.evaluation.batch_size
     info = m.base_info or describe_base_model(cfg.base_model.name_or_path, cfg.base_model.revision)
-    prompts, prefixes = probe_prompts(), _probe_prefixes(cfg)
+    prompts, prefixes = probe_prompts(), [PROBES]
 
     def units_of(asked: list[str]) -> dict | None:
         with m.views.use(BASE) as model:
@@ -412,13 +412,14 @@ def _measure_probes(m: _Measurement) -> None:
         m.add_comparison(units, prefix)
 
 
-def _probe_prefixes(cfg: PipelineConfig) -> list[str]:
-    return ["self_retention"] if cfg.evaluation.reference.path else ["self_retention", "reference"]  # alone, the reference too
+PROBES = "self_retention"
+"""The probes' figures' prefix. Without a reference corpus they stand in for it: measured once, under
+this name, and bounded by the corpus's limits too (`forgetting_table.ForgettingMetric.stands_in`)."""
 
 
 def probe_stages(cfg: PipelineConfig) -> list[int]:
     """How many probes each look scores (`staged_sizes` from `max_probes`)."""
-    bounded = bool(_bounded(cfg, _probe_prefixes(cfg)))
+    bounded = bool(_bounded(cfg, [PROBES]))
     return staged_sizes(cfg, len(probe_prompts()), cfg.evaluation.reference.max_probes, bounded)
 
 
@@ -434,7 +435,8 @@ def staged_sizes(cfg: PipelineConfig, available: int, first: int | None, bounded
 def _bounded(cfg: PipelineConfig, prefixes: list[str]) -> dict[str, float]:
     """The comparison checks of `prefixes` that a limit bounds, with their limits."""
     names = [f"{p}_{k}" for p in prefixes for k in ("perplexity_ratio", "kl")]
-    return {n: v for n, v in forgetting_limits(cfg.promotion, names).items() if v is not None}
+    limits = forgetting_limits(cfg.promotion, names, corpus=bool(cfg.evaluation.reference.path))
+    return {n: v for n, v in limits.items() if v is not None}
 
 
 def _staged_comparison(m: _Measurement, items: list, stages: list[int], units_of, prefixes: list[str]) -> None:

@@ -191,7 +191,7 @@ def _evidence(cfg: PipelineConfig, eval_rows: int) -> list[tuple[str, str, int]]
         elif ref.path:
             out += [(m, "reference tokens", _corpus_tokens(ref.path, corpus_token_budget(cfg))) for m in corpus]  # staged: the budget
         if ref.probes:
-            probes = ["self_retention_perplexity_ratio"] + (corpus if not ref.path else [])
+            probes = ["self_retention_perplexity_ratio", "self_retention_kl"]
             out += [(m, "probes", probe_stages(cfg)[-1]) for m in probes]  # staged: the budget
         for path in ref.benchmarks:
             questions = benchmark_stages(cfg, len(read_mc_benchmark(path)))[-1]  # staged: the budget
@@ -214,7 +214,9 @@ def plan(cfg: PipelineConfig, eval_rows: int) -> list[CheckPower]:
             limit = policy.min_task_gain if check == "task_gain" else -policy.champion_tolerance
             neutral, worse = 0.0, None
         else:
-            limit, neutral, worse = forgetting_limits(policy, [check])[check], metric.neutral, metric.higher_is_worse
+            corpus = bool(cfg.evaluation.reference and cfg.evaluation.reference.path)
+            limit = forgetting_limits(policy, [check], corpus)[check]
+            neutral, worse = metric.neutral, metric.higher_is_worse
             if limit is None:
                 continue
         sd, run = (known[check]["sd"], known[check]["run_id"]) if check in known else (_prior(check, unit), None)

@@ -192,12 +192,19 @@ class DataSummary:
     report_summary: str
     quarantine_path: str | None = None
     files: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    """Each split's own digest (`PreparedData.digests`)."""
 
     @classmethod
     def of(cls, data) -> DataSummary:
         """From a `pipeline.PreparedData`."""
         return cls(data.train_count, len(data.eval_rows), data.fingerprint, data.report.summary(),
-                   data.quarantine_path, dict(data.files))
+                   data.quarantine_path, dict(data.files), dict(data.digests))
+
+    def digest(self, split: str) -> str:
+        """The digest of split `split`'s own rows (`train`, `eval`); the whole data's fingerprint
+        for a run recorded before the splits had their own."""
+        return self.digests.get(split, self.fingerprint)
 
 
 @dataclass

@@ -27,7 +27,7 @@ AUDIT_DIR = "alias_moves"
 LEGACY_AUDIT_TAG_PREFIX = "prefect_lora.alias_audit."
 """Where records were kept before the audit run (one model tag each); still read."""
 KEY_METRICS = ("task_gain", "reference_perplexity_ratio", "reference_kl", "self_retention_perplexity_ratio",
-               "champion_delta")
+               "self_retention_kl", "champion_delta")
 """What `status` shows of a version after its primary metric (`adapted_<primary>`), in this order."""
 DELETED = "Deleted_Internal"
 """The stage MLflow's SQL store gives a deleted version (kept as a row, never listed)."""

@@ -18,7 +18,7 @@ from ..config import PipelineConfig
 from ..errors import RegistryError, UnknownModel
 from ..measurement.forgetting_table import forgetting_metric
 from ..versions import CHALLENGER, CHAMPION, canonical_version, is_version  # noqa: F401  (the alias names, here too)
-from .tracking import client, run_metrics
+from .tracking import CURVE, client, flat_name, metric_key, run_datasets, run_metrics
 
 
 def _requirements() -> list[str]:
@@ -32,13 +32,14 @@ def _requirements() -> list[str]:
 
 
 def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_name_or_path: str) -> str:
-    """Log the adapter as a pyfunc model that references its base; returns the model URI."""
+    """Log the adapter as a pyfunc model that references its base, `<model>-adapter`, described
+    (`adapter_about`) and linked to its run (`_link_to_run`); returns the model URI."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from . import pyfunc_model
 
-    client(cfg.tracking.tracking_uri)
+    c = client(cfg.tracking.tracking_uri)
     if cfg.task == "causal_lm":
         outputs = Schema([ColSpec("string", "completion")])
         params = ParamSchema([ParamSpec("max_new_tokens", "long", 64)])
@@ -46,6 +47,7 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
         params = None
     signature = ModelSignature(inputs=Schema([ColSpec("string", pyfunc_model.INPUT_COLUMN[cfg.task])]), outputs=outputs, params=params)
+    run = c.get_run(run_id)
     model_config = {
         "task": cfg.task,
         "base_model": base_name_or_path,
@@ -57,12 +59,18 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         "chat_template": cfg.data.chat_template,
         "system_prompt": cfg.data.system_prompt,
         # a local base is pinned by content: loading checks the folder still holds the same bytes
-        "base_model_hash": client(cfg.tracking.tracking_uri).get_run(run_id).data.tags.get("lineage.base_model_hash") or None,
+        "base_model_hash": run.data.tags.get("lineage.base_model_hash") or None,
         **answer_contract(cfg),
     }
+    # Created here, outside an active run: `log_model` in the run would link to the model every
+    # metric the run holds at its step (the first sample of CPU use, the timings), not what speaks for it.
+    model = mlflow.initialize_logged_model(
+        name=f"{cfg.model_name}-adapter", source_run_id=run_id, model_type="lora-adapter",
+        experiment_id=run.info.experiment_id, params=run.data.params,
+        tags={NOTE: f"{adapter_about(cfg.model_name, run.data.tags)}\n\nRegistered; the gate has not decided yet."})
     import tempfile
 
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         # The signature is given; MLflow's advice to add an input example or type hints is noise here.
         warnings.filterwarnings("ignore", message=r".*(input example was not provided|Add type hints)", category=UserWarning)
         # The settings travel as an artifact, not as `model_config`, which MLflow would also log
@@ -70,13 +78,14 @@ def log_adapter_model(cfg: PipelineConfig, run_id: str, adapter_dir: str, base_n
         settings = Path(tmp) / SETTINGS_FILE
         settings.write_text(json.dumps(model_config, indent=1))
         info = mlflow.pyfunc.log_model(
-            name="adapter",
+            name=model.name, model_id=model.model_id,
             python_model=pyfunc_model.__file__,  # model from code: loading unpickles nothing
             artifacts={"adapter": str(adapter_dir), "settings": str(settings)},
             signature=signature,
             code_paths=[str(Path(__file__).resolve().parents[1])],  # lora_tasks, which the model file imports
             pip_requirements=_requirements(),
         )
+    _link_to_run(c, model.model_id, run_id)
     return info.model_uri
 
 
@@ -87,6 +96,39 @@ def answer_contract(cfg: PipelineConfig) -> dict:
     if cfg.task != "causal_lm" or gen is None or gen.metric != "json":
         return {}
     return {"answer_format": "json", "required_fields": list(gen.required_fields)}
+
+
+NOTE = "mlflow.note.content"
+"""The tag the MLflow UI shows as a logged model's (and a run's) description."""
+
+
+def adapter_about(model_name: str, lineage: dict[str, str]) -> str:
+    """A logged adapter's first lines: what it is for, its base (by id, with its revision or
+    content hash) and its data, from the lineage tags of its run or version."""
+    base, revision, digest = (lineage.get(f"lineage.base_model{k}") for k in ("", "_revision", "_hash"))
+    pinned = f" at revision {revision}" if revision else f" (content sha256 {digest[:12]})" if digest else ""
+    return (f"LoRA adapter of `{model_name}` ({lineage.get('lineage.task', 'task unknown')}) on the base model "
+            f"{base or 'unknown'}{pinned}; trained on `{model_name}-train`, scored on `{model_name}-eval`.")
+
+
+def _link_to_run(c: MlflowClient, model_id: str, run_id: str) -> None:
+    """The run's output at its last training step; as the model's metrics, the run's own points
+    (not copies): its headline figures (the task's on the eval dataset, forgetting on none) and
+    its last training loss (on the train dataset), so the model's page names the datasets used."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    datasets = run_datasets(c, run_id)
+    curve = c.get_metric_history(run_id, metric_key("train_loss"))
+    last = max(curve, key=lambda m: m.step) if curve else None
+    c.log_outputs(run_id, [LoggedModelOutput(model_id, step=last.step if last else 0)])
+    points = [(last, datasets.get("train"))] if last else []
+    for key in c.get_run(run_id).data.metrics:
+        if key.startswith("system/") or flat_name(key) in CURVE:
+            continue
+        point = max(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        points.append((point, None if forgetting_metric(flat_name(key)) else datasets.get("eval")))
+    c.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id,
+                                        dataset_name=on and on[0], dataset_digest=on and on[1]) for m, on in points])
 
 
 SETTINGS_FILE = "adapter_settings.json"
@@ -219,9 +261,12 @@ def record_evaluation(tracking_uri: str, name: str, version: str, metrics: dict[
 
 
 def _version_metrics(tracking_uri: str, mv) -> dict[str, float]:
-    """The flat metrics of the run behind version `mv`, with the gate's intervals recorded on the
-    version (`eval.intervals`) as `<name>_ci_low/_ci_high`."""
+    """The flat metrics of the run behind version `mv`, with the evaluation recorded on the version:
+    its headline figures (`eval.summary`: base and adapted score and the rest the run logs as
+    no metric) and the gate's intervals (`eval.intervals`) as `<name>_ci_low/_ci_high`."""
     metrics = run_metrics(tracking_uri, mv.run_id) if mv.run_id else {}
+    for k, v in json.loads(mv.tags.get("eval.summary") or "{}").items():
+        metrics.setdefault(k, v)
     for k, (low, high) in json.loads(mv.tags.get("eval.intervals") or "{}").items():
         metrics.setdefault(f"{k}_ci_low", low)
         metrics.setdefault(f"{k}_ci_high", high)
@@ -229,8 +274,14 @@ def _version_metrics(tracking_uri: str, mv) -> dict[str, float]:
 
 
 def describe_version(tracking_uri: str, name: str, version: str, text: str) -> None:
-    """Set a version's description (the MLflow UI shows it on the version page)."""
-    client(tracking_uri).update_model_version(name, version, description=text[:5000])
+    """Set a version's description (the MLflow UI shows it on the version page), and its logged
+    model's: what the adapter is (`adapter_about`), then the same text."""
+    c = client(tracking_uri)
+    c.update_model_version(name, version, description=text[:5000])
+    mv = c.get_model_version(name, version)
+    model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
+    if model_id:
+        c.set_logged_model_tags(model_id, {NOTE: f"{adapter_about(name, mv.tags)}\n\nVersion {version}: {text}"[:5000]})
 
 
 @dataclass(frozen=True)

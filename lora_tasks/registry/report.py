@@ -16,7 +16,7 @@ from ..gate.promotion import Decision
 from ..measurement.evaluation import EvalReport
 from ..measurement.forgetting_table import FORGETTING_METRICS, FORGETTING_PREFIXES, forgetting_metric
 from .lifecycle import BASELINE_REASON, SKIPPED_MESSAGE, DataSummary
-from .tracking import metric_key, ui_command
+from .tracking import ui_command
 
 
 def _pyplot():
@@ -229,18 +229,29 @@ def _cell(text) -> str:
 # ----------------------------------------------------------------------------- the run's summary
 
 
-def logged_metrics(flat: dict[str, float]) -> dict[str, float]:
-    """The figures worth a chart in MLflow: scores, gain, forgetting, timings. Interval bounds and
-    counts (rows, tokens) are in `metrics_rows` (one table) and the report, not dozens of
-    one-point charts."""
-    return {k: v for k, v in flat.items() if not k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))}
+def headline_metrics(flat: dict[str, float], primary_metric: str) -> dict[str, float]:
+    """The few figures a run logs as MLflow metrics beside its loss curve, which its runs list
+    shows as columns (`tracking.keep_runs_view`): the gain over the base with its interval, the
+    adapted score, the lead over the champion, each forgetting figure the gate can bound; to 6
+    significant digits (their intervals are far wider), so that a column shows them whole. Every
+    other figure is a row of the comparison table and of `reports/metrics.json`, unrounded."""
+    names = ("task_gain", "task_gain_ci_low", "task_gain_ci_high", f"adapted_{primary_metric}", "champion_delta",
+             *sorted(k for k in flat if forgetting_metric(k)))
+    return {k: float(f"{flat[k]:.6g}") for k in names if isinstance(flat.get(k), (int, float))}
 
 
 def metrics_rows(flat: dict[str, float]) -> list[dict]:
-    """Every figure of the evaluation, one row each (MLflow's grouped name, value, interval):
-    the run's `reports/metrics.json` table."""
-    return [{"metric": metric_key(k), "value": v, "ci_low": flat.get(f"{k}_ci_low"), "ci_high": flat.get(f"{k}_ci_high")}
-            for k, v in sorted(flat.items(), key=lambda kv: metric_key(kv[0])) if not k.endswith(("_ci_low", "_ci_high"))]
+    """Every figure of the evaluation and the training, one row each (name, value, interval): the
+    run's `reports/metrics.json` table."""
+    return [{"metric": k, "value": v, "ci_low": flat.get(f"{k}_ci_low"), "ci_high": flat.get(f"{k}_ci_high")}
+            for k, v in sorted(flat.items()) if not k.endswith(("_ci_low", "_ci_high"))]
+
+
+def comparison_rows(flat: dict[str, float]) -> list[dict]:
+    """The comparison table (`metrics_table`: base | champion | adapted, with intervals) as rows:
+    the run's `reports/comparison.json`, one table instead of a chart per figure."""
+    columns, rows = metrics_table(flat)
+    return [dict(zip(columns, row)) for row in rows]
 
 
 def _fmt(v) -> str:
@@ -390,18 +401,24 @@ def redecision_markdown(final: Decision, against_version: str | None) -> str:
             f"re-run against it: **{verdict}**.\n" + "\n".join(f"- {r}" for r in final.reasons) + "\n")
 
 
+def run_title(model_name: str, version: str, promoted: bool) -> str:
+    """The MLflow run's name once the gate decided: `demo-orders v3 promoted`, `demo-orders v4 refused`."""
+    return f"{model_name} v{version} {'promoted' if promoted else 'refused'}"
+
+
 def mlflow_markdown(run_id: str, run_page: str, version: str, version_page: str, action: str,
-                    from_version: str | None, to_version: str | None) -> str:
-    """The closing note: links to the MLflow run and the registered version, and the audit record
-    the decision left on `champion`."""
+                    from_version: str | None, to_version: str | None, runs_page: str = "") -> str:
+    """The closing note: links to the MLflow run, the registered version and the runs list, and
+    the audit record the decision left on `champion`."""
     if from_version == to_version:
         moved = f"champion stays version {to_version}" if to_version else "no champion yet"
     elif from_version:
         moved = f"champion moved from version {from_version} to {to_version}"
     else:
         moved = f"champion set to version {to_version} (the first)"
+    runs = f"- runs list: [decision and headline figures]({runs_page})\n" if runs_page else ""
     return (f"\n## MLflow\n- run: [{run_id}]({run_page})\n- registered version: [version {version}]({version_page})\n"
-            f"- audit: {action}, {moved}\n")
+            f"{runs}- audit: {action}, {moved}\n")
 
 
 def skip_markdown(model_name: str, reason: str, champion_version: str | None, skip_run_id: str) -> str:

@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from ..config import PipelineConfig
-from ..measurement.forgetting_table import FORGETTING_PREFIXES
 from ..secrets import redacted_config, without_credentials
 from .kept_points import PointFile, PointMemory, kept_points_path
 
@@ -138,53 +137,42 @@ def _unfinished_run(c: MlflowClient, exp_id: str, tags: dict[str, str]) -> str |
 
 # ---------------------------------------------------------------------------------------------
 # Metric names. The code speaks flat names (`train_loss`, `base_accuracy`, `reference_kl`,
-# `task_gain`); MLflow gets them grouped by a `/` prefix so its UI shows one section per group
-# (sorted by name): `eval/adapted/`, `eval/base/`, `eval/champion/`, `forgetting/`, `gate/`,
-# `time/` (seconds of each part), `train/` (the per-step loss and learning rate), and MLflow's own
-# `system/` in its own tab. Reading a run back turns the names flat again, so runs logged before
-# the grouping read the same.
+# `task_gain`). A run logs as MLflow metrics only its training curve, under `train/` (`CURVE`),
+# and a handful of headline figures under their flat names (`report.headline_metrics`); every
+# other figure is a row of its comparison table and of `reports/metrics.json`. MLflow's charts
+# show the sections of `/` prefixes first, sorted by name, then the unprefixed ones ("Model
+# metrics"): the loss curve is the first chart, the headline figures follow. Runs logged before
+# (every figure grouped: `eval/adapted/`, `forgetting/`, `gate/`, `time/`...) read back the same.
 # ---------------------------------------------------------------------------------------------
 
-_GATE = ("task_gain", "champion_delta", "champion_task_gain")
-_PLAIN_TRAIN = ("learning_rate",)
+CURVE = {"train_loss": "train/loss", "learning_rate": "train/lr"}
+"""The per-step figures and their MLflow names (`lr`: sorted after `loss`, which comes first)."""
+_FLAT_CURVE = {v: k for k, v in CURVE.items()}
+_GROUPS = ("gate", "time", "train", "eval", "forgetting")  # of runs logged before the headline names
 _WHO = ("base", "baseline", "adapted", "champion")  # baseline: a classifier's majority class and linear probe
 
 
 def metric_key(name: str) -> str:
-    """The grouped MLflow name of flat metric `name`."""
-    if name.endswith("_seconds"):
-        return f"time/{name}"
-    if name in _GATE:
-        return f"gate/{name}"
-    if name in _PLAIN_TRAIN:
-        return f"train/{name}"
-    if name.startswith(FORGETTING_PREFIXES):
-        return f"forgetting/{name}"
-    for who in _WHO:
-        rest = name.removeprefix(f"{who}_")
-        if rest != name:
-            return f"forgetting/{who}/{rest}" if rest.startswith(FORGETTING_PREFIXES) else f"eval/{who}/{rest}"
-    for group in ("train", "eval"):
-        if name.startswith(f"{group}_"):
-            return f"{group}/{name.removeprefix(group + '_')}"
-    return name
+    """The MLflow name of flat metric `name`."""
+    return CURVE.get(name, name)
 
 
 def flat_name(key: str) -> str:
-    """The flat name of MLflow metric `key` (the inverse of `metric_key`; other names unchanged)."""
+    """The flat name of MLflow metric `key` (the inverse of `metric_key`, and of the grouped names
+    runs logged before; other names unchanged)."""
+    if key in _FLAT_CURVE:
+        return _FLAT_CURVE[key]
     group, _, rest = key.partition("/")
-    if not rest:
+    if not rest or group not in _GROUPS:
         return key
     if group in ("gate", "time"):
         return rest
     if group == "train":
-        return rest if rest in _PLAIN_TRAIN else f"train_{rest}"
+        return rest if rest == "learning_rate" else f"train_{rest}"
     who, _, tail = rest.partition("/")
-    if group in ("eval", "forgetting") and who in _WHO and tail:
+    if who in _WHO and tail:
         return f"{who}_{tail}"
-    if group == "forgetting":
-        return rest
-    return f"eval_{rest}" if group == "eval" else key
+    return rest if group == "forgetting" else f"eval_{rest}"
 
 
 def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
@@ -374,12 +362,12 @@ def log_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: s
         MlflowClient(tracking_uri).log_table(run_id, pd.DataFrame(rows), artifact_file)
 
 
-def log_datasets(tracking_uri: str, run_id: str, splits: dict[str, tuple[str, int]], name: str, digest: str,
+def log_datasets(tracking_uri: str, run_id: str, splits: dict[str, tuple[str, int, str]], name: str,
                  columns: list[str]) -> None:
     """Record the data a run used as MLflow datasets (the run's "Datasets"): one per split, named
-    `<name>-<split>`, with the data fingerprint as digest, its source file, its columns (all
-    strings, as the contract reads them) and its row count. `splits` maps `train` and `eval` to
-    (source path, rows). Only metadata: the rows stay where they are."""
+    `<name>-<split>`, with the digest of its own rows, its source file, its columns (all strings,
+    as the contract reads them) and its row count. `splits` maps `train` and `eval` to (source
+    path, rows, digest). Only metadata: the rows stay where they are."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     schema = json.dumps({"mlflow_colspec": [{"type": "string", "name": c, "required": True} for c in columns]})
@@ -387,10 +375,48 @@ def log_datasets(tracking_uri: str, run_id: str, splits: dict[str, tuple[str, in
         DatasetInput(Dataset(f"{name}-{split}", digest[:32], "local",
                              json.dumps({"uri": Path(path).resolve().as_uri() if "://" not in path else path}),
                              schema, json.dumps({"num_rows": rows})),
-                     [InputTag("mlflow.data.context", {"train": "training", "eval": "evaluation"}[split])])
-        for split, (path, rows) in splits.items()
+                     [InputTag(DATA_CONTEXT, SPLIT_CONTEXT[split])])
+        for split, (path, rows, digest) in splits.items()
     ]
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+DATA_CONTEXT = "mlflow.data.context"
+SPLIT_CONTEXT = {"train": "training", "eval": "evaluation"}
+"""The context tag each split's dataset carries (`log_datasets`)."""
+
+
+def run_datasets(c: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
+    """The run's datasets by split (`train`, `eval`), as (name, digest): what its metrics are on."""
+    split = {v: k for k, v in SPLIT_CONTEXT.items()}
+    return {split[t.value]: (d.dataset.name, d.dataset.digest) for d in c.get_run(run_id).inputs.dataset_inputs
+            for t in d.tags if t.key == DATA_CONTEXT and t.value in split}
+
+
+def run_figures(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """Every figure of a run under its flat name: its table `reports/metrics.json` (scores, counts,
+    timings, each interval as `<name>_ci_low` and `_ci_high`; unrounded), and its MLflow metrics
+    (the curve's last points); just the metrics for a run without the table."""
+    import tempfile
+
+    figures = run_metrics(tracking_uri, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = MlflowClient(tracking_uri).download_artifacts(run_id, METRICS_TABLE, tmp)
+            table = json.loads(Path(path).read_text())
+        except (mlflow.exceptions.MlflowException, OSError, ValueError):
+            return figures
+    for row in (dict(zip(table["columns"], r)) for r in table["data"]):
+        name = flat_name(row["metric"])
+        figures[name] = row["value"]
+        for bound in ("ci_low", "ci_high"):
+            if row.get(bound) is not None:
+                figures[f"{name}_{bound}"] = row[bound]
+    return figures
+
+
+METRICS_TABLE = "reports/metrics.json"
+"""Every figure of a run's evaluation and training, one row each with its interval (`report.metrics_rows`)."""
 
 
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
@@ -429,9 +455,11 @@ def metric_history(tracking_uri: str, run_id: str, keys: tuple[str, ...] = ("tra
     """(step, value) pairs per metric of a run, e.g. the loss curve the workers logged."""
     c = client(tracking_uri)
     history = {}
-    for k in keys:  # grouped names, or flat ones for runs logged before the grouping
-        history[k] = [(m.step, m.value) for m in c.get_metric_history(run_id, metric_key(k))] or \
-            [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+    for k in keys:  # today's names, or those of runs logged before (grouped, or flat before that)
+        for key in dict.fromkeys((metric_key(k), f"train/{k.removeprefix('train_')}", k)):
+            history[k] = [(m.step, m.value) for m in c.get_metric_history(run_id, key)]
+            if history[k]:
+                break
     return history
 
 
@@ -476,6 +504,38 @@ def run_page(tracking_uri: str, run_id: str) -> str:
     return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
 
+RUNS_VIEW = "prefect-lora"
+"""The id of the runs list's saved view the pipeline keeps on its experiment (`keep_runs_view`)."""
+_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"  # MLflow's saved views: one experiment tag each
+
+
+def keep_runs_view(tracking_uri: str, run_id: str, metrics: list[str]) -> None:
+    """Keep on the run's experiment a saved view of its runs list, "decision and headline figures"
+    (MLflow's *Views* menu; `runs_page` opens it): the columns `promotion.decision` and `metrics`
+    (flat names), beside the run's name (`demo-orders v3 promoted`). MLflow's default columns
+    are its own (source, models, dataset) and only a view changes them."""
+    c = MlflowClient(tracking_uri)
+    exp = c.get_run(run_id).info.experiment_id
+    columns = ["tags.`promotion.decision`", *(f"metrics.`{metric_key(m)}`" for m in metrics)]
+    widths = {col: max(80, min(110, 20 + 7 * len(col.split("`")[1]))) for col in columns}  # all beside the name at 1440
+    state = json.dumps({"selectedColumns": columns, "columnOrder": columns, "columnWidths": widths,
+                        "orderByKey": "attributes.start_time", "orderByAsc": False}, sort_keys=True)
+    held = json.loads(c.get_experiment(exp).tags.get(_VIEW_TAG) or "{}")
+    if held.get("state") == state:
+        return
+    now = int(time.time() * 1000)
+    c.set_experiment_tag(exp, _VIEW_TAG, json.dumps({"name": "decision and headline figures",
+                                                     "createdAt": held.get("createdAt", now), "updatedAt": now,
+                                                     "state": state}))
+
+
+def runs_page(tracking_uri: str, run_id: str) -> str:
+    """The run's experiment's runs list, in the saved view of `keep_runs_view`."""
+    exp = client(tracking_uri).get_run(run_id).info.experiment_id
+    view = f"viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+    return f"{ui_base(tracking_uri)}/#/experiments/{exp}/runs?{view}"
+
+
 def version_page(tracking_uri: str, name: str, version: str) -> str:
     """A registered version's page."""
     from urllib.parse import quote
@@ -509,7 +569,7 @@ def record_skip(cfg: PipelineConfig, tags: dict[str, str], version: str, champio
     `schedule.last_skip` (when, which run). Returns the run id."""
     c = client(cfg.tracking.tracking_uri)
     exp_id = ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
-    run = c.create_run(exp_id, run_name=f"skipped-{tags.get('lora.run_key', '')}"[:250], tags={
+    run = c.create_run(exp_id, run_name=f"{cfg.model_name} skipped: nothing new since v{version}"[:250], tags={
         **{k: str(v) for k, v in tags.items()}, "promotion.decision": "skipped", "promotion.reasons": reason,
         "promotion.champion_compared": str(champion_version), "promotion.repeats": str(version),
         "mlflow.note.content": reason})

@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import PipelineConfig
 from ..data.prepare import PreparedData, StreamSpec, checkpoint_storage, columns, contract_kwargs
-from ..data.sources import load_table, sample_rows, source_fingerprint
+from ..data.sources import fingerprint, load_table, sample_rows, source_fingerprint
 from ..data.streaming import (
     SAMPLE_ORDER,
     invalid_batch,
@@ -421,8 +421,12 @@ def prepare_streaming_data(cfg: PipelineConfig, out_dir: str | Path) -> Prepared
         eval_rows = eval_ds.limit(limit).take_all()
         eval_rows = [{c: r[c] for c in columns(cfg)} for r in eval_rows]
     fp = hashlib.sha256(f"{source_fingerprint(d.train_path, d.eval_path)}:{json.dumps(report.to_dict(), sort_keys=True, default=str)}".encode()).hexdigest()
+    # the streamed train rows are never all read here: their source and the split rule identify them
+    train_source = f"{source_fingerprint(d.train_path)}:train:{eval_fraction}"
+    digests = {"train": hashlib.sha256(train_source.encode()).hexdigest(),
+               "eval": fingerprint(pd.DataFrame(eval_rows, columns=columns(cfg)))}
     return PreparedData(
-        train_rows=[], eval_rows=eval_rows, fingerprint=fp, report=report,
+        train_rows=[], eval_rows=eval_rows, fingerprint=fp, report=report, digests=digests,
         quarantine_path=str(quarantine) if quarantine else None,
         files=files,
         train_stream=StreamSpec(spec.path, fmt, report.valid_rows["train"], eval_fraction),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from prefect_lora.lora_tasks.registry.tracking import run_metrics
+from prefect_lora.lora_tasks.registry.tracking import run_figures
 from prefect_lora.lora_tasks.training.loop import read_trainer_state
 
 pytestmark = pytest.mark.slow
@@ -237,7 +237,7 @@ def test_stopped_driver_rerun_continues_training_from_the_latest_checkpoint(tmp_
     runs = c.search_runs([c.get_experiment_by_name(raw["model_name"]).experiment_id],  # not the alias-audit one
                          filter_string="tags.`lora.run_key` != ''")
     assert len(runs) == 1, "the re-run must continue the stopped attempts' MLflow run, not start another"
-    metrics = run_metrics(uri, runs[0].info.run_id)
+    metrics = run_figures(uri, runs[0].info.run_id)
     print(f"\n[{launcher}] stopped by {[signal.Signals(s).name for s in stops]}, the last with the checkpoint of step "
           f"{steps_before} saved; re-run resumed from step {metrics['train_start_step']:.0f}, ended at "
           f"{metrics['train_step']:.0f}; MLflow run {runs[0].info.run_id} {runs[0].info.status}")

@@ -127,12 +127,14 @@ def test_self_retention_alone_blocks_a_destructive_adapter(split, sound, destruc
     report, kept = decide(cfg, sound, eval_rows)
     print(f"\nsound: {check} {report.intervals.get(check)} -> {kept.reasons}")
     assert check in report.forgetting, report.forgetting
+    assert not [k for k in report.forgetting if k.startswith("reference_")], "the probes' figures, once"
     assert kept.promote, kept.reasons
     report, decision = decide(cfg, destructive, eval_rows)
     print(f"destructive: {check} {report.intervals.get(check)} -> {decision.reasons}")
     assert not decision.promote
     assert check in decision.failed_checks, decision.reasons
     assert any(r.startswith(check) and "forgetting" in r for r in decision.reasons)
+    assert not [r for r in decision.reasons if r.startswith("reference_")], "one reason a figure, under its own name"
 
 
 # ----------------------------------------------------------------------------- a classifier's gate

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect_lora.deploy.testing import free_port
+from prefect_lora.lora_tasks.registry.tracking import run_figures
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,8 @@ def test_flow_runs_on_an_existing_two_node_cluster(tmp_path, two_node_cluster):
     c = MlflowClient(uri, registry_uri=uri)  # explicit: other tests leave a global registry URI behind
     run = c.search_runs([c.get_experiment_by_name("tiny-sums").experiment_id])[0]
     nodes = run.data.tags["train.worker_nodes"].split(",")
-    print(f"\nworkers on nodes {nodes}; steps {run.data.metrics['train/step']:.0f}")
+    steps = run_figures(uri, run.info.run_id)["train_step"]
+    print(f"\nworkers on nodes {nodes}; steps {steps:.0f}")
     assert len(nodes) == 2 and len(set(nodes)) == 2, "the two workers must run on different nodes"
-    assert run.data.metrics["train/step"] == 20
+    assert steps == 20
     assert c.get_model_version("tiny-sums", "1").status == "READY"

@@ -123,7 +123,7 @@ def test_a_search_trains_its_trials_on_ray_tune_as_child_runs(harness, workdir):
     assert child.info.status == "FINISHED" and child.data.params["learning_rate"] == "0.00075"
     assert "| 0.5 |" in child.data.tags["mlflow.note.content"], "its description: the figures at each scale"
     assert child.info.run_id == r["trials"][2]["run_id"]
-    gains = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "gate/task_gain")}
+    gains = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "task_gain")}
     assert set(gains) == {100, 50}
     assert {a.path for a in client.list_artifacts(child.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
     assert max(m.step for m in client.get_metric_history(child.info.run_id, "train/loss")) == 60, "its own loss curve"

@@ -108,8 +108,8 @@ def test_first_run_registers_and_promotes_version_1(first_run, workdir):
     run = client.get_run(first_run.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    assert m["eval/adapted/eval_loss"] < m["eval/base/eval_loss"]
-    assert m["forgetting/reference_perplexity_ratio"] > 0 and m["forgetting/reference_kl"] >= 0
+    assert m["adapted_eval_loss"] < first_run.metrics["base_eval_loss"] and m["task_gain"] > 0
+    assert m["reference_perplexity_ratio"] > 0 and m["reference_kl"] >= 0
     assert m["system/system_memory_usage_megabytes"] > 0 and 0 <= m["system/cpu_utilization_percentage"] <= 100
     assert len(client.get_metric_history(first_run.run_id, "system/cpu_utilization_percentage")) >= 2
     assert run.data.params["training.max_steps"] == "60"
@@ -134,33 +134,43 @@ def test_ray_leaves_the_driver_logging_alone(first_run):
 
 
 def test_first_run_reads_well_in_mlflow(first_run):
-    """Grouped charts, no one-point interval charts, params once, datasets, the logged model linked
-    to its version, a short version with few tags, the audit trail in one run."""
+    """Named for what it is, the curve and a handful of headline figures as metrics (the rest one
+    table), params once, each split's own dataset digest, the base by its id, a short version
+    with few tags, the audit trail in one run."""
     from mlflow import MlflowClient
-    from prefect_lora.lora_tasks.registry import aliases, registry
+    from prefect_lora.lora_tasks.registry import aliases, registry, tracking
 
     client = MlflowClient(first_run.tracking_uri)
     run = client.get_run(first_run.run_id)
-    groups = {k.split("/")[0] for k in run.data.metrics}
-    assert groups == {"train", "eval", "forgetting", "gate", "time", "system"}, groups
-    assert not [k for k in run.data.metrics if k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))]
-    table = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/metrics.json")).read_text())
+    assert run.info.run_name == "tiny-sums v1 promoted" and run.data.tags["promotion.decision"] == "promoted"
+    headline = {"task_gain", "task_gain_ci_low", "task_gain_ci_high", "adapted_eval_loss", "reference_kl",
+                "reference_perplexity_ratio"}
+    assert {k for k in run.data.metrics if not k.startswith("system/")} == {"train/loss", "train/lr", *headline}
+    assert run.data.metrics["task_gain_ci_low"] < run.data.metrics["task_gain"] < run.data.metrics["task_gain_ci_high"]
+    table = json.loads(Path(client.download_artifacts(first_run.run_id, tracking.METRICS_TABLE)).read_text())
     rows = {r[0]: r for r in table["data"]}
-    assert rows["gate/task_gain"][2] < rows["gate/task_gain"][1] < rows["gate/task_gain"][3]  # value inside its interval
+    assert rows["task_gain"][2] < rows["task_gain"][1] < rows["task_gain"][3]  # value inside its interval
+    assert rows["base_eval_loss"][1] == pytest.approx(first_run.metrics["base_eval_loss"])
+    assert rows["eval_seconds"][1] > 0
+    figures = tracking.run_figures(first_run.tracking_uri, first_run.run_id)  # metrics and table, flat names
+    assert figures["train_step"] == 60 and figures["base_eval_loss_ci_low"] < figures["base_eval_loss"]
+    comparison = json.loads(Path(client.download_artifacts(first_run.run_id, "reports/comparison.json")).read_text())
+    assert comparison["columns"] == ["metric", "base", "adapted"]
+    assert {r[0] for r in comparison["data"]} >= {"eval_loss", "task_gain", "reference_kl"}
     params = run.data.params
     assert "training.seed" in params and "seed" not in params and "max_seq_length" not in params
     datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(datasets) == {"tiny-sums-train", "tiny-sums-eval"}
-    train = datasets["tiny-sums-train"]
-    assert train.dataset.digest == run.data.tags["lineage.data_fingerprint"][:32]
-    assert json.loads(train.dataset.profile) == {"num_rows": int(rows["train/rows"][1])}
+    train, eval_ = datasets["tiny-sums-train"], datasets["tiny-sums-eval"]
+    assert train.dataset.digest != eval_.dataset.digest, "each split carries the digest of its own rows"
+    assert run.data.tags["lineage.data_fingerprint"][:32] not in (train.dataset.digest, eval_.dataset.digest)
+    assert json.loads(train.dataset.profile) == {"num_rows": int(rows["train_rows"][1])}
     assert [c["name"] for c in json.loads(train.dataset.schema)["mlflow_colspec"]] == ["prompt", "completion"]
     assert {t.value for t in train.tags} == {"training"}
+    assert run.data.tags["lineage.base_model"] == "builtin:tiny-llama", "the base by its name, not a cache path"
 
     version = client.get_model_version("tiny-sums", "1")
     assert len(version.tags) <= 15, sorted(version.tags)
-    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # SQLite keeps no model_id
-    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-sums", "version": "1"}]
     assert version.description.startswith("Promoted to champion: eval_loss ") and "\n\n- " in version.description
     assert registry.get_version(first_run.tracking_uri, "tiny-sums", "1").metrics["task_gain_ci_low"] > 0
 
@@ -174,6 +184,46 @@ def test_first_run_reads_well_in_mlflow(first_run):
         "the audit run stays out of the model's experiment, whose latest run is the pipeline's"
     files = [a.path for a in client.list_artifacts(audit.info.run_id, aliases.AUDIT_DIR)]
     assert len(files) == len(moves) and "-champion-auto-promote-v1-" in files[0]
+
+
+def test_the_logged_model_says_what_it_is_on_which_data_and_how_it_scored(first_run):
+    """Named and described (base, task, decision), its final figures its metrics on the datasets
+    they were measured on, no system metric from the start of the run, linked to its version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first_run.tracking_uri)
+    version = client.get_model_version("tiny-sums", "1")
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # SQLite: no model_id
+    assert logged.name == "tiny-sums-adapter" and logged.source_run_id == first_run.run_id
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-sums", "version": "1"}]
+    about = logged.tags["mlflow.note.content"]
+    assert about.startswith("LoRA adapter of `tiny-sums` (causal_lm) on the base model builtin:tiny-llama "
+                            "(content sha256 ")
+    assert "Version 1: Promoted to champion" in about
+    on = {m.key: m.dataset_name for m in logged.metrics}
+    assert on == {"train/loss": "tiny-sums-train", "task_gain": "tiny-sums-eval", "task_gain_ci_low": "tiny-sums-eval",
+                  "task_gain_ci_high": "tiny-sums-eval", "adapted_eval_loss": "tiny-sums-eval",
+                  "reference_kl": None, "reference_perplexity_ratio": None}
+    loss = client.get_metric_history(first_run.run_id, "train/loss")
+    assert [h.step for h in loss] == list(range(1, 61)), "the model's final loss is the curve's own last point"
+    assert next(m for m in logged.metrics if m.key == "train/loss").value == loss[-1].value
+    run = client.get_run(first_run.run_id)
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, 60)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1, "logging the model started no run of its own"
+
+
+def test_the_runs_list_has_a_view_of_decisions_and_headline_figures(first_run):
+    from mlflow import MlflowClient
+    from prefect_lora.lora_tasks.registry import tracking
+
+    client = MlflowClient(first_run.tracking_uri)
+    exp = client.get_run(first_run.run_id).info.experiment_id
+    view = json.loads(client.get_experiment(exp).tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW}"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert columns[:3] == ["tags.`promotion.decision`", "metrics.`task_gain`", "metrics.`task_gain_ci_low`"]
+    assert {"metrics.`adapted_eval_loss`", "metrics.`reference_kl`"} <= set(columns)
+    assert tracking.runs_page(first_run.tracking_uri, first_run.run_id).endswith(
+        f"/#/experiments/{exp}/runs?viewStateShareKey={tracking.RUNS_VIEW}&workflowType=machine_learning")
 
 
 def test_champion_loads_and_predicts_through_pyfunc(first_run):
@@ -220,6 +270,7 @@ def test_second_run_that_cannot_pass_keeps_champion(first_run, workdir):
         "a version refused for its gain never takes canary traffic"
     v2 = client.get_model_version("tiny-sums", "2")
     assert v2.tags["promotion.decision"] == "rejected"
+    assert client.get_run(result.run_id).info.run_name == "tiny-sums v2 refused"
     assert "not above the required 100" in v2.tags["promotion.reasons"]
     assert flow_run_of(result).state.message.startswith("tiny-sums v2 not promoted (failed: task_gain): eval_loss -0.")
 
@@ -242,8 +293,10 @@ def test_an_unchanged_rerun_of_a_refused_config_is_skipped_and_registers_nothing
         in result.reasons[0]
     assert registry.list_versions(uri, "tiny-sums") == before, "no duplicate version registered"
     client = MlflowClient(uri)
-    tags = client.get_run(result.run_id).data.tags
+    skip = client.get_run(result.run_id)
+    tags = skip.data.tags
     assert tags["promotion.decision"] == "skipped" and tags["promotion.repeats"] == "2"
+    assert skip.info.run_name == "tiny-sums skipped: nothing new since v2"
     assert json.loads(client.get_model_version("tiny-sums", "2").tags["schedule.last_skip"])["run_id"] == result.run_id
     assert "champion version 1 stays" in result.summary
     assert str(client.get_model_version_by_alias("tiny-sums", "champion").version) == "1"

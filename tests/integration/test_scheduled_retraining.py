@@ -257,9 +257,9 @@ def test_tracking_server_outage_loses_nothing(stack, first):
     c = mlflow_client(stack)
     v2 = c.get_model_version("tiny-sums", "2")
     assert v2.run_id == pending["run_id"] and v2.tags["lineage.data_fingerprint"] == pending["tags"]["lineage.data_fingerprint"]
-    from prefect_lora.lora_tasks.registry.tracking import run_metrics
+    from prefect_lora.lora_tasks.registry.tracking import run_figures
 
-    metrics = run_metrics(stack["mlflow_url"], v2.run_id)
+    metrics = run_figures(stack["mlflow_url"], v2.run_id)
     assert metrics["adapted_eval_loss"] == pytest.approx(pending["report"]["adapted"]["eval_loss"])
     assert v2.tags["promotion.decision"] in ("promoted", "rejected")
     assert c.get_run(v2.run_id).info.status == "FINISHED"

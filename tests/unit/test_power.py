@@ -59,8 +59,10 @@ def test_a_40_question_benchmark_cannot_show_a_005_drop_and_says_what_would(tmp_
 def test_enough_questions_pass_and_every_check_has_a_line(tmp_path):
     cfg = _cfg(tmp_path, 600)
     checks = power.plan(cfg, eval_rows=100)
-    assert {p.check for p in checks} == {"task_gain", "self_retention_perplexity_ratio", "reference_perplexity_ratio",
-                                         "reference_kl", "benchmark_mc_accuracy_drop", "champion"}
+    # no corpus: the probes stand in for it, each figure checked once (their KL under max_kl)
+    assert {p.check for p in checks} == {"task_gain", "self_retention_perplexity_ratio", "self_retention_kl",
+                                         "benchmark_mc_accuracy_drop", "champion"}
+    assert _check(checks, "self_retention_kl").limit == cfg.promotion.max_kl
     assert _check(checks, "benchmark_").verdict(0.95) == "ok" and power.enforce(cfg, checks) == []
     lines = power.report(cfg, checks)
     assert len(lines) == 1 + len(checks) and all("spread assumed" in line for line in lines[1:])

@@ -125,11 +125,13 @@ def test_every_forgetting_metric_names_a_policy_field_and_a_measured_source():
     from prefect_lora.lora_tasks.measurement.forgetting_table import FORGETTING_METRICS, forgetting_limits
 
     fields = set(PromotionPolicy.model_fields)
-    assert {m.limit for m in FORGETTING_METRICS} <= fields
+    assert {m.limit for m in FORGETTING_METRICS} - {None} <= fields
+    assert {m.stands_in for m in FORGETTING_METRICS} - {None} <= fields
+    assert all(m.limit or m.stands_in for m in FORGETTING_METRICS), "every row is bounded by some field"
     assert {m.source for m in FORGETTING_METRICS} <= set(forgetting.SOURCES)
     limits = forgetting_limits(PromotionPolicy(max_benchmark_accuracy_drop=0.1),
                                ["benchmark_arc_accuracy_drop", "self_retention_kl", "reference_kl"])
-    assert limits == {"benchmark_arc_accuracy_drop": 0.1, "reference_kl": 0.5}
+    assert limits == {"benchmark_arc_accuracy_drop": 0.1, "self_retention_kl": None, "reference_kl": 0.5}
 
 
 @pytest.mark.parametrize("promote, failed, admitted", [

@@ -101,18 +101,31 @@ def test_version_description_is_one_plain_sentence_then_the_reasons():
     assert "#" not in text and "|" not in text  # the version list shows it raw: no Markdown structure
 
 
-def test_metrics_grouped_for_mlflow_and_the_rest_in_one_table():
-    from prefect_lora.lora_tasks.registry.report import logged_metrics, metrics_rows
+def test_a_handful_of_headline_metrics_and_the_rest_in_one_table():
+    from prefect_lora.lora_tasks.registry.report import comparison_rows, headline_metrics, metrics_rows
 
-    flat = {**report(True).flat_metrics(), "reference_tokens": 4096.0, "train_rows": 10}
-    logged = logged_metrics(flat)
-    assert "task_gain" in logged and "reference_kl" in logged and "eval_seconds" in logged
-    assert not [k for k in logged if k.endswith(("_ci_low", "_ci_high", "_tokens", "_rows"))]
+    flat = {**report(True).flat_metrics(), "reference_tokens": 4096.0, "train_rows": 10, "train_tokens_per_s": 900.0}
+    flat["champion_delta"] = 0.1
+    assert list(headline_metrics(flat, "eval_loss")) == [
+        "task_gain", "task_gain_ci_low", "task_gain_ci_high", "adapted_eval_loss", "champion_delta",
+        "reference_kl", "reference_perplexity_ratio"]  # no score of base or champion, no count, no timing
     rows = {r["metric"]: r for r in metrics_rows(flat)}
-    assert rows["gate/task_gain"] == {"metric": "gate/task_gain", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-    assert rows["forgetting/reference_tokens"]["value"] == 4096.0 and rows["train/rows"]["value"] == 10
-    assert rows["eval/champion/eval_loss"]["value"] == 1.6 and rows["eval/base/eval_loss"]["ci_low"] is None
+    assert rows["task_gain"] == {"metric": "task_gain", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    assert rows["reference_tokens"]["value"] == 4096.0 and rows["train_rows"]["value"] == 10
+    assert rows["champion_eval_loss"]["value"] == 1.6 and rows["base_eval_loss"]["ci_low"] is None
     assert not [m for m in rows if "_ci_" in m]
+    table = {r["metric"]: r for r in comparison_rows(flat)}  # base | champion | adapted, one row a figure
+    assert table["eval_loss"] == {"metric": "eval_loss", "base": "2", "champion": "1.6", "adapted": "1.5"}
+    assert table["task_gain"]["adapted"] == "0.5 [0.4, 0.6]"
+    assert table["reference_perplexity_ratio"] == {"metric": "reference_perplexity_ratio", "base": "",
+                                                   "champion": "1.1", "adapted": "1.05 [1.01, 1.09]"}
+
+
+def test_a_decided_run_is_named_for_what_it_is():
+    from prefect_lora.lora_tasks.registry.report import run_title
+
+    assert run_title("demo-orders", "3", True) == "demo-orders v3 promoted"
+    assert run_title("demo-orders", "4", False) == "demo-orders v4 refused"
 
 
 def test_closing_notes_say_what_happened_to_champion():
