@@ -1,14 +1,21 @@
 """Loopback load test of `deploy/serve.py`: adapter-multiplexed vs merged serving.
 
-    python bench/serve_bench.py [--clients 4] [--seconds 10] [--max-tokens 8] [--challenger-share 0.5]
-                                [--batch-rows 1,16] [--base builtin:tiny-llama] [--out bench/results/serve_bench.json]
+    python bench/serve_bench.py [--clients 4] [--seconds 10] [--rounds 2] [--max-tokens 8] [--challenger-share 0.5]
+                                [--batch-rows 1,16] [--continuous off,on] [--base builtin:tiny-llama]
+                                [--out bench/results/serve_bench.json]
 
-Registers two adapters (random LoRA weights) on the base in a temporary SQLite MLflow, then for
-each mode starts the Serve app, warms it, and runs N client threads for T seconds against
-`POST /v1/completions`. A share of the requests names the challenger, so two versions are in play:
+Registers two adapters (random LoRA weights) on the base in a temporary SQLite MLflow, starts one
+Serve app per configuration side by side (each under its own route prefix, each with its own model
+replica), warms them, and then, round after round, runs N client threads for T seconds against
+each app's `POST /v1/completions` in turn: on a machine shared with other work, every
+configuration meets the same changes of load. A share of the requests names the challenger, so two
+versions are in play:
 multiplexed onto one base in `adapter` mode, two merged models in `merged` mode. Reports
-throughput, p50/p95 latency and errors (must be 0) per mode and `batch_max_rows` (1: each request
-alone, as before request batching); prints a table and writes JSON.
+throughput, p50/p95 latency and errors (must be 0) per mode, `batch_max_rows` (1: each request
+alone, as before request batching) and `continuous_batching` (off: a batch runs to its end before
+the next starts; on: requests join the running batch at its next decoding step), with the rows of
+the replica's forward passes (adapter mode: per batch when off, per decoding step when on); prints
+the CPU's capability and a table, and writes JSON.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ def canary(name: str, challenger_share: float):
     return lambda i, k, rng: f"{name}@challenger" if rng.random() < challenger_share else f"{name}@champion"
 
 
-def load(port: int, clients: int, seconds: float, max_tokens: int, pick) -> dict:
-    """`clients` threads send greedy completions for `seconds`; client i's k-th request names
-    the model `pick(i, k, rng)`. Throughput, latency percentiles, errors, requests per served version."""
+def load(url: str, clients: int, seconds: float, max_tokens: int, pick) -> dict:
+    """`clients` threads send greedy completions to `url` for `seconds`; client i's k-th request
+    names the model `pick(i, k, rng)`. Latencies, completion tokens, errors, requests per served
+    version, and the time it took (the last requests included)."""
     import httpx
 
     lat: list[float] = []
@@ -58,7 +66,7 @@ def load(port: int, clients: int, seconds: float, max_tokens: int, pick) -> dict
 
     def client(i: int) -> None:
         rng, k = random.Random(i), 0
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=300) as c:
             while time.monotonic() < stop:
                 body = {"model": pick(i, k, rng), "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "temperature": 0}
                 k += 1
@@ -84,29 +92,75 @@ def load(port: int, clients: int, seconds: float, max_tokens: int, pick) -> dict
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
+    return {"latencies": lat, "tokens": tokens[0], "errors": errors, "wall_s": time.monotonic() - t0,
+            "by_version": by_version}
+
+
+def summary(windows: list[dict]) -> dict:
+    """One configuration's figures over its windows: throughput, latency percentiles, errors."""
+    lat = [x for w in windows for x in w["latencies"]]
+    wall = sum(w["wall_s"] for w in windows)
+    errors = [e for w in windows for e in w["errors"]]
+    by_version: dict[str, int] = {}
+    for w in windows:
+        for version, n in w["by_version"].items():
+            by_version[version] = by_version.get(version, 0) + n
     return {
         "requests": len(lat), "errors": len(errors), "error_samples": errors[:5], "wall_s": round(wall, 2),
-        "throughput_rps": round(len(lat) / wall, 2), "tokens_per_s": round(tokens[0] / wall, 1),
+        "throughput_rps": round(len(lat) / wall, 2), "tokens_per_s": round(sum(w["tokens"] for w in windows) / wall, 1),
         "p50_ms": round(1000 * _percentile(lat, 0.5), 1), "p95_ms": round(1000 * _percentile(lat, 0.95), 1),
         "mean_ms": round(1000 * statistics.fmean(lat), 1) if lat else None, "by_version": by_version,
+        "rounds_rps": [round(len(w["latencies"]) / w["wall_s"], 2) for w in windows],
     }
+
+
+def serving_wait(url: str, timeout_s: float = 600) -> None:
+    """Return once the app at `url` answers /health."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s")
+
+
+def passes(url: str) -> dict[int, int]:
+    """The replica's forward passes by rows so far (`/admin/stats`; adapter mode only)."""
+    import httpx
+
+    stats = httpx.get(f"{url}/admin/stats", timeout=60).json()
+    return {int(k): v for k, v in stats.get("replica", {}).get("passes_by_rows", {}).items()}
+
+
+def pass_rows(before: dict[int, int], after: dict[int, int]) -> dict:
+    """The passes between two readings of `passes`: their mean rows and how many had each number of rows."""
+    counts = {rows: n - before.get(rows, 0) for rows, n in sorted(after.items()) if n > before.get(rows, 0)}
+    total = sum(counts.values())
+    return {"mean_rows": round(sum(r * n for r, n in counts.items()) / total, 2) if total else None, "by_rows": counts}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--seconds", type=float, default=10, help="length of each configuration's window in a round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of one window per configuration")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--challenger-share", type=float, default=0.5)
     ap.add_argument("--base", default="builtin:tiny-llama", help="base model (built-in name, local folder or hub id)")
     ap.add_argument("--modes", default="adapter,merged")
     ap.add_argument("--batch-rows", default="1,16", help="values of serve's batch_max_rows to compare")
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve's batch_wait_ms (default: its default)")
+    ap.add_argument("--continuous", default="off,on", help="values of serve's continuous_batching to compare")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench-<time>.json)")
     args = ap.parse_args()
 
     import ray
+    import torch
     from prefect_lora.deploy import serve as serving
     from prefect_lora.deploy.serve_core import ServeConfig
     from prefect_lora.deploy.testing import register_random_adapters
@@ -120,36 +174,62 @@ def main() -> None:
     v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
     aliases.promote_version(uri, name, v1, reason="bench")
     port = free_port()
-    rows = []
+    configs = [(m, int(b), c) for m in args.modes.split(",") for b in args.batch_rows.split(",")
+               for c in args.continuous.split(",") if not (int(b) == 1 and c == "on")]  # (one row: nothing to join)
+    apps = {}
     try:
-        for mode in args.modes.split(","):
-            for batch in map(int, args.batch_rows.split(",")):
-                cfg = ServeConfig(model_name=name, tracking_uri=uri, port=port, mode=mode, app_name=f"bench-{mode}-{batch}",
-                                  max_tokens_cap=max(256, args.max_tokens), batch_max_rows=batch,
-                                  **({"batch_wait_ms": args.batch_wait_ms} if args.batch_wait_ms is not None else {}))
-                t0 = time.monotonic()
-                serving.start(cfg, ray_temp_dir="/tmp/plray-serve-bench")
-                load(port, 2, 2.0, args.max_tokens, canary(name, 0.5))  # warm: both versions loaded
-                startup = time.monotonic() - t0
-                result = load(port, args.clients, args.seconds, args.max_tokens, canary(name, args.challenger_share))
-                rows.append({"mode": mode, "batch_max_rows": batch, "startup_s": round(startup, 1), **result})
-                serve.delete(cfg.app_name)
+        # Logical CPUs enough for a replica per configuration: only the one under load works.
+        ray.init(num_cpus=max(os.cpu_count() or 1, len(configs) + 1), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray-serve-bench"))
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for mode, batch, continuous in configs:
+            cfg = ServeConfig(model_name=name, tracking_uri=uri, port=port, mode=mode,
+                              app_name=f"bench-{mode}-{batch}-{continuous}", max_tokens_cap=max(256, args.max_tokens),
+                              batch_max_rows=batch, continuous_batching=continuous == "on", request_timeout_s=600,
+                              **({"batch_wait_ms": args.batch_wait_ms} if args.batch_wait_ms is not None else {}))
+            t0 = time.monotonic()
+            serve.run(serving.build_app(cfg), name=cfg.app_name, route_prefix=f"/{cfg.app_name}", blocking=False)
+            url = f"http://127.0.0.1:{port}/{cfg.app_name}"
+            serving_wait(url)
+            load(url, 2, 2.0, args.max_tokens, canary(name, 0.5))  # warm: both versions loaded
+            apps[(mode, batch, continuous)] = {"url": url, "startup_s": round(time.monotonic() - t0, 1), "windows": [],
+                                               "passes": passes(url) if mode == "adapter" else {}}
+        for _ in range(args.rounds):
+            for app in apps.values():
+                app["windows"].append(load(app["url"], args.clients, args.seconds, args.max_tokens,
+                                           canary(name, args.challenger_share)))
+        rows = [{"mode": mode, "batch_max_rows": batch, "continuous": continuous, "startup_s": app["startup_s"],
+                 **summary(app["windows"]),
+                 "passes": pass_rows(app["passes"], passes(app["url"])) if mode == "adapter" else None}
+                for (mode, batch, continuous), app in apps.items()]
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
 
-    header = f"{'mode':<8} {'batch':>5} {'clients':>7} {'secs':>5} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}"
-    print(f"\nserve bench: base {args.base}, {args.clients} clients x {args.seconds:g}s, max_tokens {args.max_tokens}, "
-          f"{args.challenger_share:.0%} of requests to the challenger, {os.cpu_count()} CPUs")
+    header = (f"{'mode':<8} {'batch':>5} {'contin.':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} "
+              f"{'p95 ms':>8} {'errors':>6} {'rows/pass':>9}  {'req/s by round':<16} passes by rows")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"\nserve bench: base {args.base}, {args.clients} clients, {args.rounds} rounds of {args.seconds:g}s per "
+          f"configuration, max_tokens {args.max_tokens}, {args.challenger_share:.0%} of requests to the challenger, "
+          f"{os.cpu_count()} CPUs, CPU capability {capability}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:<8} {r['batch_max_rows']:>5} {args.clients:>7} {args.seconds:>5g} {r['requests']:>8} {r['throughput_rps']:>7} "
-              f"{r['tokens_per_s']:>7} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['errors']:>6}")
+        p = r["passes"] or {}
+        print(f"{r['mode']:<8} {r['batch_max_rows']:>5} {r['continuous']:>7} {r['requests']:>8} "
+              f"{r['throughput_rps']:>7} {r['tokens_per_s']:>7} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['errors']:>6} "
+              f"{p.get('mean_rows') or '-':>9}  {' '.join(map(str, r['rounds_rps'])):<16} {p.get('by_rows') or '-'}")
+    for off in (r for r in rows if r["continuous"] == "off"):
+        on = next((r for r in rows if r["continuous"] == "on" and r["mode"] == off["mode"]
+                   and r["batch_max_rows"] == off["batch_max_rows"]), None)
+        if on and off["throughput_rps"] and off["p95_ms"]:
+            print(f"{off['mode']}, batch {off['batch_max_rows']}: continuous batching on/off: requests/s "
+                  f"x{on['throughput_rps'] / off['throughput_rps']:.2f}, p95 x{on['p95_ms'] / off['p95_ms']:.2f}")
     out = Path(args.out or Path(__file__).parent / "results" / f"serve_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "cpu_capability": capability,
+                               "results": rows}, indent=2))
     print(f"\nwritten: {out}")
     if any(r["errors"] for r in rows):
         sys.exit(1)

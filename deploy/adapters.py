@@ -29,6 +29,7 @@ class AdapterSet:
         self.loads = self.evictions = self.mixed_batches = 0
         self.load_seconds = 0.0
         self._layers, self._active = None, None  # the LoRA layers `switch` moves; the adapter they run
+        self._stacks = None  # (adapter names, each layer's weights of them stacked): `by_row` reads them
 
     @staticmethod
     def name_of(key: str) -> str:
@@ -55,6 +56,7 @@ class AdapterSet:
                 self.peft.load_adapter(str(clean), adapter_name=name, is_trainable=False)
         self.peft.eval()
         self._layers, self._active = None, None  # found again after an attach (PEFT may activate the new one)
+        self._stacks = None
         self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if f".{name}." in n)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
@@ -78,7 +80,7 @@ class AdapterSet:
         if self._active == name:
             self.switch(next(n for n in self.loaded if n != name))
         self.peft.delete_adapter(name)
-        self._layers = None
+        self._layers = self._stacks = None
         self._active = None  # PEFT may have moved it while deleting: `switch` sets it again
         del self.loaded[name]
         self.evictions += 1
@@ -120,20 +122,65 @@ class AdapterSet:
             return
         import torch
 
-        hooks, layers = [], self._tuner_layers()
-        try:
-            for layer in layers:
-                a, b, scale = _stacked(layer, names)
-                hooks.append(layer.register_forward_hook(
-                    lambda mod, args, out, a=a, b=b, scale=scale: out + torch.bmm(
-                        torch.bmm(args[0].to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)).mul_(scale).to(out.dtype)))
-                layer._disable_adapters = True  # the layer runs its base only (PEFT's disable_adapter: 190 ms here)
+        distinct = tuple(sorted(set(names)))
+        rows = torch.tensor([distinct.index(n) for n in names])
+        hooks = []
+        for a, b, scale, _ in self._stacked_weights(distinct):
+            a, b, scale = a[rows], b[rows], scale[rows]
+            hooks.append(lambda mod, args, out, a=a, b=b, scale=scale: out + torch.bmm(
+                torch.bmm(args[0].to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)).mul_(scale).to(out.dtype))
+        with self._hooked(hooks):
             yield {}
+
+    @contextmanager
+    def by_token(self, names: list[str]):
+        """Within: token i of a packed pass (one sequence holding the tokens of many rows, as a
+        continuous batch runs) runs through adapter `names[i]`. A hook on each LoRA layer adds
+        ((x A^T) * M) (B s)^T with the weights of the pass's k adapters side by side (A: [k r, in],
+        B s: [out, k r]) and M keeping each token's own adapter's r columns: three operations per
+        layer whatever the adapters, at k times one adapter's (small) LoRA cost. Plain LoRA Linear
+        layers only (`routes_rows`); yields the forward's extra arguments (none)."""
+        import torch
+
+        distinct = tuple(sorted(set(names)))
+        block = torch.tensor([distinct.index(n) for n in names])
+        masks: dict[tuple, torch.Tensor] = {}  # by (rank, dtype): [1, tokens, k r], 1 on each token's adapter's columns
+        hooks = []
+        for a, _, _, b in self._stacked_weights(distinct):
+            r = a.shape[1]
+            if (r, a.dtype) not in masks:
+                columns = torch.arange(len(distinct)).repeat_interleave(r)
+                masks[r, a.dtype] = (block[:, None] == columns).to(a.dtype)[None]
+            a, m = a.reshape(-1, a.shape[-1]), masks[r, a.dtype]
+            hooks.append(lambda mod, args, out, a=a, b=b, m=m: out + (args[0].to(a.dtype) @ a.T * m @ b.T).to(
+                out.dtype))
+        with self._hooked(hooks):
+            yield {}
+
+    @contextmanager
+    def _hooked(self, hooks: list):
+        """Within: each LoRA layer runs its base only (PEFT's disable_adapter took 190 ms here) and
+        then its hook of `hooks` (one per layer, in `_tuner_layers` order), which adds the adapters."""
+        layers, handles = self._tuner_layers(), []
+        try:
+            for layer, hook in zip(layers, hooks):
+                handles.append(layer.register_forward_hook(hook))
+                layer._disable_adapters = True
+            yield
         finally:
-            for h in hooks:
+            for h in handles:
                 h.remove()
             for layer in layers:
                 layer._disable_adapters = False
+
+    def _stacked_weights(self, names: tuple[str, ...]) -> list[tuple]:
+        """Each LoRA layer's weights of the adapters `names`, stacked (`_stacked`) and B s side by
+        side ([out, k r], for `by_token`); kept while the attached adapters stay (a continuous batch
+        routes its tokens anew at every join and leave)."""
+        if self._stacks is None or self._stacks[0] != names:
+            stacks = [_stacked(layer, list(names)) for layer in self._tuner_layers()]
+            self._stacks = (names, [(a, b, s, (b * s).permute(1, 0, 2).reshape(b.shape[1], -1)) for a, b, s in stacks])
+        return self._stacks[1]
 
     def _tuner_layers(self) -> list:
         from peft.tuners.tuners_utils import BaseTunerLayer

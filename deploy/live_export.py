@@ -46,6 +46,13 @@ def resource_id(name: str, version: str) -> str:
     return f"prefect-lora.model.{name}.{version}"
 
 
+def event(name: str, model: str, version: str, payload: dict, related: list[dict] | None = None) -> dict:
+    """A Prefect event about one served version (its resource `prefect-lora.model.NAME.VERSION`)."""
+    return {"event": name, "payload": payload, "related": related or [], "resource": {
+        "prefect.resource.id": resource_id(model, version), "prefect.resource.name": f"{model}/{version}",
+        "prefect-lora.model": model, "prefect-lora.version": version}}
+
+
 class LiveSignals:
     """What the gateway counts and where it writes it: `answered`/`failed` per request,
     `metrics_text` for `/metrics`, `run` for the summaries at an interval."""
@@ -104,9 +111,9 @@ class LiveSignals:
 
             settings = await asyncio.to_thread(registry.version_settings, self.tracking_uri, *split_key(key))
             self.contracts[key] = AnswerContract.from_settings(settings)
-            self._sink_ok("contract")
+            self.sink_ok("contract")
         except Exception as exc:  # noqa: BLE001  (counted without checks until a later read works)
-            self._sink_failed("contract", exc)
+            self.sink_failed("contract", exc)
         finally:
             self._reading.discard(key)
 
@@ -138,18 +145,20 @@ class LiveSignals:
         for sink, write in sinks.items():
             (mark, at), now = self._marks.get(sink, self._started), self.store.clock()
             summaries, new_mark = {key: figures(t) for key, t in self.store.since(mark).items()}, self.store.mark()
-            if not summaries or await self._write(sink, write(summaries, now - at)):
+            if not summaries or await self.send(sink, write(summaries, now - at)):
                 self._marks[sink] = (new_mark, now)
                 written[sink] = summaries
         return written
 
-    async def _write(self, sink: str, write) -> bool:
+    async def send(self, sink: str, write) -> bool:
+        """Await `write` (a write to `sink`): True when it worked; a failure is counted and logged
+        once per outage, never raised."""
         try:
             await write
         except Exception as exc:  # noqa: BLE001  (never fail serving for a summary)
-            self._sink_failed(sink, exc)
+            self.sink_failed(sink, exc)
             return False
-        self._sink_ok(sink)
+        self.sink_ok(sink)
         return True
 
     def _to_mlflow(self, summaries: dict[str, dict[str, float]], seconds: float) -> None:
@@ -174,22 +183,28 @@ class LiveSignals:
                     raise
 
     async def _to_prefect(self, summaries: dict[str, dict[str, float]], seconds: float) -> None:
+        from prefect_lora.deploy.serve_core import split_key
+
+        await self._emit([event(EVENT, *split_key(key), {"window_s": round(seconds, 3), **f})
+                          for key, f in summaries.items()])
+
+    async def emit(self, events: list[dict]) -> bool:
+        """Send events (`event(...)`) to Prefect when a Prefect API is configured: True when sent."""
+        return prefect_api_configured() and await self.send("prefect", self._emit(events))
+
+    async def _emit(self, events: list[dict]) -> None:
         from prefect.events import Event
         from prefect.events.clients import get_events_client
-        from prefect_lora.deploy.serve_core import split_key
 
         # The client, not `emit_event`: its background worker would hide a failed send from us
         # (and log every one), where a summary counts it and says so once; the client's own
         # warning of a refused connection is silenced while the outage is known.
         logging.getLogger("prefect.events.clients").disabled = "prefect" in self._down
-        async with get_events_client(reconnection_attempts=0) as events:
-            for key, f in summaries.items():
-                name, version = split_key(key)
-                await events.emit(Event(event=EVENT, payload={"window_s": round(seconds, 3), **f}, resource={
-                    "prefect.resource.id": resource_id(name, version), "prefect.resource.name": key,
-                    "prefect-lora.model": name, "prefect-lora.version": version}))
+        async with get_events_client(reconnection_attempts=0) as client:
+            for e in events:
+                await client.emit(Event(**e))
 
-    def _sink_failed(self, sink: str, exc: BaseException) -> None:
+    def sink_failed(self, sink: str, exc: BaseException) -> None:
         self.failures[sink] += 1
         if sink not in self._down:
             self._down.add(sink)
@@ -199,13 +214,14 @@ class LiveSignals:
                            "(prefect_lora_signals_export_failures_total)", _WHAT[sink],
                            unreachable_server(exc) or f"{exc.__class__.__name__}: {str(exc)[:200]}")
 
-    def _sink_ok(self, sink: str) -> None:
+    def sink_ok(self, sink: str) -> None:
         if sink in self._down:
             self._down.discard(sink)
             logger.info("live signals: %s works again", _WHAT[sink])
 
 
-_WHAT = {"mlflow": "writing the summary to MLflow", "prefect": "sending the summary to Prefect as events",
+_WHAT = {"mlflow": "writing the summary (or a rollout's state) to MLflow",
+         "prefect": "sending the summary (or a rollout's step) to Prefect as events",
          "contract": "reading a version's answer contract from the registry"}
 
 

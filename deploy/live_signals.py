@@ -334,7 +334,8 @@ def exposition(store: SignalStore, export_failures: dict[str, int] | None = None
                      "Requests refused before they named a served version (auth, body, unknown model, alias or version).",
                      [f"{PREFIX}rejected_requests_total{_labels(status=str(s))} {n}" for s, n in sorted(store.rejected.items())])
     lines += _family("signals_export_failures_total", "counter",
-                     "Summaries (or answer contracts) that could not be written to (read from) a sink.",
+                     ("Summaries, a rollout's records and events (or answer contracts) that could not be "
+                      "written to (read from) a sink."),
                      [f"{PREFIX}signals_export_failures_total{_labels(sink=s)} {n}"
                       for s, n in sorted((export_failures or {}).items())])
     return "\n".join(lines) + "\n"

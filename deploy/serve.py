@@ -6,6 +6,7 @@ Two deployments:
   resolution, the optional canary share, and a background poll of the aliases. A swap (poll,
   `POST /admin/refresh`, or `handle.refresh.remote()`) first loads the new version on a replica
   and only then points the alias at it; requests already routed to the old version finish on it.
+  With `rollout` configured, a promoted champion takes traffic in steps (`rollout_control`).
 - `AdapterModel` (or `MergedModel`): loads the base once per replica and attaches adapters by
   version with `@serve.multiplexed`; the router sends each version to a replica that holds it.
 
@@ -31,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prefect_lora.deploy.adapters import AdapterSet
 from prefect_lora.deploy.live_export import PROMETHEUS_TEXT, LiveSignals
+from prefect_lora.deploy.rollout_control import Rollouts, resolve_webhook
 from prefect_lora.deploy.serve_core import (
     MicroBatcher,
     RequestProblem,
@@ -66,12 +68,16 @@ class _Replica:
 
     def _setup(self, cfg: dict) -> None:
         import torch
+        from prefect_lora.deploy.decoding import ModelLock, decode_continuously
         from prefect_lora.lora_tasks.modeling import load_tokenizer
 
         self.cfg = ServeConfig(**cfg)
         self.device = torch.device(self.cfg.device)
-        self._lock = threading.Lock()  # one forward pass at a time: adapters switch per batch
-        self._batcher = MicroBatcher(self._infer_batch, self.cfg.batch_max_rows, self.cfg.batch_wait_ms / 1000)
+        self._lock = ModelLock()  # one forward pass at a time: adapters switch per batch
+        self._batcher = MicroBatcher(  # a continuous batch (a generation's) takes in requests as they arrive
+            self._infer_batch, self.cfg.batch_max_rows, self.cfg.batch_wait_ms / 1000, stream=lambda key, intake:
+            decode_continuously(intake, self._prepare, self._routing, self._lock, self.tokenizer, self.device))
+        self.joins_rows = False  # whether generations batch continuously: set with the model (`_joins_rows`)
         self._files: dict[str, object] = {}
         first = self._first_version()
         self.base_config = self._files_for(first).model_config
@@ -125,8 +131,10 @@ class _Replica:
                 raise RequestProblem(400, f"{split_key(version)[0]} is a {self.task} model: use {route}, not {ROUTE_NAME[op]}")
             model = await self.get_model(version)
             rows = len(payload.get("prompts") or payload.get("texts") or [None])
-            key = self._batch_key(version, op, payload.get("temperature"))
-            return await self._batcher.submit(key, (version, model, payload), rows)
+            streamed = self.joins_rows and op != "classify"
+            # a continuous batch takes completions and chats at any temperature: each row samples its own
+            key = self._batch_key(version, *(("generate", None) if streamed else (op, payload.get("temperature"))))
+            return await self._batcher.submit(key, (version, model, {**payload, "op": op}), rows, streamed=streamed)
         except RequestProblem as exc:
             return {"error": exc.message, "status": exc.status, "type": exc.kind}
         except RegistryError as exc:
@@ -145,24 +153,46 @@ class _Replica:
         """One forward pass (a classification) or one `generate` per prompt style for the
         requests of a batch (`(version, model, payload)` each): one result per request, or the
         RequestProblem of a request that cannot run."""
+        from prefect_lora.deploy.decoding import generate_rows, prompt_texts
+
         op, temperature = key[-2:]
         with self._lock:
             model, names = self._activate(items)
             mcfgs = [self._files_for(version).model_config for version, _, _ in items]
             if op == "classify":
                 return self._classify_requests(model, names, mcfgs, items)
-            prepared = [self._prompt_text(mcfg, op, payload) for mcfg, (_, _, payload) in zip(mcfgs, items)]
+            prepared = [prompt_texts(self.tokenizer, mcfg, payload) for mcfg, (_, _, payload) in zip(mcfgs, items)]
             results: dict[int, object] = {i: problem for i, p in enumerate(prepared)
-                                          if (problem := self._prompt_problem(op, p[2]))}
+                                          if (problem := self._prompt_problem(op, [len(x) for x in p[2]]))}
             for special in {p[1] for i, p in enumerate(prepared) if i not in results}:  # one generate per prompt style
                 group = [i for i, p in enumerate(prepared) if p[1] == special and i not in results]
                 sizes = [len(prepared[i][0]) for i in group]
                 texts = [t for i in group for t in prepared[i][0]]
                 with self._by_row(per_row([names[i] for i in group], sizes) if names else None) as extra:
-                    out = self._generate(model, texts, special, per_row([items[i][2]["max_tokens"] for i in group], sizes),
-                                         temperature, **extra)
+                    out = generate_rows(model, self.tokenizer, texts, special,
+                                        per_row([items[i][2]["max_tokens"] for i in group], sizes), temperature,
+                                        self.device, **extra)
                 results.update(zip(group, split_rows(out, sizes)))
             return [results[i] for i in range(len(items))]
+
+    def _prepare(self, item: tuple):
+        """A generation request's prompts' token ids, each row's `max_tokens` and its temperature,
+        or the RequestProblem that refuses it."""
+        from prefect_lora.deploy.decoding import prompt_texts
+
+        version, _, payload = item
+        _, _, ids = prompt_texts(self.tokenizer, self._files_for(version).model_config, payload)
+        if problem := self._prompt_problem(payload["op"], [len(x) for x in ids]):
+            return problem
+        return ids, [payload["max_tokens"]] * len(ids), payload["temperature"]
+
+    @contextlib.contextmanager
+    def _routing(self, items: list[tuple]):
+        """The model readied for a packed pass whose token i is of request `items[i]`, and the
+        forward's extra arguments for it (each token's adapter)."""
+        model, names = self._activate(items)
+        with self._by_token(names) as extra:
+            yield model, extra
 
     def _classify_requests(self, model, names: list[str] | None, mcfgs: list[dict], items: list[tuple]) -> list:
         """`_infer_batch` for classifications: one forward pass over the texts of every request that can run."""
@@ -190,60 +220,22 @@ class _Replica:
                                        "least one character", param=field)
         return None
 
-    def _prompt_text(self, mcfg: dict, op: str, payload: dict) -> tuple[list[str], bool, list[int]]:
-        """A request's prompts as the model reads them, whether to add special tokens, their lengths in tokens."""
-        if op == "chat":
-            texts, special = self._chat_text(mcfg, payload["messages"])
-        else:
-            from prefect_lora.lora_tasks.training.encoding import format_prompts
-
-            texts, special = format_prompts(payload["prompts"], self.tokenizer, bool(mcfg.get("chat_template")),
-                                            mcfg.get("system_prompt"))
-        return texts, special, [len(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
-
     def _activate(self, items: list[tuple]) -> tuple:
         """The model a batch runs on, and each request's adapter name (None: one model, no names)."""
         return items[0][1], None
 
-    def _chat_text(self, mcfg: dict, messages: list[dict]) -> tuple[list[str], bool]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            if mcfg.get("system_prompt") and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": mcfg["system_prompt"]}] + messages
-            return [tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)], False
-        # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
-        return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
+    def _joins_rows(self, model) -> bool:
+        """Whether this replica's generations batch continuously, on `model` made ready for it."""
+        from prefect_lora.deploy.decoding import use_rows_attention
+
+        return self.cfg.continuous_batching and self.task == "causal_lm" and use_rows_attention(model)
 
     def _by_row(self, adapter_names: list[str] | None):
         """Within: each row of a generation runs through its own adapter; yields what `generate`
         needs for it (one model: nothing)."""
         return contextlib.nullcontext({})
 
-    def _generate(self, model, texts: list[str], special: bool, max_tokens: list[int], temperature: float,
-                  **extra) -> dict:
-        """One `generate` over rows that may ask for different numbers of new tokens: it runs to
-        the largest (or until every row has ended) and each row keeps its own first tokens."""
-        import torch
-
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(self.device)
-            sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max(max_tokens), pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id, **sample, **extra)
-        finally:
-            tok.padding_side = side
-        new = out[:, enc["input_ids"].shape[1]:]
-        result = {"texts": [], "finish": [], "prompt_tokens": enc["attention_mask"].sum(-1).tolist(), "completion_tokens": []}
-        for row, most in zip(new.tolist(), max_tokens):
-            row = row[:most]
-            n = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
-            result["completion_tokens"].append(n)
-            result["finish"].append("stop" if n < most else "length")
-            result["texts"].append(tok.decode(row[:n], skip_special_tokens=True))
-        return result
+    _by_token = _by_row  # (the same for each token of a packed pass)
 
     def _classify(self, model, mcfgs: list[dict], texts: list[str], adapter_names: list[str] | None = None) -> dict:
         """Each text's label (by its own version's label list, `mcfgs` per row) and score."""
@@ -289,6 +281,7 @@ class AdapterModel(_Replica):
             trust_remote_code=self.cfg.trust_remote_code, pad_token_id=self.tokenizer.pad_token_id,
         ).to(self.device)
         torch.manual_seed(int(self.base_config.get("seed", 0)))  # a classifier's fresh head, as in training
+        self.joins_rows = self._joins_rows(self.base)
         mb = self.cfg.max_adapter_memory_mb
         self.adapters = AdapterSet(self.base, self.task, self._files_for, self.cfg.max_adapters_per_replica,
                                    mb * 2**20 if mb else None)
@@ -304,10 +297,13 @@ class AdapterModel(_Replica):
             self.adapters.detach(key)
 
     def stats(self) -> dict:
-        """What this replica holds (`AdapterSet.stats`), its largest batch and resident memory."""
+        """What this replica holds (`AdapterSet.stats`), its largest batch, its forward passes by
+        rows, the requests its continuous batches took in while running, and resident memory."""
         import psutil
 
-        return {**self.adapters.stats(), "largest_batch_rows": max(self._batcher.batches, default=0),
+        b = self._batcher
+        return {**self.adapters.stats(), "largest_batch_rows": max(b.batches, default=0),
+                "passes_by_rows": dict(b.rows_seen), "joins": list(b.joins),
                 "rss_bytes": psutil.Process().memory_info().rss}
 
     @serve.multiplexed(max_num_models_per_replica=SERVE_CACHE)
@@ -316,7 +312,11 @@ class AdapterModel(_Replica):
         return _LoadedAdapter(self, key)
 
     def _batch_key(self, version: str, op: str, temperature) -> tuple:
-        """Requests for any adapter share a forward pass: each row runs its own (`AdapterSet.by_row`)."""
+        """Requests for any adapter share a forward pass: each row runs its own (`AdapterSet.by_row`),
+        each token in a continuous batch (`by_token`: plain LoRA layers only; other adapters batch
+        by version there)."""
+        if op == "generate" and not self.adapters.routes_rows([self.adapters.name_of(version)]):
+            return (version, op, temperature)
         return ("adapters", op, temperature)
 
     def _activate(self, items: list[tuple]) -> tuple:
@@ -324,6 +324,9 @@ class AdapterModel(_Replica):
 
     def _by_row(self, adapter_names: list[str] | None):
         return self.adapters.by_row(adapter_names)
+
+    def _by_token(self, adapter_names: list[str] | None):
+        return self.adapters.by_token(adapter_names) if adapter_names else contextlib.nullcontext({})
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -339,6 +342,7 @@ class MergedModel(_Replica):
         model, _ = load_adapted(self._files_for(version), trust_remote_code=self.cfg.trust_remote_code)
         merged = model.merge_and_unload().to(self.device)
         merged.eval()
+        self.joins_rows = self._joins_rows(merged)  # (every version has the replica's base)
         return merged
 
     @serve.multiplexed(max_num_models_per_replica=2)
@@ -377,16 +381,17 @@ async def _failure(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
-    async def __init__(self, model, cfg: dict, token: Secret | None):
+    async def __init__(self, model, cfg: dict, token: Secret | None, webhook: Secret | None = None):
         self.model, self.cfg, self.token = model, ServeConfig(**cfg), token
         self.served: dict[str, dict[str, str]] = {}  # model -> alias -> version
         self.swaps = 0
         self._refresh_lock = asyncio.Lock()
         self.live = LiveSignals(self.cfg.tracking_uri, self.cfg.signals_window_s, self.cfg.signals_interval_s)
+        self.rollouts = Rollouts(self.cfg, self.live, self.refresh,
+                                 lambda key: self.model.options(multiplexed_model_id=key).warm.remote(), webhook)
         await self.refresh()
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
-        if self.cfg.signals_interval_s:
-            self._summaries = asyncio.get_running_loop().create_task(self.live.run())
+        self._tasks = [asyncio.get_running_loop().create_task(job) for job in (  # held: the loop keeps weak references
+            self._poll(), self.rollouts.run(), *([self.live.run()] if self.cfg.signals_interval_s else []))]
 
     # -- aliases
 
@@ -401,7 +406,9 @@ class Gateway:
         async with self._refresh_lock:
             new = await asyncio.to_thread(read_aliases, self.cfg)
             for name, aliases in new.items():
+                before = self.served.get(name, {}).get("champion")
                 self.served[name] = await self._swap(name, dict(self.served.get(name, {})), aliases)
+                await self.rollouts.follow(name, before, self.served[name].get("champion"))
             return {"model": self.cfg.model_name, "aliases": dict(self.aliases), "swaps": self.swaps,
                     **({"models": {n: dict(a) for n, a in self.served.items()}} if self.cfg.members else {})}
 
@@ -460,7 +467,7 @@ class Gateway:
             aliases = self.served.get(name, {})
             ref = choose_alias(ref, self.cfg.canary_share, "challenger" in aliases
                                and aliases.get("challenger") != aliases.get("champion"))
-            seen.key = key = served_key(name, self._version(name, ref))
+            seen.key = key = served_key(name, self.rollouts.route(name, ref, self._version(name, ref)))
             response = self.model.options(multiplexed_model_id=key).run.remote(op, payload)
             try:
                 result = await asyncio.wait_for(_awaited(response), self.cfg.request_timeout_s)
@@ -482,7 +489,7 @@ class Gateway:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.cfg.model_name, "aliases": self.aliases, "mode": self.cfg.mode,
-                **({"models": len(self.served)} if self.cfg.members else {})}
+                **({"models": len(self.served)} if self.cfg.members else {}), **self.rollouts.status()}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -546,13 +553,13 @@ class Gateway:
 # ----------------------------------------------------------------------------- entry points
 
 
-def build_app(cfg: ServeConfig, token: Secret | None = None):
-    """The Serve application graph for `cfg` (not started)."""
+def build_app(cfg: ServeConfig, token: Secret | None = None, webhook: Secret | None = None):
+    """The Serve application graph for `cfg` (not started); `webhook` hears of automatic rollbacks."""
     model_cls = AdapterModel if cfg.mode == "adapter" else MergedModel
     gpus = 1 if cfg.device.startswith("cuda") else 0
     model = model_cls.options(num_replicas=cfg.num_replicas,
                               ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(cfg.model_dump())
-    return Gateway.bind(model, cfg.model_dump(), token)
+    return Gateway.bind(model, cfg.model_dump(), token, webhook)
 
 
 def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str | None = None):
@@ -570,7 +577,7 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
         with _sigterm_kept():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    handle = serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix="/", blocking=False)
+    handle = serve.run(build_app(cfg, token, resolve_webhook()), name=cfg.app_name, route_prefix="/", blocking=False)
     logger.info("serving %s on http://%s:%s (auth %s)", ", ".join(cfg.served), cfg.host, cfg.port, "on" if token else "off")
     return handle
 

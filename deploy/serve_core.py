@@ -11,10 +11,12 @@ import json
 import os
 import random
 import reprlib
-from collections import deque
+import threading
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Literal
 
+from prefect_lora.deploy.rollout import RolloutConfig
 from prefect_lora.lora_tasks.config_io import StrictNumbers, plain, read_yaml
 from prefect_lora.lora_tasks.errors import ConfigError
 from prefect_lora.lora_tasks.versions import canonical_version, is_version
@@ -58,10 +60,15 @@ class ServeConfig(StrictNumbers):
     max_batch: int = Field(16, ge=1)
     """Most prompts (or texts to classify) in one request."""
     batch_max_rows: int = Field(16, ge=1)
-    """Most rows (prompts or texts of concurrent requests for the same version, operation and
-    sampling) run in one forward pass on a replica; 1 runs each request alone."""
+    """Most rows (prompts or texts of concurrent requests that can share a forward pass) run
+    together on a replica, in a batch or a continuous batch; 1 runs each request alone."""
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long an idle replica waits for requests sent at the same moment to join its batch."""
+    continuous_batching: bool = True
+    """Generations batch continuously: a request that arrives while a batch generates joins it at
+    its next forward pass (in `adapter` mode whatever its version; any `max_tokens` and
+    temperature), and each request is answered as soon as its rows end. Off: requests of one
+    version, operation and sampling form a batch that runs to its end before the next starts."""
     members: list[str] = Field(default_factory=list)
     """More registered models on the same base (a fleet's members), served by the same replicas
     beside `model_name`, each following its own aliases: a request picks one with
@@ -90,6 +97,10 @@ class ServeConfig(StrictNumbers):
     allow_unauthenticated: bool = False
     """Serve on a non-loopback `host` with no bearer token: refused unless this is true (for a
     network that already authenticates, e.g. behind a gateway)."""
+    rollout: RolloutConfig | None = None
+    """A staged rollout after each promotion: the new champion takes `steps` of the traffic beside
+    the previous one, advancing on live signals no worse than its, rolled back on worse ones;
+    null: a promotion takes all traffic at once."""
 
     @property
     def served(self) -> list[str]:
@@ -475,50 +486,141 @@ class MicroBatcher:
     operation, sampling) that wait while the model is busy, or arrive within `wait_s` of each
     other, are joined in arrival order up to `max_rows` rows; `run(key, items)` runs one batch
     at a time in a thread and returns one result per item (an exception fails only its item).
-    A request whose caller gave up (cancelled) is left out of the batch that would have run it."""
+    A request whose caller gave up (cancelled) is left out of the batch that would have run it.
 
-    def __init__(self, run, max_rows: int, wait_s: float):
-        self._run, self.max_rows, self.wait_s = run, max_rows, wait_s
-        self._queue: list[tuple[object, object, int, asyncio.Future]] = []
+    A request submitted `streamed` runs with `stream(key, intake)` instead: a batch that takes in
+    the requests of its key that arrive while it runs and answers each as soon as it is done
+    (`Intake`: continuous batching)."""
+
+    def __init__(self, run, max_rows: int, wait_s: float, stream=None):
+        self._run, self._stream, self.max_rows, self.wait_s = run, stream, max_rows, wait_s
+        self._queue: list[tuple[object, object, int, asyncio.Future, bool]] = []
+        self._queue_lock = threading.Lock()  # a streamed batch takes from the queue in its own thread
         self._worker: asyncio.Task | None = None
         self.batches: deque[int] = deque(maxlen=1000)
-        """Rows of the latest batches (for tests and logs)."""
+        """Rows of the latest forward passes: each batch, or each decoding step of a streamed one
+        (for tests and logs)."""
+        self.rows_seen: Counter[int] = Counter()
+        """Forward passes by their rows, since the start (for the bench)."""
+        self.joins: deque[tuple[int, int, int]] = deque(maxlen=1000)
+        """(batch number, step, rows) of the requests a streamed batch took in after it started."""
+        self.started = 0
+        """Batches started so far (a streamed batch's number)."""
 
-    async def submit(self, key, item, rows: int = 1):
+    async def submit(self, key, item, rows: int = 1, streamed: bool = False):
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((key, item, rows, future))
+        with self._queue_lock:
+            self._queue.append((key, item, rows, future, streamed))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
 
-    def _take(self) -> list[tuple]:
-        """The first waiting request and those after it with its key, up to `max_rows` rows."""
-        key, batch, rest, rows = self._queue[0][0], [], [], 0
-        for entry in self._queue:
-            if entry[0] == key and (not batch or rows + entry[2] <= self.max_rows):
-                batch.append(entry)
-                rows += entry[2]
-            else:
-                rest.append(entry)
-        self._queue = rest
+    def _take(self, key, room: int, stop_at_other: bool = False) -> list[tuple]:
+        """The waiting requests with `key` in arrival order, up to `room` rows (the first always,
+        when it leads the queue); with `stop_at_other`, none behind a request of another key (it
+        goes next). Requests whose caller gave up are dropped."""
+        with self._queue_lock:
+            batch, rest, rows = [], [], 0
+            for at, entry in enumerate(self._queue):
+                if stop_at_other and entry[0] != key:
+                    rest += self._queue[at:]
+                    break
+                if entry[0] == key and (not batch and not stop_at_other or rows + entry[2] <= room):
+                    batch.append(entry)
+                    rows += entry[2]
+                else:
+                    rest.append(entry)
+            self._queue = rest
         return [e for e in batch if not e[3].done()]
+
+    def _record(self, rows: int) -> None:
+        self.batches.append(rows)
+        self.rows_seen[rows] += 1
 
     async def _drain(self) -> None:
         while self._queue:
             if self.wait_s and sum(e[2] for e in self._queue) < self.max_rows:
                 await asyncio.sleep(self.wait_s)  # let requests sent at the same moment join
-            batch = self._take()
+            batch = self._take(self._queue[0][0], self.max_rows)
             if not batch:
                 continue
-            self.batches.append(sum(e[2] for e in batch))
+            self.started += 1
+            if batch[0][4] and self._stream is not None:
+                await self._run_streamed(batch)
+                continue
+            self._record(sum(e[2] for e in batch))
             try:
                 results = await asyncio.to_thread(self._run, batch[0][0], [e[1] for e in batch])
             except Exception as exc:  # noqa: BLE001  (the whole batch failed: each caller gets the error)
                 results = [exc] * len(batch)
-            for (_, _, _, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            for (_, _, _, future, _), result in zip(batch, results):
+                _settle(future, result)
+
+    async def _run_streamed(self, batch: list[tuple]) -> None:
+        intake = Intake(self, batch, asyncio.get_running_loop())
+        try:
+            await asyncio.to_thread(self._stream, batch[0][0], intake)
+        except Exception as exc:  # noqa: BLE001  (the batch failed: each caller not answered yet gets the error)
+            intake.fail(exc)
+        else:
+            intake.fail(RuntimeError("the batch ended without answering this request"))
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class Intake:
+    """A streamed batch's side of its `MicroBatcher`, used from the thread that runs the batch:
+    the requests it takes in (`take`: its first ones, then those of its key that arrived since,
+    within `max_rows` rows of what still runs, none while a request of another key waits),
+    whether a caller gave up (`gone`), each answer as soon as it is ready (`answer`), and its
+    forward passes (`stepped`: the batcher's records). Requests are known by ticket."""
+
+    def __init__(self, batcher: MicroBatcher, first: list[tuple], loop: asyncio.AbstractEventLoop):
+        self._batcher, self._loop, self.key = batcher, loop, first[0][0]
+        self.number, self.step = batcher.started, 0
+        self._first: list[tuple] | None = first
+        self._open: dict[int, tuple] = {}  # ticket -> entry, not answered yet
+        self._tickets = 0
+
+    def take(self, running_rows: int) -> list[tuple[int, object, int]]:
+        """(ticket, item, rows) of each request to take in now, in arrival order."""
+        if self._first is not None:
+            entries, self._first = self._first, None
+        else:
+            entries = self._batcher._take(self.key, self._batcher.max_rows - running_rows, stop_at_other=True)
+            if entries and self.step:
+                self._batcher.joins.append((self.number, self.step, sum(e[2] for e in entries)))
+        taken = []
+        for entry in entries:
+            self._tickets += 1
+            self._open[self._tickets] = entry
+            taken.append((self._tickets, entry[1], entry[2]))
+        return taken
+
+    def gone(self, ticket: int) -> bool:
+        """Whether the request's caller gave up (its answer would go nowhere)."""
+        return ticket not in self._open or self._open[ticket][3].done()
+
+    def answer(self, ticket: int, result) -> None:
+        """Send a request its result (or the exception that fails it alone)."""
+        entry = self._open.pop(ticket, None)
+        if entry is not None:
+            self._loop.call_soon_threadsafe(_settle, entry[3], result)
+
+    def stepped(self, rows: int) -> None:
+        """Record one forward pass over `rows` rows."""
+        self.step += 1
+        self._batcher._record(rows)
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail every request not answered yet (called in the event loop when the batch ends)."""
+        for entry in self._open.values():
+            _settle(entry[3], exc)
+        self._open.clear()

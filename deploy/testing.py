@@ -7,6 +7,9 @@ the retraining flow does (pyfunc model from code, lineage tags, `challenger` ali
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect_lora.lora_tasks.config import config_from_dict
@@ -76,6 +79,64 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
         aliases.set_challenger(tracking_uri, name, versions[-1], "a random adapter, for serving tests", run_id)
         tracking.end_run(tracking_uri, run_id)
     return versions
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request of a `Load`: when it was sent and answered (monotonic seconds), its status, and
+    the version and text that answered it (None when it failed)."""
+
+    sent: float
+    done: float
+    status: int
+    version: str | None
+    text: str | None
+
+
+class Load:
+    """`clients` threads sending greedy completions to the champion (`model` NAME) until `stop()`,
+    each as soon as its previous one is answered; every request is kept (`Sent`). A request that
+    gets no HTTP answer (connection refused, timeout) counts as status 0."""
+
+    def __init__(self, url: str, model: str, prompts: list[str], clients: int = 8, max_tokens: int = 16,
+                 headers: dict | None = None):
+        self.url, self.model, self.prompts, self.clients, self.max_tokens = url, model, prompts, clients, max_tokens
+        self.headers, self.sent, self._threads, self._stop = headers or {}, [], [], threading.Event()
+
+    def start(self) -> Load:
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> list[Sent]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(300)
+        return self.sent
+
+    def _client(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=300, headers=self.headers) as c:
+            k = i
+            while not self._stop.is_set():
+                body = {"model": self.model, "prompt": self.prompts[k % len(self.prompts)],
+                        "max_tokens": self.max_tokens, "temperature": 0}
+                k += self.clients
+                sent = time.monotonic()
+                try:
+                    r = c.post("/v1/completions", json=body)
+                    status, answer = r.status_code, (r.json() if r.status_code == 200 else {})
+                except httpx.HTTPError:
+                    status, answer = 0, {}
+                version = answer["model"].rsplit("/", 1)[1] if answer else None
+                self.sent.append(Sent(sent, time.monotonic(), status, version,
+                                      answer["choices"][0]["text"] if answer else None))
+
+    def failed(self) -> list[Sent]:
+        return [s for s in self.sent if s.status != 200]
 
 
 HUGE_DIGITS = "9" * 5000

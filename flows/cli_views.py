@@ -128,12 +128,14 @@ def _lineage_line(v: dict, base: str | None) -> str:
 
 
 def history_view(name: str, versions: list[dict], moves: list[dict]) -> Group:
-    """Every version (number, creation, aliases, decision, run), then every alias move and kept
-    decision, oldest first: when, which alias, what, from and to, by whom, and why (whole lines)."""
+    """Every version (number, creation, aliases, decision, the end of its staged rollout where a
+    server rolled one out, run), then every alias move and kept decision, oldest first: when, which
+    alias, what, from and to, by whom, and why (whole lines)."""
+    rollouts = any(v.get("rollout") for v in versions)
     rows = [[v["version"], _when_ms(v["created_ms"]), ", ".join(v["aliases"]) or NONE, decision(v["decision"] or NONE),
-             str(v["run_id"] or NONE)] for v in versions]
-    parts: list = [Text(f"{name}: versions", style="bold"),
-                   FittedTable(["version", "created", "aliases", "decision", "MLflow run"], rows),
+             *([v.get("rollout") or NONE] if rollouts else []), str(v["run_id"] or NONE)] for v in versions]
+    header = ["version", "created", "aliases", "decision", *(["rollout"] if rollouts else []), "MLflow run"]
+    parts: list = [Text(f"{name}: versions", style="bold"), FittedTable(header, rows),
                    "", Text(f"{name}: alias moves and kept decisions, oldest first", style="bold")]
     if not moves:
         parts.append(Text("none recorded", style="dim"))

@@ -191,6 +191,39 @@ def _write_audit(c: MlflowClient, record: AliasRecord) -> None:
         c.log_artifact(run_id, str(Path(tmp) / file), AUDIT_DIR)
 
 
+MOVES = ("auto-promote", "promote", "rollback")
+"""The actions that move `champion` to another version (the others record a decision)."""
+
+
+def last_move(tracking_uri: str, name: str, alias: str = CHAMPION) -> dict | None:
+    """The latest audit record that moved `alias` (`MOVES`), or None; reads one record, not
+    the whole history (the records' file names hold their time, alias and action)."""
+    import tempfile
+
+    c = client(tracking_uri)
+    model = require_model(c, name)
+    if any(k.startswith(LEGACY_AUDIT_TAG_PREFIX) for k in model.tags):
+        return next((r for r in reversed(alias_history(tracking_uri, name, alias)) if r.get("action") in MOVES), None)
+    run_id = model.tags.get(AUDIT_RUN_TAG)
+    names = [Path(f.path).name for f in c.list_artifacts(run_id, AUDIT_DIR)] if run_id else []
+    moves = [n for n in names if any(f"-{alias}-{action}-v" in n for action in MOVES)]
+    if not moves:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(c.download_artifacts(run_id, f"{AUDIT_DIR}/{max(moves)}", tmp)).read_text())
+
+
+def note(tracking_uri: str, name: str, version: str, *, action: str, reason: str, actor: str | None = None,
+         details: dict | None = None, alias: str = CHAMPION) -> AliasRecord:
+    """An audit record of a decision about `version` that moves no alias (a staged rollout's
+    start, steps and end), so the history reads as one timeline."""
+    version = canonical_version(version)
+    record = AliasRecord(name, alias, action, version, version, reason, actor or default_actor(), now_iso(),
+                         dict(details or {}))
+    _write_audit(client(tracking_uri), record)
+    return record
+
+
 def compare_and_set_alias(
     tracking_uri: str, name: str, to_version: str, *, expected: str | None, reason: str, action: str,
     alias: str = CHAMPION, actor: str | None = None, details: dict | None = None, lock_timeout_s: float = 120.0,
@@ -315,10 +348,14 @@ def previous_champion(tracking_uri: str, name: str) -> str | None:
 
 def rollback_champion(
     tracking_uri: str, name: str, to_version: str | None = None, reason: str | None = None, actor: str | None = None,
-    lock: AliasLock | None = None,
+    lock: AliasLock | None = None, *, from_version: str | None = None, details: dict | None = None,
 ) -> AliasRecord:
-    """Point `champion` back at `to_version`, or at the previous champion by default; audited."""
+    """Point `champion` back at `to_version`, or at the previous champion by default; audited.
+    With `from_version`, only while the champion is still that version (else `ChampionChanged`):
+    a staged rollout rolls back the version it watched, never a newer promotion."""
     current = get_alias(tracking_uri, name, CHAMPION)
+    if from_version is not None:
+        current = get_version(tracking_uri, name, from_version)
     if to_version is None:
         require_model(client(tracking_uri), name)
         to_version = previous_champion(tracking_uri, name)
@@ -329,7 +366,7 @@ def rollback_champion(
             )
     reason = reason or f"rollback from version {current.version if current else None}"
     return compare_and_set_alias(tracking_uri, name, str(to_version), expected=current.version if current else None,
-                                 reason=reason, action="rollback", actor=actor, lock=lock)
+                                 reason=reason, action="rollback", actor=actor, details=details, lock=lock)
 
 
 def protected_versions(tracking_uri: str, name: str) -> set[str]:

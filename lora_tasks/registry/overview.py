@@ -85,7 +85,8 @@ def model_status(tracking_uri: str, name: str) -> dict:
 
 
 def versions_overview(tracking_uri: str, name: str) -> list[dict]:
-    """Every version of `name`, oldest first: number, creation time (ms), aliases, gate decision, run."""
+    """Every version of `name`, oldest first: number, creation time (ms), aliases, gate decision,
+    its staged rollout where one served it (`rolled-back at 0.25`), run."""
     if (rows := _read_locally(tracking_uri, lambda store: store.versions_overview(name))) is not None:
         return rows
     from .registry import require_model
@@ -145,8 +146,9 @@ def _by_version(aliases: dict[str, str]) -> dict[str, list[str]]:
 
 def _version_row(version, created_ms: int | None, aliases: dict[str, list[str]], tags: dict[str, str],
                  run_id: str | None) -> dict:
+    rollout = " at ".join(filter(None, (tags.get("rollout.state"), tags.get("rollout.step"))))  # a served rollout's end
     return {"version": str(version), "created_ms": created_ms, "aliases": aliases.get(str(version), []),
-            "decision": tags.get("promotion.decision", ""), "run_id": run_id}
+            "decision": tags.get("promotion.decision", ""), "rollout": rollout or None, "run_id": run_id}
 
 
 class _LocalStore:

@@ -129,6 +129,54 @@ def test_promotion_and_rollback_swap_under_load_without_failures(server):
     assert next(r[2] for r in results if r[0] < t_promoted) == v1
 
 
+def _generate(client, model: str, route: str, max_tokens: int) -> tuple[str, str, int]:
+    """(text, finish reason, completion tokens) of a greedy completion or chat of PROMPT."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if route == "chat":
+        r = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": PROMPT}]})
+        choice = r.json()["choices"][0] if r.status_code == 200 else {}
+        text = choice.get("message", {}).get("content")
+    else:
+        r = client.post("/v1/completions", json={**body, "prompt": PROMPT})
+        choice = r.json()["choices"][0] if r.status_code == 200 else {}
+        text = choice.get("text")
+    assert r.status_code == 200, r.text
+    return text, choice["finish_reason"], r.json()["usage"]["completion_tokens"]
+
+
+def test_concurrent_generations_batch_continuously_and_each_answers_as_alone(server):
+    """Completions and chats of both versions asking for 16, 3 or 2 tokens, from 6 clients at
+    once: each greedy answer is the one the request gets alone, and the replica ran passes of
+    several rows (continuous batching is on by default)."""
+    import httpx
+
+    c, cfg = server["client"], server["cfg"]
+    asks = [(f"{NAME}/{v}", route, n) for v in (server["v1"], server["v2"]) for route, n in
+            (("complete", 16), ("chat", 3), ("complete", 2))]
+    alone = {a: _generate(c, *a) for a in asks}
+    assert len({text for text, _, _ in alone.values()}) == len(asks), "every ask answers differently"
+    before = c.get("/admin/stats").json()["replica"]["passes_by_rows"]
+    results = []
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as own:
+            for k in range(4):
+                ask = asks[(i + k) % len(asks)]
+                results.append((ask, _generate(own, *ask)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 24
+    assert [answer for _, answer in results] == [alone[ask] for ask, _ in results]
+    after = c.get("/admin/stats").json()["replica"]["passes_by_rows"]
+    shared = {rows: n - before.get(rows, 0) for rows, n in after.items() if int(rows) >= 2}
+    assert sum(shared.values()) > 0, f"no pass ran several rows: {after}"
+
+
 @pytest.mark.parametrize("kwargs, status, needle", [
     ({"json": {"prompt": "x" * 401}}, 400, "limit is 400"),
     ({"json": {"prompt": "x" * 100}}, 400, "tokens; the limit is 64"),

@@ -128,6 +128,14 @@ def test_history_says_each_move_in_a_few_lines_oldest_first():
     assert re.search(r"^1\s+2026-12-07 08:16:43\s+challenger, champion\s+promoted\s+ea91a3eb", out, re.MULTILINE), out
 
 
+def test_history_shows_a_staged_rollouts_end_only_for_models_that_had_one():
+    rolled = [VERSIONS[0], {**VERSIONS[1], "rollout": "rolled-back at 0.25"}]
+    out = _render(history_view("demo-orders", rolled, MOVES), 120)
+    assert re.search(r"^version\s+created\s+aliases\s+decision\s+rollout\s+MLflow run", out, re.MULTILINE), out
+    assert re.search(r"^2\s+.*rejected\s+rolled-back at 0\.25\s+d542c556", out, re.MULTILINE), out
+    assert "rollout" not in _render(history_view("demo-orders", VERSIONS, MOVES), 120).split("alias moves")[0]
+
+
 def test_column_widths_shrink_the_widest_slack_first_headers_before_cells_and_never_below_a_word():
     assert fit_widths([20, 10, 12], 30, [5, 10, 3]) == [11, 10, 9]
     assert fit_widths([20, 10, 12], 40, [5, 10, 3]) == [18, 10, 12]

@@ -21,7 +21,9 @@ def _models(dep: dict) -> list[str]:
     params = dep["parameters"]
     if "config_path" in params:
         return [load_config(REPO / params["config_path"]).model_name]
-    return [m.name for m in load_fleet(REPO / params["fleet_path"]).members]
+    if "fleet_path" in params:
+        return [m.name for m in load_fleet(REPO / params["fleet_path"]).members]
+    return [params["model_name"]]
 
 
 @pytest.mark.parametrize("dep", SPEC["deployments"], ids=lambda d: d["name"])
@@ -56,9 +58,8 @@ def test_one_scheduled_retraining_per_registered_model(monkeypatch):
 def test_the_data_changed_trigger_matches_the_watchers_event_and_names_the_member():
     from prefect_lora.flows.fleet import DATA_CHANGED
 
-    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers") and d["triggers"][0]["expect"] == [DATA_CHANGED]]
     (trigger,) = dep["triggers"]
-    assert trigger["expect"] == [DATA_CHANGED]
     assert trigger["match"]["prefect-lora.fleet"] == dep["parameters"]["fleet_path"]
     assert trigger["parameters"]["members"] == ["{{ event.resource['prefect-lora.member'] }}"]
 
@@ -74,7 +75,7 @@ def test_the_trigger_renders_the_events_member_into_the_flows_parameters():
     from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
     from prefect_lora.flows.fleet import DATA_CHANGED
 
-    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    (dep,) = [d for d in SPEC["deployments"] if d.get("triggers") and d["triggers"][0]["expect"] == [DATA_CHANGED]]
     params = copy.deepcopy(dep["triggers"][0]["parameters"])
     RunDeployment._upgrade_v1_templates(params)
     event = ReceivedEvent(occurred=datetime.datetime.now(datetime.timezone.utc), event=DATA_CHANGED, id=uuid.uuid4(),
@@ -82,3 +83,29 @@ def test_the_trigger_renders_the_events_member_into_the_flows_parameters():
                                     "prefect-lora.member": "sums-short", "prefect-lora.fleet": "configs/fleets/tiny.yaml"})
     rendered = hydrate(params, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event}))
     assert rendered == {"fleet_path": "configs/fleets/tiny.yaml", "members": ["sums-short"]}
+
+
+def test_a_served_rollouts_rollback_request_runs_the_rollback_flow_for_that_version_only():
+    """As Prefect renders the trigger from the event the gateway emits (`rollout_control`): the
+    version the rollout watched, the one before it, and the reason with its figures."""
+    import datetime
+    import uuid
+
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+    from prefect_lora.deploy.live_export import event
+    from prefect_lora.deploy.rollout_control import EVENT_PREFIX
+
+    (dep,) = [d for d in SPEC["deployments"] if d["entrypoint"].endswith("rollback:rollback")]
+    (trigger,) = dep["triggers"]
+    assert trigger["expect"] == [EVENT_PREFIX + "rollback-requested"]
+    reason = "rollback: output-check failures 1.00 [0.57, 1.00] vs 0.02 on the previous version 3, 5 requests vs 95"
+    sent = event(EVENT_PREFIX + "rollback-requested", "demo-orders", "4", {"previous_version": "3", "reason": reason})
+    assert sent["resource"]["prefect.resource.id"].startswith(trigger["match"]["prefect.resource.id"].rstrip("*"))
+    received = ReceivedEvent(occurred=datetime.datetime.now(datetime.timezone.utc), id=uuid.uuid4(), **sent)
+    params = trigger["parameters"]
+    RunDeployment._upgrade_v1_templates(params)
+    context = HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": received})
+    rendered = hydrate(params, context)
+    assert rendered == {"model_name": "demo-orders", "from_version": "4", "to_version": "3", "reason": reason}

@@ -160,11 +160,15 @@ def test_serve_config_errors_are_one_message(tmp_path):
     assert "canary_share" in str(exc.value) and "surprise" in str(exc.value)
 
 
-def test_the_example_serve_config_loads():
+def test_the_example_serve_configs_load():
     from pathlib import Path
 
-    cfg = load_serve_config(Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml", model_name="m", port=9000)
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    cfg = load_serve_config(deploy / "serve.yaml", model_name="m", port=9000)
     assert cfg.port == 9000 and cfg.mode == "adapter" and cfg.trust_remote_code is False
+    assert cfg.rollout is None  # a promotion takes all traffic at once unless a rollout is configured
+    demo = load_serve_config(deploy / "serve-rollout-demo.yaml", model_name="demo-orders")
+    assert demo.rollout.steps[-1] == 1.0 and demo.rollout.rollback == "serve"
 
 
 def test_token_from_a_prefect_secret_block(monkeypatch):
@@ -301,3 +305,68 @@ def test_a_serve_config_that_yaml_makes_huge_is_one_message(tmp_path, content, s
     with pytest.raises(ValueError, match=says) as err:
         load_serve_config(path, model_name="m")
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def _streamed(log: list, running, go):
+    """A streamed batch (`MicroBatcher`'s `stream`) that takes its first requests, runs a pass,
+    says so and waits for `go`, takes what arrived meanwhile, runs a pass, then answers all
+    (`bad` fails the batch)."""
+
+    def stream(key, intake):
+        first = intake.take(0)
+        intake.stepped(sum(rows for _, _, rows in first))
+        running.set()
+        assert go.wait(10)
+        later = intake.take(sum(rows for _, _, rows in first))
+        log.append(([item for _, item, _ in first], [item for _, item, _ in later]))
+        intake.stepped(sum(rows for _, _, rows in first + later))
+        for ticket, item, _ in first + later:
+            if item == "bad":
+                raise RuntimeError("the model failed")
+            intake.answer(ticket, f"{key}:{item}")
+    return stream
+
+
+def test_a_streamed_batch_takes_in_arrivals_of_its_key_within_its_rows_and_none_behind_another_key():
+    import asyncio
+    import threading
+
+    from prefect_lora.deploy.serve_core import MicroBatcher
+
+    log: list = []
+    running, go = threading.Event(), threading.Event()
+
+    async def main():
+        b = MicroBatcher(_batched_run([]), max_rows=4, wait_s=0.0, stream=_streamed(log, running, go))
+        first = asyncio.ensure_future(b.submit("g", "a", streamed=True))
+        assert await asyncio.to_thread(running.wait, 10)
+        later = [asyncio.ensure_future(b.submit(key, item, rows, streamed=key == "g"))
+                 for key, item, rows in [("g", "b", 2), ("g", "c", 2), ("g", "d", 1), ("x", "e", 1), ("g", "f", 1)]]
+        await asyncio.sleep(0)  # all queued
+        go.set()
+        return b, await asyncio.gather(first, *later)
+
+    b, results = asyncio.run(main())
+    assert results == ["g:a", "g:b", "g:c", "g:d", "x:e", "g:f"]
+    # a runs; b and d join it (c's 2 rows would pass 4); f waits behind e, which runs next
+    assert log == [(["a"], ["b", "d"]), (["c", "f"], [])]
+    assert list(b.joins) == [(1, 1, 3)], "batch 1 took in 3 rows after its first pass"
+    assert b.started == 3 and list(b.batches) == [1, 4, 3, 3, 1]
+
+
+def test_a_streamed_batch_that_fails_fails_the_requests_it_has_not_answered():
+    import asyncio
+    import threading
+
+    from prefect_lora.deploy.serve_core import MicroBatcher
+
+    running, go = threading.Event(), threading.Event()
+    go.set()
+
+    async def main():
+        b = MicroBatcher(_batched_run([]), max_rows=4, wait_s=0.0, stream=_streamed([], running, go))
+        jobs = [b.submit("g", item, streamed=True) for item in ("a", "bad", "c")]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    a, bad, c = asyncio.run(main())
+    assert a == "g:a" and isinstance(bad, RuntimeError) and isinstance(c, RuntimeError), (a, bad, c)

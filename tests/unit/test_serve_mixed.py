@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from prefect_lora.deploy.decoding import generate_rows
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_each_row_of_a_mixed_batch_answers_as_its_adapter_alone(replica):
     for key in ("m/0", "m/1", "m/2"):
         model, names = replica.adapters.activate([key])
         assert names is None, "one adapter: made the active one"
-        alone[key] = replica._generate(model, PROMPTS, True, [8] * 3, 0.0)["texts"]
+        alone[key] = generate_rows(model, replica.tokenizer, PROMPTS, True, [8] * 3, 0.0, "cpu")["texts"]
     assert len({tuple(t) for t in alone.values()}) == 3, "the three adapters answer differently"
     assert replica.adapters.stats()["evictions"] >= 1, "at most 2 attached: the least recently used went"
     keys = ["m/2", "m/0", "m/1", "m/0"]
@@ -45,8 +46,22 @@ def test_each_row_of_a_mixed_batch_answers_as_its_adapter_alone(replica):
     texts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
     with replica.adapters.by_row(names) as extra:
         assert extra == {}, "plain LoRA layers: routed by our hooks, not PEFT's"
-        out = replica._generate(model, texts, True, [8, 8, 4, 8], 0.0, **extra)
+        out = generate_rows(model, replica.tokenizer, texts, True, [8, 8, 4, 8], 0.0, "cpu", **extra)
     expected = [alone["m/2"][0], alone["m/0"][1], alone["m/1"][2], alone["m/0"][0]]
     assert out["texts"][:2] + out["texts"][3:] == expected[:2] + expected[3:]
     assert expected[2].startswith(out["texts"][2]) and out["completion_tokens"][2] <= 4, "its own max_tokens"
     assert len(out["prompt_tokens"]) == 4 and out["finish"][2] in {"stop", "length"}
+
+
+@pytest.mark.parametrize("attention, window, joins", [("sdpa", None, True), ("eager", None, False),
+                                                       ("flash_attention_2", None, False), ("sdpa", 8, False)])
+def test_a_model_batches_continuously_only_on_sdpa_with_a_cache_that_only_grows(attention, window, joins):
+    """`use_rows_attention`: packed rows attend by row through sdpa, over a cache that only grows."""
+    from prefect_lora.deploy.decoding import ROWS_ATTENTION, use_rows_attention
+    from transformers import MistralConfig
+
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100, sliding_window=window)
+    config._attn_implementation = attention
+    assert use_rows_attention(SimpleNamespace(config=config)) is joins
+    assert config._attn_implementation == (ROWS_ATTENTION if joins else attention)

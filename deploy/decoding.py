@@ -1,0 +1,365 @@
+"""Text generation for a serving replica: prompts as the model reads them, one `generate` per
+batch, and continuous batching.
+
+`RunningBatch` is a decoding loop that transformers' `generate` cannot be: rows join it between
+two passes and leave it as soon as they end, so a request is answered when its rows are done, not
+when the batch is (`decode_continuously` runs it for a replica). transformers' own continuous
+batching (`generate_batch`, `init_continuous_batching`, 5.25) runs on a CPU and with a PEFT model,
+but takes no adapter per request (`adapter_names` is dropped: every row ran the active adapter)
+and spent 51 s on 3 prompts of 8 tokens of the tiny test model here: rows of different adapters
+in one batch are what a replica needs. No Serve, no HTTP: `deploy/serve.py`'s replicas run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from prefect_lora.lora_tasks.training.encoding import format_prompts
+
+
+def prompt_texts(tokenizer, mcfg: dict, payload: dict) -> tuple[list[str], bool, list[list[int]]]:
+    """A request's prompts as the model reads them (a chat through its template, completions
+    formatted as in training; `payload["op"]` says which), whether the tokenizer should add
+    special tokens, and their token ids."""
+    texts, special = _chat_text(tokenizer, mcfg, payload["messages"]) if payload["op"] == "chat" else \
+        format_prompts(payload["prompts"], tokenizer, bool(mcfg.get("chat_template")), mcfg.get("system_prompt"))
+    return texts, special, tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _chat_text(tokenizer, mcfg: dict, messages: list[dict]) -> tuple[list[str], bool]:
+    if getattr(tokenizer, "chat_template", None):
+        if mcfg.get("system_prompt") and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": mcfg["system_prompt"]}] + messages
+        return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)], False
+    # No chat template: the model was trained on bare prompts, so the last user turn is the prompt.
+    return [next(m["content"] for m in reversed(messages) if m["role"] == "user")], True
+
+
+def _answers(tokenizer, rows: list[list[int]], max_tokens: list[int], prompt_tokens: list[int]) -> dict:
+    """A generation's per-row result: each row's text up to its end token and its first
+    `max_tokens`, why it ended (`stop`: the end token; `length`), its tokens in and out."""
+    eos = tokenizer.eos_token_id
+    result = {"texts": [], "finish": [], "prompt_tokens": list(prompt_tokens), "completion_tokens": []}
+    for row, most in zip(rows, max_tokens):
+        row = row[:most]
+        n = row.index(eos) if eos in row else len(row)
+        result["completion_tokens"].append(n)
+        result["finish"].append("stop" if n < most else "length")
+        result["texts"].append(tokenizer.decode(row[:n], skip_special_tokens=True))
+    return result
+
+
+def generate_rows(model, tokenizer, texts: list[str], special: bool, max_tokens: list[int], temperature: float,
+                  device, **extra) -> dict:
+    """One `generate` over rows that may ask for different numbers of new tokens: it runs to the
+    largest (or until every row has ended) and each row keeps its own first tokens."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+        sample = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
+            {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max(max_tokens), pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sample, **extra)
+    finally:
+        tokenizer.padding_side = side
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    return _answers(tokenizer, new, max_tokens, enc["attention_mask"].sum(-1).tolist())
+
+
+ROWS_ATTENTION = "prefect_lora_rows"
+"""The attention of a model that batches continuously (`use_rows_attention`): sdpa's, by row in a
+packed pass."""
+
+
+def use_rows_attention(model) -> bool:
+    """Let `model` run packed passes (`RunningBatch`): its attention becomes `ROWS_ATTENTION`,
+    which is sdpa's (its masks too) except in a packed pass, where it attends by row. Only a
+    model on sdpa whose every layer's cache is a plain growing one (no sliding window, no linear
+    attention); False, and the model unchanged, for any other."""
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", ROWS_ATTENTION):
+        return False
+    try:
+        plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    except Exception:  # noqa: BLE001  (a config transformers cannot read a cache from: not ours to run)
+        return False
+    if plain:
+        AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
+        AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
+        config._attn_implementation = ROWS_ATTENTION
+    return plain
+
+
+@dataclass
+class _PassRows:
+    """How a packed pass's tokens attend (`_rows_attention`): the first `reading` tokens are one
+    each of rows that have cached tokens, whose keys are `keys` (positions in the cache and this
+    pass, padded; `mask` true on real ones); then the prompts of rows that joined, each `(start,
+    end)` of the pass, attending causally to themselves."""
+
+    reading: int
+    keys: torch.Tensor  # [rows, longest]
+    mask: torch.Tensor  # [rows, 1, 1, longest]
+    prompts: list[tuple[int, int]]
+    past: int  # cached tokens before the pass
+
+
+def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_rows=None, **kwargs):
+    """sdpa's attention; in a packed pass (`packed_rows`), each row attends to its own tokens
+    only: the rows reading one token as one padded batch, each joining row's prompt causally."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    rows, outs = packed_rows, []
+    if rows.reading:
+        q = query[0, :, :rows.reading, None].transpose(0, 1)  # [rows, heads, 1, dim]
+        k, v = (x[0][:, rows.keys].transpose(0, 1) for x in (key, value))  # [rows, kv heads, longest, dim]
+        out, _ = sdpa_attention_forward(module, q, k, v, rows.mask, scaling=scaling, is_causal=False)
+        outs.append(out.transpose(0, 1))  # [1, rows, heads, dim]
+    for start, end in rows.prompts:
+        own = slice(rows.past + start, rows.past + end)
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, own], value[:, :, own], None,
+                                        scaling=scaling, is_causal=True)
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+@dataclass
+class Row:
+    """One prompt in a running batch: who asked (`owner`, with its index among the request's
+    rows), its sampling, the tokens it has so far, those its next pass reads (`pending`: its
+    prompt, then its last token) and where its tokens sit in the batch's cache (`slots`)."""
+
+    owner: object
+    index: int
+    max_tokens: int
+    temperature: float
+    pending: list[int]
+    tokens: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+    def ended(self, eos: int | None) -> bool:
+        return len(self.tokens) >= self.max_tokens or (eos is not None and self.tokens[-1:] == [eos])
+
+
+class RunningBatch:
+    """Rows decoding together, packed: one forward pass reads every row's pending tokens side by
+    side in one sequence (the rows that run: their last token; a row that joined: its whole
+    prompt), so a join costs its prompt's tokens, not a pass of its own (on a CPU a pass costs
+    mostly reading the weights, once for all its tokens). The KV cache is one sequence too; each
+    row attends to its own tokens only (`_rows_attention`: the model must `use_rows_attention`),
+    at its own positions. `admit` adds rows, `step` runs a pass, `drop_ended` takes out the rows
+    that ended. Greedy rows (temperature 0) take the most likely token; others sample at their
+    own temperature from the whole distribution (as `generate` with `top_k=0`)."""
+
+    def __init__(self, eos_id: int | None, device):
+        self.eos, self.device = eos_id, device
+        self.rows: list[Row] = []
+        self.cache = self._cache_arg = None  # made by the first pass, for its model
+        self.cached = 0  # tokens in the cache, those of rows gone included
+        self._dead = 0  # cached tokens of rows gone: dropped from the cache when they are half of it
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, rows: list[Row]) -> None:
+        """Add rows (their `pending` tokens: the prompt); their first token comes with the next `step`.
+        Rows that joined come last: the rows that run are always the first ones."""
+        self.rows += rows
+
+    def tokens_per_row(self) -> list[int]:
+        """How many tokens of each row the next pass reads."""
+        return [len(r.pending) for r in self.rows]
+
+    @torch.no_grad()
+    def step(self, model, **extra) -> None:
+        """One pass of `model`: every row reads its pending tokens and takes its next one.
+        `extra`: the forward's arguments for this pass (each token's adapter)."""
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache, self._cache_arg = DynamicCache(config=model.config), _cache_argument(model)
+        lengths = self.tokens_per_row()
+        ids = torch.tensor([t for r in self.rows for t in r.pending], device=self.device)
+        positions = torch.tensor([p for r in self.rows for p in range(len(r.slots), len(r.slots) + len(r.pending))],
+                                 device=self.device)
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        out = model(input_ids=ids[None], position_ids=positions[None], use_cache=True, logits_to_keep=last,
+                    attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),  # (unread: by row)
+                    packed_rows=self._pass_rows(lengths), **{self._cache_arg: self.cache}, **extra)
+        chosen = self._choose(out.logits[0], [r.temperature for r in self.rows]).tolist()
+        at = self.cached
+        for row, token, n in zip(self.rows, chosen, lengths):
+            row.slots += range(at, at + n)
+            at += n
+            row.tokens.append(token)
+            row.pending = [token]
+        self.cached = at
+
+    def _pass_rows(self, lengths: list[int]) -> _PassRows:
+        reading = sum(1 for r in self.rows if r.slots)  # (they come first)
+        longest = max((len(r.slots) + 1 for r in self.rows[:reading]), default=1)
+        keys = torch.zeros(reading, longest, dtype=torch.long)
+        mask = torch.zeros(reading, 1, 1, longest, dtype=torch.bool)
+        for i, row in enumerate(self.rows[:reading]):
+            keys[i, : len(row.slots) + 1] = torch.tensor([*row.slots, self.cached + i])
+            mask[i, ..., : len(row.slots) + 1] = True
+        prompts, at = [], reading
+        for n in lengths[reading:]:
+            prompts.append((at, at + n))
+            at += n
+        return _PassRows(reading, keys.to(self.device), mask.to(self.device), prompts, self.cached)
+
+    def drop_ended(self, gone=lambda row: False) -> list[Row]:
+        """Take out the rows that ended (or whose caller is `gone`) and return them. Their cached
+        tokens stay until they are half of the cache, which then keeps only the others'."""
+        out = [bool(r.tokens) and r.ended(self.eos) or gone(r) for r in self.rows]
+        ended = [r for r, o in zip(self.rows, out) if o]
+        self.rows = [r for r, o in zip(self.rows, out) if not o]
+        self._dead += sum(len(r.slots) for r in ended)
+        if self._dead and 2 * self._dead >= self.cached:
+            keep = sorted(s for r in self.rows for s in r.slots)
+            moved = {old: new for new, old in enumerate(keep)}
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+            for row in self.rows:
+                row.slots = [moved[s] for s in row.slots]
+            self.cached, self._dead = len(keep), 0
+        return ended
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+        chosen = logits.argmax(-1)
+        sampled = [i for i, t in enumerate(temperatures) if t > 0]
+        if sampled:
+            t = torch.tensor([temperatures[i] for i in sampled], device=logits.device, dtype=torch.float32)[:, None]
+            probs = (logits[sampled].float() / t).softmax(-1)
+            chosen[sampled] = torch.multinomial(probs, 1).squeeze(1)
+        return chosen
+
+
+class ModelLock:
+    """A replica's model, one user at a time. A long holder (a continuous batch, `held`) lets the
+    users that wait (an adapter load, `with lock:`) go first between two of its steps (`give_way`)."""
+
+    def __init__(self):
+        self._lock, self._turn, self._wanted = threading.Lock(), threading.Condition(), 0
+
+    def __enter__(self):
+        with self._turn:
+            self._wanted += 1
+        self._lock.acquire()
+        with self._turn:
+            self._wanted -= 1
+            self._turn.notify_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    @property
+    def waiting(self) -> int:
+        """How many users wait for it now."""
+        return self._wanted
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold it as a long holder: one that gives way."""
+        with self._lock:
+            yield self
+
+    def give_way(self) -> bool:
+        """(Held.) Let every user that waits now have it first; whether any did (the model's
+        state, its active adapter say, may have changed meanwhile)."""
+        if not self.waiting:
+            return False
+        self._lock.release()
+        try:
+            with self._turn:
+                self._turn.wait_for(lambda: not self._wanted)
+        finally:
+            self._lock.acquire()
+        return True
+
+
+@dataclass
+class _Request:
+    """A request in a continuous batch: its rows' tokens as they end, and the rows still running."""
+
+    ticket: int
+    max_tokens: list[int]
+    prompt_tokens: list[int]
+    running: int
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+
+
+def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, device) -> None:
+    """Run a continuous batch (`RunningBatch`) until no row runs and none waits, taking in
+    requests from `intake` (`serve_core.Intake`) before every step and answering each as soon as
+    its last row ends. `prepare(item)` gives a request's prompts' token ids, each row's
+    `max_tokens`, its temperature, or the exception that refuses it alone; `route(items)`, a
+    context manager, readies the model for a pass whose token i is of the request `items[i]`
+    (its adapter), and yields `(model, forward arguments)`. Holds `lock`, giving way between steps."""
+    batch, requests, routed = RunningBatch(tokenizer.eos_token_id, device), {}, None
+    with lock.held(), contextlib.ExitStack() as routing:
+        while True:
+            for ticket, item, _ in intake.take(len(batch)):
+                prepared = prepare(item)
+                if isinstance(prepared, Exception):
+                    intake.answer(ticket, prepared)
+                    continue
+                prompt_ids, max_tokens, temperature = prepared
+                requests[ticket] = _Request(ticket, max_tokens, [len(x) for x in prompt_ids], len(prompt_ids))
+                batch.admit([Row((ticket, item), i, n, temperature, list(x))
+                             for i, (x, n) in enumerate(zip(prompt_ids, max_tokens))])
+            if not batch:
+                return
+            tokens = [r.owner for r, n in zip(batch.rows, batch.tokens_per_row()) for _ in range(n)]
+            if routed != [ticket for ticket, _ in tokens]:  # rows joined or left: the model readied for these
+                routing.close()
+                routed = [ticket for ticket, _ in tokens]
+                model, extra = routing.enter_context(route([item for _, item in tokens]))
+            batch.step(model, **extra)
+            intake.stepped(len(batch))
+            for row in batch.drop_ended(lambda r: intake.gone(r.owner[0])):
+                _row_ended(row, requests, intake, tokenizer)
+            if lock.give_way():  # an adapter load went first: ready the model again
+                routing.close()
+                routed = None
+
+
+def _row_ended(row: Row, requests: dict[int, _Request], intake, tokenizer) -> None:
+    """Keep an ended row's tokens; answer its request when it was the last of its rows."""
+    request = requests.get(row.owner[0])
+    if request is None:
+        return
+    request.tokens[row.index] = row.tokens
+    request.running -= 1
+    if intake.gone(request.ticket):
+        del requests[request.ticket]
+    elif not request.running:
+        del requests[request.ticket]
+        rows = [request.tokens[i] for i in range(len(request.max_tokens))]
+        result = _answers(tokenizer, rows, request.max_tokens, request.prompt_tokens)
+        intake.answer(request.ticket, {**result, "prompt_tokens": sum(result["prompt_tokens"]),
+                                       "completion_tokens": sum(result["completion_tokens"])})
+
+
+def _cache_argument(model) -> str:
+    """What the model's forward calls its KV cache: `cache` from transformers 5.x (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
