@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from services import prefect_harness
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
@@ -24,10 +25,9 @@ WEBHOOK = "https://hooks.example.com/services/T000/B000/SECRETTOKEN"
 @pytest.fixture(scope="module")
 def saved():
     """A Prefect server holding `configs/tiny.yaml` (with a webhook URL) saved as the block `tiny-sums` by the CLI."""
-    from prefect.testing.utilities import prefect_test_harness
     from prefect_lora.flows.cli import app
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_harness():
         result = CliRunner().invoke(app, ["block", "save", str(TINY), "--name", "tiny-sums",
                                           "--set", f"notifications.webhook_url={WEBHOOK}"])
         assert result.exit_code == 0, result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from services import prefect_harness
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
@@ -84,9 +85,7 @@ def test_export_errors_name_the_problem(store, tmp_path):
 
 @pytest.fixture(scope="module")
 def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_harness():
         yield
 
 

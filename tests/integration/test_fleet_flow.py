@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from services import prefect_harness
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_harness():
         yield
     import ray
 

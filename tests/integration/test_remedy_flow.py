@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from services import prefect_harness
 from test_retrain_flow import write_config
 
 pytestmark = pytest.mark.slow
@@ -18,9 +19,7 @@ REMEDY = {"strategy": "scale", "scales": [1.0, 0.6, 0.35, 0.2]}
 
 @pytest.fixture(scope="module")
 def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_harness():
         yield
 
 
