@@ -44,11 +44,11 @@ RAY_TEMP_DIR = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray")
 
 
 # Where this process's local Ray tells its workers the state API is: nowhere that answers (the
-# instance runs no dashboard). Ray Train's placement-group cleaner asks the state API every second
-# whether the run's controller lives; without an address it searched the host for a Ray instance:
-# beside another one (`ray start`, another user's job) it raised "Found multiple active Ray
-# instances" (a traceback in every run), or, where `ray start` left its address in /tmp/ray, went
-# to that instance instead. A refused connection is an answer the cleaner waits out quietly.
+# instance runs no dashboard). Without an address, a state API call searches the host for a Ray
+# instance: beside another one (`ray start`, another user's job) Ray Train's placement-group
+# cleaner raised "Found multiple active Ray instances" (a traceback in every run), or, where `ray
+# start` left its address in /tmp/ray, went to that instance instead. (A local run now has no
+# cleaner, `_Trainer`; the address keeps any other state API call at home.)
 NO_STATE_API = "http://127.0.0.1:1"
 
 _INIT_LOCK = threading.Lock()  # a fleet's members start their jobs from several threads: one ray.init
@@ -154,10 +154,22 @@ class _Trainer(TorchTrainer):
     inside a Ray wait: Ctrl-C during training came out as a SystemError (a task retried it, a test
     session went on with its next test), and after training it reached a finished run's handler
     instead of the program. Ctrl-C now stops the driver as SIGTERM does; the next attempt resumes
-    from the latest checkpoint as after any stop."""
+    from the latest checkpoint as after any stop.
+
+    On a local Ray (`local`: no `scaling.address`) it runs without Ray Train's placement-group
+    cleaner, an actor per run that asks the state API whether the controller lives, to free the
+    run's resources if it died: the local instance serves no state API (`NO_STATE_API`), so the
+    cleaner could never tell, and it ends with the driver anyway. On a busy host its stop timed out
+    and printed a traceback at the end of a run that had succeeded; and its process cost every run."""
+
+    local = False
 
     def _register_sigint_handler(self, controller) -> None:
         pass
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if not (self.local and type(c).__name__ == "PlacementGroupCleanerCallback")]
 
 
 def ensure_ray_for(cfg: PipelineConfig) -> None:
@@ -509,7 +521,7 @@ def _trainer(cfg: PipelineConfig, rows: list[dict], storage: str, step_log, max_
             valid_batch, batch_format="pandas", fn_kwargs={"cfg": cfg, "eval_fraction": stream.eval_fraction, "split": "train"})
         datasets = {"train": train}
         data_config = ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True))
-    return _Trainer(
+    trainer = _Trainer(
         _ray_worker_loop,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
@@ -532,6 +544,8 @@ def _trainer(cfg: PipelineConfig, rows: list[dict], storage: str, step_log, max_
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("PREFECT_LORA_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
+    trainer.local = not s.address
+    return trainer
 
 
 def _training_error(exc: Exception, storage) -> TrainingError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,20 @@ def test_what_ray_installs_while_the_driver_waits_on_it_ends_with_the_wait(own_h
         signal.signal(signal.SIGINT, lambda signum, frame: None)  # as Tune's fit does
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as ray.init does
     assert _handlers() == own_handlers
+
+
+@pytest.mark.parametrize("address, cleaner", [(None, False), ("ray://10.0.0.1:10001", True)])
+def test_a_local_run_starts_no_placement_group_cleaner(address, cleaner, tmp_path):
+    """Ray Train's placement-group cleaner asks the state API, which a local Ray here does not
+    serve: a local run goes without it (its stop timed out on a busy host and printed a traceback
+    after a run that succeeded); a run on a cluster keeps it."""
+    import yaml
+    from prefect_lora.lora_tasks.config import config_from_dict
+    from prefect_lora.lora_tasks.training.distributed import _trainer
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
+    raw["scaling"]["address"] = address
+    trainer = _trainer(config_from_dict(raw), [], str(tmp_path), None, 0, None, None)
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert ("PlacementGroupCleanerCallback" in names) == cleaner, names
+    assert "BackendSetupCallback" in names, "the other callbacks stay"
