@@ -124,9 +124,14 @@ def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], F
 
     if fleet.concurrency > 1 and len(fleet.members) > 1:
         # One thread per running member, each in a copy of this flow run's context (its subflow's parent).
-        with ThreadPoolExecutor(min(fleet.concurrency, len(fleet.members)), thread_name_prefix="member") as pool:
+        pool = ThreadPoolExecutor(min(fleet.concurrency, len(fleet.members)), thread_name_prefix="member")
+        try:
             futures = [pool.submit(contextvars.copy_context().run, first_phase, i, m) for i, m in enumerate(fleet.members, 1)]
             firsts = [f.result() for f in futures]
+        finally:
+            # Not `with`: its exit waits for every member, so a stopped fleet run (Ctrl-C, SIGTERM)
+            # went on training to the end. The members still running end with this process's Ray.
+            pool.shutdown(wait=False, cancel_futures=True)
     else:
         firsts = [first_phase(i, m) for i, m in enumerate(fleet.members, 1)]
     outcomes = {m.name: outcome for m, (_, outcome) in zip(fleet.members, firsts)}
