@@ -188,11 +188,41 @@ def bind_prefect_server():
     return _bound_server_class()()  # the client asks for the same instance: one per port, None here
 
 
+class _OwnSession:
+    """Stands in for the `subprocess` module inside Prefect's server module: the same module,
+    with `Popen` starting a session of its own."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def Popen(self, *args, **kwargs):  # the name it stands in for
+        return self._module.Popen(*args, start_new_session=True, **kwargs)
+
+
+def servers_out_of_the_terminal_group() -> None:
+    """Prefect's temporary servers started in this process from now on run in sessions of their
+    own. Prefect starts them in this process's group, where the terminal's Ctrl-C reaches them
+    too: the server died at once, and the interrupted flow run then waited on its client's
+    retries to record the crash on it (a fleet with two members running was still there 120 s
+    after Ctrl-C). Out of the group the server takes the last states and logs, and is stopped as
+    usual: by this process at its end, or by its guard (`ParentBoundServer`) when this process
+    is killed."""
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _OwnSession):
+        server.subprocess = _OwnSession(server.subprocess)
+
+
 @functools.cache
 def _bound_server_class():
     import threading
 
     from prefect.server.api.server import SubprocessASGIServer  # the client imports it anyway in this mode
+
+    servers_out_of_the_terminal_group()
 
     class ParentBoundServer(SubprocessASGIServer):
         """Prefect's temporary server, with a guard process (`server_guard`) that stops it when

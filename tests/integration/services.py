@@ -131,17 +131,6 @@ def healthy(url: str) -> bool:
 
 
 
-class _InOwnSession:
-    """Stands in for the `subprocess` module inside Prefect's server module while the harness
-    starts its server: the same module, with `Popen` starting a session of its own."""
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(*args, **kwargs):
-        return subprocess.Popen(*args, start_new_session=True, **kwargs)
-
 
 @contextlib.contextmanager
 def prefect_harness():
@@ -150,11 +139,9 @@ def prefect_harness():
     it stopped the harness's server too, and the harness's teardown then waited on its log
     worker sending to a server that was gone (over 80 s). Out of the group, the server outlives
     the interrupt, takes the last logs, and the harness stops it as usual."""
-    from prefect.server.api import server
     from prefect.testing.utilities import prefect_test_harness
+    from prefect_lora.flows.settings import servers_out_of_the_terminal_group
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server, "subprocess", _InOwnSession())
-        with prefect_test_harness(server_startup_timeout=60):
-            patch.undo()
-            yield
+    servers_out_of_the_terminal_group()
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
