@@ -15,59 +15,20 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from prefect_lora.deploy.testing import free_port
-from services import Service, healthy, postgres_database, s3_bucket, wait_for
+from services import Receiver, Service, healthy, postgres_database, s3_bucket, wait_for
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "lora-retrain/tiny-sums-nightly"
-
-
-class Receiver:
-    """A local webhook: keeps every JSON body it is sent."""
-
-    def __init__(self):
-        got = self.payloads = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self, event: str) -> list[dict]:
-        return [p for p in self.payloads if p.get("event") == event]
-
-    def one(self, event: str, flow_run_id: str, worker) -> dict:
-        """The one `event` posted for this flow run. Prefect runs a flow's state hooks after the
-        server has its final state, so the post may come a moment after the run reads finished."""
-        def posted():
-            return [p for p in self.events(event) if p["flow_run_id"] == flow_run_id]
-
-        wait_for(posted, 60, f"the {event} webhook of flow run {flow_run_id}\nworker log:\n{worker.tail()}", every=0.1)
-        (payload,) = posted()
-        return payload
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 from prefect_lora.deploy.testing import Load, free_port
-from services import Service, wait_for
+from services import Receiver, Service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +49,9 @@ def prefect_api(tmp_path_factory):
 @pytest.fixture(scope="module")
 def webhook():
     """A webhook that keeps what is posted to it."""
-    posts: list[dict] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", posts
-    httpd.shutdown()
+    receiver = Receiver()
+    yield receiver.url, receiver.payloads
+    receiver.close()
 
 
 @pytest.fixture(scope="module")
