@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Completed
 from prefect_lora.flows.retrain import label_flow_run, register_run, retrain
+from prefect_lora.flows.settings import note_interrupted
 from prefect_lora.lora_tasks.fleet import (
     Fleet,
     MemberOutcome,
@@ -128,6 +129,9 @@ def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], F
         try:
             futures = [pool.submit(contextvars.copy_context().run, first_phase, i, m) for i, m in enumerate(fleet.members, 1)]
             firsts = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            note_interrupted()
+            raise
         finally:
             # Not `with`: its exit waits for every member, so a stopped fleet run (Ctrl-C, SIGTERM)
             # went on training to the end. The members still running end with this process's Ray.

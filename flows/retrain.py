@@ -114,7 +114,10 @@ def start_mlflow_run(cfg: PipelineConfig, run_dir: str, tags: dict[str, str]) ->
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry training unless its error would only come again: bad config or data, a diverged loss."""
+    """Retry training unless its error would only come again (bad config or data, a diverged loss)
+    or came from stopping this process (Ctrl-C, SIGTERM: its Ray instance is going away)."""
+    if settings.stop_signal():
+        return False
     try:
         state.result()
     except (ConfigError, DataError, NonFiniteLoss):

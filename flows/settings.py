@@ -74,6 +74,16 @@ def stop_cleanly_on_signals():
                 signal.signal(sig, handler)
 
 
+def note_interrupted() -> None:
+    """Keep that a Ctrl-C stopped this process where no handler of ours saw it (a KeyboardInterrupt
+    in a thread waiting on others, as the fleet's does on its members): the members still running
+    then retry nothing, and the interpreter's exit, which waits for their threads, comes in seconds."""
+    import signal
+
+    global _STOP_SIGNAL
+    _STOP_SIGNAL = _STOP_SIGNAL or signal.SIGINT
+
+
 def stop_signal() -> int | None:
     """The signal that stopped this command, if one did (here, or while it waited on Ray)."""
     return _STOP_SIGNAL or getattr(sys.modules.get("prefect_lora.lora_tasks.training.distributed"), "STOPPED_BY", None)

@@ -69,3 +69,43 @@ def test_a_local_run_starts_no_placement_group_cleaner(address, cleaner, tmp_pat
     names = [type(c).__name__ for c in trainer._create_default_callbacks()]
     assert ("PlacementGroupCleanerCallback" in names) == cleaner, names
     assert "BackendSetupCallback" in names, "the other callbacks stay"
+
+
+def test_a_ctrl_c_in_the_fleet_stops_its_members_retrying(monkeypatch):
+    """A Ctrl-C reaches the fleet's main thread while members train in the pool's threads: it is
+    kept as a stop, so a member whose training then fails (its Ray instance shut down by the
+    stop) is not retried. It was: each member trained again on a fresh Ray instance, and the
+    interpreter's exit, which waits for the members' threads, came ~80 s after the Ctrl-C."""
+    import logging
+    import threading
+
+    from prefect.states import Failed
+    from prefect_lora.flows import fleet as fleet_flow, settings
+    from prefect_lora.flows.retrain import _worth_retrying
+    from prefect_lora.lora_tasks.errors import TrainingError
+    from prefect_lora.lora_tasks.fleet import Fleet, Member
+
+    monkeypatch.setattr(settings, "_STOP_SIGNAL", None)
+    monkeypatch.setattr(fleet_flow, "get_run_logger", lambda: logging.getLogger("test-fleet"))
+    lost_ray = Failed(data=TrainingError("training failed on Ray: the Ray instance is gone"))
+    assert _worth_retrying(None, None, lost_ray), "a lost Ray instance is worth a retry while nothing stopped us"
+
+    training = threading.Event()
+
+    class Member_run:  # stands for `retrain.with_options(...)`: one member trains, the other is Ctrl-C'd
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, *args, **kwargs):
+            if self.name == "b":
+                assert training.wait(30)
+                raise KeyboardInterrupt
+            training.set()
+            return None
+
+    monkeypatch.setattr(fleet_flow, "retrain", type("R", (), {"with_options": staticmethod(lambda flow_run_name: Member_run(flow_run_name))}))
+    fleet = Fleet(path="fleet.yaml", config="shared.yaml", members=[Member("a", []), Member("b", [])], concurrency=2)
+    with pytest.raises(KeyboardInterrupt):
+        fleet_flow._run_members(fleet, force=False)
+    assert settings.stop_signal() == signal.SIGINT
+    assert not _worth_retrying(None, None, lost_ray), "nothing is retried once the process is stopping"
