@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
+import queue
 import re
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,18 +125,7 @@ def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], F
         return _run_member(member.name, lambda: run(fleet.config, member.overrides, force, hold=hold))
 
     if fleet.concurrency > 1 and len(fleet.members) > 1:
-        # One thread per running member, each in a copy of this flow run's context (its subflow's parent).
-        pool = ThreadPoolExecutor(min(fleet.concurrency, len(fleet.members)), thread_name_prefix="member")
-        try:
-            futures = [pool.submit(contextvars.copy_context().run, first_phase, i, m) for i, m in enumerate(fleet.members, 1)]
-            firsts = [f.result() for f in futures]
-        except KeyboardInterrupt:
-            note_interrupted()
-            raise
-        finally:
-            # Not `with`: its exit waits for every member, so a stopped fleet run (Ctrl-C, SIGTERM)
-            # went on training to the end. The members still running end with this process's Ray.
-            pool.shutdown(wait=False, cancel_futures=True)
+        firsts = _at_once([lambda i=i, m=m: first_phase(i, m) for i, m in enumerate(fleet.members, 1)], fleet.concurrency)
     else:
         firsts = [first_phase(i, m) for i, m in enumerate(fleet.members, 1)]
     outcomes = {m.name: outcome for m, (_, outcome) in zip(fleet.members, firsts)}
@@ -148,6 +138,46 @@ def _run_members(fleet: Fleet, force: bool) -> tuple[dict[str, MemberOutcome], F
         _, outcome = _run_member(name, lambda r=result, run=run: run(r.run_dir, fleet_gate=gate))
         outcomes[name] = replace(outcome, seconds=outcome.seconds + outcomes[name].seconds)
     return outcomes, gate
+
+
+def _at_once(calls: list, concurrency: int) -> list:
+    """Each call's result in order, `concurrency` of them running at once, each in a copy of this
+    flow run's context (a member's subflow has the fleet's run as its parent). A stop (Ctrl-C,
+    SIGTERM) in the waiting thread starts no further call and retries nothing, and its threads
+    are daemons, so the process exits without waiting for the members still running. With a
+    ThreadPoolExecutor, whose threads are joined at exit, those members trained on after a
+    Ctrl-C (a retry on a fresh Ray instance) and logged, failing, into a Prefect server already
+    stopped: the test process was still there 150 s after."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for i, call in enumerate(calls):
+        todo.put((i, contextvars.copy_context(), call))
+    results, raised, stopped = [None] * len(calls), {}, threading.Event()
+
+    def work() -> None:
+        while not stopped.is_set():
+            try:
+                i, context, call = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = context.run(call)
+            except BaseException as exc:  # noqa: BLE001  (raised in the waiting thread below)
+                raised[i] = exc
+
+    threads = [threading.Thread(target=work, name=f"member-{n}", daemon=True) for n in range(min(concurrency, len(calls)))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException as exc:
+        stopped.set()
+        if isinstance(exc, KeyboardInterrupt):
+            note_interrupted()
+        raise
+    if raised:
+        raise raised[min(raised)]
+    return results
 
 
 def _run_member(name: str, call) -> tuple[RunResult | None, MemberOutcome]:

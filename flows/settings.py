@@ -77,11 +77,14 @@ def stop_cleanly_on_signals():
 def note_interrupted() -> None:
     """Keep that a Ctrl-C stopped this process where no handler of ours saw it (a KeyboardInterrupt
     in a thread waiting on others, as the fleet's does on its members): the members still running
-    then retry nothing, and the interpreter's exit, which waits for their threads, comes in seconds."""
+    then retry nothing and start no Ray instance."""
     import signal
 
     global _STOP_SIGNAL
     _STOP_SIGNAL = _STOP_SIGNAL or signal.SIGINT
+    distributed = sys.modules.get("prefect_lora.lora_tasks.training.distributed")
+    if distributed is not None and distributed.STOPPED_BY is None:
+        distributed.STOPPED_BY = _STOP_SIGNAL  # and no member starts a new Ray instance after it
 
 
 def stop_signal() -> int | None:

@@ -42,6 +42,26 @@ def _interrupt(signum, frame):
 # are torn down and atexit runs, so no local Ray cluster or Prefect server outlives it.
 signal.signal(signal.SIGTERM, _interrupt)
 
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_STOPPED] = exitstatus == pytest.ExitCode.INTERRUPTED
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    """A stopped session (Ctrl-C, SIGTERM) ends once its fixtures are torn down and its summary is
+    printed, as a stopped command does: Ray and Prefect's servers shut down, then exit at once.
+    What a test left running (a fleet's member threads) otherwise held the exit for 10-25 s:
+    pytest's garbage collection passes, and Prefect's exit flushing events to a server already
+    stopped."""
+    if config.stash.get(_STOPPED, False):
+        from prefect_lora.flows.settings import release_and_exit
+
+        release_and_exit(pytest.ExitCode.INTERRUPTED)
+
+
+_STOPPED = pytest.StashKey[bool]()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

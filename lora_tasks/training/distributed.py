@@ -57,6 +57,8 @@ _INIT_LOCK = threading.Lock()  # a fleet's members start their jobs from several
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address`, or start a local Ray sized for the job."""
     with _INIT_LOCK:
+        if STOPPED_BY is not None:  # a fleet member's thread, after its process was stopped (Ctrl-C)
+            raise TrainingError(f"stopped by signal {STOPPED_BY}: no new Ray instance is started")
         if not ray.is_initialized():
             _init_ray(address, num_cpus)
 
@@ -83,8 +85,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
             # One machine has no node to drain: no preemption watcher (and no core-worker error line about its actor).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # address="local": a fresh instance, never a `ray start` cluster that happens to run here
+            # No metrics: nothing reads them here (no dashboard), and the driver's exit flushed them to
+            # a metrics agent that a terminal's Ctrl-C had already stopped: ray.shutdown took 20 s.
             ray.init(address="local", num_cpus=num_cpus, _temp_dir=RAY_TEMP_DIR,
-                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": NO_STATE_API}}, **kwargs)
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": NO_STATE_API}},
+                     _system_config={"enable_metrics_collection": False}, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False  # log lines, not bars, in a scheduled job
 
 
@@ -301,7 +306,8 @@ def _relayed_progress(progress: Callable[[str], None] | None):
     finally:
         finished.set()
         thread.join(timeout=10)
-        queue.shutdown()
+        if ray.is_initialized():  # else (a stop shut Ray down) the queue is gone, and a call would start a new Ray
+            queue.shutdown()
 
 
 def _driver_identity() -> dict:

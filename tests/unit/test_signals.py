@@ -71,12 +71,16 @@ def test_a_local_run_starts_no_placement_group_cleaner(address, cleaner, tmp_pat
     assert "BackendSetupCallback" in names, "the other callbacks stay"
 
 
-def test_a_ctrl_c_in_the_fleet_stops_its_members_retrying(monkeypatch):
-    """A Ctrl-C reaches the fleet's main thread while members train in the pool's threads: it is
-    kept as a stop, so a member whose training then fails (its Ray instance shut down by the
-    stop) is not retried. It was: each member trained again on a fresh Ray instance, and the
-    interpreter's exit, which waits for the members' threads, came ~80 s after the Ctrl-C."""
+def test_a_ctrl_c_in_the_fleet_stops_it_without_waiting_for_its_members(monkeypatch):
+    """A Ctrl-C reaches the fleet's waiting thread while members train in threads of their own:
+    it raises at once, starts no further member, leaves the running ones to end with the process
+    (daemon threads) and is kept as a stop, so a member whose training then fails (its Ray
+    instance shut down by the stop) is not retried. Before, the interpreter's exit waited for
+    the members: they trained again on a fresh Ray and logged into a Prefect server already
+    gone; the test process was still there 150 s after the Ctrl-C. Nor does a member start a new
+    Ray instance after the stop (one did, and the interpreter's exit met it half started)."""
     import logging
+    import os
     import threading
 
     from prefect.states import Failed
@@ -84,28 +88,43 @@ def test_a_ctrl_c_in_the_fleet_stops_its_members_retrying(monkeypatch):
     from prefect_lora.flows.retrain import _worth_retrying
     from prefect_lora.lora_tasks.errors import TrainingError
     from prefect_lora.lora_tasks.fleet import Fleet, Member
+    from prefect_lora.lora_tasks.training import distributed
 
     monkeypatch.setattr(settings, "_STOP_SIGNAL", None)
+    monkeypatch.setattr(distributed, "STOPPED_BY", None)  # both are forgotten after the test
     monkeypatch.setattr(fleet_flow, "get_run_logger", lambda: logging.getLogger("test-fleet"))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, as Python handles it
     lost_ray = Failed(data=TrainingError("training failed on Ray: the Ray instance is gone"))
     assert _worth_retrying(None, None, lost_ray), "a lost Ray instance is worth a retry while nothing stopped us"
+    training, release, started = threading.Event(), threading.Event(), []
 
-    training = threading.Event()
-
-    class Member_run:  # stands for `retrain.with_options(...)`: one member trains, the other is Ctrl-C'd
-        def __init__(self, name):
-            self.name = name
-
-        def __call__(self, *args, **kwargs):
-            if self.name == "b":
+    def member(name):  # stands for `retrain.with_options(...)`: "a" trains on, "b" sees the Ctrl-C
+        def run(*args, **kwargs):
+            started.append(name)
+            if name == "a":
+                training.set()
+                release.wait(60)
+            else:
                 assert training.wait(30)
-                raise KeyboardInterrupt
-            training.set()
-            return None
+                os.kill(os.getpid(), signal.SIGINT)  # to the process, as a terminal sends it: the waiting main thread takes it
+                release.wait(60)
 
-    monkeypatch.setattr(fleet_flow, "retrain", type("R", (), {"with_options": staticmethod(lambda flow_run_name: Member_run(flow_run_name))}))
-    fleet = Fleet(path="fleet.yaml", config="shared.yaml", members=[Member("a", []), Member("b", [])], concurrency=2)
-    with pytest.raises(KeyboardInterrupt):
-        fleet_flow._run_members(fleet, force=False)
-    assert settings.stop_signal() == signal.SIGINT
-    assert not _worth_retrying(None, None, lost_ray), "nothing is retried once the process is stopping"
+        return run
+
+    monkeypatch.setattr(fleet_flow, "retrain", type("R", (), {"with_options": staticmethod(lambda flow_run_name: member(flow_run_name))}))
+    fleet = Fleet(path="fleet.yaml", config="shared.yaml", members=[Member(n, []) for n in "abc"], concurrency=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fleet_flow._run_members(fleet, force=False)
+        members = [t for t in threading.enumerate() if t.name.startswith("member-")]
+        assert members and all(t.daemon and t.is_alive() for t in members), "the running members do not hold the exit"
+        assert settings.stop_signal() == signal.SIGINT
+        assert not _worth_retrying(None, None, lost_ray), "nothing is retried once the process is stopping"
+        with pytest.raises(TrainingError, match="no new Ray instance"):
+            distributed.ensure_ray(None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    for t in members:
+        t.join(30)
+    assert sorted(started) == ["a", "b"], "no member starts after the stop"
