@@ -74,23 +74,24 @@ class LiveSignals:
 
     @contextlib.contextmanager
     def request(self):
-        """Count the request handled within: set `.key` once it names a version, `.result` once
-        answered. An exception is its status (a 500 without one); a cancelled request (the
+        """Count the request handled within: set `.key` once it names a version, `.result` (and
+        `.prompts`, the user's text of each answer) once answered. An exception is its status (a 500 without one); a cancelled request (the
         client went away) is not counted."""
-        seen, started = SimpleNamespace(key=None, result=None), self.store.clock()
+        seen, started = SimpleNamespace(key=None, result=None, prompts=None), self.store.clock()
         try:
             yield seen
         except Exception as exc:
             self.failed(seen.key, getattr(exc, "status", 500), self.store.clock() - started)
             raise
-        self.answered(seen.key, self.store.clock() - started, seen.result)
+        self.answered(seen.key, self.store.clock() - started, seen.result, seen.prompts)
 
-    def answered(self, key: str, latency_s: float, result: dict) -> None:
-        """Count an answered request; a version whose contract is not read yet is counted
-        without JSON checks while it is read in the background."""
+    def answered(self, key: str, latency_s: float, result: dict, prompts: list[str] | None = None) -> None:
+        """Count an answered request (`prompts`: the user's text of each answer, where known); a
+        version whose contract is not read yet is counted without JSON checks while it is read
+        in the background."""
         if key not in self.contracts:
             self._read_soon(key)
-        self.store.add(key, answered(result, latency_s, self.contracts.get(key, AnswerContract())))
+        self.store.add(key, answered(result, latency_s, self.contracts.get(key, AnswerContract()), prompts))
 
     def failed(self, key: str | None, status: int, latency_s: float) -> None:
         self.store.add(key, failed(status, latency_s), status)

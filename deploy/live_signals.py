@@ -22,6 +22,8 @@ from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 
+from prefect_lora.deploy.languages import other_language
+
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(round(m * 10.0**e, 6) for e in range(-3, 3) for m in (1, 1.5, 2, 3, 5, 7.5))
 """Upper bounds of the latency buckets, 1 ms to 750 s (neighbours at most 5/3 apart: a quantile
 read off them is within that factor, closer by interpolation); one more bucket holds the rest."""
@@ -73,6 +75,9 @@ class Tally:
     """... that are no JSON object."""
     fields_missing: int = 0
     """... that are a JSON object lacking a required field."""
+    off_prompt: int = 0
+    """Generated answers off their prompt (`off_prompt`): clearly in another language, or (a JSON
+    version) a JSON object none of whose text values is drawn from the prompt."""
     failed_checks: int = 0
     """Generated answers that fail their version's checks: no JSON object or a field missing
     (a JSON version), empty (any other). A truncated answer is not a failure: the client's
@@ -120,14 +125,35 @@ def json_answer_problem(text: str, required: tuple[str, ...]) -> str | None:
     return "missing" if any(f not in got for f in required) else None
 
 
-def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerContract()) -> Tally:
+def off_prompt(prompt: str, answer: str, contract: AnswerContract = AnswerContract()) -> bool:
+    """Whether an answer drifted off its prompt where no other check sees it: written in another
+    language than the prompt (`languages.other_language`), or, for a JSON version, a JSON object
+    with text values none of which occurs in the prompt (an extraction that translated or made up
+    what it should copy). A rate of it means little alone (a translation task answers in another
+    language by design); a staged rollout compares it between two versions on the same traffic."""
+    if other_language(prompt, answer):
+        return True
+    if not contract.json:
+        return False
+    try:
+        got = json.loads(answer.strip())
+    except ValueError:
+        return False
+    values = [v.strip().lower() for v in got.values() if isinstance(v, str) and v.strip()] if isinstance(got, dict) else []
+    return bool(values) and not any(v in prompt.lower() for v in values)
+
+
+def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerContract(),
+             prompts: list[str] | None = None) -> Tally:
     """The counts one answered request adds: a generation (`texts`, `finish`, token counts) or a
-    classification (`labels`)."""
+    classification (`labels`); `prompts`: the user's text of each generated answer, where known."""
     t = Tally(requests=1, latency_sum_s=latency_s, prompt_tokens=int(result.get("prompt_tokens", 0)),
               completion_tokens=int(result.get("completion_tokens", 0)), labels=Counter(result.get("labels") or []))
     t.latency[bisect_left(LATENCY_BOUNDS_S, latency_s)] += 1
-    for text, finish in zip(result.get("texts") or [], result.get("finish") or []):
+    texts = result.get("texts") or []
+    for text, finish, prompt in zip(texts, result.get("finish") or [], prompts or [None] * len(texts)):
         t.generated += 1
+        t.off_prompt += prompt is not None and off_prompt(prompt, text, contract)
         t.empty += not text.strip()
         t.truncated += finish == "length"
         if contract.json:
@@ -244,7 +270,7 @@ def figures(t: Tally) -> dict[str, float]:
             out[name] = value
     if t.generated:
         out.update(answers=t.generated, empty_rate=t.empty / t.generated, truncated_rate=t.truncated / t.generated,
-                   check_failure_rate=t.failed_checks / t.generated)
+                   check_failure_rate=t.failed_checks / t.generated, off_prompt_rate=t.off_prompt / t.generated)
     if t.json_checked:
         out.update(json_invalid_rate=t.json_invalid / t.json_checked, fields_missing_rate=t.fields_missing / t.json_checked)
     for label, n in sorted(t.labels.items()):
@@ -269,6 +295,8 @@ def summary_line(f: dict[str, float], seconds: float) -> str:
         parts.append(f"no JSON object {f['json_invalid_rate']:.1%}, fields missing {f['fields_missing_rate']:.1%}")
     if "truncated_rate" in f:
         parts.append(f"truncated {f['truncated_rate']:.1%}")
+    if f.get("off_prompt_rate"):
+        parts.append(f"off the prompt (another language, or no value from it) {f['off_prompt_rate']:.1%}")
     if shares := {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith("label_share/")}:
         parts.append("labels " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     return "; ".join(parts)
@@ -289,6 +317,8 @@ _COUNTERS = (  # (name, Tally field, help)
     ("answers_json_checked_total", "json_checked", "Generated answers of a version whose answers must be JSON objects."),
     ("answers_json_invalid_total", "json_invalid", "Answers of a JSON version that are no JSON object."),
     ("answers_fields_missing_total", "fields_missing", "Answers of a JSON version that lack a required field."),
+    ("answers_off_prompt_total", "off_prompt", ("Generated answers off their prompt: clearly in another language, "
+                                                 "or a JSON object with no text value drawn from the prompt.")),
     ("answers_failed_checks_total", "failed_checks", ("Generated answers failing their version's output checks "
                                                       "(no JSON object or a field missing; empty for plain text).")),
 )

@@ -34,22 +34,8 @@ from prefect_lora.deploy.adapters import AdapterSet
 from prefect_lora.deploy.live_export import PROMETHEUS_TEXT, LiveSignals
 from prefect_lora.deploy.rollout_control import Rollouts, resolve_webhook
 from prefect_lora.deploy.serve_core import (
-    MicroBatcher,
-    RequestProblem,
-    Secret,
-    ServeConfig,
-    check_auth,
-    check_body_size,
-    check_exposure,
-    choose_alias,
-    parse_json,
-    parse_request,
-    per_row,
-    read_aliases,
-    resolve_token,
-    served_key,
-    split_key,
-    split_rows,
+    MicroBatcher, RequestProblem, Secret, ServeConfig, check_auth, check_body_size, check_exposure, choose_alias,
+    parse_json, parse_request, per_row, read_aliases, resolve_token, served_key, split_key, split_rows, user_texts,
 )
 from prefect_lora.lora_tasks.versions import is_version
 from ray import serve
@@ -477,7 +463,7 @@ class Gateway:
                                           "(request_timeout_s); ask for fewer tokens or try again", "timeout") from None
             if "error" in result:
                 raise RequestProblem(result["status"], result["error"], result.get("type", "invalid_request_error"))
-            seen.result = result
+            seen.result, seen.prompts = result, user_texts(payload)
             return result, key
 
     def _usage(self, result: dict) -> dict:

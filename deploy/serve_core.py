@@ -448,6 +448,16 @@ def parse_request(op: str, body: dict, cfg: ServeConfig) -> tuple[str, str, dict
     return name, ref, payload
 
 
+def user_texts(payload: dict) -> list[str] | None:
+    """What the user wrote for each answer of a generation request (its prompts; a chat's last
+    user message), for the live check that an answer stays on its prompt; None for a classification."""
+    if "prompts" in payload:
+        return payload["prompts"]
+    if "messages" in payload:
+        return [next(m["content"] for m in reversed(payload["messages"]) if m["role"] == "user")]
+    return None
+
+
 def per_row(values: list, sizes: list[int]) -> list:
     """Each request's value repeated for each of its rows."""
     return [v for v, n in zip(values, sizes) for _ in range(n)]

@@ -69,21 +69,23 @@ def of(version: str, **more) -> tuple:
 @pytest.fixture(scope="module")
 def traffic(server):
     """Requests to both versions, a bad one of each kind (one refused by the champion); what each version answered."""
-    from prefect_lora.deploy.live_signals import json_answer_problem
+    from prefect_lora.deploy.live_signals import AnswerContract, json_answer_problem, off_prompt
 
-    c, sent = server["client"], {server["v1"]: [], server["v2"]: []}
+    c, sent, asked = server["client"], {server["v1"]: [], server["v2"]: []}, {server["v1"]: [], server["v2"]: []}
     for model, prompt in ((None, PROMPT), (None, [PROMPT, "Cancel my order"]), (f"{NAME}@champion", "Track it"),
                           (f"{NAME}@challenger", PROMPT), (f"{NAME}/{server['v2']}", "Return the lamp")):
         r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "model": model or NAME})
         assert r.status_code == 200, r.text
         sent[r.json()["model"].rsplit("/", 1)[1]].append(r.json())
+        asked[r.json()["model"].rsplit("/", 1)[1]] += [prompt] if isinstance(prompt, str) else prompt
     assert c.post("/v1/completions", json={"prompt": "x" * 100, "model": f"{NAME}@champion"}).status_code == 400  # over 64 tokens
     assert c.post("/v1/completions", json={"prompt": "hi", "model": f"{NAME}/99"}).status_code == 404  # no such version
     assert c.post("/v1/completions", content=b"{not json").status_code == 400  # names nothing
     texts = {v: [ch["text"] for a in answers for ch in a["choices"]] for v, answers in sent.items()}
     return {v: {"requests": len(answers), "answers": len(texts[v]), "refused": int(v == server["v1"]),
                 "failed": sum(json_answer_problem(t, tuple(FIELDS)) is not None for t in texts[v]),
-                "completion_tokens": sum(a["usage"]["completion_tokens"] for a in answers)}
+                "completion_tokens": sum(a["usage"]["completion_tokens"] for a in answers),
+                "off_prompt": sum(off_prompt(p, t, AnswerContract(True, tuple(FIELDS))) for p, t in zip(asked[v], texts[v]))}
             for v, answers in sent.items()}
 
 
@@ -103,6 +105,7 @@ def test_metrics_count_each_versions_requests_tokens_and_failed_json_checks(serv
         assert (m[("prefect_lora_answers_json_invalid_total", of(v))]
                 + m[("prefect_lora_answers_fields_missing_total", of(v))]) == traffic[v]["failed"]
         assert m[("prefect_lora_completion_tokens_total", of(v))] == traffic[v]["completion_tokens"]
+        assert m[("prefect_lora_answers_off_prompt_total", of(v))] == traffic[v]["off_prompt"]
         assert m[("prefect_lora_request_duration_seconds_count", of(v))] == traffic[v]["requests"]
         assert m[("prefect_lora_request_duration_seconds_bucket", of(v, le="+Inf"))] == traffic[v]["requests"]
         assert 0 < m[("prefect_lora_request_duration_window_seconds", of(v, quantile="0.95"))] < 60

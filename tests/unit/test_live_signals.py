@@ -11,6 +11,7 @@ import random
 
 import pytest
 from prefect_lora.deploy import live_export
+from prefect_lora.deploy.languages import language_of
 from prefect_lora.deploy.live_export import LiveSignals
 from prefect_lora.deploy.live_signals import (
     LATENCY_BOUNDS_S,
@@ -22,6 +23,7 @@ from prefect_lora.deploy.live_signals import (
     failed,
     figures,
     json_answer_problem,
+    off_prompt,
     quantile,
     summary_line,
 )
@@ -66,6 +68,55 @@ def test_an_answered_generation_counts_tokens_latency_and_each_answers_checks():
     assert sum(t.latency) == 1 and t.latency[LATENCY_BOUNDS_S.index(0.15)] == 1  # 0.1 < 0.12 <= 0.15
     plain = answered(result, 0.12)  # a version with no JSON contract: only empty answers fail
     assert (plain.json_checked, plain.failed_checks, plain.empty, plain.truncated) == (0, 1, 1, 1)
+
+
+ASKED = "Hi team, please cancel my order of two yoga mats, they arrived damaged. Thank you for the help."
+
+
+@pytest.mark.parametrize("prompt, answer, off", [
+    (ASKED, "Your order of two yoga mats is cancelled and the refund is on its way to you.", False),
+    (ASKED, "Ihre Bestellung ist storniert und die Erstattung ist auf dem Weg zu Ihnen, wir danken für die Geduld.", True),
+    (ASKED, "Votre commande est annulée et le remboursement est en route pour vous, merci de votre patience.", True),
+    (ASKED, "Ваш заказ отменён, деньги вернутся в течение недели.", True),
+    (ASKED, "ご注文はキャンセルされました。返金手続きを進めます。", True),
+    (ASKED, "OK", False),  # too little to tell: never counted
+    ("12+5=", "17", False),
+    ("Qual é a capital do Brasil? Responda com uma frase curta.", "A capital do Brasil é Brasília, fundada em 1960.", False),
+    ("Qual é a capital do Brasil? Responda com uma frase curta.", "The capital of Brazil is Brasília, which was founded in 1960.", True),
+    (ASKED, "Cancelled: 2 yoga mats (damaged) - refund #4471", False),  # no function words: Latin, language untold
+])
+def test_an_answer_in_another_language_than_its_prompt_is_off_the_prompt(prompt, answer, off):
+    assert off_prompt(prompt, answer) is off
+    assert language_of(ASKED) == "en"
+
+
+@pytest.mark.parametrize("answer, off", [
+    ('{"intent": "cancel", "product": "yoga mat", "quantity": 2}', False),  # a value copied from the prompt
+    ('{"intent": "stornieren", "product": "Yogamatte", "quantity": 2}', True),  # translated: nothing from the prompt
+    ('{"intent": "cancel", "product": "Yogamatte", "quantity": 2}', False),  # one value from the prompt is enough
+    ('{"quantity": 2}', False),  # no text value to look for
+    ('{"intent": "cancel", "product": "yoga mat"', False),  # no JSON: the JSON check's, not this one's
+])
+def test_a_json_answer_drawing_no_value_from_its_prompt_is_off_the_prompt(answer, off):
+    assert off_prompt(ASKED, answer, ORDER) is off
+    assert not off_prompt(ASKED, answer), "without a JSON contract only the language counts"
+
+
+def test_answers_off_their_prompt_are_counted_where_the_prompts_are_known():
+    result = generation(('{"intent": "cancel", "product": "yoga mat", "quantity": 2}', "stop"),
+                        ('{"intent": "stornieren", "product": "Yogamatte", "quantity": 2}', "stop"))
+    assert answered(result, 0.1, ORDER, [ASKED, ASKED]).off_prompt == 1
+    assert answered(result, 0.1, ORDER).off_prompt == 0  # prompts unknown: not counted
+    t = answered(result, 0.1, ORDER, [ASKED, ASKED])
+    assert t.failed_checks == 0, "valid JSON with its fields: the output checks pass, only this signal sees it"
+    assert figures(t)["off_prompt_rate"] == 0.5 and "off the prompt" in summary_line(figures(t), 60)
+    assert 'prefect_lora_answers_off_prompt_total{model="m",version="1"} 1' in _exposed(t)
+
+
+def _exposed(t: Tally) -> str:
+    store = SignalStore(clock=Clock())
+    store.add("m/1", t)
+    return exposition(store)
 
 
 def test_a_classification_counts_its_labels_and_no_answer_checks():

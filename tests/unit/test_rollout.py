@@ -12,6 +12,7 @@ import pytest
 from prefect_lora.deploy.live_signals import LATENCY_BOUNDS_S, Tally
 from prefect_lora.deploy.rollout import (
     FIRST_LOOK,
+    SIGNALS,
     RolloutConfig,
     judge,
     plan,
@@ -27,13 +28,14 @@ from pydantic import ValidationError
 CFG = RolloutConfig(steps=[0.1, 0.5, 1.0], min_requests=40, hold_s=30)
 
 
-def window(n: int, errors: int = 0, failed: int = 0, truncated: int = 0, slow: int = 0, fast_s: float = 0.3) -> Tally:
+def window(n: int, errors: int = 0, failed: int = 0, truncated: int = 0, slow: int = 0, fast_s: float = 0.3,
+           off_prompt: int = 0) -> Tally:
     """A version's counts: `n` requests, `slow` of them taking 5 s, the rest `fast_s`."""
     latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
     latency[LATENCY_BOUNDS_S.index(5.0)] += slow
     latency[LATENCY_BOUNDS_S.index(fast_s)] += n - slow
     return Tally(requests=n, errors=errors, latency=latency, generated=n - errors, failed_checks=failed,
-                 truncated=truncated)
+                 truncated=truncated, off_prompt=off_prompt)
 
 
 # ----------------------------------------------------------------------------- config
@@ -115,7 +117,8 @@ def test_looks_are_planned_from_5_requests_up_to_min_requests_at_one_threshold()
     assert plan(CFG) == (5, 8, 12, 18, 27, 40)
     ts = thresholds(CFG)
     assert len(set(ts)) == 1  # Pocock: one boundary for every look
-    assert 0.05 / (2 * 4) / len(ts) < ts[0] < 0.05 / (2 * 4)  # above Bonferroni over the looks, within the share
+    share = 0.05 / (2 * len(SIGNALS))  # of a signal at a step
+    assert share / len(ts) < ts[0] < share  # above Bonferroni over the looks, within the share
 
 
 REFERENCE = LATENCY_BOUNDS_S.index(0.3)
@@ -134,6 +137,8 @@ VERDICTS = [  # (what, new, old, held_s, looked, action, in the reason)
      "requests slower than 0.3 s (the previous version's p95) 0.67 [0.44, 0.84] vs 0.01"),
     ("answers cut at max_tokens", window(27, truncated=20), window(243, truncated=20), 5, 1, "rollback",
      "answers cut at max_tokens 0.74"),
+    ("answers in another language", window(18, off_prompt=15), window(162, off_prompt=3), 5, 1, "rollback",
+     "answers off their prompt (another language, or no value drawn from it) 0.83"),
     ("a little worse, not shown yet", window(12, failed=2), window(108, failed=4), 5, 1, "hold",
      "no signal worse at look 3"),
     ("no traffic on the previous version", window(12, failed=2), Tally(), 5, 1, "hold", "answered nothing"),

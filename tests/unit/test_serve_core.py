@@ -19,6 +19,7 @@ from prefect_lora.deploy.serve_core import (
     parse_json,
     parse_model_field,
     resolve_token,
+    user_texts,
 )
 
 CFG = ServeConfig(model_name="m", max_prompt_chars=20, max_tokens_cap=8, default_max_tokens=4, max_batch=2,
@@ -63,6 +64,15 @@ def test_classify_needs_input():
     with pytest.raises(RequestProblem, match="'input' is required"):
         parse_classify({}, CFG)
     assert parse_classify({"input": "good"}, CFG) == {"texts": ["good"]}
+
+
+def test_what_the_user_wrote_for_each_answer_is_each_prompt_or_the_chats_last_user_message():
+    """What the live check of an answer's language compares it with (not the chat template)."""
+    assert user_texts(parse_completion({"prompt": ["a", "b"]}, CFG)) == ["a", "b"]
+    chat = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    assert user_texts(parse_chat({"messages": chat}, CFG)) == ["q2"]
+    assert user_texts(parse_classify({"input": "good"}, CFG)) is None
 
 
 @pytest.mark.parametrize("model, ref", [
