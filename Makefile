@@ -19,8 +19,11 @@ setup: $(BIN)/python
 	 else $(BIN)/pip install -q $(TORCH_CPU); fi
 	$(EDITABLE) ".[dev]"
 
+# Two test processes (pytest-xdist), each test file whole in one of them: one process left the
+# two cores a third idle (its tests wait on Ray, servers and subprocesses).
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

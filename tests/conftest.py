@@ -18,14 +18,17 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="pl-test-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
-os.environ.setdefault("PREFECT_LORA_RAY_TMP", "/tmp/plray-test")  # export another to keep parallel checkouts apart
+# Export another to keep parallel checkouts apart; each pytest-xdist worker (`make test`: two) has its own.
+os.environ["PREFECT_LORA_RAY_TMP"] = os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray-test") + (
+    f"-{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
 # A cache of this session's own: scores, spreads, forgetting blocks, baselines computed by this
 # checkout's code in this session. Sessions of other checkouts run beside it on a shared host,
 # and the cache keys name the package version, not the code: one cache shared by all of them
 # let a session read another branch's scores (and each session's start wiped the others'). The
 # built-in models (versioned folders, built the same way by every checkout) stay shared, under
 # PREFECT_LORA_CACHE (default: /tmp/prefect-lora-test-cache/models), so none is rebuilt per session.
-_SHARED_MODELS = Path(os.environ.get("PREFECT_LORA_CACHE", Path(tempfile.gettempdir()) / "prefect-lora-test-cache")) / "models"
+# (`.resolve()`: a pytest-xdist worker inherits its controller's session cache, whose models are that link.)
+_SHARED_MODELS = (Path(os.environ.get("PREFECT_LORA_CACHE", Path(tempfile.gettempdir()) / "prefect-lora-test-cache")) / "models").resolve()
 _SHARED_MODELS.mkdir(parents=True, exist_ok=True)
 (_SESSION_HOME / "cache").mkdir()
 (_SESSION_HOME / "cache" / "models").symlink_to(_SHARED_MODELS, target_is_directory=True)

@@ -84,7 +84,8 @@ def test_a_ctrl_c_in_the_fleet_stops_it_without_waiting_for_its_members(monkeypa
     import threading
 
     from prefect.states import Failed
-    from prefect_lora.flows import fleet as fleet_flow, settings
+    from prefect_lora.flows import fleet as fleet_flow
+    from prefect_lora.flows import settings
     from prefect_lora.flows.retrain import _worth_retrying
     from prefect_lora.lora_tasks.errors import TrainingError
     from prefect_lora.lora_tasks.fleet import Fleet, Member
