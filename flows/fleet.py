@@ -172,7 +172,7 @@ def _at_once(calls: list, concurrency: int) -> list:
             t.join()
     except BaseException as exc:
         stopped.set()
-        if isinstance(exc, KeyboardInterrupt):
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, or SystemExit from a command's SIGTERM handler
             note_interrupted()
         raise
     if raised:

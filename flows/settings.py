@@ -75,9 +75,10 @@ def stop_cleanly_on_signals():
 
 
 def note_interrupted() -> None:
-    """Keep that a Ctrl-C stopped this process where no handler of ours saw it (a KeyboardInterrupt
-    in a thread waiting on others, as the fleet's does on its members): the members still running
-    then retry nothing and start no Ray instance."""
+    """Keep that this process is stopping, once a stop reached a thread waiting on others (the
+    fleet's, on its members): a Ctrl-C no handler of ours saw (KeyboardInterrupt: SIGINT), or a
+    signal `stop_cleanly_on_signals` kept already. The members still running then retry nothing
+    and start no Ray instance."""
     import signal
 
     global _STOP_SIGNAL
