@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -559,6 +560,9 @@ def start(cfg: ServeConfig, *, ray_address: str | None = None, ray_temp_dir: str
     token = resolve_token(cfg)
     check_exposure(cfg, token)
     if not ray.is_initialized():
+        # Serve gives a starting proxy 5 s to answer; on a busy host its imports took longer, Serve
+        # killed it and `serve.start` failed. Read by the controller, which inherits this environment.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         kwargs = {"_temp_dir": ray_temp_dir} if ray_temp_dir else {}
         with _sigterm_kept():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, **kwargs)
