@@ -76,8 +76,10 @@ def other_language(prompt: str, answer: str) -> bool:
     """Whether `answer` is clearly in another language than `prompt`: another script, or two
     Latin-script languages both told apart."""
     asked, got = script_of(prompt), script_of(answer)
-    if asked is None or got is None or asked != got:
-        return asked is not None and got is not None
+    if asked is None or got is None:
+        return False
+    if asked != got:
+        return True
     if asked != "latin":
         return False
     asked, got = _latin_language(prompt), _latin_language(answer)

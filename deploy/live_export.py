@@ -75,8 +75,8 @@ class LiveSignals:
     @contextlib.contextmanager
     def request(self):
         """Count the request handled within: set `.key` once it names a version, `.result` (and
-        `.prompts`, the user's text of each answer) once answered. An exception is its status (a 500 without one); a cancelled request (the
-        client went away) is not counted."""
+        `.prompts`, the user's text of each answer) once answered. An exception is its status (a
+        500 without one); a cancelled request (the client went away) is not counted."""
         seen, started = SimpleNamespace(key=None, result=None, prompts=None), self.store.clock()
         try:
             yield seen

@@ -113,16 +113,25 @@ class Tally:
         return sum(self.labels.values())
 
 
-def json_answer_problem(text: str, required: tuple[str, ...]) -> str | None:
-    """Why an answer breaks a JSON contract (`invalid`, `missing`), or None. Read as evaluation
-    reads `metric: json` (`score_json`): the stripped text must parse as a JSON object."""
+def _json_object(text: str) -> dict | None:
+    """The answer as evaluation reads `metric: json` (`score_json`): the stripped text parsed as a
+    JSON object, or None."""
     try:
         got = json.loads(text.strip())
     except ValueError:
-        return "invalid"
-    if not isinstance(got, dict):
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _json_problem(got: dict | None, required: tuple[str, ...]) -> str | None:
+    if got is None:
         return "invalid"
     return "missing" if any(f not in got for f in required) else None
+
+
+def json_answer_problem(text: str, required: tuple[str, ...]) -> str | None:
+    """Why an answer breaks a JSON contract (`invalid`, `missing`), or None."""
+    return _json_problem(_json_object(text), required)
 
 
 def off_prompt(prompt: str, answer: str, contract: AnswerContract = AnswerContract()) -> bool:
@@ -131,16 +140,16 @@ def off_prompt(prompt: str, answer: str, contract: AnswerContract = AnswerContra
     with text values none of which occurs in the prompt (an extraction that translated or made up
     what it should copy). A rate of it means little alone (a translation task answers in another
     language by design); a staged rollout compares it between two versions on the same traffic."""
+    return _off_prompt(prompt, answer, _json_object(answer) if contract.json else None)
+
+
+def _off_prompt(prompt: str, answer: str, got: dict | None) -> bool:
+    """`off_prompt`, given the answer's JSON object (None: no JSON contract, or no object)."""
     if other_language(prompt, answer):
         return True
-    if not contract.json:
-        return False
-    try:
-        got = json.loads(answer.strip())
-    except ValueError:
-        return False
-    values = [v.strip().lower() for v in got.values() if isinstance(v, str) and v.strip()] if isinstance(got, dict) else []
-    return bool(values) and not any(v in prompt.lower() for v in values)
+    values = [v.strip().lower() for v in (got or {}).values() if isinstance(v, str) and v.strip()]
+    asked = prompt.lower()
+    return bool(values) and not any(v in asked for v in values)
 
 
 def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerContract(),
@@ -152,12 +161,13 @@ def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerCo
     t.latency[bisect_left(LATENCY_BOUNDS_S, latency_s)] += 1
     texts = result.get("texts") or []
     for text, finish, prompt in zip(texts, result.get("finish") or [], prompts or [None] * len(texts)):
+        got = _json_object(text) if contract.json else None  # parsed once for both checks
         t.generated += 1
-        t.off_prompt += prompt is not None and off_prompt(prompt, text, contract)
+        t.off_prompt += prompt is not None and _off_prompt(prompt, text, got)
         t.empty += not text.strip()
         t.truncated += finish == "length"
         if contract.json:
-            problem = json_answer_problem(text, contract.required_fields)
+            problem = _json_problem(got, contract.required_fields)
             t.json_checked += 1
             t.json_invalid += problem == "invalid"
             t.fields_missing += problem == "missing"

@@ -6,11 +6,11 @@ advances or is rolled back.
 The test is the gate's sequential look (`lora_tasks/measurement/sequential.py`) applied to live
 counts. Per signal (`SIGNALS`: 5xx errors, failed output checks, answers cut at `max_tokens`,
 answers off their prompt, latency above the previous version's p95) a one-sided exact test asks
-whether the new version's rate is above the previous version's: Fisher's exact test, conditional on the window's total of
-bad outcomes (exact at any count, where a normal approximation would roll back on a handful of
-rare errors). A step looks at planned counts of the new version's requests (`plan`: from
-`FIRST_LOOK` up to `min_requests`, growing 1.5x) and compares each look's p-value with the
-boundary of a group-sequential design over those looks (`boundaries`, Pocock's shape: a broken
+whether the new version's rate is above the previous version's: Fisher's exact test, conditional
+on the window's total of bad outcomes (exact at any count, where a normal approximation would roll
+back on a handful of rare errors). A step looks at planned counts of the new version's requests
+(`plan`: from `FIRST_LOOK` up to `min_requests`, growing 1.5x) and compares each look's p-value
+with the boundary of a group-sequential design over those looks (`boundaries`, Pocock's shape: a broken
 version is caught at the first looks, not only at the last). The error is split evenly over the
 compared steps and the signals (Bonferroni), so a version as good as the previous one is rolled
 back with chance at most `false_rollback_rate` over its whole rollout (bench/rollout_simulation.py
