@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -60,7 +61,39 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         if STOPPED_BY is not None:  # a fleet member's thread, after its process was stopped (Ctrl-C)
             raise TrainingError(f"stopped by signal {STOPPED_BY}: no new Ray instance is started")
         if not ray.is_initialized():
-            _init_ray(address, num_cpus)
+            _on_a_lasting_thread(lambda: _init_ray(address, num_cpus))
+
+
+_STARTER: queue.SimpleQueue | None = None
+
+
+def _on_a_lasting_thread(call: Callable[[], None]) -> None:
+    """`call()` on the main thread or on one that lives as long as the process. Ray starts its local
+    processes with a parent-death signal (SIGKILL), which Linux sends when the *thread* that
+    started them ends: a local Ray started by a fleet member's thread died under the other
+    members the moment that thread ran out of work ("Failed to connect to GCS within 60 seconds",
+    then the process exited)."""
+    global _STARTER
+    if threading.current_thread() is threading.main_thread():
+        return call()
+    if _STARTER is None:
+        _STARTER = queue.SimpleQueue()
+        threading.Thread(target=_run_calls, args=(_STARTER,), name="ray-starter", daemon=True).start()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    _STARTER.put((call, done))
+    raised = done.get()
+    if raised is not None:
+        raise raised
+
+
+def _run_calls(calls: queue.SimpleQueue) -> None:
+    while True:
+        call, done = calls.get()
+        try:
+            call()
+            done.put(None)
+        except BaseException as exc:  # noqa: BLE001  (raised in the calling thread)
+            done.put(exc)
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +122,33 @@ def test_members_run_at_once_each_its_own_ray_train_job(harness, tmp_path):
     a, b = sorted(asyncio.run(member_runs()), key=lambda r: r.name)
     assert a.start_time < b.end_time and b.start_time < a.end_time, "the two members' runs overlap in time"
     assert a.parent_task_run_id and b.parent_task_run_id, "each member is a subflow of the fleet's run"
+
+
+# A member's thread starts the local Ray and ends; the instance must outlive it (Linux sends Ray's
+# processes their parent-death SIGKILL when the *thread* that started them ends).
+_THREAD_STARTS_RAY = """
+import os, threading, psutil, ray
+from prefect_lora.lora_tasks.training.distributed import ensure_ray
+
+member = threading.Thread(target=ensure_ray, args=(None, 1))
+member.start()
+tid = member.native_id
+member.join()
+while os.path.exists(f"/proc/self/task/{tid}"):  # the thread has ended for the kernel too
+    pass
+print("task:", ray.get(ray.remote(lambda: 6 * 7).remote(), timeout=120), flush=True)
+alive = {p.name() for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE}
+print("alive:", " ".join(sorted(n for n in alive if n in ("gcs_server", "raylet"))), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_started_by_a_members_thread_outlives_that_thread(tmp_path):
+    env = {**os.environ, "PREFECT_LORA_RAY_TMP": os.environ["PREFECT_LORA_RAY_TMP"] + "-thread"}
+    done = subprocess.run([sys.executable, "-c", _THREAD_STARTS_RAY], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "task: 42" in done.stdout and "alive: gcs_server raylet" in done.stdout, done.stdout
 
 
 def test_the_watcher_emits_for_the_member_whose_data_changed(harness, tmp_path):
