@@ -19,9 +19,11 @@ setup: $(BIN)/python
 	 else $(BIN)/pip install -q $(TORCH_CPU); fi
 	$(EDITABLE) ".[dev]"
 
-# make test TEST_ARGS="-n 2 --dist loadfile": two test processes (pytest-xdist), 16 min instead of
-# 24.5 on 2 cores. Not the default yet: in one of three full runs a worker's Ray instance died mid-test.
-TEST_ARGS ?=
+# Two test processes (pytest-xdist), each test file whole in one of them: ~16 min instead of ~24 on
+# 2 cores, where one process left them a third idle while its tests waited on Ray and servers.
+# --max-worker-restart 0: a crashed process fails the run at once (pytest-xdist's replacement of a
+# crashed worker can wait for ever under --dist loadfile). TEST_ARGS= runs it in one process.
+TEST_ARGS ?= -n 2 --dist loadfile --max-worker-restart 0
 test: setup
 	$(BIN)/python -m pytest -q $(TEST_ARGS)
 
