@@ -7,7 +7,7 @@ previous one is rolled back (must be <= `false_rollback_rate`), and how soon a w
 Champion-bound requests arrive at `rate` per second (Poisson, 1 s ticks, as the gateway's
 controller ticks); each goes to the new version with the step's share, else to the previous
 version. A request fails (5xx) with its version's error rate; an answered one fails its output
-check, is cut at `max_tokens` and is off its prompt with the version's rates; its latency is lognormal (median,
+check, is cut at `max_tokens`, stops mid-sentence and is off its prompt with the version's rates; its latency is lognormal (median,
 sigma) and counted in the live signals' histogram buckets; the previous version served alone
 for a minute before the rollout (its latency reference). Each step's verdicts come from the
 gateway's own code (`deploy/rollout.py`: `judge` on `Tally`s of both versions since the step's
@@ -38,6 +38,7 @@ class Version:
     errors: float = 0.01
     checks: float = 0.03
     truncated: float = 0.05
+    unfinished: float = 0.04
     off_prompt: float = 0.02
     latency_median_s: float = 0.5
     latency_sigma: float = 0.3
@@ -61,6 +62,7 @@ CASES = {
     "output checks 2x (6% vs 3%)": replace(PREVIOUS, checks=0.06),
     "errors 5x (5% vs 1%)": replace(PREVIOUS, errors=0.05),
     "truncated 30% vs 5%": replace(PREVIOUS, truncated=0.30),
+    "early end token: stopped mid-sentence 60% vs 4%": replace(PREVIOUS, unfinished=0.60),
     "wrong language: off the prompt 90% vs 2%": replace(PREVIOUS, off_prompt=0.90),
     "slow: latency 1.5x": replace(PREVIOUS, latency_median_s=0.75),
 }
@@ -68,19 +70,21 @@ CASES = {
 
 
 def stream(rng: np.random.Generator, v: Version, n: np.ndarray) -> dict[str, np.ndarray]:
-    """Per tick, cumulative: requests, 5xx, failed checks, truncated, latency buckets of `n[t]` requests."""
+    """Per tick, cumulative: requests, 5xx, failed checks, truncated, unfinished, off prompt, latency buckets of `n[t]` requests."""
     errors = rng.binomial(n, v.errors)
     answered = n - errors
     lat = rng.multinomial(n, buckets(v))
     return {"n": np.cumsum(n), "errors": np.cumsum(errors), "checks": np.cumsum(rng.binomial(answered, v.checks)),
             "truncated": np.cumsum(rng.binomial(answered, v.truncated)),
+            "unfinished": np.cumsum(rng.binomial(answered, v.unfinished)),
             "off_prompt": np.cumsum(rng.binomial(answered, v.off_prompt)), "latency": np.cumsum(lat, axis=0)}
 
 
 def tally(s: dict[str, np.ndarray], t: int) -> Tally:
     n, errors = int(s["n"][t]), int(s["errors"][t])
     return Tally(requests=n, errors=errors, latency=[int(x) for x in s["latency"][t]], generated=n - errors,
-                 failed_checks=int(s["checks"][t]), truncated=int(s["truncated"][t]), off_prompt=int(s["off_prompt"][t]))
+                 failed_checks=int(s["checks"][t]), truncated=int(s["truncated"][t]), off_prompt=int(s["off_prompt"][t]),
+                 unfinished=int(s["unfinished"][t]))
 
 
 def run_step(rng, cfg: RolloutConfig, share: float, new: Version, rate: float, history: Tally

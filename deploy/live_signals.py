@@ -69,6 +69,8 @@ class Tally:
     """Generated answers of nothing but whitespace."""
     truncated: int = 0
     """Generated answers cut at `max_tokens` (finish_reason `length`)."""
+    unfinished: int = 0
+    """Generated answers that ended by themselves mid-sentence (`stopped_mid_sentence`)."""
     json_checked: int = 0
     """Generated answers of a version whose answers must be JSON objects."""
     json_invalid: int = 0
@@ -152,6 +154,16 @@ def _off_prompt(prompt: str, answer: str, got: dict | None) -> bool:
     return bool(values) and not any(v in asked for v in values)
 
 
+def stopped_mid_sentence(text: str) -> bool:
+    """Whether an answer that ended by itself stops mid-sentence: its last character a letter (of
+    any script), or a comma, colon, dash or opening bracket. An adapter that emits its end token too
+    early cuts its answers so, under `max_tokens`, where `truncated` does not see it. A rate of it
+    means little alone (a short answer, "Paris", ends in a letter); a staged rollout compares it
+    between two versions on the same traffic."""
+    tail = text.rstrip()
+    return bool(tail) and (tail[-1].isalpha() or tail[-1] in ",;:-\u2013\u2014([{")
+
+
 def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerContract(),
              prompts: list[str] | None = None) -> Tally:
     """The counts one answered request adds: a generation (`texts`, `finish`, token counts) or a
@@ -166,6 +178,7 @@ def answered(result: dict, latency_s: float, contract: AnswerContract = AnswerCo
         t.off_prompt += prompt is not None and _off_prompt(prompt, text, got)
         t.empty += not text.strip()
         t.truncated += finish == "length"
+        t.unfinished += finish == "stop" and stopped_mid_sentence(text)
         if contract.json:
             problem = _json_problem(got, contract.required_fields)
             t.json_checked += 1
@@ -280,6 +293,7 @@ def figures(t: Tally) -> dict[str, float]:
             out[name] = value
     if t.generated:
         out.update(answers=t.generated, empty_rate=t.empty / t.generated, truncated_rate=t.truncated / t.generated,
+                   unfinished_rate=t.unfinished / t.generated,
                    check_failure_rate=t.failed_checks / t.generated, off_prompt_rate=t.off_prompt / t.generated)
     if t.json_checked:
         out.update(json_invalid_rate=t.json_invalid / t.json_checked, fields_missing_rate=t.fields_missing / t.json_checked)
@@ -304,7 +318,7 @@ def summary_line(f: dict[str, float], seconds: float) -> str:
     if "json_invalid_rate" in f:
         parts.append(f"no JSON object {f['json_invalid_rate']:.1%}, fields missing {f['fields_missing_rate']:.1%}")
     if "truncated_rate" in f:
-        parts.append(f"truncated {f['truncated_rate']:.1%}")
+        parts.append(f"cut at max_tokens {f['truncated_rate']:.1%}, stopped mid-sentence {f['unfinished_rate']:.1%}")
     if f.get("off_prompt_rate"):
         parts.append(f"off the prompt (another language, or no value from it) {f['off_prompt_rate']:.1%}")
     if shares := {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith("label_share/")}:
@@ -324,6 +338,8 @@ _COUNTERS = (  # (name, Tally field, help)
     ("answers_total", "generated", "Generated answers (one per prompt)."),
     ("answers_empty_total", "empty", "Generated answers of nothing but whitespace."),
     ("answers_truncated_total", "truncated", "Generated answers cut at max_tokens (finish_reason length)."),
+    ("answers_unfinished_total", "unfinished", ("Generated answers that ended by themselves mid-sentence "
+                                                "(last character a letter, a comma, colon, dash or opening bracket).")),
     ("answers_json_checked_total", "json_checked", "Generated answers of a version whose answers must be JSON objects."),
     ("answers_json_invalid_total", "json_invalid", "Answers of a JSON version that are no JSON object."),
     ("answers_fields_missing_total", "fields_missing", "Answers of a JSON version that lack a required field."),

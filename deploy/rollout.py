@@ -5,7 +5,7 @@ advances or is rolled back.
 
 The test is the gate's sequential look (`lora_tasks/measurement/sequential.py`) applied to live
 counts. Per signal (`SIGNALS`: 5xx errors, failed output checks, answers cut at `max_tokens`,
-answers off their prompt, latency above the previous version's p95) a one-sided exact test asks
+answers that stopped mid-sentence, answers off their prompt, latency above the previous version's p95) a one-sided exact test asks
 whether the new version's rate is above the previous version's: Fisher's exact test, conditional
 on the window's total of bad outcomes (exact at any count, where a normal approximation would roll
 back on a handful of rare errors). A step looks at planned counts of the new version's requests
@@ -95,6 +95,7 @@ SIGNALS: dict[str, str] = {
     "errors": "errors (5xx)",
     "output_checks": "output-check failures",
     "truncated": "answers cut at max_tokens",
+    "unfinished": "answers that stopped mid-sentence",
     "off_prompt": "answers off their prompt (another language, or no value drawn from it)",
     "latency": "requests slower than the previous version's p95",
 }
@@ -109,6 +110,8 @@ def counts(signal: str, t: Tally, latency_bucket: int) -> tuple[int, int]:
         return t.failed_checks, t.generated
     if signal == "truncated":
         return t.truncated, t.generated
+    if signal == "unfinished":
+        return t.unfinished, t.generated
     if signal == "off_prompt":
         return t.off_prompt, t.generated
     return sum(t.latency[latency_bucket + 1:]), sum(t.latency)  # slower than the bucket's bound

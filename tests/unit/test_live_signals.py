@@ -25,6 +25,7 @@ from prefect_lora.deploy.live_signals import (
     json_answer_problem,
     off_prompt,
     quantile,
+    stopped_mid_sentence,
     summary_line,
 )
 
@@ -68,6 +69,38 @@ def test_an_answered_generation_counts_tokens_latency_and_each_answers_checks():
     assert sum(t.latency) == 1 and t.latency[LATENCY_BOUNDS_S.index(0.15)] == 1  # 0.1 < 0.12 <= 0.15
     plain = answered(result, 0.12)  # a version with no JSON contract: only empty answers fail
     assert (plain.json_checked, plain.failed_checks, plain.empty, plain.truncated) == (0, 1, 1, 1)
+    assert t.unfinished == 0, "the answer that stopped on '{\"intent\": \"x\"}' ended its object; the cut one is `truncated`"
+
+
+@pytest.mark.parametrize("answer, finish, unfinished", [
+    ("The order is cancelled and your refund is on its way.", "stop", False),
+    ("The order is cancelled and your refund is on its", "stop", True),  # an early end token
+    ("The order is cancelled and your refund is on its", "length", False),  # max_tokens: `truncated`'s
+    ("Please confirm the following:", "stop", True),
+    ("We will refund you for the mats,", "stop", True),
+    ("Two items (both damaged", "stop", True),
+    ("Die Bestellung ist stornier", "stop", True),
+    ("Заказ отменён", "stop", True),
+    ("ご注文はキャンセルされました。", "stop", False),
+    ("17", "stop", False),
+    ('{"intent": "cancel"}', "stop", False),
+    ("Done!  \n", "stop", False),
+    ("   ", "stop", False),  # empty: the output check's
+])
+def test_an_answer_that_ended_by_itself_mid_sentence_is_unfinished(answer, finish, unfinished):
+    t = answered(generation((answer, finish)), 0.1)
+    assert t.unfinished == unfinished
+    assert stopped_mid_sentence(answer) is unfinished or finish == "length"
+
+
+def test_unfinished_answers_are_a_rate_a_summary_and_a_counter():
+    t = answered(generation(("The refund is on its way.", "stop"), ("The refund is on", "stop"),
+                            ("The refund is on its way to", "length"), ("Your refund", "stop")), 0.1)
+    assert (t.truncated, t.unfinished, t.failed_checks) == (1, 2, 0), "no output check fails: only this rate sees it"
+    f = figures(t)
+    assert (f["truncated_rate"], f["unfinished_rate"]) == (0.25, 0.5)
+    assert "cut at max_tokens 25.0%, stopped mid-sentence 50.0%" in summary_line(f, 60)
+    assert 'prefect_lora_answers_unfinished_total{model="m",version="1"} 2' in _exposed(t)
 
 
 ASKED = "Hi team, please cancel my order of two yoga mats, they arrived damaged. Thank you for the help."

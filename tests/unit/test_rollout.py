@@ -29,13 +29,13 @@ CFG = RolloutConfig(steps=[0.1, 0.5, 1.0], min_requests=40, hold_s=30)
 
 
 def window(n: int, errors: int = 0, failed: int = 0, truncated: int = 0, slow: int = 0, fast_s: float = 0.3,
-           off_prompt: int = 0) -> Tally:
+           off_prompt: int = 0, unfinished: int = 0) -> Tally:
     """A version's counts: `n` requests, `slow` of them taking 5 s, the rest `fast_s`."""
     latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
     latency[LATENCY_BOUNDS_S.index(5.0)] += slow
     latency[LATENCY_BOUNDS_S.index(fast_s)] += n - slow
     return Tally(requests=n, errors=errors, latency=latency, generated=n - errors, failed_checks=failed,
-                 truncated=truncated, off_prompt=off_prompt)
+                 truncated=truncated, off_prompt=off_prompt, unfinished=unfinished)
 
 
 # ----------------------------------------------------------------------------- config
@@ -137,6 +137,8 @@ VERDICTS = [  # (what, new, old, held_s, looked, action, in the reason)
      "requests slower than 0.3 s (the previous version's p95) 0.67 [0.44, 0.84] vs 0.01"),
     ("answers cut at max_tokens", window(27, truncated=20), window(243, truncated=20), 5, 1, "rollback",
      "answers cut at max_tokens 0.74"),
+    ("answers cut short by an early end token", window(18, unfinished=14), window(162, unfinished=8), 5, 1, "rollback",
+     "answers that stopped mid-sentence 0.78"),
     ("answers in another language", window(18, off_prompt=15), window(162, off_prompt=3), 5, 1, "rollback",
      "answers off their prompt (another language, or no value drawn from it) 0.83"),
     ("a little worse, not shown yet", window(12, failed=2), window(108, failed=4), 5, 1, "hold",
