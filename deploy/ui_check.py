@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,8 +43,9 @@ def mlflow_ui(tracking_uri: str, port: int | None = None):
     import httpx
 
     port = port or free_port()
+    # One worker: a page check needs no more, and each of the default four took start-up time.
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", tracking_uri,
-                             "--host", "127.0.0.1", "--port", str(port)],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,12 +58,16 @@ def mlflow_ui(tracking_uri: str, port: int | None = None):
                 raise RuntimeError(f"mlflow ui on {tracking_uri} did not start (exit code {proc.poll()})")
             time.sleep(0.5)
         yield url
-    finally:
-        proc.terminate()
+    finally:  # the whole group: `mlflow ui` stopped alone took 5 s and left its server's workers 5 s more
+        _signal_group(proc, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(15)
-        if proc.poll() is None:
-            proc.kill()
+        _signal_group(proc, signal.SIGKILL)  # what is left of it
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 @dataclass
