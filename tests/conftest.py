@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,42 @@ os.environ["PREFECT_LORA_CACHE"] = str(_SESSION_HOME / "cache")
 import prefect_lora.flows.settings  # noqa: E402,F401  (quiet defaults for the whole session)
 
 
+_STOPPED_BY_SIGNAL = threading.Event()
+
+
 def _interrupt(signum, frame):
+    _STOPPED_BY_SIGNAL.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 # A test run stopped with SIGTERM (a CI timeout, a closed terminal) ends as Ctrl-C does: fixtures
-# are torn down and atexit runs, so no local Ray cluster or Prefect server outlives it.
+# are torn down and atexit runs, so no local Ray cluster or Prefect server outlives it. Ctrl-C
+# raises KeyboardInterrupt as Python's own handler does, and is kept (below).
 signal.signal(signal.SIGTERM, _interrupt)
+signal.signal(signal.SIGINT, _interrupt)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A stop that a test swallowed still stops the session after that test: a command run in
+    process (click turns a KeyboardInterrupt into "Aborted!" and exit 1; ours into exit 130), and
+    the test process went on with its next tests for 10 s until pytest-xdist killed it. (A test
+    that signals itself on purpose sets its own handler, and forgets what it set at its end.)"""
+    from prefect_lora.flows.settings import stop_signal
+
+    result = yield
+    if _STOPPED_BY_SIGNAL.is_set() or stop_signal():
+        raise KeyboardInterrupt("stopped during a test that caught the stop")
+    return result
+
+
+def pytest_keyboard_interrupt(excinfo):
+    """A stopped session tears its fixtures down next, where a server's graceful stop (Serve
+    draining its replicas) took ~10 s: the local Ray instance goes first, at once, and those
+    teardowns find nothing left to drain."""
+    from prefect_lora.flows.settings import shutdown_ray
+
+    shutdown_ray()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -129,3 +130,36 @@ def test_a_ctrl_c_in_the_fleet_stops_it_without_waiting_for_its_members(monkeypa
     for t in members:
         t.join(30)
     assert sorted(started) == ["a", "b"], "no member starts after the stop"
+
+
+_SWALLOWS_A_CTRL_C = '''
+import os, signal
+
+import click
+from click.testing import CliRunner
+
+
+@click.command()
+def command():
+    os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C while a command runs in the test process
+
+
+def test_a_command_in_process():
+    assert CliRunner().invoke(command).exit_code == 1  # click: "Aborted!", the KeyboardInterrupt swallowed
+
+
+def test_the_next_one(tmp_path_factory):
+    (tmp_path_factory.getbasetemp().parent / "the-next-test-ran").touch()
+'''
+
+
+def test_a_ctrl_c_that_a_test_swallowed_still_stops_the_session(tmp_path):
+    import subprocess
+    import sys
+
+    shutil.copy(Path(__file__).parents[1] / "conftest.py", tmp_path / "conftest.py")  # the suite's hooks
+    (tmp_path / "test_swallowed.py").write_text(_SWALLOWS_A_CTRL_C)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
+                           "test_swallowed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == pytest.ExitCode.INTERRUPTED, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "the-next-test-ran").exists(), "the session went on after the Ctrl-C"
