@@ -10,7 +10,11 @@ import os
 
 DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    # Prefect's temporary server and Serve's HTTP proxy start slowly on a busy host (two CPU hogs
+    # beside a test run: 60 s of migrations were not enough, and Serve killed a proxy after 5 s):
+    # a command waits for them rather than fail. Read by a Ray instance started after this.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
