@@ -1,13 +1,13 @@
 """Loopback load test of `deploy/serve.py`: adapter-multiplexed vs merged serving.
 
     python bench/serve_bench.py [--clients 4] [--seconds 10] [--rounds 2] [--max-tokens 8] [--challenger-share 0.5]
-                                [--batch-rows 1,16] [--continuous off,on] [--base builtin:tiny-llama]
+                                [--batch-rows 1,16] [--continuous off,on] [--base builtin:tiny-llama] [--prompts plain]
                                 [--out bench/results/serve_bench.json]
 
 Registers two adapters (random LoRA weights) on the base in a temporary SQLite MLflow, starts one
 Serve app per configuration side by side (each under its own route prefix, each with its own model
 replica), warms them, and then, round after round, runs N client threads for T seconds against
-each app's `POST /v1/completions` in turn: on a machine shared with other work, every
+each app's `POST /v1/completions` (`--prompts orders`: `/v1/chat/completions`) in turn: on a machine shared with other work, every
 configuration meets the same changes of load. A share of the requests names the challenger, so two
 versions are in play:
 multiplexed onto one base in `adapter` mode, two merged models in `merged` mode. Reports
@@ -37,6 +37,28 @@ from prefect_lora.deploy.testing import free_port
 from prefect_lora.flows import settings  # noqa: F401  (quiet defaults)
 
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2. Answer:", "Say hello to the team.", "Sum of 7 and 8 is"]
+ORDERS = ["Hi, please send me 3 yoga mats, I need them by Friday.", "Cancel my order of the blue kettle please.",
+          "Where is my parcel? I ordered two lamps last week.", "I want to return the desk chair, it squeaks.",
+          "Do you ship the standing desk to Norway?", "URGENT: order 10 boxes of printer paper today!",
+          "Please cancel the 2 mugs I ordered yesterday.", "Track order 4471, the headphones have not arrived."]
+"""`--prompts orders`: customer messages as the demo's (chat requests with its system prompt)."""
+
+
+def request_for(prompts: str, rng: random.Random) -> tuple[str, dict]:
+    """A request's route and body (without model and sampling): `plain` completions of a few
+    tokens, or `orders`: a chat with the demo's system prompt (configs/demo.yaml) and a customer's
+    message, where every request's prompt begins with the same ~70 tokens, as in a deployed
+    assistant's traffic."""
+    if prompts == "plain":
+        return "/v1/completions", {"prompt": rng.choice(PROMPTS)}
+    return "/v1/chat/completions", {"messages": [{"role": "system", "content": _system_prompt()},
+                                                 {"role": "user", "content": rng.choice(ORDERS)}]}
+
+
+def _system_prompt() -> str:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())["data"]["system_prompt"]
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -51,7 +73,7 @@ def canary(name: str, challenger_share: float):
     return lambda i, k, rng: f"{name}@challenger" if rng.random() < challenger_share else f"{name}@champion"
 
 
-def load(url: str, clients: int, seconds: float, max_tokens: int, pick) -> dict:
+def load(url: str, clients: int, seconds: float, max_tokens: int, pick, prompts: str = "plain") -> dict:
     """`clients` threads send greedy completions to `url` for `seconds`; client i's k-th request
     names the model `pick(i, k, rng)`. Latencies, completion tokens, errors, requests per served
     version, and the time it took (the last requests included)."""
@@ -68,11 +90,12 @@ def load(url: str, clients: int, seconds: float, max_tokens: int, pick) -> dict:
         rng, k = random.Random(i), 0
         with httpx.Client(base_url=url, timeout=300) as c:
             while time.monotonic() < stop:
-                body = {"model": pick(i, k, rng), "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "temperature": 0}
+                route, body = request_for(prompts, rng)
+                body.update(model=pick(i, k, rng), max_tokens=max_tokens, temperature=0)
                 k += 1
                 t0 = time.perf_counter()
                 try:
-                    r = c.post("/v1/completions", json=body)
+                    r = c.post(route, json=body)
                     ok = r.status_code == 200
                     j = r.json() if ok else None
                 except Exception as exc:  # noqa: BLE001
@@ -156,6 +179,8 @@ def main() -> None:
     ap.add_argument("--batch-rows", default="1,16", help="values of serve's batch_max_rows to compare")
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve's batch_wait_ms (default: its default)")
     ap.add_argument("--continuous", default="off,on", help="values of serve's continuous_batching to compare")
+    ap.add_argument("--prompts", choices=["plain", "orders"], default="plain",
+                    help="plain: short completions; orders: chats with the demo's system prompt")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench-<time>.json)")
     args = ap.parse_args()
 
@@ -178,6 +203,7 @@ def main() -> None:
                for c in args.continuous.split(",") if not (int(b) == 1 and c == "on")]  # (one row: nothing to join)
     apps = {}
     try:
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # as serve.start: a busy host starts it slowly
         # Logical CPUs enough for a replica per configuration: only the one under load works.
         ray.init(num_cpus=max(os.cpu_count() or 1, len(configs) + 1), include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray-serve-bench"))
@@ -191,13 +217,13 @@ def main() -> None:
             serve.run(serving.build_app(cfg), name=cfg.app_name, route_prefix=f"/{cfg.app_name}", blocking=False)
             url = f"http://127.0.0.1:{port}/{cfg.app_name}"
             serving_wait(url)
-            load(url, 2, 2.0, args.max_tokens, canary(name, 0.5))  # warm: both versions loaded
+            load(url, 2, 2.0, args.max_tokens, canary(name, 0.5), args.prompts)  # warm: both versions loaded
             apps[(mode, batch, continuous)] = {"url": url, "startup_s": round(time.monotonic() - t0, 1), "windows": [],
                                                "passes": passes(url) if mode == "adapter" else {}}
         for _ in range(args.rounds):
             for app in apps.values():
                 app["windows"].append(load(app["url"], args.clients, args.seconds, args.max_tokens,
-                                           canary(name, args.challenger_share)))
+                                           canary(name, args.challenger_share), args.prompts))
         rows = [{"mode": mode, "batch_max_rows": batch, "continuous": continuous, "startup_s": app["startup_s"],
                  **summary(app["windows"]),
                  "passes": pass_rows(app["passes"], passes(app["url"])) if mode == "adapter" else None}
@@ -211,7 +237,7 @@ def main() -> None:
               f"{'p95 ms':>8} {'errors':>6} {'rows/pass':>9}  {'req/s by round':<16} passes by rows")
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"\nserve bench: base {args.base}, {args.clients} clients, {args.rounds} rounds of {args.seconds:g}s per "
-          f"configuration, max_tokens {args.max_tokens}, {args.challenger_share:.0%} of requests to the challenger, "
+          f"configuration, max_tokens {args.max_tokens}, {args.prompts} prompts, {args.challenger_share:.0%} of requests to the challenger, "
           f"{os.cpu_count()} CPUs, CPU capability {capability}")
     print(header)
     print("-" * len(header))

@@ -103,12 +103,13 @@ class _PassRows:
     """How a packed pass's tokens attend (`_rows_attention`): the first `reading` tokens are one
     each of rows that have cached tokens, whose keys are `keys` (positions in the cache and this
     pass, padded; `mask` true on real ones); then the prompts of rows that joined, each `(start,
-    end)` of the pass, attending causally to themselves."""
+    end)` of the pass, attending to the cached prefix it shares (`RunningBatch.admit`), if any,
+    and causally to itself."""
 
     reading: int
     keys: torch.Tensor  # [rows, longest]
     mask: torch.Tensor  # [rows, 1, 1, longest]
-    prompts: list[tuple[int, int]]
+    prompts: list[tuple[int, int, torch.Tensor | None]]  # (start, end, cached prefix slots)
     past: int  # cached tokens before the pass
 
 
@@ -126,12 +127,45 @@ def _rows_attention(module, query, key, value, attention_mask, scaling=None, dro
         k, v = (x[0][:, rows.keys].transpose(0, 1) for x in (key, value))  # [rows, kv heads, longest, dim]
         out, _ = sdpa_attention_forward(module, q, k, v, rows.mask, scaling=scaling, is_causal=False)
         outs.append(out.transpose(0, 1))  # [1, rows, heads, dim]
-    for start, end in rows.prompts:
+    for start, end, prefix in rows.prompts:
         own = slice(rows.past + start, rows.past + end)
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, own], value[:, :, own], None,
-                                        scaling=scaling, is_causal=True)
+        k, v = key[:, :, own], value[:, :, own]
+        if prefix is None:
+            out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, None, scaling=scaling, is_causal=True)
+        else:  # the shared prefix's keys, all seen, then its own, causally
+            k, v = torch.cat([key[:, :, prefix], k], dim=2), torch.cat([value[:, :, prefix], v], dim=2)
+            n = end - start
+            mask = torch.ones(n, len(prefix) + n, dtype=torch.bool, device=query.device).tril(len(prefix))
+            out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, mask[None, None], scaling=scaling,
+                                            is_causal=False)
         outs.append(out)
     return torch.cat(outs, dim=1), None
+
+
+MIN_SHARED = 8
+"""The fewest leading prompt tokens a row reads from the cache instead of computing them."""
+MAX_PROMPTS = 64
+"""Cached prompts a batch remembers for sharing (the newest)."""
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _kept(slots: list[int], moved: dict[int, int]) -> int:
+    """How many leading `slots` a compaction kept."""
+    n = 0
+    for s in slots:
+        if s not in moved:
+            break
+        n += 1
+    return n
 
 
 @dataclass
@@ -147,6 +181,13 @@ class Row:
     pending: list[int]
     tokens: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    weights: object = None
+    """What its tokens run through (a version): rows of the same weights share cached prompt
+    tokens; None shares none."""
+    shared: int = 0
+    """Leading prompt tokens it reads from another row's cache instead of its own pass."""
+    prompt: list[int] = field(default_factory=list)
+    """Its whole prompt (set by `RunningBatch.admit`)."""
 
     def ended(self, eos: int | None) -> bool:
         return len(self.tokens) >= self.max_tokens or (eos is not None and self.tokens[-1:] == [eos])
@@ -168,13 +209,27 @@ class RunningBatch:
         self.cache = self._cache_arg = None  # made by the first pass, for its model
         self.cached = 0  # tokens in the cache, those of rows gone included
         self._dead = 0  # cached tokens of rows gone: dropped from the cache when they are half of it
+        self.prompts: list[tuple[object, list[int], list[int]]] = []
+        """(weights, prompt, its slots) of the prompts in the cache, newest last (`admit` reads them)."""
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def admit(self, rows: list[Row]) -> None:
         """Add rows (their `pending` tokens: the prompt); their first token comes with the next `step`.
-        Rows that joined come last: the rows that run are always the first ones."""
+        Rows that joined come last: the rows that run are always the first ones. A row whose
+        prompt begins as a cached one of the same weights does (a system prompt, a chat
+        template's head: at least `MIN_SHARED` tokens) reads that prefix from the cache: its
+        pass computes only the rest (the prefix's keys and values are the same, computed at the
+        same positions through the same weights)."""
+        for row in rows:
+            row.prompt = list(row.pending)
+            if row.weights is not None:
+                n, slots = max(((_common(prompt, row.pending), slots) for weights, prompt, slots in self.prompts
+                                if weights == row.weights), key=lambda x: x[0], default=(0, []))
+                n = min(n, len(row.pending) - 1)  # its last prompt token is read: it gives the first logits
+                if n >= MIN_SHARED:
+                    row.slots, row.pending, row.shared = slots[:n], row.pending[n:], n
         self.rows += rows
 
     def tokens_per_row(self) -> list[int]:
@@ -202,12 +257,15 @@ class RunningBatch:
         for row, token, n in zip(self.rows, chosen, lengths):
             row.slots += range(at, at + n)
             at += n
+            if not row.tokens and row.weights is not None:  # its prompt is cached now
+                self.prompts.append((row.weights, row.prompt, row.slots[:]))
             row.tokens.append(token)
             row.pending = [token]
         self.cached = at
+        del self.prompts[:-MAX_PROMPTS]
 
     def _pass_rows(self, lengths: list[int]) -> _PassRows:
-        reading = sum(1 for r in self.rows if r.slots)  # (they come first)
+        reading = sum(1 for r in self.rows if r.tokens)  # (they come first)
         longest = max((len(r.slots) + 1 for r in self.rows[:reading]), default=1)
         keys = torch.zeros(reading, longest, dtype=torch.long)
         mask = torch.zeros(reading, 1, 1, longest, dtype=torch.bool)
@@ -215,8 +273,9 @@ class RunningBatch:
             keys[i, : len(row.slots) + 1] = torch.tensor([*row.slots, self.cached + i])
             mask[i, ..., : len(row.slots) + 1] = True
         prompts, at = [], reading
-        for n in lengths[reading:]:
-            prompts.append((at, at + n))
+        for row, n in zip(self.rows[reading:], lengths[reading:]):
+            prefix = torch.tensor(row.slots, dtype=torch.long, device=self.device) if row.slots else None
+            prompts.append((at, at + n, prefix))
             at += n
         return _PassRows(reading, keys.to(self.device), mask.to(self.device), prompts, self.cached)
 
@@ -226,15 +285,17 @@ class RunningBatch:
         out = [bool(r.tokens) and r.ended(self.eos) or gone(r) for r in self.rows]
         ended = [r for r, o in zip(self.rows, out) if o]
         self.rows = [r for r, o in zip(self.rows, out) if not o]
-        self._dead += sum(len(r.slots) for r in ended)
+        self._dead += sum(len(r.slots) - r.shared for r in ended)
         if self._dead and 2 * self._dead >= self.cached:
-            keep = sorted(s for r in self.rows for s in r.slots)
+            keep = sorted({s for r in self.rows for s in r.slots})  # (rows may share a prefix's slots)
             moved = {old: new for new, old in enumerate(keep)}
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
             for row in self.rows:
                 row.slots = [moved[s] for s in row.slots]
+            self.prompts = [(w, p[:n], [moved[s] for s in slots[:n]]) for w, p, slots in self.prompts
+                            if (n := _kept(slots, moved)) >= MIN_SHARED]
             self.cached, self._dead = len(keep), 0
         return ended
 
@@ -308,7 +369,8 @@ def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, devi
     """Run a continuous batch (`RunningBatch`) until no row runs and none waits, taking in
     requests from `intake` (`serve_core.Intake`) before every step and answering each as soon as
     its last row ends. `prepare(item)` gives a request's prompts' token ids, each row's
-    `max_tokens`, its temperature, or the exception that refuses it alone; `route(items)`, a
+    `max_tokens`, its temperature and what its tokens run through (`Row.weights`), or the
+    exception that refuses it alone; `route(items)`, a
     context manager, readies the model for a pass whose token i is of the request `items[i]`
     (its adapter), and yields `(model, forward arguments)`. Holds `lock`, giving way between steps."""
     batch, requests, routed = RunningBatch(tokenizer.eos_token_id, device), {}, None
@@ -319,9 +381,9 @@ def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, devi
                 if isinstance(prepared, Exception):
                     intake.answer(ticket, prepared)
                     continue
-                prompt_ids, max_tokens, temperature = prepared
+                prompt_ids, max_tokens, temperature, weights = prepared
                 requests[ticket] = _Request(ticket, max_tokens, [len(x) for x in prompt_ids], len(prompt_ids))
-                batch.admit([Row((ticket, item), i, n, temperature, list(x))
+                batch.admit([Row((ticket, item), i, n, temperature, list(x), weights=weights)
                              for i, (x, n) in enumerate(zip(prompt_ids, max_tokens))])
             if not batch:
                 return

@@ -163,15 +163,16 @@ class _Replica:
             return [results[i] for i in range(len(items))]
 
     def _prepare(self, item: tuple):
-        """A generation request's prompts' token ids, each row's `max_tokens` and its temperature,
-        or the RequestProblem that refuses it."""
+        """A generation request's prompts' token ids, each row's `max_tokens`, its temperature and
+        its version (rows of one version share cached prompt tokens), or the RequestProblem that
+        refuses it."""
         from prefect_lora.deploy.decoding import prompt_texts
 
         version, _, payload = item
         _, _, ids = prompt_texts(self.tokenizer, self._files_for(version).model_config, payload)
         if problem := self._prompt_problem(payload["op"], [len(x) for x in ids]):
             return problem
-        return ids, [payload["max_tokens"]] * len(ids), payload["temperature"]
+        return ids, [payload["max_tokens"]] * len(ids), payload["temperature"], version
 
     @contextlib.contextmanager
     def _routing(self, items: list[tuple]):

@@ -14,6 +14,8 @@ from prefect_lora.deploy.decoding import generate_rows
 from prefect_lora.deploy.serve_core import split_rows
 
 PROMPTS = ["What is 12 plus 30? Answer:", "Add 40 and 2.", "Sum of 7 and 8 is"]
+HEAD = "You answer for the order desk of a small shop: be brief, and name the item and the quantity. "
+"""A prompt head many requests share, as a system prompt or a chat template's is."""
 WAIT_S = 60  # the most a hook waits for the test's next move: a failure, not a timing
 
 
@@ -105,6 +107,37 @@ def test_a_request_arriving_mid_generation_joins_the_running_batch_and_leaves_it
     assert list(b.joins)[joins:] == [(b.started, 2, 1)], "1 row joined after the second pass"
 
 
+def test_a_joining_row_reads_the_prompt_head_it_shares_with_a_cached_one_from_the_cache(replica, gate):
+    from prefect_lora.deploy.decoding import MIN_SHARED, prompt_texts
+
+    (a, n_a), (b, n_b), (c, n_c) = asks = [(HEAD + PROMPTS[0], 12), (HEAD + PROMPTS[1], 3), (HEAD + PROMPTS[2], 3)]
+    versions = ["m/0", "m/0", "m/1"]  # B shares A's weights, C runs another adapter
+    alone = [_alone(replica, v, p, n) for v, (p, n) in zip(versions, asks)]
+    ids = [prompt_texts(replica.tokenizer, {"task": "causal_lm"}, {"prompts": [p], "op": "complete"})[2][0] for p, _ in asks]
+    shared = next(i for i, (x, y) in enumerate(zip(ids[0], ids[1])) if x != y)
+    assert shared >= MIN_SHARED, "the head is long enough to share"
+    read = []  # tokens each pass read
+    counting = replica.adapters.peft.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+    at_step, joined = gate(lambda passes: len(passes) == 2)  # A's second pass
+
+    async def scenario():
+        first = asyncio.ensure_future(_ask(replica, versions[0], [a], n_a))
+        assert await asyncio.to_thread(at_step.wait, WAIT_S)
+        late = [asyncio.ensure_future(_ask(replica, v, [p], n)) for v, p, n in ((versions[1], b, n_b), (versions[2], c, n_c))]
+        await asyncio.sleep(0)  # both are queued
+        joined.set()
+        return await first, *[await x for x in late]
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        counting.remove()
+    assert list(answers) == alone, "each answers as alone, B reading A's cached head"
+    assert read[:3] == [len(ids[0]), 1, 1 + (len(ids[1]) - shared) + len(ids[2])], (
+        "A's prompt; A's token; A's token, B's prompt past the shared head, C's whole prompt (other weights)")
+
+
 def _generated(r, version: str, prompt: str, max_tokens: int) -> dict:
     """The answer of transformers' `generate` (what a replica without continuous batching gives)."""
     with r._lock:
@@ -112,13 +145,15 @@ def _generated(r, version: str, prompt: str, max_tokens: int) -> dict:
         return split_rows(generate_rows(model, r.tokenizer, [prompt], True, [max_tokens], 0.0, "cpu"), [1])[0]
 
 
-def test_concurrent_greedy_answers_equal_their_answers_alone_across_adapters(replica):
-    asks = [("m/0", PROMPTS[:2], 8), ("m/1", PROMPTS[2:], 5), ("m/2", PROMPTS[1:2], 8), ("m/0", PROMPTS[2:], 2),
-            ("m/1", PROMPTS[:1], 8), ("m/2", PROMPTS[:1], 6)]
+@pytest.mark.parametrize("head", ["", HEAD], ids=["own prompts", "a shared head"])
+def test_concurrent_greedy_answers_equal_their_answers_alone_across_adapters(replica, head):
+    prompts = [head + p for p in PROMPTS]
+    asks = [("m/0", prompts[:2], 8), ("m/1", prompts[2:], 5), ("m/2", prompts[1:2], 8), ("m/0", prompts[2:], 2),
+            ("m/1", prompts[:1], 8), ("m/2", prompts[:1], 6)]
     alone = [[_alone(replica, v, p, n) for p in prompts] for v, prompts, n in asks]
 
     async def together():
-        sampled = _ask(replica, "m/2", PROMPTS[:1], 8, temperature=0.8)  # a sampling row among them
+        sampled = _ask(replica, "m/2", prompts[:1], 8, temperature=0.8)  # a sampling row among them
         return await asyncio.gather(sampled, *(_ask(replica, v, p, n) for v, p, n in asks))
 
     b = replica._batcher
