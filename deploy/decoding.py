@@ -13,6 +13,7 @@ in one batch are what a replica needs. No Serve, no HTTP: `deploy/serve.py`'s re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -148,24 +149,9 @@ MAX_PROMPTS = 64
 """Cached prompts a batch remembers for sharing (the newest)."""
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _kept(slots: list[int], moved: dict[int, int]) -> int:
-    """How many leading `slots` a compaction kept."""
-    n = 0
-    for s in slots:
-        if s not in moved:
-            break
-        n += 1
-    return n
+def _leading(flags) -> int:
+    """How many of the first `flags` are true in a row."""
+    return sum(1 for _ in itertools.takewhile(bool, flags))
 
 
 @dataclass
@@ -225,8 +211,9 @@ class RunningBatch:
         for row in rows:
             row.prompt = list(row.pending)
             if row.weights is not None:
-                n, slots = max(((_common(prompt, row.pending), slots) for weights, prompt, slots in self.prompts
-                                if weights == row.weights), key=lambda x: x[0], default=(0, []))
+                same = [(_leading(x == y for x, y in zip(prompt, row.pending)), slots)
+                        for weights, prompt, slots in self.prompts if weights == row.weights]
+                n, slots = max(same, key=lambda x: x[0], default=(0, []))
                 n = min(n, len(row.pending) - 1)  # its last prompt token is read: it gives the first logits
                 if n >= MIN_SHARED:
                     row.slots, row.pending, row.shared = slots[:n], row.pending[n:], n
@@ -295,7 +282,7 @@ class RunningBatch:
             for row in self.rows:
                 row.slots = [moved[s] for s in row.slots]
             self.prompts = [(w, p[:n], [moved[s] for s in slots[:n]]) for w, p, slots in self.prompts
-                            if (n := _kept(slots, moved)) >= MIN_SHARED]
+                            if (n := _leading(s in moved for s in slots)) >= MIN_SHARED]
             self.cached, self._dead = len(keep), 0
         return ended
 
