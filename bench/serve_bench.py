@@ -203,7 +203,6 @@ def main() -> None:
                for c in args.continuous.split(",") if not (int(b) == 1 and c == "on")]  # (one row: nothing to join)
     apps = {}
     try:
-        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # as serve.start: a busy host starts it slowly
         # Logical CPUs enough for a replica per configuration: only the one under load works.
         ray.init(num_cpus=max(os.cpu_count() or 1, len(configs) + 1), include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray-serve-bench"))
