@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from prefect_lora.deploy.live_signals import (
@@ -39,6 +41,8 @@ EVENT = "prefect-lora.model.live-signals"
 SUMMARY_TAG = "live.signals"
 """The model-version tag holding the latest summary line."""
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+MAX_UNSENT = 1000
+"""Events kept for a later send while Prefect cannot be reached (the oldest dropped past it)."""
 """The media type of Prometheus' text exposition format (`/metrics`)."""
 
 
@@ -47,8 +51,10 @@ def resource_id(name: str, version: str) -> str:
 
 
 def event(name: str, model: str, version: str, payload: dict, related: list[dict] | None = None) -> dict:
-    """A Prefect event about one served version (its resource `prefect-lora.model.NAME.VERSION`)."""
-    return {"event": name, "payload": payload, "related": related or [], "resource": {
+    """A Prefect event about one served version (its resource `prefect-lora.model.NAME.VERSION`),
+    its id and time set now: sent again later, it is the same event (Prefect keeps one per id)."""
+    return {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+            "event": name, "payload": payload, "related": related or [], "resource": {
         "prefect.resource.id": resource_id(model, version), "prefect.resource.name": f"{model}/{version}",
         "prefect-lora.model": model, "prefect-lora.version": version}}
 
@@ -69,6 +75,7 @@ class LiveSignals:
         self._started = (self.store.mark(), clock())
         self._marks: dict[str, tuple[dict, float]] = {}  # sink -> counts and time of its last written summary
         self._runs: dict[str, str] = {}  # NAME/VERSION -> its run
+        self._unsent: list[dict] = []  # events `emit` could not send: they go first with its next send
 
     # -- counting
 
@@ -149,6 +156,8 @@ class LiveSignals:
             if not summaries or await self.send(sink, write(summaries, now - at)):
                 self._marks[sink] = (new_mark, now)
                 written[sink] = summaries
+        if self._unsent:
+            await self.emit([])
         return written
 
     async def send(self, sink: str, write) -> bool:
@@ -190,8 +199,16 @@ class LiveSignals:
                           for key, f in summaries.items()])
 
     async def emit(self, events: list[dict]) -> bool:
-        """Send events (`event(...)`) to Prefect when a Prefect API is configured: True when sent."""
-        return prefect_api_configured() and await self.send("prefect", self._emit(events))
+        """Send events (`event(...)`) to Prefect when a Prefect API is configured: True when sent.
+        Those that could not be sent (the newest `MAX_UNSENT`) are sent again, first, by the next
+        `emit` or summary: an outage delays a rollout's events, it does not lose them."""
+        if not prefect_api_configured():
+            return False
+        pending, self._unsent = [*self._unsent, *events], []
+        if await self.send("prefect", self._emit(pending)):
+            return True
+        self._unsent = [*pending, *self._unsent][-MAX_UNSENT:]
+        return False
 
     async def _emit(self, events: list[dict]) -> None:
         from prefect.events import Event

@@ -432,3 +432,38 @@ def test_a_summary_lands_on_each_versions_run_and_page_and_skips_a_deleted_versi
     assert run.data.metrics["live/requests"] == 1 and run.data.metrics["live/check_failure_rate"] == 1.0
     tag = c.get_model_version("orders", v1).tags[live_export.SUMMARY_TAG]
     assert tag.startswith("1 request in the last 60 s; errors 0.0%") and "failed output checks 100.0% of 1 answer;" in tag
+
+
+def test_events_that_could_not_be_sent_go_first_with_the_next_send_as_the_same_events(monkeypatch):
+    """A rollout's events while Prefect cannot be reached are kept and sent later, each once
+    under its own id and time (Prefect keeps one event per id), before the newer ones."""
+    from prefect.events import clients
+
+    sent, down = [], [True]
+
+    class Client:
+        async def __aenter__(self):
+            if down[0]:
+                raise ConnectionError("connection refused")
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def emit(self, event):
+            sent.append(event)
+
+    monkeypatch.setattr(clients, "get_events_client", lambda **kw: Client())
+    monkeypatch.setattr(live_export, "MAX_UNSENT", 2)
+    live = _live(monkeypatch, prefect=True)
+    monkeypatch.setattr(live, "_to_mlflow", lambda s, seconds: None)
+    started, advanced, dropped = (live_export.event(f"prefect-lora.rollout.{w}", "orders", "2", {}) for w in
+                                  ("started", "advanced", "ignored"))
+    assert not asyncio.run(live.emit([dropped])) and not asyncio.run(live.emit([started, advanced]))
+    assert live.failures == {"prefect": 2} and sent == []
+    down[0] = False
+    asyncio.run(live.summarise())  # (no request since: only the kept events go)
+    assert [(e.event, str(e.id), e.occurred.isoformat()) for e in sent] == [
+        (e["event"], e["id"], e["occurred"]) for e in (started, advanced)]  # the newest 2 kept, as they were
+    completed = live_export.event("prefect-lora.rollout.completed", "orders", "2", {})
+    assert asyncio.run(live.emit([completed])) and [e.event for e in sent][-1] == completed["event"] and len(sent) == 3
