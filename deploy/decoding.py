@@ -101,22 +101,26 @@ def use_rows_attention(model) -> bool:
 
 @dataclass
 class _PassRows:
-    """How a packed pass's tokens attend (`_rows_attention`): the first `reading` tokens are one
-    each of rows that have cached tokens, whose keys are `keys` (positions in the cache and this
-    pass, padded; `mask` true on real ones); then the prompts of rows that joined, each `(start,
-    end)` of the pass, attending to the cached prefix it shares (`RunningBatch.admit`), if any,
-    and causally to itself."""
+    """How a packed pass's tokens attend (`_rows_attention`): the first tokens are those of the
+    `reading` rows that have cached tokens (each its last token, then its draft, if any), read as
+    one padded batch: row i's queries are the pass's tokens `queries[i]`, its keys `keys[i]`
+    (positions in the cache and this pass), `mask` true where a query sees a key (its cached
+    tokens, and its own in this pass causally), `real` the queries that are not padding (None:
+    all are); then the prompts of rows that joined, each `(start, end)` of the pass, attending to
+    the cached prefix it shares (`RunningBatch.admit`), if any, and causally to itself."""
 
     reading: int
+    queries: torch.Tensor  # [rows, most read]
     keys: torch.Tensor  # [rows, longest]
-    mask: torch.Tensor  # [rows, 1, 1, longest]
+    mask: torch.Tensor  # [rows, 1, most read, longest]
+    real: torch.Tensor | None  # [tokens read], indices into the flattened [rows * most read]
     prompts: list[tuple[int, int, torch.Tensor | None]]  # (start, end, cached prefix slots)
     past: int  # cached tokens before the pass
 
 
 def _rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_rows=None, **kwargs):
     """sdpa's attention; in a packed pass (`packed_rows`), each row attends to its own tokens
-    only: the rows reading one token as one padded batch, each joining row's prompt causally."""
+    only: the running rows as one padded batch, each joining row's prompt causally."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_rows is None:
@@ -124,10 +128,11 @@ def _rows_attention(module, query, key, value, attention_mask, scaling=None, dro
                                       **kwargs)
     rows, outs = packed_rows, []
     if rows.reading:
-        q = query[0, :, :rows.reading, None].transpose(0, 1)  # [rows, heads, 1, dim]
+        q = query[0][:, rows.queries].transpose(0, 1)  # [rows, heads, most read, dim]
         k, v = (x[0][:, rows.keys].transpose(0, 1) for x in (key, value))  # [rows, kv heads, longest, dim]
         out, _ = sdpa_attention_forward(module, q, k, v, rows.mask, scaling=scaling, is_causal=False)
-        outs.append(out.transpose(0, 1))  # [1, rows, heads, dim]
+        out = out.flatten(0, 1)  # [rows * most read, heads, dim]
+        outs.append((out if rows.real is None else out[rows.real])[None])
     for start, end, prefix in rows.prompts:
         own = slice(rows.past + start, rows.past + end)
         k, v = key[:, :, own], value[:, :, own]
@@ -147,6 +152,10 @@ MIN_SHARED = 8
 """The fewest leading prompt tokens a row reads from the cache instead of computing them."""
 MAX_PROMPTS = 64
 """Cached prompts a batch remembers for sharing (the newest)."""
+NGRAM = 3
+"""A draft follows an earlier occurrence of a row's last `NGRAM` tokens (`RunningBatch` with `draft_tokens`)."""
+MAX_NGRAMS = 200_000
+"""N-grams a batch remembers for drafts; past that it starts afresh."""
 
 
 def _leading(flags) -> int:
@@ -174,6 +183,10 @@ class Row:
     """Leading prompt tokens it reads from another row's cache instead of its own pass."""
     prompt: list[int] = field(default_factory=list)
     """Its whole prompt (set by `RunningBatch.admit`)."""
+    sequence: list[int] = field(default_factory=list)
+    """Its prompt and tokens so far, as drafts read them."""
+    drafted: int = 0
+    """Tokens of `pending`, after its last one, that are a draft the next pass checks."""
 
     def ended(self, eos: int | None) -> bool:
         return len(self.tokens) >= self.max_tokens or (eos is not None and self.tokens[-1:] == [eos])
@@ -187,10 +200,20 @@ class RunningBatch:
     row attends to its own tokens only (`_rows_attention`: the model must `use_rows_attention`),
     at its own positions. `admit` adds rows, `step` runs a pass, `drop_ended` takes out the rows
     that ended. Greedy rows (temperature 0) take the most likely token; others sample at their
-    own temperature from the whole distribution (as `generate` with `top_k=0`)."""
+    own temperature from the whole distribution (as `generate` with `top_k=0`).
 
-    def __init__(self, eos_id: int | None, device):
-        self.eos, self.device = eos_id, device
+    With `draft_tokens`, a greedy row also reads, after its last token, up to that many tokens
+    that followed the first earlier occurrence of its last `NGRAM` tokens, in its own prompt and
+    answer or in another row's of the same weights (prompt lookup, as transformers'
+    `prompt_lookup_num_tokens` and vLLM's n-gram drafts; across rows as SuffixDecoding): the pass
+    checks them as a prompt's tokens are read, and the row keeps those the model would have
+    chosen one by one, and the token after them. A draft costs its tokens' compute, never a pass,
+    and an answer stays the one the row gets without drafts."""
+
+    def __init__(self, eos_id: int | None, device, draft_tokens: int = 0):
+        self.eos, self.device, self.draft_tokens = eos_id, device, draft_tokens
+        self._ngrams: dict[tuple, tuple[list[int], int]] = {}  # (weights, n-gram) -> (sequence, where its follower is)
+        self.drafts = (0, 0)  # the last pass's draft tokens read, and kept
         self.rows: list[Row] = []
         self.cache = self._cache_arg = None  # made by the first pass, for its model
         self.cached = 0  # tokens in the cache, those of rows gone included
@@ -209,7 +232,8 @@ class RunningBatch:
         pass computes only the rest (the prefix's keys and values are the same, computed at the
         same positions through the same weights)."""
         for row in rows:
-            row.prompt = list(row.pending)
+            row.prompt, row.sequence = list(row.pending), list(row.pending)
+            self._remember(row, 0)
             if row.weights is not None:
                 same = [(_leading(x == y for x, y in zip(prompt, row.pending)), slots)
                         for weights, prompt, slots in self.prompts if weights == row.weights]
@@ -225,7 +249,8 @@ class RunningBatch:
 
     @torch.no_grad()
     def step(self, model, **extra) -> None:
-        """One pass of `model`: every row reads its pending tokens and takes its next one.
+        """One pass of `model`: every row reads its pending tokens and takes its next one (or,
+        with a draft, the draft's tokens it agrees with and the one after them).
         `extra`: the forward's arguments for this pass (each token's adapter)."""
         from transformers import DynamicCache
 
@@ -235,36 +260,82 @@ class RunningBatch:
         ids = torch.tensor([t for r in self.rows for t in r.pending], device=self.device)
         positions = torch.tensor([p for r in self.rows for p in range(len(r.slots), len(r.slots) + len(r.pending))],
                                  device=self.device)
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        out = model(input_ids=ids[None], position_ids=positions[None], use_cache=True, logits_to_keep=last,
+        ends = torch.tensor(lengths).cumsum(0)
+        keep = torch.cat([torch.arange(end - 1 - r.drafted, end) for r, end in zip(self.rows, ends.tolist())])
+        out = model(input_ids=ids[None], position_ids=positions[None], use_cache=True,
+                    logits_to_keep=keep.to(self.device),
                     attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),  # (unread: by row)
                     packed_rows=self._pass_rows(lengths), **{self._cache_arg: self.cache}, **extra)
-        chosen = self._choose(out.logits[0], [r.temperature for r in self.rows]).tolist()
-        at = self.cached
-        for row, token, n in zip(self.rows, chosen, lengths):
-            row.slots += range(at, at + n)
+        chosen = self._choose(out.logits[0], [r.temperature for r in self.rows for _ in range(r.drafted + 1)]).tolist()
+        at, read, kept_all = self.cached, 0, 0
+        for row, n in zip(self.rows, lengths):
+            picks, chosen = chosen[:row.drafted + 1], chosen[row.drafted + 1:]
+            kept = _leading(d == c for d, c in zip(row.pending[n - row.drafted:], picks))  # (a prompt: no draft)
+            read, kept_all = read + row.drafted, kept_all + kept
+            row.slots += range(at, at + n - row.drafted + kept)  # a draft's tokens after the first it got wrong are gone
+            self._dead += row.drafted - kept
             at += n
             if not row.tokens and row.weights is not None:  # its prompt is cached now
                 self.prompts.append((row.weights, row.prompt, row.slots[:]))
-            row.tokens.append(token)
-            row.pending = [token]
-        self.cached = at
+            for token in picks[:kept + 1]:
+                row.tokens.append(token)
+                row.sequence.append(token)
+                if row.ended(self.eos):
+                    break
+            self._remember(row, len(row.sequence) - kept - 2)
+            row.pending, row.drafted = [row.tokens[-1]], 0
+            if self.draft_tokens and row.temperature == 0 and not row.ended(self.eos):
+                draft = self._draft(row)
+                row.pending += draft
+                row.drafted = len(draft)
+        self.cached, self.drafts = at, (read, kept_all)
         del self.prompts[:-MAX_PROMPTS]
+
+    def _remember(self, row: Row, since: int) -> None:
+        """Note where each n-gram of `row.sequence` that ends at or after `since` and has a
+        follower sits, unless it is known already (the first occurrence has the longest follower:
+        a repeating answer drafts its whole period)."""
+        if not self.draft_tokens:
+            return
+        if len(self._ngrams) > MAX_NGRAMS:
+            self._ngrams.clear()
+        seq = row.sequence
+        for end in range(max(since, NGRAM), len(seq)):
+            self._ngrams.setdefault((row.weights, tuple(seq[end - NGRAM:end])), (seq, end))
+
+    def _draft(self, row: Row) -> list[int]:
+        """The tokens that followed the first earlier occurrence of the row's last n-gram, up to
+        `draft_tokens` and what the row may still take."""
+        found = self._ngrams.get((row.weights, tuple(row.sequence[-NGRAM:]))) if len(row.sequence) >= NGRAM else None
+        if found is None:
+            return []
+        seq, at = found
+        return seq[at:at + min(self.draft_tokens, row.max_tokens - len(row.tokens) - 1)]
 
     def _pass_rows(self, lengths: list[int]) -> _PassRows:
         reading = sum(1 for r in self.rows if r.tokens)  # (they come first)
-        longest = max((len(r.slots) + 1 for r in self.rows[:reading]), default=1)
+        most = max(lengths[:reading], default=1)
+        longest = max((len(r.slots) + n for r, n in zip(self.rows, lengths[:reading])), default=1)
+        queries = torch.zeros(reading, most, dtype=torch.long)
         keys = torch.zeros(reading, longest, dtype=torch.long)
-        mask = torch.zeros(reading, 1, 1, longest, dtype=torch.bool)
-        for i, row in enumerate(self.rows[:reading]):
-            keys[i, : len(row.slots) + 1] = torch.tensor([*row.slots, self.cached + i])
-            mask[i, ..., : len(row.slots) + 1] = True
-        prompts, at = [], reading
+        mask = torch.zeros(reading, 1, most, longest, dtype=torch.bool)
+        at = 0
+        for i, (row, n) in enumerate(zip(self.rows[:reading], lengths)):
+            seen = len(row.slots)
+            keys[i, : seen + n] = torch.tensor([*row.slots, *range(self.cached + at, self.cached + at + n)])
+            for q in range(most):  # (a padding query repeats the row's last one)
+                queries[i, q] = at + min(q, n - 1)
+                mask[i, 0, q, : seen + min(q, n - 1) + 1] = True
+            at += n
+        real = None if most == 1 else torch.tensor(
+            [i * most + q for i, n in enumerate(lengths[:reading]) for q in range(n)], dtype=torch.long)
+        prompts = []
         for row, n in zip(self.rows[reading:], lengths[reading:]):
             prefix = torch.tensor(row.slots, dtype=torch.long, device=self.device) if row.slots else None
             prompts.append((at, at + n, prefix))
             at += n
-        return _PassRows(reading, keys.to(self.device), mask.to(self.device), prompts, self.cached)
+        return _PassRows(reading, queries.to(self.device), keys.to(self.device), mask.to(self.device),
+                         None if real is None else real.to(self.device), prompts, self.cached)
 
     def drop_ended(self, gone=lambda row: False) -> list[Row]:
         """Take out the rows that ended (or whose caller is `gone`) and return them. Their cached
@@ -352,15 +423,16 @@ class _Request:
     tokens: dict[int, list[int]] = field(default_factory=dict)
 
 
-def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, device) -> None:
+def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, device, draft_tokens: int = 0) -> None:
     """Run a continuous batch (`RunningBatch`) until no row runs and none waits, taking in
     requests from `intake` (`serve_core.Intake`) before every step and answering each as soon as
     its last row ends. `prepare(item)` gives a request's prompts' token ids, each row's
     `max_tokens`, its temperature and what its tokens run through (`Row.weights`), or the
     exception that refuses it alone; `route(items)`, a
     context manager, readies the model for a pass whose token i is of the request `items[i]`
-    (its adapter), and yields `(model, forward arguments)`. Holds `lock`, giving way between steps."""
-    batch, requests, routed = RunningBatch(tokenizer.eos_token_id, device), {}, None
+    (its adapter), and yields `(model, forward arguments)`. `draft_tokens`: `RunningBatch`'s.
+    Holds `lock`, giving way between steps."""
+    batch, requests, routed = RunningBatch(tokenizer.eos_token_id, device, draft_tokens), {}, None
     with lock.held(), contextlib.ExitStack() as routing:
         while True:
             for ticket, item, _ in intake.take(len(batch)):
@@ -380,7 +452,7 @@ def decode_continuously(intake, prepare, route, lock: ModelLock, tokenizer, devi
                 routed = [ticket for ticket, _ in tokens]
                 model, extra = routing.enter_context(route([item for _, item in tokens]))
             batch.step(model, **extra)
-            intake.stepped(len(batch))
+            intake.stepped(len(batch), batch.drafts)
             for row in batch.drop_ended(lambda r: intake.gone(r.owner[0])):
                 _row_ended(row, requests, intake, tokenizer)
             if lock.give_way():  # an adapter load went first: ready the model again

@@ -63,7 +63,8 @@ class _Replica:
         self._lock = ModelLock()  # one forward pass at a time: adapters switch per batch
         self._batcher = MicroBatcher(  # a continuous batch (a generation's) takes in requests as they arrive
             self._infer_batch, self.cfg.batch_max_rows, self.cfg.batch_wait_ms / 1000, stream=lambda key, intake:
-            decode_continuously(intake, self._prepare, self._routing, self._lock, self.tokenizer, self.device))
+            decode_continuously(intake, self._prepare, self._routing, self._lock, self.tokenizer, self.device,
+                                self.cfg.draft_tokens))
         self.joins_rows = False  # whether generations batch continuously: set with the model (`_joins_rows`)
         self._files: dict[str, object] = {}
         first = self._first_version()
@@ -292,6 +293,7 @@ class AdapterModel(_Replica):
         b = self._batcher
         return {**self.adapters.stats(), "largest_batch_rows": max(b.batches, default=0),
                 "passes_by_rows": dict(b.rows_seen), "joins": list(b.joins),
+                "draft_tokens": {"read": b.drafts[0], "kept": b.drafts[1]},
                 "rss_bytes": psutil.Process().memory_info().rss}
 
     @serve.multiplexed(max_num_models_per_replica=SERVE_CACHE)

@@ -69,6 +69,11 @@ class ServeConfig(StrictNumbers):
     its next forward pass (in `adapter` mode whatever its version; any `max_tokens` and
     temperature), and each request is answered as soon as its rows end. Off: requests of one
     version, operation and sampling form a batch that runs to its end before the next starts."""
+    draft_tokens: int = Field(4, ge=0, le=16)
+    """In a continuous batch, a greedy row reads up to this many drafted tokens per pass beside
+    its last one: those that followed the first earlier occurrence of its last 3 tokens in its
+    own prompt and answer or in another request's of the same version; it keeps those the model
+    agrees with (answers unchanged). 0: none."""
     members: list[str] = Field(default_factory=list)
     """More registered models on the same base (a fleet's members), served by the same replicas
     beside `model_name`, each following its own aliases: a request picks one with
@@ -516,6 +521,8 @@ class MicroBatcher:
         """(batch number, step, rows) of the requests a streamed batch took in after it started."""
         self.started = 0
         """Batches started so far (a streamed batch's number)."""
+        self.drafts = [0, 0]
+        """Draft tokens the passes of streamed batches read, and those they kept (`RunningBatch`'s drafts)."""
 
     async def submit(self, key, item, rows: int = 1, streamed: bool = False):
         future = asyncio.get_running_loop().create_future()
@@ -624,10 +631,12 @@ class Intake:
         if entry is not None:
             self._loop.call_soon_threadsafe(_settle, entry[3], result)
 
-    def stepped(self, rows: int) -> None:
-        """Record one forward pass over `rows` rows."""
+    def stepped(self, rows: int, drafted: tuple[int, int] = (0, 0)) -> None:
+        """Record one forward pass over `rows` rows, which read `drafted[0]` draft tokens and kept `drafted[1]`."""
         self.step += 1
         self._batcher._record(rows)
+        self._batcher.drafts[0] += drafted[0]
+        self._batcher.drafts[1] += drafted[1]
 
     def fail(self, exc: BaseException) -> None:
         """Fail every request not answered yet (called in the event loop when the batch ends)."""

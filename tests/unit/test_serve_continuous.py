@@ -22,7 +22,7 @@ WAIT_S = 60  # the most a hook waits for the test's next move: a failure, not a 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory, tiny_model_dir):
     """`AdapterModel`'s inference methods on a hand-set replica of three random adapters, at
-    most 4 rows a batch."""
+    most 4 rows a batch, no drafts (the tests count the tokens each pass reads; `drafts` sets them)."""
     from prefect_lora.deploy.adapters import AdapterSet
     from prefect_lora.deploy.decoding import ModelLock, decode_continuously, use_rows_attention
     from prefect_lora.deploy.serve import AdapterModel
@@ -33,7 +33,7 @@ def replica(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("continuous")
     dirs = {f"m/{i}": make_random_adapter(tiny_model_dir, work / f"a{i}", 60 + i) for i in range(3)}
     r = object.__new__(AdapterModel.func_or_class)  # no Serve replica
-    r.cfg, r.device, r.task = ServeConfig(model_name="m", batch_max_rows=4), torch.device("cpu"), "causal_lm"
+    r.cfg, r.device, r.task = ServeConfig(model_name="m", batch_max_rows=4, draft_tokens=0), torch.device("cpu"), "causal_lm"
     r.tokenizer, r._lock = load_tokenizer(tiny_model_dir), ModelLock()
     base = load_base_model(tiny_model_dir, "causal_lm")
     r.joins_rows = use_rows_attention(base)
@@ -42,7 +42,7 @@ def replica(tmp_path_factory, tiny_model_dir):
                             lambda key: SimpleNamespace(adapter_dir=str(dirs[key])), max_count=2, max_bytes=None)
     r.adapters.ensure("m/0")  # (a replica attaches a request's adapter before it batches it)
     r._batcher = MicroBatcher(r._infer_batch, 4, 0.0, stream=lambda key, intake: decode_continuously(
-        intake, r._prepare, r._routing, r._lock, r.tokenizer, r.device))  # as `_setup` wires it
+        intake, r._prepare, r._routing, r._lock, r.tokenizer, r.device, r.cfg.draft_tokens))  # as `_setup` wires it
     return r
 
 
@@ -145,11 +145,21 @@ def _generated(r, version: str, prompt: str, max_tokens: int) -> dict:
         return split_rows(generate_rows(model, r.tokenizer, [prompt], True, [max_tokens], 0.0, "cpu"), [1])[0]
 
 
+@pytest.fixture(params=[0, 4], ids=["no drafts", "drafts of 4"])
+def drafts(request, replica):
+    """The replica's `draft_tokens` for the test, its count of draft tokens read and kept before."""
+    from prefect_lora.deploy.serve_core import ServeConfig
+
+    replica.cfg = ServeConfig(model_name="m", batch_max_rows=4, draft_tokens=request.param)
+    yield request.param, list(replica._batcher.drafts)
+    replica.cfg = ServeConfig(model_name="m", batch_max_rows=4, draft_tokens=0)
+
+
 @pytest.mark.parametrize("head", ["", HEAD], ids=["own prompts", "a shared head"])
-def test_concurrent_greedy_answers_equal_their_answers_alone_across_adapters(replica, head):
+def test_concurrent_greedy_answers_equal_their_answers_alone_across_adapters(replica, head, drafts):
     prompts = [head + p for p in PROMPTS]
     asks = [("m/0", prompts[:2], 8), ("m/1", prompts[2:], 5), ("m/2", prompts[1:2], 8), ("m/0", prompts[2:], 2),
-            ("m/1", prompts[:1], 8), ("m/2", prompts[:1], 6)]
+            ("m/1", prompts[:1], 8), ("m/2", prompts[:1], 6), ("m/0", prompts[:1], 8)]  # (the last: the first's again)
     alone = [[_alone(replica, v, p, n) for p in prompts] for v, prompts, n in asks]
 
     async def together():
@@ -165,6 +175,11 @@ def test_concurrent_greedy_answers_equal_their_answers_alone_across_adapters(rep
     assert sampled["completion_tokens"] <= 8 and len(sampled["texts"]) == 1
     rows = list(b.batches)[passes:]
     assert max(rows) == 4 and len(b.joins) > 0, "4 rows at most; rows joined as others ended"
+    read, kept = (now - before for now, before in zip(b.drafts, drafts[1]))
+    if drafts[0]:  # the last request, which joins late, drafts the first one's answer to its prompt
+        assert read > 0 and 0 < kept <= read, (read, kept)
+    else:
+        assert read == kept == 0
 
 
 def test_an_adapter_load_goes_first_between_two_steps_and_the_batch_runs_on(replica, gate):
@@ -206,3 +221,30 @@ def _until(predicate) -> None:
             return
         tick.wait(0.01)
     raise AssertionError("the state the test waits for never came")
+
+
+def test_drafts_keep_every_answer_as_it_was_in_fewer_passes(tiny_model_dir):
+    """`RunningBatch` with drafts, on the tiny model whose greedy answers repeat themselves: the
+    same tokens as without drafts, up to an odd `max_tokens` (a draft never runs past it), in
+    fewer passes; rows that sample read no draft."""
+    from prefect_lora.deploy.decoding import Row, RunningBatch, use_rows_attention
+    from prefect_lora.lora_tasks.modeling import load_base_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir, "causal_lm")
+    assert use_rows_attention(model)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    def run(draft_tokens: int, temperature: float = 0.0) -> tuple[dict, int, int]:
+        batch, answers, passes, kept = RunningBatch(tokenizer.eos_token_id, "cpu", draft_tokens), {}, 0, 0
+        batch.admit([Row(i, 0, 23, temperature, list(p), weights="w") for i, p in enumerate(prompts)])
+        while batch.rows:
+            batch.step(model)
+            passes, kept = passes + 1, kept + batch.drafts[1]
+            answers.update({row.owner: row.tokens for row in batch.drop_ended()})
+        return answers, passes, kept
+
+    plain, plain_passes, _ = run(0)
+    drafted, drafted_passes, kept = run(4)
+    assert drafted == plain and all(len(a) == 23 for a in plain.values())
+    assert kept > 0 and drafted_passes < plain_passes == 23, (kept, drafted_passes, plain_passes)
+    assert run(4, temperature=0.7)[2] == 0
