@@ -21,6 +21,7 @@ the CPU's capability and a table, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -48,11 +49,37 @@ def request_for(prompts: str, rng: random.Random) -> tuple[str, dict]:
     """A request's route and body (without model and sampling): `plain` completions of a few
     tokens, or `orders`: a chat with the demo's system prompt (configs/demo.yaml) and a customer's
     message, where every request's prompt begins with the same ~70 tokens, as in a deployed
-    assistant's traffic."""
+    assistant's traffic; `demo`: the same with the messages of the demo's eval set (200, each
+    asked once in turn: no two requests alike, as live traffic)."""
     if prompts == "plain":
         return "/v1/completions", {"prompt": rng.choice(PROMPTS)}
+    message = next(_DEMO_MESSAGES) if prompts == "demo" else rng.choice(ORDERS)
     return "/v1/chat/completions", {"messages": [{"role": "system", "content": _system_prompt()},
-                                                 {"role": "user", "content": rng.choice(ORDERS)}]}
+                                                 {"role": "user", "content": message}]}
+
+
+def _demo_messages():
+    """The demo's eval prompts (written by `prefect-lora demo prepare`), in turn, for ever."""
+    path = Path(__file__).resolve().parents[1] / ".prefect-lora" / "demo" / "data" / "eval.jsonl"
+    if not path.exists():
+        sys.exit(f"{path} is missing: run `prefect-lora demo prepare` first (--prompts demo reads it)")
+    return itertools.cycle([json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()])
+
+
+_DEMO_MESSAGES = None
+
+
+def _demo_champion() -> Path:
+    """The adapter folder of the demo's champion (configs/demo.yaml's registry)."""
+    from prefect_lora.lora_tasks.config import load_config
+    from prefect_lora.lora_tasks.registry import registry
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    try:
+        champion = registry.get_alias(cfg.tracking.tracking_uri, cfg.model_name)
+    except Exception as exc:  # noqa: BLE001  (no demo run yet)
+        sys.exit(f"--adapters demo needs the demo's champion: run `make demo` first ({exc})")
+    return registry.download_version(cfg.tracking.tracking_uri, cfg.model_name, champion.version).adapter_dir
 
 
 def _system_prompt() -> str:
@@ -152,19 +179,24 @@ def serving_wait(url: str, timeout_s: float = 600) -> None:
     raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s")
 
 
-def passes(url: str) -> dict[int, int]:
-    """The replica's forward passes by rows so far (`/admin/stats`; adapter mode only)."""
+def passes(url: str) -> dict:
+    """The replica's forward passes by rows so far, and its draft tokens read and kept (`/admin/stats`; adapter mode only)."""
     import httpx
 
-    stats = httpx.get(f"{url}/admin/stats", timeout=60).json()
-    return {int(k): v for k, v in stats.get("replica", {}).get("passes_by_rows", {}).items()}
+    stats = httpx.get(f"{url}/admin/stats", timeout=60).json().get("replica", {})
+    return {"by_rows": {int(k): v for k, v in stats.get("passes_by_rows", {}).items()},
+            "drafts": stats.get("draft_tokens", {"read": 0, "kept": 0})}
 
 
-def pass_rows(before: dict[int, int], after: dict[int, int]) -> dict:
-    """The passes between two readings of `passes`: their mean rows and how many had each number of rows."""
-    counts = {rows: n - before.get(rows, 0) for rows, n in sorted(after.items()) if n > before.get(rows, 0)}
+def pass_rows(before: dict, after: dict) -> dict:
+    """The passes between two readings of `passes`: their mean rows, how many had each number of
+    rows, and the draft tokens they read and kept."""
+    b, a = before["by_rows"], after["by_rows"]
+    counts = {rows: n - b.get(rows, 0) for rows, n in sorted(a.items()) if n > b.get(rows, 0)}
     total = sum(counts.values())
-    return {"mean_rows": round(sum(r * n for r, n in counts.items()) / total, 2) if total else None, "by_rows": counts}
+    drafts = {k: after["drafts"][k] - before["drafts"][k] for k in ("read", "kept")}
+    return {"mean_rows": round(sum(r * n for r, n in counts.items()) / total, 2) if total else None, "by_rows": counts,
+            "passes": total, "drafts": drafts}
 
 
 def main() -> None:
@@ -179,16 +211,23 @@ def main() -> None:
     ap.add_argument("--batch-rows", default="1,16", help="values of serve's batch_max_rows to compare")
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve's batch_wait_ms (default: its default)")
     ap.add_argument("--continuous", default="off,on", help="values of serve's continuous_batching to compare")
-    ap.add_argument("--prompts", choices=["plain", "orders"], default="plain",
-                    help="plain: short completions; orders: chats with the demo's system prompt")
+    ap.add_argument("--adapters", choices=["random", "demo"], default="random",
+                    help="random: two random LoRA adapters; demo: the demo's champion (after `make demo`), registered twice")
+    ap.add_argument("--draft-tokens", default="0", help="values of serve's draft_tokens to compare (continuous batching)")
+    ap.add_argument("--prompts", choices=["plain", "orders", "demo"], default="plain",
+                    help="plain: short completions; orders: chats with the demo's system prompt; "
+                         "demo: the same with the demo's eval messages, each in turn")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench-<time>.json)")
     args = ap.parse_args()
+    if args.prompts == "demo":
+        global _DEMO_MESSAGES
+        _DEMO_MESSAGES = _demo_messages()
 
     import ray
     import torch
     from prefect_lora.deploy import serve as serving
     from prefect_lora.deploy.serve_core import ServeConfig
-    from prefect_lora.deploy.testing import register_random_adapters
+    from prefect_lora.deploy.testing import register_adapters, register_random_adapters
     from prefect_lora.lora_tasks.modeling import resolve_base_model
     from prefect_lora.lora_tasks.registry import aliases
     from ray import serve
@@ -196,43 +235,50 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pl-serve-bench-"))
     uri, name = f"sqlite:///{work}/mlflow.db", "bench-model"
     base = resolve_base_model(args.base)
-    v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
+    if args.adapters == "demo":
+        v1, _ = register_adapters(uri, name, base, {f"demo-champion-copy-{i}": _demo_champion() for i in (1, 2)}, work)
+    else:
+        v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
     aliases.promote_version(uri, name, v1, reason="bench")
     port = free_port()
-    configs = [(m, int(b), c) for m in args.modes.split(",") for b in args.batch_rows.split(",")
-               for c in args.continuous.split(",") if not (int(b) == 1 and c == "on")]  # (one row: nothing to join)
+    configs = [(m, int(b), c, int(d)) for m in args.modes.split(",") for b in args.batch_rows.split(",")
+               for c in args.continuous.split(",") for d in args.draft_tokens.split(",")
+               if not (int(b) == 1 and c == "on") and (c == "on" or d == args.draft_tokens.split(",")[0])]
+    # (one row: nothing to join; drafts: only in a continuous batch)
     apps = {}
     try:
         # Logical CPUs enough for a replica per configuration: only the one under load works.
         ray.init(num_cpus=max(os.cpu_count() or 1, len(configs) + 1), include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.environ.get("PREFECT_LORA_RAY_TMP", "/tmp/plray-serve-bench"))
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for mode, batch, continuous in configs:
+        for mode, batch, continuous, drafts in configs:
             cfg = ServeConfig(model_name=name, tracking_uri=uri, port=port, mode=mode,
-                              app_name=f"bench-{mode}-{batch}-{continuous}", max_tokens_cap=max(256, args.max_tokens),
+                              app_name=f"bench-{mode}-{batch}-{continuous}-{drafts}", max_tokens_cap=max(256, args.max_tokens),
                               batch_max_rows=batch, continuous_batching=continuous == "on", request_timeout_s=600,
+                              draft_tokens=drafts if continuous == "on" else 0,
                               **({"batch_wait_ms": args.batch_wait_ms} if args.batch_wait_ms is not None else {}))
             t0 = time.monotonic()
             serve.run(serving.build_app(cfg), name=cfg.app_name, route_prefix=f"/{cfg.app_name}", blocking=False)
             url = f"http://127.0.0.1:{port}/{cfg.app_name}"
             serving_wait(url)
             load(url, 2, 2.0, args.max_tokens, canary(name, 0.5), args.prompts)  # warm: both versions loaded
-            apps[(mode, batch, continuous)] = {"url": url, "startup_s": round(time.monotonic() - t0, 1), "windows": [],
+            apps[(mode, batch, continuous, drafts)] = {"url": url, "startup_s": round(time.monotonic() - t0, 1), "windows": [],
                                                "passes": passes(url) if mode == "adapter" else {}}
         for _ in range(args.rounds):
             for app in apps.values():
                 app["windows"].append(load(app["url"], args.clients, args.seconds, args.max_tokens,
                                            canary(name, args.challenger_share), args.prompts))
-        rows = [{"mode": mode, "batch_max_rows": batch, "continuous": continuous, "startup_s": app["startup_s"],
+        rows = [{"mode": mode, "batch_max_rows": batch, "continuous": continuous,
+                 "draft_tokens": drafts if continuous == "on" else 0, "startup_s": app["startup_s"],
                  **summary(app["windows"]),
                  "passes": pass_rows(app["passes"], passes(app["url"])) if mode == "adapter" else None}
-                for (mode, batch, continuous), app in apps.items()]
+                for (mode, batch, continuous, drafts), app in apps.items()]
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
 
-    header = (f"{'mode':<8} {'batch':>5} {'contin.':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} "
+    header = (f"{'mode':<8} {'batch':>5} {'contin.':>7} {'drafts':>6} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'errors':>6} {'rows/pass':>9}  {'req/s by round':<16} passes by rows")
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"\nserve bench: base {args.base}, {args.clients} clients, {args.rounds} rounds of {args.seconds:g}s per "
@@ -242,15 +288,17 @@ def main() -> None:
     print("-" * len(header))
     for r in rows:
         p = r["passes"] or {}
-        print(f"{r['mode']:<8} {r['batch_max_rows']:>5} {r['continuous']:>7} {r['requests']:>8} "
+        print(f"{r['mode']:<8} {r['batch_max_rows']:>5} {r['continuous']:>7} {r['draft_tokens']:>6} {r['requests']:>8} "
               f"{r['throughput_rps']:>7} {r['tokens_per_s']:>7} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['errors']:>6} "
-              f"{p.get('mean_rows') or '-':>9}  {' '.join(map(str, r['rounds_rps'])):<16} {p.get('by_rows') or '-'}")
+              f"{p.get('mean_rows') or '-':>9}  {' '.join(map(str, r['rounds_rps'])):<16} {p.get('by_rows') or '-'}"
+              + (f"  drafts kept {p['drafts']['kept']}/{p['drafts']['read']}" if p.get("drafts", {}).get("read") else ""))
     for off in (r for r in rows if r["continuous"] == "off"):
-        on = next((r for r in rows if r["continuous"] == "on" and r["mode"] == off["mode"]
-                   and r["batch_max_rows"] == off["batch_max_rows"]), None)
-        if on and off["throughput_rps"] and off["p95_ms"]:
-            print(f"{off['mode']}, batch {off['batch_max_rows']}: continuous batching on/off: requests/s "
-                  f"x{on['throughput_rps'] / off['throughput_rps']:.2f}, p95 x{on['p95_ms'] / off['p95_ms']:.2f}")
+        for on in (r for r in rows if r["continuous"] == "on" and r["mode"] == off["mode"]
+                   and r["batch_max_rows"] == off["batch_max_rows"]):
+            if off["throughput_rps"] and off["p95_ms"]:
+                print(f"{off['mode']}, batch {off['batch_max_rows']}: continuous batching (drafts {on['draft_tokens']}) "
+                      f"on/off: requests/s x{on['throughput_rps'] / off['throughput_rps']:.2f}, "
+                      f"p95 x{on['p95_ms'] / off['p95_ms']:.2f}")
     out = Path(args.out or Path(__file__).parent / "results" / f"serve_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "cpu_capability": capability,

@@ -66,17 +66,25 @@ def register_random_adapters(tracking_uri: str, name: str, base_dir: str, seeds:
                              required_fields: list[str] | None = None) -> list[str]:
     """Register one version per seed; returns the version numbers. `required_fields`: see `tiny_config`."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="pl-adapters-"))
+    adapters = {f"random-adapter-{seed}": make_random_adapter(base_dir, workdir / f"adapter-{name}-{seed}", seed, task=task)
+                for seed in seeds}
+    return register_adapters(tracking_uri, name, base_dir, adapters, workdir, task, required_fields)
+
+
+def register_adapters(tracking_uri: str, name: str, base_dir: str, adapters: dict[str, Path], workdir: Path,
+                      task: str = "causal_lm", required_fields: list[str] | None = None) -> list[str]:
+    """Register each adapter folder of `adapters` (run name: folder) as a version of `name`, in
+    order, each the challenger once registered; returns the version numbers."""
     cfg = tiny_config(name, base_dir, tracking_uri, str(workdir / "mlartifacts"), task, required_fields)
     versions = []
-    for seed in seeds:
-        adapter = make_random_adapter(base_dir, workdir / f"adapter-{name}-{seed}", seed, task=task)
+    for run_name, adapter in adapters.items():
         c = tracking.client(tracking_uri)
         exp = tracking.ensure_experiment(c, cfg.experiment_name, cfg.tracking.artifact_location)
-        run_id = c.create_run(exp, run_name=f"random-adapter-{seed}", tags={"seed": str(seed)}).info.run_id
+        run_id = c.create_run(exp, run_name=run_name).info.run_id
         tracking.log_metrics(tracking_uri, run_id, {"base_eval_loss": 5.0, "adapted_eval_loss": 4.0})
         uri = registry.log_adapter_model(cfg, run_id, str(adapter), str(base_dir))
         versions.append(registry.register_version(tracking_uri, name, uri, run_id, {"lineage.base_model": str(base_dir)}))
-        aliases.set_challenger(tracking_uri, name, versions[-1], "a random adapter, for serving tests", run_id)
+        aliases.set_challenger(tracking_uri, name, versions[-1], f"{run_name}, for serving tests", run_id)
         tracking.end_run(tracking_uri, run_id)
     return versions
 
