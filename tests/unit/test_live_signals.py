@@ -373,13 +373,17 @@ def test_without_a_prefect_api_no_event_is_sent(monkeypatch):
     assert live.failures == {}
 
 
-def test_events_name_the_version_as_their_resource(monkeypatch):
+def _events_client(monkeypatch, down: list[bool] | None = None) -> list:
+    """Prefect's events client replaced by one that keeps what it is sent (the list returned), or
+    that cannot connect while `down[0]`."""
     from prefect.events import clients
 
     sent = []
 
     class Client:
         async def __aenter__(self):
+            if down and down[0]:
+                raise ConnectionError("connection refused")
             return self
 
         async def __aexit__(self, *exc):
@@ -389,6 +393,11 @@ def test_events_name_the_version_as_their_resource(monkeypatch):
             sent.append(event)
 
     monkeypatch.setattr(clients, "get_events_client", lambda **kw: Client())
+    return sent
+
+
+def test_events_name_the_version_as_their_resource(monkeypatch):
+    sent = _events_client(monkeypatch)
     live = _live(monkeypatch)
     asyncio.run(live._to_prefect({"orders/2": {"requests": 3.0, "error_rate": 0.0}}, 60.0))
     (event,) = sent
@@ -437,23 +446,8 @@ def test_a_summary_lands_on_each_versions_run_and_page_and_skips_a_deleted_versi
 def test_events_that_could_not_be_sent_go_first_with_the_next_send_as_the_same_events(monkeypatch):
     """A rollout's events while Prefect cannot be reached are kept and sent later, each once
     under its own id and time (Prefect keeps one event per id), before the newer ones."""
-    from prefect.events import clients
-
-    sent, down = [], [True]
-
-    class Client:
-        async def __aenter__(self):
-            if down[0]:
-                raise ConnectionError("connection refused")
-            return self
-
-        async def __aexit__(self, *exc):
-            return False
-
-        async def emit(self, event):
-            sent.append(event)
-
-    monkeypatch.setattr(clients, "get_events_client", lambda **kw: Client())
+    down = [True]
+    sent = _events_client(monkeypatch, down)
     monkeypatch.setattr(live_export, "MAX_UNSENT", 2)
     live = _live(monkeypatch, prefect=True)
     monkeypatch.setattr(live, "_to_mlflow", lambda s, seconds: None)
