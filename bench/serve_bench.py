@@ -21,6 +21,7 @@ the CPU's capability and a table, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -32,7 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from prefect_lora.deploy.testing import free_port
 from prefect_lora.flows import settings  # noqa: F401  (quiet defaults)
@@ -60,7 +62,7 @@ def request_for(prompts: str, rng: random.Random) -> tuple[str, dict]:
 
 def _demo_messages():
     """The demo's eval prompts (written by `prefect-lora demo prepare`), in turn, for ever."""
-    path = Path(__file__).resolve().parents[1] / ".prefect-lora" / "demo" / "data" / "eval.jsonl"
+    path = REPO / ".prefect-lora" / "demo" / "data" / "eval.jsonl"
     if not path.exists():
         sys.exit(f"{path} is missing: run `prefect-lora demo prepare` first (--prompts demo reads it)")
     return itertools.cycle([json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()])
@@ -74,7 +76,7 @@ def _demo_champion() -> Path:
     from prefect_lora.lora_tasks.config import load_config
     from prefect_lora.lora_tasks.registry import registry
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    cfg = load_config(REPO / "configs" / "demo.yaml")
     try:
         champion = registry.get_alias(cfg.tracking.tracking_uri, cfg.model_name)
     except Exception as exc:  # noqa: BLE001  (no demo run yet)
@@ -82,10 +84,12 @@ def _demo_champion() -> Path:
     return registry.download_version(cfg.tracking.tracking_uri, cfg.model_name, champion.version).adapter_dir
 
 
+@functools.cache
 def _system_prompt() -> str:
+    """The demo's system prompt (read once: the clients ask for it with every request)."""
     import yaml
 
-    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())["data"]["system_prompt"]
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]["system_prompt"]
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -236,7 +240,8 @@ def main() -> None:
     uri, name = f"sqlite:///{work}/mlflow.db", "bench-model"
     base = resolve_base_model(args.base)
     if args.adapters == "demo":
-        v1, _ = register_adapters(uri, name, base, {f"demo-champion-copy-{i}": _demo_champion() for i in (1, 2)}, work)
+        champion = _demo_champion()
+        v1, _ = register_adapters(uri, name, base, {f"demo-champion-copy-{i}": champion for i in (1, 2)}, work)
     else:
         v1, _ = register_random_adapters(uri, name, base, [1, 2], work)
     aliases.promote_version(uri, name, v1, reason="bench")
